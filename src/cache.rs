@@ -1,0 +1,873 @@
+//! The public face: the [`SparseKvCache`] trait that model code calls once per layer per
+//! step, and [`SpinCache`], which composes the tiered page pool, the two-level page
+//! tables, a [`SparseAlgorithm`] and the ops.
+
+use crate::config::CacheConfig;
+use crate::error::Tier;
+use crate::meta::PageTables;
+use crate::ops::{self, AttentionPartial, PageList, NONE};
+use crate::partition::{IndexInput, Materialized, SelectInput, Selection, SparseAlgorithm};
+use crate::pool::{BucketedLru, Resolve, SlotAllocator};
+use crate::rope::{apply_rope, rope_tables};
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+
+/// Handle of a sequence in a cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+/// One sequence's share of a step: `new_tokens >= 1` tokens appended at its end
+/// (prefill and decode share the call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepInput {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Tokens this step adds (the rows of `q`, `k`, `v` in `attend`, in step order).
+    pub new_tokens: usize,
+}
+
+/// Counters of one step (summed over layers) or of the cache's lifetime.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepStats {
+    /// Steps counted.
+    pub steps: u64,
+    /// Decode (one-token) sequence-steps counted, per layer.
+    pub decode_rows: u64,
+    /// Pages attended by decode queries (per KV head), summed over layers.
+    pub pages_attended: u64,
+    /// Pages that existed for those decode queries (per KV head), summed over layers.
+    pub pages_available: u64,
+    /// Page requests served from the fast tier.
+    pub hits: u64,
+    /// Page requests fetched from the host tier.
+    pub misses: u64,
+    /// Bytes copied host → fast tier.
+    pub bytes_moved: u64,
+    /// Attention rounds (more than one per layer when the fast tier is too small).
+    pub rounds: u64,
+}
+
+impl StepStats {
+    /// Fraction of the available KV that decode queries attended (1.0 for dense).
+    pub fn attended_fraction(&self) -> f64 {
+        if self.pages_available == 0 {
+            1.0
+        } else {
+            self.pages_attended as f64 / self.pages_available as f64
+        }
+    }
+
+    /// Fast-tier hit rate of page requests.
+    pub fn hit_rate(&self) -> f64 {
+        let total = self.hits + self.misses;
+        if total == 0 {
+            1.0
+        } else {
+            self.hits as f64 / total as f64
+        }
+    }
+
+    fn add(&mut self, o: &StepStats) {
+        self.steps += o.steps;
+        self.decode_rows += o.decode_rows;
+        self.pages_attended += o.pages_attended;
+        self.pages_available += o.pages_available;
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.bytes_moved += o.bytes_moved;
+        self.rounds += o.rounds;
+    }
+}
+
+/// One recorded selection: the logical pages a decoding sequence attended in one layer
+/// and KV head (see [`SpinCache::set_trace`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectionRecord {
+    /// Step number (1-based over the cache's lifetime).
+    pub step: u64,
+    /// Layer.
+    pub layer: u32,
+    /// Sequence.
+    pub seq: u64,
+    /// KV head.
+    pub kv_head: u32,
+    /// Pages in the sequence at that step.
+    pub num_pages: u32,
+    /// Selected logical pages, ascending.
+    pub pages: Vec<u32>,
+}
+
+/// Page-slot usage of both tiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Host-tier slots in use / total.
+    pub host_used: usize,
+    /// Host-tier capacity.
+    pub host_capacity: usize,
+    /// Fast-tier slots holding a page / total.
+    pub fast_resident: usize,
+    /// Fast-tier capacity.
+    pub fast_capacity: usize,
+    /// Bytes of the two-level page tables.
+    pub page_table_bytes: usize,
+}
+
+/// The interface model code uses: once per layer per step.
+///
+/// ```ignore
+/// cache.begin_step(&[StepInput { seq, new_tokens: n }])?;
+/// for layer in 0..num_layers {
+///     // q: [tokens, Hq, D], k/v: [tokens, Hkv, D], pre-RoPE, ragged over the batch
+///     let out = cache.attend(layer, &q, &k, &v)?; // [tokens, Hq, D]
+/// }
+/// cache.end_step()?;
+/// ```
+///
+/// Object-safe: `Box<dyn SparseKvCache>` lets model code switch algorithms at run time.
+pub trait SparseKvCache: Send {
+    /// The configuration.
+    fn config(&self) -> &CacheConfig;
+    /// The algorithm's name with its parameters.
+    fn algorithm_name(&self) -> String;
+    /// Registers an empty sequence.
+    fn add_sequence(&mut self) -> Result<SeqId>;
+    /// Removes a sequence and frees its pages in both tiers.
+    fn remove_sequence(&mut self, seq: SeqId) -> Result<()>;
+    /// Tokens stored for `seq`.
+    fn sequence_len(&self, seq: SeqId) -> Result<usize>;
+    /// Starts a step: reserves pages for every sequence's new tokens (all or nothing;
+    /// [`Error::PoolExhausted`] is back-pressure) and fixes their positions.
+    fn begin_step(&mut self, inputs: &[StepInput]) -> Result<()>;
+    /// Attention of one layer: applies RoPE to `q` and `k` at the step's positions,
+    /// stores `k`/`v`, selects pages and attends.
+    ///
+    /// * `q` — `[T, Hq, D]`, `k`, `v` — `[T, Hkv, D]`, pre-RoPE, rows in step order
+    ///   (`T` = the step's total new tokens), in the cache's dtype and device.
+    ///
+    /// Returns `[T, Hq, D]` in the cache's dtype.
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+    /// Ends the step once every layer attended; returns its counters.
+    fn end_step(&mut self) -> Result<StepStats>;
+    /// Abandons a step: new pages are freed and lengths restored.
+    fn abort_step(&mut self) -> Result<()>;
+    /// Lifetime counters.
+    fn stats(&self) -> StepStats;
+    /// Slot usage of both tiers.
+    fn pool_usage(&self) -> PoolUsage;
+}
+
+#[derive(Debug, Clone)]
+struct StepEntry {
+    seq: u64,
+    /// Tokens before this step.
+    start: usize,
+    /// New tokens.
+    n: usize,
+    /// Row of the first new token in `q`/`k`/`v`.
+    row: usize,
+    /// Pages allocated by this step (per directory).
+    new_pages: usize,
+}
+
+#[derive(Debug)]
+struct StepState {
+    entries: Vec<StepEntry>,
+    total: usize,
+    cos: Tensor,
+    sin: Tensor,
+    /// `[T, 2]` (entry index, position) per token, on the device.
+    queries: Tensor,
+    attended: Vec<bool>,
+    stats: StepStats,
+}
+
+/// A sparse KV cache: tiered page pool + two-level page tables + one algorithm.
+pub struct SpinCache {
+    cfg: CacheConfig,
+    algo: Box<dyn SparseAlgorithm>,
+    host_device: Device,
+    host_pool: Tensor,
+    fast_pool: Tensor,
+    host_alloc: SlotAllocator,
+    lru: BucketedLru,
+    tables: PageTables,
+    lens: HashMap<u64, usize>,
+    next_seq: u64,
+    step: Option<StepState>,
+    total: StepStats,
+    scale: f32,
+    trace: Option<Vec<SelectionRecord>>,
+}
+
+impl std::fmt::Debug for SpinCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpinCache")
+            .field("algorithm", &self.algo.name())
+            .field("config", &self.cfg)
+            .field("sequences", &self.lens.len())
+            .field("usage", &self.pool_usage())
+            .finish()
+    }
+}
+
+impl SpinCache {
+    /// Builds a cache; validates `cfg` and the algorithm against it.
+    pub fn new(cfg: CacheConfig, algo: impl SparseAlgorithm + 'static) -> Result<Self> {
+        Self::new_boxed(cfg, Box::new(algo))
+    }
+
+    /// [`SpinCache::new`] with an already boxed algorithm (chosen at run time).
+    pub fn new_boxed(cfg: CacheConfig, mut algo: Box<dyn SparseAlgorithm>) -> Result<Self> {
+        cfg.validate()?;
+        algo.init(&cfg)?;
+        let (p, d) = (cfg.page_size, cfg.head_dim);
+        let host_device = Device::Cpu;
+        let host_pool = Tensor::zeros((cfg.host_pages, 2, p, d), cfg.dtype, &host_device)?;
+        let buckets = cfg.fast_pages / cfg.lru_ways;
+        let fast_pool = Tensor::zeros((buckets * cfg.lru_ways, 2, p, d), cfg.dtype, &cfg.device)?;
+        Ok(Self {
+            host_alloc: SlotAllocator::new(Tier::Host, cfg.host_pages),
+            lru: BucketedLru::new(buckets, cfg.lru_ways),
+            tables: PageTables::new(cfg.num_layers, cfg.num_kv_heads),
+            scale: 1.0 / (d as f32).sqrt(),
+            cfg,
+            algo,
+            host_device,
+            host_pool,
+            fast_pool,
+            lens: HashMap::new(),
+            next_seq: 0,
+            step: None,
+            total: StepStats::default(),
+            trace: None,
+        })
+    }
+
+    /// Starts (`true`) or stops recording every decode selection (per step, layer,
+    /// sequence and KV head) for offline study of cache policies.
+    pub fn set_trace(&mut self, on: bool) {
+        self.trace = if on {
+            Some(self.trace.take().unwrap_or_default())
+        } else {
+            None
+        };
+    }
+
+    /// Takes the selections recorded since the last call.
+    pub fn take_trace(&mut self) -> Vec<SelectionRecord> {
+        self.trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Checks pool accounting: every page of every sequence has exactly one host slot,
+    /// owned by the allocator and by nobody else; the used count equals the pages held;
+    /// every fast-tier resident is a live page. Returns a description of the first
+    /// violation.
+    pub fn verify_accounting(&self) -> Result<()> {
+        let bad = |msg: String| {
+            Err(Error::Invalid {
+                op: "SpinCache::verify_accounting",
+                msg,
+            })
+        };
+        let mut seen = vec![false; self.host_alloc.capacity()];
+        let mut total = 0;
+        let mut slots = Vec::new();
+        for (&seq, &len) in &self.lens {
+            let pages = self.tables.num_pages(seq)?;
+            if pages != len.div_ceil(self.cfg.page_size) {
+                return bad(format!("sequence {seq}: {len} tokens but {pages} pages"));
+            }
+            for dir in 0..self.dirs() {
+                slots.clear();
+                self.tables.extend_slots(seq, dir, &mut slots)?;
+                for &s in &slots {
+                    if !self.host_alloc.is_owned(s) {
+                        return bad(format!(
+                            "sequence {seq} holds slot {s}, which the allocator says is free"
+                        ));
+                    }
+                    if std::mem::replace(&mut seen[s as usize], true) {
+                        return bad(format!("slot {s} is owned twice"));
+                    }
+                    total += 1;
+                }
+            }
+        }
+        if total != self.host_alloc.used_count() {
+            return bad(format!(
+                "{} slots allocated but {total} held by sequences (leak)",
+                self.host_alloc.used_count()
+            ));
+        }
+        for page in self.lru.resident_pages() {
+            if !seen.get(page as usize).copied().unwrap_or(false) {
+                return bad(format!("fast tier holds page {page}, which no sequence owns"));
+            }
+        }
+        Ok(())
+    }
+
+    fn dirs(&self) -> usize {
+        self.cfg.num_layers * self.cfg.num_kv_heads
+    }
+
+    /// Frees the last `pages` pages of `seq` in both tiers.
+    fn release_pages(&mut self, seq: u64, pages: usize) -> Result<()> {
+        for slot in self.tables.pop_pages(seq, pages)? {
+            self.lru.invalidate(slot);
+            self.host_alloc.free(slot)?;
+        }
+        Ok(())
+    }
+
+    fn check_qkv(&self, step: &StepState, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        const OP: &str = "SparseKvCache::attend";
+        let c = &self.cfg;
+        if layer >= c.num_layers {
+            crate::invalid!(OP, "layer {layer} out of range: the cache has {} layers", c.num_layers);
+        }
+        if step.attended[layer] {
+            return Err(Error::StepMisuse {
+                op: OP,
+                msg: format!("layer {layer} already attended in this step"),
+            });
+        }
+        let t = step.total;
+        let want = |name: &str, x: &Tensor, h: usize| -> Result<()> {
+            if x.dims() != [t, h, c.head_dim] {
+                crate::invalid!(
+                    OP,
+                    "{name} must be [T={t}, H={h}, D={}] (the step's tokens, heads, head_dim), got {:?}",
+                    c.head_dim,
+                    x.dims()
+                );
+            }
+            if x.dtype() != c.dtype {
+                crate::invalid!(
+                    OP,
+                    "{name} {:?} has dtype {:?}, the cache stores {:?}",
+                    x.dims(),
+                    x.dtype(),
+                    c.dtype
+                );
+            }
+            if !x.device().same_device(&c.device) {
+                crate::invalid!(
+                    OP,
+                    "{name} {:?} is on {:?}, the cache is on {:?}",
+                    x.dims(),
+                    x.device().location(),
+                    c.device.location()
+                );
+            }
+            Ok(())
+        };
+        want("q", q, c.num_q_heads)?;
+        want("k", k, c.num_kv_heads)?;
+        want("v", v, c.num_kv_heads)
+    }
+
+    /// `[T, Hkv]` destinations `host_slot * P + row` of the step's tokens in `layer`.
+    fn host_destinations(&self, step: &StepState, layer: usize) -> Result<Vec<u32>> {
+        let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
+        let mut dst = vec![NONE; step.total * hkv];
+        for e in &step.entries {
+            for i in 0..e.n {
+                let pos = e.start + i;
+                for h in 0..hkv {
+                    let slot = self.tables.get(e.seq, layer * hkv + h, pos / p)?;
+                    dst[(e.row + i) * hkv + h] = slot * p as u32 + (pos % p) as u32;
+                }
+            }
+        }
+        Ok(dst)
+    }
+
+    /// Per entry and KV head, the logical pages to attend in the paged part.
+    fn page_requests(&mut self, step: &StepState, layer: usize, q_rot: &Tensor) -> Result<Vec<Vec<Vec<u32>>>> {
+        let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
+        let mut req: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); hkv]; step.entries.len()];
+        // Prefill entries: every page holding earlier tokens (dense).
+        let mut decode = Vec::new();
+        for (ei, e) in step.entries.iter().enumerate() {
+            if e.n == 1 {
+                decode.push(ei);
+            } else if e.start > 0 {
+                let pages: Vec<u32> = (0..e.start.div_ceil(p) as u32).collect();
+                req[ei].fill(pages);
+            }
+        }
+        if decode.is_empty() {
+            return Ok(req);
+        }
+        let num_tokens: Vec<usize> = decode.iter().map(|&ei| step.entries[ei].start + 1).collect();
+        let num_pages: Vec<usize> = num_tokens.iter().map(|t| t.div_ceil(p)).collect();
+        let nmax = num_pages.iter().copied().max().unwrap_or(0);
+        let mut cand = vec![NONE; decode.len() * hkv * nmax];
+        let mut buf = Vec::with_capacity(nmax);
+        for (bi, &ei) in decode.iter().enumerate() {
+            for h in 0..hkv {
+                buf.clear();
+                self.tables
+                    .extend_slots(step.entries[ei].seq, layer * hkv + h, &mut buf)?;
+                cand[(bi * hkv + h) * nmax..][..buf.len()].copy_from_slice(&buf);
+            }
+        }
+        let candidates = Tensor::from_vec(cand, (decode.len(), hkv, nmax), &self.cfg.device)?;
+        let rows: Vec<u32> = decode.iter().map(|&ei| step.entries[ei].row as u32).collect();
+        let rows = Tensor::from_vec(rows, decode.len(), &self.cfg.device)?;
+        let q_dec = q_rot.index_select(&rows, 0)?.contiguous()?;
+        let input = SelectInput {
+            layer,
+            q: &q_dec,
+            candidates: &candidates,
+            num_pages: &num_pages,
+            num_tokens: &num_tokens,
+            page_size: p,
+        };
+        let selection = self.algo.select(&input)?;
+        let chosen = match selection {
+            Selection::All => None,
+            Selection::Pages(t) => {
+                let (b, h2, k) = t.dims3()?;
+                if b != decode.len() || h2 != hkv {
+                    return Err(Error::Invalid {
+                        op: "SparseAlgorithm::select",
+                        msg: format!(
+                            "{} returned a selection of shape {:?}, expected [{}, {hkv}, K]",
+                            self.algo.name(),
+                            t.dims(),
+                            decode.len()
+                        ),
+                    });
+                }
+                Some((t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u32>()?, k))
+            }
+        };
+        let step_no = self.total.steps + 1;
+        for (bi, &ei) in decode.iter().enumerate() {
+            let n = num_pages[bi];
+            for h in 0..hkv {
+                req[ei][h] = match &chosen {
+                    None => (0..n as u32).collect(),
+                    Some((sel, k)) => {
+                        let mut v: Vec<u32> = sel[(bi * hkv + h) * k..][..*k]
+                            .iter()
+                            .copied()
+                            .filter(|&x| x != NONE && (x as usize) < n)
+                            .collect();
+                        v.sort_unstable();
+                        v.dedup();
+                        v
+                    }
+                };
+                if let Some(tr) = self.trace.as_mut() {
+                    tr.push(SelectionRecord {
+                        step: step_no,
+                        layer: layer as u32,
+                        seq: step.entries[ei].seq,
+                        kv_head: h as u32,
+                        num_pages: n as u32,
+                        pages: req[ei][h].clone(),
+                    });
+                }
+            }
+        }
+        Ok(req)
+    }
+
+    /// Attends the step's queries over the requested pages, in rounds that fit the fast
+    /// tier, fetching each round's misses with one batched copy.
+    fn paged_part(
+        &mut self,
+        step: &mut StepState,
+        layer: usize,
+        q_rot: &Tensor,
+        req: &[Vec<Vec<u32>>],
+    ) -> Result<Option<AttentionPartial>> {
+        let hkv = self.cfg.num_kv_heads;
+        let s = step.entries.len();
+        // Pending requests: (entry, head, logical page, host slot).
+        let mut pending = Vec::new();
+        for (ei, heads) in req.iter().enumerate() {
+            for (h, pages) in heads.iter().enumerate() {
+                for &lp in pages {
+                    let slot = self.tables.get(step.entries[ei].seq, layer * hkv + h, lp as usize)?;
+                    pending.push((ei, h, lp, slot));
+                }
+            }
+        }
+        if pending.is_empty() {
+            return Ok(None);
+        }
+        let kv_limit: Vec<u32> = step
+            .entries
+            .iter()
+            .map(|e| if e.n == 1 { (e.start + 1) as u32 } else { e.start as u32 })
+            .collect();
+        let kv_limit = Tensor::from_vec(kv_limit, s, &self.cfg.device)?;
+        let mut acc: Option<AttentionPartial> = None;
+        while !pending.is_empty() {
+            self.lru.begin_round();
+            let mut round: Vec<Vec<Vec<(u32, u32)>>> = vec![vec![Vec::new(); hkv]; s];
+            let mut misses = Vec::new();
+            let mut deferred = Vec::new();
+            for &(ei, h, lp, slot) in &pending {
+                match self.lru.resolve(slot) {
+                    Resolve::Hit(f) => {
+                        step.stats.hits += 1;
+                        round[ei][h].push((f, lp));
+                    }
+                    Resolve::Miss { slot: f, .. } => {
+                        step.stats.misses += 1;
+                        misses.push(slot);
+                        misses.push(f);
+                        round[ei][h].push((f, lp));
+                    }
+                    Resolve::Deferred => deferred.push((ei, h, lp, slot)),
+                }
+            }
+            if deferred.len() == pending.len() {
+                return Err(Error::Invalid {
+                    op: "SparseKvCache::attend",
+                    msg: "fast tier cannot place any page (internal error)".into(),
+                });
+            }
+            if !misses.is_empty() {
+                let n = misses.len() / 2;
+                step.stats.bytes_moved += (n * self.cfg.page_bytes()) as u64;
+                let pairs = Tensor::from_vec(misses, (n, 2), &self.cfg.device)?;
+                ops::copy_pages(&self.fast_pool, &self.host_pool, &pairs)?;
+            }
+            let nmax = round.iter().flatten().map(|l| l.len()).max().unwrap_or(0).max(1);
+            let mut pages = vec![NONE; s * hkv * nmax * 2];
+            for (ei, heads) in round.iter().enumerate() {
+                for (h, list) in heads.iter().enumerate() {
+                    let base = (ei * hkv + h) * nmax * 2;
+                    for (j, &(f, lp)) in list.iter().enumerate() {
+                        pages[base + 2 * j] = f;
+                        pages[base + 2 * j + 1] = lp;
+                    }
+                }
+            }
+            let list = PageList {
+                pages: Tensor::from_vec(pages, (s, hkv, nmax, 2), &self.cfg.device)?,
+                queries: step.queries.clone(),
+                kv_limit: kv_limit.clone(),
+            };
+            let part = ops::sparse_paged_attention(q_rot, &self.fast_pool, &list, self.scale)?;
+            step.stats.rounds += 1;
+            acc = Some(match acc {
+                None => part,
+                Some(a) => ops::merge_partials(&a, &part)?,
+            });
+            pending = deferred;
+        }
+        Ok(acc)
+    }
+}
+
+impl SparseKvCache for SpinCache {
+    fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+
+    fn algorithm_name(&self) -> String {
+        self.algo.name()
+    }
+
+    fn add_sequence(&mut self) -> Result<SeqId> {
+        if self.step.is_some() {
+            return Err(Error::StepMisuse {
+                op: "SparseKvCache::add_sequence",
+                msg: "cannot add a sequence inside a step".into(),
+            });
+        }
+        let id = self.next_seq;
+        self.next_seq += 1;
+        self.tables.add_sequence(id);
+        self.lens.insert(id, 0);
+        Ok(SeqId(id))
+    }
+
+    fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
+        if self.step.is_some() {
+            return Err(Error::StepMisuse {
+                op: "SparseKvCache::remove_sequence",
+                msg: "cannot remove a sequence inside a step (end or abort it first)".into(),
+            });
+        }
+        if !self.lens.contains_key(&seq.0) {
+            return Err(Error::UnknownSequence(seq.0));
+        }
+        for slot in self.tables.remove_sequence(seq.0)? {
+            self.lru.invalidate(slot);
+            self.host_alloc.free(slot)?;
+        }
+        self.lens.remove(&seq.0);
+        Ok(())
+    }
+
+    fn sequence_len(&self, seq: SeqId) -> Result<usize> {
+        self.lens.get(&seq.0).copied().ok_or(Error::UnknownSequence(seq.0))
+    }
+
+    fn begin_step(&mut self, inputs: &[StepInput]) -> Result<()> {
+        const OP: &str = "SparseKvCache::begin_step";
+        if self.step.is_some() {
+            return Err(Error::StepMisuse {
+                op: OP,
+                msg: "a step is already open: call end_step or abort_step first".into(),
+            });
+        }
+        if inputs.is_empty() {
+            crate::invalid!(OP, "a step needs at least one sequence");
+        }
+        let p = self.cfg.page_size;
+        let mut entries = Vec::with_capacity(inputs.len());
+        let mut row = 0;
+        let mut needed = 0;
+        for (i, inp) in inputs.iter().enumerate() {
+            let len = *self.lens.get(&inp.seq.0).ok_or(Error::UnknownSequence(inp.seq.0))?;
+            if inputs[..i].iter().any(|o| o.seq == inp.seq) {
+                crate::invalid!(OP, "sequence {} appears twice in one step", inp.seq.0);
+            }
+            if inp.new_tokens == 0 {
+                crate::invalid!(OP, "sequence {} brings 0 new tokens (need >= 1)", inp.seq.0);
+            }
+            if len + inp.new_tokens > self.cfg.max_seq_len {
+                crate::invalid!(
+                    OP,
+                    "sequence {} would hold {} tokens, more than max_seq_len {}",
+                    inp.seq.0,
+                    len + inp.new_tokens,
+                    self.cfg.max_seq_len
+                );
+            }
+            let new_pages = (len + inp.new_tokens).div_ceil(p) - len.div_ceil(p);
+            needed += new_pages * self.dirs();
+            entries.push(StepEntry {
+                seq: inp.seq.0,
+                start: len,
+                n: inp.new_tokens,
+                row,
+                new_pages,
+            });
+            row += inp.new_tokens;
+        }
+        if needed > self.host_alloc.free_count() {
+            return Err(Error::PoolExhausted {
+                tier: Tier::Host,
+                needed,
+                free: self.host_alloc.free_count(),
+            });
+        }
+        for e in &entries {
+            for _ in 0..e.new_pages {
+                let slots = self.host_alloc.alloc(self.dirs())?;
+                self.tables.push_page(e.seq, &slots)?;
+            }
+            *self.lens.get_mut(&e.seq).ok_or(Error::UnknownSequence(e.seq))? += e.n;
+        }
+        let mut positions = Vec::with_capacity(row);
+        let mut queries = Vec::with_capacity(2 * row);
+        for (ei, e) in entries.iter().enumerate() {
+            for i in 0..e.n {
+                positions.push((e.start + i) as u32);
+                queries.push(ei as u32);
+                queries.push((e.start + i) as u32);
+            }
+        }
+        let (cos, sin) = rope_tables(
+            &positions,
+            self.cfg.head_dim,
+            self.cfg.rope_theta,
+            self.cfg.dtype,
+            &self.cfg.device,
+        )?;
+        let queries = Tensor::from_vec(queries, (row, 2), &self.cfg.device)?;
+        let stats = StepStats {
+            steps: 1,
+            ..Default::default()
+        };
+        self.step = Some(StepState {
+            entries,
+            total: row,
+            cos,
+            sin,
+            queries,
+            attended: vec![false; self.cfg.num_layers],
+            stats,
+        });
+        Ok(())
+    }
+
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let mut step = self.step.take().ok_or(Error::StepMisuse {
+            op: "SparseKvCache::attend",
+            msg: "no open step: call begin_step first".into(),
+        })?;
+        let result = self.attend_in_step(&mut step, layer, q, k, v);
+        self.step = Some(step);
+        result
+    }
+
+    fn end_step(&mut self) -> Result<StepStats> {
+        let step = self.step.as_ref().ok_or(Error::StepMisuse {
+            op: "SparseKvCache::end_step",
+            msg: "no open step".into(),
+        })?;
+        if let Some(l) = step.attended.iter().position(|a| !a) {
+            return Err(Error::StepMisuse {
+                op: "SparseKvCache::end_step",
+                msg: format!("layer {l} was not attended in this step (attend every layer, or abort_step)"),
+            });
+        }
+        let stats = step.stats;
+        self.step = None;
+        self.total.add(&stats);
+        Ok(stats)
+    }
+
+    fn abort_step(&mut self) -> Result<()> {
+        let step = self.step.take().ok_or(Error::StepMisuse {
+            op: "SparseKvCache::abort_step",
+            msg: "no open step".into(),
+        })?;
+        for e in &step.entries {
+            self.release_pages(e.seq, e.new_pages)?;
+            if let Some(l) = self.lens.get_mut(&e.seq) {
+                *l = e.start;
+            }
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> StepStats {
+        self.total
+    }
+
+    fn pool_usage(&self) -> PoolUsage {
+        PoolUsage {
+            host_used: self.host_alloc.used_count(),
+            host_capacity: self.host_alloc.capacity(),
+            fast_resident: self.lru.resident_count(),
+            fast_capacity: self.lru.capacity(),
+            page_table_bytes: self.tables.bytes(),
+        }
+    }
+}
+
+impl SpinCache {
+    fn attend_in_step(
+        &mut self,
+        step: &mut StepState,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        self.check_qkv(step, layer, q, k, v)?;
+        let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
+        let q_rot = apply_rope(q, &step.cos, &step.sin)?.contiguous()?;
+        let k_rot = apply_rope(k, &step.cos, &step.sin)?.contiguous()?;
+        let v = v.contiguous()?;
+
+        // Store: home pages in the host tier, write-through to resident fast-tier copies.
+        let dst = self.host_destinations(step, layer)?;
+        let fast_dst: Vec<u32> = dst
+            .iter()
+            .map(|&c| {
+                if c == NONE {
+                    NONE
+                } else {
+                    self.lru
+                        .lookup(c / p as u32)
+                        .map_or(NONE, |f| f * p as u32 + c % p as u32)
+                }
+            })
+            .collect();
+        let shape = (step.total, hkv);
+        let host_k = k_rot.to_device(&self.host_device)?;
+        let host_v = v.to_device(&self.host_device)?;
+        ops::paged_append(
+            &self.host_pool,
+            &host_k,
+            &host_v,
+            &Tensor::from_vec(dst.clone(), shape, &self.host_device)?,
+        )?;
+        if fast_dst.iter().any(|&c| c != NONE) {
+            ops::paged_append(
+                &self.fast_pool,
+                &k_rot,
+                &v,
+                &Tensor::from_vec(fast_dst, shape, &self.cfg.device)?,
+            )?;
+        }
+        let dst_t = Tensor::from_vec(dst, shape, &self.cfg.device)?;
+        self.algo.index(&IndexInput {
+            layer,
+            k: &k_rot,
+            k_pre_rope: k,
+            v: &v,
+            dst: &dst_t,
+        })?;
+
+        // Select and attend over pages (decode: selected pages incl. the new token;
+        // prefill: all earlier pages), then the in-step causal part of prefills.
+        let req = self.page_requests(step, layer, &q_rot)?;
+        for (e, heads) in step.entries.iter().zip(&req) {
+            if e.n == 1 {
+                step.stats.decode_rows += 1;
+                step.stats.pages_available += ((e.start + 1).div_ceil(p) * hkv) as u64;
+                step.stats.pages_attended += heads.iter().map(|l| l.len() as u64).sum::<u64>();
+            }
+        }
+        match self.algo.materialize(layer)? {
+            Materialized::FetchFromTiers => {}
+        }
+        let paged = self.paged_part(step, layer, &q_rot, &req)?;
+        let mut outs = Vec::with_capacity(step.entries.len());
+        for e in &step.entries {
+            let part = paged
+                .as_ref()
+                .map(|a| -> Result<AttentionPartial> {
+                    Ok(AttentionPartial {
+                        out: a.out.narrow(0, e.row, e.n)?,
+                        lse: a.lse.narrow(0, e.row, e.n)?,
+                    })
+                })
+                .transpose()?;
+            let out = if e.n == 1 {
+                match part {
+                    Some(pt) => pt.out,
+                    None => crate::invalid!(
+                        "SparseKvCache::attend",
+                        "decode token of sequence {} attended no page (algorithm {})",
+                        e.seq,
+                        self.algo.name()
+                    ),
+                }
+            } else {
+                let rows = |x: &Tensor| x.narrow(0, e.row, e.n);
+                let own = ops::causal_self_attention(&rows(&q_rot)?, &rows(&k_rot)?, &rows(&v)?, self.scale)?;
+                match part {
+                    Some(pt) => ops::merge_partials(&pt, &own)?.out,
+                    None => own.out,
+                }
+            };
+            outs.push(out);
+        }
+        step.attended[layer] = true;
+        let out = if outs.len() == 1 {
+            outs.pop().unwrap_or_else(|| unreachable!())
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        Ok(out.to_dtype(self.cfg.dtype)?)
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_object_safe(_: &dyn SparseKvCache) {}

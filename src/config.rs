@@ -1,0 +1,131 @@
+//! Cache configuration: model shape, page size, tier capacities, dtype and device.
+
+use crate::{Error, Result};
+use candle_core::{DType, Device};
+
+/// Configuration of a [`SpinCache`](crate::SpinCache).
+///
+/// A *page* holds `page_size` tokens of K and V for one (sequence, layer, KV head):
+/// `2 × page_size × head_dim` elements. Capacities count such pages.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Decoder layers that call [`attend`](crate::SparseKvCache::attend).
+    pub num_layers: usize,
+    /// Query heads `Hq`.
+    pub num_q_heads: usize,
+    /// KV heads `Hkv`; `Hq % Hkv == 0` (any GQA ratio, e.g. 3).
+    pub num_kv_heads: usize,
+    /// Head dimension `D` (even: rotary embedding rotates halves).
+    pub head_dim: usize,
+    /// Rotary embedding base θ (Llama 2: 1e4, SmolLM2: 1e5, Llama 3: 5e5).
+    pub rope_theta: f64,
+    /// Tokens per page: a power of two in `8..=128` (default 16).
+    pub page_size: usize,
+    /// Pages in the capacity (host) tier: the home of every page.
+    pub host_pages: usize,
+    /// Pages in the fast (HBM) tier; may be far smaller than `host_pages`.
+    pub fast_pages: usize,
+    /// Ways per bucket of the fast tier's bucketed LRU (default 8).
+    pub lru_ways: usize,
+    /// Longest sequence accepted, in tokens.
+    pub max_seq_len: usize,
+    /// Storage dtype of K/V (f32, f16 or bf16); attention accumulates in f32.
+    pub dtype: DType,
+    /// Device of the fast tier and of the tensors passed to `attend`.
+    pub device: Device,
+}
+
+impl CacheConfig {
+    /// A configuration with defaults: CPU, f32, θ = 10000, page 16, 8 ways, room for
+    /// 8192 tokens of one sequence in both tiers.
+    pub fn new(num_layers: usize, num_q_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        let mut c = Self {
+            num_layers,
+            num_q_heads,
+            num_kv_heads,
+            head_dim,
+            rope_theta: 10_000.0,
+            page_size: 16,
+            host_pages: 0,
+            fast_pages: 0,
+            lru_ways: 8,
+            max_seq_len: 8192,
+            dtype: DType::F32,
+            device: Device::Cpu,
+        };
+        c = c.with_token_capacity(8192, 1.0);
+        c
+    }
+
+    /// Pages needed to hold `tokens` tokens of one sequence (all layers and KV heads).
+    pub fn pages_for_tokens(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.page_size.max(1)) * self.num_layers * self.num_kv_heads
+    }
+
+    /// Sizes the host tier for `tokens` tokens (summed over sequences, rounded up to whole
+    /// pages per sequence) and the fast tier to `fast_fraction` of it (at least one LRU
+    /// bucket).
+    pub fn with_token_capacity(mut self, tokens: usize, fast_fraction: f64) -> Self {
+        self.host_pages = self.pages_for_tokens(tokens);
+        let fast = (self.host_pages as f64 * fast_fraction.clamp(0.0, 1.0)).ceil() as usize;
+        self.fast_pages = fast.max(self.lru_ways);
+        self
+    }
+
+    /// Bytes of one page (K and V) in `dtype`.
+    pub fn page_bytes(&self) -> usize {
+        2 * self.page_size * self.head_dim * self.dtype.size_in_bytes()
+    }
+
+    /// Checks every field; the error names the field and the constraint.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.num_layers == 0 || self.num_q_heads == 0 || self.num_kv_heads == 0 {
+            return bad(format!(
+                "num_layers ({}), num_q_heads ({}) and num_kv_heads ({}) must be >= 1",
+                self.num_layers, self.num_q_heads, self.num_kv_heads
+            ));
+        }
+        if self.num_q_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "num_q_heads ({}) must be a multiple of num_kv_heads ({})",
+                self.num_q_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return bad(format!("head_dim ({}) must be even and >= 2", self.head_dim));
+        }
+        if !self.page_size.is_power_of_two() || !(8..=128).contains(&self.page_size) {
+            return bad(format!(
+                "page_size ({}) must be a power of two in 8..=128",
+                self.page_size
+            ));
+        }
+        if self.lru_ways == 0 {
+            return bad("lru_ways must be >= 1".into());
+        }
+        if self.host_pages == 0 || self.host_pages >= u32::MAX as usize / self.page_size {
+            return bad(format!(
+                "host_pages ({}) must be in 1..{}",
+                self.host_pages,
+                u32::MAX as usize / self.page_size
+            ));
+        }
+        if self.fast_pages < self.lru_ways || self.fast_pages >= u32::MAX as usize / self.page_size {
+            return bad(format!(
+                "fast_pages ({}) must be >= lru_ways ({})",
+                self.fast_pages, self.lru_ways
+            ));
+        }
+        if self.max_seq_len == 0 || self.max_seq_len >= u32::MAX as usize {
+            return bad(format!("max_seq_len ({}) must be in 1..2^32-1", self.max_seq_len));
+        }
+        if !matches!(self.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return bad(format!("dtype {:?} unsupported: use f32, f16 or bf16", self.dtype));
+        }
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
+            return bad(format!("rope_theta ({}) must be > 0", self.rope_theta));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+//! Two-level page table: a small directory per (sequence, layer, KV head) points to
+//! leaf blocks of [`LEAF_PAGES`] entries, each the host-tier slot of one logical page.
+//! Leaves come from one shared arena and are allocated only when a page needs them, so
+//! the table grows with the tokens that exist instead of
+//! `max_batch × max_context/page × layers × heads` entries.
+
+use crate::{Error, Result};
+use std::collections::HashMap;
+
+/// Page entries per leaf block.
+pub const LEAF_PAGES: usize = 64;
+
+const EMPTY: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Default)]
+struct SeqTables {
+    /// `dirs[layer * kv_heads + head]` = leaf ids in page order.
+    dirs: Vec<Vec<u32>>,
+    /// Logical pages per directory (equal across a sequence's directories).
+    pages: usize,
+}
+
+/// All sequences' page tables.
+#[derive(Debug, Clone)]
+pub struct PageTables {
+    dirs_per_seq: usize,
+    leaves: Vec<[u32; LEAF_PAGES]>,
+    free_leaves: Vec<u32>,
+    seqs: HashMap<u64, SeqTables>,
+}
+
+impl PageTables {
+    /// Tables for `layers × kv_heads` directories per sequence.
+    pub fn new(layers: usize, kv_heads: usize) -> Self {
+        Self {
+            dirs_per_seq: layers * kv_heads,
+            leaves: Vec::new(),
+            free_leaves: Vec::new(),
+            seqs: HashMap::new(),
+        }
+    }
+
+    /// Registers an empty sequence.
+    pub fn add_sequence(&mut self, seq: u64) {
+        self.seqs.insert(
+            seq,
+            SeqTables {
+                dirs: vec![Vec::new(); self.dirs_per_seq],
+                pages: 0,
+            },
+        );
+    }
+
+    /// Whether `seq` is registered.
+    pub fn contains(&self, seq: u64) -> bool {
+        self.seqs.contains_key(&seq)
+    }
+
+    /// Logical pages of `seq` (per directory).
+    pub fn num_pages(&self, seq: u64) -> Result<usize> {
+        Ok(self.seq(seq)?.pages)
+    }
+
+    fn seq(&self, seq: u64) -> Result<&SeqTables> {
+        self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq))
+    }
+
+    /// Appends one new logical page to every directory of `seq`; `slots[dir]` is its
+    /// host slot in directory `dir = layer * kv_heads + head`.
+    pub fn push_page(&mut self, seq: u64, slots: &[u32]) -> Result<()> {
+        if slots.len() != self.dirs_per_seq {
+            return Err(Error::Invalid {
+                op: "PageTables::push_page",
+                msg: format!(
+                    "got {} slots, need one per directory ({})",
+                    slots.len(),
+                    self.dirs_per_seq
+                ),
+            });
+        }
+        let t = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
+        let page = t.pages;
+        let (leaf_idx, entry) = (page / LEAF_PAGES, page % LEAF_PAGES);
+        for (dir, &slot) in t.dirs.iter_mut().zip(slots) {
+            if leaf_idx == dir.len() {
+                let id = match self.free_leaves.pop() {
+                    Some(id) => id,
+                    None => {
+                        self.leaves.push([EMPTY; LEAF_PAGES]);
+                        (self.leaves.len() - 1) as u32
+                    }
+                };
+                self.leaves[id as usize] = [EMPTY; LEAF_PAGES];
+                dir.push(id);
+            }
+            self.leaves[dir[leaf_idx] as usize][entry] = slot;
+        }
+        t.pages += 1;
+        Ok(())
+    }
+
+    /// Removes the last `n` logical pages of `seq` and returns their host slots.
+    pub fn pop_pages(&mut self, seq: u64, n: usize) -> Result<Vec<u32>> {
+        let t = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
+        let n = n.min(t.pages);
+        let mut out = Vec::with_capacity(n * self.dirs_per_seq);
+        for _ in 0..n {
+            t.pages -= 1;
+            let (leaf_idx, entry) = (t.pages / LEAF_PAGES, t.pages % LEAF_PAGES);
+            for dir in t.dirs.iter_mut() {
+                let leaf = &mut self.leaves[dir[leaf_idx] as usize];
+                out.push(leaf[entry]);
+                leaf[entry] = EMPTY;
+                if entry == 0 {
+                    self.free_leaves.push(dir.pop().unwrap_or_default());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Host slot of logical `page` in directory `dir` of `seq`.
+    pub fn get(&self, seq: u64, dir: usize, page: usize) -> Result<u32> {
+        let t = self.seq(seq)?;
+        if dir >= t.dirs.len() || page >= t.pages {
+            return Err(Error::Invalid {
+                op: "PageTables::get",
+                msg: format!(
+                    "directory {dir} / page {page} out of range ({} dirs, {} pages)",
+                    t.dirs.len(),
+                    t.pages
+                ),
+            });
+        }
+        Ok(self.leaves[t.dirs[dir][page / LEAF_PAGES] as usize][page % LEAF_PAGES])
+    }
+
+    /// Appends the host slots of all pages of directory `dir` of `seq` to `out`, in order.
+    pub fn extend_slots(&self, seq: u64, dir: usize, out: &mut Vec<u32>) -> Result<()> {
+        let t = self.seq(seq)?;
+        let mut left = t.pages;
+        for &leaf in &t.dirs[dir] {
+            let take = left.min(LEAF_PAGES);
+            out.extend_from_slice(&self.leaves[leaf as usize][..take]);
+            left -= take;
+        }
+        Ok(())
+    }
+
+    /// Forgets `seq` and returns all its host slots (to be freed by the caller).
+    pub fn remove_sequence(&mut self, seq: u64) -> Result<Vec<u32>> {
+        let pages = self.seq(seq)?.pages;
+        let slots = self.pop_pages(seq, pages)?;
+        self.seqs.remove(&seq);
+        Ok(slots)
+    }
+
+    /// Bytes in use: directory entries plus leaves in use (u32 entries each).
+    pub fn bytes(&self) -> usize {
+        let dir_entries: usize = self
+            .seqs
+            .values()
+            .map(|t| t.dirs.iter().map(|d| d.len()).sum::<usize>())
+            .sum();
+        (dir_entries + self.leaves_in_use() * LEAF_PAGES) * std::mem::size_of::<u32>()
+    }
+
+    /// Bytes of the leaf arena, free leaves (kept for reuse) included.
+    pub fn arena_bytes(&self) -> usize {
+        self.leaves.len() * LEAF_PAGES * std::mem::size_of::<u32>()
+    }
+
+    /// Leaf blocks in use (allocated minus free).
+    pub fn leaves_in_use(&self) -> usize {
+        self.leaves.len() - self.free_leaves.len()
+    }
+}
+
+/// Bytes of a flat page table with one u32 entry for every possible page:
+/// `max_batch × ceil(max_context / page) × layers × heads × 4`.
+pub fn flat_table_bytes(max_batch: usize, max_context: usize, page: usize, layers: usize, heads: usize) -> usize {
+    max_batch * max_context.div_ceil(page) * layers * heads * std::mem::size_of::<u32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_get_pop_and_reuse_leaves() {
+        let mut t = PageTables::new(2, 1);
+        t.add_sequence(7);
+        for p in 0..(LEAF_PAGES + 3) as u32 {
+            t.push_page(7, &[p, 1000 + p]).unwrap();
+        }
+        assert_eq!(t.get(7, 1, LEAF_PAGES + 1).unwrap(), 1000 + LEAF_PAGES as u32 + 1);
+        let mut all = Vec::new();
+        t.extend_slots(7, 0, &mut all).unwrap();
+        assert_eq!(all, (0..(LEAF_PAGES + 3) as u32).collect::<Vec<_>>());
+        assert_eq!(t.leaves_in_use(), 4);
+        let freed = t.remove_sequence(7).unwrap();
+        assert_eq!(freed.len(), 2 * (LEAF_PAGES + 3));
+        assert_eq!(t.leaves_in_use(), 0);
+        assert!(t.get(7, 0, 0).is_err());
+    }
+}

@@ -1,0 +1,199 @@
+//! A Llama-family decoder written against `&mut dyn SparseKvCache`: any algorithm plugs
+//! in. Ragged batches: each sequence brings its own new tokens; one call is one step.
+
+use super::config::LlamaConfig;
+use crate::{CacheConfig, Error, Result, SeqId, SparseKvCache, StepInput};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm};
+use std::collections::HashMap;
+
+struct Block {
+    attn_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    mlp_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Llama / SmolLM2 / Mistral-style / Qwen2 decoder.
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    dtype: DType,
+    device: Device,
+}
+
+fn take(t: &mut HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
+    t.remove(name)
+        .ok_or_else(|| Error::Model(format!("weight `{name}` missing from the checkpoint")))
+}
+
+impl Llama {
+    /// Builds the model from tensors with Hugging Face names (see
+    /// [`weights`](super::weights)); all tensors must already be in one dtype and device.
+    pub fn from_tensors(cfg: LlamaConfig, mut t: HashMap<String, Tensor>) -> Result<Self> {
+        let embed_w = take(&mut t, "model.embed_tokens.weight")?;
+        let (dtype, device) = (embed_w.dtype(), embed_w.device().clone());
+        if embed_w.dims() != [cfg.vocab_size, cfg.hidden_size] {
+            return Err(Error::Model(format!(
+                "embedding is {:?}, config says [{}, {}]",
+                embed_w.dims(),
+                cfg.vocab_size,
+                cfg.hidden_size
+            )));
+        }
+        let lm_head = match t.remove("lm_head.weight") {
+            Some(w) if !cfg.tie_word_embeddings => Linear::new(w, None),
+            _ => Linear::new(embed_w.clone(), None),
+        };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let mut lin = |n: &str, bias: bool| -> Result<Linear> {
+                let w = take(&mut t, &format!("{p}.{n}.weight"))?;
+                let b = if bias {
+                    Some(take(&mut t, &format!("{p}.{n}.bias"))?)
+                } else {
+                    None
+                };
+                Ok(Linear::new(w, b))
+            };
+            let bias = cfg.attention_bias;
+            let (q, k, v, o) = (
+                lin("self_attn.q_proj", bias)?,
+                lin("self_attn.k_proj", bias)?,
+                lin("self_attn.v_proj", bias)?,
+                lin("self_attn.o_proj", false)?,
+            );
+            let (gate, up, down) = (
+                lin("mlp.gate_proj", false)?,
+                lin("mlp.up_proj", false)?,
+                lin("mlp.down_proj", false)?,
+            );
+            let attn_norm = RmsNorm::new(take(&mut t, &format!("{p}.input_layernorm.weight"))?, cfg.rms_norm_eps);
+            let mlp_norm = RmsNorm::new(
+                take(&mut t, &format!("{p}.post_attention_layernorm.weight"))?,
+                cfg.rms_norm_eps,
+            );
+            blocks.push(Block {
+                attn_norm,
+                q,
+                k,
+                v,
+                o,
+                mlp_norm,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = RmsNorm::new(take(&mut t, "model.norm.weight")?, cfg.rms_norm_eps);
+        Ok(Self {
+            embed: Embedding::new(embed_w, cfg.hidden_size),
+            blocks,
+            norm,
+            lm_head,
+            cfg,
+            dtype,
+            device,
+        })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Weight dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Weight device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A cache configuration matching this model (layers, heads, head_dim, θ, dtype,
+    /// device) with room for `max_tokens` tokens in total and a fast tier of
+    /// `fast_fraction` of it; `max_seq_len` defaults to the model's trained context.
+    pub fn cache_config(&self, max_tokens: usize, fast_fraction: f64) -> CacheConfig {
+        let mut c = CacheConfig::new(
+            self.cfg.num_layers,
+            self.cfg.num_heads,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+        );
+        c.rope_theta = self.cfg.rope_theta;
+        c.dtype = self.dtype;
+        c.device = self.device.clone();
+        c.max_seq_len = self.cfg.max_position_embeddings.max(max_tokens);
+        c.with_token_capacity(max_tokens, fast_fraction)
+    }
+
+    /// One step over a ragged batch: each `(seq, tokens)` appends `tokens` to `seq`.
+    /// Returns the next-token logits of each sequence, `[B, vocab]` f32. On error the
+    /// step is aborted, leaving the cache as before.
+    pub fn forward(&self, cache: &mut dyn SparseKvCache, batch: &[(SeqId, &[u32])]) -> Result<Tensor> {
+        let inputs: Vec<StepInput> = batch
+            .iter()
+            .map(|(seq, toks)| StepInput {
+                seq: *seq,
+                new_tokens: toks.len(),
+            })
+            .collect();
+        let ids: Vec<u32> = batch.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(Error::Invalid {
+                op: "Llama::forward",
+                msg: format!("token id {bad} outside the vocabulary ({})", self.cfg.vocab_size),
+            });
+        }
+        cache.begin_step(&inputs)?;
+        match self.step(cache, batch, &ids) {
+            Ok(l) => {
+                cache.end_step()?;
+                Ok(l)
+            }
+            Err(e) => {
+                cache.abort_step()?;
+                Err(e)
+            }
+        }
+    }
+
+    fn step(&self, cache: &mut dyn SparseKvCache, batch: &[(SeqId, &[u32])], ids: &[u32]) -> Result<Tensor> {
+        let (t, c) = (ids.len(), &self.cfg);
+        let ids = Tensor::from_vec(ids.to_vec(), t, &self.device)?;
+        let mut x = self.embed.forward(&ids)?;
+        for (layer, b) in self.blocks.iter().enumerate() {
+            let h = b.attn_norm.forward(&x)?;
+            let q = b.q.forward(&h)?.reshape((t, c.num_heads, c.head_dim))?;
+            let k = b.k.forward(&h)?.reshape((t, c.num_kv_heads, c.head_dim))?;
+            let v = b.v.forward(&h)?.reshape((t, c.num_kv_heads, c.head_dim))?;
+            let a = cache
+                .attend(layer, &q, &k, &v)?
+                .reshape((t, c.num_heads * c.head_dim))?;
+            x = (x + b.o.forward(&a)?)?;
+            let h = b.mlp_norm.forward(&x)?;
+            let m = (candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?;
+            x = (x + b.down.forward(&m)?)?;
+        }
+        let mut last = Vec::with_capacity(batch.len());
+        let mut end = 0u32;
+        for (_, toks) in batch {
+            end += toks.len() as u32;
+            last.push(end - 1);
+        }
+        let last = Tensor::from_vec(last, batch.len(), &self.device)?;
+        let x = self.norm.forward(&x.index_select(&last, 0)?)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+}

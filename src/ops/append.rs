@@ -1,0 +1,238 @@
+//! Paged append: writes a step's new K/V rows into their pages, and the fused-in-spirit
+//! Quest metadata update (element-wise min/max of post-RoPE keys per page).
+//!
+//! Pool layout, shared by every op: `pool[slot, 0, row, :]` is a key row and
+//! `pool[slot, 1, row, :]` its value row, `row < page_size`. A destination is encoded as
+//! `slot * page_size + row`; [`NONE`](super::NONE) skips the token (used for the
+//! write-through into the fast tier when the page is not resident there).
+
+use super::util::{self, Elem};
+use super::NONE;
+use crate::Result;
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor};
+
+const APPEND: &str = "paged_append";
+const META: &str = "quest_meta_update";
+
+struct PagedAppend {
+    dst: Tensor,
+    page_size: usize,
+}
+
+fn append_cpu<T: Elem>(
+    pool: &mut [T],
+    k: &[T],
+    v: &[T],
+    dst: &[u32],
+    page_size: usize,
+    d: usize,
+) -> candle_core::Result<()> {
+    let slots = pool.len() / (2 * page_size * d);
+    for (i, &code) in dst.iter().enumerate() {
+        if code == NONE {
+            continue;
+        }
+        let (slot, row) = (code as usize / page_size, code as usize % page_size);
+        if slot >= slots {
+            candle_core::bail!("{APPEND}: destination slot {slot} out of range (pool has {slots})");
+        }
+        let kb = (slot * 2 * page_size + row) * d;
+        let vb = ((slot * 2 + 1) * page_size + row) * d;
+        pool[kb..kb + d].copy_from_slice(&k[i * d..(i + 1) * d]);
+        pool[vb..vb + d].copy_from_slice(&v[i * d..(i + 1) * d]);
+    }
+    Ok(())
+}
+
+impl InplaceOp3 for PagedAppend {
+    fn name(&self) -> &'static str {
+        APPEND
+    }
+
+    fn cpu_fwd(
+        &self,
+        pool: &mut CpuStorage,
+        pl: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        let dst = util::u32_field(APPEND, &self.dst)?;
+        let d = *kl.dims().last().unwrap_or(&1);
+        let (p0, p1) = util::contiguous_range(APPEND, pl)?;
+        let (k0, k1) = util::contiguous_range(APPEND, kl)?;
+        let (v0, v1) = util::contiguous_range(APPEND, vl)?;
+        match (pool, k, v) {
+            (CpuStorage::F32(p), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                append_cpu(&mut p[p0..p1], &k[k0..k1], &v[v0..v1], &dst, self.page_size, d)
+            }
+            (CpuStorage::F16(p), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                append_cpu(&mut p[p0..p1], &k[k0..k1], &v[v0..v1], &dst, self.page_size, d)
+            }
+            (CpuStorage::BF16(p), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                append_cpu(&mut p[p0..p1], &k[k0..k1], &v[v0..v1], &dst, self.page_size, d)
+            }
+            _ => candle_core::bail!("{APPEND}: pool, k and v must share one float dtype"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        pool: &mut candle_core::CudaStorage,
+        pl: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::cuda::append::paged_append(pool, pl, k, kl, v, vl, &self.dst, self.page_size)
+    }
+}
+
+/// Writes `k` and `v` rows into `pool` pages, in place.
+///
+/// # Arguments
+/// * `pool` — `[slots, 2, page_size, D]`, K at index 0 and V at index 1 of dim 1.
+/// * `k`, `v` — `[T, Hkv, D]`, same dtype as `pool`.
+/// * `dst` — `[T, Hkv]` u32: `slot * page_size + row` for each (token, head), or
+///   [`NONE`] to skip. Every slot must be `< slots`.
+pub fn paged_append(pool: &Tensor, k: &Tensor, v: &Tensor, dst: &Tensor) -> Result<()> {
+    util::check_shape(
+        APPEND,
+        "pool",
+        pool,
+        &[None, Some(2), None, None],
+        "[slots, 2, page_size, D]",
+    )?;
+    let (_, _, page_size, d) = pool.dims4()?;
+    util::check_dtype(APPEND, "pool", pool, util::FLOAT_DTYPES)?;
+    util::check_shape(APPEND, "k", k, &[None, None, Some(d)], &format!("[T, Hkv, {d}]"))?;
+    let (t, h, _) = k.dims3()?;
+    util::check_shape(
+        APPEND,
+        "v",
+        v,
+        &[Some(t), Some(h), Some(d)],
+        &format!("[{t}, {h}, {d}] like k"),
+    )?;
+    util::check_shape(APPEND, "dst", dst, &[Some(t), Some(h)], &format!("[{t}, {h}]"))?;
+    util::check_same_dtype(APPEND, ("pool", pool), ("k", k))?;
+    util::check_same_dtype(APPEND, ("pool", pool), ("v", v))?;
+    util::check_dtype(APPEND, "dst", dst, &[candle_core::DType::U32])?;
+    util::check_device(APPEND, pool.device(), &[("k", k), ("v", v), ("dst", dst)])?;
+    util::check_contiguous(APPEND, &[("pool", pool), ("k", k), ("v", v), ("dst", dst)])?;
+    if t == 0 {
+        return Ok(());
+    }
+    let op = PagedAppend {
+        dst: dst.clone(),
+        page_size,
+    };
+    pool.inplace_op3(k, v, &op)?;
+    Ok(())
+}
+
+struct QuestMetaUpdate {
+    dst: Tensor,
+    page_size: usize,
+}
+
+fn meta_cpu<T: Elem>(meta: &mut [T], k: &[T], dst: &[u32], page_size: usize, d: usize) -> candle_core::Result<()> {
+    let slots = meta.len() / (2 * d);
+    for (i, &code) in dst.iter().enumerate() {
+        if code == NONE {
+            continue;
+        }
+        let (slot, row) = (code as usize / page_size, code as usize % page_size);
+        if slot >= slots {
+            candle_core::bail!("{META}: slot {slot} out of range (metadata has {slots} slots)");
+        }
+        let key = &k[i * d..(i + 1) * d];
+        let (mins, maxs) = meta[slot * 2 * d..(slot + 1) * 2 * d].split_at_mut(d);
+        if row == 0 {
+            // First token of a fresh page: reset instead of widening stale bounds.
+            mins.copy_from_slice(key);
+            maxs.copy_from_slice(key);
+        } else {
+            for j in 0..d {
+                let x = key[j].to_f32();
+                if x < mins[j].to_f32() {
+                    mins[j] = key[j];
+                }
+                if x > maxs[j].to_f32() {
+                    maxs[j] = key[j];
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl InplaceOp2 for QuestMetaUpdate {
+    fn name(&self) -> &'static str {
+        META
+    }
+
+    fn cpu_fwd(&self, meta: &mut CpuStorage, ml: &Layout, k: &CpuStorage, kl: &Layout) -> candle_core::Result<()> {
+        let dst = util::u32_field(META, &self.dst)?;
+        let d = *kl.dims().last().unwrap_or(&1);
+        let (m0, m1) = util::contiguous_range(META, ml)?;
+        let (k0, k1) = util::contiguous_range(META, kl)?;
+        match (meta, k) {
+            (CpuStorage::F32(m), CpuStorage::F32(k)) => meta_cpu(&mut m[m0..m1], &k[k0..k1], &dst, self.page_size, d),
+            (CpuStorage::F16(m), CpuStorage::F16(k)) => meta_cpu(&mut m[m0..m1], &k[k0..k1], &dst, self.page_size, d),
+            (CpuStorage::BF16(m), CpuStorage::BF16(k)) => meta_cpu(&mut m[m0..m1], &k[k0..k1], &dst, self.page_size, d),
+            _ => candle_core::bail!("{META}: meta and k must share one float dtype"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        meta: &mut candle_core::CudaStorage,
+        ml: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::cuda::append::quest_meta_update(meta, ml, k, kl, &self.dst, self.page_size)
+    }
+}
+
+/// Updates Quest page metadata with new post-RoPE keys, in place: for each (token, head)
+/// the page's element-wise `min` and `max` are widened (reset when `row == 0`).
+///
+/// Tokens must arrive in order within a page (row 0 first), as the cache guarantees.
+///
+/// # Arguments
+/// * `meta` — `[slots, 2, D]`: `meta[s, 0]` = min, `meta[s, 1]` = max of page slot `s`.
+/// * `k` — `[T, Hkv, D]` post-RoPE keys, same dtype as `meta`.
+/// * `dst` — `[T, Hkv]` u32: `slot * page_size + row`, or [`NONE`] to skip.
+/// * `page_size` — tokens per page.
+pub fn quest_meta_update(meta: &Tensor, k: &Tensor, dst: &Tensor, page_size: usize) -> Result<()> {
+    util::check_shape(META, "meta", meta, &[None, Some(2), None], "[slots, 2, D]")?;
+    let (_, _, d) = meta.dims3()?;
+    util::check_dtype(META, "meta", meta, util::FLOAT_DTYPES)?;
+    util::check_shape(META, "k", k, &[None, None, Some(d)], &format!("[T, Hkv, {d}]"))?;
+    let (t, h, _) = k.dims3()?;
+    util::check_shape(META, "dst", dst, &[Some(t), Some(h)], &format!("[{t}, {h}]"))?;
+    util::check_same_dtype(META, ("meta", meta), ("k", k))?;
+    util::check_dtype(META, "dst", dst, &[candle_core::DType::U32])?;
+    util::check_device(META, meta.device(), &[("k", k), ("dst", dst)])?;
+    util::check_contiguous(META, &[("meta", meta), ("k", k), ("dst", dst)])?;
+    if page_size == 0 {
+        crate::invalid!(META, "page_size must be > 0");
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    meta.inplace_op2(
+        k,
+        &QuestMetaUpdate {
+            dst: dst.clone(),
+            page_size,
+        },
+    )?;
+    Ok(())
+}

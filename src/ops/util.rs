@@ -1,0 +1,138 @@
+//! Shared validation and CPU storage helpers for the ops.
+
+use crate::{Error, Result};
+use candle_core::{CpuStorage, DType, Device, Layout, Tensor};
+use half::{bf16, f16};
+
+/// Element types the ops accept for K/V and queries; all arithmetic is done in f32.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+impl Elem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+impl Elem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+/// Checks that `t` has rank `dims.len()` and, where `dims[i]` is `Some`, that size.
+pub(crate) fn check_shape(
+    op: &'static str,
+    name: &str,
+    t: &Tensor,
+    dims: &[Option<usize>],
+    expected: &str,
+) -> Result<()> {
+    let got = t.dims();
+    let ok = got.len() == dims.len() && got.iter().zip(dims).all(|(g, d)| d.map(|d| d == *g).unwrap_or(true));
+    if !ok {
+        return Err(Error::Invalid {
+            op,
+            msg: format!("{name} must have shape {expected}, got {:?}", got),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_dtype(op: &'static str, name: &str, t: &Tensor, allowed: &[DType]) -> Result<()> {
+    if !allowed.contains(&t.dtype()) {
+        return Err(Error::Invalid {
+            op,
+            msg: format!(
+                "{name} has dtype {:?} (shape {:?}); expected one of {:?}",
+                t.dtype(),
+                t.dims(),
+                allowed
+            ),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_same_dtype(op: &'static str, a: (&str, &Tensor), b: (&str, &Tensor)) -> Result<()> {
+    if a.1.dtype() != b.1.dtype() {
+        return Err(Error::Invalid {
+            op,
+            msg: format!(
+                "{} ({:?}, {:?}) and {} ({:?}, {:?}) must have the same dtype",
+                a.0,
+                a.1.dims(),
+                a.1.dtype(),
+                b.0,
+                b.1.dims(),
+                b.1.dtype()
+            ),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_device(op: &'static str, device: &Device, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    for (name, t) in tensors {
+        if !t.device().same_device(device) {
+            return Err(Error::Invalid {
+                op,
+                msg: format!(
+                    "{name} (shape {:?}) is on {:?} but the op runs on {:?}",
+                    t.dims(),
+                    t.device().location(),
+                    device.location()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn check_contiguous(op: &'static str, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    for (name, t) in tensors {
+        if !t.is_contiguous() {
+            return Err(Error::Invalid {
+                op,
+                msg: format!("{name} (shape {:?}) must be contiguous", t.dims()),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) const FLOAT_DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16];
+
+/// The contiguous element range of a layout, or a candle error naming the op.
+pub(crate) fn contiguous_range(op: &str, l: &Layout) -> candle_core::Result<(usize, usize)> {
+    match l.contiguous_offsets() {
+        Some(r) => Ok(r),
+        None => candle_core::bail!("{op}: operand must be contiguous, got layout {l:?}"),
+    }
+}
+
+/// The u32 slice of a contiguous u32 CPU storage.
+pub(crate) fn u32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    let (a, b) = contiguous_range(op, l)?;
+    match s {
+        CpuStorage::U32(v) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op}: expected a u32 index tensor, got another dtype"),
+    }
+}
+
+/// The u32 contents of a contiguous u32 tensor field of an op struct, read on the CPU.
+pub(crate) fn u32_field(op: &str, t: &Tensor) -> candle_core::Result<Vec<u32>> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(cpu) => Ok(u32_slice(op, cpu, l)?.to_vec()),
+        _ => candle_core::bail!("{op}: index tensor must be on the CPU here"),
+    }
+}

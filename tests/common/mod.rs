@@ -1,0 +1,83 @@
+//! Test helpers: seeded random tensors and an independent f64 rotary embedding.
+#![allow(dead_code, clippy::needless_range_loop)]
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// Standard-normal-ish values (sum of uniforms), shape `dims`, f32 on the CPU.
+pub fn randn(r: &mut StdRng, dims: &[usize], scale: f32) -> Tensor {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let s: f32 = (0..4).map(|_| r.random::<f32>()).sum();
+            (s - 2.0) * 1.732 * scale
+        })
+        .collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+}
+
+/// Rotate-half RoPE in f64, written independently of the crate: `x` `[T, H, D]`,
+/// `pos[t]` may be negative (used to plant keys aligned with a query after RoPE).
+pub fn rope_f64(x: &Tensor, pos: &[f64], theta: f64) -> Tensor {
+    let (t, h, d) = x.dims3().unwrap();
+    let xs = x
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let mut out = xs.clone();
+    let half = d / 2;
+    for ti in 0..t {
+        for hi in 0..h {
+            let base = (ti * h + hi) * d;
+            for i in 0..half {
+                let f = 1.0 / theta.powf(2.0 * i as f64 / d as f64);
+                let (c, s) = ((pos[ti] * f).cos(), (pos[ti] * f).sin());
+                let (a, b) = (xs[base + i], xs[base + i + half]);
+                out[base + i] = a * c - b * s;
+                out[base + i + half] = b * c + a * s;
+            }
+        }
+    }
+    Tensor::from_vec(out, (t, h, d), &Device::Cpu).unwrap()
+}
+
+/// Max absolute difference of two tensors (as f64).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// ‖a − b‖ / ‖b‖.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let num = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt();
+    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    num / den.max(1e-30)
+}

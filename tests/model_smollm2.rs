@@ -1,0 +1,195 @@
+//! The real model path with SmolLM2-135M-Instruct (fetched on first run): greedy
+//! generation, logits against candle-transformers' Llama on the same weights, and bad
+//! model input.
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use spinkv::models::fetch::{fetch_default_model, ModelSpec};
+use spinkv::models::generation::generate;
+use spinkv::models::tokenizer::read_gguf_content;
+use spinkv::models::{load_model, weights, LlamaConfig, LoadedModel, Sampler, SamplingConfig};
+use spinkv::partition::{Dense, Quest, QuestConfig, SparseAlgorithm};
+use spinkv::{SparseKvCache, SpinCache};
+use std::sync::OnceLock;
+
+fn model() -> &'static LoadedModel {
+    static M: OnceLock<LoadedModel> = OnceLock::new();
+    M.get_or_init(|| {
+        let path = fetch_default_model(false).expect("fetch SmolLM2");
+        load_model(&ModelSpec::LocalPath(path), DType::F32, &Device::Cpu, false).expect("load SmolLM2")
+    })
+}
+
+fn greedy(algo: Box<dyn SparseAlgorithm>, prompt: &str, n: usize) -> Vec<u32> {
+    let lm = model();
+    let ids = lm.tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
+    let mut cache = SpinCache::new_boxed(lm.model.cache_config(ids.len() + n + 1, 1.0), algo).unwrap();
+    let mut sampler = Sampler::new(SamplingConfig::default());
+    let rep = generate(
+        &lm.model,
+        &mut cache,
+        &lm.tokenizer,
+        &ids,
+        n,
+        &lm.info.eos,
+        &mut sampler,
+        false,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(cache.pool_usage().host_used, 0, "generation frees its sequence");
+    rep.tokens
+}
+
+#[test]
+fn capital_of_france_is_paris_dense_and_quest_agree() {
+    let lm = model();
+    let dense = greedy(Box::new(Dense::new()), "The capital of France is", 8);
+    let text = lm.tokenizer.decode(&dense, true).unwrap();
+    assert!(text.starts_with(" Paris"), "dense generated {text:?}");
+    let quest = greedy(
+        Box::new(Quest::new(QuestConfig {
+            budget_tokens: 4096,
+            dense_layers: 0,
+            ..Default::default()
+        })),
+        "The capital of France is",
+        8,
+    );
+    assert_eq!(dense, quest, "quest with budget >= context must equal dense");
+}
+
+#[test]
+fn logits_match_candle_transformers_llama() {
+    let lm = model();
+    let path = fetch_default_model(false).unwrap();
+    let content = read_gguf_content(&path).unwrap();
+    let cfg = LlamaConfig::from_gguf(&content).unwrap();
+    let tensors = weights::load_gguf(&path, &content, &cfg, DType::F32, &Device::Cpu, |_, _| {}).unwrap();
+    let rcfg = candle_transformers::models::llama::Config {
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        vocab_size: cfg.vocab_size,
+        num_hidden_layers: cfg.num_layers,
+        num_attention_heads: cfg.num_heads,
+        num_key_value_heads: cfg.num_kv_heads,
+        use_flash_attn: false,
+        rms_norm_eps: cfg.rms_norm_eps,
+        rope_theta: cfg.rope_theta as f32,
+        bos_token_id: None,
+        eos_token_id: None,
+        rope_scaling: None,
+        max_position_embeddings: 512,
+        tie_word_embeddings: cfg.tie_word_embeddings,
+    };
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let reference = candle_transformers::models::llama::Llama::load(vb, &rcfg).unwrap();
+    let mut rcache = candle_transformers::models::llama::Cache::new(true, DType::F32, &rcfg, &Device::Cpu).unwrap();
+    let text = "Sparse attention reads only the pages of the KV cache that matter for the current query; the rest stays in host memory until a step selects it again.";
+    let mut ids = lm.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    ids.truncate(64);
+    assert!(ids.len() >= 30);
+    let mut cache = SpinCache::new(lm.model.cache_config(128, 1.0), Dense::new()).unwrap();
+    let seq = cache.add_sequence().unwrap();
+    // Prompt, then three decode steps, compared at every step.
+    let mut steps: Vec<Vec<u32>> = vec![ids.clone()];
+    steps.extend([[42u32], [1234], [7]].iter().map(|s| s.to_vec()));
+    let mut pos = 0;
+    for toks in steps {
+        let ours = lm
+            .model
+            .forward(&mut cache, &[(seq, &toks)])
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let input = Tensor::new(toks.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let theirs = reference.forward(&input, pos, &mut rcache).unwrap().squeeze(0).unwrap();
+        pos += toks.len();
+        let max_logit = theirs.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = (&ours - &theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff / max_logit <= 1e-3,
+            "max |Δlogit| / max |logit| = {} at position {pos}",
+            diff / max_logit
+        );
+        assert_eq!(
+            ours.argmax(0).unwrap().to_scalar::<u32>().unwrap(),
+            theirs.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+        );
+    }
+}
+
+#[test]
+fn prompt_longer_than_the_maximum_is_an_error() {
+    let lm = model();
+    let mut ccfg = lm.model.cache_config(64, 1.0);
+    ccfg.max_seq_len = 32;
+    let mut cache = SpinCache::new(ccfg, Dense::new()).unwrap();
+    let seq = cache.add_sequence().unwrap();
+    let toks = vec![100u32; 40];
+    let err = lm.model.forward(&mut cache, &[(seq, &toks)]).unwrap_err().to_string();
+    assert!(err.contains("max_seq_len 32"), "{err}");
+    assert_eq!(cache.sequence_len(seq).unwrap(), 0);
+    let err = lm
+        .model
+        .forward(&mut cache, &[(seq, &[60_000u32])])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+}
+
+#[test]
+fn missing_corrupt_and_unknown_model_files_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("spinkv-badmodel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Missing.
+    let missing = dir.join("nope.gguf");
+    let err = match ModelSpec::parse(missing.to_str().unwrap()) {
+        Err(e) => e.to_string(),
+        Ok(spec) => load_model(&spec, DType::F32, &Device::Cpu, false)
+            .err()
+            .expect("missing file must fail")
+            .to_string(),
+    };
+    assert!(err.contains("nope.gguf"), "{err}");
+    // Corrupt: right magic, garbage after it.
+    let corrupt = dir.join("corrupt.gguf");
+    std::fs::write(&corrupt, b"GGUF\x03\x00\x00\x00garbage-garbage-garbage").unwrap();
+    let err = load_model(&ModelSpec::LocalPath(corrupt.clone()), DType::F32, &Device::Cpu, false)
+        .err()
+        .expect("corrupt")
+        .to_string();
+    assert!(err.contains("corrupt.gguf"), "{err}");
+    // Unknown architecture: a valid GGUF of a family we do not support.
+    let unknown = dir.join("mamba.gguf");
+    {
+        let mut f = std::fs::File::create(&unknown).unwrap();
+        let arch = gguf_file::Value::String("mamba".into());
+        let t = candle_core::quantized::QTensor::quantize(
+            &Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap(),
+            candle_core::quantized::GgmlDType::F32,
+        )
+        .unwrap();
+        gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("token_embd.weight", &t)]).unwrap();
+    }
+    let err = load_model(&ModelSpec::LocalPath(unknown), DType::F32, &Device::Cpu, false)
+        .err()
+        .expect("unknown arch")
+        .to_string();
+    assert!(
+        err.contains("unsupported architecture `mamba`") || err.contains("mamba"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

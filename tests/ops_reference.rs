@@ -1,0 +1,248 @@
+//! Each op against a plain reference on random inputs (shuffled page slots, partial last
+//! pages, GQA 3:1, empty lists), f32 within 1e-5 unless stated.
+
+#![allow(
+    clippy::needless_range_loop,
+    clippy::explicit_counter_loop,
+    clippy::too_many_arguments
+)]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use spinkv::ops::{self, PageList, NONE};
+
+/// Scatters `k`/`v` `[L, Hkv, D]` of one sequence into shuffled slots of a pool; returns
+/// (pool, per-head slot of each logical page).
+fn scatter(k: &Tensor, v: &Tensor, page: usize, slots: usize, r: &mut rand::rngs::StdRng) -> (Tensor, Vec<Vec<u32>>) {
+    let (l, hkv, d) = k.dims3().unwrap();
+    let pool = randn(r, &[slots, 2, page, d], 9.0); // garbage everywhere (poison)
+    let mut free: Vec<u32> = (0..slots as u32).collect();
+    free.shuffle(r);
+    let npages = l.div_ceil(page);
+    let mut table = vec![vec![0u32; npages]; hkv];
+    let mut dst = vec![NONE; l * hkv];
+    for h in 0..hkv {
+        for p in 0..npages {
+            table[h][p] = free.pop().unwrap();
+        }
+        for t in 0..l {
+            dst[t * hkv + h] = table[h][t / page] * page as u32 + (t % page) as u32;
+        }
+    }
+    let dst = Tensor::from_vec(dst, (l, hkv), &Device::Cpu).unwrap();
+    ops::paged_append(&pool, k, v, &dst).unwrap();
+    (pool, table)
+}
+
+#[test]
+fn paged_attention_matches_reference_on_random_layouts() {
+    let mut r = rng(1);
+    for &(hq, hkv, d, page, l) in &[
+        (3, 1, 64, 16, 37),
+        (6, 2, 128, 8, 100),
+        (8, 2, 64, 32, 33),
+        (4, 4, 64, 16, 16),
+    ] {
+        let k = randn(&mut r, &[l, hkv, d], 1.0);
+        let v = randn(&mut r, &[l, hkv, d], 1.0);
+        let (pool, table) = scatter(&k, &v, page, l.div_ceil(page) * hkv + 5, &mut r);
+        let npages = l.div_ceil(page);
+        // Queries at a few positions (decode-like: the last, and causal earlier ones).
+        let qpos = [l - 1, l / 2, 0];
+        let t = qpos.len();
+        let q = randn(&mut r, &[t, hq, d], 1.0);
+        let mut pages = vec![NONE; hkv * (npages + 2) * 2];
+        for h in 0..hkv {
+            // Page lists in random order, padded with NONE in the middle of nothing.
+            let mut order: Vec<usize> = (0..npages).collect();
+            order.shuffle(&mut r);
+            for (j, &p) in order.iter().enumerate() {
+                pages[(h * (npages + 2) + j) * 2] = table[h][p];
+                pages[(h * (npages + 2) + j) * 2 + 1] = p as u32;
+            }
+        }
+        let queries: Vec<u32> = qpos.iter().flat_map(|&p| [0u32, p as u32]).collect();
+        let list = PageList {
+            pages: Tensor::from_vec(pages, (1, hkv, npages + 2, 2), &Device::Cpu).unwrap(),
+            queries: Tensor::from_vec(queries, (t, 2), &Device::Cpu).unwrap(),
+            kv_limit: Tensor::new(&[l as u32], &Device::Cpu).unwrap(),
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let got = ops::sparse_paged_attention(&q, &pool, &list, scale).unwrap();
+        let want = ops::reference_attention(&q, &k, &v, &qpos, scale as f64).unwrap();
+        let err = max_abs_diff(&got.out, &want);
+        assert!(err < 1e-5, "hq={hq} hkv={hkv} d={d} page={page} l={l}: err {err}");
+    }
+}
+
+#[test]
+fn paged_attention_empty_list_gives_empty_state_and_merge_is_exact() {
+    let mut r = rng(2);
+    let (hq, hkv, d, page, l) = (6, 2, 64, 16, 50);
+    let k = randn(&mut r, &[l, hkv, d], 1.0);
+    let v = randn(&mut r, &[l, hkv, d], 1.0);
+    let (pool, table) = scatter(&k, &v, page, 20, &mut r);
+    let q = randn(&mut r, &[1, hq, d], 1.0);
+    let npages = l.div_ceil(page);
+    let mk = |which: &dyn Fn(usize) -> bool| {
+        let mut pages = vec![NONE; hkv * npages * 2];
+        for h in 0..hkv {
+            let mut j = 0;
+            for p in (0..npages).filter(|&p| which(p)) {
+                pages[(h * npages + j) * 2] = table[h][p];
+                pages[(h * npages + j) * 2 + 1] = p as u32;
+                j += 1;
+            }
+        }
+        PageList {
+            pages: Tensor::from_vec(pages, (1, hkv, npages, 2), &Device::Cpu).unwrap(),
+            queries: Tensor::new(&[[0u32, (l - 1) as u32]], &Device::Cpu).unwrap(),
+            kv_limit: Tensor::new(&[l as u32], &Device::Cpu).unwrap(),
+        }
+    };
+    let empty = ops::sparse_paged_attention(&q, &pool, &mk(&|_| false), 0.125).unwrap();
+    assert_eq!(
+        empty.out.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(),
+        0.0
+    );
+    assert!(empty
+        .lse
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|&x| x == ops::EMPTY_LSE));
+    let a = ops::sparse_paged_attention(&q, &pool, &mk(&|p| p % 2 == 0), 0.125).unwrap();
+    let b = ops::sparse_paged_attention(&q, &pool, &mk(&|p| p % 2 == 1), 0.125).unwrap();
+    let all = ops::sparse_paged_attention(&q, &pool, &mk(&|_| true), 0.125).unwrap();
+    let merged = ops::merge_partials(&ops::merge_partials(&a, &b).unwrap(), &empty).unwrap();
+    assert!(max_abs_diff(&merged.out, &all.out) < 1e-6);
+    assert!(max_abs_diff(&merged.lse, &all.lse) < 1e-5);
+}
+
+#[test]
+fn causal_self_attention_matches_reference() {
+    let mut r = rng(3);
+    for &(hq, hkv, n) in &[(9, 3, 700), (4, 4, 5)] {
+        let q = randn(&mut r, &[n, hq, 64], 1.0);
+        let k = randn(&mut r, &[n, hkv, 64], 1.0);
+        let v = randn(&mut r, &[n, hkv, 64], 1.0);
+        let got = ops::causal_self_attention(&q, &k, &v, 0.125).unwrap();
+        let want = ops::reference_attention(&q, &k, &v, &(0..n).collect::<Vec<_>>(), 0.125).unwrap();
+        let err = max_abs_diff(&got.out, &want);
+        assert!(err < 1e-5, "n={n}: err {err}");
+    }
+}
+
+#[test]
+fn quest_scores_match_plain_formula() {
+    let mut r = rng(4);
+    let (b, hq, hkv, d, slots, n) = (2, 6, 2, 64, 30, 11);
+    let q = randn(&mut r, &[b, hq, d], 1.0);
+    let meta = randn(&mut r, &[slots, 2, d], 1.0);
+    let mut cand = vec![NONE; b * hkv * n];
+    for (i, c) in cand.iter_mut().enumerate() {
+        if i % n < n - 2 {
+            *c = r.random_range(0..slots as u32);
+        }
+    }
+    let candt = Tensor::from_vec(cand.clone(), (b, hkv, n), &Device::Cpu).unwrap();
+    let got = ops::quest_page_scores(&q, &meta, &candt, 1, 2)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let qv = q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mv = meta.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for bi in 0..b {
+        for h in 0..hkv {
+            for j in 0..n {
+                let g = got[(bi * hkv + h) * n + j];
+                let c = cand[(bi * hkv + h) * n + j];
+                let valid = n - 2;
+                if c == NONE {
+                    assert_eq!(g, f32::NEG_INFINITY);
+                } else if j < 1 || j + 2 >= valid {
+                    assert_eq!(g, f32::INFINITY, "sink/window forced");
+                } else {
+                    let mut best = f64::NEG_INFINITY;
+                    for qi in 0..hq / hkv {
+                        let qh = &qv[(bi * hq + h * (hq / hkv) + qi) * d..][..d];
+                        let s: f64 = (0..d)
+                            .map(|x| {
+                                let (mn, mx) =
+                                    (mv[c as usize * 2 * d + x] as f64, mv[c as usize * 2 * d + d + x] as f64);
+                                (qh[x] as f64 * mn).max(qh[x] as f64 * mx)
+                            })
+                            .sum();
+                        best = best.max(s);
+                    }
+                    assert!((g as f64 - best).abs() < 1e-4, "score {g} vs {best}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quest_meta_update_tracks_min_max_and_resets_fresh_pages() {
+    let mut r = rng(5);
+    let (page, d) = (8, 16);
+    let meta = randn(&mut r, &[3, 2, d], 50.0); // stale garbage must be reset at row 0
+    let k = randn(&mut r, &[20, 1, d], 1.0);
+    let dst: Vec<u32> = (0..20u32)
+        .map(|t| (t / page as u32) * page as u32 + t % page as u32)
+        .collect();
+    ops::quest_meta_update(&meta, &k, &Tensor::from_vec(dst, (20, 1), &Device::Cpu).unwrap(), page).unwrap();
+    for p in 0..3 {
+        let rows = k
+            .narrow(0, p * page, (20 - p * page).min(page))
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let mn = rows.min(0).unwrap();
+        let mx = rows.max(0).unwrap();
+        assert!(max_abs_diff(&meta.get(p).unwrap().get(0).unwrap(), &mn) == 0.0);
+        assert!(max_abs_diff(&meta.get(p).unwrap().get(1).unwrap(), &mx) == 0.0);
+    }
+}
+
+#[test]
+fn topk_matches_full_sort() {
+    let mut r = rng(6);
+    for &(rows, n, k) in &[(5, 100, 7), (3, 4, 10), (2, 1000, 256)] {
+        let mut s: Vec<f32> = (0..rows * n).map(|_| r.random::<f32>()).collect();
+        for x in s.iter_mut().step_by(13) {
+            *x = f32::NEG_INFINITY;
+        }
+        s[1] = f32::INFINITY;
+        let t = Tensor::from_vec(s.clone(), (rows, n), &Device::Cpu).unwrap();
+        let got = ops::topk_indices(&t, k).unwrap().to_vec2::<u32>().unwrap();
+        for ri in 0..rows {
+            let row = &s[ri * n..(ri + 1) * n];
+            let mut idx: Vec<u32> = (0..n as u32).filter(|&i| row[i as usize] > f32::NEG_INFINITY).collect();
+            idx.sort_by(|a, b| row[*b as usize].partial_cmp(&row[*a as usize]).unwrap().then(a.cmp(b)));
+            idx.truncate(k);
+            idx.resize(k, NONE);
+            assert_eq!(got[ri], idx, "row {ri}");
+        }
+    }
+}
+
+#[test]
+fn copy_pages_moves_whole_pages() {
+    let mut r = rng(7);
+    let src = randn(&mut r, &[10, 2, 8, 16], 1.0);
+    let dst = randn(&mut r, &[4, 2, 8, 16], 1.0);
+    let pairs = Tensor::new(&[[7u32, 0], [2, 3]], &Device::Cpu).unwrap();
+    ops::copy_pages(&dst, &src, &pairs).unwrap();
+    assert_eq!(max_abs_diff(&dst.get(0).unwrap(), &src.get(7).unwrap()), 0.0);
+    assert_eq!(max_abs_diff(&dst.get(3).unwrap(), &src.get(2).unwrap()), 0.0);
+    let _ = DType::F32;
+}
