@@ -8,7 +8,7 @@
 //! see. Prints an accuracy table and writes every trial as CSV.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use spinkv::models::fetch::ModelSpec;
 use spinkv::models::generation::prefill;
@@ -86,16 +86,78 @@ fn build_prompt(lm: &LoadedModel, context: usize, depth: f64, key: u32) -> Resul
     Ok((ids, question.len()))
 }
 
-fn run_trial(lm: &LoadedModel, algo: &str, budget: usize, page: usize, prompt: &[u32], tail: usize) -> Result<String> {
-    let mut ccfg = lm.model.cache_config(prompt.len() + 16, 1.0);
-    ccfg.page_size = page;
-    let ccfg = ccfg.with_token_capacity(prompt.len() + 16, 1.0);
-    let mut cache = SpinCache::new_boxed(ccfg, by_name(algo, budget)?)?;
-    let seq = cache.add_sequence()?;
+/// Feeds the same steps to several caches. Every algorithm here prefills densely, so the
+/// haystack is run through the model once and stored in all caches; attention outputs are
+/// taken from the first cache (the others compute the same dense prefill).
+struct FanOut<'a>(Vec<&'a mut SpinCache>);
+
+impl SparseKvCache for FanOut<'_> {
+    fn config(&self) -> &spinkv::CacheConfig {
+        self.0[0].config()
+    }
+    fn algorithm_name(&self) -> String {
+        self.0.iter().map(|c| c.algorithm_name()).collect::<Vec<_>>().join(" + ")
+    }
+    fn add_sequence(&mut self) -> spinkv::Result<spinkv::SeqId> {
+        let ids = self.0.iter_mut().map(|c| c.add_sequence()).collect::<spinkv::Result<Vec<_>>>()?;
+        Ok(ids[0])
+    }
+    fn remove_sequence(&mut self, seq: spinkv::SeqId) -> spinkv::Result<()> {
+        self.0.iter_mut().try_for_each(|c| c.remove_sequence(seq))
+    }
+    fn sequence_len(&self, seq: spinkv::SeqId) -> spinkv::Result<usize> {
+        self.0[0].sequence_len(seq)
+    }
+    fn begin_step(&mut self, inputs: &[spinkv::StepInput]) -> spinkv::Result<()> {
+        self.0.iter_mut().try_for_each(|c| c.begin_step(inputs))
+    }
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> spinkv::Result<Tensor> {
+        let mut out = None;
+        for c in self.0.iter_mut() {
+            let o = c.attend(layer, q, k, v)?;
+            out.get_or_insert(o);
+        }
+        Ok(out.expect("at least one cache"))
+    }
+    fn end_step(&mut self) -> spinkv::Result<spinkv::StepStats> {
+        let stats = self.0.iter_mut().map(|c| c.end_step()).collect::<spinkv::Result<Vec<_>>>()?;
+        Ok(stats[0])
+    }
+    fn abort_step(&mut self) -> spinkv::Result<()> {
+        self.0.iter_mut().try_for_each(|c| c.abort_step())
+    }
+    fn stats(&self) -> spinkv::StepStats {
+        self.0[0].stats()
+    }
+    fn pool_usage(&self) -> spinkv::PoolUsage {
+        self.0[0].pool_usage()
+    }
+}
+
+/// Prefills the haystack into one cache per configuration, then lets each answer.
+fn run_trial(lm: &LoadedModel, configs: &[(String, usize)], page: usize, prompt: &[u32], tail: usize) -> Result<Vec<String>> {
+    let mut caches = Vec::new();
+    for (algo, budget) in configs {
+        let mut ccfg = lm.model.cache_config(prompt.len() + 16, 1.0);
+        ccfg.page_size = page;
+        let ccfg = ccfg.with_token_capacity(prompt.len() + 16, 1.0);
+        caches.push(SpinCache::new_boxed(ccfg, by_name(algo, *budget)?)?);
+    }
     let (head, question) = prompt.split_at(prompt.len() - tail);
-    let mut logits = prefill(&lm.model, &mut cache, seq, head, 1024, false)?;
+    let seq = {
+        let mut fan = FanOut(caches.iter_mut().collect());
+        let seq = fan.add_sequence()?;
+        prefill(&lm.model, &mut fan, seq, head, 1024, false)?;
+        seq
+    };
+    caches.iter_mut().map(|c| answer(lm, c, seq, question)).collect()
+}
+
+/// Feeds the question token by token (sparse decode steps), then decodes 8 tokens greedily.
+fn answer(lm: &LoadedModel, cache: &mut SpinCache, seq: spinkv::SeqId, question: &[u32]) -> Result<String> {
+    let mut logits = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
     for &t in question {
-        logits = lm.model.forward(&mut cache, &[(seq, &[t])])?;
+        logits = lm.model.forward(cache, &[(seq, &[t])])?;
     }
     let mut sampler = Sampler::new(SamplingConfig::default());
     let mut out = Vec::new();
@@ -105,7 +167,7 @@ fn run_trial(lm: &LoadedModel, algo: &str, budget: usize, page: usize, prompt: &
             break;
         }
         out.push(next);
-        logits = lm.model.forward(&mut cache, &[(seq, &[next])])?;
+        logits = lm.model.forward(cache, &[(seq, &[next])])?;
     }
     lm.tokenizer.decode(&out, true).map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -148,14 +210,20 @@ fn main() -> Result<()> {
             for trial in 0..args.trials {
                 let key = next_key();
                 let (prompt, tail) = build_prompt(&lm, context, depth, key)?;
-                for (algo, frac) in &configs {
-                    let budget = if algo == "dense" {
-                        prompt.len()
-                    } else {
-                        ((context as f64 * frac) as usize).max(4 * args.page_size)
-                    };
-                    let t0 = std::time::Instant::now();
-                    let answer = run_trial(&lm, algo, budget, args.page_size, &prompt, tail)?;
+                let budgets: Vec<(String, usize)> = configs
+                    .iter()
+                    .map(|(algo, frac)| {
+                        let budget = if algo == "dense" {
+                            prompt.len()
+                        } else {
+                            ((context as f64 * frac) as usize).max(4 * args.page_size)
+                        };
+                        (algo.clone(), budget)
+                    })
+                    .collect();
+                let t0 = std::time::Instant::now();
+                let answers = run_trial(&lm, &budgets, args.page_size, &prompt, tail)?;
+                for (((algo, frac), (_, budget)), answer) in configs.iter().zip(&budgets).zip(answers) {
                     let correct = answer.contains(&key.to_string());
                     let label = if algo == "dense" {
                         "dense".to_string()

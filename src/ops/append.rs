@@ -63,18 +63,7 @@ impl InplaceOp3 for PagedAppend {
         let (p0, p1) = util::contiguous_range(APPEND, pl)?;
         let (k0, k1) = util::contiguous_range(APPEND, kl)?;
         let (v0, v1) = util::contiguous_range(APPEND, vl)?;
-        match (pool, k, v) {
-            (CpuStorage::F32(p), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                append_cpu(&mut p[p0..p1], &k[k0..k1], &v[v0..v1], &dst, self.page_size, d)
-            }
-            (CpuStorage::F16(p), CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                append_cpu(&mut p[p0..p1], &k[k0..k1], &v[v0..v1], &dst, self.page_size, d)
-            }
-            (CpuStorage::BF16(p), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                append_cpu(&mut p[p0..p1], &k[k0..k1], &v[v0..v1], &dst, self.page_size, d)
-            }
-            _ => candle_core::bail!("{APPEND}: pool, k and v must share one float dtype"),
-        }
+        util::with_float_storages!(APPEND, (pool, k, v) => |p, k, v| append_cpu(&mut p[p0..p1], &k[k0..k1], &v[v0..v1], &dst, self.page_size, d))
     }
 
     #[cfg(feature = "cuda")]
@@ -180,12 +169,7 @@ impl InplaceOp2 for QuestMetaUpdate {
         let d = *kl.dims().last().unwrap_or(&1);
         let (m0, m1) = util::contiguous_range(META, ml)?;
         let (k0, k1) = util::contiguous_range(META, kl)?;
-        match (meta, k) {
-            (CpuStorage::F32(m), CpuStorage::F32(k)) => meta_cpu(&mut m[m0..m1], &k[k0..k1], &dst, self.page_size, d),
-            (CpuStorage::F16(m), CpuStorage::F16(k)) => meta_cpu(&mut m[m0..m1], &k[k0..k1], &dst, self.page_size, d),
-            (CpuStorage::BF16(m), CpuStorage::BF16(k)) => meta_cpu(&mut m[m0..m1], &k[k0..k1], &dst, self.page_size, d),
-            _ => candle_core::bail!("{META}: meta and k must share one float dtype"),
-        }
+        util::with_float_storages!(META, (meta, k) => |m, k| meta_cpu(&mut m[m0..m1], &k[k0..k1], &dst, self.page_size, d))
     }
 
     #[cfg(feature = "cuda")]

@@ -175,18 +175,7 @@ impl CustomOp2 for SparsePagedAttention {
         let kv_limit = util::u32_field(OP, &self.list.kv_limit)?;
         let (q0, q1) = util::contiguous_range(OP, ql)?;
         let (p0, p1) = util::contiguous_range(OP, pl)?;
-        let out = match (q, pool) {
-            (CpuStorage::F32(q), CpuStorage::F32(p)) => {
-                attention_cpu(&q[q0..q1], &p[p0..p1], &pages, &queries, &kv_limit, &dims, self.scale)?
-            }
-            (CpuStorage::F16(q), CpuStorage::F16(p)) => {
-                attention_cpu(&q[q0..q1], &p[p0..p1], &pages, &queries, &kv_limit, &dims, self.scale)?
-            }
-            (CpuStorage::BF16(q), CpuStorage::BF16(p)) => {
-                attention_cpu(&q[q0..q1], &p[p0..p1], &pages, &queries, &kv_limit, &dims, self.scale)?
-            }
-            _ => candle_core::bail!("{OP}: q and pool must share one float dtype"),
-        };
+        let out = util::with_float_storages!(OP, (q, pool) => |q, p| attention_cpu(&q[q0..q1], &p[p0..p1], &pages, &queries, &kv_limit, &dims, self.scale)?);
         Ok((CpuStorage::F32(out), Shape::from_dims(&[t, hq, d + 1])))
     }
 
@@ -276,6 +265,13 @@ pub fn sparse_paged_attention(q: &Tensor, pool: &Tensor, list: &PageList, scale:
             scale,
         },
     )?;
+    if packed.rank() == 1 {
+        // CUDA layout: flat [T·Hq·D outputs, then T·Hq lse], both halves contiguous views.
+        return Ok(AttentionPartial {
+            out: packed.narrow(0, 0, t * hq * d)?.reshape((t, hq, d))?,
+            lse: packed.narrow(0, t * hq * d, t * hq)?.reshape((t, hq))?,
+        });
+    }
     Ok(AttentionPartial {
         out: packed.narrow(2, 0, d)?.contiguous()?,
         lse: packed.narrow(2, d, 1)?.squeeze(2)?.contiguous()?,

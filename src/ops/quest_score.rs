@@ -78,18 +78,7 @@ impl CustomOp2 for QuestScores {
         let (q0, q1) = util::contiguous_range(OP, ql)?;
         let (m0, m1) = util::contiguous_range(OP, ml)?;
         let dims = (b, hq, hkv, n, d);
-        let out = match (q, meta) {
-            (CpuStorage::F32(q), CpuStorage::F32(m)) => {
-                scores_cpu(&q[q0..q1], &m[m0..m1], &cand, dims, self.sink_pages, self.window_pages)?
-            }
-            (CpuStorage::F16(q), CpuStorage::F16(m)) => {
-                scores_cpu(&q[q0..q1], &m[m0..m1], &cand, dims, self.sink_pages, self.window_pages)?
-            }
-            (CpuStorage::BF16(q), CpuStorage::BF16(m)) => {
-                scores_cpu(&q[q0..q1], &m[m0..m1], &cand, dims, self.sink_pages, self.window_pages)?
-            }
-            _ => candle_core::bail!("{OP}: q and meta must share one float dtype"),
-        };
+        let out = util::with_float_storages!(OP, (q, meta) => |q, m| scores_cpu(&q[q0..q1], &m[m0..m1], &cand, dims, self.sink_pages, self.window_pages)?);
         Ok((CpuStorage::F32(out), Shape::from_dims(&[b, hkv, n])))
     }
 

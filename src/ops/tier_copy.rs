@@ -32,12 +32,7 @@ impl InplaceOp2 for CopyPages {
         let page_elems: usize = dl.dims()[1..].iter().product();
         let (d0, d1) = util::contiguous_range(OP, dl)?;
         let (s0, s1) = util::contiguous_range(OP, sl)?;
-        match (dst, src) {
-            (CpuStorage::F32(d), CpuStorage::F32(s)) => copy_cpu(&mut d[d0..d1], &s[s0..s1], &pairs, page_elems),
-            (CpuStorage::F16(d), CpuStorage::F16(s)) => copy_cpu(&mut d[d0..d1], &s[s0..s1], &pairs, page_elems),
-            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => copy_cpu(&mut d[d0..d1], &s[s0..s1], &pairs, page_elems),
-            _ => candle_core::bail!("{OP}: dst and src must share one float dtype"),
-        }
+        util::with_float_storages!(OP, (dst, src) => |d, s| copy_cpu(&mut d[d0..d1], &s[s0..s1], &pairs, page_elems))
     }
 
     #[cfg(feature = "cuda")]

@@ -28,6 +28,20 @@ impl Elem for bf16 {
     }
 }
 
+/// Matches CPU storages that share one float dtype (f32, f16 or bf16) and evaluates
+/// `$body` with each bound to its typed `Vec`; any other combination fails naming `$op`.
+macro_rules! with_float_storages {
+    ($op:expr, ($($s:expr),+) => |$($v:ident),+| $body:expr) => {
+        match ($($s),+) {
+            ($(candle_core::CpuStorage::F32($v)),+) => $body,
+            ($(candle_core::CpuStorage::F16($v)),+) => $body,
+            ($(candle_core::CpuStorage::BF16($v)),+) => $body,
+            _ => candle_core::bail!("{}: operands must share one float dtype (f32, f16 or bf16)", $op),
+        }
+    };
+}
+pub(crate) use with_float_storages;
+
 /// Checks that `t` has rank `dims.len()` and, where `dims[i]` is `Some`, that size.
 pub(crate) fn check_shape(
     op: &'static str,
