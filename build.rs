@@ -44,11 +44,24 @@ fn main() -> anyhow::Result<()> {
         println!("cargo:rerun-if-changed={src}");
         let ptx = out_dir.join(format!("{name}.ptx"));
         let output = Command::new(&nvcc)
-            .args(["--ptx", &format!("-arch=sm_{cap}"), "-O3", "-std=c++17", "-lineinfo", "-Ikernels", "-o"])
+            .args([
+                "--ptx",
+                &format!("-arch=sm_{cap}"),
+                "-O3",
+                "-std=c++17",
+                "-lineinfo",
+                "-Ikernels",
+                "-o",
+            ])
             .arg(&ptx)
             .arg(&src)
             .output()
-            .map_err(|e| anyhow::anyhow!("failed to run {} (set NVCC or CUDA_HOME, or see scripts/install-cuda-toolkit.sh): {e}", nvcc.display()))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "failed to run {} (set NVCC or CUDA_HOME, or see scripts/install-cuda-toolkit.sh): {e}",
+                    nvcc.display()
+                )
+            })?;
         if !output.status.success() {
             anyhow::bail!(
                 "nvcc failed on {src}:\n{}\n{}",

@@ -107,7 +107,9 @@ fn main() -> Result<()> {
     // The shared direction lives in the lowest-frequency rotary pairs (dims d/2-8..d/2 and
     // d-8..d), which RoPE barely rotates over these distances, so needles stay aligned
     // with the queries after the cache applies RoPE.
-    let low: Vec<f32> = (0..d).map(|i| if (i % (d / 2)) >= d / 2 - 8 { 2.5 } else { 0.0 }).collect();
+    let low: Vec<f32> = (0..d)
+        .map(|i| if (i % (d / 2)) >= d / 2 - 8 { 2.5 } else { 0.0 })
+        .collect();
     let dir = (Tensor::randn(0f32, 1.0, (1, 1, d), &dev)? * Tensor::from_vec(low, (1, 1, d), &dev)?)?;
     let needle_k = |n: usize| -> Result<Tensor> {
         let noise = Tensor::randn(0f32, 0.5, (l, hkv, d), &dev)?;

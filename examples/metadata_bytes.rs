@@ -36,13 +36,26 @@ fn main() -> spinkv::Result<()> {
         a.max_context,
         flat as f64 / (1 << 20) as f64
     );
-    println!("{:>28} {:>14} {:>14} {:>8}", "workload (tokens/request)", "two-level", "flat", "ratio");
+    println!(
+        "{:>28} {:>14} {:>14} {:>8}",
+        "workload (tokens/request)", "two-level", "flat", "ratio"
+    );
     let dirs = a.layers * a.kv_heads;
     for (label, lens) in [
         ("all at max context", vec![a.max_context; a.requests]),
         ("all at 1/8 of max", vec![a.max_context / 8; a.requests]),
-        ("mixed 1K..max (geometric)", (0..a.requests).map(|i| (1024usize << (i % 8)).min(a.max_context)).collect()),
-        ("one long, rest 2K", (0..a.requests).map(|i| if i == 0 { a.max_context } else { 2048 }).collect()),
+        (
+            "mixed 1K..max (geometric)",
+            (0..a.requests)
+                .map(|i| (1024usize << (i % 8)).min(a.max_context))
+                .collect(),
+        ),
+        (
+            "one long, rest 2K",
+            (0..a.requests)
+                .map(|i| if i == 0 { a.max_context } else { 2048 })
+                .collect(),
+        ),
     ] {
         let mut t = PageTables::new(a.layers, a.kv_heads);
         let mut next = 0u32;

@@ -96,10 +96,18 @@ impl SparseKvCache for FanOut<'_> {
         self.0[0].config()
     }
     fn algorithm_name(&self) -> String {
-        self.0.iter().map(|c| c.algorithm_name()).collect::<Vec<_>>().join(" + ")
+        self.0
+            .iter()
+            .map(|c| c.algorithm_name())
+            .collect::<Vec<_>>()
+            .join(" + ")
     }
     fn add_sequence(&mut self) -> spinkv::Result<spinkv::SeqId> {
-        let ids = self.0.iter_mut().map(|c| c.add_sequence()).collect::<spinkv::Result<Vec<_>>>()?;
+        let ids = self
+            .0
+            .iter_mut()
+            .map(|c| c.add_sequence())
+            .collect::<spinkv::Result<Vec<_>>>()?;
         Ok(ids[0])
     }
     fn remove_sequence(&mut self, seq: spinkv::SeqId) -> spinkv::Result<()> {
@@ -120,7 +128,11 @@ impl SparseKvCache for FanOut<'_> {
         Ok(out.expect("at least one cache"))
     }
     fn end_step(&mut self) -> spinkv::Result<spinkv::StepStats> {
-        let stats = self.0.iter_mut().map(|c| c.end_step()).collect::<spinkv::Result<Vec<_>>>()?;
+        let stats = self
+            .0
+            .iter_mut()
+            .map(|c| c.end_step())
+            .collect::<spinkv::Result<Vec<_>>>()?;
         Ok(stats[0])
     }
     fn abort_step(&mut self) -> spinkv::Result<()> {
@@ -135,7 +147,13 @@ impl SparseKvCache for FanOut<'_> {
 }
 
 /// Prefills the haystack into one cache per configuration, then lets each answer.
-fn run_trial(lm: &LoadedModel, configs: &[(String, usize)], page: usize, prompt: &[u32], tail: usize) -> Result<Vec<String>> {
+fn run_trial(
+    lm: &LoadedModel,
+    configs: &[(String, usize)],
+    page: usize,
+    prompt: &[u32],
+    tail: usize,
+) -> Result<Vec<String>> {
     let mut caches = Vec::new();
     for (algo, budget) in configs {
         let mut ccfg = lm.model.cache_config(prompt.len() + 16, 1.0);

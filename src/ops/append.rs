@@ -3,7 +3,7 @@
 //!
 //! Pool layout, shared by every op: `pool[slot, 0, row, :]` is a key row and
 //! `pool[slot, 1, row, :]` its value row, `row < page_size`. A destination is encoded as
-//! `slot * page_size + row`; [`NONE`](super::NONE) skips the token (used for the
+//! `slot * page_size + row`; [`NONE`] skips the token (used for the
 //! write-through into the fast tier when the page is not resident there).
 
 use super::util::{self, Elem};

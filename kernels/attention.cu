@@ -1,0 +1,374 @@
+// spinkv CUDA kernels: sparse paged decode attention (flash-decoding over a page list,
+// split along the list, with a merge) and its generic fallback.
+// Launch glue: src/cuda/attention.rs. CPU reference: src/ops/attention.rs.
+//
+// Output: one flat f32 buffer, the normalized output [T, Hq, D] followed by the
+// natural-log lse [T, Hq] at element `lse_off` = T * Hq * D (SPIN_EMPTY_LSE and zeros
+// for a row that sees no key), so both halves are contiguous views. Key at logical page lp, row r has
+// position lp * P + r and is visible iff it is <= the query's position and < kv_limit[seq].
+//
+// Fast path (bf16/f16, D = 64 or 128, GQA group g <= 16): one block of 4 warps per
+// (token, KV head, split); each warp walks every 4th list entry of the split, 16 key rows
+// at a time, with tensor-core mma.m16n8k16: S = Q·Kᵀ with the g query heads as the 16
+// rows of A, then O += P·V with P reused from S's accumulator registers (FlashAttention-2
+// layout). K and V rows are read with 16-byte loads straight into B fragments: the dot
+// product's dimension order is permuted identically in Q and K, and V's dimension order
+// in the B fragment and the output, so no shared memory or transpose is needed.
+// Per warp (m, l, O) states are merged in shared memory; splits are merged by spa_merge.
+#include "common.cuh"
+
+#define SPA_WARPS 4
+#define FULL_MASK 0xffffffffu
+#define LN2_F 0.69314718055994530942f
+
+__device__ __forceinline__ u32 word_of(const uint4& v, int w) {
+  return w == 0 ? v.x : (w == 1 ? v.y : (w == 2 ? v.z : v.w));
+}
+
+// Writes the merged state of one (token, query head) row: final output when the list
+// is not split, else the split's unnormalized partial (m in log2 units, l, O).
+__device__ __forceinline__ void spa_store(float* __restrict__ out, float* __restrict__ part, size_t qrow,
+                                          int splits, int split, int d, int dim, float m, float l, float o,
+                                          u64 lse_off) {
+  if (splits == 1) {
+    out[qrow * d + dim] = l > 0.f ? o / l : 0.f;
+    if (dim == 0) out[lse_off + qrow] = l > 0.f ? (m + log2f(l)) * LN2_F : SPIN_EMPTY_LSE;
+  } else {
+    float* prow = part + (qrow * splits + split) * (d + 2);
+    prow[2 + dim] = o;
+    if (dim == 0) {
+      prow[0] = l > 0.f ? m : -INFINITY;
+      prow[1] = l;
+    }
+  }
+}
+
+// G16: the GQA group may exceed 8 heads (rows 8-15 of the mma tiles are live). Without
+// it those rows are compile-time zeros and their accumulators and softmax are skipped.
+template <typename T, int D, bool G16>
+__device__ __forceinline__ void spa_mma_impl(const T* __restrict__ q, const T* __restrict__ pool,
+                                             const u32* __restrict__ pages, const u32* __restrict__ queries,
+                                             const u32* __restrict__ kv_limit, float* __restrict__ out,
+                                             float* __restrict__ part, int hq, int hkv, int s_count, int n,
+                                             int p, u32 slots, int splits, int per_split, float scale_log2,
+                                             u64 lse_off) {
+  constexpr int KS = D / 16;  // k-steps of Q·Kᵀ
+  constexpr int S2 = D / 32;  // 16-byte chunks of a key row per lane
+  constexpr int HF = D / 64;  // 64-dim halves of a value row
+  constexpr int NT = D / 8;   // n-tiles of P·V
+  __shared__ float sm_m[SPA_WARPS][16];
+  __shared__ float sm_l[SPA_WARPS][16];
+  __shared__ float sm_o[SPA_WARPS][16][D];
+
+  const int bid = blockIdx.x;
+  const int split = bid % splits;
+  const int h = (bid / splits) % hkv;
+  const int t = bid / (splits * hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int r = lane >> 2, tig = lane & 3;
+  const int g = hq / hkv;
+  const u32 seq = queries[2 * t], pos = queries[2 * t + 1];
+  const bool seq_ok = seq < (u32)s_count;
+  const u64 limit = seq_ok ? min((u64)kv_limit[seq], (u64)pos + 1) : 0;
+
+  // A fragments of Q (rows = query heads of the group, zero beyond g).
+  u32 qa[KS][4];
+  const T* qbase = q + ((size_t)t * hq + (size_t)h * g) * D;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int d0 = 32 * (ks >> 1) + 8 * tig + 4 * (ks & 1);
+    const uint2 lo = r < g ? *reinterpret_cast<const uint2*>(qbase + (size_t)r * D + d0) : make_uint2(0, 0);
+    const uint2 hi = (G16 && r + 8 < g) ? *reinterpret_cast<const uint2*>(qbase + (size_t)(r + 8) * D + d0) : make_uint2(0, 0);
+    qa[ks][0] = lo.x;
+    qa[ks][1] = hi.x;
+    qa[ks][2] = lo.y;
+    qa[ks][3] = hi.y;
+  }
+
+  constexpr int OC = G16 ? 4 : 2;  // accumulators kept per n-tile
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  float o[NT][OC];
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+#pragma unroll
+    for (int c = 0; c < OC; ++c) o[i][c] = 0.f;
+
+  const int e_begin = split * per_split;
+  const int e_end = min(n, e_begin + per_split);
+  if (seq_ok) {
+    const u32* list = pages + ((size_t)seq * hkv + h) * (size_t)n * 2;
+    const size_t page_elems = (size_t)2 * p * D;
+    for (int base = e_begin + warp; base < e_end; base += SPA_WARPS * 32) {
+      const int my_e = base + lane * SPA_WARPS;
+      u32 ent_slot = SPIN_NONE, ent_lp = 0;
+      if (my_e < e_end) {
+        ent_slot = list[2 * my_e];
+        ent_lp = list[2 * my_e + 1];
+      }
+      const int cnt = min(32, (e_end - base + SPA_WARPS - 1) / SPA_WARPS);
+      for (int j = 0; j < cnt; ++j) {
+        const u32 slot = __shfl_sync(FULL_MASK, ent_slot, j);
+        const u32 lp = __shfl_sync(FULL_MASK, ent_lp, j);
+        if (slot == SPIN_NONE || slot >= slots) continue;
+        const u64 first = (u64)lp * (u64)p;
+        if (first >= limit) continue;
+        const int rows = (int)min(limit - first, (u64)p);
+        const T* kpage = pool + (size_t)slot * page_elems;
+        for (int t0 = 0; t0 < rows; t0 += 16) {
+          const int tr = min(rows - t0, 16);
+          const T* kt = kpage + (size_t)t0 * D;
+          const T* vt = kt + (size_t)p * D;
+          // Loads: K rows r and r + 8 (chunks 32*s2 + 8*tig), V rows 2tig, 2tig+1,
+          // 2tig+8, 2tig+9 (chunks 64*hf + 8*r). Rows past the tile's end read as zero.
+          uint4 k0[S2], k1[S2], vv[4][HF];
+          const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+          for (int s2 = 0; s2 < S2; ++s2) {
+            k0[s2] = r < tr ? ld_stream16(kt + (size_t)r * D + 32 * s2 + 8 * tig) : zero;
+            k1[s2] = r + 8 < tr ? ld_stream16(kt + (size_t)(r + 8) * D + 32 * s2 + 8 * tig) : zero;
+          }
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int vr = 2 * tig + (i & 1) + 8 * (i >> 1);
+#pragma unroll
+            for (int hf = 0; hf < HF; ++hf)
+              vv[i][hf] = vr < tr ? ld_stream16(vt + (size_t)vr * D + 64 * hf + 8 * r) : zero;
+          }
+          // S = Q·Kᵀ for keys 0-7 (sa) and 8-15 (sb).
+          float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int ks = 0; ks < KS; ++ks) {
+            const int s2 = ks >> 1;
+            const bool up = ks & 1;
+            Mma<T>::run(sa, qa[ks], up ? k0[s2].z : k0[s2].x, up ? k0[s2].w : k0[s2].y);
+            Mma<T>::run(sb, qa[ks], up ? k1[s2].z : k1[s2].x, up ? k1[s2].w : k1[s2].y);
+          }
+          const int c0 = 2 * tig;
+          const float x0 = c0 < tr ? sa[0] * scale_log2 : -INFINITY;
+          const float x1 = c0 + 1 < tr ? sa[1] * scale_log2 : -INFINITY;
+          const float x2 = c0 + 8 < tr ? sb[0] * scale_log2 : -INFINITY;
+          const float x3 = c0 + 9 < tr ? sb[1] * scale_log2 : -INFINITY;
+          const float y0 = c0 < tr ? sa[2] * scale_log2 : -INFINITY;
+          const float y1 = c0 + 1 < tr ? sa[3] * scale_log2 : -INFINITY;
+          const float y2 = c0 + 8 < tr ? sb[2] * scale_log2 : -INFINITY;
+          const float y3 = c0 + 9 < tr ? sb[3] * scale_log2 : -INFINITY;
+          float mx0 = fmaxf(fmaxf(x0, x1), fmaxf(x2, x3));
+          mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
+          mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
+          const float n0 = fmaxf(m0, mx0);
+          const float cr0 = fast_exp2(m0 - n0);
+          const float px0 = fast_exp2(x0 - n0), px1 = fast_exp2(x1 - n0);
+          const float px2 = fast_exp2(x2 - n0), px3 = fast_exp2(x3 - n0);
+          l0 = l0 * cr0 + ((px0 + px1) + (px2 + px3));
+          m0 = n0;
+          float cr1 = 1.f, py0 = 0.f, py1 = 0.f, py2 = 0.f, py3 = 0.f;
+          if (G16) {
+            float mx1 = fmaxf(fmaxf(y0, y1), fmaxf(y2, y3));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
+            const float n1 = fmaxf(m1, mx1);
+            cr1 = fast_exp2(m1 - n1);
+            py0 = fast_exp2(y0 - n1);
+            py1 = fast_exp2(y1 - n1);
+            py2 = fast_exp2(y2 - n1);
+            py3 = fast_exp2(y3 - n1);
+            l1 = l1 * cr1 + ((py0 + py1) + (py2 + py3));
+            m1 = n1;
+          }
+          const u32 pa[4] = {Mma<T>::pack(px0, px1), G16 ? Mma<T>::pack(py0, py1) : 0u, Mma<T>::pack(px2, px3),
+                             G16 ? Mma<T>::pack(py2, py3) : 0u};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const int hf = nt >> 3, jj = nt & 7, w = jj >> 1;
+            const u32 sel = (jj & 1) ? 0x7632u : 0x5410u;
+            const u32 b0 = __byte_perm(word_of(vv[0][hf], w), word_of(vv[1][hf], w), sel);
+            const u32 b1 = __byte_perm(word_of(vv[2][hf], w), word_of(vv[3][hf], w), sel);
+            float c[4] = {o[nt][0] * cr0, o[nt][1] * cr0, 0.f, 0.f};
+            if (G16) {
+              c[2] = o[nt][OC - 2] * cr1;
+              c[3] = o[nt][OC - 1] * cr1;
+            }
+            Mma<T>::run(c, pa, b0, b1);
+#pragma unroll
+            for (int i = 0; i < OC; ++i) o[nt][i] = c[i];
+          }
+        }
+      }
+    }
+  }
+  l0 += __shfl_xor_sync(FULL_MASK, l0, 1);
+  l0 += __shfl_xor_sync(FULL_MASK, l0, 2);
+  l1 += __shfl_xor_sync(FULL_MASK, l1, 1);
+  l1 += __shfl_xor_sync(FULL_MASK, l1, 2);
+  if (tig == 0) {
+    sm_m[warp][r] = m0;
+    sm_m[warp][r + 8] = m1;
+    sm_l[warp][r] = l0;
+    sm_l[warp][r + 8] = l1;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int hf = nt >> 3, jj = nt & 7;
+    const int da = 64 * hf + 16 * tig + jj;
+    sm_o[warp][r][da] = o[nt][0];
+    sm_o[warp][r][da + 8] = o[nt][1];
+    if (G16) {
+      sm_o[warp][r + 8][da] = o[nt][OC - 2];
+      sm_o[warp][r + 8][da + 8] = o[nt][OC - 1];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < g * D; idx += blockDim.x) {
+    const int row = idx / D, dim = idx % D;
+    float mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < SPA_WARPS; ++w) mm = fmaxf(mm, sm_m[w][row]);
+    float ll = 0.f, oo = 0.f;
+#pragma unroll
+    for (int w = 0; w < SPA_WARPS; ++w) {
+      const float mw = sm_m[w][row];
+      if (mw == -INFINITY) continue;
+      const float wt = exp2f(mw - mm);
+      ll += sm_l[w][row] * wt;
+      oo += sm_o[w][row][dim] * wt;
+    }
+    spa_store(out, part, (size_t)t * hq + (size_t)h * g + row, splits, split, D, dim, mm, ll, oo, lse_off);
+  }
+}
+
+#define SPA_MMA_KERNEL(NAME, T, D, G16, MINB)                                                           \
+  extern "C" __global__ void __launch_bounds__(128, MINB)                                               \
+      NAME(const T* q, const T* pool, const u32* pages, const u32* queries, const u32* kv_limit,        \
+           float* out, float* part, int hq, int hkv, int s_count, int n, int p, u32 slots, int splits,   \
+           int per_split, float scale_log2, u64 lse_off) {                                               \
+    spa_mma_impl<T, D, G16>(q, pool, pages, queries, kv_limit, out, part, hq, hkv, s_count, n, p, slots, \
+                            splits, per_split, scale_log2, lse_off);                                     \
+  }
+SPA_MMA_KERNEL(spa_mma_bf16_d128_g16, __nv_bfloat16, 128, true, 2)
+SPA_MMA_KERNEL(spa_mma_bf16_d64_g16, __nv_bfloat16, 64, true, 2)
+SPA_MMA_KERNEL(spa_mma_f16_d128_g16, __half, 128, true, 2)
+SPA_MMA_KERNEL(spa_mma_f16_d64_g16, __half, 64, true, 2)
+SPA_MMA_KERNEL(spa_mma_bf16_d128_g8, __nv_bfloat16, 128, false, 2)
+SPA_MMA_KERNEL(spa_mma_bf16_d64_g8, __nv_bfloat16, 64, false, 2)
+SPA_MMA_KERNEL(spa_mma_f16_d128_g8, __half, 128, false, 2)
+SPA_MMA_KERNEL(spa_mma_f16_d64_g8, __half, 64, false, 2)
+
+// Merges the splits of each (token, query head) row: one warp per row.
+extern "C" __global__ void spa_merge(const float* __restrict__ part, float* __restrict__ out, int rows,
+                                     int splits, int d, u64 lse_off) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const float* pr = part + (size_t)row * splits * (d + 2);
+  float mm = -INFINITY;
+  for (int s = lane; s < splits; s += 32) mm = fmaxf(mm, pr[(size_t)s * (d + 2)]);
+  for (int off = 16; off > 0; off >>= 1) mm = fmaxf(mm, __shfl_xor_sync(FULL_MASK, mm, off));
+  float ll = 0.f;
+  for (int s = lane; s < splits; s += 32) {
+    const float ms = pr[(size_t)s * (d + 2)];
+    if (ms != -INFINITY) ll += pr[(size_t)s * (d + 2) + 1] * exp2f(ms - mm);
+  }
+  for (int off = 16; off > 0; off >>= 1) ll += __shfl_xor_sync(FULL_MASK, ll, off);
+  float* orow = out + (size_t)row * d;
+  for (int dim = lane; dim < d; dim += 32) {
+    float oo = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const float ms = pr[(size_t)s * (d + 2)];
+      if (ms != -INFINITY) oo += pr[(size_t)s * (d + 2) + 2 + dim] * exp2f(ms - mm);
+    }
+    orow[dim] = ll > 0.f ? oo / ll : 0.f;
+  }
+  if (lane == 0) out[lse_off + row] = ll > 0.f ? (mm + log2f(ll)) * LN2_F : SPIN_EMPTY_LSE;
+}
+
+// Generic path (any float dtype, D <= 512, any GQA ratio): one block of 4 warps per
+// (token, query head); warps take every 4th key row, lanes stride over dims.
+#define GEN_MAXD 512
+template <typename T>
+__device__ __forceinline__ void spa_generic_impl(const T* __restrict__ q, const T* __restrict__ pool,
+                                                 const u32* __restrict__ pages, const u32* __restrict__ queries,
+                                                 const u32* __restrict__ kv_limit, float* __restrict__ out, int hq,
+                                                 int hkv, int s_count, int n, int p, int d, u32 slots, float scale,
+                                                 u64 lse_off) {
+  constexpr int R = GEN_MAXD / 32;
+  __shared__ float gm[SPA_WARPS], gl[SPA_WARPS];
+  __shared__ float go[SPA_WARPS][GEN_MAXD];
+  const int t = blockIdx.x / hq, qh = blockIdx.x % hq;
+  const int g = hq / hkv, h = qh / g;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const u32 seq = queries[2 * t], pos = queries[2 * t + 1];
+  const bool seq_ok = seq < (u32)s_count;
+  const u64 limit = seq_ok ? min((u64)kv_limit[seq], (u64)pos + 1) : 0;
+  float qv[R], acc[R];
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int x = lane + 32 * i;
+    qv[i] = x < d ? to_f32(q[((size_t)t * hq + qh) * d + x]) * scale : 0.f;
+    acc[i] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  if (seq_ok) {
+    const u32* list = pages + ((size_t)seq * hkv + h) * (size_t)n * 2;
+    const long long total = (long long)n * p;
+    for (long long idx = warp; idx < total; idx += SPA_WARPS) {
+      const int e = (int)(idx / p), row = (int)(idx % p);
+      const u32 slot = list[2 * e], lp = list[2 * e + 1];
+      if (slot == SPIN_NONE || slot >= slots) continue;
+      if ((u64)lp * p + row >= limit) continue;
+      const T* key = pool + ((size_t)slot * 2 * p + row) * d;
+      const T* val = key + (size_t)p * d;
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const int x = lane + 32 * i;
+        if (x < d) s += qv[i] * to_f32(key[x]);
+      }
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(FULL_MASK, s, off);
+      const float mn = fmaxf(m, s);
+      const float corr = expf(m - mn);
+      const float pe = expf(s - mn);
+      l = l * corr + pe;
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const int x = lane + 32 * i;
+        if (x < d) acc[i] = acc[i] * corr + pe * to_f32(val[x]);
+      }
+      m = mn;
+    }
+  }
+  if (lane == 0) {
+    gm[warp] = m;
+    gl[warp] = l;
+  }
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int x = lane + 32 * i;
+    if (x < d) go[warp][x] = acc[i];
+  }
+  __syncthreads();
+  float mm = -INFINITY;
+  for (int w = 0; w < SPA_WARPS; ++w) mm = fmaxf(mm, gm[w]);
+  float ll = 0.f;
+  for (int w = 0; w < SPA_WARPS; ++w)
+    if (gm[w] != -INFINITY) ll += gl[w] * expf(gm[w] - mm);
+  float* orow = out + ((size_t)t * hq + qh) * d;
+  for (int x = threadIdx.x; x < d; x += blockDim.x) {
+    float oo = 0.f;
+    for (int w = 0; w < SPA_WARPS; ++w)
+      if (gm[w] != -INFINITY) oo += go[w][x] * expf(gm[w] - mm);
+    orow[x] = ll > 0.f ? oo / ll : 0.f;
+  }
+  if (threadIdx.x == 0) out[lse_off + (size_t)t * hq + qh] = ll > 0.f ? mm + logf(ll) : SPIN_EMPTY_LSE;
+}
+
+#define SPA_GENERIC_KERNEL(NAME, T)                                                                      \
+  extern "C" __global__ void __launch_bounds__(128)                                                      \
+      NAME(const T* q, const T* pool, const u32* pages, const u32* queries, const u32* kv_limit,         \
+           float* out, int hq, int hkv, int s_count, int n, int p, int d, u32 slots, float scale,        \
+           u64 lse_off) {                                                                                \
+    spa_generic_impl<T>(q, pool, pages, queries, kv_limit, out, hq, hkv, s_count, n, p, d, slots, scale, \
+                        lse_off);                                                                        \
+  }
+SPA_GENERIC_KERNEL(spa_generic_f32, float)
+SPA_GENERIC_KERNEL(spa_generic_f16, __half)
+SPA_GENERIC_KERNEL(spa_generic_bf16, __nv_bfloat16)

@@ -1,0 +1,100 @@
+// spinkv CUDA kernels: shared helpers (element conversion, sentinels, warp reductions).
+// Owned by the CUDA backend (src/cuda/); every .cu file in kernels/ includes this.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// Sentinel of every u32 index tensor (src/ops/mod.rs: NONE).
+#define SPIN_NONE 0xffffffffu
+// log-sum-exp of an empty attention row (src/ops/mod.rs: EMPTY_LSE).
+#define SPIN_EMPTY_LSE (-1.0e30f)
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// The two 16-bit halves of a packed pair, as f32 (low half = lower index).
+__device__ __forceinline__ float lo_f32(u32 w, __nv_bfloat16*) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float hi_f32(u32 w, __nv_bfloat16*) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ float lo_f32(u32 w, __half*) {
+  return __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
+}
+__device__ __forceinline__ float hi_f32(u32 w, __half*) {
+  return __half2float(__ushort_as_half((unsigned short)(w >> 16)));
+}
+
+// Eight 16-bit elements or four f32 of a 16-byte vector, as f32.
+template <typename T>
+__device__ __forceinline__ void unpack16(const uint4& v, float* out);
+template <>
+__device__ __forceinline__ void unpack16<__nv_bfloat16>(const uint4& v, float* o) {
+  __nv_bfloat16* tag = nullptr;
+  o[0] = lo_f32(v.x, tag); o[1] = hi_f32(v.x, tag);
+  o[2] = lo_f32(v.y, tag); o[3] = hi_f32(v.y, tag);
+  o[4] = lo_f32(v.z, tag); o[5] = hi_f32(v.z, tag);
+  o[6] = lo_f32(v.w, tag); o[7] = hi_f32(v.w, tag);
+}
+template <>
+__device__ __forceinline__ void unpack16<__half>(const uint4& v, float* o) {
+  __half* tag = nullptr;
+  o[0] = lo_f32(v.x, tag); o[1] = hi_f32(v.x, tag);
+  o[2] = lo_f32(v.y, tag); o[3] = hi_f32(v.y, tag);
+  o[4] = lo_f32(v.z, tag); o[5] = hi_f32(v.z, tag);
+  o[6] = lo_f32(v.w, tag); o[7] = hi_f32(v.w, tag);
+}
+template <>
+__device__ __forceinline__ void unpack16<float>(const uint4& v, float* o) {
+  o[0] = __uint_as_float(v.x); o[1] = __uint_as_float(v.y);
+  o[2] = __uint_as_float(v.z); o[3] = __uint_as_float(v.w);
+}
+
+// 16-byte load that bypasses L1 allocation for streamed data (K/V pages, metadata).
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Tensor-core mma.sync m16n8k16 with f32 accumulation for the 16-bit storage types, and
+// packing of two f32 into one A/B register (low half = lower index).
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float* c, const u32* a, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ u32 pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+  }
+};
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ void run(float* c, const u32* a, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ u32 pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+  }
+};
+

@@ -1,0 +1,311 @@
+// spinkv CUDA kernels: Quest page scoring, score = max over the GQA group of
+// sum_i max(q_i * max_i, q_i * min_i), forced pages (sink, window) = +inf, padding = -inf.
+// Launch glue: src/cuda/quest_score.rs. CPU reference: src/ops/quest_score.rs.
+//
+// Candidate j of row (b, h) is forced when j < sink or j + window >= valid, where valid is
+// the index of the first NONE (padding only at the end): that is `window >= N - j` or
+// `cand[j + window] == NONE`, one extra coalesced load instead of a search.
+#include "common.cuh"
+
+#define QS_UNROLL 4
+
+__device__ __forceinline__ bool qs_forced(const u32* row, int j, int n, int sink, int window) {
+  return j < sink || window >= n - j || row[j + window] == SPIN_NONE;
+}
+
+// Fast path: a group of L = D / V lanes scores one candidate, each lane holding one
+// 16-byte chunk (V elements) of the page's min and max rows (L a power of two <= 32).
+// The block first stages its candidates' slots in shared memory (writing the scores of
+// padding and forced pages right away), then its lane groups stream the metadata with
+// QS_UNROLL candidates per group in flight and the next round's loads issued before the
+// current round is reduced (two register buffers). Heads are processed in blocks of
+// QS_MAXG (4 or 8) with the query chunk in registers.
+#define QS_MAX_CPB 2048
+
+template <typename T, int QS_MAXG>
+__device__ __forceinline__ void scores_vec(const T* __restrict__ q, const T* __restrict__ meta,
+                                           const u32* __restrict__ cand, float* __restrict__ out,
+                                           int hq, int hkv, int n, int d, int sink, int window,
+                                           u32 slots, int cpb) {
+  constexpr int V = 16 / sizeof(T);
+  constexpr int U = QS_UNROLL;
+  __shared__ u32 s_slot[QS_MAX_CPB];
+  const int L = d / V;
+  const int row = blockIdx.y;
+  const int b = row / hkv, h = row % hkv, g = hq / hkv;
+  const int grp = threadIdx.x / L, lane = threadIdx.x % L;
+  const int groups = blockDim.x / L;
+  const int per_round = groups * U;
+  const int j0 = blockIdx.x * cpb;
+  const int cnt = min(n, j0 + cpb) - j0;
+  const u32* crow = cand + (size_t)row * n;
+  float* orow = out + (size_t)row * n;
+  for (int i = threadIdx.x; i < cnt; i += blockDim.x) {
+    const int j = j0 + i;
+    const u32 c = crow[j];
+    u32 code = SPIN_NONE;
+    if (c == SPIN_NONE || c >= slots) {
+      orow[j] = -INFINITY;
+    } else if (qs_forced(crow, j, n, sink, window)) {
+      orow[j] = INFINITY;
+    } else {
+      code = c;
+    }
+    s_slot[i] = code;
+  }
+  __syncthreads();
+  const int rounds = (cnt + per_round - 1) / per_round;
+  for (int r0 = 0; r0 < g; r0 += QS_MAXG) {
+    const int nr = min(QS_MAXG, g - r0);
+    float qr[QS_MAXG][V];
+#pragma unroll
+    for (int r = 0; r < QS_MAXG; ++r) {
+      if (r < nr) {
+        const uint4 qv = *reinterpret_cast<const uint4*>(q + ((size_t)b * hq + h * g + r0 + r) * d + lane * V);
+        unpack16<T>(qv, qr[r]);
+      } else {
+#pragma unroll
+        for (int w = 0; w < V; ++w) qr[r][w] = 0.f;
+      }
+    }
+    auto load = [&](int rd, uint4 (&mn)[U], uint4 (&mx)[U]) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = rd * per_round + u * groups + grp;
+        const u32 c = (rd < rounds && i < cnt) ? s_slot[i] : SPIN_NONE;
+        if (c != SPIN_NONE) {
+          const T* base = meta + (size_t)c * 2 * d + lane * V;
+          mn[u] = ld_stream16(base);
+          mx[u] = ld_stream16(base + d);
+        } else {
+          mn[u] = make_uint4(0, 0, 0, 0);
+          mx[u] = mn[u];
+        }
+      }
+    };
+    // Every lane of the warp runs the reductions (warp-uniform control flow).
+    auto reduce = [&](int rd, const uint4 (&mn)[U], const uint4 (&mx)[U]) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = rd * per_round + u * groups + grp;
+        float fmn[V], fmx[V];
+        unpack16<T>(mn[u], fmn);
+        unpack16<T>(mx[u], fmx);
+        float best = -INFINITY;
+#pragma unroll
+        for (int r = 0; r < QS_MAXG; ++r) {
+          if (r < nr) {
+            float sc = 0.f;
+#pragma unroll
+            for (int w = 0; w < V; ++w) {
+              const float qx = qr[r][w];
+              sc = fmaf(qx, qx >= 0.f ? fmx[w] : fmn[w], sc);
+            }
+            for (int off = L >> 1; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+            best = fmaxf(best, sc);
+          }
+        }
+        if (lane == 0 && i < cnt && s_slot[i] != SPIN_NONE) {
+          const int j = j0 + i;
+          orow[j] = r0 > 0 ? fmaxf(best, orow[j]) : best;
+        }
+      }
+    };
+    uint4 amn[U], amx[U], bmn[U], bmx[U];
+    load(0, amn, amx);
+    for (int rd = 0; rd < rounds; rd += 2) {
+      load(rd + 1, bmn, bmx);
+      reduce(rd, amn, amx);
+      load(rd + 2, amn, amx);
+      if (rd + 1 < rounds) reduce(rd + 1, bmn, bmx);
+    }
+  }
+}
+
+// Tensor-core path (bf16/f16, D = 64 or 128, g <= 16): a page's score for head h is
+// Q'[h] · [min | max] with Q'[h] = [min(q_h, 0) | max(q_h, 0)] (exact in the storage
+// type), i.e. a [g x 2D] by [2D x candidates] product: each warp takes 16 candidates at a
+// time as the B operand (like keys in attention, 16-byte loads straight into fragments
+// with the dimension order permuted identically in A and B), then maxes the 16 rows
+// (heads >= g masked) with three shuffles.
+template <typename T, int D, bool G16>
+__device__ __forceinline__ void scores_mma(const T* __restrict__ q, const T* __restrict__ meta,
+                                           const u32* __restrict__ cand, float* __restrict__ out,
+                                           int hq, int hkv, int n, int sink, int window, u32 slots,
+                                           int cpb) {
+  constexpr int DK = 2 * D;   // [min | max]
+  constexpr int KS = DK / 16; // k-steps
+  constexpr int S2 = DK / 32; // 16-byte chunks per lane per candidate row
+  __shared__ u32 s_slot[QS_MAX_CPB];
+  const int row = blockIdx.y;
+  const int b = row / hkv, h = row % hkv, g = hq / hkv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const int r = lane >> 2, tig = lane & 3;
+  const int j0 = blockIdx.x * cpb;
+  const int cnt = min(n, j0 + cpb) - j0;
+  const u32* crow = cand + (size_t)row * n;
+  float* orow = out + (size_t)row * n;
+  for (int i = threadIdx.x; i < cnt; i += blockDim.x) {
+    const int j = j0 + i;
+    const u32 c = crow[j];
+    u32 code = SPIN_NONE;
+    if (c == SPIN_NONE || c >= slots) {
+      orow[j] = -INFINITY;
+    } else if (qs_forced(crow, j, n, sink, window)) {
+      orow[j] = INFINITY;
+    } else {
+      code = c;
+    }
+    s_slot[i] = code;
+  }
+  // A fragments of Q' (rows = heads of the group, zero beyond g).
+  u32 qa[KS][4];
+  const T* qbase = q + ((size_t)b * hq + (size_t)h * g) * D;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int x0 = 32 * (ks >> 1) + 8 * tig + 4 * (ks & 1);  // in [0, 2D); 4 never straddle D
+    const bool neg = x0 < D;
+    const int xd = neg ? x0 : x0 - D;
+    u32 lo[2] = {0u, 0u}, hi[2] = {0u, 0u};
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int rr = r + 8 * half;
+      if (rr < g && (half == 0 || G16)) {
+        const T* qr = qbase + (size_t)rr * D + xd;
+        float v[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float x = to_f32(qr[e]);
+          v[e] = neg ? fminf(x, 0.f) : fmaxf(x, 0.f);
+        }
+        const u32 w01 = Mma<T>::pack(v[0], v[1]), w23 = Mma<T>::pack(v[2], v[3]);
+        if (half == 0) {
+          lo[0] = w01;
+          lo[1] = w23;
+        } else {
+          hi[0] = w01;
+          hi[1] = w23;
+        }
+      }
+    }
+    qa[ks][0] = lo[0];
+    qa[ks][1] = hi[0];
+    qa[ks][2] = lo[1];
+    qa[ks][3] = hi[1];
+  }
+  __syncthreads();
+  const int tiles = (cnt + 15) / 16;
+  for (int tt = warp; tt < tiles; tt += warps) {
+    const int i0 = tt * 16 + r, i1 = i0 + 8;
+    const u32 c0 = i0 < cnt ? s_slot[i0] : SPIN_NONE;
+    const u32 c1 = i1 < cnt ? s_slot[i1] : SPIN_NONE;
+    uint4 k0[S2], k1[S2];
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int s2 = 0; s2 < S2; ++s2) {
+      k0[s2] = c0 != SPIN_NONE ? ld_stream16(meta + (size_t)c0 * DK + 32 * s2 + 8 * tig) : zero;
+      k1[s2] = c1 != SPIN_NONE ? ld_stream16(meta + (size_t)c1 * DK + 32 * s2 + 8 * tig) : zero;
+    }
+    float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const int s2 = ks >> 1;
+      const bool up = ks & 1;
+      Mma<T>::run(sa, qa[ks], up ? k0[s2].z : k0[s2].x, up ? k0[s2].w : k0[s2].y);
+      Mma<T>::run(sb, qa[ks], up ? k1[s2].z : k1[s2].x, up ? k1[s2].w : k1[s2].y);
+    }
+    // Rows r (and r + 8) are heads; columns 2tig, 2tig+1 of each tile are candidates.
+    const bool ok0 = r < g, ok1 = G16 && r + 8 < g;
+    float v[4];
+    v[0] = fmaxf(ok0 ? sa[0] : -INFINITY, ok1 ? sa[2] : -INFINITY);
+    v[1] = fmaxf(ok0 ? sa[1] : -INFINITY, ok1 ? sa[3] : -INFINITY);
+    v[2] = fmaxf(ok0 ? sb[0] : -INFINITY, ok1 ? sb[2] : -INFINITY);
+    v[3] = fmaxf(ok0 ? sb[1] : -INFINITY, ok1 ? sb[3] : -INFINITY);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      v[e] = fmaxf(v[e], __shfl_xor_sync(0xffffffffu, v[e], 4));
+      v[e] = fmaxf(v[e], __shfl_xor_sync(0xffffffffu, v[e], 8));
+      v[e] = fmaxf(v[e], __shfl_xor_sync(0xffffffffu, v[e], 16));
+    }
+    if (r == 0) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = tt * 16 + 2 * tig + (e & 1) + 8 * (e >> 1);
+        if (i < cnt && s_slot[i] != SPIN_NONE) orow[j0 + i] = v[e];
+      }
+    }
+  }
+}
+
+#define SCORE_MMA_KERNEL(NAME, T, D, G16)                                                        \
+  extern "C" __global__ void __launch_bounds__(128) NAME(                                       \
+      const T* q, const T* meta, const u32* cand, float* out, int hq, int hkv, int n, int d,      \
+      int sink, int window, u32 slots, int cpb) {                                                 \
+    scores_mma<T, D, G16>(q, meta, cand, out, hq, hkv, n, sink, window, slots, cpb);              \
+  }
+SCORE_MMA_KERNEL(quest_scores_mma_bf16_d128_g8, __nv_bfloat16, 128, false)
+SCORE_MMA_KERNEL(quest_scores_mma_bf16_d128_g16, __nv_bfloat16, 128, true)
+SCORE_MMA_KERNEL(quest_scores_mma_bf16_d64_g8, __nv_bfloat16, 64, false)
+SCORE_MMA_KERNEL(quest_scores_mma_bf16_d64_g16, __nv_bfloat16, 64, true)
+SCORE_MMA_KERNEL(quest_scores_mma_f16_d128_g8, __half, 128, false)
+SCORE_MMA_KERNEL(quest_scores_mma_f16_d128_g16, __half, 128, true)
+SCORE_MMA_KERNEL(quest_scores_mma_f16_d64_g8, __half, 64, false)
+SCORE_MMA_KERNEL(quest_scores_mma_f16_d64_g16, __half, 64, true)
+
+// Generic path (any D, dtype): one warp per candidate, lanes stride over dims.
+template <typename T>
+__device__ __forceinline__ void scores_generic(const T* __restrict__ q, const T* __restrict__ meta,
+                                               const u32* __restrict__ cand, float* __restrict__ out,
+                                               int hq, int hkv, int n, int d, int sink, int window,
+                                               u32 slots, int cpb) {
+  const int row = blockIdx.y;
+  const int b = row / hkv, h = row % hkv, g = hq / hkv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const int j0 = blockIdx.x * cpb;
+  const int j1 = min(n, j0 + cpb);
+  const u32* crow = cand + (size_t)row * n;
+  for (int j = j0 + warp; j < j1; j += warps) {
+    const u32 c = crow[j];
+    float v;
+    if (c == SPIN_NONE || c >= slots) {
+      v = -INFINITY;
+    } else if (qs_forced(crow, j, n, sink, window)) {
+      v = INFINITY;
+    } else {
+      const T* mins = meta + (size_t)c * 2 * d;
+      const T* maxs = mins + d;
+      v = -INFINITY;
+      for (int r = 0; r < g; ++r) {
+        const T* qv = q + ((size_t)b * hq + h * g + r) * d;
+        float s = 0.f;
+        for (int x = lane; x < d; x += 32) {
+          const float qx = to_f32(qv[x]);
+          s += fmaxf(qx * to_f32(maxs[x]), qx * to_f32(mins[x]));
+        }
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        v = fmaxf(v, s);
+      }
+    }
+    if (lane == 0) out[(size_t)row * n + j] = v;
+  }
+}
+
+#define SCORE_KERNELS(SUFFIX, T)                                                                  \
+  extern "C" __global__ void __launch_bounds__(128, 3) quest_scores_vec4_##SUFFIX(                    \
+      const T* q, const T* meta, const u32* cand, float* out, int hq, int hkv, int n, int d,        \
+      int sink, int window, u32 slots, int cpb) {                                                   \
+    scores_vec<T, 4>(q, meta, cand, out, hq, hkv, n, d, sink, window, slots, cpb);                  \
+  }                                                                                                 \
+  extern "C" __global__ void __launch_bounds__(128) quest_scores_vec8_##SUFFIX(                    \
+      const T* q, const T* meta, const u32* cand, float* out, int hq, int hkv, int n, int d,        \
+      int sink, int window, u32 slots, int cpb) {                                                   \
+    scores_vec<T, 8>(q, meta, cand, out, hq, hkv, n, d, sink, window, slots, cpb);                  \
+  }                                                                                                 \
+  extern "C" __global__ void quest_scores_generic_##SUFFIX(                                         \
+      const T* q, const T* meta, const u32* cand, float* out, int hq, int hkv, int n, int d,        \
+      int sink, int window, u32 slots, int cpb) {                                                   \
+    scores_generic<T>(q, meta, cand, out, hq, hkv, n, d, sink, window, slots, cpb);                 \
+  }
+SCORE_KERNELS(f32, float)
+SCORE_KERNELS(f16, __half)
+SCORE_KERNELS(bf16, __nv_bfloat16)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# spinkv: builds the CUDA test binaries and the GPU bench on this (GPU-less) machine and
+# packs them, xz-compressed, with scripts/device-env.sh and scripts/gpu-run.sh into
+# .device/ (listed in .git/info/exclude), ready to carry to a GPU machine.
+#
+# Usage: scripts/gpu-package.sh        (needs the toolchain env: source PREFIX/env.sh)
+# Then on the GPU machine, from the repository root: bash .device/gpu-run.sh [tests|bench|sanitize|all]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${CARGO_TARGET_DIR:=target}"
+export CARGO_TARGET_DIR
+git check-ignore -q .device 2>/dev/null || echo '/.device/' >> .git/info/exclude
+cargo build --release --features cuda --example gpu_bench
+cargo test --release --features cuda --no-run --test cuda_ops --test cuda_cache 2>&1 | tee /tmp/spinkv-testbins.txt
+rm -rf .device && mkdir -p .device
+for t in cuda_ops cuda_cache; do
+  bin=$(grep -oE "target[^ ]*/deps/${t}-[0-9a-f]+|/[^ ]*/deps/${t}-[0-9a-f]+" /tmp/spinkv-testbins.txt | tail -1)
+  case "$bin" in /*) ;; *) bin="$CARGO_TARGET_DIR/${bin#target/}";; esac
+  xz -T0 -6 -c "$bin" > ".device/$t.xz"
+done
+xz -T0 -6 -c "$CARGO_TARGET_DIR/release/examples/gpu_bench" > .device/gpu_bench.xz
+cp scripts/device-env.sh scripts/gpu-run.sh .device/
+ls -la .device

@@ -1,0 +1,299 @@
+//! CUDA backend of the ops (feature `cuda`): the PTX modules that `build.rs` compiles from
+//! `kernels/*.cu`, loaded through candle's `CudaDevice::get_or_load_custom_func`, and the
+//! launch glue that the ops' `cuda_fwd` methods call.
+//!
+//! Everything is enqueued on the candle device's stream; no op synchronizes with the host
+//! (the only exception is [`topk_indices`](crate::ops::topk_indices) with more than
+//! 16384 selected entries per row, which falls back to the CPU).
+//!
+//! Kernels skip out-of-range slots (where the CPU ops fail with an error) instead of
+//! reporting them, since reporting would need a host synchronization.
+
+pub(crate) mod append;
+pub(crate) mod attention;
+pub(crate) mod quest_score;
+pub(crate) mod tier_copy;
+pub(crate) mod topk;
+
+pub use tier_copy::selection_to_pages;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{self as drv, DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, Result, Storage, Tensor};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// A PTX module compiled by `build.rs`.
+pub(crate) struct Module {
+    pub name: &'static str,
+    pub ptx: &'static str,
+}
+
+pub(crate) const APPEND: Module = Module {
+    name: "spinkv_append",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/append.ptx")),
+};
+pub(crate) const QUEST_SCORE: Module = Module {
+    name: "spinkv_quest_score",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/quest_score.ptx")),
+};
+pub(crate) const TOPK: Module = Module {
+    name: "spinkv_topk",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/topk.ptx")),
+};
+pub(crate) const ATTENTION: Module = Module {
+    name: "spinkv_attention",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
+};
+pub(crate) const TIER_COPY: Module = Module {
+    name: "spinkv_tier_copy",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/tier_copy.ptx")),
+};
+
+static POISON: AtomicBool = AtomicBool::new(false);
+static ATTENTION_WAVES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+/// Tuning knob of the sparse attention kernel: it splits page lists so that the launch
+/// fills the GPU `waves` times over (default 1; more splits mean shorter chains per
+/// warp but more partial states to merge).
+pub fn set_attention_waves(waves: u32) {
+    ATTENTION_WAVES.store(waves.max(1), Ordering::Relaxed);
+}
+
+static ATTENTION_G8: AtomicBool = AtomicBool::new(true);
+
+/// Tuning knob of the sparse attention kernel: with `on` (the default), GQA groups of at
+/// most 8 heads take the kernel variant that keeps only those 8 rows of the tensor-core
+/// tiles (fewer registers, 3 resident blocks per SM); off forces the 16-row variant.
+pub fn set_attention_g8(on: bool) {
+    ATTENTION_G8.store(on, Ordering::Relaxed);
+}
+
+pub(crate) fn attention_g8() -> bool {
+    ATTENTION_G8.load(Ordering::Relaxed)
+}
+
+pub(crate) fn attention_waves() -> usize {
+    ATTENTION_WAVES.load(Ordering::Relaxed) as usize
+}
+
+/// When on, every output buffer the CUDA ops allocate is filled with `0xFF` bytes (NaN
+/// for f32, [`NONE`](crate::ops::NONE) for u32) before the kernel runs, so that tests
+/// see any element a kernel fails to write. Off by default (it costs a memset).
+pub fn set_poison_outputs(on: bool) {
+    POISON.store(on, Ordering::Relaxed);
+}
+
+/// A loaded kernel and the stream it launches on (the candle device's stream).
+pub(crate) struct Kernel {
+    pub f: drv::CudaFunction,
+    pub stream: std::sync::Arc<drv::CudaStream>,
+}
+
+impl Kernel {
+    pub fn builder(&self) -> drv::LaunchArgs<'_> {
+        self.stream.launch_builder(&self.f)
+    }
+}
+
+/// Loads (once per device) and returns kernel `name` of module `m`.
+pub(crate) fn func(dev: &CudaDevice, m: &Module, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, m.name, m.ptx)?.into_cuda_function();
+    Ok(Kernel {
+        f,
+        stream: dev.cuda_stream(),
+    })
+}
+
+/// Number of streaming multiprocessors of `dev`.
+pub(crate) fn sm_count(dev: &CudaDevice) -> Result<u32> {
+    static SMS: OnceLock<u32> = OnceLock::new();
+    if let Some(n) = SMS.get() {
+        return Ok(*n);
+    }
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(drv::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    let n = (n.max(1)) as u32;
+    let _ = SMS.set(n);
+    Ok(n)
+}
+
+/// Largest dynamic shared memory a block of `dev` may opt in to, in bytes.
+pub(crate) fn max_smem_optin(dev: &CudaDevice) -> Result<usize> {
+    static SMEM: OnceLock<usize> = OnceLock::new();
+    if let Some(n) = SMEM.get() {
+        return Ok(*n);
+    }
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(drv::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()?;
+    let n = (n.max(48 * 1024)) as usize;
+    let _ = SMEM.set(n);
+    Ok(n)
+}
+
+/// Resident blocks per SM of kernel `name` at `threads` threads (cached per name).
+pub(crate) fn occupancy(k: &Kernel, name: &'static str, threads: u32) -> Result<u32> {
+    occupancy_smem(k, name, threads, 0)
+}
+
+/// Resident blocks per SM of kernel `name` at `threads` threads and `smem` bytes of
+/// dynamic shared memory (cached per name).
+pub(crate) fn occupancy_smem(k: &Kernel, name: &'static str, threads: u32, smem: usize) -> Result<u32> {
+    static OCC: OnceLock<Mutex<HashMap<&'static str, u32>>> = OnceLock::new();
+    let map = OCC.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(n) = map
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("occupancy cache poisoned".into()))?
+        .get(name)
+    {
+        return Ok(*n);
+    }
+    let n =
+        k.f.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
+            .w()?
+            .max(1);
+    map.lock()
+        .map_err(|_| candle_core::Error::Msg("occupancy cache poisoned".into()))?
+        .insert(name, n);
+    Ok(n)
+}
+
+fn start_of(op: &str, l: &Layout) -> Result<usize> {
+    match l.contiguous_offsets() {
+        Some((a, _)) => Ok(a),
+        None => candle_core::bail!("{op}: operand must be contiguous, got layout {l:?}"),
+    }
+}
+
+/// Device address of the first element of a contiguous CUDA operand.
+pub(crate) fn ptr(op: &str, s: &CudaStorage, l: &Layout) -> Result<u64> {
+    let start = start_of(op, l)?;
+    let stream = s.device.cuda_stream();
+    macro_rules! p {
+        ($t:ty) => {{
+            let sl = s.as_cuda_slice::<$t>()?;
+            let (p, _sync) = sl.device_ptr(&stream);
+            p + (start * std::mem::size_of::<$t>()) as u64
+        }};
+    }
+    Ok(match s.dtype() {
+        DType::F32 => p!(f32),
+        DType::F16 => p!(half::f16),
+        DType::BF16 => p!(half::bf16),
+        DType::U32 => p!(u32),
+        dt => candle_core::bail!("{op}: unsupported dtype {dt:?} on CUDA"),
+    })
+}
+
+/// Device address of the first element of a contiguous CUDA operand written in place.
+pub(crate) fn ptr_mut(op: &str, s: &mut CudaStorage, l: &Layout) -> Result<u64> {
+    let start = start_of(op, l)?;
+    let stream = s.device.cuda_stream();
+    macro_rules! p {
+        ($t:ty) => {{
+            let sl = s.as_cuda_slice_mut::<$t>()?;
+            let (p, _sync) = sl.device_ptr_mut(&stream);
+            p + (start * std::mem::size_of::<$t>()) as u64
+        }};
+    }
+    Ok(match s.dtype() {
+        DType::F32 => p!(f32),
+        DType::F16 => p!(half::f16),
+        DType::BF16 => p!(half::bf16),
+        DType::U32 => p!(u32),
+        dt => candle_core::bail!("{op}: unsupported dtype {dt:?} on CUDA"),
+    })
+}
+
+/// Device address of a contiguous u32 index tensor held by an op (it must live on the
+/// CUDA device; the op struct keeps the tensor alive while the kernel is enqueued, and
+/// candle frees device memory in stream order).
+pub(crate) fn field_ptr(op: &str, name: &str, t: &Tensor) -> Result<u64> {
+    if t.dtype() != DType::U32 {
+        candle_core::bail!("{op}: {name} must be u32, got {:?}", t.dtype());
+    }
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cuda(c) => ptr(op, c, l),
+        _ => candle_core::bail!("{op}: {name} {:?} must be on the CUDA device of the op", t.dims()),
+    }
+}
+
+/// An uninitialized device buffer of `n` elements (poisoned when
+/// [`set_poison_outputs`] is on) and its address.
+pub(crate) fn alloc<T: drv::DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<(drv::CudaSlice<T>, u64)> {
+    // SAFETY: every kernel that receives the buffer writes all of its elements (tests
+    // check this with poisoned buffers).
+    let mut buf = unsafe { dev.alloc::<T>(n.max(1))? };
+    let stream = dev.cuda_stream();
+    let p = {
+        let (p, _sync) = buf.device_ptr_mut(&stream);
+        p
+    };
+    if POISON.load(Ordering::Relaxed) {
+        // SAFETY: `p` addresses `n.max(1) * size_of::<T>()` bytes owned by `buf`.
+        unsafe { drv::result::memset_d8_async(p, 0xff, n.max(1) * std::mem::size_of::<T>(), stream.cu_stream()) }
+            .w()?;
+    }
+    Ok((buf, p))
+}
+
+/// A 1-D launch configuration.
+pub(crate) fn cfg(blocks: u32, threads: u32, smem: u32) -> drv::LaunchConfig {
+    drv::LaunchConfig {
+        grid_dim: (blocks.max(1), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+/// Launches `f` with `cfg`, pushing each argument in order.
+macro_rules! launch {
+    ($f:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let f = &$f;
+        let mut b = f.builder();
+        $( let a = $arg; b.arg(&a); )+
+        // SAFETY: argument lists match the kernel signatures in kernels/*.cu; every
+        // address is a live device buffer of the sizes the kernel is told.
+        unsafe { b.launch($cfg) }.w().map(|_| ())
+    }};
+}
+pub(crate) use launch;
+
+/// Word width (16, 4 or 2 bytes) for copying rows of `row_bytes` bytes between the given
+/// addresses.
+pub(crate) fn word_bytes(row_bytes: usize, ptrs: &[u64]) -> usize {
+    let aligned = |w: usize| row_bytes % w == 0 && ptrs.iter().all(|p| p % w as u64 == 0);
+    if aligned(16) {
+        16
+    } else if aligned(4) {
+        4
+    } else {
+        2
+    }
+}
+
+/// The device of a CUDA storage.
+pub(crate) fn device(s: &CudaStorage) -> &CudaDevice {
+    &s.device
+}
+
+/// Element-size suffix of kernel names.
+pub(crate) fn suffix(op: &str, dt: DType) -> Result<&'static str> {
+    Ok(match dt {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        dt => candle_core::bail!("{op}: unsupported dtype {dt:?}"),
+    })
+}

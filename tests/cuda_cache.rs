@@ -1,0 +1,107 @@
+//! `SpinCache` with its fast tier on CUDA (`device = Device::new_cuda(0)`) against the
+//! same cache on the CPU: identical inputs (ragged batches, chunked prefill, decode),
+//! Dense and Quest (budget below and over the context), a fast tier smaller than the
+//! working set (several rounds per step). The host tier stays on the CPU.
+//!
+//! Tolerances: f32 within 2e-4 absolute (summation order); bf16 within 3e-2 (the GPU
+//! path rounds softmax weights to bf16).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use spinkv::partition::{Dense, Quest, QuestConfig, SparseAlgorithm};
+use spinkv::{CacheConfig, SparseKvCache, SpinCache, StepInput};
+
+fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_fraction: f64, tol: f64, what: &str) {
+    spinkv::cuda::set_poison_outputs(true);
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let (layers, hq, hkv, d) = (3, 6, 2, 64);
+    let mut caches = Vec::new();
+    for dev in [Device::Cpu, gpu.clone()] {
+        let mut cfg = CacheConfig::new(layers, hq, hkv, d);
+        cfg.dtype = dtype;
+        cfg.device = dev;
+        cfg.max_seq_len = 1024;
+        let cfg = cfg.with_token_capacity(1024, fast_fraction);
+        caches.push(SpinCache::new_boxed(cfg, make()).unwrap());
+    }
+    let seqs: Vec<Vec<_>> = caches
+        .iter_mut()
+        .map(|c| (0..3).map(|_| c.add_sequence().unwrap()).collect())
+        .collect();
+    let mut r = rng(21);
+    // Prefills of odd lengths (one chunked), then ragged decode steps.
+    let mut plan: Vec<[usize; 3]> = vec![[150, 0, 0], [0, 77, 0], [1, 40, 203], [1, 1, 1]];
+    plan.extend(std::iter::repeat_n([1, 1, 1], 20));
+    for (si, step) in plan.iter().enumerate() {
+        let t: usize = step.iter().sum();
+        for (ci, cache) in caches.iter_mut().enumerate() {
+            let inputs: Vec<StepInput> = (0..3)
+                .filter(|&s| step[s] > 0)
+                .map(|s| StepInput {
+                    seq: seqs[ci][s],
+                    new_tokens: step[s],
+                })
+                .collect();
+            cache.begin_step(&inputs).unwrap();
+        }
+        for layer in 0..layers {
+            let q = randn(&mut r, &[t, hq, d], 1.0).to_dtype(dtype).unwrap();
+            let k = randn(&mut r, &[t, hkv, d], 1.0).to_dtype(dtype).unwrap();
+            let v = randn(&mut r, &[t, hkv, d], 1.0).to_dtype(dtype).unwrap();
+            let want = caches[0].attend(layer, &q, &k, &v).unwrap();
+            let got = caches[1]
+                .attend(
+                    layer,
+                    &q.to_device(&gpu).unwrap(),
+                    &k.to_device(&gpu).unwrap(),
+                    &v.to_device(&gpu).unwrap(),
+                )
+                .unwrap();
+            let got = got.to_device(&Device::Cpu).unwrap();
+            let err = max_abs_diff(&got, &want);
+            assert!(err <= tol, "{what}: step {si} {step:?} layer {layer}: max err {err}");
+        }
+        for cache in caches.iter_mut() {
+            cache.end_step().unwrap();
+        }
+    }
+    let (a, b) = (caches[0].stats(), caches[1].stats());
+    assert_eq!(
+        (a.hits, a.misses, a.pages_attended),
+        (b.hits, b.misses, b.pages_attended),
+        "{what}: same selections and traffic"
+    );
+    let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
+}
+
+#[test]
+fn dense_on_cuda_matches_cpu() {
+    run_both(&|| Box::new(Dense::new()), DType::F32, 1.0, 2e-4, "dense f32");
+    run_both(&|| Box::new(Dense::new()), DType::BF16, 1.0, 3e-2, "dense bf16");
+}
+
+#[test]
+fn quest_on_cuda_matches_cpu() {
+    let quest = |budget: usize| {
+        move || -> Box<dyn SparseAlgorithm> {
+            Box::new(Quest::new(QuestConfig {
+                budget_tokens: budget,
+                dense_layers: 1,
+                ..Default::default()
+            }))
+        }
+    };
+    run_both(&quest(96), DType::F32, 1.0, 2e-4, "quest budget 96 f32");
+    run_both(&quest(4096), DType::BF16, 1.0, 3e-2, "quest budget over context bf16");
+    // A fast tier far smaller than the working set: rounds with batched misses.
+    run_both(
+        &quest(128),
+        DType::F32,
+        0.05,
+        2e-4,
+        "quest budget 128 small fast tier f32",
+    );
+}
