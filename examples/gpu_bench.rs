@@ -127,6 +127,9 @@ mod bench {
         }
     }
 
+    /// (label, anchor kind, bytes, the call to capture).
+    type GraphCase<'a> = (&'a str, Option<&'a str>, f64, &'a dyn Fn() -> Result<()>);
+
     struct Row {
         what: String,
         l: usize,
@@ -416,7 +419,7 @@ mod bench {
                     },
                 );
                 // Replays from CUDA graphs: the GPU time without host launch overhead.
-                let graphs: [(&str, Option<&str>, f64, &dyn Fn() -> Result<()>); 4] = [
+                let graphs: [GraphCase; 4] = [
                     ("sparse attention (graph)", Some("sparse"), sel_bytes, &|| {
                         ops::sparse_paged_attention(&q, &pool, &sparse_list, scale)?;
                         Ok(())
