@@ -1,5 +1,5 @@
 //! Every CUDA kernel against the CPU op (the reference) on random inputs: odd sizes,
-//! partial pages, GQA 3:1 (and 1, 4, 8, 12, 24), empty selections, NONE padding,
+//! partial pages, GQA 3:1 (and 1, 4, 8, 12, 16, 24), empty selections, NONE padding,
 //! budgets over the context, splits along long page lists, all three dtypes. Outputs
 //! the ops allocate are poisoned (NaN / NONE) before each kernel runs
 //! (`spinkv::cuda::set_poison_outputs`); in-place targets start as random garbage.
