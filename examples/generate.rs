@@ -39,9 +39,10 @@ struct Args {
     /// Token budget of the sparse algorithm per decode step and KV head.
     #[arg(long, default_value_t = 1024)]
     budget: usize,
-    /// Tokens per KV page (power of two, 8..128).
-    #[arg(long, default_value_t = 16)]
-    page_size: usize,
+    /// Tokens per KV page (power of two, 8..128; default: the algorithm's own, e.g. 8 for
+    /// shadowkv, else 16).
+    #[arg(long)]
+    page_size: Option<usize>,
     /// Fraction of the KV that fits the fast tier (1.0 = everything).
     #[arg(long, default_value_t = 1.0)]
     fast_fraction: f64,
@@ -110,17 +111,20 @@ fn main() -> Result<()> {
         .map_err(|e| anyhow::anyhow!("tokenize: {e}"))?;
     let prompt = enc.get_ids().to_vec();
     let max_tokens = prompt.len() + args.max_new_tokens + 1;
-    let mut ccfg = lm.model.cache_config(max_tokens, args.fast_fraction);
-    ccfg.page_size = args.page_size;
-    let ccfg = ccfg.with_token_capacity(max_tokens, args.fast_fraction);
-    let mut cache = SpinCache::new_boxed(ccfg, by_name(&args.algo, args.budget)?)?;
+    let algo = by_name(&args.algo, args.budget)?;
+    let page_size = args.page_size.or(algo.page_size_hint()).unwrap_or(16);
+    let ccfg = lm
+        .model
+        .cache_config(max_tokens, args.fast_fraction)
+        .with_page_size(page_size);
+    let mut cache = SpinCache::new_boxed(ccfg, algo)?;
     if args.trace.is_some() {
         cache.set_trace(true);
     }
     eprintln!(
         "cache: {} · page {} · fast tier {:.0}% of KV · prompt {} tokens",
         cache.algorithm_name(),
-        args.page_size,
+        page_size,
         args.fast_fraction * 100.0,
         prompt.len()
     );

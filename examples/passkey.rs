@@ -33,12 +33,12 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     trials: usize,
     /// Algorithms to compare.
-    #[arg(long, value_delimiter = ',', default_value = "dense,quest,streaming")]
+    #[arg(long, value_delimiter = ',', default_value = "dense,quest,infllm,shadowkv,streaming")]
     algos: Vec<String>,
     /// Budgets as fractions of the context (sparse algorithms only).
     #[arg(long, value_delimiter = ',', default_value = "0.125")]
     budget_fractions: Vec<f64>,
-    /// Page size.
+    /// Page size (algorithms that need their own, like shadowkv's 8-token chunks, use it).
     #[arg(long, default_value_t = 16)]
     page_size: usize,
     /// CSV output.
@@ -156,10 +156,10 @@ fn run_trial(
 ) -> Result<Vec<String>> {
     let mut caches = Vec::new();
     for (algo, budget) in configs {
-        let mut ccfg = lm.model.cache_config(prompt.len() + 16, 1.0);
-        ccfg.page_size = page;
-        let ccfg = ccfg.with_token_capacity(prompt.len() + 16, 1.0);
-        caches.push(SpinCache::new_boxed(ccfg, by_name(algo, *budget)?)?);
+        let algo = by_name(algo, *budget)?;
+        let page = algo.page_size_hint().unwrap_or(page);
+        let ccfg = lm.model.cache_config(prompt.len() + 16, 1.0).with_page_size(page);
+        caches.push(SpinCache::new_boxed(ccfg, algo)?);
     }
     let (head, question) = prompt.split_at(prompt.len() - tail);
     let seq = {

@@ -6,7 +6,9 @@ use crate::config::CacheConfig;
 use crate::error::Tier;
 use crate::meta::PageTables;
 use crate::ops::{self, AttentionPartial, PageList, NONE};
-use crate::partition::{IndexInput, Materialized, SelectInput, Selection, SparseAlgorithm};
+use crate::partition::{
+    IndexInput, MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection, SparseAlgorithm, TokenRun,
+};
 use crate::pool::{BucketedLru, Resolve, SlotAllocator};
 use crate::rope::{apply_rope, rope_tables};
 use crate::{Error, Result};
@@ -46,6 +48,9 @@ pub struct StepStats {
     pub bytes_moved: u64,
     /// Attention rounds (more than one per layer when the fast tier is too small).
     pub rounds: u64,
+    /// Pages attended with keys rebuilt by the algorithm (ShadowKV), values fetched from
+    /// the host tier (counted in `bytes_moved`, not in `hits`/`misses`).
+    pub rebuilt_pages: u64,
 }
 
 impl StepStats {
@@ -77,6 +82,7 @@ impl StepStats {
         self.misses += o.misses;
         self.bytes_moved += o.bytes_moved;
         self.rounds += o.rounds;
+        self.rebuilt_pages += o.rebuilt_pages;
     }
 }
 
@@ -385,7 +391,9 @@ impl SpinCache {
     }
 
     /// Per entry and KV head, the logical pages to attend in the paged part.
-    fn page_requests(&mut self, step: &StepState, layer: usize, q_rot: &Tensor) -> Result<Vec<Vec<Vec<u32>>>> {
+    /// Also says whether the algorithm returned a page selection (not `All`).
+    #[allow(clippy::type_complexity)]
+    fn page_requests(&mut self, step: &StepState, layer: usize, q_rot: &Tensor) -> Result<(Vec<Vec<Vec<u32>>>, bool)> {
         let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
         let mut req: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); hkv]; step.entries.len()];
         // Prefill entries: every page holding earlier tokens (dense).
@@ -399,7 +407,7 @@ impl SpinCache {
             }
         }
         if decode.is_empty() {
-            return Ok(req);
+            return Ok((req, false));
         }
         let num_tokens: Vec<usize> = decode.iter().map(|&ei| step.entries[ei].start + 1).collect();
         let num_pages: Vec<usize> = num_tokens.iter().map(|t| t.div_ceil(p)).collect();
@@ -418,8 +426,10 @@ impl SpinCache {
         let rows: Vec<u32> = decode.iter().map(|&ei| step.entries[ei].row as u32).collect();
         let rows = Tensor::from_vec(rows, decode.len(), &self.cfg.device)?;
         let q_dec = q_rot.index_select(&rows, 0)?.contiguous()?;
+        let seqs: Vec<u64> = decode.iter().map(|&ei| step.entries[ei].seq).collect();
         let input = SelectInput {
             layer,
+            seqs: &seqs,
             q: &q_dec,
             candidates: &candidates,
             num_pages: &num_pages,
@@ -427,6 +437,7 @@ impl SpinCache {
             page_size: p,
         };
         let selection = self.algo.select(&input)?;
+        let selected = matches!(selection, Selection::Pages(_));
         let chosen = match selection {
             Selection::All => None,
             Selection::Pages(t) => {
@@ -474,7 +485,85 @@ impl SpinCache {
                 }
             }
         }
-        Ok(req)
+        Ok((req, selected))
+    }
+
+    /// `[S]` u32: per entry, the tokens its queries may see in the paged part (decode: all,
+    /// the new token included; prefill: the tokens before the step).
+    fn kv_limits(&self, step: &StepState) -> Result<Tensor> {
+        let kv_limit: Vec<u32> = step
+            .entries
+            .iter()
+            .map(|e| if e.n == 1 { (e.start + 1) as u32 } else { e.start as u32 })
+            .collect();
+        Ok(Tensor::from_vec(kv_limit, step.entries.len(), &self.cfg.device)?)
+    }
+
+    /// Attends the decode queries over pages whose keys the algorithm rebuilt: a
+    /// step-local pool of those keys plus values gathered from the host tier.
+    fn rebuilt_part(
+        &self,
+        step: &mut StepState,
+        layer: usize,
+        q_rot: &Tensor,
+        decode: &[usize],
+        rk: &RebuiltKeys,
+    ) -> Result<AttentionPartial> {
+        const OP: &str = "SparseAlgorithm::materialize";
+        let (p, d, hkv) = (self.cfg.page_size, self.cfg.head_dim, self.cfg.num_kv_heads);
+        let total: usize = rk.pages.iter().flatten().map(Vec::len).sum();
+        if rk.pages.len() != decode.len() || rk.pages.iter().any(|h| h.len() != hkv) {
+            crate::invalid!(
+                OP,
+                "{} rebuilt pages for {} sequences, expected {} sequences × {hkv} KV heads",
+                self.algo.name(),
+                rk.pages.len(),
+                decode.len()
+            );
+        }
+        if rk.keys.dims() != [total, p, d] || rk.keys.dtype() != self.cfg.dtype {
+            crate::invalid!(
+                OP,
+                "{} rebuilt keys {:?} {:?}, expected [{total}, {p}, {d}] {:?}",
+                self.algo.name(),
+                rk.keys.dims(),
+                rk.keys.dtype(),
+                self.cfg.dtype
+            );
+        }
+        let mut slots = Vec::with_capacity(total);
+        let nmax = rk.pages.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1);
+        let s = step.entries.len();
+        let mut list = vec![NONE; s * hkv * nmax * 2];
+        for (bi, &ei) in decode.iter().enumerate() {
+            let e = &step.entries[ei];
+            for (h, pages) in rk.pages[bi].iter().enumerate() {
+                let base = (ei * hkv + h) * nmax * 2;
+                for (j, &lp) in pages.iter().enumerate() {
+                    if lp as usize >= (e.start + 1).div_ceil(p) {
+                        crate::invalid!(OP, "{} rebuilt page {lp} past the sequence's end", self.algo.name());
+                    }
+                    list[base + 2 * j] = slots.len() as u32;
+                    list[base + 2 * j + 1] = lp;
+                    slots.push(self.tables.get(e.seq, layer * hkv + h, lp as usize)?);
+                }
+            }
+        }
+        let idx = Tensor::from_vec(slots, total, &self.host_device)?;
+        let values = self
+            .host_pool
+            .index_select(&idx, 0)?
+            .narrow(1, 1, 1)?
+            .to_device(&self.cfg.device)?;
+        let pool = Tensor::cat(&[&rk.keys.unsqueeze(1)?, &values], 1)?.contiguous()?;
+        step.stats.rebuilt_pages += total as u64;
+        step.stats.bytes_moved += (total * self.cfg.page_bytes() / 2) as u64;
+        let list = PageList {
+            pages: Tensor::from_vec(list, (s, hkv, nmax, 2), &self.cfg.device)?,
+            queries: step.queries.clone(),
+            kv_limit: self.kv_limits(step)?,
+        };
+        ops::sparse_paged_attention(q_rot, &pool, &list, self.scale)
     }
 
     /// Attends the step's queries over the requested pages, in rounds that fit the fast
@@ -501,12 +590,7 @@ impl SpinCache {
         if pending.is_empty() {
             return Ok(None);
         }
-        let kv_limit: Vec<u32> = step
-            .entries
-            .iter()
-            .map(|e| if e.n == 1 { (e.start + 1) as u32 } else { e.start as u32 })
-            .collect();
-        let kv_limit = Tensor::from_vec(kv_limit, s, &self.cfg.device)?;
+        let kv_limit = self.kv_limits(step)?;
         let mut acc: Option<AttentionPartial> = None;
         while !pending.is_empty() {
             self.lru.begin_round();
@@ -606,6 +690,7 @@ impl SparseKvCache for SpinCache {
             self.host_alloc.free(slot)?;
         }
         self.lens.remove(&seq.0);
+        self.algo.forget(seq.0);
         Ok(())
     }
 
@@ -740,6 +825,7 @@ impl SparseKvCache for SpinCache {
             if let Some(l) = self.lens.get_mut(&e.seq) {
                 *l = e.start;
             }
+            self.algo.truncate(e.seq, e.start);
         }
         Ok(())
     }
@@ -806,8 +892,20 @@ impl SpinCache {
             )?;
         }
         let dst_t = Tensor::from_vec(dst, shape, &self.cfg.device)?;
+        let runs: Vec<TokenRun> = step
+            .entries
+            .iter()
+            .map(|e| TokenRun {
+                seq: e.seq,
+                start: e.start,
+                n: e.n,
+                row: e.row,
+            })
+            .collect();
         self.algo.index(&IndexInput {
             layer,
+            runs: &runs,
+            q: &q_rot,
             k: &k_rot,
             k_pre_rope: k,
             v: &v,
@@ -816,7 +914,7 @@ impl SpinCache {
 
         // Select and attend over pages (decode: selected pages incl. the new token;
         // prefill: all earlier pages), then the in-step causal part of prefills.
-        let req = self.page_requests(step, layer, &q_rot)?;
+        let (mut req, selected) = self.page_requests(step, layer, &q_rot)?;
         for (e, heads) in step.entries.iter().zip(&req) {
             if e.n == 1 {
                 step.stats.decode_rows += 1;
@@ -824,10 +922,37 @@ impl SpinCache {
                 step.stats.pages_attended += heads.iter().map(|l| l.len() as u64).sum::<u64>();
             }
         }
-        match self.algo.materialize(layer)? {
-            Materialized::FetchFromTiers => {}
-        }
+        let decode: Vec<usize> = (0..step.entries.len()).filter(|&ei| step.entries[ei].n == 1).collect();
+        let rebuilt = if selected && !decode.is_empty() {
+            let seqs: Vec<u64> = decode.iter().map(|&ei| step.entries[ei].seq).collect();
+            let num_tokens: Vec<usize> = decode.iter().map(|&ei| step.entries[ei].start + 1).collect();
+            let pages: Vec<Vec<Vec<u32>>> = decode.iter().map(|&ei| req[ei].clone()).collect();
+            match self.algo.materialize(&MaterializeInput {
+                layer,
+                seqs: &seqs,
+                num_tokens: &num_tokens,
+                pages: &pages,
+                page_size: p,
+            })? {
+                Materialized::FetchFromTiers => None,
+                Materialized::Rebuilt(rk) => {
+                    // Rebuilt pages leave the tiered fetch; they are attended separately.
+                    for (bi, &ei) in decode.iter().enumerate() {
+                        for (h, rebuilt) in rk.pages.get(bi).into_iter().flatten().enumerate().take(hkv) {
+                            req[ei][h].retain(|lp| rebuilt.binary_search(lp).is_err());
+                        }
+                    }
+                    Some(self.rebuilt_part(step, layer, &q_rot, &decode, &rk)?)
+                }
+            }
+        } else {
+            None
+        };
         let paged = self.paged_part(step, layer, &q_rot, &req)?;
+        let paged = match (paged, rebuilt) {
+            (Some(a), Some(b)) => Some(ops::merge_partials(&a, &b)?),
+            (a, b) => a.or(b),
+        };
         let mut outs = Vec::with_capacity(step.entries.len());
         for e in &step.entries {
             let part = paged

@@ -72,6 +72,19 @@ impl CacheConfig {
         self
     }
 
+    /// Changes the page size, keeping the token capacity of both tiers (page counts are
+    /// recomputed and round up).
+    pub fn with_page_size(mut self, page_size: usize) -> Self {
+        let tokens = self.host_pages * self.page_size;
+        let fraction = if self.host_pages == 0 {
+            1.0
+        } else {
+            self.fast_pages as f64 / self.host_pages as f64
+        };
+        self.page_size = page_size;
+        self.with_token_capacity(tokens, fraction)
+    }
+
     /// Bytes of one page (K and V) in `dtype`.
     pub fn page_bytes(&self) -> usize {
         2 * self.page_size * self.head_dim * self.dtype.size_in_bytes()

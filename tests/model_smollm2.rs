@@ -9,7 +9,7 @@ use spinkv::models::fetch::{fetch_default_model, ModelSpec};
 use spinkv::models::generation::generate;
 use spinkv::models::tokenizer::read_gguf_content;
 use spinkv::models::{load_model, weights, LlamaConfig, LoadedModel, Sampler, SamplingConfig};
-use spinkv::partition::{Dense, Quest, QuestConfig, SparseAlgorithm};
+use spinkv::partition::{Dense, InfLlm, InfLlmConfig, Quest, QuestConfig, ShadowKv, ShadowKvConfig, SparseAlgorithm};
 use spinkv::{SparseKvCache, SpinCache};
 use std::sync::OnceLock;
 
@@ -24,7 +24,9 @@ fn model() -> &'static LoadedModel {
 fn greedy(algo: Box<dyn SparseAlgorithm>, prompt: &str, n: usize) -> Vec<u32> {
     let lm = model();
     let ids = lm.tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
-    let mut cache = SpinCache::new_boxed(lm.model.cache_config(ids.len() + n + 1, 1.0), algo).unwrap();
+    let page = algo.page_size_hint().unwrap_or(16);
+    let ccfg = lm.model.cache_config(ids.len() + n + 1, 1.0).with_page_size(page);
+    let mut cache = SpinCache::new_boxed(ccfg, algo).unwrap();
     let mut sampler = Sampler::new(SamplingConfig::default());
     let rep = generate(
         &lm.model,
@@ -58,6 +60,47 @@ fn capital_of_france_is_paris_dense_and_quest_agree() {
         8,
     );
     assert_eq!(dense, quest, "quest with budget >= context must equal dense");
+}
+
+#[test]
+fn infllm_and_full_rank_shadowkv_with_budget_over_context_equal_dense() {
+    // A prompt long enough that InfLLM finalizes blocks (window 32) and ShadowKV compresses
+    // its prefill (Hkv·D = 3 · 64 = 192 = rank: the factor is exact up to rounding).
+    let prompt = "Alice keeps bees on a hill near the old mill. Every spring she counts the hives, \
+                  paints the boxes blue and sells honey at the Saturday market in the village square. \
+                  Her brother Tom repairs bicycles. What does Alice sell at the market? She sells";
+    let dense = greedy(Box::new(Dense::new()), prompt, 10);
+    let infllm = greedy(
+        Box::new(
+            InfLlm::new(InfLlmConfig {
+                block_tokens: 16,
+                sink_tokens: 16,
+                window_tokens: 32,
+                topk_blocks: 64,
+                repr_topk: 4,
+            })
+            .unwrap(),
+        ),
+        prompt,
+        10,
+    );
+    assert_eq!(dense, infllm, "infllm with budget >= context must equal dense");
+    let shadow = greedy(
+        Box::new(
+            ShadowKv::new(ShadowKvConfig {
+                rank: 192,
+                sparse_budget_tokens: 4096,
+                ..Default::default()
+            })
+            .unwrap(),
+        ),
+        prompt,
+        10,
+    );
+    assert_eq!(
+        dense, shadow,
+        "full-rank shadowkv with budget >= context must equal dense"
+    );
 }
 
 #[test]

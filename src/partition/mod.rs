@@ -3,23 +3,52 @@
 //! tokens arrive), **select** (choose partitions for the current query under a token
 //! budget, always keeping sink, local window and the newest page), **materialize** (make
 //! the selected pages available in the fast tier; by default the cache fetches them
-//! through the tiers). Attention over the selected pages is one shared op.
+//! through the tiers, or the algorithm rebuilds some pages' keys itself). Attention over
+//! the selected pages is one shared op.
+//!
+//! Algorithms that keep per-sequence state (InfLLM's representative keys, ShadowKV's
+//! low-rank key factors) see sequence ids and positions through [`TokenRun`], and are
+//! told when a sequence is removed ([`SparseAlgorithm::forget`]) or a step is aborted
+//! ([`SparseAlgorithm::truncate`]).
 
 pub mod dense;
+pub mod infllm;
 pub mod quest;
+pub mod shadowkv;
 pub mod streaming;
 
 pub use dense::Dense;
+pub use infllm::{InfLlm, InfLlmConfig};
 pub use quest::{Quest, QuestConfig};
+pub use shadowkv::{ShadowKv, ShadowKvConfig};
 pub use streaming::{Streaming, StreamingConfig};
 
+use crate::ops::NONE;
 use crate::{CacheConfig, Result};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
+
+/// The tokens one sequence adds in a step: rows `row..row + n` of the step's tensors,
+/// at positions `start..start + n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenRun {
+    /// Sequence id ([`SeqId`](crate::SeqId)`.0`).
+    pub seq: u64,
+    /// Tokens the sequence held before the step (= position of the first new token).
+    pub start: usize,
+    /// New tokens.
+    pub n: usize,
+    /// Row of the first new token in the step's `[T, ..]` tensors.
+    pub row: usize,
+}
 
 /// New keys and values of one layer, after they were written to their pages.
 pub struct IndexInput<'a> {
     /// Layer index.
     pub layer: usize,
+    /// The step's sequences, in row order.
+    pub runs: &'a [TokenRun],
+    /// `[T, Hq, D]` post-RoPE queries of the step's tokens (they attend after `index`).
+    pub q: &'a Tensor,
     /// `[T, Hkv, D]` post-RoPE keys of the step's tokens.
     pub k: &'a Tensor,
     /// `[T, Hkv, D]` keys before RoPE.
@@ -34,6 +63,8 @@ pub struct IndexInput<'a> {
 pub struct SelectInput<'a> {
     /// Layer index.
     pub layer: usize,
+    /// Sequence id of each decoding sequence (`B` entries).
+    pub seqs: &'a [u64],
     /// `[B, Hq, D]` post-RoPE query of each decoding sequence.
     pub q: &'a Tensor,
     /// `[B, Hkv, N]` u32 host slots (= metadata slots) of each sequence's pages in logical
@@ -57,11 +88,54 @@ pub enum Selection {
     Pages(Tensor),
 }
 
+impl Selection {
+    /// A [`Selection::Pages`] from host lists `lists[b][h]` of logical pages (any
+    /// lengths; padded with [`NONE`]). `lists` must hold `B` entries of `kv_heads` lists.
+    pub fn from_lists(lists: &[Vec<Vec<u32>>], kv_heads: usize, device: &Device) -> Result<Self> {
+        let k = lists.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut flat = vec![NONE; lists.len() * kv_heads * k];
+        for (b, heads) in lists.iter().enumerate() {
+            for (h, pages) in heads.iter().enumerate().take(kv_heads) {
+                flat[(b * kv_heads + h) * k..][..pages.len()].copy_from_slice(pages);
+            }
+        }
+        Ok(Self::Pages(Tensor::from_vec(flat, (lists.len(), kv_heads, k), device)?))
+    }
+}
+
+/// What an algorithm sees when it materializes the selected pages of one layer.
+pub struct MaterializeInput<'a> {
+    /// Layer index.
+    pub layer: usize,
+    /// Sequence id of each decoding sequence (`B` entries).
+    pub seqs: &'a [u64],
+    /// Tokens of each sequence, the new one included (`B` entries).
+    pub num_tokens: &'a [usize],
+    /// `pages[b][h]`: the logical pages selected for sequence `b`, KV head `h`, ascending.
+    pub pages: &'a [Vec<Vec<u32>>],
+    /// Tokens per page.
+    pub page_size: usize,
+}
+
+/// Pages whose keys the algorithm rebuilt itself (ShadowKV: from a low-rank factor).
+/// They are attended from a step-local pool of rebuilt keys plus values gathered from the
+/// host tier, not through the tiered cache; the other selected pages are fetched as usual.
+#[derive(Debug, Clone)]
+pub struct RebuiltKeys {
+    /// `pages[b][h]`: rebuilt logical pages (a subset of the selection), ascending.
+    pub pages: Vec<Vec<Vec<u32>>>,
+    /// `[n, P, D]` post-RoPE keys of those pages in the order `b`, `h`, page (`n` = total
+    /// rebuilt pages), in the cache dtype on the cache device.
+    pub keys: Tensor,
+}
+
 /// How the selected pages reach the fast tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Materialized {
     /// Fetch them through the tiered cache (hits stay, misses are copied in batches).
     FetchFromTiers,
+    /// Some pages' keys were rebuilt by the algorithm; the rest are fetched.
+    Rebuilt(RebuiltKeys),
 }
 
 /// A sparse-attention algorithm on the shared page substrate.
@@ -90,10 +164,27 @@ pub trait SparseAlgorithm: Send {
     /// Select: the pages each decoding sequence attends to in this layer.
     fn select(&mut self, input: &SelectInput<'_>) -> Result<Selection>;
 
-    /// Materialize: how the selected pages reach the fast tier.
-    fn materialize(&mut self, layer: usize) -> Result<Materialized> {
-        let _ = layer;
+    /// Materialize: how the selected pages reach the fast tier (called after `select`
+    /// when it returned [`Selection::Pages`]).
+    fn materialize(&mut self, input: &MaterializeInput<'_>) -> Result<Materialized> {
+        let _ = input;
         Ok(Materialized::FetchFromTiers)
+    }
+
+    /// The page size the algorithm is designed for, if it requires one (ShadowKV: its
+    /// chunk size). Model helpers use it to configure the cache.
+    fn page_size_hint(&self) -> Option<usize> {
+        None
+    }
+
+    /// Drops every piece of state kept for `seq` (the cache removed it).
+    fn forget(&mut self, seq: u64) {
+        let _ = seq;
+    }
+
+    /// Rolls `seq`'s state back to its first `len` tokens (the cache aborted a step).
+    fn truncate(&mut self, seq: u64, len: usize) {
+        let _ = (seq, len);
     }
 }
 
@@ -107,11 +198,13 @@ pub(crate) fn forced_pages(sink_tokens: usize, window_tokens: usize, page_size: 
 }
 
 /// Names accepted by [`by_name`].
-pub const ALGORITHMS: &[&str] = &["dense", "streaming", "quest"];
+pub const ALGORITHMS: &[&str] = &["dense", "streaming", "quest", "infllm", "shadowkv"];
 
-/// Builds an algorithm from its name with a token budget (ignored by `dense`):
-/// `streaming` keeps a 64-token sink and the rest of the budget as window; `quest` uses
-/// its defaults otherwise.
+/// Builds an algorithm from its name with a token budget per decode step and KV head
+/// (ignored by `dense`): `streaming` keeps a 64-token sink and the rest of the budget as
+/// window; `quest` uses its defaults otherwise; `infllm` and `shadowkv` scale their
+/// sink, window, block and outlier sizes to the budget ([`InfLlmConfig::for_budget`],
+/// [`ShadowKvConfig::for_budget`]) so that every algorithm attends about the same tokens.
 pub fn by_name(name: &str, budget_tokens: usize) -> Result<Box<dyn SparseAlgorithm>> {
     Ok(match name {
         "dense" => Box::new(Dense::new()),
@@ -126,6 +219,8 @@ pub fn by_name(name: &str, budget_tokens: usize) -> Result<Box<dyn SparseAlgorit
             budget_tokens,
             ..Default::default()
         })),
+        "infllm" => Box::new(InfLlm::new(InfLlmConfig::for_budget(budget_tokens))?),
+        "shadowkv" => Box::new(ShadowKv::new(ShadowKvConfig::for_budget(budget_tokens))?),
         other => {
             return Err(crate::Error::Config(format!(
                 "unknown algorithm `{other}` (known: {})",

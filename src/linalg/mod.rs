@@ -1,0 +1,9 @@
+//! Linear algebra candle lacks: a randomized truncated SVD (range finder + small dense
+//! eigen solve) for ShadowKV's low-rank keys. Large products run as candle ops on the
+//! tensor's device (in f64); the small `k × k` factorizations run in plain Rust.
+
+mod randomized_svd;
+mod small;
+
+pub use randomized_svd::{randomized_low_rank, LowRank, LowRankOptions};
+pub use small::symmetric_eigen;

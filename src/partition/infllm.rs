@@ -1,0 +1,358 @@
+//! `InfLLM` (Xiao et al., 2024): the context is cut into blocks of `block_tokens`; every
+//! query attends a sink, a local window and the top-k blocks, scored by the dot product
+//! of the head-concatenated query with each block's *representative keys* — the
+//! `repr_topk` keys of the block that received the most attention while they were in
+//! the local window. One block selection is shared by all heads.
+//!
+//! Metadata per (layer, sequence), on the cache device: the representative keys
+//! `[Hkv, blocks · repr_topk, D]` of finalized blocks, plus, for tokens not yet in a
+//! finalized block (the window and the block leaving it), their post-RoPE keys and the
+//! attention mass they accumulated (host `f32`). A block is finalized when its last
+//! token leaves the window of every later query.
+
+use super::{forced_pages, IndexInput, SelectInput, Selection, SparseAlgorithm, TokenRun};
+use crate::{CacheConfig, Error, Result};
+use candle_core::{DType, Tensor, D};
+use std::collections::HashMap;
+
+/// Configuration of [`InfLlm`] (defaults: the InfLLM paper's Llama settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfLlmConfig {
+    /// Tokens per block (a multiple of the page size). Default 128.
+    pub block_tokens: usize,
+    /// Leading tokens always attended. Default 128.
+    pub sink_tokens: usize,
+    /// Most recent tokens always attended; also the span over which keys collect attention
+    /// mass. Default 4096.
+    pub window_tokens: usize,
+    /// Blocks retrieved per decode step. Default 16.
+    pub topk_blocks: usize,
+    /// Representative keys per block and KV head. Default 4.
+    pub repr_topk: usize,
+}
+
+impl Default for InfLlmConfig {
+    fn default() -> Self {
+        Self {
+            block_tokens: 128,
+            sink_tokens: 128,
+            window_tokens: 4096,
+            topk_blocks: 16,
+            repr_topk: 4,
+        }
+    }
+}
+
+impl InfLlmConfig {
+    /// Tokens attended per decode step (at most): sink + window + retrieved blocks.
+    pub fn budget_tokens(&self) -> usize {
+        self.sink_tokens + self.window_tokens + self.topk_blocks * self.block_tokens
+    }
+
+    /// A configuration attending about `budget_tokens` per step, scaled down from the
+    /// defaults for short contexts: block = `budget/16` rounded down to a power of two in
+    /// `[16, 128]`, sink = `budget/16` in `[16, 128]`, window = `budget/4` in
+    /// `[32, 4096]`, and as many blocks as fit in the rest.
+    pub fn for_budget(budget_tokens: usize) -> Self {
+        let block = (budget_tokens / 16).clamp(16, 128);
+        let block = 1 << (usize::BITS - 1 - block.leading_zeros());
+        let sink = (budget_tokens / 16).clamp(16, 128);
+        let window = (budget_tokens / 4).clamp(32, 4096);
+        Self {
+            block_tokens: block,
+            sink_tokens: sink,
+            window_tokens: window,
+            topk_blocks: budget_tokens.saturating_sub(sink + window) / block,
+            repr_topk: 4,
+        }
+    }
+}
+
+/// Per (layer, sequence) state.
+#[derive(Debug, Default)]
+struct SeqState {
+    /// Tokens indexed.
+    len: usize,
+    /// First token not in a finalized block (a multiple of the block size).
+    pending_start: usize,
+    /// `[len - pending_start, Hkv, D]` post-RoPE keys of the pending tokens.
+    pending_k: Option<Tensor>,
+    /// `[(len - pending_start) · Hkv]` attention mass of the pending tokens.
+    mass: Vec<f32>,
+    /// `[Hkv, blocks · R, D]` representative keys of the finalized blocks.
+    repr: Option<Tensor>,
+    /// Finalized blocks.
+    blocks: usize,
+    /// `(len, mass)` before the latest `index` call, to roll an aborted step back.
+    undo: Option<(usize, Vec<f32>)>,
+}
+
+/// InfLLM block retrieval with representative keys.
+#[derive(Debug)]
+pub struct InfLlm {
+    cfg: InfLlmConfig,
+    page_size: usize,
+    kv_heads: usize,
+    q_heads: usize,
+    scale: f64,
+    seqs: HashMap<(usize, u64), SeqState>,
+}
+
+/// Queries per chunk when accumulating attention mass.
+const MASS_CHUNK: usize = 64;
+
+impl InfLlm {
+    /// An InfLLM selector; checks the configuration (the page size is checked by the
+    /// cache at `init`).
+    pub fn new(cfg: InfLlmConfig) -> Result<Self> {
+        let bad = |m: String| Err(Error::Config(format!("infllm: {m}")));
+        if cfg.block_tokens == 0 || cfg.window_tokens == 0 {
+            return bad(format!(
+                "block_tokens ({}) and window_tokens ({}) must be >= 1",
+                cfg.block_tokens, cfg.window_tokens
+            ));
+        }
+        if cfg.repr_topk == 0 || cfg.repr_topk > cfg.block_tokens {
+            return bad(format!(
+                "repr_topk ({}) must be in 1..=block_tokens ({})",
+                cfg.repr_topk, cfg.block_tokens
+            ));
+        }
+        if cfg.topk_blocks == 0 {
+            return bad(format!(
+                "the budget leaves no block to retrieve: sink ({}) + window ({}) use it all, topk_blocks = 0 \
+                 (give a budget of at least sink + window + one block of {})",
+                cfg.sink_tokens, cfg.window_tokens, cfg.block_tokens
+            ));
+        }
+        Ok(Self {
+            cfg,
+            page_size: 0,
+            kv_heads: 0,
+            q_heads: 0,
+            scale: 1.0,
+            seqs: HashMap::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &InfLlmConfig {
+        &self.cfg
+    }
+
+    /// Finalized blocks of `seq` in `layer` (representative keys exist for them).
+    pub fn finalized_blocks(&self, layer: usize, seq: u64) -> usize {
+        self.seqs.get(&(layer, seq)).map_or(0, |s| s.blocks)
+    }
+
+    /// Finalizes the oldest pending block: its representative keys are the `repr_topk`
+    /// keys per head with the most accumulated mass.
+    fn finalize_block(&self, st: &mut SeqState) -> Result<()> {
+        let (bt, hkv, r) = (self.cfg.block_tokens, self.kv_heads, self.cfg.repr_topk);
+        let pk = st
+            .pending_k
+            .as_ref()
+            .ok_or_else(|| Error::Config("infllm: finalizing a block without keys".into()))?;
+        let rows = pk.dim(0)?;
+        let d = pk.dim(2)?;
+        let mut idx = Vec::with_capacity(hkv * r);
+        for h in 0..hkv {
+            let mut order: Vec<usize> = (0..bt).collect();
+            order.sort_by(|&a, &b| st.mass[b * hkv + h].total_cmp(&st.mass[a * hkv + h]).then(a.cmp(&b)));
+            idx.extend(order[..r].iter().map(|&t| (t * hkv + h) as u32));
+        }
+        let idx = Tensor::from_vec(idx, hkv * r, pk.device())?;
+        let new = pk
+            .narrow(0, 0, bt)?
+            .reshape((bt * hkv, d))?
+            .index_select(&idx, 0)?
+            .reshape((hkv, r, d))?;
+        st.repr = Some(match st.repr.take() {
+            None => new,
+            Some(old) => Tensor::cat(&[&old, &new], 1)?,
+        });
+        st.pending_k = Some(pk.narrow(0, bt, rows - bt)?);
+        st.mass.drain(..bt * hkv);
+        st.pending_start += bt;
+        st.blocks += 1;
+        Ok(())
+    }
+
+    /// Adds to the pending keys the attention mass of the run's queries, each over its
+    /// local window `[p - window + 1, p]` (softmax normalized over that window, summed
+    /// over the query heads of each KV head).
+    fn accumulate_mass(&self, st: &mut SeqState, run: &TokenRun, q: &Tensor) -> Result<()> {
+        let (hkv, hq, w) = (self.kv_heads, self.q_heads, self.cfg.window_tokens);
+        let g = hq / hkv;
+        let pk = match st.pending_k.as_ref() {
+            Some(pk) => pk,
+            None => return Ok(()),
+        };
+        let d = pk.dim(2)?;
+        let ps = st.pending_start;
+        let mut a = run.start;
+        while a < run.start + run.n {
+            let c = MASS_CHUNK.min(run.start + run.n - a);
+            let lo = ps.max((a + 1).saturating_sub(w));
+            let lk = a + c - lo;
+            let keys = pk.narrow(0, lo - ps, lk)?.to_dtype(DType::F32)?.permute((1, 2, 0))?; // [Hkv, D, Lk]
+            let qs = q
+                .narrow(0, run.row + (a - run.start), c)?
+                .to_dtype(DType::F32)?
+                .reshape((c, hkv, g, d))?
+                .permute((1, 2, 0, 3))?
+                .reshape((hkv, g * c, d))?;
+            let mut mask = vec![f32::NEG_INFINITY; c * lk];
+            for i in 0..c {
+                let p = a + i;
+                for j in 0..lk {
+                    let kp = lo + j;
+                    if kp <= p && kp + w > p {
+                        mask[i * lk + j] = 0.0;
+                    }
+                }
+            }
+            let mask = Tensor::from_vec(mask, (1, 1, c, lk), q.device())?;
+            let logits = (qs.contiguous()?.matmul(&keys.contiguous()?)? * self.scale)?
+                .reshape((hkv, g, c, lk))?
+                .broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+            let m = probs.sum(2)?.sum(1)?.to_device(&candle_core::Device::Cpu)?; // [Hkv, Lk]
+            let m = m.to_vec2::<f32>()?;
+            for (h, row) in m.iter().enumerate() {
+                for (j, &x) in row.iter().enumerate() {
+                    st.mass[(lo - ps + j) * hkv + h] += x;
+                }
+            }
+            a += c;
+        }
+        Ok(())
+    }
+}
+
+impl SparseAlgorithm for InfLlm {
+    fn name(&self) -> String {
+        format!(
+            "infllm(block={}, sink={}, window={}, topk={})",
+            self.cfg.block_tokens, self.cfg.sink_tokens, self.cfg.window_tokens, self.cfg.topk_blocks
+        )
+    }
+
+    fn partition_pages(&self, page_size: usize) -> usize {
+        (self.cfg.block_tokens / page_size.max(1)).max(1)
+    }
+
+    fn init(&mut self, cfg: &CacheConfig) -> Result<()> {
+        if self.cfg.block_tokens % cfg.page_size != 0 {
+            return Err(Error::Config(format!(
+                "infllm: block_tokens ({}) must be a multiple of the page size ({})",
+                self.cfg.block_tokens, cfg.page_size
+            )));
+        }
+        self.page_size = cfg.page_size;
+        self.kv_heads = cfg.num_kv_heads;
+        self.q_heads = cfg.num_q_heads;
+        self.scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        Ok(())
+    }
+
+    fn index(&mut self, input: &IndexInput<'_>) -> Result<()> {
+        let (bt, w) = (self.cfg.block_tokens, self.cfg.window_tokens);
+        for run in input.runs {
+            let mut st = self.seqs.remove(&(input.layer, run.seq)).unwrap_or_default();
+            if st.len != run.start {
+                return Err(Error::Invalid {
+                    op: "InfLlm::index",
+                    msg: format!(
+                        "sequence {} layer {}: {} tokens indexed but the step starts at {}",
+                        run.seq, input.layer, st.len, run.start
+                    ),
+                });
+            }
+            // Blocks whose last token is outside the window of every query from now on.
+            while st.pending_start + bt + w <= run.start + 1 {
+                self.finalize_block(&mut st)?;
+            }
+            st.undo = Some((run.start, st.mass.clone()));
+            let k_new = input.k.narrow(0, run.row, run.n)?;
+            st.pending_k = Some(match st.pending_k.take() {
+                None => k_new.contiguous()?,
+                Some(old) => Tensor::cat(&[&old, &k_new], 0)?,
+            });
+            st.mass.resize(st.mass.len() + run.n * self.kv_heads, 0.0);
+            self.accumulate_mass(&mut st, run, input.q)?;
+            st.len += run.n;
+            self.seqs.insert((input.layer, run.seq), st);
+        }
+        Ok(())
+    }
+
+    fn select(&mut self, input: &SelectInput<'_>) -> Result<Selection> {
+        let p = self.page_size;
+        let bp = self.cfg.block_tokens / p;
+        let (sink_pages, _) = forced_pages(self.cfg.sink_tokens, 1, p);
+        let hkv = self.kv_heads;
+        let g = self.q_heads / hkv;
+        let mut lists = Vec::with_capacity(input.seqs.len());
+        for (b, &seq) in input.seqs.iter().enumerate() {
+            let (nt, np) = (input.num_tokens[b], input.num_pages[b]);
+            let st = self.seqs.get(&(input.layer, seq)).ok_or(Error::UnknownSequence(seq))?;
+            let forced_from = st.pending_start.min(nt.saturating_sub(self.cfg.window_tokens)) / p;
+            let mut pages: Vec<u32> = (0..np as u32)
+                .filter(|&j| (j as usize) < sink_pages || j as usize >= forced_from)
+                .collect();
+            if let (Some(repr), true) = (st.repr.as_ref(), st.blocks > 0) {
+                let d = repr.dim(2)?;
+                let q = input.q.get(b)?.to_dtype(DType::F32)?.reshape((hkv, g, d))?;
+                let kt = repr.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?; // [Hkv, D, NB·R]
+                let scores = q
+                    .matmul(&kt)? // [Hkv, G, NB·R]
+                    .sum(1)?
+                    .sum(0)?
+                    .reshape((st.blocks, self.cfg.repr_topk))?
+                    .mean(D::Minus1)?
+                    .to_device(&candle_core::Device::Cpu)?
+                    .to_vec1::<f32>()?;
+                let mut eligible: Vec<usize> = (0..st.blocks)
+                    .filter(|&j| (j + 1) * bp > sink_pages && j * bp < forced_from)
+                    .collect();
+                eligible.sort_by(|&x, &y| scores[y].total_cmp(&scores[x]).then(x.cmp(&y)));
+                for &j in eligible.iter().take(self.cfg.topk_blocks) {
+                    pages.extend((j * bp..((j + 1) * bp).min(np)).map(|x| x as u32));
+                }
+                pages.sort_unstable();
+                pages.dedup();
+            }
+            lists.push(vec![pages; hkv]);
+        }
+        Selection::from_lists(&lists, hkv, input.q.device())
+    }
+
+    fn forget(&mut self, seq: u64) {
+        self.seqs.retain(|&(_, s), _| s != seq);
+    }
+
+    fn truncate(&mut self, seq: u64, len: usize) {
+        let keys: Vec<(usize, u64)> = self.seqs.keys().copied().filter(|&(_, s)| s == seq).collect();
+        for key in keys {
+            let Some(st) = self.seqs.get_mut(&key) else { continue };
+            if st.len <= len {
+                continue;
+            }
+            match st.undo.take() {
+                Some((at, mass)) if at == len && len >= st.pending_start => {
+                    st.pending_k = st
+                        .pending_k
+                        .as_ref()
+                        .and_then(|k| k.narrow(0, 0, len - st.pending_start).ok());
+                    st.mass = mass;
+                    st.len = len;
+                }
+                _ => {
+                    // Cannot roll back exactly: start the sequence's metadata afresh.
+                    self.seqs.remove(&key);
+                }
+            }
+        }
+    }
+}

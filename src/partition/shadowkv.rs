@@ -1,0 +1,396 @@
+//! `ShadowKV` (Sun et al., 2024): keys of the prefill are kept as a low-rank factor of
+//! the **pre-RoPE** keys `[L, Hkv·D]` (truncated SVD, per layer and sequence) in the fast
+//! tier, values stay in the capacity tier. Per chunk (= one page) a landmark — the mean of
+//! its post-RoPE keys — is scored against the query; the top chunks per KV head are
+//! **rebuilt**: keys from the factor, RoPE at their positions, values fetched from the
+//! capacity tier. Outlier chunks (the lowest minimum cosine similarity of their keys to
+//! their landmark), the local window and every token added after the prefill stay exact
+//! and are always attended.
+//!
+//! The factor is computed at a sequence's first decode step in each layer over the full
+//! chunks seen so far (the prefill, chunked or not): until then the algorithm buffers the
+//! pre-RoPE keys; afterwards new tokens are exact and nothing is buffered.
+
+use super::IndexInput;
+use super::{MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection, SparseAlgorithm};
+use crate::linalg::{randomized_low_rank, LowRankOptions};
+use crate::rope::{apply_rope, rope_tables};
+use crate::{CacheConfig, Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+
+/// Configuration of [`ShadowKv`] (defaults: the ShadowKV paper's settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowKvConfig {
+    /// Tokens per chunk; must equal the cache's page size. Default 8.
+    pub chunk_tokens: usize,
+    /// Rank of the key factor (capped by the prefill length; must be <= Hkv·D). Default 160.
+    pub rank: usize,
+    /// Tokens of rebuilt chunks per decode step and KV head (`/ chunk_tokens` chunks).
+    /// Default 2048.
+    pub sparse_budget_tokens: usize,
+    /// Outlier chunks per KV head kept exact and always attended. Default 48.
+    pub outlier_chunks: usize,
+    /// Most recent tokens always attended exactly. Default 32.
+    pub window_tokens: usize,
+}
+
+impl Default for ShadowKvConfig {
+    fn default() -> Self {
+        Self {
+            chunk_tokens: 8,
+            rank: 160,
+            sparse_budget_tokens: 2048,
+            outlier_chunks: 48,
+            window_tokens: 32,
+        }
+    }
+}
+
+impl ShadowKvConfig {
+    /// Tokens attended per decode step and KV head once the prefill is compressed (tokens
+    /// decoded since are added to this).
+    pub fn budget_tokens(&self) -> usize {
+        self.sparse_budget_tokens + self.outlier_chunks * self.chunk_tokens + self.window_tokens
+    }
+
+    /// A configuration attending about `budget_tokens` per step in total: outliers scale
+    /// as in the paper (48 chunks per 2048 tokens, at least 1), the window is 32 tokens,
+    /// the rest is the rebuilt-chunk budget.
+    pub fn for_budget(budget_tokens: usize) -> Self {
+        let d = Self::default();
+        let outliers = (budget_tokens * d.outlier_chunks / d.sparse_budget_tokens).max(1);
+        Self {
+            outlier_chunks: outliers,
+            sparse_budget_tokens: budget_tokens.saturating_sub(outliers * d.chunk_tokens + d.window_tokens),
+            ..d
+        }
+    }
+}
+
+/// The compressed prefill of one (layer, sequence).
+#[derive(Debug)]
+struct Compressed {
+    /// Compressed chunks (`chunks · P` tokens from position 0).
+    chunks: usize,
+    /// `[chunks·P, r]` f32 left factor (orthonormal columns).
+    left: Option<Tensor>,
+    /// `[r, Hkv·D]` f32 right factor.
+    right: Option<Tensor>,
+    /// `[Hkv, chunks, D]` f32 landmarks (mean post-RoPE key per chunk).
+    landmarks: Option<Tensor>,
+    /// `outlier[h][c]`: chunk `c` of head `h` is kept exact.
+    outlier: Vec<Vec<bool>>,
+}
+
+#[derive(Debug, Default)]
+struct SeqState {
+    len: usize,
+    /// `[len, Hkv, D]` pre-RoPE keys, until the prefill is compressed.
+    prefill_k: Option<Tensor>,
+    comp: Option<Compressed>,
+}
+
+/// ShadowKV: low-rank pre-RoPE keys, landmarks, outliers, rebuilt keys at decode.
+#[derive(Debug)]
+pub struct ShadowKv {
+    cfg: ShadowKvConfig,
+    page_size: usize,
+    kv_heads: usize,
+    q_heads: usize,
+    head_dim: usize,
+    rope_theta: f64,
+    dtype: DType,
+    scale: f64,
+    seqs: HashMap<(usize, u64), SeqState>,
+}
+
+impl ShadowKv {
+    /// A ShadowKV selector; checks the configuration (rank and page size are checked
+    /// against the cache at `init`).
+    pub fn new(cfg: ShadowKvConfig) -> Result<Self> {
+        let bad = |m: String| Err(Error::Config(format!("shadowkv: {m}")));
+        if cfg.chunk_tokens == 0 || cfg.rank == 0 {
+            return bad(format!(
+                "chunk_tokens ({}) and rank ({}) must be >= 1",
+                cfg.chunk_tokens, cfg.rank
+            ));
+        }
+        if cfg.sparse_budget_tokens < cfg.chunk_tokens {
+            return bad(format!(
+                "the budget leaves no chunk to retrieve: sparse_budget_tokens = {} < one chunk of {} \
+                 (a total budget must exceed outliers ({} chunks) + window ({} tokens))",
+                cfg.sparse_budget_tokens, cfg.chunk_tokens, cfg.outlier_chunks, cfg.window_tokens
+            ));
+        }
+        Ok(Self {
+            cfg,
+            page_size: 0,
+            kv_heads: 0,
+            q_heads: 0,
+            head_dim: 0,
+            rope_theta: 0.0,
+            dtype: DType::F32,
+            scale: 1.0,
+            seqs: HashMap::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ShadowKvConfig {
+        &self.cfg
+    }
+
+    /// Chunks of `seq`'s prefill compressed in `layer` (`None` before its first decode).
+    pub fn compressed_chunks(&self, layer: usize, seq: u64) -> Option<usize> {
+        self.seqs.get(&(layer, seq))?.comp.as_ref().map(|c| c.chunks)
+    }
+
+    /// Outlier flags `[Hkv][chunks]` of `seq` in `layer`, once compressed.
+    pub fn outliers(&self, layer: usize, seq: u64) -> Option<&[Vec<bool>]> {
+        Some(&self.seqs.get(&(layer, seq))?.comp.as_ref()?.outlier)
+    }
+
+    /// Compresses the first `chunks` chunks of the buffered pre-RoPE keys.
+    fn compress(&self, prefill_k: &Tensor, chunks: usize) -> Result<Compressed> {
+        let (p, hkv, d) = (self.page_size, self.kv_heads, self.head_dim);
+        if chunks == 0 {
+            return Ok(Compressed {
+                chunks,
+                left: None,
+                right: None,
+                landmarks: None,
+                outlier: vec![Vec::new(); hkv],
+            });
+        }
+        let l = chunks * p;
+        let k_pre = prefill_k.narrow(0, 0, l)?.to_dtype(DType::F32)?.contiguous()?; // [L, Hkv, D]
+        let lr = randomized_low_rank(&k_pre.reshape((l, hkv * d))?, self.cfg.rank, LowRankOptions::default())?;
+        let positions: Vec<u32> = (0..l as u32).collect();
+        let (cos, sin) = rope_tables(&positions, d, self.rope_theta, DType::F32, k_pre.device())?;
+        let k_post = apply_rope(&k_pre, &cos, &sin)?.reshape((chunks, p, hkv, d))?;
+        let landmarks = k_post.mean(1)?; // [C, Hkv, D]
+        let unit = |x: &Tensor| -> Result<Tensor> {
+            let norm = x.sqr()?.sum_keepdim(candle_core::D::Minus1)?.sqrt()?;
+            Ok(x.broadcast_div(&(norm + 1e-12)?)?)
+        };
+        let cos_sim = unit(&k_post)?
+            .broadcast_mul(&unit(&landmarks)?.unsqueeze(1)?)?
+            .sum(3)? // [C, P, Hkv]
+            .min(1)? // [C, Hkv]
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f32>()?;
+        let outlier = (0..hkv)
+            .map(|h| {
+                let mut order: Vec<usize> = (0..chunks).collect();
+                order.sort_by(|&a, &b| cos_sim[a][h].total_cmp(&cos_sim[b][h]).then(a.cmp(&b)));
+                let mut flags = vec![false; chunks];
+                for &c in order.iter().take(self.cfg.outlier_chunks) {
+                    flags[c] = true;
+                }
+                flags
+            })
+            .collect();
+        Ok(Compressed {
+            chunks,
+            left: Some(lr.left),
+            right: Some(lr.right),
+            landmarks: Some(landmarks.transpose(0, 1)?.contiguous()?),
+            outlier,
+        })
+    }
+
+    /// First page that is always exact for a sequence of `num_tokens` tokens: the window
+    /// and everything after the compressed chunks.
+    fn exact_from(&self, comp: &Compressed, num_tokens: usize) -> usize {
+        comp.chunks
+            .min(num_tokens.saturating_sub(self.cfg.window_tokens) / self.page_size)
+    }
+}
+
+impl SparseAlgorithm for ShadowKv {
+    fn name(&self) -> String {
+        format!(
+            "shadowkv(rank={}, budget={}, outliers={}, window={})",
+            self.cfg.rank, self.cfg.sparse_budget_tokens, self.cfg.outlier_chunks, self.cfg.window_tokens
+        )
+    }
+
+    fn page_size_hint(&self) -> Option<usize> {
+        Some(self.cfg.chunk_tokens)
+    }
+
+    fn init(&mut self, cfg: &CacheConfig) -> Result<()> {
+        if cfg.page_size != self.cfg.chunk_tokens {
+            return Err(Error::Config(format!(
+                "shadowkv: chunk_tokens ({}) must equal the cache page size ({}); build the cache with page_size {}",
+                self.cfg.chunk_tokens, cfg.page_size, self.cfg.chunk_tokens
+            )));
+        }
+        let n = cfg.num_kv_heads * cfg.head_dim;
+        if self.cfg.rank > n {
+            return Err(Error::Config(format!(
+                "shadowkv: rank ({}) exceeds Hkv·D = {} · {} = {n}",
+                self.cfg.rank, cfg.num_kv_heads, cfg.head_dim
+            )));
+        }
+        self.page_size = cfg.page_size;
+        self.kv_heads = cfg.num_kv_heads;
+        self.q_heads = cfg.num_q_heads;
+        self.head_dim = cfg.head_dim;
+        self.rope_theta = cfg.rope_theta;
+        self.dtype = cfg.dtype;
+        self.scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        Ok(())
+    }
+
+    fn index(&mut self, input: &IndexInput<'_>) -> Result<()> {
+        for run in input.runs {
+            let st = self.seqs.entry((input.layer, run.seq)).or_default();
+            if st.len != run.start {
+                return Err(Error::Invalid {
+                    op: "ShadowKv::index",
+                    msg: format!(
+                        "sequence {} layer {}: {} tokens indexed but the step starts at {}",
+                        run.seq, input.layer, st.len, run.start
+                    ),
+                });
+            }
+            if st.comp.is_none() {
+                let k_new = input.k_pre_rope.narrow(0, run.row, run.n)?;
+                st.prefill_k = Some(match st.prefill_k.take() {
+                    None => k_new.contiguous()?,
+                    Some(old) => Tensor::cat(&[&old, &k_new], 0)?,
+                });
+            }
+            st.len += run.n;
+        }
+        Ok(())
+    }
+
+    fn select(&mut self, input: &SelectInput<'_>) -> Result<Selection> {
+        let (p, hkv) = (self.page_size, self.kv_heads);
+        let g = self.q_heads / hkv;
+        let per_head = self.cfg.sparse_budget_tokens / p;
+        let mut lists = Vec::with_capacity(input.seqs.len());
+        for (b, &seq) in input.seqs.iter().enumerate() {
+            let (nt, np) = (input.num_tokens[b], input.num_pages[b]);
+            let key = (input.layer, seq);
+            let needs = self.seqs.get(&key).ok_or(Error::UnknownSequence(seq))?.comp.is_none();
+            if needs {
+                let st = self.seqs.get(&key).ok_or(Error::UnknownSequence(seq))?;
+                let chunks = nt.saturating_sub(1) / p;
+                let comp = match st.prefill_k.as_ref() {
+                    Some(k) => self.compress(k, chunks)?,
+                    None => self.compress(&Tensor::zeros((0, hkv, self.head_dim), DType::F32, &Device::Cpu)?, 0)?,
+                };
+                let st = self.seqs.get_mut(&key).ok_or(Error::UnknownSequence(seq))?;
+                st.comp = Some(comp);
+                st.prefill_k = None;
+            }
+            let comp = self
+                .seqs
+                .get(&key)
+                .and_then(|s| s.comp.as_ref())
+                .ok_or(Error::UnknownSequence(seq))?;
+            let exact_from = self.exact_from(comp, nt);
+            let mut heads = vec![Vec::new(); hkv];
+            let scores = match comp.landmarks.as_ref() {
+                Some(lm) if exact_from > 0 => {
+                    let d = lm.dim(2)?;
+                    let q = input.q.get(b)?.to_dtype(DType::F32)?.reshape((hkv, g, d))?;
+                    let logits = (q.matmul(&lm.transpose(1, 2)?.contiguous()?)? * self.scale)?; // [Hkv, G, C]
+                    Some(
+                        candle_nn::ops::softmax_last_dim(&logits)?
+                            .max(1)?
+                            .to_device(&Device::Cpu)?
+                            .to_vec2::<f32>()?,
+                    )
+                }
+                _ => None,
+            };
+            for (h, pages) in heads.iter_mut().enumerate() {
+                let mut eligible = Vec::new();
+                for c in 0..exact_from {
+                    if comp.outlier[h][c] {
+                        pages.push(c as u32);
+                    } else {
+                        eligible.push(c);
+                    }
+                }
+                if let Some(s) = scores.as_ref() {
+                    eligible.sort_by(|&x, &y| s[h][y].total_cmp(&s[h][x]).then(x.cmp(&y)));
+                    pages.extend(eligible.iter().take(per_head).map(|&c| c as u32));
+                }
+                pages.extend(exact_from as u32..np as u32);
+                pages.sort_unstable();
+            }
+            lists.push(heads);
+        }
+        Selection::from_lists(&lists, hkv, input.q.device())
+    }
+
+    fn materialize(&mut self, input: &MaterializeInput<'_>) -> Result<Materialized> {
+        let (p, d) = (self.page_size, self.head_dim);
+        let mut rebuilt = Vec::with_capacity(input.seqs.len());
+        let mut pieces = Vec::new();
+        for (b, &seq) in input.seqs.iter().enumerate() {
+            let comp = self
+                .seqs
+                .get(&(input.layer, seq))
+                .and_then(|s| s.comp.as_ref())
+                .ok_or(Error::UnknownSequence(seq))?;
+            let exact_from = self.exact_from(comp, input.num_tokens[b]);
+            let mut heads = Vec::with_capacity(self.kv_heads);
+            for (h, sel) in input.pages[b].iter().enumerate() {
+                let chunks: Vec<u32> = sel
+                    .iter()
+                    .copied()
+                    .filter(|&c| (c as usize) < exact_from && !comp.outlier[h][c as usize])
+                    .collect();
+                if let (false, Some(left), Some(right)) = (chunks.is_empty(), comp.left.as_ref(), comp.right.as_ref()) {
+                    let rows: Vec<u32> = chunks.iter().flat_map(|&c| c * p as u32..(c + 1) * p as u32).collect();
+                    let n = rows.len();
+                    let idx = Tensor::from_vec(rows.clone(), n, left.device())?;
+                    let k_pre = left
+                        .index_select(&idx, 0)?
+                        .matmul(&right.narrow(1, h * d, d)?.contiguous()?)? // [n, D]
+                        .reshape((n, 1, d))?;
+                    let (cos, sin) = rope_tables(&rows, d, self.rope_theta, DType::F32, left.device())?;
+                    pieces.push(apply_rope(&k_pre, &cos, &sin)?.reshape((chunks.len(), p, d))?);
+                }
+                heads.push(chunks);
+            }
+            rebuilt.push(heads);
+        }
+        if pieces.is_empty() {
+            return Ok(Materialized::FetchFromTiers);
+        }
+        let keys = Tensor::cat(&pieces, 0)?.to_dtype(self.dtype)?;
+        Ok(Materialized::Rebuilt(RebuiltKeys { pages: rebuilt, keys }))
+    }
+
+    fn forget(&mut self, seq: u64) {
+        self.seqs.retain(|&(_, s), _| s != seq);
+    }
+
+    fn truncate(&mut self, seq: u64, len: usize) {
+        let keys: Vec<(usize, u64)> = self.seqs.keys().copied().filter(|&(_, s)| s == seq).collect();
+        for key in keys {
+            let Some(st) = self.seqs.get_mut(&key) else { continue };
+            if st.len <= len {
+                continue;
+            }
+            match &st.comp {
+                Some(c) if c.chunks * self.page_size > len => {
+                    self.seqs.remove(&key);
+                }
+                Some(_) => st.len = len,
+                None => {
+                    st.prefill_k = st.prefill_k.as_ref().and_then(|k| k.narrow(0, 0, len).ok());
+                    st.len = len;
+                }
+            }
+        }
+    }
+}

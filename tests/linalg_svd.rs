@@ -1,0 +1,155 @@
+//! Randomized truncated SVD against matrices with a known spectrum: at rank r the
+//! reconstruction error must match the SVD's theoretical tail sqrt(Σ_{i>r} σᵢ²) (it
+//! cannot be smaller, by Eckart–Young), the leading singular values must be recovered,
+//! and at full rank the input must come back to float rounding.
+
+#![allow(clippy::needless_range_loop)]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use spinkv::linalg::{randomized_low_rank, LowRankOptions};
+
+/// `[m, k]` matrix with orthonormal columns (Gram–Schmidt twice, f64).
+fn orthonormal(r: &mut rand::rngs::StdRng, m: usize, k: usize) -> Vec<f64> {
+    let x = randn(r, &[m, k], 1.0).to_dtype(DType::F64).unwrap();
+    let mut a = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    for _ in 0..2 {
+        for j in 0..k {
+            for p in 0..j {
+                let dot: f64 = (0..m).map(|i| a[i * k + j] * a[i * k + p]).sum();
+                for i in 0..m {
+                    a[i * k + j] -= dot * a[i * k + p];
+                }
+            }
+            let norm: f64 = (0..m).map(|i| a[i * k + j] * a[i * k + j]).sum::<f64>().sqrt();
+            for i in 0..m {
+                a[i * k + j] /= norm;
+            }
+        }
+    }
+    a
+}
+
+/// `U diag(σ) Vᵀ` as f32 `[m, n]`.
+fn with_spectrum(seed: u64, m: usize, n: usize, sigma: &[f64]) -> Tensor {
+    let mut r = rng(seed);
+    let u = orthonormal(&mut r, m, n);
+    let v = orthonormal(&mut r, n, n);
+    let mut x = vec![0.0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            x[i * n + j] = (0..n).map(|p| u[i * n + p] * sigma[p] * v[j * n + p]).sum();
+        }
+    }
+    Tensor::from_vec(x, (m, n), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+fn frob_err(x: &Tensor, left: &Tensor, right: &Tensor) -> f64 {
+    let back = left.matmul(right).unwrap();
+    let diff = (x.to_dtype(DType::F64).unwrap() - back.to_dtype(DType::F64).unwrap()).unwrap();
+    diff.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt()
+}
+
+#[test]
+fn rank_r_error_matches_the_svd_tail() {
+    let (m, n) = (300, 96);
+    for (seed, decay) in [(1u64, 0.85f64), (2, 0.95), (3, 0.7)] {
+        let sigma: Vec<f64> = (0..n).map(|i| 10.0 * decay.powi(i as i32)).collect();
+        let x = with_spectrum(seed, m, n, &sigma);
+        for rank in [8, 20, 48] {
+            let lr = randomized_low_rank(&x, rank, LowRankOptions::default()).unwrap();
+            // The rank may only shrink where the spectrum falls below rounding.
+            let got = lr.rank();
+            assert!(
+                got == rank || (got < rank && sigma[got] < 1e-6 * sigma[0]),
+                "rank {got} of {rank}"
+            );
+            assert_eq!(lr.left.dims(), &[m, got]);
+            assert_eq!(lr.right.dims(), &[got, n]);
+            let tail: f64 = sigma[rank..].iter().map(|s| s * s).sum::<f64>().sqrt();
+            let err = frob_err(&x, &lr.left, &lr.right);
+            if tail < 1e-4 * sigma[0] {
+                // The tail is below the f32 rounding of the input itself.
+                assert!(
+                    err < 1e-5 * sigma[0],
+                    "decay {decay} rank {rank}: error {err} at the f32 floor"
+                );
+                continue;
+            }
+            let ratio = err / tail;
+            assert!(
+                (0.999..=1.05).contains(&ratio),
+                "decay {decay} rank {rank}: error {err:.6} vs SVD tail {tail:.6} (ratio {ratio:.4})"
+            );
+            for i in 0..got.min(8) {
+                let rel = (lr.singular_values[i] - sigma[i]).abs() / sigma[i];
+                assert!(rel < 1e-3, "σ{i}: {} vs {}", lr.singular_values[i], sigma[i]);
+            }
+        }
+    }
+}
+
+#[test]
+fn full_rank_reproduces_the_matrix() {
+    let (m, n) = (200, 64);
+    let x = randn(&mut rng(11), &[m, n], 1.0);
+    let lr = randomized_low_rank(&x, n, LowRankOptions::default()).unwrap();
+    let norm = x.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
+    let rel = frob_err(&x, &lr.left, &lr.right) / norm;
+    assert!(rel < 1e-5, "full-rank relative error {rel}");
+    // Rank above min(m, n) is capped, short matrices (m < n) work too.
+    let short = randn(&mut rng(12), &[20, n], 1.0);
+    let lr = randomized_low_rank(&short, 160, LowRankOptions::default()).unwrap();
+    assert_eq!(lr.rank(), 20);
+    let norm = short
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt() as f64;
+    assert!(frob_err(&short, &lr.left, &lr.right) / norm < 1e-5);
+}
+
+#[test]
+fn rank_deficient_input_is_handled() {
+    // Rank 5 matrix asked for rank 16: the extra directions carry ~0 energy.
+    let (m, n) = (120, 40);
+    let mut sigma = vec![0.0; n];
+    for (i, s) in sigma.iter_mut().take(5).enumerate() {
+        *s = 5.0 - i as f64;
+    }
+    let x = with_spectrum(4, m, n, &sigma);
+    let lr = randomized_low_rank(&x, 16, LowRankOptions::default()).unwrap();
+    let err = frob_err(&x, &lr.left, &lr.right);
+    assert!(err < 1e-4, "rank-deficient error {err}");
+    assert!(lr.singular_values.iter().all(|s| s.is_finite()));
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let x = Tensor::zeros((4, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let e = randomized_low_rank(&x, 2, LowRankOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("randomized_low_rank") && e.contains("[4, 4, 4]"), "{e}");
+    let x = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(randomized_low_rank(&x, 0, LowRankOptions::default()).is_err());
+    let nan = Tensor::from_vec(vec![f32::NAN; 16], (4, 4), &Device::Cpu).unwrap();
+    let e = randomized_low_rank(&nan, 2, LowRankOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("non-finite"), "{e}");
+}
