@@ -166,21 +166,8 @@ fn main() -> Result<()> {
         s.rounds
     );
     if let Some(path) = &args.trace {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-        writeln!(f, "step,layer,seq,kv_head,num_pages,pages")?;
-        for r in cache.take_trace() {
-            let pages: Vec<String> = r.pages.iter().map(|p| p.to_string()).collect();
-            writeln!(
-                f,
-                "{},{},{},{},{},{}",
-                r.step,
-                r.layer,
-                r.seq,
-                r.kv_head,
-                r.num_pages,
-                pages.join(" ")
-            )?;
-        }
+        let f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        spinkv::trace::write_csv(f, &cache.take_trace())?;
         eprintln!("selection trace written to {}", path.display());
     }
     Ok(())

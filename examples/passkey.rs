@@ -50,6 +50,10 @@ struct Args {
     /// Run on the GPU (needs `--features cuda`).
     #[arg(long)]
     cuda: bool,
+    /// Write each sparse algorithm's decode selections of every trial as a CSV trace
+    /// (`{algo}_ctx{context}_d{depth}_t{trial}.csv`) into this folder, for `cache_sim`.
+    #[arg(long)]
+    trace_dir: Option<std::path::PathBuf>,
 }
 
 const INTRO: &str = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n\n";
@@ -153,6 +157,7 @@ fn run_trial(
     page: usize,
     prompt: &[u32],
     tail: usize,
+    trace: Option<&dyn Fn(&str) -> std::path::PathBuf>,
 ) -> Result<Vec<String>> {
     let mut caches = Vec::new();
     for (algo, budget) in configs {
@@ -168,7 +173,18 @@ fn run_trial(
         prefill(&lm.model, &mut fan, seq, head, 1024, false)?;
         seq
     };
-    caches.iter_mut().map(|c| answer(lm, c, seq, question)).collect()
+    let mut answers = Vec::with_capacity(caches.len());
+    for (c, (algo, _)) in caches.iter_mut().zip(configs) {
+        let tracing = trace.is_some() && algo != "dense";
+        c.set_trace(tracing);
+        answers.push(answer(lm, c, seq, question)?);
+        if let (true, Some(path)) = (tracing, trace) {
+            let path = path(algo);
+            let f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+            spinkv::trace::write_csv(f, &c.take_trace())?;
+        }
+    }
+    Ok(answers)
 }
 
 /// Feeds the question token by token (sparse decode steps), then decodes 8 tokens greedily.
@@ -240,7 +256,23 @@ fn main() -> Result<()> {
                     })
                     .collect();
                 let t0 = std::time::Instant::now();
-                let answers = run_trial(&lm, &budgets, args.page_size, &prompt, tail)?;
+                if let Some(dir) = &args.trace_dir {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let trace_path = |algo: &str| -> std::path::PathBuf {
+                    let dir = args.trace_dir.as_deref().unwrap_or(std::path::Path::new("."));
+                    dir.join(format!("{algo}_ctx{context}_d{depth}_t{trial}.csv"))
+                };
+                let answers = run_trial(
+                    &lm,
+                    &budgets,
+                    args.page_size,
+                    &prompt,
+                    tail,
+                    args.trace_dir
+                        .as_ref()
+                        .map(|_| &trace_path as &dyn Fn(&str) -> std::path::PathBuf),
+                )?;
                 for (((algo, frac), (_, budget)), answer) in configs.iter().zip(&budgets).zip(answers) {
                     let correct = answer.contains(&key.to_string());
                     let label = if algo == "dense" {

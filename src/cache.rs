@@ -9,7 +9,7 @@ use crate::ops::{self, AttentionPartial, PageList, NONE};
 use crate::partition::{
     IndexInput, MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection, SparseAlgorithm, TokenRun,
 };
-use crate::pool::{BucketedLru, Resolve, SlotAllocator};
+use crate::pool::{BucketedLru, BudgetTracker, Resolve, SlotAllocator};
 use crate::rope::{apply_rope, rope_tables};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -197,6 +197,7 @@ pub struct SpinCache {
     fast_pool: Tensor,
     host_alloc: SlotAllocator,
     lru: BucketedLru,
+    budgets: BudgetTracker,
     tables: PageTables,
     lens: HashMap<u64, usize>,
     next_seq: u64,
@@ -235,6 +236,7 @@ impl SpinCache {
         Ok(Self {
             host_alloc: SlotAllocator::new(Tier::Host, cfg.host_pages),
             lru: BucketedLru::new(buckets, cfg.lru_ways),
+            budgets: BudgetTracker::new(cfg.budget_policy, buckets * cfg.lru_ways),
             tables: PageTables::new(cfg.num_layers, cfg.num_kv_heads),
             scale: 1.0 / (d as f32).sqrt(),
             cfg,
@@ -590,6 +592,9 @@ impl SpinCache {
         if pending.is_empty() {
             return Ok(None);
         }
+        for &(ei, _, _, slot) in &pending {
+            self.budgets.observe(step.entries[ei].seq, [slot]);
+        }
         let kv_limit = self.kv_limits(step)?;
         let mut acc: Option<AttentionPartial> = None;
         while !pending.is_empty() {
@@ -598,7 +603,8 @@ impl SpinCache {
             let mut misses = Vec::new();
             let mut deferred = Vec::new();
             for &(ei, h, lp, slot) in &pending {
-                match self.lru.resolve(slot) {
+                let seq = step.entries[ei].seq;
+                match self.lru.resolve_for(slot, seq, &self.budgets) {
                     Resolve::Hit(f) => {
                         step.stats.hits += 1;
                         round[ei][h].push((f, lp));
@@ -691,6 +697,7 @@ impl SparseKvCache for SpinCache {
         }
         self.lens.remove(&seq.0);
         self.algo.forget(seq.0);
+        self.budgets.remove(seq.0);
         Ok(())
     }
 
@@ -812,6 +819,7 @@ impl SparseKvCache for SpinCache {
         let stats = step.stats;
         self.step = None;
         self.total.add(&stats);
+        self.budgets.end_step();
         Ok(stats)
     }
 

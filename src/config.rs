@@ -1,5 +1,6 @@
 //! Cache configuration: model shape, page size, tier capacities, dtype and device.
 
+use crate::pool::BudgetPolicy;
 use crate::{Error, Result};
 use candle_core::{DType, Device};
 
@@ -27,6 +28,9 @@ pub struct CacheConfig {
     pub fast_pages: usize,
     /// Ways per bucket of the fast tier's bucketed LRU (default 8).
     pub lru_ways: usize,
+    /// How fast-tier slots are shared among sequences (default:
+    /// [`BudgetPolicy::DYNAMIC`], budgets that follow each sequence's reuse).
+    pub budget_policy: BudgetPolicy,
     /// Longest sequence accepted, in tokens.
     pub max_seq_len: usize,
     /// Storage dtype of K/V (f32, f16 or bf16); attention accumulates in f32.
@@ -36,8 +40,8 @@ pub struct CacheConfig {
 }
 
 impl CacheConfig {
-    /// A configuration with defaults: CPU, f32, θ = 10000, page 16, 8 ways, room for
-    /// 8192 tokens of one sequence in both tiers.
+    /// A configuration with defaults: CPU, f32, θ = 10000, page 16, 8 ways, dynamic
+    /// per-sequence fast-tier budgets, room for 8192 tokens of one sequence in both tiers.
     pub fn new(num_layers: usize, num_q_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
         let mut c = Self {
             num_layers,
@@ -49,6 +53,7 @@ impl CacheConfig {
             host_pages: 0,
             fast_pages: 0,
             lru_ways: 8,
+            budget_policy: BudgetPolicy::DYNAMIC,
             max_seq_len: 8192,
             dtype: DType::F32,
             device: Device::Cpu,

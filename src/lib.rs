@@ -41,6 +41,8 @@ pub mod ops;
 pub mod partition;
 pub mod pool;
 pub mod rope;
+pub mod sim;
+pub mod trace;
 
 pub use cache::{PoolUsage, SelectionRecord, SeqId, SparseKvCache, SpinCache, StepInput, StepStats};
 pub use config::CacheConfig;

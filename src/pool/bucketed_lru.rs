@@ -1,8 +1,13 @@
 //! Set-associative (bucketed) LRU that maps logical pages (their host-tier slot ids) to
 //! fast-tier slots: a page hashes to one bucket of `ways` slots; a hit returns its slot,
 //! a miss evicts the bucket's least recently used way that is not pinned by the current
-//! round. The same policy runs on the GPU (issue: tiered GPU cache); this is the
-//! reference and the CPU implementation.
+//! round. With per-request budgets ([`BudgetTracker`]) the victim is chosen among the
+//! requester's own pages when it is over budget, then among pages of requests over their
+//! budgets, then by plain LRU. This is the reference and the CPU implementation of the
+//! policy; the trace-driven simulator (`spinkv::sim`) runs this same code.
+
+use super::budget::BudgetTracker;
+use std::collections::HashMap;
 
 /// Outcome of resolving one page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,9 +35,14 @@ pub struct BucketedLru {
     tags: Vec<u32>,
     stamps: Vec<u64>,
     pinned: Vec<u64>,
+    owners: Vec<u64>,
+    resident_by_owner: HashMap<u64, usize>,
     clock: u64,
     round: u64,
 }
+
+/// Owner of pages resolved without a request (plain [`BucketedLru::resolve`]).
+pub const NO_OWNER: u64 = u64::MAX;
 
 impl BucketedLru {
     /// An empty cache of `buckets × ways` slots (`buckets, ways >= 1`).
@@ -44,6 +54,8 @@ impl BucketedLru {
             tags: vec![EMPTY; n],
             stamps: vec![0; n],
             pinned: vec![0; n],
+            owners: vec![NO_OWNER; n],
+            resident_by_owner: HashMap::new(),
             clock: 0,
             round: 1,
         }
@@ -78,8 +90,22 @@ impl BucketedLru {
         (b..b + self.ways).find(|&s| self.tags[s] == page).map(|s| s as u32)
     }
 
-    /// Resolves `page` for the current round and pins its slot until the next round.
+    /// Resolves `page` for the current round and pins its slot until the next round
+    /// (plain LRU, no budgets).
     pub fn resolve(&mut self, page: u32) -> Resolve {
+        self.resolve_with(page, NO_OWNER, None)
+    }
+
+    /// Resolves `page` of request `owner` under the budgets of `budgets`: on a miss the
+    /// victim is, among the bucket's unpinned ways, an empty way, else the least recently
+    /// used page of a request at or over its budget (the requester included), else the
+    /// least recently used page. Budgets thus protect each request's pages up to its
+    /// budget; when every request is over budget the policy is plain LRU.
+    pub fn resolve_for(&mut self, page: u32, owner: u64, budgets: &BudgetTracker) -> Resolve {
+        self.resolve_with(page, owner, Some(budgets))
+    }
+
+    fn resolve_with(&mut self, page: u32, owner: u64, budgets: Option<&BudgetTracker>) -> Resolve {
         self.clock += 1;
         let b = self.bucket_of(page) * self.ways;
         if let Some(s) = (b..b + self.ways).find(|&s| self.tags[s] == page) {
@@ -87,14 +113,34 @@ impl BucketedLru {
             self.pinned[s] = self.round;
             return Resolve::Hit(s as u32);
         }
+        let over = |o: u64| -> bool {
+            match budgets {
+                Some(t) if o != NO_OWNER => self.resident_by_owner.get(&o).copied().unwrap_or(0) >= t.budget(o),
+                _ => false,
+            }
+        };
+        let class = |s: usize| -> u8 {
+            if self.tags[s] == EMPTY {
+                0
+            } else if over(self.owners[s]) {
+                1
+            } else {
+                2
+            }
+        };
         let victim = (b..b + self.ways)
             .filter(|&s| self.pinned[s] != self.round)
-            .min_by_key(|&s| if self.tags[s] == EMPTY { 0 } else { self.stamps[s] });
+            .min_by_key(|&s| (class(s), if self.tags[s] == EMPTY { 0 } else { self.stamps[s] }));
         match victim {
             None => Resolve::Deferred,
             Some(s) => {
                 let evicted = (self.tags[s] != EMPTY).then_some(self.tags[s]);
+                if evicted.is_some() {
+                    self.release_owner(self.owners[s]);
+                }
                 self.tags[s] = page;
+                self.owners[s] = owner;
+                *self.resident_by_owner.entry(owner).or_insert(0) += 1;
                 self.stamps[s] = self.clock;
                 self.pinned[s] = self.round;
                 Resolve::Miss {
@@ -105,11 +151,28 @@ impl BucketedLru {
         }
     }
 
+    fn release_owner(&mut self, owner: u64) {
+        if let Some(n) = self.resident_by_owner.get_mut(&owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.resident_by_owner.remove(&owner);
+            }
+        }
+    }
+
+    /// Fast slots currently held by `owner`'s pages.
+    pub fn resident_of(&self, owner: u64) -> usize {
+        self.resident_by_owner.get(&owner).copied().unwrap_or(0)
+    }
+
     /// Forgets `page` (its home slot was freed); its fast slot becomes empty.
     pub fn invalidate(&mut self, page: u32) {
         if let Some(s) = self.lookup(page) {
-            self.tags[s as usize] = EMPTY;
-            self.stamps[s as usize] = 0;
+            let s = s as usize;
+            self.release_owner(self.owners[s]);
+            self.tags[s] = EMPTY;
+            self.owners[s] = NO_OWNER;
+            self.stamps[s] = 0;
         }
     }
 
@@ -141,5 +204,42 @@ mod tests {
         assert_eq!(c.lookup(10), None);
         c.invalidate(12);
         assert_eq!(c.resident_count(), 1);
+    }
+
+    #[test]
+    fn over_budget_owner_evicts_its_own_pages_first() {
+        use crate::pool::budget::{BudgetPolicy, BudgetTracker};
+        let mut c = BucketedLru::new(1, 4);
+        let mut t = BudgetTracker::new(BudgetPolicy::FixedEqual, 4);
+        t.observe(1, []);
+        t.observe(2, []);
+        t.end_step(); // budgets 2 and 2
+        for p in [10, 11] {
+            assert!(matches!(c.resolve_for(p, 1, &t), Resolve::Miss { evicted: None, .. }));
+        }
+        c.begin_round();
+        assert!(matches!(c.resolve_for(20, 2, &t), Resolve::Miss { evicted: None, .. }));
+        c.begin_round();
+        // An empty way is used first, whoever asks.
+        assert!(matches!(c.resolve_for(12, 1, &t), Resolve::Miss { evicted: None, .. }));
+        assert_eq!((c.resident_of(1), c.resident_of(2)), (3, 1));
+        c.begin_round();
+        // Bucket full. Request 2 (under budget) evicts a page of request 1 (over budget),
+        // its least recent (10), although 20 is older than 11 and 12.
+        let _ = c.resolve_for(11, 1, &t);
+        let _ = c.resolve_for(12, 1, &t);
+        c.begin_round();
+        assert!(matches!(
+            c.resolve_for(21, 2, &t),
+            Resolve::Miss { evicted: Some(10), .. }
+        ));
+        c.begin_round();
+        // Both at budget: plain LRU (20 is now the least recent).
+        assert!(matches!(
+            c.resolve_for(13, 1, &t),
+            Resolve::Miss { evicted: Some(20), .. }
+        ));
+        c.invalidate(13);
+        assert_eq!(c.resident_of(1), 2);
     }
 }

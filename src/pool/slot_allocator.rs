@@ -48,7 +48,9 @@ impl SlotAllocator {
                 free: self.free.len(),
             });
         }
-        let taken = self.free.split_off(self.free.len() - n);
+        // In pop order (a fresh allocator hands out 0, 1, 2, ...).
+        let mut taken = self.free.split_off(self.free.len() - n);
+        taken.reverse();
         for &s in &taken {
             self.owned[s as usize] = true;
         }
