@@ -1,12 +1,14 @@
 //! One decode step (one layer: append + select + attend) on the CPU: Dense vs Quest at
-//! budgets 512 and 1024, contexts 4K and 16K. Shape: 8 query heads, 2 KV heads, D = 128,
-//! page 16, f32, everything resident in the fast tier.
+//! budgets 512 and 1024 and InfLLM / ShadowKV at budget 1024 (`partition::by_name`),
+//! contexts 4K and 16K. Shape: 8 query heads, 2 KV heads, D = 128, page 16 (ShadowKV: 8),
+//! f32, everything resident in the fast tier. ShadowKV's one-time compression of the
+//! prefill happens in the warm-up; `low_rank` benches it.
 //!
 //! `cargo bench --bench decode_step`
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use spinkv::partition::{Dense, Quest, QuestConfig, SparseAlgorithm};
+use spinkv::partition::{by_name, Dense, Quest, QuestConfig, SparseAlgorithm};
 use spinkv::{CacheConfig, SparseKvCache, SpinCache, StepInput};
 
 const HQ: usize = 8;
@@ -16,7 +18,9 @@ const D: usize = 128;
 fn prefilled(ctx: usize, algo: Box<dyn SparseAlgorithm>) -> (SpinCache, spinkv::SeqId) {
     let mut cfg = CacheConfig::new(1, HQ, HKV, D);
     cfg.max_seq_len = ctx + 16;
-    let cfg = cfg.with_token_capacity(ctx + 32, 1.0);
+    let cfg = cfg
+        .with_token_capacity(ctx + 32, 1.0)
+        .with_page_size(algo.page_size_hint().unwrap_or(16));
     let mut cache = SpinCache::new_boxed(cfg, algo).expect("cache");
     let seq = cache.add_sequence().expect("seq");
     let dev = Device::Cpu;
@@ -55,6 +59,8 @@ fn decode_step(c: &mut Criterion) {
                     ..Default::default()
                 })),
             ),
+            ("infllm_1024".into(), by_name("infllm", 1024).expect("infllm")),
+            ("shadowkv_1024".into(), by_name("shadowkv", 1024).expect("shadowkv")),
         ];
         for (name, algo) in algos {
             let (mut cache, seq) = prefilled(ctx, algo);
