@@ -11,10 +11,12 @@
 
 pub(crate) mod append;
 pub(crate) mod attention;
+pub mod pinned;
 pub(crate) mod quest_score;
 pub(crate) mod tier_copy;
 pub(crate) mod topk;
 
+pub use pinned::PinnedPagePool;
 pub use tier_copy::selection_to_pages;
 
 use candle_core::backend::BackendStorage;

@@ -19,16 +19,29 @@ pub(crate) fn copy_pages(
     sl: &Layout,
     pairs: &Tensor,
 ) -> candle_core::Result<()> {
+    let sp = ptr(OP_COPY, src, sl)?;
+    copy_pages_from(dst, dl, sp, sl.dims()[0], pairs)
+}
+
+/// [`copy_pages`] from any device-readable address `src` holding `src_slots` pages of the
+/// destination's page shape (a fast-tier pool, or mapped pinned host memory: the gather
+/// then reads over PCIe, one launch for all pages).
+pub(crate) fn copy_pages_from(
+    dst: &mut CudaStorage,
+    dl: &Layout,
+    sp: u64,
+    src_slots: usize,
+    pairs: &Tensor,
+) -> candle_core::Result<()> {
     let n = pairs.dims().first().copied().unwrap_or(0);
     if n == 0 {
         return Ok(());
     }
     let nd = dl.dims()[0];
-    let ns = sl.dims()[0];
     let page_elems: usize = dl.dims()[1..].iter().product();
     let row_bytes = page_elems * dst.dtype().size_in_bytes();
+    let dev = super::device(dst).clone();
     let dp = ptr_mut(OP_COPY, dst, dl)?;
-    let sp = ptr(OP_COPY, src, sl)?;
     let pp = super::field_ptr(OP_COPY, "pairs", pairs)?;
     let w = word_bytes(row_bytes, &[dp, sp]);
     let name = match w {
@@ -36,7 +49,6 @@ pub(crate) fn copy_pages(
         4 => "copy_pages_w4",
         _ => "copy_pages_w2",
     };
-    let dev = super::device(src).clone();
     let f = func(&dev, &TIER_COPY, name)?;
     let words = row_bytes / w;
     let threads = (words.next_power_of_two().clamp(32, 256)) as u32;
@@ -49,7 +61,7 @@ pub(crate) fn copy_pages(
         n as i32,
         words as i32,
         nd as u32,
-        ns as u32
+        src_slots as u32
     )
 }
 

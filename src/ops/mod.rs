@@ -14,7 +14,7 @@ pub mod reference;
 pub mod self_attention;
 pub mod tier_copy;
 pub mod topk;
-mod util;
+pub(crate) mod util;
 
 pub use append::{paged_append, quest_meta_update};
 pub use attention::{sparse_paged_attention, AttentionPartial, PageList};
