@@ -1,10 +1,11 @@
-//! Page-table bytes of the two-level tables for a workload, next to a flat table of
+//! Page-table bytes of the two-level tables for a workload (on the host, and as
+//! uploaded to a device: directory matrix + leaf arena), next to a flat table of
 //! `max_batch × max_context/page × layers × heads` entries.
 //!
 //! `cargo run --release --example metadata_bytes -- --requests 64 --max-context 131072`
 
 use clap::Parser;
-use spinkv::meta::{flat_table_bytes, PageTables};
+use spinkv::meta::{flat_table_bytes, DeviceTables, PageTables};
 
 #[derive(Parser, Debug)]
 #[command(about = "Two-level page-table bytes vs a flat table")]
@@ -37,8 +38,8 @@ fn main() -> spinkv::Result<()> {
         flat as f64 / (1 << 20) as f64
     );
     println!(
-        "{:>28} {:>14} {:>14} {:>8}",
-        "workload (tokens/request)", "two-level", "flat", "ratio"
+        "{:>28} {:>14} {:>14} {:>14} {:>8}",
+        "workload (tokens/request)", "two-level", "on device", "flat", "ratio"
     );
     let dirs = a.layers * a.kv_heads;
     for (label, lens) in [
@@ -68,12 +69,14 @@ fn main() -> spinkv::Result<()> {
             }
         }
         let two = t.bytes();
+        let dev = DeviceTables::bytes_for(&t);
         println!(
-            "{:>28} {:>11.1} MiB {:>11.1} MiB {:>7.2}×",
+            "{:>28} {:>11.1} MiB {:>11.1} MiB {:>11.1} MiB {:>7.2}×",
             label,
             two as f64 / (1 << 20) as f64,
+            dev as f64 / (1 << 20) as f64,
             flat as f64 / (1 << 20) as f64,
-            two as f64 / flat as f64
+            dev as f64 / flat as f64
         );
     }
     Ok(())

@@ -8,7 +8,9 @@
 
 #[cfg(not(feature = "cuda"))]
 fn main() {
-    eprintln!("tier_fetch_bench needs the `cuda` feature: cargo run --release --features cuda --example tier_fetch_bench");
+    eprintln!(
+        "tier_fetch_bench needs the `cuda` feature: cargo run --release --features cuda --example tier_fetch_bench"
+    );
 }
 
 #[cfg(feature = "cuda")]

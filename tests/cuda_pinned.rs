@@ -14,7 +14,12 @@ use spinkv::ops::copy_pages;
 #[test]
 fn gather_from_pinned_memory_equals_the_cpu_copy() {
     let gpu = Device::new_cuda(0).expect("a CUDA device");
-    for (dtype, page, d) in [(DType::F32, 16, 128), (DType::BF16, 16, 64), (DType::F16, 8, 72), (DType::BF16, 5, 24)] {
+    for (dtype, page, d) in [
+        (DType::F32, 16, 128),
+        (DType::BF16, 16, 64),
+        (DType::F16, 8, 72),
+        (DType::BF16, 5, 24),
+    ] {
         let (host_slots, fast_slots, n) = (300, 96, 70);
         let mut r = rng(page as u64 * 31 + d as u64);
         let host = randn(&mut r, &[host_slots, 2, page, d], 1.0).to_dtype(dtype).unwrap();
@@ -43,13 +48,24 @@ fn gather_from_pinned_memory_equals_the_cpu_copy() {
         let pairs_gpu = Tensor::from_vec(pairs.clone(), (np, 2), &gpu).unwrap();
         pool.gather_into(&fast_gpu, &pairs_gpu).unwrap();
         let fast_cpu = poison.copy().unwrap();
-        copy_pages(&fast_cpu, &host, &Tensor::from_vec(pairs.clone(), (np, 2), &Device::Cpu).unwrap()).unwrap();
+        copy_pages(
+            &fast_cpu,
+            &host,
+            &Tensor::from_vec(pairs.clone(), (np, 2), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
         let got = fast_gpu.to_device(&Device::Cpu).unwrap();
         // Compare only the destinations (the rest stays NaN in both).
         for p in pairs.chunks(2) {
             let a = got.get(p[1] as usize).unwrap();
             let b = fast_cpu.get(p[1] as usize).unwrap();
-            assert_eq!(max_abs_diff(&a, &b), 0.0, "{dtype:?} page {page} d {d}: slot {} → {}", p[0], p[1]);
+            assert_eq!(
+                max_abs_diff(&a, &b),
+                0.0,
+                "{dtype:?} page {page} d {d}: slot {} → {}",
+                p[0],
+                p[1]
+            );
         }
     }
 }
@@ -57,7 +73,9 @@ fn gather_from_pinned_memory_equals_the_cpu_copy() {
 #[test]
 fn pinned_pool_bad_arguments_are_errors() {
     let gpu = Device::new_cuda(0).expect("a CUDA device");
-    let e = PinnedPagePool::new(&Device::Cpu, 4, 16, 64, DType::F32).unwrap_err().to_string();
+    let e = PinnedPagePool::new(&Device::Cpu, 4, 16, 64, DType::F32)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("PinnedPagePool") && e.contains("CUDA"), "{e}");
     assert!(PinnedPagePool::new(&gpu, 4, 16, 64, DType::U32).is_err());
     let mut pool = PinnedPagePool::new(&gpu, 4, 16, 64, DType::F32).unwrap();

@@ -11,6 +11,7 @@
 
 pub(crate) mod append;
 pub(crate) mod attention;
+pub(crate) mod page_table;
 pub mod pinned;
 pub(crate) mod quest_score;
 pub(crate) mod tier_copy;
@@ -48,6 +49,10 @@ pub(crate) const TOPK: Module = Module {
 pub(crate) const ATTENTION: Module = Module {
     name: "spinkv_attention",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
+};
+pub(crate) const PAGE_TABLE: Module = Module {
+    name: "spinkv_page_table",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/page_table.ptx")),
 };
 pub(crate) const TIER_COPY: Module = Module {
     name: "spinkv_tier_copy",

@@ -148,7 +148,12 @@ impl PinnedPagePool {
             out.extend_from_slice(&src[s as usize * pb..][..pb]);
         }
         let shape = (slots.len(), 2, self.page_size, self.head_dim);
-        Ok(Tensor::from_raw_buffer(&out, self.dtype, &[shape.0, shape.1, shape.2, shape.3], &Device::Cpu)?)
+        Ok(Tensor::from_raw_buffer(
+            &out,
+            self.dtype,
+            &[shape.0, shape.1, shape.2, shape.3],
+            &Device::Cpu,
+        )?)
     }
 
     /// Gathers pages into a fast-tier pool on the GPU in one launch:
@@ -173,8 +178,7 @@ impl PinnedPagePool {
         util::check_shape(OP, "pairs", pairs, &[None, Some(2)], "[n, 2]")?;
         util::check_dtype(OP, "pairs", pairs, &[DType::U32])?;
         util::check_contiguous(OP, &[("fast", fast), ("pairs", pairs)])?;
-        if !fast.device().same_device(&Device::Cuda(self.device.clone()))
-            || !pairs.device().same_device(fast.device())
+        if !fast.device().same_device(&Device::Cuda(self.device.clone())) || !pairs.device().same_device(fast.device())
         {
             crate::invalid!(OP, "gather_into: fast pool and pairs must be on the pool's CUDA device");
         }

@@ -174,6 +174,28 @@ impl PageTables {
     pub fn leaves_in_use(&self) -> usize {
         self.leaves.len() - self.free_leaves.len()
     }
+
+    /// Directories per sequence (`layers × kv_heads`).
+    pub fn dirs_per_seq(&self) -> usize {
+        self.dirs_per_seq
+    }
+
+    /// The leaf arena (free leaves included), for mirroring the tables on a device.
+    pub fn leaf_arena(&self) -> &[[u32; LEAF_PAGES]] {
+        &self.leaves
+    }
+
+    /// Every sequence with its directories (leaf ids per directory, in page order) and
+    /// its page count, ordered by sequence id.
+    pub fn sequences(&self) -> Vec<(u64, &[Vec<u32>], usize)> {
+        let mut v: Vec<(u64, &[Vec<u32>], usize)> = self
+            .seqs
+            .iter()
+            .map(|(&s, t)| (s, t.dirs.as_slice(), t.pages))
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v
+    }
 }
 
 /// Bytes of a flat page table with one u32 entry for every possible page:

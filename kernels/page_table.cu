@@ -1,0 +1,20 @@
+// spinkv CUDA kernel: two-level page-table lookup on the device. out[i] = the host slot
+// of (directory row, logical page) queries[i]: leaf = directory[row, page / 64], then
+// leaves[leaf, page % 64]; NONE for out-of-range rows/pages, NONE queries or leaves.
+// Launch glue: src/cuda/page_table.rs. CPU reference: src/meta/device_tables.rs.
+#include "common.cuh"
+
+extern "C" __global__ void page_slots(const u32* __restrict__ directory, const u32* __restrict__ leaves,
+                                      const u32* __restrict__ queries, u32* __restrict__ out, int n,
+                                      u32 rows, u32 max_leaves, u32 n_leaves) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const u32 row = queries[2 * i], page = queries[2 * i + 1];
+    u32 slot = SPIN_NONE;
+    const u32 li = page / 64u;
+    if (row != SPIN_NONE && page != SPIN_NONE && row < rows && li < max_leaves) {
+      const u32 leaf = directory[(size_t)row * max_leaves + li];
+      if (leaf != SPIN_NONE && leaf < n_leaves) slot = leaves[(size_t)leaf * 64 + page % 64u];
+    }
+    out[i] = slot;
+  }
+}
