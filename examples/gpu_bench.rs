@@ -2,7 +2,9 @@
 //! 8 KV heads, head_dim 128, bf16, page 16): sparse attention over a 2048-token budget,
 //! the same kernel dense over all pages, Quest scoring + top-k, and a whole Quest decode
 //! step for one layer at the op level (append + metadata + score + top-k + page list +
-//! attend, no host synchronization inside), for contexts 8K/32K/128K and batch 1/8/32.
+//! attend, no host synchronization inside; also with the fused append + min/max kernel,
+//! and that kernel alone against the two it replaces), for contexts 8K/32K/128K and batch
+//! 1/8/32.
 //! Each figure is printed next to its floor (bytes / measured HBM copy bandwidth) and
 //! the PyTorch anchors measured on the same kind of GPU (`shared/anchors/`).
 //!
@@ -403,6 +405,22 @@ mod bench {
                     ops::sparse_paged_attention(&q, &pool, &list, scale)?;
                     Ok(())
                 };
+                // The same step with the fused append + min/max kernel (what SpinCache runs).
+                let step_fused = || -> Result<()> {
+                    ops::paged_append_with_minmax(&pool, &knew, &vnew, &dst, &meta, &dst)?;
+                    let s = ops::quest_page_scores(&q, &meta, &cand, 1, 2)?;
+                    let sel = ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?.reshape((b, HKV, kpages))?;
+                    let pages = spinkv::cuda::selection_to_pages(&cand, &sel)?;
+                    let list = PageList {
+                        pages,
+                        queries: queries.clone(),
+                        kv_limit: kv_limit.clone(),
+                    };
+                    ops::sparse_paged_attention(&q, &pool, &list, scale)?;
+                    Ok(())
+                };
+                // Append bytes: K/V rows read and written, metadata rows read and written.
+                let append_bytes = (b * HKV * (4 * D * 2 + 2 * META_BYTES)) as f64;
                 let step_bytes = meta_bytes + sel_bytes;
                 measure(
                     &mut rows,
@@ -419,7 +437,16 @@ mod bench {
                     },
                 );
                 // Replays from CUDA graphs: the GPU time without host launch overhead.
-                let graphs: [GraphCase; 4] = [
+                let graphs: [GraphCase; 7] = [
+                    ("append + min/max, two kernels (graph)", None, append_bytes, &|| {
+                        ops::paged_append(&pool, &knew, &vnew, &dst)?;
+                        ops::quest_meta_update(&meta, &knew, &dst, P)?;
+                        Ok(())
+                    }),
+                    ("append + min/max, fused (graph)", None, append_bytes, &|| {
+                        ops::paged_append_with_minmax(&pool, &knew, &vnew, &dst, &meta, &dst)?;
+                        Ok(())
+                    }),
                     ("sparse attention (graph)", Some("sparse"), sel_bytes, &|| {
                         ops::sparse_paged_attention(&q, &pool, &sparse_list, scale)?;
                         Ok(())
@@ -431,6 +458,10 @@ mod bench {
                     }),
                     ("quest step (graph)", Some("step"), step_bytes, &|| {
                         step()?;
+                        Ok(())
+                    }),
+                    ("quest step (graph), fused append", Some("step"), step_bytes, &|| {
+                        step_fused()?;
                         Ok(())
                     }),
                     (

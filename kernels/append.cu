@@ -1,5 +1,6 @@
 // spinkv CUDA kernels: paged append (K/V rows into pool pages), the Quest metadata
-// update (per-page element-wise min/max of keys), and the fused form of the two.
+// update (per-page element-wise min/max of keys), and the fused form of the two
+// (paged_append_minmax_*: one launch, each key row read once for both).
 // Launch glue: src/cuda/append.rs. CPU reference: src/ops/append.rs.
 #include "common.cuh"
 
@@ -40,13 +41,13 @@ APPEND_KERNEL(paged_append_w2, unsigned short)
 // has another slot) applies the whole run in token order, so results are deterministic
 // and need no atomics. Entries of one slot must form one run (the cache appends each
 // page's tokens in order, one sequence per page), as the CPU op's semantics assume.
+// meta_run applies the run of entry (t, h), if it starts one; meta_impl is one block
+// per entry.
 template <typename T>
-__device__ __forceinline__ void meta_impl(T* __restrict__ meta, const T* __restrict__ k,
-                                          const u32* __restrict__ dst, int tokens, int heads,
-                                          int d, u32 page_size, u32 slots) {
-  const int e = blockIdx.x;
-  const int t = e / heads, h = e % heads;
-  const u32 code = dst[e];
+__device__ __forceinline__ void meta_run(T* __restrict__ meta, const T* __restrict__ k,
+                                         const u32* __restrict__ dst, int t, int h, int tokens,
+                                         int heads, int d, u32 page_size, u32 slots) {
+  const u32 code = dst[t * heads + h];
   if (code == SPIN_NONE) return;
   const u32 slot = code / page_size;
   for (int tp = t - 1; tp >= 0; --tp) {
@@ -79,6 +80,14 @@ __device__ __forceinline__ void meta_impl(T* __restrict__ meta, const T* __restr
   }
 }
 
+template <typename T>
+__device__ __forceinline__ void meta_impl(T* __restrict__ meta, const T* __restrict__ k,
+                                          const u32* __restrict__ dst, int tokens, int heads,
+                                          int d, u32 page_size, u32 slots) {
+  const int e = blockIdx.x;
+  meta_run<T>(meta, k, dst, e / heads, e % heads, tokens, heads, d, page_size, slots);
+}
+
 #define META_KERNEL(NAME, T)                                                                \
   extern "C" __global__ void NAME(T* meta, const T* k, const u32* dst, int tokens, int heads, \
                                   int d, u32 page_size, u32 slots) {                          \
@@ -87,3 +96,59 @@ __device__ __forceinline__ void meta_impl(T* __restrict__ meta, const T* __restr
 META_KERNEL(quest_meta_update_f32, float)
 META_KERNEL(quest_meta_update_f16, __half)
 META_KERNEL(quest_meta_update_bf16, __nv_bfloat16)
+
+// Fused paged append + Quest min/max update: one block per (token t, head h) entry
+// (grid-stride). The block copies the entry's K and V rows to `pool_dst[e]` (NONE: the
+// page is not in this pool; skipped) in words of `word_bytes` (16, 4 or 2; rows and
+// pointers aligned to it), then, if the entry starts a run of `meta_dst` (see meta_impl),
+// applies that run's min/max. `pool_dst` and `meta_dst` index different slot spaces (the
+// fast tier's slots and the host slots that key the metadata) with one page size.
+template <typename T>
+__device__ __forceinline__ void append_minmax_impl(T* __restrict__ pool, T* __restrict__ meta,
+                                                   const T* __restrict__ k, const T* __restrict__ v,
+                                                   const u32* __restrict__ pool_dst,
+                                                   const u32* __restrict__ meta_dst, int tokens,
+                                                   int heads, int d, u32 page_size, u32 pool_slots,
+                                                   u32 meta_slots, int word_bytes) {
+  const int entries = tokens * heads;
+  const int row_bytes = d * (int)sizeof(T);
+  for (int e = blockIdx.x; e < entries; e += gridDim.x) {
+    const u32 code = pool_dst[e];
+    if (code != SPIN_NONE && code / page_size < pool_slots) {
+      const u32 slot = code / page_size, row = code % page_size;
+      char* kd = (char*)pool + ((size_t)slot * 2 * page_size + row) * row_bytes;
+      char* vd = kd + (size_t)page_size * row_bytes;
+      const char* ks = (const char*)k + (size_t)e * row_bytes;
+      const char* vs = (const char*)v + (size_t)e * row_bytes;
+      if (word_bytes == 16) {
+        for (int i = threadIdx.x; i < row_bytes / 16; i += blockDim.x) {
+          ((uint4*)kd)[i] = ((const uint4*)ks)[i];
+          ((uint4*)vd)[i] = ((const uint4*)vs)[i];
+        }
+      } else if (word_bytes == 4) {
+        for (int i = threadIdx.x; i < row_bytes / 4; i += blockDim.x) {
+          ((u32*)kd)[i] = ((const u32*)ks)[i];
+          ((u32*)vd)[i] = ((const u32*)vs)[i];
+        }
+      } else {
+        for (int i = threadIdx.x; i < row_bytes / 2; i += blockDim.x) {
+          ((unsigned short*)kd)[i] = ((const unsigned short*)ks)[i];
+          ((unsigned short*)vd)[i] = ((const unsigned short*)vs)[i];
+        }
+      }
+    }
+    meta_run<T>(meta, k, meta_dst, e / heads, e % heads, tokens, heads, d, page_size, meta_slots);
+  }
+}
+
+#define APPEND_MINMAX_KERNEL(NAME, T)                                                        \
+  extern "C" __global__ void NAME(T* pool, T* meta, const T* k, const T* v,                  \
+                                  const u32* pool_dst, const u32* meta_dst, int tokens,      \
+                                  int heads, int d, u32 page_size, u32 pool_slots,           \
+                                  u32 meta_slots, int word_bytes) {                          \
+    append_minmax_impl<T>(pool, meta, k, v, pool_dst, meta_dst, tokens, heads, d, page_size, \
+                          pool_slots, meta_slots, word_bytes);                               \
+  }
+APPEND_MINMAX_KERNEL(paged_append_minmax_f32, float)
+APPEND_MINMAX_KERNEL(paged_append_minmax_f16, __half)
+APPEND_MINMAX_KERNEL(paged_append_minmax_bf16, __nv_bfloat16)

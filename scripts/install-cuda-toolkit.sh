@@ -2,14 +2,16 @@
 # spinkv: installs a CUDA 13.0 build toolchain without a system CUDA install, so that
 # `cargo build --features cuda` works on a machine with no GPU (CI, build boxes).
 #
-# What it installs into PREFIX (default /opt/cuda13, ~1.3 GB): nvcc, ptxas and headers,
+# What it installs into PREFIX (default $SPINKV_CUDA_PREFIX, else
+# $HOME/.cache/spinkv/cuda13: user-writable, no root needed; ~1.3 GB): nvcc, ptxas and headers,
 # cudart, cuBLAS/cuBLASLt, cuRAND and NVRTC from NVIDIA's official wheels on PyPI, plus a
 # link-time stub of libcuda.so (the real libcuda.so.1 comes with the driver of the
 # machine that runs the binary). It also writes PREFIX/env.sh, which sets CUDA_HOME,
 # PATH, LIBRARY_PATH and CUDA_COMPUTE_CAP (default 90) for a build.
 #
 # Needs: bash, python3 with pip, gcc, and network access to PyPI (and to crates.io if
-# cudarc's sources are not in ~/.cargo yet). Idempotent: exits early when installed.
+# cudarc's sources are not in ~/.cargo yet: `cargo fetch` in the repository first makes
+# the stub match the locked cudarc). Idempotent: exits early when installed.
 #
 # Why 13.0: a driver only accepts PTX from an nvcc no newer than itself; the H200
 # machines run driver 580 (CUDA 13.0), and the library sonames (libcublas.so.13,
@@ -19,7 +21,7 @@
 # Usage:  scripts/install-cuda-toolkit.sh [PREFIX]
 #         source PREFIX/env.sh
 set -euo pipefail
-PREFIX=${1:-/opt/cuda13}
+PREFIX=${1:-${SPINKV_CUDA_PREFIX:-$HOME/.cache/spinkv/cuda13}}
 write_env() {
   cat > "$PREFIX/env.sh" <<ENV
 # Source before \`cargo build --features cuda\` (written by scripts/install-cuda-toolkit.sh).

@@ -891,7 +891,16 @@ impl SpinCache {
             &host_v,
             &Tensor::from_vec(dst.clone(), shape, &self.host_device)?,
         )?;
-        if fast_dst.iter().any(|&c| c != NONE) {
+        let dst_t = Tensor::from_vec(dst, shape, &self.cfg.device)?;
+        // Min/max metadata on the fast tier's device: one fused write-through + update.
+        let minmax = self
+            .algo
+            .page_minmax()
+            .filter(|m| m.device().same_device(&self.cfg.device));
+        if let Some(meta) = minmax {
+            let fast_dst = Tensor::from_vec(fast_dst, shape, &self.cfg.device)?;
+            ops::paged_append_with_minmax(&self.fast_pool, &k_rot, &v, &fast_dst, meta, &dst_t)?;
+        } else if fast_dst.iter().any(|&c| c != NONE) {
             ops::paged_append(
                 &self.fast_pool,
                 &k_rot,
@@ -899,7 +908,7 @@ impl SpinCache {
                 &Tensor::from_vec(fast_dst, shape, &self.cfg.device)?,
             )?;
         }
-        let dst_t = Tensor::from_vec(dst, shape, &self.cfg.device)?;
+        let minmax_updated = minmax.is_some();
         let runs: Vec<TokenRun> = step
             .entries
             .iter()
@@ -918,6 +927,7 @@ impl SpinCache {
             k_pre_rope: k,
             v: &v,
             dst: &dst_t,
+            minmax_updated,
         })?;
 
         // Select and attend over pages (decode: selected pages incl. the new token;

@@ -233,6 +233,32 @@ fn ops_validate_their_inputs() {
         1,
     ));
     assert!(m.contains("quest_page_scores") && m.contains("meta"), "{m}");
+    let dst = Tensor::zeros((3, 2), DType::U32, &Device::Cpu).unwrap();
+    let (k, v) = (t(&[3, 2, 64]), t(&[3, 2, 64]));
+    let m = msg(ops::paged_append_with_minmax(
+        &pool,
+        &k,
+        &v,
+        &dst,
+        &t(&[4, 2, 32]),
+        &dst,
+    ));
+    assert!(
+        m.contains("paged_append_with_minmax") && m.contains("meta") && m.contains("[4, 2, 32]"),
+        "{m}"
+    );
+    let m = msg(ops::paged_append_with_minmax(
+        &pool,
+        &k,
+        &v,
+        &dst,
+        &t(&[4, 2, 64]),
+        &Tensor::zeros((3, 1), DType::U32, &Device::Cpu).unwrap(),
+    ));
+    assert!(
+        m.contains("paged_append_with_minmax") && m.contains("meta_dst") && m.contains("[3, 1]"),
+        "{m}"
+    );
     // Out-of-range slot indices inside an index tensor are errors, not panics.
     let bad = Tensor::new(&[[999u32 * 16, 0]], &Device::Cpu)
         .unwrap()

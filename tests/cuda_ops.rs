@@ -159,6 +159,85 @@ fn quest_meta_update_matches_cpu_bit_exactly() {
 }
 
 #[test]
+fn paged_append_with_minmax_matches_cpu_bit_exactly() {
+    // The cache's use: metadata (host slots) for every token, write-through into a smaller
+    // pool (fast-tier slots) only for resident pages, NONE rows in both. Odd head dims
+    // take the 4- and 2-byte copy paths.
+    let dev = gpu();
+    let mut r = rng(16);
+    let (mut meta_only, mut both) = (0, 0);
+    for dt in DTYPES {
+        for &(d, p, t, h) in &[
+            (128usize, 16usize, 37usize, 3usize),
+            (64, 8, 50, 8),
+            (35, 16, 70, 2),
+            (33, 32, 9, 1),
+            (128, 16, 1, 8),
+        ] {
+            let meta_slots = (t + 40).div_ceil(p) * h + 3;
+            let pool_slots = meta_slots / 2 + 1;
+            let meta = randn(&mut r, &[meta_slots, 2, d], 2.0).to_dtype(dt).unwrap();
+            let pool = randn(&mut r, &[pool_slots, 2, p, d], 3.0).to_dtype(dt).unwrap();
+            let (meta_g, pool_g) = (meta.to_device(&dev).unwrap(), pool.to_device(&dev).unwrap());
+            // Resident pages: a random host slot → fast slot map over about half the slots.
+            let mut fast: Vec<u32> = (0..pool_slots as u32).collect();
+            fast.shuffle(&mut r);
+            let resident: Vec<u32> = (0..meta_slots)
+                .map(|_| {
+                    if r.random_range(0..2) == 0 {
+                        fast.pop().unwrap_or(NONE)
+                    } else {
+                        NONE
+                    }
+                })
+                .collect();
+            let start = r.random_range(0..40);
+            for (s0, n) in [(start, t), (start + t, 1), (start + t + 1, 1)] {
+                let k = randn(&mut r, &[n, h, d], 1.0).to_dtype(dt).unwrap();
+                let v = randn(&mut r, &[n, h, d], 1.0).to_dtype(dt).unwrap();
+                let meta_dst = destinations(&mut r, n, h, p, meta_slots, s0);
+                let pool_dst: Vec<u32> = meta_dst
+                    .iter()
+                    .map(|&c| match c {
+                        NONE => NONE,
+                        c => match resident[c as usize / p] {
+                            NONE => NONE,
+                            f => f * p as u32 + c % p as u32,
+                        },
+                    })
+                    .collect();
+                for (m, f) in meta_dst.iter().zip(&pool_dst) {
+                    meta_only += (*m != NONE && *f == NONE) as usize;
+                    both += (*f != NONE) as usize;
+                }
+                let meta_dst = Tensor::from_vec(meta_dst, (n, h), &Device::Cpu).unwrap();
+                let pool_dst = Tensor::from_vec(pool_dst, (n, h), &Device::Cpu).unwrap();
+                ops::paged_append_with_minmax(&pool, &k, &v, &pool_dst, &meta, &meta_dst).unwrap();
+                let g = |x: &Tensor| x.to_device(&dev).unwrap();
+                ops::paged_append_with_minmax(&pool_g, &g(&k), &g(&v), &g(&pool_dst), &meta_g, &g(&meta_dst)).unwrap();
+                let what = format!("paged_append_with_minmax {dt:?} d={d} p={p} t={n} h={h}");
+                assert_eq!(bits(&pool), bits(&pool_g), "pool: {what}");
+                assert_eq!(bits(&meta), bits(&meta_g), "meta: {what}");
+            }
+        }
+    }
+    assert!(meta_only > 0 && both > 0, "cases cover both kinds of rows");
+    // The metadata may not alias an operand the kernel also touches.
+    let pool = Tensor::zeros((4, 2, 16, 8), DType::F32, &dev).unwrap();
+    let k = Tensor::zeros((2, 1, 8), DType::F32, &dev).unwrap();
+    let dst = Tensor::from_vec(vec![0u32, 1], (2, 1), &dev).unwrap();
+    let aliased = pool
+        .flatten_all()
+        .unwrap()
+        .narrow(0, 0, 4 * 2 * 8)
+        .unwrap()
+        .reshape((4, 2, 8))
+        .unwrap();
+    let err = ops::paged_append_with_minmax(&pool, &k, &k.clone(), &dst, &aliased, &dst).expect_err("aliased meta");
+    assert!(err.to_string().contains("shares a device buffer"), "{err}");
+}
+
+#[test]
 fn quest_page_scores_match_cpu() {
     let dev = gpu();
     let mut r = rng(13);

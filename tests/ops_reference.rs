@@ -214,6 +214,93 @@ fn quest_meta_update_tracks_min_max_and_resets_fresh_pages() {
 }
 
 #[test]
+fn paged_append_with_minmax_matches_plain_reference() {
+    // Two tiers as the cache uses them: the metadata (keyed by "host" slot) sees every
+    // token, the pool (a "fast tier" with its own slots) only the resident pages' tokens.
+    let mut r = rng(15);
+    for &(h, d, page, prefill) in &[(2usize, 16usize, 8usize, 21usize), (3, 6, 4, 9), (1, 32, 16, 16)] {
+        let steps = [prefill, 1, 1, 1];
+        let total: usize = steps.iter().sum();
+        let npages = total.div_ceil(page);
+        let meta_slots = npages * h + 3;
+        let pool_slots = npages * h + 2;
+        let mut host: Vec<u32> = (0..meta_slots as u32).collect();
+        let mut fast: Vec<u32> = (0..pool_slots as u32).collect();
+        host.shuffle(&mut r);
+        fast.shuffle(&mut r);
+        // Per (head, logical page): host slot, and fast slot for about half the pages.
+        let host_of: Vec<Vec<u32>> = (0..h)
+            .map(|_| (0..npages).map(|_| host.pop().unwrap()).collect())
+            .collect();
+        let fast_of: Vec<Vec<u32>> = (0..h)
+            .map(|_| {
+                (0..npages)
+                    .map(|_| {
+                        if r.random_range(0..2) == 0 {
+                            NONE
+                        } else {
+                            fast.pop().unwrap()
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let pool = randn(&mut r, &[pool_slots, 2, page, d], 9.0); // garbage
+        let meta = randn(&mut r, &[meta_slots, 2, d], 9.0); // stale bounds
+        let mut want_pool = pool.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut want_meta = meta.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut pos = 0;
+        for &n in &steps {
+            let k = randn(&mut r, &[n, h, d], 1.0);
+            let v = randn(&mut r, &[n, h, d], 1.0);
+            let (kv, vv) = (
+                k.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            let mut pool_dst = vec![NONE; n * h];
+            let mut meta_dst = vec![NONE; n * h];
+            for t in 0..n {
+                let (lp, row) = ((pos + t) / page, (pos + t) % page);
+                for hi in 0..h {
+                    let e = t * h + hi;
+                    let key = &kv[e * d..(e + 1) * d];
+                    let hs = host_of[hi][lp] as usize;
+                    meta_dst[e] = (hs * page + row) as u32;
+                    let (mn, mx) = want_meta[hs * 2 * d..(hs + 1) * 2 * d].split_at_mut(d);
+                    for j in 0..d {
+                        mn[j] = if row == 0 { key[j] } else { mn[j].min(key[j]) };
+                        mx[j] = if row == 0 { key[j] } else { mx[j].max(key[j]) };
+                    }
+                    let fs = fast_of[hi][lp];
+                    if fs != NONE {
+                        let fs = fs as usize;
+                        pool_dst[e] = (fs * page + row) as u32;
+                        let kb = (fs * 2 * page + row) * d;
+                        let vb = ((fs * 2 + 1) * page + row) * d;
+                        want_pool[kb..kb + d].copy_from_slice(key);
+                        want_pool[vb..vb + d].copy_from_slice(&vv[e * d..(e + 1) * d]);
+                    }
+                }
+            }
+            let pool_dst = Tensor::from_vec(pool_dst, (n, h), &Device::Cpu).unwrap();
+            let meta_dst = Tensor::from_vec(meta_dst, (n, h), &Device::Cpu).unwrap();
+            ops::paged_append_with_minmax(&pool, &k, &v, &pool_dst, &meta, &meta_dst).unwrap();
+            pos += n;
+            assert_eq!(
+                pool.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want_pool,
+                "pool h={h} d={d} p={page}"
+            );
+            assert_eq!(
+                meta.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want_meta,
+                "meta h={h} d={d} p={page}"
+            );
+        }
+    }
+}
+
+#[test]
 fn topk_matches_full_sort() {
     let mut r = rng(6);
     for &(rows, n, k) in &[(5, 100, 7), (3, 4, 10), (2, 1000, 256)] {

@@ -1,5 +1,6 @@
-//! Paged append: writes a step's new K/V rows into their pages, and the fused-in-spirit
-//! Quest metadata update (element-wise min/max of post-RoPE keys per page).
+//! Paged append: writes a step's new K/V rows into their pages; the Quest metadata
+//! update (element-wise min/max of post-RoPE keys per page); and the two fused
+//! ([`paged_append_with_minmax`]: one kernel on CUDA, the two ops in sequence on the CPU).
 //!
 //! Pool layout, shared by every op: `pool[slot, 0, row, :]` is a key row and
 //! `pool[slot, 1, row, :]` its value row, `row < page_size`. A destination is encoded as
@@ -219,4 +220,155 @@ pub fn quest_meta_update(meta: &Tensor, k: &Tensor, dst: &Tensor, page_size: usi
         },
     )?;
     Ok(())
+}
+
+const FUSED: &str = "paged_append_with_minmax";
+
+/// The fused op (CUDA only): `pool` is the in-place destination, `meta` is written through
+/// its device address by the same kernel.
+#[cfg(feature = "cuda")]
+struct PagedAppendMinMax {
+    pool_dst: Tensor,
+    meta: Tensor,
+    meta_dst: Tensor,
+}
+
+#[cfg(feature = "cuda")]
+impl InplaceOp3 for PagedAppendMinMax {
+    fn name(&self) -> &'static str {
+        FUSED
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        // `paged_append_with_minmax` runs the two reference ops on the CPU and builds
+        // this op only for CUDA tensors.
+        candle_core::bail!("{FUSED}: the fused op is CUDA-only; on the CPU call paged_append_with_minmax")
+    }
+
+    fn cuda_fwd(
+        &self,
+        pool: &mut candle_core::CudaStorage,
+        pl: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::cuda::append::paged_append_minmax(pool, pl, k, kl, v, vl, &self.pool_dst, &self.meta, &self.meta_dst)
+    }
+}
+
+/// [`paged_append`] into `pool` and [`quest_meta_update`] of `meta` with the same keys, in
+/// place — on CUDA one fused kernel (each key row is read once for both), on the CPU the
+/// two ops in sequence (the reference).
+///
+/// The two destinations index different slot spaces: the cache writes through to the
+/// fast tier (`pool_dst`: fast-tier slots, [`NONE`] where the page is not resident)
+/// while the metadata, keyed by host slot, is updated for every token (`meta_dst`).
+///
+/// # Arguments
+/// * `pool` — `[slots, 2, page_size, D]`; its `page_size` is also the metadata's.
+/// * `k`, `v` — `[T, Hkv, D]` (post-RoPE keys), same dtype as `pool`.
+/// * `pool_dst` — `[T, Hkv]` u32: `slot * page_size + row` in `pool`, or [`NONE`].
+/// * `meta` — `[meta_slots, 2, D]` min/max per page slot, same dtype and device as `pool`,
+///   sharing no buffer with `pool`, `k` or `v`; tokens of one metadata slot arrive in
+///   order (row 0 first), as for [`quest_meta_update`].
+/// * `meta_dst` — `[T, Hkv]` u32: `meta_slot * page_size + row`, or [`NONE`].
+pub fn paged_append_with_minmax(
+    pool: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pool_dst: &Tensor,
+    meta: &Tensor,
+    meta_dst: &Tensor,
+) -> Result<()> {
+    util::check_shape(
+        FUSED,
+        "pool",
+        pool,
+        &[None, Some(2), None, None],
+        "[slots, 2, page_size, D]",
+    )?;
+    let (_, _, page_size, d) = pool.dims4()?;
+    util::check_dtype(FUSED, "pool", pool, util::FLOAT_DTYPES)?;
+    util::check_shape(FUSED, "k", k, &[None, None, Some(d)], &format!("[T, Hkv, {d}]"))?;
+    let (t, h, _) = k.dims3()?;
+    util::check_shape(
+        FUSED,
+        "v",
+        v,
+        &[Some(t), Some(h), Some(d)],
+        &format!("[{t}, {h}, {d}] like k"),
+    )?;
+    util::check_shape(FUSED, "pool_dst", pool_dst, &[Some(t), Some(h)], &format!("[{t}, {h}]"))?;
+    util::check_shape(
+        FUSED,
+        "meta",
+        meta,
+        &[None, Some(2), Some(d)],
+        &format!("[meta_slots, 2, {d}]"),
+    )?;
+    util::check_shape(FUSED, "meta_dst", meta_dst, &[Some(t), Some(h)], &format!("[{t}, {h}]"))?;
+    util::check_same_dtype(FUSED, ("pool", pool), ("k", k))?;
+    util::check_same_dtype(FUSED, ("pool", pool), ("v", v))?;
+    util::check_same_dtype(FUSED, ("pool", pool), ("meta", meta))?;
+    util::check_dtype(FUSED, "pool_dst", pool_dst, &[candle_core::DType::U32])?;
+    util::check_dtype(FUSED, "meta_dst", meta_dst, &[candle_core::DType::U32])?;
+    util::check_device(
+        FUSED,
+        pool.device(),
+        &[
+            ("k", k),
+            ("v", v),
+            ("pool_dst", pool_dst),
+            ("meta", meta),
+            ("meta_dst", meta_dst),
+        ],
+    )?;
+    util::check_contiguous(
+        FUSED,
+        &[
+            ("pool", pool),
+            ("k", k),
+            ("v", v),
+            ("pool_dst", pool_dst),
+            ("meta", meta),
+            ("meta_dst", meta_dst),
+        ],
+    )?;
+    if t == 0 {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    if pool.device().is_cuda() {
+        let m = crate::cuda::append::buffer_range(FUSED, meta)?;
+        for (name, x) in [("pool", pool), ("k", k), ("v", v)] {
+            let o = crate::cuda::append::buffer_range(FUSED, x)?;
+            if m.0 < o.1 && o.0 < m.1 {
+                crate::invalid!(
+                    FUSED,
+                    "meta {:?} shares a device buffer with {name} {:?}",
+                    meta.dims(),
+                    x.dims()
+                );
+            }
+        }
+        let op = PagedAppendMinMax {
+            pool_dst: pool_dst.clone(),
+            meta: meta.clone(),
+            meta_dst: meta_dst.clone(),
+        };
+        pool.inplace_op3(k, v, &op)?;
+        return Ok(());
+    }
+    paged_append(pool, k, v, pool_dst)?;
+    quest_meta_update(meta, k, meta_dst, page_size)
 }

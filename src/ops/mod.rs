@@ -16,7 +16,7 @@ pub mod tier_copy;
 pub mod topk;
 pub(crate) mod util;
 
-pub use append::{paged_append, quest_meta_update};
+pub use append::{paged_append, paged_append_with_minmax, quest_meta_update};
 pub use attention::{sparse_paged_attention, AttentionPartial, PageList};
 pub use merge::merge_partials;
 pub use quest_score::quest_page_scores;

@@ -57,6 +57,9 @@ pub struct IndexInput<'a> {
     pub v: &'a Tensor,
     /// `[T, Hkv]` u32 destination of each (token, head): `host_slot * page_size + row`.
     pub dst: &'a Tensor,
+    /// `true` when the cache already updated [`SparseAlgorithm::page_minmax`] with these
+    /// keys (fused with its fast-tier write-through); `index` must not widen it again.
+    pub minmax_updated: bool,
 }
 
 /// What an algorithm sees when it selects pages for the decoding sequences of one layer.
@@ -159,6 +162,16 @@ pub trait SparseAlgorithm: Send {
     fn index(&mut self, input: &IndexInput<'_>) -> Result<()> {
         let _ = input;
         Ok(())
+    }
+
+    /// Per-page key bounds `[host_pages, 2, D]` (min at 0, max at 1 of dim 1; the
+    /// semantics of [`quest_meta_update`](crate::ops::quest_meta_update)) that the cache
+    /// may update itself in the kernel that stores the keys
+    /// ([`paged_append_with_minmax`](crate::ops::paged_append_with_minmax)), then telling
+    /// `index` through [`IndexInput::minmax_updated`]. `None` (the default): no such
+    /// metadata.
+    fn page_minmax(&self) -> Option<&Tensor> {
+        None
     }
 
     /// Select: the pages each decoding sequence attends to in this layer.

@@ -83,7 +83,14 @@ impl SparseAlgorithm for Quest {
         Ok(())
     }
 
+    fn page_minmax(&self) -> Option<&Tensor> {
+        self.meta.as_ref()
+    }
+
     fn index(&mut self, input: &IndexInput<'_>) -> Result<()> {
+        if input.minmax_updated {
+            return Ok(());
+        }
         let meta = self
             .meta
             .as_ref()
