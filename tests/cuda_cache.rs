@@ -1,7 +1,8 @@
 //! `SpinCache` with its fast tier on CUDA (`device = Device::new_cuda(0)`) against the
 //! same cache on the CPU: identical inputs (ragged batches, chunked prefill, decode),
 //! Dense and Quest (budget below and over the context), a fast tier smaller than the
-//! working set (several rounds per step). The host tier stays on the CPU.
+//! working set (several rounds per step); InfLLM and ShadowKV (budget 128). The host tier
+//! stays on the CPU.
 //!
 //! Tolerances: f32 within 2e-4 absolute (summation order); bf16 within 3e-2 (the GPU
 //! path rounds softmax weights to bf16).
@@ -11,7 +12,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use spinkv::partition::{Dense, Quest, QuestConfig, SparseAlgorithm};
+use spinkv::partition::{by_name, Dense, Quest, QuestConfig, ShadowKv, ShadowKvConfig, SparseAlgorithm};
 use spinkv::{CacheConfig, SparseKvCache, SpinCache, StepInput};
 
 fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_fraction: f64, tol: f64, what: &str) {
@@ -24,8 +25,11 @@ fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_frac
         cfg.dtype = dtype;
         cfg.device = dev;
         cfg.max_seq_len = 1024;
-        let cfg = cfg.with_token_capacity(1024, fast_fraction);
-        caches.push(SpinCache::new_boxed(cfg, make()).unwrap());
+        let algo = make();
+        let cfg = cfg
+            .with_token_capacity(1024, fast_fraction)
+            .with_page_size(algo.page_size_hint().unwrap_or(16));
+        caches.push(SpinCache::new_boxed(cfg, algo).unwrap());
     }
     let seqs: Vec<Vec<_>> = caches
         .iter_mut()
@@ -103,5 +107,36 @@ fn quest_on_cuda_matches_cpu() {
         0.05,
         2e-4,
         "quest budget 128 small fast tier f32",
+    );
+}
+
+#[test]
+fn infllm_and_shadowkv_on_cuda_match_cpu() {
+    // Representative-key scoring, window mass, the randomized SVD (cuBLAS f64 on the GPU)
+    // and rebuilt keys all run through candle ops on the cache device.
+    run_both(
+        &|| by_name("infllm", 128).unwrap(),
+        DType::F32,
+        1.0,
+        2e-4,
+        "infllm budget 128 f32",
+    );
+    // Rank 64 of Hkv·D = 128 (the default 160 exceeds this shape: a construction error).
+    let shadow = || -> Box<dyn SparseAlgorithm> {
+        Box::new(
+            ShadowKv::new(ShadowKvConfig {
+                rank: 64,
+                ..ShadowKvConfig::for_budget(128)
+            })
+            .unwrap(),
+        )
+    };
+    run_both(&shadow, DType::F32, 1.0, 1e-3, "shadowkv budget 128 f32");
+    run_both(
+        &shadow,
+        DType::F32,
+        0.05,
+        1e-3,
+        "shadowkv budget 128 small fast tier f32",
     );
 }
