@@ -39,6 +39,10 @@ struct Args {
     /// Also print each request's hit rate per policy.
     #[arg(long)]
     per_request: bool,
+    /// Replay only layers >= this one from recorded traces (e.g. 2 to leave out Quest's
+    /// dense first layers, which scan every page each step).
+    #[arg(long, default_value_t = 0)]
+    min_layer: u32,
 }
 
 fn table(label: &str, reqs: &[RequestTrace], args: &Args) {
@@ -130,11 +134,13 @@ fn main() -> Result<()> {
         let mut reqs = Vec::new();
         for path in &args.traces {
             let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-            let recs = spinkv::trace::read_csv(std::io::BufReader::new(f))?;
+            let mut recs = spinkv::trace::read_csv(std::io::BufReader::new(f))?;
+            recs.retain(|r| r.layer >= args.min_layer);
             let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("trace");
             reqs.extend(sim::requests_from_records(name, &recs));
         }
-        table("recorded traces", &reqs, &args);
+        let label = format!("recorded traces (layers >= {})", args.min_layer);
+        table(&label, &reqs, &args);
     }
     Ok(())
 }
