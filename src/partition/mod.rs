@@ -71,7 +71,7 @@ pub struct SelectInput<'a> {
     /// `[B, Hq, D]` post-RoPE query of each decoding sequence.
     pub q: &'a Tensor,
     /// `[B, Hkv, N]` u32 host slots (= metadata slots) of each sequence's pages in logical
-    /// order, padded with [`NONE`](crate::ops::NONE).
+    /// order, padded with [`NONE`].
     pub candidates: &'a Tensor,
     /// Pages of each sequence (`B` entries).
     pub num_pages: &'a [usize],
@@ -87,7 +87,7 @@ pub enum Selection {
     /// Every page of every sequence.
     All,
     /// `[B, Hkv, K]` u32 logical page numbers per sequence and KV head, padded with
-    /// [`NONE`](crate::ops::NONE); shared-across-heads selections repeat one row.
+    /// [`NONE`]; shared-across-heads selections repeat one row.
     Pages(Tensor),
 }
 
