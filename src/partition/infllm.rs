@@ -10,10 +10,11 @@
 //! attention mass they accumulated (host `f32`). A block is finalized when its last
 //! token leaves the window of every later query.
 
-use super::{forced_pages, IndexInput, SelectInput, Selection, SparseAlgorithm, TokenRun};
+use super::{
+    forced_pages, forget_seq, truncate_seq, IndexInput, SelectInput, Selection, SeqStates, SparseAlgorithm, TokenRun,
+};
 use crate::{CacheConfig, Error, Result};
 use candle_core::{DType, Tensor, D};
-use std::collections::HashMap;
 
 /// Configuration of [`InfLlm`] (defaults: the InfLLM paper's Llama settings).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +96,7 @@ pub struct InfLlm {
     kv_heads: usize,
     q_heads: usize,
     scale: f64,
-    seqs: HashMap<(usize, u64), SeqState>,
+    seqs: SeqStates<SeqState>,
 }
 
 /// Queries per chunk when accumulating attention mass.
@@ -131,7 +132,7 @@ impl InfLlm {
             kv_heads: 0,
             q_heads: 0,
             scale: 1.0,
-            seqs: HashMap::new(),
+            seqs: SeqStates::new(),
         })
     }
 
@@ -329,17 +330,18 @@ impl SparseAlgorithm for InfLlm {
     }
 
     fn forget(&mut self, seq: u64) {
-        self.seqs.retain(|&(_, s), _| s != seq);
+        forget_seq(&mut self.seqs, seq);
     }
 
     fn truncate(&mut self, seq: u64, len: usize) {
-        let keys: Vec<(usize, u64)> = self.seqs.keys().copied().filter(|&(_, s)| s == seq).collect();
-        for key in keys {
-            let Some(st) = self.seqs.get_mut(&key) else { continue };
-            if st.len <= len {
-                continue;
-            }
-            match st.undo.take() {
+        // An exact roll back needs the undo record of the step being aborted; otherwise
+        // the sequence's metadata starts afresh.
+        truncate_seq(
+            &mut self.seqs,
+            seq,
+            len,
+            |st| st.len,
+            |st| match st.undo.take() {
                 Some((at, mass)) if at == len && len >= st.pending_start => {
                     st.pending_k = st
                         .pending_k
@@ -347,12 +349,10 @@ impl SparseAlgorithm for InfLlm {
                         .and_then(|k| k.narrow(0, 0, len - st.pending_start).ok());
                     st.mass = mass;
                     st.len = len;
+                    true
                 }
-                _ => {
-                    // Cannot roll back exactly: start the sequence's metadata afresh.
-                    self.seqs.remove(&key);
-                }
-            }
-        }
+                _ => false,
+            },
+        );
     }
 }

@@ -201,6 +201,27 @@ pub trait SparseAlgorithm: Send {
     }
 }
 
+/// Per-(layer, sequence) state of the algorithms that keep one (InfLLM, ShadowKV).
+pub(crate) type SeqStates<S> = std::collections::HashMap<(usize, u64), S>;
+
+/// Drops every layer's state of `seq` (for [`SparseAlgorithm::forget`]).
+pub(crate) fn forget_seq<S>(states: &mut SeqStates<S>, seq: u64) {
+    states.retain(|&(_, s), _| s != seq);
+}
+
+/// Rolls back to `len` tokens every layer's state of `seq` that holds more (`tokens`
+/// reads a state's count); `roll` does it and returns `false` when it cannot, which drops
+/// the state (for [`SparseAlgorithm::truncate`]).
+pub(crate) fn truncate_seq<S>(
+    states: &mut SeqStates<S>,
+    seq: u64,
+    len: usize,
+    tokens: impl Fn(&S) -> usize,
+    mut roll: impl FnMut(&mut S) -> bool,
+) {
+    states.retain(|&(_, s), st| s != seq || tokens(st) <= len || roll(st));
+}
+
 /// Sink and local-window sizes in pages: `ceil(tokens / page_size)`; the window always
 /// holds at least the newest page.
 pub(crate) fn forced_pages(sink_tokens: usize, window_tokens: usize, page_size: usize) -> (usize, usize) {

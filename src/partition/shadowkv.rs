@@ -11,13 +11,14 @@
 //! chunks seen so far (the prefill, chunked or not): until then the algorithm buffers the
 //! pre-RoPE keys; afterwards new tokens are exact and nothing is buffered.
 
-use super::IndexInput;
-use super::{MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection, SparseAlgorithm};
+use super::{
+    forget_seq, truncate_seq, IndexInput, MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection,
+    SeqStates, SparseAlgorithm,
+};
 use crate::linalg::{randomized_low_rank, LowRankOptions};
 use crate::rope::{apply_rope, rope_tables};
 use crate::{CacheConfig, Error, Result};
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
 
 /// Configuration of [`ShadowKv`] (defaults: the ShadowKV paper's settings).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +103,7 @@ pub struct ShadowKv {
     rope_theta: f64,
     dtype: DType,
     scale: f64,
-    seqs: HashMap<(usize, u64), SeqState>,
+    seqs: SeqStates<SeqState>,
 }
 
 impl ShadowKv {
@@ -132,7 +133,7 @@ impl ShadowKv {
             rope_theta: 0.0,
             dtype: DType::F32,
             scale: 1.0,
-            seqs: HashMap::new(),
+            seqs: SeqStates::new(),
         })
     }
 
@@ -371,26 +372,29 @@ impl SparseAlgorithm for ShadowKv {
     }
 
     fn forget(&mut self, seq: u64) {
-        self.seqs.retain(|&(_, s), _| s != seq);
+        forget_seq(&mut self.seqs, seq);
     }
 
     fn truncate(&mut self, seq: u64, len: usize) {
-        let keys: Vec<(usize, u64)> = self.seqs.keys().copied().filter(|&(_, s)| s == seq).collect();
-        for key in keys {
-            let Some(st) = self.seqs.get_mut(&key) else { continue };
-            if st.len <= len {
-                continue;
-            }
-            match &st.comp {
-                Some(c) if c.chunks * self.page_size > len => {
-                    self.seqs.remove(&key);
+        // A compressed prefill cannot shrink below its compressed tokens: drop it then.
+        let p = self.page_size;
+        truncate_seq(
+            &mut self.seqs,
+            seq,
+            len,
+            |st| st.len,
+            |st| match &st.comp {
+                Some(c) if c.chunks * p > len => false,
+                Some(_) => {
+                    st.len = len;
+                    true
                 }
-                Some(_) => st.len = len,
                 None => {
                     st.prefill_k = st.prefill_k.as_ref().and_then(|k| k.narrow(0, 0, len).ok());
                     st.len = len;
+                    true
                 }
-            }
-        }
+            },
+        );
     }
 }
