@@ -158,12 +158,12 @@ fn main() -> Result<()> {
         rep.decode_tps()
     );
     eprintln!(
-        "cache: KV attended by decode {:.1}% · hits {} · misses {} · {:.1} MB moved host→fast · {} attention rounds",
+        "cache: KV attended by decode {:.1}% · hits {} · misses {} · {:.1} MB read from the host tier · {} pages spilled",
         100.0 * s.attended_fraction(),
         s.hits,
         s.misses,
         s.bytes_moved as f64 / 1e6,
-        s.rounds
+        s.spilled
     );
     if let Some(path) = &args.trace {
         let f = std::io::BufWriter::new(std::fs::File::create(path)?);

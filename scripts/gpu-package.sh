@@ -10,14 +10,17 @@ cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=target}"
 export CARGO_TARGET_DIR
 git check-ignore -q .device 2>/dev/null || echo '/.device/' >> .git/info/exclude
-cargo build --release --features cuda --example gpu_bench
-cargo test --release --features cuda --no-run --test cuda_ops --test cuda_cache 2>&1 | tee /tmp/spinkv-testbins.txt
+TESTS="cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_tables"
+cargo build --release --features cuda --example tiered_step_bench --example generate
+cargo test --release --features cuda --no-run $(for t in $TESTS; do echo --test $t; done) 2>&1 | tee /tmp/spinkv-testbins.txt
 rm -rf .device && mkdir -p .device
-for t in cuda_ops cuda_cache; do
+for t in $TESTS; do
   bin=$(grep -oE "target[^ ]*/deps/${t}-[0-9a-f]+|/[^ ]*/deps/${t}-[0-9a-f]+" /tmp/spinkv-testbins.txt | tail -1)
   case "$bin" in /*) ;; *) bin="$CARGO_TARGET_DIR/${bin#target/}";; esac
   xz -T0 -6 -c "$bin" > ".device/$t.xz"
 done
-xz -T0 -6 -c "$CARGO_TARGET_DIR/release/examples/gpu_bench" > .device/gpu_bench.xz
+for e in tiered_step_bench generate; do
+  xz -T0 -6 -c "$CARGO_TARGET_DIR/release/examples/$e" > ".device/$e.xz"
+done
 cp scripts/device-env.sh scripts/gpu-run.sh .device/
 ls -la .device

@@ -11,13 +11,16 @@ for f in "$here"/*.xz; do xz -dc "$f" > "$bin/$(basename "$f" .xz)"; chmod +x "$
 what=${1:-all}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  "$bin/cuda_ops" 2>&1 | tee "$OUT/cuda_ops.txt"
-  "$bin/cuda_cache" 2>&1 | tee "$OUT/cuda_cache.txt"
+  for t in cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_tables; do
+    "$bin/$t" 2>&1 | tee "$OUT/$t.txt" | grep -E "test result|panicked|FAILED|error" 
+  done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  "$bin/gpu_bench" --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.txt"
+  "$bin/tiered_step_bench" --csv "$OUT/tiered.csv" 2>&1 | tee "$OUT/tiered.txt"
 fi
 if [ "$what" = sanitize ] || [ "$what" = all ]; then
-  timeout ${SAN_TIMEOUT:-400} compute-sanitizer --tool memcheck --leak-check no "$bin/cuda_ops" ${SANITIZE_FILTER:-} > "$OUT/memcheck.txt" 2>&1
-  echo "compute-sanitizer exit: $?"; tail -25 "$OUT/memcheck.txt"
+  for t in cuda_tiered cuda_pinned device_lru device_tables; do
+    timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --leak-check no "$bin/$t" > "$OUT/memcheck_$t.txt" 2>&1
+    echo "compute-sanitizer $t exit: $?"; grep -E "ERROR SUMMARY|test result" "$OUT/memcheck_$t.txt"
+  done
 fi

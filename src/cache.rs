@@ -4,15 +4,16 @@
 
 use crate::config::CacheConfig;
 use crate::error::Tier;
-use crate::meta::PageTables;
+use crate::meta::{DeviceTables, PageTables, LEAF_PAGES};
 use crate::ops::{self, AttentionPartial, PageList, NONE};
 use crate::partition::{
     IndexInput, MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection, SparseAlgorithm, TokenRun,
 };
-use crate::pool::{BucketedLru, BudgetTracker, Resolve, SlotAllocator};
+use crate::pool::{BudgetPolicy, BudgetTracker, SlotAllocator};
+use crate::tiered::{DeviceLru, HostTier, ResolveRequest};
 use crate::rope::{apply_rope, rope_tables};
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 
 /// Handle of a sequence in a cache.
@@ -42,12 +43,14 @@ pub struct StepStats {
     pub pages_available: u64,
     /// Page requests served from the fast tier.
     pub hits: u64,
-    /// Page requests fetched from the host tier.
+    /// Page requests fetched from the host tier into the fast tier.
     pub misses: u64,
-    /// Bytes copied host → fast tier.
+    /// Bytes read from the host tier (misses, spilled pages, rebuilt pages' values).
     pub bytes_moved: u64,
-    /// Attention rounds (more than one per layer when the fast tier is too small).
-    pub rounds: u64,
+    /// Page requests the fast tier could not place in their step (every way of their
+    /// bucket already held a page of that layer's step): attended straight from the host
+    /// tier, not cached.
+    pub spilled: u64,
     /// Pages attended with keys rebuilt by the algorithm (ShadowKV), values fetched from
     /// the host tier (counted in `bytes_moved`, not in `hits`/`misses`).
     pub rebuilt_pages: u64,
@@ -63,9 +66,9 @@ impl StepStats {
         }
     }
 
-    /// Fast-tier hit rate of page requests.
+    /// Fast-tier hit rate of page requests (spilled requests count as misses).
     pub fn hit_rate(&self) -> f64 {
-        let total = self.hits + self.misses;
+        let total = self.hits + self.misses + self.spilled;
         if total == 0 {
             1.0
         } else {
@@ -81,7 +84,7 @@ impl StepStats {
         self.hits += o.hits;
         self.misses += o.misses;
         self.bytes_moved += o.bytes_moved;
-        self.rounds += o.rounds;
+        self.spilled += o.spilled;
         self.rebuilt_pages += o.rebuilt_pages;
     }
 }
@@ -184,21 +187,45 @@ struct StepState {
     sin: Tensor,
     /// `[T, 2]` (entry index, position) per token, on the device.
     queries: Tensor,
+    /// `[S]` u32 per entry: the tokens its queries may see in the paged part (decode:
+    /// all, the new token included; prefill: the tokens before the step).
+    kv_limit: Tensor,
     attended: Vec<bool>,
+    /// Decode pages attended, counted on the device (read at `end_step`).
+    attended_pages: Option<Tensor>,
     stats: StepStats,
+}
+
+/// Where a layer's page requests were built.
+enum Requests {
+    /// On the host: per entry, per KV head, logical pages (ascending).
+    Lists(Vec<Vec<Vec<u32>>>),
+    /// A decode-only step's selection `[S, Hkv, K]` logical pages, left on the device.
+    Device(Tensor),
+}
+
+/// Page requests of one layer laid out `[S, Hkv, N]` (entry, KV head, `NONE`-padded)
+/// u32, on the cache's device.
+struct PageRequests {
+    host_slots: Tensor,
+    logical: Tensor,
+    owners: Tensor,
 }
 
 /// A sparse KV cache: tiered page pool + two-level page tables + one algorithm.
 pub struct SpinCache {
     cfg: CacheConfig,
     algo: Box<dyn SparseAlgorithm>,
-    host_device: Device,
-    host_pool: Tensor,
+    host: HostTier,
     fast_pool: Tensor,
     host_alloc: SlotAllocator,
-    lru: BucketedLru,
+    lru: DeviceLru,
     budgets: BudgetTracker,
     tables: PageTables,
+    device_tables: DeviceTables,
+    /// Owner index (LRU budgets, reuse counters) of each live sequence.
+    owners: HashMap<u64, u32>,
+    free_owners: Vec<u32>,
     lens: HashMap<u64, usize>,
     next_seq: u64,
     step: Option<StepState>,
@@ -229,27 +256,44 @@ impl SpinCache {
         cfg.validate()?;
         algo.init(&cfg)?;
         let (p, d) = (cfg.page_size, cfg.head_dim);
-        let host_device = Device::Cpu;
-        let host_pool = Tensor::zeros((cfg.host_pages, 2, p, d), cfg.dtype, &host_device)?;
         let buckets = cfg.fast_pages / cfg.lru_ways;
         let fast_pool = Tensor::zeros((buckets * cfg.lru_ways, 2, p, d), cfg.dtype, &cfg.device)?;
-        Ok(Self {
+        let dirs = cfg.num_layers * cfg.num_kv_heads;
+        let max_rows = cfg.max_sequences * dirs;
+        let leaves_per_row = cfg.max_seq_len.div_ceil(p).div_ceil(LEAF_PAGES);
+        let arena = cfg.host_pages.div_ceil(LEAF_PAGES) + max_rows;
+        let mut cache = Self {
+            host: HostTier::new(&cfg)?,
             host_alloc: SlotAllocator::new(Tier::Host, cfg.host_pages),
-            lru: BucketedLru::new(buckets, cfg.lru_ways),
+            lru: DeviceLru::new(buckets, cfg.lru_ways, cfg.max_sequences, cfg.host_pages, &cfg.device)?,
             budgets: BudgetTracker::new(cfg.budget_policy, buckets * cfg.lru_ways),
             tables: PageTables::new(cfg.num_layers, cfg.num_kv_heads),
+            device_tables: DeviceTables::with_capacity(max_rows, leaves_per_row, arena, dirs, &cfg.device)?,
+            owners: HashMap::new(),
+            free_owners: (0..cfg.max_sequences as u32).rev().collect(),
             scale: 1.0 / (d as f32).sqrt(),
             cfg,
             algo,
-            host_device,
-            host_pool,
             fast_pool,
             lens: HashMap::new(),
             next_seq: 0,
             step: None,
             total: StepStats::default(),
             trace: None,
-        })
+        };
+        cache.upload_budgets()?;
+        Ok(cache)
+    }
+
+    /// Copies the budget tracker's per-sequence budgets to the LRU, by owner index
+    /// (slots without a live sequence get the whole capacity, as the tracker does).
+    fn upload_budgets(&mut self) -> Result<()> {
+        let cap = self.lru.capacity();
+        let mut b = vec![cap.min(u32::MAX as usize) as u32; self.cfg.max_sequences];
+        for (&seq, &owner) in &self.owners {
+            b[owner as usize] = self.budgets.budget(seq).min(u32::MAX as usize) as u32;
+        }
+        self.lru.set_budgets(&b)
     }
 
     /// Starts (`true`) or stops recording every decode selection (per step, layer,
@@ -308,7 +352,8 @@ impl SpinCache {
                 self.host_alloc.used_count()
             ));
         }
-        for page in self.lru.resident_pages() {
+        let (tags, _, _) = self.lru.snapshot()?;
+        for page in tags.into_iter().filter(|&t| t != NONE) {
             if !seen.get(page as usize).copied().unwrap_or(false) {
                 return bad(format!("fast tier holds page {page}, which no sequence owns"));
             }
@@ -322,8 +367,9 @@ impl SpinCache {
 
     /// Frees the last `pages` pages of `seq` in both tiers.
     fn release_pages(&mut self, seq: u64, pages: usize) -> Result<()> {
-        for slot in self.tables.pop_pages(seq, pages)? {
-            self.lru.invalidate(slot);
+        let slots = self.tables.pop_pages(seq, pages)?;
+        self.lru.invalidate(&slots)?;
+        for slot in slots {
             self.host_alloc.free(slot)?;
         }
         Ok(())
@@ -392,10 +438,11 @@ impl SpinCache {
         Ok(dst)
     }
 
-    /// Per entry and KV head, the logical pages to attend in the paged part.
-    /// Also says whether the algorithm returned a page selection (not `All`).
-    #[allow(clippy::type_complexity)]
-    fn page_requests(&mut self, step: &StepState, layer: usize, q_rot: &Tensor) -> Result<(Vec<Vec<Vec<u32>>>, bool)> {
+    /// Per entry and KV head, the logical pages to attend in the paged part, and whether
+    /// the algorithm returned a page selection (not `All`). A decode-only step whose
+    /// selection is a tensor stays on the device ([`Requests::Device`]); otherwise the
+    /// lists are built on the host.
+    fn page_requests(&mut self, step: &StepState, layer: usize, q_rot: &Tensor) -> Result<(Requests, bool)> {
         let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
         let mut req: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); hkv]; step.entries.len()];
         // Prefill entries: every page holding earlier tokens (dense).
@@ -409,7 +456,7 @@ impl SpinCache {
             }
         }
         if decode.is_empty() {
-            return Ok((req, false));
+            return Ok((Requests::Lists(req), false));
         }
         let num_tokens: Vec<usize> = decode.iter().map(|&ei| step.entries[ei].start + 1).collect();
         let num_pages: Vec<usize> = num_tokens.iter().map(|t| t.div_ceil(p)).collect();
@@ -455,6 +502,16 @@ impl SpinCache {
                         ),
                     });
                 }
+                let on_device = decode.len() == step.entries.len()
+                    && self.trace.is_none()
+                    && !self.algo.rebuilds_keys()
+                    && t.dtype() == DType::U32
+                    && t.device().same_device(&self.cfg.device);
+                if on_device {
+                    return Ok((Requests::Device(t), true));
+                }
+                // Host lists: the selection crosses to the host (mixed prefill/decode
+                // steps, tracing, algorithms that rebuild keys).
                 Some((t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u32>()?, k))
             }
         };
@@ -487,18 +544,129 @@ impl SpinCache {
                 }
             }
         }
-        Ok((req, selected))
+        Ok((Requests::Lists(req), selected))
     }
 
-    /// `[S]` u32: per entry, the tokens its queries may see in the paged part (decode: all,
-    /// the new token included; prefill: the tokens before the step).
-    fn kv_limits(&self, step: &StepState) -> Result<Tensor> {
-        let kv_limit: Vec<u32> = step
-            .entries
+    /// Owner index of every entry (LRU budgets and reuse counters).
+    fn entry_owners(&self, step: &StepState) -> Result<Vec<u32>> {
+        step.entries
             .iter()
-            .map(|e| if e.n == 1 { (e.start + 1) as u32 } else { e.start as u32 })
-            .collect();
-        Ok(Tensor::from_vec(kv_limit, step.entries.len(), &self.cfg.device)?)
+            .map(|e| self.owners.get(&e.seq).copied().ok_or(Error::UnknownSequence(e.seq)))
+            .collect()
+    }
+
+    /// Requests of a decode-only step from a selection `[S, Hkv, K]` left on the device:
+    /// logical pages → host slots through the device page tables. No host sync.
+    fn device_requests(&self, step: &mut StepState, layer: usize, sel: &Tensor) -> Result<PageRequests> {
+        let hkv = self.cfg.num_kv_heads;
+        let dev = &self.cfg.device;
+        let (s, _, k) = sel.dims3()?;
+        let mut rows = Vec::with_capacity(s * hkv);
+        for e in &step.entries {
+            for h in 0..hkv {
+                rows.push(self.device_tables.row(e.seq, layer * hkv + h).ok_or(Error::Invalid {
+                    op: "SparseKvCache::attend",
+                    msg: format!("sequence {} has no device page-table row (internal error)", e.seq),
+                })?);
+            }
+        }
+        let rows = Tensor::from_vec(rows, (s, hkv, 1), dev)?
+            .broadcast_as((s, hkv, k))?
+            .contiguous()?;
+        let logical = sel.contiguous()?;
+        let queries = Tensor::stack(&[&rows, &logical], 3)?.reshape((s * hkv * k, 2))?;
+        let host_slots = self.device_tables.lookup(&queries)?.reshape((s, hkv, k))?;
+        let owners = Tensor::from_vec(self.entry_owners(step)?, (s, 1, 1), dev)?
+            .broadcast_as((s, hkv, k))?
+            .contiguous()?;
+        let attended = host_slots.ne(NONE as f64)?.to_dtype(DType::F32)?.sum_all()?;
+        step.attended_pages = Some(match step.attended_pages.take() {
+            None => attended,
+            Some(a) => (a + attended)?,
+        });
+        Ok(PageRequests {
+            host_slots,
+            logical,
+            owners,
+        })
+    }
+
+    /// Requests from host lists (per entry and KV head); `None` when no page is asked.
+    fn host_requests(&self, step: &StepState, layer: usize, lists: &[Vec<Vec<u32>>]) -> Result<Option<PageRequests>> {
+        let hkv = self.cfg.num_kv_heads;
+        let s = step.entries.len();
+        let n = lists.iter().flatten().map(Vec::len).max().unwrap_or(0);
+        if n == 0 {
+            return Ok(None);
+        }
+        let owners = self.entry_owners(step)?;
+        let mut host_slots = vec![NONE; s * hkv * n];
+        let mut logical = vec![NONE; s * hkv * n];
+        let mut owner = vec![NONE; s * hkv * n];
+        for (ei, heads) in lists.iter().enumerate() {
+            let seq = step.entries[ei].seq;
+            for (h, pages) in heads.iter().enumerate() {
+                let base = (ei * hkv + h) * n;
+                for (j, &lp) in pages.iter().enumerate() {
+                    host_slots[base + j] = self.tables.get(seq, layer * hkv + h, lp as usize)?;
+                    logical[base + j] = lp;
+                    owner[base + j] = owners[ei];
+                }
+            }
+        }
+        let dev = &self.cfg.device;
+        Ok(Some(PageRequests {
+            host_slots: Tensor::from_vec(host_slots, (s, hkv, n), dev)?,
+            logical: Tensor::from_vec(logical, (s, hkv, n), dev)?,
+            owners: Tensor::from_vec(owner, (s, hkv, n), dev)?,
+        }))
+    }
+
+    /// Attends the step's queries over the requested pages: one LRU resolve (hits, misses
+    /// into empty or evicted ways, spills where a bucket has no way left), one batched
+    /// fetch of the misses, attention over the fast tier plus attention over the spilled
+    /// pages read straight from the host tier, merged by log-sum-exp. Everything is
+    /// enqueued on the device: no host synchronization, no device-to-host copy.
+    fn tiered_part(&mut self, step: &StepState, q_rot: &Tensor, r: &PageRequests) -> Result<AttentionPartial> {
+        let (s, hkv, n) = r.host_slots.dims3()?;
+        let reuse_steps = match self.cfg.budget_policy {
+            BudgetPolicy::Dynamic { reuse_steps, .. } => reuse_steps.min(u32::MAX as u64) as u32,
+            _ => 0,
+        };
+        let out = self.lru.resolve(&ResolveRequest {
+            host_slots: &r.host_slots.flatten_all()?,
+            logical: &r.logical.flatten_all()?,
+            owners: &r.owners.flatten_all()?,
+            step: (self.total.steps + 1).min(u32::MAX as u64) as u32,
+            reuse_steps,
+        })?;
+        self.host.gather_counted(&self.fast_pool, &out.misses, &out.miss_count)?;
+        let list = |pairs: &Tensor| -> Result<PageList> {
+            Ok(PageList {
+                pages: pairs.reshape((s, hkv, n, 2))?,
+                queries: step.queries.clone(),
+                kv_limit: step.kv_limit.clone(),
+            })
+        };
+        let fast = ops::sparse_paged_attention(q_rot, &self.fast_pool, &list(&out.fast_pairs)?, self.scale)?;
+        let spilled = self.host.attend(q_rot, &list(&out.spill_pairs)?, self.scale)?;
+        ops::merge_partials(&fast, &spilled)
+    }
+
+    /// `[T, Hkv]` fast-tier destinations of the step's tokens: where the home page of a
+    /// token is resident, its fast slot · P + row, else `NONE` (computed on the device
+    /// from the LRU's tags).
+    fn fast_destinations(&self, dst: &[u32], shape: (usize, usize)) -> Result<Tensor> {
+        let p = self.cfg.page_size as u32;
+        let dev = &self.cfg.device;
+        let slots: Vec<u32> = dst.iter().map(|&c| if c == NONE { NONE } else { c / p }).collect();
+        let rows: Vec<u32> = dst.iter().map(|&c| if c == NONE { 0 } else { c % p }).collect();
+        let n = dst.len();
+        let fast = self.lru.lookup(&Tensor::from_vec(slots, n, dev)?)?;
+        let resident = fast.ne(NONE as f64)?;
+        let pos = (fast.broadcast_mul(&Tensor::new(p, dev)?)? + Tensor::from_vec(rows, n, dev)?)?;
+        let none = Tensor::full(NONE, n, dev)?;
+        Ok(resident.where_cond(&pos, &none)?.reshape(shape)?)
     }
 
     /// Attends the decode queries over pages whose keys the algorithm rebuilt: a
@@ -533,7 +701,7 @@ impl SpinCache {
                 self.cfg.dtype
             );
         }
-        let mut slots = Vec::with_capacity(total);
+        let mut pairs = Vec::with_capacity(2 * total);
         let nmax = rk.pages.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1);
         let s = step.entries.len();
         let mut list = vec![NONE; s * hkv * nmax * 2];
@@ -545,116 +713,28 @@ impl SpinCache {
                     if lp as usize >= (e.start + 1).div_ceil(p) {
                         crate::invalid!(OP, "{} rebuilt page {lp} past the sequence's end", self.algo.name());
                     }
-                    list[base + 2 * j] = slots.len() as u32;
+                    let i = (pairs.len() / 2) as u32;
+                    list[base + 2 * j] = i;
                     list[base + 2 * j + 1] = lp;
-                    slots.push(self.tables.get(e.seq, layer * hkv + h, lp as usize)?);
+                    pairs.push(self.tables.get(e.seq, layer * hkv + h, lp as usize)?);
+                    pairs.push(i);
                 }
             }
         }
-        let idx = Tensor::from_vec(slots, total, &self.host_device)?;
-        let values = self
-            .host_pool
-            .index_select(&idx, 0)?
-            .narrow(1, 1, 1)?
-            .to_device(&self.cfg.device)?;
+        let dev = &self.cfg.device;
+        let gathered = Tensor::zeros((total, 2, p, d), self.cfg.dtype, dev)?;
+        self.host
+            .gather(&gathered, &Tensor::from_vec(pairs, (total, 2), dev)?)?;
+        let values = gathered.narrow(1, 1, 1)?;
         let pool = Tensor::cat(&[&rk.keys.unsqueeze(1)?, &values], 1)?.contiguous()?;
         step.stats.rebuilt_pages += total as u64;
         step.stats.bytes_moved += (total * self.cfg.page_bytes() / 2) as u64;
         let list = PageList {
-            pages: Tensor::from_vec(list, (s, hkv, nmax, 2), &self.cfg.device)?,
+            pages: Tensor::from_vec(list, (s, hkv, nmax, 2), dev)?,
             queries: step.queries.clone(),
-            kv_limit: self.kv_limits(step)?,
+            kv_limit: step.kv_limit.clone(),
         };
         ops::sparse_paged_attention(q_rot, &pool, &list, self.scale)
-    }
-
-    /// Attends the step's queries over the requested pages, in rounds that fit the fast
-    /// tier, fetching each round's misses with one batched copy.
-    fn paged_part(
-        &mut self,
-        step: &mut StepState,
-        layer: usize,
-        q_rot: &Tensor,
-        req: &[Vec<Vec<u32>>],
-    ) -> Result<Option<AttentionPartial>> {
-        let hkv = self.cfg.num_kv_heads;
-        let s = step.entries.len();
-        // Pending requests: (entry, head, logical page, host slot).
-        let mut pending = Vec::new();
-        for (ei, heads) in req.iter().enumerate() {
-            for (h, pages) in heads.iter().enumerate() {
-                for &lp in pages {
-                    let slot = self.tables.get(step.entries[ei].seq, layer * hkv + h, lp as usize)?;
-                    pending.push((ei, h, lp, slot));
-                }
-            }
-        }
-        if pending.is_empty() {
-            return Ok(None);
-        }
-        for &(ei, _, _, slot) in &pending {
-            self.budgets.observe(step.entries[ei].seq, [slot]);
-        }
-        let kv_limit = self.kv_limits(step)?;
-        let mut acc: Option<AttentionPartial> = None;
-        while !pending.is_empty() {
-            self.lru.begin_round();
-            let mut round: Vec<Vec<Vec<(u32, u32)>>> = vec![vec![Vec::new(); hkv]; s];
-            let mut misses = Vec::new();
-            let mut deferred = Vec::new();
-            for &(ei, h, lp, slot) in &pending {
-                let seq = step.entries[ei].seq;
-                match self.lru.resolve_for(slot, seq, &self.budgets) {
-                    Resolve::Hit(f) => {
-                        step.stats.hits += 1;
-                        round[ei][h].push((f, lp));
-                    }
-                    Resolve::Miss { slot: f, .. } => {
-                        step.stats.misses += 1;
-                        misses.push(slot);
-                        misses.push(f);
-                        round[ei][h].push((f, lp));
-                    }
-                    Resolve::Deferred => deferred.push((ei, h, lp, slot)),
-                }
-            }
-            if deferred.len() == pending.len() {
-                return Err(Error::Invalid {
-                    op: "SparseKvCache::attend",
-                    msg: "fast tier cannot place any page (internal error)".into(),
-                });
-            }
-            if !misses.is_empty() {
-                let n = misses.len() / 2;
-                step.stats.bytes_moved += (n * self.cfg.page_bytes()) as u64;
-                let pairs = Tensor::from_vec(misses, (n, 2), &self.cfg.device)?;
-                ops::copy_pages(&self.fast_pool, &self.host_pool, &pairs)?;
-            }
-            let nmax = round.iter().flatten().map(|l| l.len()).max().unwrap_or(0).max(1);
-            let mut pages = vec![NONE; s * hkv * nmax * 2];
-            for (ei, heads) in round.iter().enumerate() {
-                for (h, list) in heads.iter().enumerate() {
-                    let base = (ei * hkv + h) * nmax * 2;
-                    for (j, &(f, lp)) in list.iter().enumerate() {
-                        pages[base + 2 * j] = f;
-                        pages[base + 2 * j + 1] = lp;
-                    }
-                }
-            }
-            let list = PageList {
-                pages: Tensor::from_vec(pages, (s, hkv, nmax, 2), &self.cfg.device)?,
-                queries: step.queries.clone(),
-                kv_limit: kv_limit.clone(),
-            };
-            let part = ops::sparse_paged_attention(q_rot, &self.fast_pool, &list, self.scale)?;
-            step.stats.rounds += 1;
-            acc = Some(match acc {
-                None => part,
-                Some(a) => ops::merge_partials(&a, &part)?,
-            });
-            pending = deferred;
-        }
-        Ok(acc)
     }
 }
 
@@ -674,10 +754,22 @@ impl SparseKvCache for SpinCache {
                 msg: "cannot add a sequence inside a step".into(),
             });
         }
+        let Some(&owner) = self.free_owners.last() else {
+            return Err(Error::Invalid {
+                op: "SparseKvCache::add_sequence",
+                msg: format!(
+                    "{} sequences are live, the configured maximum (CacheConfig::max_sequences): remove one first",
+                    self.cfg.max_sequences
+                ),
+            });
+        };
         let id = self.next_seq;
+        self.device_tables.add_sequence(id)?;
+        self.free_owners.pop();
         self.next_seq += 1;
         self.tables.add_sequence(id);
         self.lens.insert(id, 0);
+        self.owners.insert(id, owner);
         Ok(SeqId(id))
     }
 
@@ -691,9 +783,15 @@ impl SparseKvCache for SpinCache {
         if !self.lens.contains_key(&seq.0) {
             return Err(Error::UnknownSequence(seq.0));
         }
-        for slot in self.tables.remove_sequence(seq.0)? {
-            self.lru.invalidate(slot);
+        let slots = self.tables.remove_sequence(seq.0)?;
+        self.lru.invalidate(&slots)?;
+        for slot in slots {
             self.host_alloc.free(slot)?;
+        }
+        self.device_tables.apply(&mut self.tables)?;
+        self.device_tables.remove_sequence(seq.0)?;
+        if let Some(owner) = self.owners.remove(&seq.0) {
+            self.free_owners.push(owner);
         }
         self.lens.remove(&seq.0);
         self.algo.forget(seq.0);
@@ -762,6 +860,7 @@ impl SparseKvCache for SpinCache {
             }
             *self.lens.get_mut(&e.seq).ok_or(Error::UnknownSequence(e.seq))? += e.n;
         }
+        self.device_tables.apply(&mut self.tables)?;
         let mut positions = Vec::with_capacity(row);
         let mut queries = Vec::with_capacity(2 * row);
         for (ei, e) in entries.iter().enumerate() {
@@ -779,6 +878,11 @@ impl SparseKvCache for SpinCache {
             &self.cfg.device,
         )?;
         let queries = Tensor::from_vec(queries, (row, 2), &self.cfg.device)?;
+        let kv_limit: Vec<u32> = entries
+            .iter()
+            .map(|e| if e.n == 1 { (e.start + 1) as u32 } else { e.start as u32 })
+            .collect();
+        let kv_limit = Tensor::from_vec(kv_limit, entries.len(), &self.cfg.device)?;
         let stats = StepStats {
             steps: 1,
             ..Default::default()
@@ -789,7 +893,9 @@ impl SparseKvCache for SpinCache {
             cos,
             sin,
             queries,
+            kv_limit,
             attended: vec![false; self.cfg.num_layers],
+            attended_pages: None,
             stats,
         });
         Ok(())
@@ -816,10 +922,24 @@ impl SparseKvCache for SpinCache {
                 msg: format!("layer {l} was not attended in this step (attend every layer, or abort_step)"),
             });
         }
-        let stats = step.stats;
+        let mut stats = step.stats;
+        if let Some(n) = &step.attended_pages {
+            stats.pages_attended += n.to_dtype(DType::F64)?.to_scalar::<f64>()? as u64;
+        }
+        let (reuse, [hits, misses, spilled]) = self.lru.take_step_counters()?;
+        stats.hits += hits;
+        stats.misses += misses;
+        stats.spilled += spilled;
+        stats.bytes_moved += (misses + spilled) * self.cfg.page_bytes() as u64;
+        for e in &step.entries {
+            let owner = self.owners.get(&e.seq).copied().unwrap_or(0) as usize;
+            self.budgets
+                .observe_count(e.seq, reuse.get(owner).copied().unwrap_or(0) as usize);
+        }
         self.step = None;
         self.total.add(&stats);
         self.budgets.end_step();
+        self.upload_budgets()?;
         Ok(stats)
     }
 
@@ -835,6 +955,9 @@ impl SparseKvCache for SpinCache {
             }
             self.algo.truncate(e.seq, e.start);
         }
+        self.device_tables.apply(&mut self.tables)?;
+        // The step's counters are dropped; the recency it gave to pages stays (harmless).
+        self.lru.take_step_counters()?;
         Ok(())
     }
 
@@ -846,7 +969,7 @@ impl SparseKvCache for SpinCache {
         PoolUsage {
             host_used: self.host_alloc.used_count(),
             host_capacity: self.host_alloc.capacity(),
-            fast_resident: self.lru.resident_count(),
+            fast_resident: self.lru.resident_count().unwrap_or(0),
             fast_capacity: self.lru.capacity(),
             page_table_bytes: self.tables.bytes(),
         }
@@ -870,43 +993,19 @@ impl SpinCache {
 
         // Store: home pages in the host tier, write-through to resident fast-tier copies.
         let dst = self.host_destinations(step, layer)?;
-        let fast_dst: Vec<u32> = dst
-            .iter()
-            .map(|&c| {
-                if c == NONE {
-                    NONE
-                } else {
-                    self.lru
-                        .lookup(c / p as u32)
-                        .map_or(NONE, |f| f * p as u32 + c % p as u32)
-                }
-            })
-            .collect();
         let shape = (step.total, hkv);
-        let host_k = k_rot.to_device(&self.host_device)?;
-        let host_v = v.to_device(&self.host_device)?;
-        ops::paged_append(
-            &self.host_pool,
-            &host_k,
-            &host_v,
-            &Tensor::from_vec(dst.clone(), shape, &self.host_device)?,
-        )?;
-        let dst_t = Tensor::from_vec(dst, shape, &self.cfg.device)?;
+        let dst_t = Tensor::from_vec(dst.clone(), shape, &self.cfg.device)?;
+        self.host.append(&k_rot, &v, &dst_t)?;
+        let fast_dst = self.fast_destinations(&dst, shape)?;
         // Min/max metadata on the fast tier's device: one fused write-through + update.
         let minmax = self
             .algo
             .page_minmax()
             .filter(|m| m.device().same_device(&self.cfg.device));
         if let Some(meta) = minmax {
-            let fast_dst = Tensor::from_vec(fast_dst, shape, &self.cfg.device)?;
             ops::paged_append_with_minmax(&self.fast_pool, &k_rot, &v, &fast_dst, meta, &dst_t)?;
-        } else if fast_dst.iter().any(|&c| c != NONE) {
-            ops::paged_append(
-                &self.fast_pool,
-                &k_rot,
-                &v,
-                &Tensor::from_vec(fast_dst, shape, &self.cfg.device)?,
-            )?;
+        } else {
+            ops::paged_append(&self.fast_pool, &k_rot, &v, &fast_dst)?;
         }
         let minmax_updated = minmax.is_some();
         let runs: Vec<TokenRun> = step
@@ -932,42 +1031,54 @@ impl SpinCache {
 
         // Select and attend over pages (decode: selected pages incl. the new token;
         // prefill: all earlier pages), then the in-step causal part of prefills.
-        let (mut req, selected) = self.page_requests(step, layer, &q_rot)?;
-        for (e, heads) in step.entries.iter().zip(&req) {
-            if e.n == 1 {
-                step.stats.decode_rows += 1;
-                step.stats.pages_available += ((e.start + 1).div_ceil(p) * hkv) as u64;
-                step.stats.pages_attended += heads.iter().map(|l| l.len() as u64).sum::<u64>();
-            }
-        }
+        let (requests, selected) = self.page_requests(step, layer, &q_rot)?;
         let decode: Vec<usize> = (0..step.entries.len()).filter(|&ei| step.entries[ei].n == 1).collect();
-        let rebuilt = if selected && !decode.is_empty() {
-            let seqs: Vec<u64> = decode.iter().map(|&ei| step.entries[ei].seq).collect();
-            let num_tokens: Vec<usize> = decode.iter().map(|&ei| step.entries[ei].start + 1).collect();
-            let pages: Vec<Vec<Vec<u32>>> = decode.iter().map(|&ei| req[ei].clone()).collect();
-            match self.algo.materialize(&MaterializeInput {
-                layer,
-                seqs: &seqs,
-                num_tokens: &num_tokens,
-                pages: &pages,
-                page_size: p,
-            })? {
-                Materialized::FetchFromTiers => None,
-                Materialized::Rebuilt(rk) => {
-                    // Rebuilt pages leave the tiered fetch; they are attended separately.
-                    for (bi, &ei) in decode.iter().enumerate() {
-                        for (h, rebuilt) in rk.pages.get(bi).into_iter().flatten().enumerate().take(hkv) {
-                            req[ei][h].retain(|lp| rebuilt.binary_search(lp).is_err());
+        for &ei in &decode {
+            step.stats.decode_rows += 1;
+            step.stats.pages_available += ((step.entries[ei].start + 1).div_ceil(p) * hkv) as u64;
+        }
+        let (tiered, rebuilt) = match requests {
+            Requests::Device(sel) => {
+                let r = self.device_requests(step, layer, &sel)?;
+                (Some(self.tiered_part(step, &q_rot, &r)?), None)
+            }
+            Requests::Lists(mut req) => {
+                for &ei in &decode {
+                    step.stats.pages_attended += req[ei].iter().map(|l| l.len() as u64).sum::<u64>();
+                }
+                let rebuilt = if selected && !decode.is_empty() {
+                    let seqs: Vec<u64> = decode.iter().map(|&ei| step.entries[ei].seq).collect();
+                    let num_tokens: Vec<usize> = decode.iter().map(|&ei| step.entries[ei].start + 1).collect();
+                    let pages: Vec<Vec<Vec<u32>>> = decode.iter().map(|&ei| req[ei].clone()).collect();
+                    match self.algo.materialize(&MaterializeInput {
+                        layer,
+                        seqs: &seqs,
+                        num_tokens: &num_tokens,
+                        pages: &pages,
+                        page_size: p,
+                    })? {
+                        Materialized::FetchFromTiers => None,
+                        Materialized::Rebuilt(rk) => {
+                            // Rebuilt pages leave the tiered fetch; they are attended separately.
+                            for (bi, &ei) in decode.iter().enumerate() {
+                                for (h, rebuilt) in rk.pages.get(bi).into_iter().flatten().enumerate().take(hkv) {
+                                    req[ei][h].retain(|lp| rebuilt.binary_search(lp).is_err());
+                                }
+                            }
+                            Some(self.rebuilt_part(step, layer, &q_rot, &decode, &rk)?)
                         }
                     }
-                    Some(self.rebuilt_part(step, layer, &q_rot, &decode, &rk)?)
-                }
+                } else {
+                    None
+                };
+                let tiered = match self.host_requests(step, layer, &req)? {
+                    Some(r) => Some(self.tiered_part(step, &q_rot, &r)?),
+                    None => None,
+                };
+                (tiered, rebuilt)
             }
-        } else {
-            None
         };
-        let paged = self.paged_part(step, layer, &q_rot, &req)?;
-        let paged = match (paged, rebuilt) {
+        let paged = match (tiered, rebuilt) {
             (Some(a), Some(b)) => Some(ops::merge_partials(&a, &b)?),
             (a, b) => a.or(b),
         };

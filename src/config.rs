@@ -33,6 +33,9 @@ pub struct CacheConfig {
     pub budget_policy: BudgetPolicy,
     /// Longest sequence accepted, in tokens.
     pub max_seq_len: usize,
+    /// Most sequences live at once (default 64): sizes the device page-table directory
+    /// and the per-sequence LRU budget arrays.
+    pub max_sequences: usize,
     /// Storage dtype of K/V (f32, f16 or bf16); attention accumulates in f32.
     pub dtype: DType,
     /// Device of the fast tier and of the tensors passed to `attend`.
@@ -55,6 +58,7 @@ impl CacheConfig {
             lru_ways: 8,
             budget_policy: BudgetPolicy::DYNAMIC,
             max_seq_len: 8192,
+            max_sequences: 64,
             dtype: DType::F32,
             device: Device::Cpu,
         };
@@ -137,6 +141,9 @@ impl CacheConfig {
         }
         if self.max_seq_len == 0 || self.max_seq_len >= u32::MAX as usize {
             return bad(format!("max_seq_len ({}) must be in 1..2^32-1", self.max_seq_len));
+        }
+        if self.max_sequences == 0 || self.max_sequences >= u32::MAX as usize {
+            return bad(format!("max_sequences ({}) must be in 1..2^32-1", self.max_sequences));
         }
         if !matches!(self.dtype, DType::F32 | DType::F16 | DType::BF16) {
             return bad(format!("dtype {:?} unsupported: use f32, f16 or bf16", self.dtype));

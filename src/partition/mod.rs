@@ -87,7 +87,9 @@ pub enum Selection {
     /// Every page of every sequence.
     All,
     /// `[B, Hkv, K]` u32 logical page numbers per sequence and KV head, padded with
-    /// [`NONE`]; shared-across-heads selections repeat one row.
+    /// [`NONE`]; shared-across-heads selections repeat one row. A row must not name a
+    /// page twice nor a page past the sequence's end: the cache may resolve the
+    /// selection on the device without checking it on the host.
     Pages(Tensor),
 }
 
@@ -99,7 +101,10 @@ impl Selection {
         let mut flat = vec![NONE; lists.len() * kv_heads * k];
         for (b, heads) in lists.iter().enumerate() {
             for (h, pages) in heads.iter().enumerate().take(kv_heads) {
-                flat[(b * kv_heads + h) * k..][..pages.len()].copy_from_slice(pages);
+                let mut pages: Vec<u32> = pages.iter().copied().filter(|&p| p != NONE).collect();
+                pages.sort_unstable();
+                pages.dedup();
+                flat[(b * kv_heads + h) * k..][..pages.len()].copy_from_slice(&pages);
             }
         }
         Ok(Self::Pages(Tensor::from_vec(flat, (lists.len(), kv_heads, k), device)?))
@@ -182,6 +187,12 @@ pub trait SparseAlgorithm: Send {
     fn materialize(&mut self, input: &MaterializeInput<'_>) -> Result<Materialized> {
         let _ = input;
         Ok(Materialized::FetchFromTiers)
+    }
+
+    /// `true` when [`materialize`](Self::materialize) may rebuild keys (ShadowKV): the
+    /// cache then hands it the selection as host lists. Default `false`.
+    fn rebuilds_keys(&self) -> bool {
+        false
     }
 
     /// The page size the algorithm is designed for, if it requires one (ShadowKV: its

@@ -221,6 +221,10 @@ impl SparseAlgorithm for ShadowKv {
         Some(self.cfg.chunk_tokens)
     }
 
+    fn rebuilds_keys(&self) -> bool {
+        true
+    }
+
     fn init(&mut self, cfg: &CacheConfig) -> Result<()> {
         if cfg.page_size != self.cfg.chunk_tokens {
             return Err(Error::Config(format!(

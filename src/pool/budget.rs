@@ -95,6 +95,16 @@ impl BudgetTracker {
         }
     }
 
+    /// Records that `request` reused `reused` pages in the current step, as counted
+    /// elsewhere (the device LRU counts reuse on the GPU with the same rule as
+    /// [`observe`](Self::observe)); registers the request as active.
+    pub fn observe_count(&mut self, request: u64, reused: usize) {
+        let d = self.demand.entry(request).or_default();
+        if matches!(self.policy, BudgetPolicy::Dynamic { .. }) {
+            d.current += reused;
+        }
+    }
+
     /// A request left: its demand and budget are dropped.
     pub fn remove(&mut self, request: u64) {
         self.demand.remove(&request);

@@ -6,8 +6,8 @@
 //!
 //! Replay model (as in the cache): all requests decode together; a step visits the layers
 //! in order, and each layer is one round in which the pages of every request's every KV
-//! head are resolved and pinned; pages that find their bucket fully pinned go to the next
-//! round. Page ids follow the host allocator's layout: request `r`'s page `p` of
+//! head are resolved and pinned; pages that find their bucket fully pinned are *spilled*
+//! (read from the host tier without being cached: misses that insert nothing). Page ids follow the host allocator's layout: request `r`'s page `p` of
 //! direction `d` (= layer·Hkv + head) is `base_r + p·dirs + d`.
 
 mod exact_lru;
@@ -123,10 +123,10 @@ pub enum CachePolicy {
 pub struct SimReport {
     /// Page requests served from the fast tier.
     pub hits: u64,
-    /// Page requests fetched (deferred ones included, once).
+    /// Page requests read from the host tier (spilled ones included).
     pub misses: u64,
-    /// Extra rounds caused by fully pinned buckets.
-    pub extra_rounds: u64,
+    /// Of the misses, requests spilled because their bucket was fully pinned.
+    pub spilled: u64,
     /// Steps replayed.
     pub steps: u64,
     /// Per request: (name, hits, misses).
@@ -199,38 +199,29 @@ pub fn simulate(requests: &[RequestTrace], capacity: usize, policy: CachePolicy)
                     }
                 }
             }
-            let mut first = true;
-            while !pending.is_empty() {
-                if !first {
-                    rep.extra_rounds += 1;
-                }
-                first = false;
-                let mut deferred = Vec::new();
-                match &mut cache {
-                    Cache::Bucketed(b) => b.0.begin_round(),
-                    Cache::Exact(e) => e.begin_round(),
-                }
-                for &(ri, id) in &pending {
-                    let res = match &mut cache {
-                        Cache::Bucketed(b) => {
-                            let (lru, tracker) = &mut **b;
-                            lru.resolve_for(id, ri as u64, tracker)
-                        }
-                        Cache::Exact(e) => e.resolve(id),
-                    };
-                    match res {
-                        Resolve::Hit(_) => {
-                            rep.hits += 1;
-                            rep.per_request[ri].1 += 1;
-                        }
-                        Resolve::Miss { .. } => {
-                            rep.misses += 1;
-                            rep.per_request[ri].2 += 1;
-                        }
-                        Resolve::Deferred => deferred.push((ri, id)),
+            match &mut cache {
+                Cache::Bucketed(b) => b.0.begin_round(),
+                Cache::Exact(e) => e.begin_round(),
+            }
+            for &(ri, id) in &pending {
+                let res = match &mut cache {
+                    Cache::Bucketed(b) => {
+                        let (lru, tracker) = &mut **b;
+                        lru.resolve_for(id, ri as u64, tracker)
+                    }
+                    Cache::Exact(e) => e.resolve(id),
+                };
+                match res {
+                    Resolve::Hit(_) => {
+                        rep.hits += 1;
+                        rep.per_request[ri].1 += 1;
+                    }
+                    Resolve::Miss { .. } | Resolve::Deferred => {
+                        rep.misses += 1;
+                        rep.spilled += u64::from(res == Resolve::Deferred);
+                        rep.per_request[ri].2 += 1;
                     }
                 }
-                pending = deferred;
             }
         }
         if let Cache::Bucketed(b) = &mut cache {

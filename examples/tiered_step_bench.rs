@@ -1,0 +1,264 @@
+//! Per-step breakdown of a tiered Quest decode step for one layer at the Llama-3.1-8B
+//! layer shape (32 query heads, 8 KV heads, head_dim 128, bf16, page 16, budget 2048
+//! tokens = 128 pages per KV head): score → select → resolve → fetch → attend, with the
+//! KV's home in mapped pinned host memory and an HBM tier holding 5–50% of it, against
+//! the same step with all of the KV in HBM (same kernels, same selections) in the same
+//! run.
+//!
+//! `cargo run --release --features cuda --example tiered_step_bench [-- --quick] [-- --csv FILE]`
+//!
+//! Workload: B sequences of L tokens; random page bounds; each step's query drifts from
+//! the previous one (`q ← 0.95·q + 0.31·noise`), so consecutive selections overlap as
+//! they do in decoding; the first 30 steps warm the cache, the next 20 are measured.
+//! Phases are timed with CUDA events between them in one eager step (launch gaps
+//! included); "PCIe" is the bytes read from the host tier per step (misses fetched +
+//! spilled pages attended in place).
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!(
+        "tiered_step_bench needs the `cuda` feature: cargo run --release --features cuda --example tiered_step_bench"
+    );
+}
+
+#[cfg(feature = "cuda")]
+fn main() -> anyhow::Result<()> {
+    bench::main()
+}
+
+#[cfg(feature = "cuda")]
+mod bench {
+    use anyhow::{bail, Result};
+    use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent, CudaStream};
+    use candle_core::{DType, Device, Tensor};
+    use spinkv::cuda::{selection_to_pages, PinnedPagePool};
+    use spinkv::ops::{self, PageList};
+    use spinkv::tiered::{DeviceLru, ResolveRequest};
+    use std::io::Write;
+    use std::sync::Arc;
+
+    const HQ: usize = 32;
+    const HKV: usize = 8;
+    const D: usize = 128;
+    const P: usize = 16;
+    const BUDGET: usize = 2048;
+    const WAYS: usize = 8;
+    const PAGE_BYTES: usize = 2 * P * D * 2;
+    const WARMUP: usize = 30;
+    const MEASURED: usize = 20;
+    const PHASES: [&str; 5] = ["score", "select", "resolve", "fetch", "attend"];
+
+    struct Row {
+        l: usize,
+        b: usize,
+        fraction: f64,
+        phases_us: [f64; 5],
+        total_us: f64,
+        hbm_us: f64,
+        hit_rate: f64,
+        pcie_mb: f64,
+        fetch_gbs: f64,
+    }
+
+    fn event(stream: &Arc<CudaStream>) -> Result<CudaEvent> {
+        let e = stream
+            .context()
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        e.record(stream)?;
+        Ok(e)
+    }
+
+    pub fn main() -> Result<()> {
+        let args: Vec<String> = std::env::args().collect();
+        let quick = args.iter().any(|a| a == "--quick");
+        let csv = args
+            .iter()
+            .position(|a| a == "--csv")
+            .and_then(|i| args.get(i + 1))
+            .cloned();
+        let dev = Device::new_cuda(0)?;
+        let stream = match &dev {
+            Device::Cuda(c) => c.cuda_stream(),
+            _ => bail!("not a CUDA device"),
+        };
+        let contexts: &[usize] = if quick { &[32768] } else { &[32768, 131072] };
+        let batches: &[usize] = if quick { &[8] } else { &[8, 32] };
+        let fractions: &[f64] = if quick { &[0.05, 0.5] } else { &[0.05, 0.10, 0.25, 0.50] };
+        let scale = 1.0 / (D as f32).sqrt();
+        let kpages = BUDGET / P;
+        let mut rows = Vec::new();
+        for &l in contexts {
+            for &b in batches {
+                let np = l / P;
+                let slots = b * HKV * np;
+                let t0 = std::time::Instant::now();
+                let host = PinnedPagePool::new(&dev, slots, P, D, DType::BF16)?;
+                // All of the KV in HBM: the reference in the same run.
+                let hbm = Tensor::zeros((slots, 2, P, D), DType::BF16, &dev)?;
+                let meta = Tensor::randn(0f32, 1.0, (slots, 2, D), &dev)?.to_dtype(DType::BF16)?;
+                eprintln!(
+                    "L={l} B={b}: {:.1} GiB pinned host tier allocated in {:.1} s",
+                    (slots * PAGE_BYTES) as f64 / (1u64 << 30) as f64,
+                    t0.elapsed().as_secs_f64()
+                );
+                let cand = Tensor::arange(0u32, slots as u32, &dev)?.reshape((b, HKV, np))?;
+                let owners: Vec<u32> = (0..b as u32)
+                    .flat_map(|i| std::iter::repeat_n(i, HKV * kpages))
+                    .collect();
+                let owners = Tensor::from_vec(owners, b * HKV * kpages, &dev)?;
+                let queries: Vec<u32> = (0..b).flat_map(|i| [i as u32, (l - 1) as u32]).collect();
+                let queries = Tensor::from_vec(queries, (b, 2), &dev)?;
+                let kv_limit = Tensor::from_vec(vec![l as u32; b], b, &dev)?;
+                let list = |pairs: &Tensor| -> Result<PageList> {
+                    Ok(PageList {
+                        pages: pairs.reshape((b, HKV, kpages, 2))?.contiguous()?,
+                        queries: queries.clone(),
+                        kv_limit: kv_limit.clone(),
+                    })
+                };
+                let drift = |q: &Tensor| -> Result<Tensor> {
+                    let noise = Tensor::randn(0f32, 1.0, (b, HQ, D), &dev)?;
+                    Ok(((q * 0.95)? + (noise * 0.31)?)?)
+                };
+                let select = |q: &Tensor| -> Result<Tensor> {
+                    let s = ops::quest_page_scores(&q.to_dtype(DType::BF16)?, &meta, &cand, 1, 2)?;
+                    let sel = ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?.reshape((b, HKV, kpages))?;
+                    Ok(selection_to_pages(&cand, &sel)?)
+                };
+
+                // Reference: all of the KV in HBM.
+                let mut q = Tensor::randn(0f32, 1.0, (b, HQ, D), &dev)?;
+                let mut hbm_total = 0.0;
+                for i in 0..WARMUP.min(5) + MEASURED {
+                    q = drift(&q)?;
+                    let e0 = event(&stream)?;
+                    let pairs = select(&q)?;
+                    ops::sparse_paged_attention(&q.to_dtype(DType::BF16)?, &hbm, &list(&pairs)?, scale)?;
+                    let e1 = event(&stream)?;
+                    e1.synchronize()?;
+                    if i >= WARMUP.min(5) {
+                        hbm_total += e0.elapsed_ms(&e1)? as f64 * 1e3 / MEASURED as f64;
+                    }
+                }
+
+                for &fraction in fractions {
+                    let buckets = ((slots as f64 * fraction) as usize / WAYS).max(1);
+                    let fast = Tensor::zeros((buckets * WAYS, 2, P, D), DType::BF16, &dev)?;
+                    let mut lru = DeviceLru::new(buckets, WAYS, b, slots, &dev)?;
+                    lru.set_budgets(&vec![u32::MAX; b])?;
+                    let mut q = Tensor::randn(0f32, 1.0, (b, HQ, D), &dev)?;
+                    let mut phases = [0f64; 5];
+                    let mut total = 0.0;
+                    let (mut hits, mut misses, mut spilled) = (0u64, 0u64, 0u64);
+                    for i in 0..WARMUP + MEASURED {
+                        q = drift(&q)?;
+                        let qb = q.to_dtype(DType::BF16)?;
+                        let e0 = event(&stream)?;
+                        let s = ops::quest_page_scores(&qb, &meta, &cand, 1, 2)?;
+                        let e1 = event(&stream)?;
+                        let sel = ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?.reshape((b, HKV, kpages))?;
+                        let pairs = selection_to_pages(&cand, &sel)?;
+                        let host_slots = pairs.narrow(3, 0, 1)?.flatten_all()?.contiguous()?;
+                        let logical = pairs.narrow(3, 1, 1)?.flatten_all()?.contiguous()?;
+                        let e2 = event(&stream)?;
+                        let out = lru.resolve(&ResolveRequest {
+                            host_slots: &host_slots,
+                            logical: &logical,
+                            owners: &owners,
+                            step: (i + 1) as u32,
+                            reuse_steps: 2,
+                        })?;
+                        let e3 = event(&stream)?;
+                        host.gather_counted(&fast, &out.misses, &out.miss_count)?;
+                        let e4 = event(&stream)?;
+                        let a = ops::sparse_paged_attention(&qb, &fast, &list(&out.fast_pairs)?, scale)?;
+                        let sp = host.attend(&qb, &list(&out.spill_pairs)?, scale)?;
+                        ops::merge_partials(&a, &sp)?;
+                        let e5 = event(&stream)?;
+                        e5.synchronize()?;
+                        let (_, [h, m, sp]) = lru.take_step_counters()?;
+                        if i >= WARMUP {
+                            let ev = [&e0, &e1, &e2, &e3, &e4, &e5];
+                            for k in 0..5 {
+                                phases[k] += ev[k].elapsed_ms(ev[k + 1])? as f64 * 1e3 / MEASURED as f64;
+                            }
+                            total += e0.elapsed_ms(&e5)? as f64 * 1e3 / MEASURED as f64;
+                            hits += h;
+                            misses += m;
+                            spilled += sp;
+                        }
+                    }
+                    let per_step = (misses + spilled) as f64 / MEASURED as f64;
+                    let fetch_bytes = misses as f64 / MEASURED as f64 * PAGE_BYTES as f64;
+                    rows.push(Row {
+                        l,
+                        b,
+                        fraction,
+                        phases_us: phases,
+                        total_us: total,
+                        hbm_us: hbm_total,
+                        hit_rate: hits as f64 / (hits + misses + spilled).max(1) as f64,
+                        pcie_mb: per_step * PAGE_BYTES as f64 / 1e6,
+                        fetch_gbs: fetch_bytes / (phases[3] * 1e-6) / 1e9,
+                    });
+                    let r = rows.last().unwrap_or_else(|| unreachable!());
+                    eprintln!(
+                        "  {:>4.0}% HBM: {:.0} µs (all in HBM {:.0} µs), hit {:.1}%, {:.1} MB over PCIe",
+                        fraction * 100.0,
+                        r.total_us,
+                        r.hbm_us,
+                        r.hit_rate * 100.0,
+                        r.pcie_mb
+                    );
+                }
+                drop((host, hbm, meta));
+            }
+        }
+        println!(
+            "\n| L | B | HBM % | {} | step µs | all-in-HBM µs | hit rate | PCIe MB/step | fetch GB/s |",
+            PHASES.join(" µs | ") + " µs"
+        );
+        println!("|{}", "---|".repeat(14));
+        for r in &rows {
+            println!(
+                "| {}K | {} | {:.0} | {} | {:.0} | {:.0} | {:.1}% | {:.1} | {:.1} |",
+                r.l / 1024,
+                r.b,
+                r.fraction * 100.0,
+                r.phases_us.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" | "),
+                r.total_us,
+                r.hbm_us,
+                r.hit_rate * 100.0,
+                r.pcie_mb,
+                r.fetch_gbs
+            );
+        }
+        if let Some(path) = csv {
+            let mut f = std::fs::File::create(&path)?;
+            writeln!(
+                f,
+                "context,batch,hbm_fraction,score_us,select_us,resolve_us,fetch_us,attend_us,step_us,all_in_hbm_us,hit_rate,pcie_mb_per_step,fetch_gbs"
+            )?;
+            for r in &rows {
+                writeln!(
+                    f,
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                    r.l,
+                    r.b,
+                    r.fraction,
+                    r.phases_us[0],
+                    r.phases_us[1],
+                    r.phases_us[2],
+                    r.phases_us[3],
+                    r.phases_us[4],
+                    r.total_us,
+                    r.hbm_us,
+                    r.hit_rate,
+                    r.pcie_mb,
+                    r.fetch_gbs
+                )?;
+            }
+        }
+        Ok(())
+    }
+}

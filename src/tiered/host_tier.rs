@@ -1,0 +1,96 @@
+//! The capacity tier as the cache sees it: the home of every page, `[slots, 2, P, D]`.
+//! On the CPU it is a tensor on the fast tier's device; with a CUDA fast tier it is a
+//! [`PinnedPagePool`](crate::cuda::PinnedPagePool) in mapped page-locked host memory,
+//! which kernels write (appends), gather from (misses) and attend over (pages the fast
+//! tier could not place) directly, with no host synchronization.
+
+use crate::ops::{self, AttentionPartial, PageList};
+use crate::Result;
+use candle_core::{DType, Tensor};
+
+/// Home pages of every sequence (see the module docs).
+#[derive(Debug)]
+pub(crate) enum HostTier {
+    /// A tensor pool on the same device as the fast tier (the CPU reference path).
+    Tensor(Tensor),
+    /// Mapped pinned host memory read and written by the GPU.
+    #[cfg(feature = "cuda")]
+    Pinned(crate::cuda::PinnedPagePool),
+}
+
+impl HostTier {
+    /// Writes `k`, `v` `[T, Hkv, D]` rows to token destinations `dst` `[T, Hkv]` u32
+    /// (`slot·P + offset`, `NONE` skips), all on the fast tier's device.
+    pub fn append(&self, k: &Tensor, v: &Tensor, dst: &Tensor) -> Result<()> {
+        match self {
+            Self::Tensor(pool) => ops::paged_append(pool, k, v, dst),
+            #[cfg(feature = "cuda")]
+            Self::Pinned(pool) => pool.append_rows(k, v, dst),
+        }
+    }
+
+    /// Copies the first `count[0]` rows of `pairs` `[cap, 2]` u32 (host slot, fast slot)
+    /// into `fast` `[fast_slots, 2, P, D]`.
+    pub fn gather_counted(&self, fast: &Tensor, pairs: &Tensor, count: &Tensor) -> Result<()> {
+        match self {
+            Self::Tensor(pool) => {
+                // CPU reference: the count is read where it lives (no device round trip).
+                let n = count.to_vec1::<u32>()?.first().copied().unwrap_or(0) as usize;
+                ops::copy_pages(fast, pool, &pairs.narrow(0, 0, n.min(pairs.dims()[0]))?.contiguous()?)
+            }
+            #[cfg(feature = "cuda")]
+            Self::Pinned(pool) => pool.gather_counted(fast, pairs, count),
+        }
+    }
+
+    /// Copies whole pages `pairs` `[n, 2]` u32 (host slot, destination slot) into `dst`
+    /// `[slots, 2, P, D]` (a step-local pool).
+    pub fn gather(&self, dst: &Tensor, pairs: &Tensor) -> Result<()> {
+        match self {
+            Self::Tensor(pool) => ops::copy_pages(dst, pool, pairs),
+            #[cfg(feature = "cuda")]
+            Self::Pinned(pool) => pool.gather_into(dst, pairs),
+        }
+    }
+
+    /// `sparse_paged_attention` over pages read straight from this tier (`list.pages`
+    /// holds host slots).
+    pub fn attend(&self, q: &Tensor, list: &PageList, scale: f32) -> Result<AttentionPartial> {
+        match self {
+            Self::Tensor(pool) => ops::sparse_paged_attention(q, pool, list, scale),
+            #[cfg(feature = "cuda")]
+            Self::Pinned(pool) => pool.attend(q, list, scale),
+        }
+    }
+
+    /// Reads whole pages `[n, 2, P, D]` to the CPU (diagnostics and tests).
+    #[allow(dead_code)]
+    pub fn read_pages(&self, slots: &[u32]) -> Result<Tensor> {
+        match self {
+            Self::Tensor(pool) => {
+                let idx = Tensor::from_vec(slots.to_vec(), slots.len(), pool.device())?;
+                Ok(pool.index_select(&idx, 0)?.to_device(&candle_core::Device::Cpu)?)
+            }
+            #[cfg(feature = "cuda")]
+            Self::Pinned(pool) => pool.read_pages(slots),
+        }
+    }
+
+    /// Allocates `slots` zeroed pages for `cfg` on the fast tier's device: pinned host
+    /// memory when that device is a GPU.
+    pub fn new(cfg: &crate::CacheConfig) -> Result<Self> {
+        let (p, d) = (cfg.page_size, cfg.head_dim);
+        #[cfg(feature = "cuda")]
+        if cfg.device.is_cuda() {
+            return Ok(Self::Pinned(crate::cuda::PinnedPagePool::new(
+                &cfg.device,
+                cfg.host_pages,
+                p,
+                d,
+                cfg.dtype,
+            )?));
+        }
+        let _: DType = cfg.dtype;
+        Ok(Self::Tensor(Tensor::zeros((cfg.host_pages, 2, p, d), cfg.dtype, &cfg.device)?))
+    }
+}
