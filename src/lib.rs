@@ -42,6 +42,7 @@ pub mod partition;
 pub mod pool;
 pub mod rope;
 pub mod sim;
+pub mod tiered;
 pub mod trace;
 
 pub use cache::{PoolUsage, SelectionRecord, SeqId, SparseKvCache, SpinCache, StepInput, StepStats};
