@@ -375,9 +375,9 @@ fn check_state(model: &Model, lrus: &[DeviceLru], c: Config, ctx: &str) {
             }
         }
         let counts = l.resident_counts().unwrap();
-        for o in 0..OWNERS {
+        for (o, &count) in counts.iter().enumerate().take(OWNERS) {
             let held = owners.iter().filter(|&&x| x == o as u32).count();
-            assert_eq!(counts[o] as usize, held, "{ctx}: lru {li} owner {o} count vs owners");
+            assert_eq!(count as usize, held, "{ctx}: lru {li} owner {o} count vs owners");
             assert_eq!(
                 held,
                 model.lru.resident_of(o as u64),
@@ -392,7 +392,13 @@ fn check_state(model: &Model, lrus: &[DeviceLru], c: Config, ctx: &str) {
         // (BucketedLru::lookup(NONE) would find an empty way: NONE is its empty tag.)
         let want: Vec<u32> = q
             .iter()
-            .map(|&h| if h == NONE { NONE } else { model.lru.lookup(h).unwrap_or(NONE) })
+            .map(|&h| {
+                if h == NONE {
+                    NONE
+                } else {
+                    model.lru.lookup(h).unwrap_or(NONE)
+                }
+            })
             .collect();
         assert_eq!(got, want, "{ctx}: lru {li} lookup");
         assert_eq!(

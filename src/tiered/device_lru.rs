@@ -105,7 +105,7 @@ impl DeviceLru {
     /// An empty LRU of `buckets × ways` fast slots for owners `0..max_owners` and host
     /// slots `0..host_slots`, every budget unlimited, on `device`.
     pub fn new(buckets: usize, ways: usize, max_owners: usize, host_slots: usize, device: &Device) -> Result<Self> {
-        let cap = buckets.checked_mul(ways).unwrap_or(usize::MAX);
+        let cap = buckets.saturating_mul(ways);
         if buckets == 0 || ways == 0 || cap >= NONE as usize || max_owners == 0 || max_owners >= NONE as usize {
             crate::invalid!(
                 OP,
