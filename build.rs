@@ -11,7 +11,15 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Kernel sources, listed explicitly (one PTX module each).
-const KERNELS: &[&str] = &["append", "quest_score", "topk", "attention", "tier_copy", "page_table"];
+const KERNELS: &[&str] = &[
+    "append",
+    "quest_score",
+    "topk",
+    "attention",
+    "tier_copy",
+    "page_table",
+    "lru_resolve",
+];
 /// Headers every kernel includes.
 const HEADERS: &[&str] = &["kernels/common.cuh"];
 

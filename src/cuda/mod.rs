@@ -11,6 +11,7 @@
 
 pub(crate) mod append;
 pub(crate) mod attention;
+pub(crate) mod lru;
 pub(crate) mod page_table;
 pub mod pinned;
 pub(crate) mod quest_score;
@@ -53,6 +54,10 @@ pub(crate) const ATTENTION: Module = Module {
 pub(crate) const PAGE_TABLE: Module = Module {
     name: "spinkv_page_table",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/page_table.ptx")),
+};
+pub(crate) const LRU_RESOLVE: Module = Module {
+    name: "spinkv_lru_resolve",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/lru_resolve.ptx")),
 };
 pub(crate) const TIER_COPY: Module = Module {
     name: "spinkv_tier_copy",
@@ -196,6 +201,7 @@ pub(crate) fn ptr(op: &str, s: &CudaStorage, l: &Layout) -> Result<u64> {
         DType::F16 => p!(half::f16),
         DType::BF16 => p!(half::bf16),
         DType::U32 => p!(u32),
+        DType::I64 => p!(i64),
         dt => candle_core::bail!("{op}: unsupported dtype {dt:?} on CUDA"),
     })
 }
@@ -216,6 +222,7 @@ pub(crate) fn ptr_mut(op: &str, s: &mut CudaStorage, l: &Layout) -> Result<u64> 
         DType::F16 => p!(half::f16),
         DType::BF16 => p!(half::bf16),
         DType::U32 => p!(u32),
+        DType::I64 => p!(i64),
         dt => candle_core::bail!("{op}: unsupported dtype {dt:?} on CUDA"),
     })
 }

@@ -8,6 +8,7 @@
 
 pub mod append;
 pub mod attention;
+pub(crate) mod lru_resolve;
 pub mod merge;
 pub mod quest_score;
 pub mod reference;

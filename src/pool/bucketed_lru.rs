@@ -5,6 +5,14 @@
 //! requester's own pages when it is over budget, then among pages of requests over their
 //! budgets, then by plain LRU. This is the reference and the CPU implementation of the
 //! policy; the trace-driven simulator (`spinkv::sim`) runs this same code.
+//!
+//! Budget classes use a *snapshot* of the per-owner resident counts taken when the round
+//! begins ([`BucketedLru::begin_round`], and at construction), not the live counts: an
+//! eviction in one bucket does not change how another bucket of the same round classifies
+//! its ways. A round's outcome therefore does not depend on the order in which different
+//! buckets are processed (only the order of requests within one bucket matters), which
+//! lets the GPU version ([`DeviceLru`](crate::tiered::device_lru::DeviceLru)) resolve all
+//! buckets in parallel and still match this code exactly.
 
 use super::budget::BudgetTracker;
 use std::collections::HashMap;
@@ -37,8 +45,17 @@ pub struct BucketedLru {
     pinned: Vec<u64>,
     owners: Vec<u64>,
     resident_by_owner: HashMap<u64, usize>,
+    /// `resident_by_owner` as of the start of the round (budget classes read this).
+    resident_snapshot: HashMap<u64, usize>,
     clock: u64,
     round: u64,
+}
+
+/// The bucket of `page` among `buckets` (`>= 1`): [`BucketedLru::bucket_of`], shared with
+/// the device LRU (`kernels/lru_resolve.cu` computes the same function).
+pub fn bucket_index(page: u32, buckets: usize) -> usize {
+    let frac = (page as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    ((frac * buckets as u64) >> 32) as usize
 }
 
 /// Owner of pages resolved without a request (plain [`BucketedLru::resolve`]).
@@ -56,6 +73,7 @@ impl BucketedLru {
             pinned: vec![0; n],
             owners: vec![NO_OWNER; n],
             resident_by_owner: HashMap::new(),
+            resident_snapshot: HashMap::new(),
             clock: 0,
             round: 1,
         }
@@ -75,13 +93,14 @@ impl BucketedLru {
     /// `id·φ` scaled to the bucket count), which spreads consecutive ids — a sequence's
     /// pages — almost evenly over the buckets.
     pub fn bucket_of(&self, page: u32) -> usize {
-        let frac = (page as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
-        ((frac * self.buckets as u64) >> 32) as usize
+        bucket_index(page, self.buckets)
     }
 
-    /// Starts a new round: pins of the previous round are released.
+    /// Starts a new round: pins of the previous round are released and the per-owner
+    /// resident counts are snapshotted for the round's budget classes.
     pub fn begin_round(&mut self) {
         self.round += 1;
+        self.resident_snapshot.clone_from(&self.resident_by_owner);
     }
 
     /// The fast slot holding `page`, without touching recency.
@@ -101,6 +120,10 @@ impl BucketedLru {
     /// used page of a request at or over its budget (the requester included), else the
     /// least recently used page. Budgets thus protect each request's pages up to its
     /// budget; when every request is over budget the policy is plain LRU.
+    ///
+    /// "At or over its budget" compares the budget with the owner's resident count as of
+    /// the last [`begin_round`](Self::begin_round) (the round's snapshot), not the live
+    /// count, so evictions earlier in the round do not reclassify ways of other buckets.
     pub fn resolve_for(&mut self, page: u32, owner: u64, budgets: &BudgetTracker) -> Resolve {
         self.resolve_with(page, owner, Some(budgets))
     }
@@ -115,7 +138,7 @@ impl BucketedLru {
         }
         let over = |o: u64| -> bool {
             match budgets {
-                Some(t) if o != NO_OWNER => self.resident_by_owner.get(&o).copied().unwrap_or(0) >= t.budget(o),
+                Some(t) if o != NO_OWNER => self.resident_snapshot.get(&o).copied().unwrap_or(0) >= t.budget(o),
                 _ => false,
             }
         };
@@ -241,5 +264,33 @@ mod tests {
         ));
         c.invalidate(13);
         assert_eq!(c.resident_of(1), 2);
+    }
+
+    #[test]
+    fn budget_classes_use_the_round_snapshot() {
+        use crate::pool::budget::{BudgetPolicy, BudgetTracker};
+        let mut c = BucketedLru::new(2, 2);
+        let mut t = BudgetTracker::new(BudgetPolicy::Unlimited, 4);
+        t.set_budget(1, 3);
+        t.set_budget(2, 100);
+        let in_bucket = |b: usize| (100u32..).filter(move |&p| bucket_index(p, 2) == b);
+        let b0: Vec<u32> = in_bucket(0).take(3).collect();
+        let b1: Vec<u32> = in_bucket(1).take(3).collect();
+        let (q, a, b, cc) = (b1[0], b0[0], b0[1], b1[1]);
+        // Owner 2's q is the least recent page of bucket 1; owner 1 holds 3 pages.
+        let _ = c.resolve_for(q, 2, &t);
+        let _ = c.resolve_for(a, 1, &t);
+        let _ = c.resolve_for(b, 1, &t);
+        let _ = c.resolve_for(cc, 1, &t);
+        c.begin_round();
+        // Owner 1 is at its budget (3 of 3) in the snapshot: owner 2 evicts its pages.
+        assert!(matches!(c.resolve_for(b0[2], 2, &t), Resolve::Miss { evicted: Some(p), .. } if p == a));
+        assert_eq!(c.resident_of(1), 2);
+        // Owner 1 now holds 2 < 3 pages, but the round's snapshot still says 3: bucket 1
+        // evicts owner 1's cc, not the older q (with live counts it would evict q).
+        assert!(matches!(c.resolve_for(b1[2], 2, &t), Resolve::Miss { evicted: Some(p), .. } if p == cc));
+        c.begin_round();
+        // The next round sees 1 page of owner 1: plain LRU among the unpinned ways.
+        assert_eq!(c.resident_of(1), 1);
     }
 }

@@ -160,6 +160,18 @@ impl BudgetTracker {
         self.budgets.get(&request).copied().unwrap_or(self.capacity)
     }
 
+    /// Sets `request`'s budget to `pages` until the next [`end_step`](Self::end_step)
+    /// recomputes it (budgets decided elsewhere: tests, an external policy).
+    pub fn set_budget(&mut self, request: u64, pages: usize) {
+        self.budgets.insert(request, pages);
+    }
+
+    /// Pages `request` reused (within `reuse_steps`) so far in the current step: what
+    /// [`end_step`](Self::end_step) adds to its demand history (0 without a dynamic policy).
+    pub fn step_reuse(&self, request: u64) -> usize {
+        self.demand.get(&request).map_or(0, |d| d.current)
+    }
+
     /// Every current budget.
     pub fn budgets(&self) -> &HashMap<u64, usize> {
         &self.budgets

@@ -1,6 +1,9 @@
-//! The tiered GPU cache's device-side pieces: the host tier as the cache sees it (a
-//! tensor pool on the CPU, mapped pinned memory with a GPU), and the bucketed LRU whose
-//! state and resolve step live on the cache's device.
+//! The tiered GPU cache's device-side pieces: state that the fast-tier cache keeps in
+//! device tensors so that a decode step can run without host synchronization.
+//! [`DeviceLru`] is the bucketed LRU with per-owner budgets
+//! ([`BucketedLru`](crate::pool::BucketedLru)'s policy) resolved on the device;
+//! `HostTier` is the capacity tier as the cache sees it (a tensor pool on the CPU, mapped
+//! pinned memory with a GPU).
 
 pub mod device_lru;
 pub(crate) mod host_tier;

@@ -1,0 +1,182 @@
+// spinkv CUDA kernels: the device LRU (bucketed LRU with per-owner budgets). One round =
+// lru_link (one thread per request: per-bucket request lists, reuse tracking, output
+// initialization, resident-count snapshot) then lru_resolve (one thread per bucket: its
+// requests in request order, exactly as the sequential BucketedLru with the round's
+// snapshot budgets). Plus lru_lookup and lru_invalidate.
+// Launch glue: src/cuda/lru.rs. CPU reference: src/ops/lru_resolve.rs.
+#include "common.cuh"
+
+typedef long long i64;
+
+// BucketedLru::bucket_of (src/pool/bucketed_lru.rs: bucket_index): Fibonacci hashing.
+__device__ __forceinline__ u32 bucket_of(u32 page, u32 buckets) {
+  const u64 frac = ((u64)page * 0x9E3779B97F4A7C15ull) >> 32;
+  return (u32)((frac * (u64)buckets) >> 32);
+}
+
+// Grid-stride over max(n, max_owners). Writes every output row (NONE) and miss_count = 0,
+// copies resident -> snapshot, links valid requests into head[bucket] / next[i] and
+// counts reuse (atomicExch on last_seen: of duplicate requests in a round, only the
+// first sees the previous step, as in the sequential order).
+extern "C" __global__ void lru_link(const u32* __restrict__ host_slots, const u32* __restrict__ owners, int n,
+                                    u32 host_cap, u32 max_owners, u32 buckets, u32* head, u32* next,
+                                    u32* last_seen, u32* reuse, const u32* __restrict__ resident,
+                                    u32* __restrict__ snapshot, u32* __restrict__ fast_pairs,
+                                    u32* __restrict__ spill_pairs, u32* __restrict__ misses,
+                                    u32* __restrict__ miss_count, u32 step, u32 reuse_steps) {
+  const int total = max(n, (int)max_owners);
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    if (i == 0) miss_count[0] = 0;
+    if (i < (int)max_owners) snapshot[i] = resident[i];
+    if (i >= n) continue;
+    fast_pairs[2 * i] = SPIN_NONE;
+    fast_pairs[2 * i + 1] = SPIN_NONE;
+    spill_pairs[2 * i] = SPIN_NONE;
+    spill_pairs[2 * i + 1] = SPIN_NONE;
+    misses[2 * i] = SPIN_NONE;
+    misses[2 * i + 1] = SPIN_NONE;
+    const u32 hs = host_slots[i], o = owners[i];
+    if (hs == SPIN_NONE || hs >= host_cap || o >= max_owners) continue;  // the CPU fails here
+    if (reuse_steps != 0) {
+      const u32 prev = atomicExch(&last_seen[hs], step);
+      if (prev != 0 && prev != step && step - prev <= reuse_steps) atomicAdd(&reuse[o], 1u);
+    }
+    next[i] = atomicExch(&head[bucket_of(hs, buckets)], (u32)i);
+  }
+}
+
+// One thread per bucket: sort the bucket's list by request index, then resolve each
+// request in order (hit: pin + stamp; miss: victim among unpinned ways by (class, stamp),
+// ties to the lower way; none: deferred). Resets head[b] for the next round.
+extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const u32* __restrict__ logical,
+                                       const u32* __restrict__ owners, u32* head, u32* next, u32* tags,
+                                       u32* slot_owner, u32* pinned, i64* stamps, u32* resident,
+                                       const u32* __restrict__ snapshot, const u32* __restrict__ budgets,
+                                       u32* fast_pairs, u32* spill_pairs, u32* misses, u32* miss_count,
+                                       u64* counters, u32 buckets, u32 ways, i64 clock, u32 round) {
+  for (u32 b = blockIdx.x * blockDim.x + threadIdx.x; b < buckets; b += gridDim.x * blockDim.x) {
+    u32 h = head[b];
+    if (h == SPIN_NONE) continue;
+    head[b] = SPIN_NONE;
+    // Insertion sort of the linked list (arrival order is roughly descending: the common
+    // case inserts at the front).
+    u32 sorted = SPIN_NONE;
+    while (h != SPIN_NONE) {
+      const u32 nx = next[h];
+      if (sorted == SPIN_NONE || h < sorted) {
+        next[h] = sorted;
+        sorted = h;
+      } else {
+        u32 p = sorted;
+        while (next[p] != SPIN_NONE && next[p] < h) p = next[p];
+        next[h] = next[p];
+        next[p] = h;
+      }
+      h = nx;
+    }
+    const u32 base = b * ways;
+    u64 hits = 0, miss = 0, deferred = 0;
+    for (u32 i = sorted; i != SPIN_NONE; i = next[i]) {
+      const u32 hs = host_slots[i], o = owners[i], lp = logical[i];
+      const i64 stamp = clock + (i64)i + 1;
+      u32 hit = SPIN_NONE;
+      for (u32 w = 0; w < ways; ++w) {
+        if (tags[base + w] == hs) {
+          hit = base + w;
+          break;
+        }
+      }
+      if (hit != SPIN_NONE) {
+        stamps[hit] = stamp;
+        pinned[hit] = round;
+        fast_pairs[2 * i] = hit;
+        fast_pairs[2 * i + 1] = lp;
+        ++hits;
+        continue;
+      }
+      u32 best = SPIN_NONE, best_class = 3;
+      i64 best_stamp = 0;
+      for (u32 w = 0; w < ways; ++w) {
+        const u32 s = base + w;
+        if (pinned[s] == round) continue;
+        const u32 t = tags[s];
+        u32 cls = 0;
+        i64 st = 0;
+        if (t != SPIN_NONE) {
+          const u32 ow = slot_owner[s];
+          const u32 bud = budgets[ow];
+          cls = (bud != 0xffffffffu && snapshot[ow] >= bud) ? 1 : 2;
+          st = stamps[s];
+        }
+        if (best == SPIN_NONE || cls < best_class || (cls == best_class && st < best_stamp)) {
+          best = s;
+          best_class = cls;
+          best_stamp = st;
+        }
+      }
+      if (best == SPIN_NONE) {
+        spill_pairs[2 * i] = hs;
+        spill_pairs[2 * i + 1] = lp;
+        ++deferred;
+        continue;
+      }
+      if (tags[best] != SPIN_NONE) atomicSub(&resident[slot_owner[best]], 1u);
+      tags[best] = hs;
+      slot_owner[best] = o;
+      atomicAdd(&resident[o], 1u);
+      stamps[best] = stamp;
+      pinned[best] = round;
+      fast_pairs[2 * i] = best;
+      fast_pairs[2 * i + 1] = lp;
+      const u32 k = atomicAdd(miss_count, 1u);
+      misses[2 * k] = hs;
+      misses[2 * k + 1] = best;
+      ++miss;
+    }
+    if (hits) atomicAdd((unsigned long long*)&counters[0], (unsigned long long)hits);
+    if (miss) atomicAdd((unsigned long long*)&counters[1], (unsigned long long)miss);
+    if (deferred) atomicAdd((unsigned long long*)&counters[2], (unsigned long long)deferred);
+  }
+}
+
+// out[i] = fast slot holding host slot q[i], NONE if not resident (or a NONE query).
+extern "C" __global__ void lru_lookup(const u32* __restrict__ q, u32* __restrict__ out, int n,
+                                      const u32* __restrict__ tags, u32 buckets, u32 ways) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const u32 hs = q[i];
+    u32 slot = SPIN_NONE;
+    if (hs != SPIN_NONE) {
+      const u32 base = bucket_of(hs, buckets) * ways;
+      for (u32 w = 0; w < ways; ++w) {
+        if (tags[base + w] == hs) {
+          slot = base + w;
+          break;
+        }
+      }
+    }
+    out[i] = slot;
+  }
+}
+
+// Frees host slots: their fast copies become empty ways (one thread wins per slot, so
+// duplicates in the list are harmless), their owners' resident counts drop, their reuse
+// history is cleared.
+extern "C" __global__ void lru_invalidate(const u32* __restrict__ list, int n, u32* tags, u32* slot_owner,
+                                          i64* stamps, u32* resident, u32* last_seen, u32 host_cap,
+                                          u32 buckets, u32 ways) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const u32 hs = list[i];
+    if (hs == SPIN_NONE || hs >= host_cap) continue;
+    last_seen[hs] = 0;
+    const u32 base = bucket_of(hs, buckets) * ways;
+    for (u32 w = 0; w < ways; ++w) {
+      const u32 s = base + w;
+      if (atomicCAS(&tags[s], hs, SPIN_NONE) == hs) {
+        atomicSub(&resident[slot_owner[s]], 1u);
+        slot_owner[s] = SPIN_NONE;
+        stamps[s] = 0;
+        break;
+      }
+    }
+  }
+}

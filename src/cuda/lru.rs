@@ -1,0 +1,188 @@
+//! Launch glue for `kernels/lru_resolve.cu`: the rounds, lookups and invalidations of
+//! [`DeviceLru`](crate::tiered::DeviceLru) on CUDA. The LRU's state tensors are written
+//! through their device addresses (the `DeviceLru` owns them and never shares them);
+//! outputs are fresh buffers. Everything is enqueued on the device's stream: no host
+//! synchronization, and the launch grids depend only on host-known sizes.
+
+use super::{alloc, cfg, func, launch, ptr, LRU_RESOLVE};
+use crate::tiered::device_lru::{ResolveOutput, ResolveRequest};
+use crate::Result;
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
+
+const OP: &str = "DeviceLru";
+
+/// Sizes of a device LRU.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub buckets: usize,
+    pub ways: usize,
+    pub max_owners: usize,
+    pub host_slots: usize,
+}
+
+/// The state tensors of a device LRU (see `DeviceLru`'s fields for shapes and dtypes).
+pub(crate) struct Buffers<'a> {
+    pub tags: &'a Tensor,
+    pub owners: &'a Tensor,
+    pub pinned: &'a Tensor,
+    pub stamps: &'a Tensor,
+    pub resident: &'a Tensor,
+    pub resident_snapshot: &'a Tensor,
+    pub budgets: &'a Tensor,
+    pub last_seen: &'a Tensor,
+    pub reuse: &'a Tensor,
+    pub counters: &'a Tensor,
+    pub head: &'a Tensor,
+    pub next: &'a Tensor,
+}
+
+/// Device address of a contiguous u32 or i64 CUDA tensor.
+fn addr(name: &str, t: &Tensor, dt: DType) -> candle_core::Result<u64> {
+    if t.dtype() != dt {
+        candle_core::bail!("{OP}: {name} must be {dt:?}, got {:?}", t.dtype());
+    }
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cuda(c) => ptr(OP, c, l),
+        _ => candle_core::bail!("{OP}: {name} {:?} must be on the CUDA device", t.dims()),
+    }
+}
+
+fn cuda_device(t: &Tensor) -> candle_core::Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        d => candle_core::bail!("{OP}: expected a CUDA tensor, got one on {:?}", d.location()),
+    }
+}
+
+fn wrap(buf: candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>, dev: &CudaDevice, dims: &[usize]) -> Tensor {
+    let s = CudaStorage::wrap_cuda_slice(buf, dev.clone());
+    Tensor::from_storage(Storage::Cuda(s), dims, BackpropOp::none(), false)
+}
+
+/// One round: `lru_link` (one thread per request or owner) then `lru_resolve` (one
+/// thread per bucket).
+pub(crate) fn resolve(
+    b: &Buffers<'_>,
+    req: &ResolveRequest<'_>,
+    g: Geometry,
+    clock: u64,
+    round: u32,
+) -> Result<ResolveOutput> {
+    let n = req.host_slots.dims()[0];
+    let dev = cuda_device(b.tags)?;
+    let (fast, fp) = alloc::<u32>(&dev, 2 * n)?;
+    let (spill, sp) = alloc::<u32>(&dev, 2 * n)?;
+    let (miss, mp) = alloc::<u32>(&dev, 2 * n)?;
+    let (count, cp) = alloc::<u32>(&dev, 1)?;
+    let u = DType::U32;
+    let hs = addr("host_slots", req.host_slots, u)?;
+    let lp = addr("logical", req.logical, u)?;
+    let ow = addr("owners", req.owners, u)?;
+    let head = addr("head", b.head, u)?;
+    let next = addr("next", b.next, u)?;
+    let total = n.max(g.max_owners);
+    let link = func(&dev, &LRU_RESOLVE, "lru_link")?;
+    launch!(
+        link,
+        cfg(total.div_ceil(256).min(65535) as u32, 256, 0),
+        hs,
+        ow,
+        n as i32,
+        g.host_slots as u32,
+        g.max_owners as u32,
+        g.buckets as u32,
+        head,
+        next,
+        addr("last_seen", b.last_seen, u)?,
+        addr("reuse", b.reuse, u)?,
+        addr("resident", b.resident, u)?,
+        addr("resident_snapshot", b.resident_snapshot, u)?,
+        fp,
+        sp,
+        mp,
+        cp,
+        req.step,
+        req.reuse_steps
+    )?;
+    if n > 0 {
+        let res = func(&dev, &LRU_RESOLVE, "lru_resolve")?;
+        launch!(
+            res,
+            cfg(g.buckets.div_ceil(128).min(65535) as u32, 128, 0),
+            hs,
+            lp,
+            ow,
+            head,
+            next,
+            addr("tags", b.tags, u)?,
+            addr("owners", b.owners, u)?,
+            addr("pinned", b.pinned, u)?,
+            addr("stamps", b.stamps, DType::I64)?,
+            addr("resident", b.resident, u)?,
+            addr("resident_snapshot", b.resident_snapshot, u)?,
+            addr("budgets", b.budgets, u)?,
+            fp,
+            sp,
+            mp,
+            cp,
+            addr("counters", b.counters, DType::I64)?,
+            g.buckets as u32,
+            g.ways as u32,
+            clock as i64,
+            round
+        )?;
+    }
+    Ok(ResolveOutput {
+        fast_pairs: wrap(fast, &dev, &[n, 2]),
+        spill_pairs: wrap(spill, &dev, &[n, 2]),
+        misses: wrap(miss, &dev, &[n, 2]),
+        miss_count: wrap(count, &dev, &[1]),
+    })
+}
+
+/// `[n]` fast slot of each host slot (one thread per query).
+pub(crate) fn lookup(tags: &Tensor, q: &Tensor, g: Geometry) -> Result<Tensor> {
+    let n = q.dims()[0];
+    let dev = cuda_device(tags)?;
+    let (out, op) = alloc::<u32>(&dev, n)?;
+    if n > 0 {
+        let f = func(&dev, &LRU_RESOLVE, "lru_lookup")?;
+        launch!(
+            f,
+            cfg(n.div_ceil(256).min(65535) as u32, 256, 0),
+            addr("host_slots", q, DType::U32)?,
+            op,
+            n as i32,
+            addr("tags", tags, DType::U32)?,
+            g.buckets as u32,
+            g.ways as u32
+        )?;
+    }
+    Ok(wrap(out, &dev, &[n]))
+}
+
+/// Frees the host slots of `list` (`[n]` u32, one thread per entry).
+pub(crate) fn invalidate(b: &Buffers<'_>, list: &Tensor, g: Geometry) -> Result<()> {
+    let n = list.dims()[0];
+    let dev = cuda_device(b.tags)?;
+    let u = DType::U32;
+    let f = func(&dev, &LRU_RESOLVE, "lru_invalidate")?;
+    launch!(
+        f,
+        cfg(n.div_ceil(256).min(65535) as u32, 256, 0),
+        addr("list", list, u)?,
+        n as i32,
+        addr("tags", b.tags, u)?,
+        addr("owners", b.owners, u)?,
+        addr("stamps", b.stamps, DType::I64)?,
+        addr("resident", b.resident, u)?,
+        addr("last_seen", b.last_seen, u)?,
+        g.host_slots as u32,
+        g.buckets as u32,
+        g.ways as u32
+    )?;
+    Ok(())
+}

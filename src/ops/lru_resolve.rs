@@ -1,0 +1,195 @@
+//! CPU reference of the device LRU ([`DeviceLru`](crate::tiered::device_lru::DeviceLru)):
+//! one round of [`BucketedLru`](crate::pool::BucketedLru) (with its snapshot budget rule)
+//! plus the per-slot reuse tracking of [`BudgetTracker::observe`](crate::pool::BudgetTracker::observe),
+//! over a host copy of the LRU's state. `kernels/lru_resolve.cu` computes the same thing
+//! on the GPU, one thread per bucket; this sequential version defines the result.
+//!
+//! Unlike the other ops this is not a candle `CustomOp`: a round updates several state
+//! tensors at once (tags, owners, pins, stamps, resident counts, reuse history), while a
+//! candle in-place op writes only one. The CPU `DeviceLru` reads its state tensors into an
+//! [`LruState`], runs these functions, and writes the state back.
+
+use super::NONE;
+use crate::pool::bucketed_lru::bucket_index;
+use crate::Result;
+
+const OP: &str = "DeviceLru::resolve";
+
+/// Host copy of a device LRU's state. Slot `s = bucket * ways + way`.
+#[derive(Debug, Clone)]
+pub(crate) struct LruState {
+    pub buckets: usize,
+    pub ways: usize,
+    /// `[buckets * ways]` host slot held by each fast slot, [`NONE`] = empty way.
+    pub tags: Vec<u32>,
+    /// `[buckets * ways]` owner of each fast slot's page, [`NONE`] = empty way.
+    pub owners: Vec<u32>,
+    /// `[buckets * ways]` round that last pinned each slot (0 = never).
+    pub pinned: Vec<u32>,
+    /// `[buckets * ways]` recency stamp of each slot (0 = empty).
+    pub stamps: Vec<i64>,
+    /// `[max_owners]` fast slots held per owner.
+    pub resident: Vec<u32>,
+    /// `[max_owners]` budgets, `u32::MAX` = unlimited.
+    pub budgets: Vec<u32>,
+    /// `[host_slots]` step each host slot was last requested in (0 = never).
+    pub last_seen: Vec<u32>,
+    /// `[max_owners]` reused pages per owner in the current step.
+    pub reuse: Vec<u32>,
+    /// hits, misses, deferred.
+    pub counters: [u64; 3],
+}
+
+/// Per-request results of one round, flattened as in `ResolveOutput`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RoundOutput {
+    /// `[n * 2]` (fast slot, logical).
+    pub fast_pairs: Vec<u32>,
+    /// `[n * 2]` (host slot, logical).
+    pub spill_pairs: Vec<u32>,
+    /// `[n * 2]` (host slot, fast slot), compacted to the front, [`NONE`] after.
+    pub misses: Vec<u32>,
+    /// Valid rows of `misses`.
+    pub miss_count: u32,
+}
+
+/// The inputs of one round (all `[n]`).
+pub(crate) struct RoundInput<'a> {
+    pub host_slots: &'a [u32],
+    pub logical: &'a [u32],
+    pub owners: &'a [u32],
+    /// Stamp base: request `i` gets `clock + i + 1`.
+    pub clock: u64,
+    /// Pins of this round carry this value (never 0).
+    pub round: u32,
+    pub step: u32,
+    pub reuse_steps: u32,
+}
+
+/// Fails unless every non-[`NONE`] host slot is `< host_slots` and its owner `< max_owners`
+/// (the CUDA kernels skip such requests instead, since reporting needs a host sync).
+pub(crate) fn check_round(st: &LruState, inp: &RoundInput<'_>) -> Result<()> {
+    for (i, (&hs, &o)) in inp.host_slots.iter().zip(inp.owners).enumerate() {
+        if hs == NONE {
+            continue;
+        }
+        if hs as usize >= st.last_seen.len() || o as usize >= st.resident.len() {
+            crate::invalid!(
+                OP,
+                "request {i}: host slot {hs} (of {}) or owner {o} (of {}) out of range",
+                st.last_seen.len(),
+                st.resident.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One round: begin the round (snapshot the resident counts) and resolve every request
+/// in order. Inputs must have passed [`check_round`].
+pub(crate) fn resolve_round(st: &mut LruState, inp: &RoundInput<'_>) -> RoundOutput {
+    let n = inp.host_slots.len();
+    let mut out = RoundOutput {
+        fast_pairs: vec![NONE; 2 * n],
+        spill_pairs: vec![NONE; 2 * n],
+        misses: vec![NONE; 2 * n],
+        miss_count: 0,
+    };
+    let snapshot = st.resident.clone();
+    let ways = st.ways;
+    for i in 0..n {
+        let (hs, lp) = (inp.host_slots[i], inp.logical[i]);
+        if hs == NONE {
+            continue;
+        }
+        let o = inp.owners[i];
+        if inp.reuse_steps > 0 {
+            let prev = std::mem::replace(&mut st.last_seen[hs as usize], inp.step);
+            if prev != 0 && prev != inp.step && inp.step.wrapping_sub(prev) <= inp.reuse_steps {
+                st.reuse[o as usize] += 1;
+            }
+        }
+        let stamp = (inp.clock + i as u64 + 1) as i64;
+        let b = bucket_index(hs, st.buckets) * ways;
+        if let Some(s) = (b..b + ways).find(|&s| st.tags[s] == hs) {
+            st.stamps[s] = stamp;
+            st.pinned[s] = inp.round;
+            out.fast_pairs[2 * i] = s as u32;
+            out.fast_pairs[2 * i + 1] = lp;
+            st.counters[0] += 1;
+            continue;
+        }
+        let class = |s: usize| -> u8 {
+            if st.tags[s] == NONE {
+                return 0;
+            }
+            let owner = st.owners[s] as usize;
+            let budget = st.budgets[owner];
+            if budget != u32::MAX && snapshot[owner] >= budget {
+                1
+            } else {
+                2
+            }
+        };
+        let victim = (b..b + ways)
+            .filter(|&s| st.pinned[s] != inp.round)
+            .min_by_key(|&s| (class(s), if st.tags[s] == NONE { 0 } else { st.stamps[s] }));
+        match victim {
+            None => {
+                out.spill_pairs[2 * i] = hs;
+                out.spill_pairs[2 * i + 1] = lp;
+                st.counters[2] += 1;
+            }
+            Some(s) => {
+                if st.tags[s] != NONE {
+                    st.resident[st.owners[s] as usize] -= 1;
+                }
+                st.tags[s] = hs;
+                st.owners[s] = o;
+                st.resident[o as usize] += 1;
+                st.stamps[s] = stamp;
+                st.pinned[s] = inp.round;
+                out.fast_pairs[2 * i] = s as u32;
+                out.fast_pairs[2 * i + 1] = lp;
+                let k = out.miss_count as usize;
+                out.misses[2 * k] = hs;
+                out.misses[2 * k + 1] = s as u32;
+                out.miss_count += 1;
+                st.counters[1] += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Fast slot of each host slot (`[n]`, [`NONE`] if not resident or a [`NONE`] query).
+pub(crate) fn lookup(tags: &[u32], buckets: usize, ways: usize, host_slots: &[u32]) -> Vec<u32> {
+    host_slots
+        .iter()
+        .map(|&hs| {
+            if hs == NONE {
+                return NONE;
+            }
+            let b = bucket_index(hs, buckets) * ways;
+            (b..b + ways).find(|&s| tags[s] == hs).map_or(NONE, |s| s as u32)
+        })
+        .collect()
+}
+
+/// Forgets host slots (already checked `< host_slots` or [`NONE`]): their fast copies
+/// become empty ways, their owners' resident counts drop, their reuse history is cleared.
+pub(crate) fn invalidate(st: &mut LruState, host_slots: &[u32]) {
+    for &hs in host_slots {
+        if hs == NONE {
+            continue;
+        }
+        st.last_seen[hs as usize] = 0;
+        let b = bucket_index(hs, st.buckets) * st.ways;
+        if let Some(s) = (b..b + st.ways).find(|&s| st.tags[s] == hs) {
+            st.resident[st.owners[s] as usize] -= 1;
+            st.tags[s] = NONE;
+            st.owners[s] = NONE;
+            st.stamps[s] = 0;
+        }
+    }
+}

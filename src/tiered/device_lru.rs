@@ -1,0 +1,409 @@
+//! The bucketed LRU with per-owner budgets, with all of its state in tensors on one
+//! device: [`DeviceLru`]. One [`resolve`](DeviceLru::resolve) is exactly one round of
+//! [`BucketedLru`](crate::pool::BucketedLru) — `begin_round` then `resolve_for` of each
+//! request in order, under the snapshot budget rule (budget classes read the per-owner
+//! resident counts as of the start of the round) — plus the reuse tracking of
+//! [`BudgetTracker::observe`](crate::pool::BudgetTracker::observe), kept per host slot.
+//!
+//! On CUDA a round is two kernels (`kernels/lru_resolve.cu`) enqueued on the device's
+//! stream, with no host synchronization and no device-to-host copy: one thread per
+//! request links the requests of each bucket into a list (and counts reuse), then one
+//! thread per bucket resolves its requests in request order. Buckets are independent
+//! given the round's snapshot, so the parallel result equals the sequential one. On the
+//! CPU, the reference (`crate::ops::lru_resolve`) runs over a host copy of the state
+//! (it copies the state tensors in and out each call: a reference, not a fast path).
+//!
+//! Requests with a host slot `>= host_slots` or an owner `>= max_owners` are rejected
+//! with an error on the CPU and skipped (treated as [`NONE`]) by the CUDA kernels, which
+//! cannot report them without a host synchronization.
+
+use crate::ops::lru_resolve::{self as reference, LruState, RoundInput};
+use crate::ops::NONE;
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+
+const OP: &str = "DeviceLru";
+
+/// One round's requests. All tensors are `[n]` u32, contiguous, on the LRU's device.
+#[derive(Debug, Clone, Copy)]
+pub struct ResolveRequest<'a> {
+    /// `[n]` u32 host-tier slot of each requested page; [`NONE`] entries are skipped.
+    pub host_slots: &'a Tensor,
+    /// `[n]` u32 logical page ids (copied into the output pairs).
+    pub logical: &'a Tensor,
+    /// `[n]` u32 owner index `< max_owners` of each request.
+    pub owners: &'a Tensor,
+    /// Step number (`>= 1`), for reuse tracking.
+    pub step: u32,
+    /// Largest reuse distance, in steps, that counts as reuse (0 = no reuse tracking:
+    /// the reuse history is neither read nor updated).
+    pub reuse_steps: u32,
+}
+
+/// One round's results, on the LRU's device.
+#[derive(Debug, Clone)]
+pub struct ResolveOutput {
+    /// `[n, 2]` u32 (fast slot, logical) for hits and misses; (NONE, NONE) for skipped
+    /// and deferred requests.
+    pub fast_pairs: Tensor,
+    /// `[n, 2]` u32 (host slot, logical) for deferred requests (every way of their bucket
+    /// was pinned by this round: retry next round); (NONE, NONE) otherwise.
+    pub spill_pairs: Tensor,
+    /// `[n, 2]` u32 (host slot, fast slot) of the misses (the pages to copy in), compacted
+    /// to the front in unspecified order (request order on the CPU); (NONE, NONE) after.
+    pub misses: Tensor,
+    /// `[1]` u32 number of valid rows of `misses`.
+    pub miss_count: Tensor,
+}
+
+/// Fast-tier residency of `buckets × ways` slots with per-owner budgets, on one device.
+/// Slot id = `bucket * ways + way`; bucket = [`bucket_index`](crate::pool::bucketed_lru::bucket_index)
+/// of the host slot (the function of [`BucketedLru::bucket_of`](crate::pool::BucketedLru::bucket_of)).
+#[derive(Debug)]
+pub struct DeviceLru {
+    buckets: usize,
+    ways: usize,
+    max_owners: usize,
+    host_slots: usize,
+    device: Device,
+    /// `[cap]` u32 host slot per fast slot, NONE = empty.
+    tags: Tensor,
+    /// `[cap]` u32 owner per fast slot, NONE = empty.
+    owners: Tensor,
+    /// `[cap]` u32 round that pinned the slot (0 = never).
+    pinned: Tensor,
+    /// `[cap]` i64 recency stamp.
+    stamps: Tensor,
+    /// `[max_owners]` u32 fast slots held per owner.
+    resident: Tensor,
+    /// `[max_owners]` u32 `resident` at the start of the round (CUDA scratch).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    resident_snapshot: Tensor,
+    /// `[max_owners]` u32 budgets, u32::MAX = unlimited.
+    budgets: Tensor,
+    /// `[host_slots]` u32 step of each host slot's last request (0 = never).
+    last_seen: Tensor,
+    /// `[max_owners]` u32 reused pages per owner this step.
+    reuse: Tensor,
+    /// `[3]` i64 hits, misses, deferred.
+    counters: Tensor,
+    /// `[buckets]` u32 per-bucket request list heads, NONE between rounds (CUDA scratch).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    head: Tensor,
+    /// `[>= n]` u32 request list links (CUDA scratch, grown as needed).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    next: Tensor,
+    clock: u64,
+    round: u32,
+}
+
+fn u32s(n: usize, v: u32, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(vec![v; n.max(1)], n.max(1), device)?)
+}
+
+impl DeviceLru {
+    /// An empty LRU of `buckets × ways` fast slots for owners `0..max_owners` and host
+    /// slots `0..host_slots`, every budget unlimited, on `device`.
+    pub fn new(buckets: usize, ways: usize, max_owners: usize, host_slots: usize, device: &Device) -> Result<Self> {
+        let cap = buckets.saturating_mul(ways);
+        if buckets == 0 || ways == 0 || cap >= NONE as usize || max_owners == 0 || max_owners >= NONE as usize {
+            crate::invalid!(
+                OP,
+                "buckets {buckets} × ways {ways} must be >= 1 and < 2^32 slots; max_owners {max_owners} must be in 1..2^32-1"
+            );
+        }
+        if host_slots == 0 || host_slots >= NONE as usize {
+            crate::invalid!(OP, "host_slots {host_slots} must be in 1..2^32-1");
+        }
+        Ok(Self {
+            buckets,
+            ways,
+            max_owners,
+            host_slots,
+            device: device.clone(),
+            tags: u32s(cap, NONE, device)?,
+            owners: u32s(cap, NONE, device)?,
+            pinned: u32s(cap, 0, device)?,
+            stamps: Tensor::zeros(cap, DType::I64, device)?,
+            resident: u32s(max_owners, 0, device)?,
+            resident_snapshot: u32s(max_owners, 0, device)?,
+            budgets: u32s(max_owners, u32::MAX, device)?,
+            last_seen: u32s(host_slots, 0, device)?,
+            reuse: u32s(max_owners, 0, device)?,
+            counters: Tensor::zeros(3, DType::I64, device)?,
+            head: u32s(buckets, NONE, device)?,
+            next: u32s(1, NONE, device)?,
+            clock: 0,
+            round: 0,
+        })
+    }
+
+    /// Total fast slots (`buckets × ways`).
+    pub fn capacity(&self) -> usize {
+        self.buckets * self.ways
+    }
+
+    /// Buckets.
+    pub fn buckets(&self) -> usize {
+        self.buckets
+    }
+
+    /// Ways per bucket.
+    pub fn ways(&self) -> usize {
+        self.ways
+    }
+
+    /// The device holding the state.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Sets the per-owner budgets (`[max_owners]`, `u32::MAX` = unlimited): one H2D upload.
+    /// They apply from the next [`resolve`](Self::resolve).
+    pub fn set_budgets(&mut self, budgets: &[u32]) -> Result<()> {
+        if budgets.len() != self.max_owners {
+            crate::invalid!(
+                "DeviceLru::set_budgets",
+                "budgets has {} entries, expected max_owners = {}",
+                budgets.len(),
+                self.max_owners
+            );
+        }
+        self.budgets = Tensor::from_slice(budgets, budgets.len(), &self.device)?;
+        Ok(())
+    }
+
+    /// One round (one layer of one step): see the module doc. Request `i` gets recency
+    /// stamp `clock + i + 1`, then the clock advances by `n`. No host synchronization and
+    /// no device-to-host copy on CUDA.
+    pub fn resolve(&mut self, req: &ResolveRequest<'_>) -> Result<ResolveOutput> {
+        const ROP: &str = "DeviceLru::resolve";
+        let n = req.host_slots.dims1().unwrap_or(usize::MAX);
+        for (name, t) in [
+            ("host_slots", req.host_slots),
+            ("logical", req.logical),
+            ("owners", req.owners),
+        ] {
+            if t.rank() != 1 || t.dims()[0] != n || t.dtype() != DType::U32 || !t.is_contiguous() {
+                crate::invalid!(
+                    ROP,
+                    "host_slots {:?}, logical {:?} and owners {:?} must be contiguous u32 [n]; {name} is {:?} {:?}",
+                    req.host_slots.dims(),
+                    req.logical.dims(),
+                    req.owners.dims(),
+                    t.dims(),
+                    t.dtype()
+                );
+            }
+            if !t.device().same_device(&self.device) {
+                crate::invalid!(
+                    ROP,
+                    "{name} {:?} is on {:?} but the LRU is on {:?}",
+                    t.dims(),
+                    t.device().location(),
+                    self.device.location()
+                );
+            }
+        }
+        if req.step == 0 {
+            crate::invalid!(ROP, "step must be >= 1 (0 marks never-seen host slots)");
+        }
+        if self.round == u32::MAX {
+            // Pins hold round numbers: restart them before the counter wraps.
+            self.pinned = u32s(self.capacity(), 0, &self.device)?;
+            self.round = 0;
+        }
+        let (clock, round) = (self.clock, self.round + 1);
+        let out = match &self.device {
+            Device::Cpu => self.resolve_cpu(req, clock, round)?,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => {
+                if self.next.dims()[0] < n {
+                    self.next = u32s(n.next_power_of_two(), NONE, &self.device)?;
+                }
+                crate::cuda::lru::resolve(&self.buffers(), req, self.geometry(), clock, round)?
+            }
+            d => crate::invalid!(ROP, "unsupported device {:?}", d.location()),
+        };
+        self.round = round;
+        self.clock += n as u64;
+        Ok(out)
+    }
+
+    fn resolve_cpu(&mut self, req: &ResolveRequest<'_>, clock: u64, round: u32) -> Result<ResolveOutput> {
+        let hs = req.host_slots.to_vec1::<u32>()?;
+        let lp = req.logical.to_vec1::<u32>()?;
+        let ow = req.owners.to_vec1::<u32>()?;
+        let mut st = self.read_state()?;
+        let inp = RoundInput {
+            host_slots: &hs,
+            logical: &lp,
+            owners: &ow,
+            clock,
+            round,
+            step: req.step,
+            reuse_steps: req.reuse_steps,
+        };
+        reference::check_round(&st, &inp)?;
+        let out = reference::resolve_round(&mut st, &inp);
+        self.write_state(st)?;
+        let n = hs.len();
+        Ok(ResolveOutput {
+            fast_pairs: Tensor::from_vec(out.fast_pairs, (n, 2), &self.device)?,
+            spill_pairs: Tensor::from_vec(out.spill_pairs, (n, 2), &self.device)?,
+            misses: Tensor::from_vec(out.misses, (n, 2), &self.device)?,
+            miss_count: Tensor::from_vec(vec![out.miss_count], 1, &self.device)?,
+        })
+    }
+
+    /// Fast slot of each host slot: `host_slots` `[n]` u32 → `[n]` u32, [`NONE`] where not
+    /// resident (or a [`NONE`] query). No recency change (used for write-through).
+    pub fn lookup(&self, host_slots: &Tensor) -> Result<Tensor> {
+        const LOP: &str = "DeviceLru::lookup";
+        if host_slots.rank() != 1 || host_slots.dtype() != DType::U32 {
+            crate::invalid!(
+                LOP,
+                "host_slots must be u32 [n], got {:?} {:?}",
+                host_slots.dims(),
+                host_slots.dtype()
+            );
+        }
+        if !host_slots.device().same_device(&self.device) {
+            crate::invalid!(
+                LOP,
+                "host_slots {:?} is on {:?} but the LRU is on {:?}",
+                host_slots.dims(),
+                host_slots.device().location(),
+                self.device.location()
+            );
+        }
+        let q = host_slots.contiguous()?;
+        match &self.device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => crate::cuda::lru::lookup(&self.tags, &q, self.geometry()),
+            _ => {
+                let tags = self.tags.to_vec1::<u32>()?;
+                let out = reference::lookup(&tags, self.buckets, self.ways, &q.to_vec1::<u32>()?);
+                let n = out.len();
+                Ok(Tensor::from_vec(out, n, &self.device)?)
+            }
+        }
+    }
+
+    /// Host slots freed (sequence removed, step aborted): their fast copies become empty
+    /// ways, their owners' resident counts drop and their reuse history is cleared.
+    /// [`NONE`] entries are ignored; every other entry must be `< host_slots`.
+    pub fn invalidate(&mut self, host_slots: &[u32]) -> Result<()> {
+        if let Some(&bad) = host_slots.iter().find(|&&h| h != NONE && h as usize >= self.host_slots) {
+            crate::invalid!(
+                "DeviceLru::invalidate",
+                "host slot {bad} out of range (host_slots = {}, list of {})",
+                self.host_slots,
+                host_slots.len()
+            );
+        }
+        if host_slots.is_empty() {
+            return Ok(());
+        }
+        match &self.device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => {
+                let list = Tensor::from_slice(host_slots, host_slots.len(), &self.device)?;
+                crate::cuda::lru::invalidate(&self.buffers(), &list, self.geometry())
+            }
+            _ => {
+                let mut st = self.read_state()?;
+                reference::invalidate(&mut st, host_slots);
+                self.write_state(st)
+            }
+        }
+    }
+
+    /// Per-owner reuse counts of the step (`[max_owners]`) and the `[hits, misses,
+    /// deferred]` counters since the last call; both are reset to 0. A device-to-host copy
+    /// (meant for the end of a step).
+    pub fn take_step_counters(&mut self) -> Result<(Vec<u32>, [u64; 3])> {
+        let reuse = self.reuse.to_vec1::<u32>()?;
+        let c = self.counters.to_vec1::<i64>()?;
+        self.reuse = u32s(self.max_owners, 0, &self.device)?;
+        self.counters = Tensor::zeros(3, DType::I64, &self.device)?;
+        Ok((reuse, [c[0] as u64, c[1] as u64, c[2] as u64]))
+    }
+
+    /// Fast slots held per owner (`[max_owners]`): a device-to-host copy, for tests.
+    pub fn resident_counts(&self) -> Result<Vec<u32>> {
+        Ok(self.resident.to_vec1::<u32>()?)
+    }
+
+    /// Host view of the state, for tests: per fast slot its host slot (tag), owner
+    /// ([`NONE`] for both when empty) and recency stamp (0 when empty).
+    pub fn snapshot(&self) -> Result<(Vec<u32>, Vec<u32>, Vec<i64>)> {
+        Ok((
+            self.tags.to_vec1::<u32>()?,
+            self.owners.to_vec1::<u32>()?,
+            self.stamps.to_vec1::<i64>()?,
+        ))
+    }
+
+    fn read_state(&self) -> Result<LruState> {
+        let c = self.counters.to_vec1::<i64>()?;
+        Ok(LruState {
+            buckets: self.buckets,
+            ways: self.ways,
+            tags: self.tags.to_vec1()?,
+            owners: self.owners.to_vec1()?,
+            pinned: self.pinned.to_vec1()?,
+            stamps: self.stamps.to_vec1()?,
+            resident: self.resident.to_vec1()?,
+            budgets: self.budgets.to_vec1()?,
+            last_seen: self.last_seen.to_vec1()?,
+            reuse: self.reuse.to_vec1()?,
+            counters: [c[0] as u64, c[1] as u64, c[2] as u64],
+        })
+    }
+
+    fn write_state(&mut self, st: LruState) -> Result<()> {
+        let d = &self.device;
+        let t = |v: Vec<u32>| -> Result<Tensor> {
+            let n = v.len();
+            Ok(Tensor::from_vec(v, n, d)?)
+        };
+        self.tags = t(st.tags)?;
+        self.owners = t(st.owners)?;
+        self.pinned = t(st.pinned)?;
+        self.stamps = Tensor::from_vec(st.stamps, self.buckets * self.ways, d)?;
+        self.resident = t(st.resident)?;
+        self.last_seen = t(st.last_seen)?;
+        self.reuse = t(st.reuse)?;
+        self.counters = Tensor::from_vec(st.counters.map(|c| c as i64).to_vec(), 3, d)?;
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn geometry(&self) -> crate::cuda::lru::Geometry {
+        crate::cuda::lru::Geometry {
+            buckets: self.buckets,
+            ways: self.ways,
+            max_owners: self.max_owners,
+            host_slots: self.host_slots,
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn buffers(&self) -> crate::cuda::lru::Buffers<'_> {
+        crate::cuda::lru::Buffers {
+            tags: &self.tags,
+            owners: &self.owners,
+            pinned: &self.pinned,
+            stamps: &self.stamps,
+            resident: &self.resident,
+            resident_snapshot: &self.resident_snapshot,
+            budgets: &self.budgets,
+            last_seen: &self.last_seen,
+            reuse: &self.reuse,
+            counters: &self.counters,
+            head: &self.head,
+            next: &self.next,
+        }
+    }
+}
