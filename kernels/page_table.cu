@@ -1,5 +1,6 @@
-// spinkv CUDA kernel: two-level page-table lookup on the device. out[i] = the host slot
-// of (directory row, logical page) queries[i]: leaf = directory[row, page / 64], then
+// spinkv CUDA kernels: two-level page-table lookup on the device, and the scatter that
+// updates the tables in place. Lookup: out[i] = the host slot of (directory row,
+// logical page) queries[i]: leaf = directory[row, page / 64], then
 // leaves[leaf, page % 64]; NONE for out-of-range rows/pages, NONE queries or leaves.
 // Launch glue: src/cuda/page_table.rs. CPU reference: src/meta/device_tables.rs.
 #include "common.cuh"
@@ -16,5 +17,14 @@ extern "C" __global__ void page_slots(const u32* __restrict__ directory, const u
       if (leaf != SPIN_NONE && leaf < n_leaves) slot = leaves[(size_t)leaf * 64 + page % 64u];
     }
     out[i] = slot;
+  }
+}
+
+// In-place update of a device table: dst[writes[2 i]] = writes[2 i + 1] for i < n
+// (flat indices, distinct; indices >= len are skipped). Used by DeviceTables::apply.
+extern "C" __global__ void scatter_u32(u32* __restrict__ dst, const u32* __restrict__ writes, int n, u32 len) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const u32 idx = writes[2 * i];
+    if (idx < len) dst[idx] = writes[2 * i + 1];
   }
 }

@@ -43,3 +43,17 @@ extern "C" __global__ void selection_to_pages(const u32* __restrict__ cand, cons
     pages[2 * i + 1] = lp;
   }
 }
+
+// copy_pages with the pair count on the device: `pairs` holds `cap` rows, of which only
+// the first `*count` are valid (the rest may be garbage). The grid depends on `cap` only,
+// so the host never reads the count; blocks past it exit at once.
+#define COPY_COUNTED_KERNEL(NAME, W)                                                        \
+  extern "C" __global__ void NAME(W* dst, const W* src, const u32* pairs, const u32* count, \
+                                  int cap, int page_words, u32 nd, u32 ns) {                \
+    const u32 c = *count;                                                                   \
+    const int n = c < (u32)cap ? (int)c : cap;                                              \
+    copy_impl<W>(dst, src, pairs, n, page_words, nd, ns);                                   \
+  }
+COPY_COUNTED_KERNEL(copy_pages_counted_w16, uint4)
+COPY_COUNTED_KERNEL(copy_pages_counted_w4, u32)
+COPY_COUNTED_KERNEL(copy_pages_counted_w2, unsigned short)

@@ -2,6 +2,11 @@
 //! `PageTables::get` returns for every (sequence, directory, page) of random tables built
 //! with appends, pops, removals and leaf reuse, and `NONE` for out-of-range queries — on
 //! the CPU (the reference op) and, with the `cuda` feature, on the GPU.
+//!
+//! Incremental mirrors: after random add/push/pop/remove sequences on tracked
+//! `PageTables`, with `DeviceTables::apply` called at random points, the preallocated
+//! tables must give the same `page_slots` lookups as a fresh `upload` for every live
+//! sequence's rows; capacity overflows are errors.
 
 use candle_core::{Device, Tensor};
 use spinkv::meta::{DeviceTables, PageTables, LEAF_PAGES};
@@ -91,4 +96,152 @@ fn device_tables_match_the_host_tables_on_cpu() {
 fn device_tables_match_the_host_tables_on_cuda() {
     spinkv::cuda::set_poison_outputs(true);
     check(&Device::new_cuda(0).expect("a CUDA device"));
+}
+
+/// Random add/push/pop/remove on `t`, mirrored into `dt` with `apply` at random points;
+/// after each apply, every live sequence's lookups equal a fresh upload's.
+fn check_incremental(device: &Device, seed: u64) {
+    let mut s = seed | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let (layers, heads) = (2, 3);
+    let dps = layers * heads;
+    let mut t = PageTables::new(layers, heads);
+    // Some content before tracking starts: the first apply must catch up.
+    t.add_sequence(100);
+    let mut slot = 0u32;
+    for _ in 0..70 {
+        t.push_page(100, &(slot..slot + dps as u32).collect::<Vec<_>>())
+            .unwrap();
+        slot += dps as u32;
+    }
+    let mut dt = DeviceTables::with_capacity(dps * 6, 5, 200, dps, device).unwrap();
+    dt.add_sequence(100).unwrap();
+    let mut live: Vec<u64> = vec![100];
+    let mut next_seq = 0u64;
+    for round in 0..60 {
+        for _ in 0..(next() % 6) {
+            match next() % 10 {
+                0 | 1 if live.len() < 6 => {
+                    t.add_sequence(next_seq);
+                    dt.add_sequence(next_seq).unwrap();
+                    live.push(next_seq);
+                    next_seq += 1;
+                }
+                2 if !live.is_empty() => {
+                    let seq = live.swap_remove((next() % live.len() as u64) as usize);
+                    t.remove_sequence(seq).unwrap();
+                    dt.remove_sequence(seq).unwrap();
+                }
+                3 | 4 if !live.is_empty() => {
+                    let seq = live[(next() % live.len() as u64) as usize];
+                    t.pop_pages(seq, (next() % 80) as usize).unwrap();
+                }
+                _ if !live.is_empty() => {
+                    let seq = live[(next() % live.len() as u64) as usize];
+                    for _ in 0..(next() % 90) {
+                        if t.num_pages(seq).unwrap() >= 5 * LEAF_PAGES {
+                            break;
+                        }
+                        t.push_page(seq, &(slot..slot + dps as u32).collect::<Vec<_>>())
+                            .unwrap();
+                        slot += dps as u32;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if next() % 3 == 0 {
+            continue; // let changes pile up across rounds
+        }
+        dt.apply(&mut t).unwrap();
+        let fresh = DeviceTables::upload(&t, &Device::Cpu).unwrap();
+        let (mut q_inc, mut q_fresh) = (Vec::new(), Vec::new());
+        for &seq in &live {
+            let pages = t.num_pages(seq).unwrap();
+            for d in 0..dps {
+                for p in 0..pages + LEAF_PAGES + 2 {
+                    q_inc.extend([dt.row(seq, d).unwrap(), p as u32]);
+                    q_fresh.extend([fresh.row(seq, d).unwrap(), p as u32]);
+                }
+            }
+        }
+        let n = q_inc.len() / 2;
+        let got = dt
+            .lookup(&Tensor::from_vec(q_inc, (n, 2), device).unwrap())
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        let want = fresh
+            .lookup(&Tensor::from_vec(q_fresh, (n, 2), &Device::Cpu).unwrap())
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(got, want, "seed {seed} round {round} on {:?}", device.location());
+    }
+}
+
+#[test]
+fn incremental_device_tables_match_a_fresh_upload_on_cpu() {
+    for seed in [3u64, 8, 21, 77] {
+        check_incremental(&Device::Cpu, seed);
+    }
+}
+
+#[test]
+fn incremental_device_tables_capacity_errors() {
+    let dev = Device::Cpu;
+    assert!(DeviceTables::with_capacity(0, 1, 1, 1, &dev).is_err());
+    let mut t = PageTables::new(1, 2);
+    let mut dt = DeviceTables::with_capacity(4, 1, 2, 2, &dev).unwrap();
+    t.add_sequence(1);
+    assert_eq!(dt.add_sequence(1).unwrap(), 0);
+    t.add_sequence(2);
+    assert_eq!(dt.add_sequence(2).unwrap(), 2);
+    let e = dt.add_sequence(3).unwrap_err().to_string();
+    assert!(e.contains("add_sequence") && e.contains("no free rows"), "{e}");
+    assert!(dt.add_sequence(2).is_err());
+    // A sequence longer than one leaf per row.
+    for p in 0..=LEAF_PAGES as u32 {
+        t.push_page(1, &[p, p]).unwrap();
+    }
+    let e = dt.apply(&mut t).unwrap_err().to_string();
+    assert!(e.contains("DeviceTables::apply") && e.contains("leaves per row"), "{e}");
+    // The failed changes stay logged: shrinking and applying again succeeds.
+    t.pop_pages(1, 1).unwrap();
+    dt.apply(&mut t).unwrap();
+    // The leaf arena (2 leaves) is full after sequence 1's two directories.
+    t.push_page(2, &[5, 6]).unwrap();
+    let e = dt.apply(&mut t).unwrap_err().to_string();
+    assert!(e.contains("leaf arena"), "{e}");
+    // A sequence with pages but no rows.
+    let mut t2 = PageTables::new(1, 2);
+    t2.add_sequence(9);
+    t2.push_page(9, &[1, 2]).unwrap();
+    let mut dt2 = DeviceTables::with_capacity(4, 1, 4, 2, &dev).unwrap();
+    let e = dt2.apply(&mut t2).unwrap_err().to_string();
+    assert!(e.contains("add_sequence first"), "{e}");
+    // Freed rows are reused.
+    dt.remove_sequence(1).unwrap();
+    assert_eq!(dt.add_sequence(3).unwrap(), 0);
+    assert!(dt.remove_sequence(77).is_err());
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn incremental_device_tables_match_a_fresh_upload_on_cuda() {
+    let Ok(gpu) = Device::new_cuda(0) else {
+        eprintln!("skipping: no CUDA device");
+        return;
+    };
+    spinkv::cuda::set_poison_outputs(true);
+    for seed in [3u64, 8, 21, 77] {
+        check_incremental(&gpu, seed);
+    }
 }

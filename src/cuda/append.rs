@@ -25,12 +25,30 @@ pub(crate) fn paged_append(
     page_size: usize,
 ) -> Result<()> {
     let (slots, _, _, d) = pl.shape().dims4()?;
+    let pp = ptr_mut(OP_APPEND, pool, pl)?;
+    paged_append_to(pp, slots, page_size, d, k, kl, v, vl, dst)
+}
+
+/// [`paged_append`] into the pool `[slots, 2, page_size, d]` (k's dtype) at device
+/// address `pp`: a candle tensor's buffer or mapped pinned host memory (the rows are then
+/// written over PCIe by the kernel, enqueued on k's stream).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn paged_append_to(
+    pp: u64,
+    slots: usize,
+    page_size: usize,
+    d: usize,
+    k: &CudaStorage,
+    kl: &Layout,
+    v: &CudaStorage,
+    vl: &Layout,
+    dst: &Tensor,
+) -> Result<()> {
     let entries = dst.elem_count();
     if entries == 0 {
         return Ok(());
     }
-    let es = pool.dtype().size_in_bytes();
-    let pp = ptr_mut(OP_APPEND, pool, pl)?;
+    let es = k.dtype().size_in_bytes();
     let kp = ptr(OP_APPEND, k, kl)?;
     let vp = ptr(OP_APPEND, v, vl)?;
     let dp = super::field_ptr(OP_APPEND, "dst", dst)?;

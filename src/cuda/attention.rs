@@ -26,8 +26,47 @@ pub(crate) fn sparse_paged_attention(
     list: &PageList,
     scale: f32,
 ) -> Result<(CudaStorage, Shape)> {
+    let (slots, _, p, hd) = pl.shape().dims4()?;
+    let pool = PoolRef {
+        ptr: ptr(OP, pool, pl)?,
+        slots,
+        page_size: p,
+        head_dim: hd,
+    };
+    sparse_paged_attention_at(q, ql, pool, list, scale)
+}
+
+/// A page pool `[slots, 2, page_size, D]` (the queries' dtype and head dim) at a device
+/// address: a candle tensor's buffer, or mapped pinned host memory.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolRef {
+    pub ptr: u64,
+    pub slots: usize,
+    pub page_size: usize,
+    pub head_dim: usize,
+}
+
+/// [`sparse_paged_attention`] over the pool at `pool` (same kernels, same output layout).
+pub(crate) fn sparse_paged_attention_at(
+    q: &CudaStorage,
+    ql: &Layout,
+    pool: PoolRef,
+    list: &PageList,
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
     let (t, hq, d) = ql.shape().dims3()?;
-    let (slots, _, p, _) = pl.shape().dims4()?;
+    let PoolRef {
+        ptr: pp,
+        slots,
+        page_size: p,
+        head_dim,
+    } = pool;
+    if head_dim != d {
+        candle_core::bail!(
+            "{OP}: pool head_dim {head_dim} differs from the queries' {d} (q {:?})",
+            ql.dims()
+        );
+    }
     let (s, hkv, n, _) = list.pages.dims4()?;
     let dev = super::device(q).clone();
     let shape = Shape::from_dims(&[t * hq * (d + 1)]);
@@ -37,7 +76,6 @@ pub(crate) fn sparse_paged_attention(
         return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
     }
     let qp = ptr(OP, q, ql)?;
-    let pp = ptr(OP, pool, pl)?;
     let pages = super::field_ptr(OP, "pages", &list.pages)?;
     let queries = super::field_ptr(OP, "queries", &list.queries)?;
     let kv_limit = super::field_ptr(OP, "kv_limit", &list.kv_limit)?;

@@ -1,7 +1,8 @@
 //! Launch glue for `kernels/page_table.cu`: the device page-table lookup behind
-//! [`page_slots`](crate::meta::page_slots).
+//! [`page_slots`](crate::meta::page_slots), and the scatter behind
+//! [`DeviceTables::apply`](crate::meta::DeviceTables::apply).
 
-use super::{alloc, cfg, func, launch, ptr, PAGE_TABLE};
+use super::{alloc, cfg, func, launch, ptr, ptr_mut, PAGE_TABLE};
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
 const OP: &str = "page_slots";
@@ -37,4 +38,27 @@ pub(crate) fn page_slots(
         )?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from_dims(&[n])))
+}
+
+/// `dst[writes[i, 0]] = writes[i, 1]` (u32, distinct indices; out-of-range skipped).
+pub(crate) fn scatter_u32(dst: &mut CudaStorage, dl: &Layout, w: &CudaStorage, wl: &Layout) -> Result<()> {
+    let n = wl.dims()[0];
+    if n == 0 {
+        return Ok(());
+    }
+    if n > i32::MAX as usize {
+        candle_core::bail!("scatter_u32: {n} writes exceed the launch limit");
+    }
+    let len = dl.shape().elem_count();
+    let dev = super::device(w).clone();
+    let f = func(&dev, &PAGE_TABLE, "scatter_u32")?;
+    let blocks = n.div_ceil(256).min(65535) as u32;
+    launch!(
+        f,
+        cfg(blocks, 256, 0),
+        ptr_mut("scatter_u32", dst, dl)?,
+        ptr("scatter_u32", w, wl)?,
+        n as i32,
+        len as u32
+    )
 }

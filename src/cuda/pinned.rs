@@ -4,13 +4,20 @@
 //! gather launch over any number of scattered pages ([`PinnedPagePool::gather_into`]),
 //! instead of one `memcpy` per page; the launch is enqueued on the device's stream and
 //! never synchronizes with the host.
+//!
+//! For a decode step without host synchronization the pool also takes
+//! [`gather_counted`](PinnedPagePool::gather_counted) (the number of pairs lives on the
+//! device), [`append_rows`](PinnedPagePool::append_rows) (new K/V rows written into the
+//! host pages by a kernel) and [`attend`](PinnedPagePool::attend) (sparse paged attention
+//! reading pages straight from host memory, for pages the fast tier could not take).
 
-use super::tier_copy::copy_pages_from;
-use crate::ops::util;
+use super::attention::{sparse_paged_attention_at, PoolRef};
+use super::tier_copy::{copy_pages_counted_from, copy_pages_from};
+use crate::ops::{util, AttentionPartial, PageList};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{self as drv, sys};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
-use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, InplaceOp1, Layout, Shape, Storage, Tensor};
 
 const OP: &str = "PinnedPagePool";
 
@@ -192,6 +199,139 @@ impl PinnedPagePool {
         })?;
         Ok(())
     }
+
+    /// [`gather_into`](Self::gather_into) with the number of pairs on the device:
+    /// `fast[pairs[i, 1]] = self[pairs[i, 0]]` for `i < count[0]`.
+    ///
+    /// * `fast` — `[fast_slots, 2, P, D]` on this pool's device, same dtype.
+    /// * `pairs` — `[cap, 2]` u32 `(host slot, fast slot)` on the device; rows from
+    ///   `count[0]` on are ignored (may hold garbage), out-of-range pairs are skipped.
+    /// * `count` — `[1]` u32 on the device, e.g. written by a GPU resolve kernel.
+    ///
+    /// The launch grid depends on `cap` only; the kernel reads the count, so nothing is
+    /// read back to the host.
+    pub fn gather_counted(&self, fast: &Tensor, pairs: &Tensor, count: &Tensor) -> Result<()> {
+        const GC: &str = "PinnedPagePool::gather_counted";
+        self.check_fast(GC, fast)?;
+        util::check_shape(GC, "pairs", pairs, &[None, Some(2)], "[cap, 2]")?;
+        util::check_shape(GC, "count", count, &[Some(1)], "[1]")?;
+        util::check_dtype(GC, "pairs", pairs, &[DType::U32])?;
+        util::check_dtype(GC, "count", count, &[DType::U32])?;
+        util::check_contiguous(GC, &[("fast", fast), ("pairs", pairs), ("count", count)])?;
+        util::check_device(GC, &self.cuda(), &[("fast", fast), ("pairs", pairs), ("count", count)])?;
+        if pairs.dims()[0] == 0 {
+            return Ok(());
+        }
+        fast.inplace_op1(&GatherCounted {
+            src: self.dev_ptr,
+            slots: self.slots,
+            pairs: pairs.clone(),
+            count: count.clone(),
+        })?;
+        Ok(())
+    }
+
+    /// Writes new K/V rows into the host pages by a kernel (the paged append of
+    /// [`paged_append`](crate::ops::paged_append), through the pool's device address):
+    /// `self[slot, 0|1, row] = k|v[t, h]` for every `dst[t, h] = slot * P + row`.
+    ///
+    /// * `k`, `v` — `[T, Hkv, D]` on this pool's device, the pool's dtype.
+    /// * `dst` — `[T, Hkv]` u32 on the device; [`NONE`](crate::ops::NONE) skips an entry,
+    ///   slots `>= slots()` are skipped by the kernel (checking needs a host sync).
+    ///
+    /// The writes are enqueued on the device's stream; host reads
+    /// ([`read_pages`](Self::read_pages)) synchronize first.
+    pub fn append_rows(&self, k: &Tensor, v: &Tensor, dst: &Tensor) -> Result<()> {
+        const AR: &str = "PinnedPagePool::append_rows";
+        let d = self.head_dim;
+        util::check_shape(AR, "k", k, &[None, None, Some(d)], &format!("[T, Hkv, {d}]"))?;
+        let (t, h, _) = k.dims3()?;
+        util::check_shape(
+            AR,
+            "v",
+            v,
+            &[Some(t), Some(h), Some(d)],
+            &format!("[{t}, {h}, {d}] like k"),
+        )?;
+        util::check_shape(AR, "dst", dst, &[Some(t), Some(h)], &format!("[{t}, {h}]"))?;
+        util::check_dtype(AR, "k", k, &[self.dtype])?;
+        util::check_dtype(AR, "v", v, &[self.dtype])?;
+        util::check_dtype(AR, "dst", dst, &[DType::U32])?;
+        util::check_device(AR, &self.cuda(), &[("k", k), ("v", v), ("dst", dst)])?;
+        util::check_contiguous(AR, &[("k", k), ("v", v), ("dst", dst)])?;
+        if t * h == 0 {
+            return Ok(());
+        }
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        match (&*ks, &*vs) {
+            (Storage::Cuda(kc), Storage::Cuda(vc)) => {
+                super::append::paged_append_to(self.dev_ptr, self.slots, self.page_size, d, kc, kl, vc, vl, dst)?
+            }
+            _ => crate::invalid!(AR, "k and v must be on the pool's CUDA device"),
+        }
+        Ok(())
+    }
+
+    /// [`sparse_paged_attention`](crate::ops::sparse_paged_attention) over this pool: the
+    /// same kernels, reading the listed pages straight from mapped host memory (for pages
+    /// the fast tier could not take this step). Merge the result with the fast tier's
+    /// partial by [`merge_partials`](crate::ops::merge_partials).
+    ///
+    /// * `q` — `[T, Hq, D]` on this pool's device, the pool's dtype and head dim.
+    /// * `list` — `pages` `[S, Hkv, N, 2]` `(host slot, logical page)`, `queries` `[T, 2]`,
+    ///   `kv_limit` `[S]`, all u32 on the device.
+    ///
+    /// Returns `out` `[T, Hq, D]` f32 and `lse` `[T, Hq]` f32
+    /// ([`EMPTY_LSE`](crate::ops::EMPTY_LSE) where nothing was attended).
+    pub fn attend(&self, q: &Tensor, list: &PageList, scale: f32) -> Result<AttentionPartial> {
+        crate::ops::attention::check_query_and_list(q, list, &self.cuda())?;
+        let (t, hq, d) = q.dims3()?;
+        if d != self.head_dim || q.dtype() != self.dtype {
+            crate::invalid!(
+                OP,
+                "attend: q {:?} {:?} must have head_dim {} and dtype {:?}",
+                q.dims(),
+                q.dtype(),
+                self.head_dim,
+                self.dtype
+            );
+        }
+        if t == 0 {
+            return crate::ops::attention::empty_partial(q);
+        }
+        let packed = q.apply_op1_no_bwd(&PinnedAttention {
+            pool: PoolRef {
+                ptr: self.dev_ptr,
+                slots: self.slots,
+                page_size: self.page_size,
+                head_dim: self.head_dim,
+            },
+            list: list.clone(),
+            scale,
+        })?;
+        crate::ops::attention::unpack(&packed, t, hq, d)
+    }
+
+    fn cuda(&self) -> Device {
+        Device::Cuda(self.device.clone())
+    }
+
+    fn check_fast(&self, op: &'static str, fast: &Tensor) -> Result<()> {
+        let fast_slots = fast.dims().first().copied().unwrap_or(0);
+        if fast.dims() != [fast_slots, 2, self.page_size, self.head_dim] || fast.dtype() != self.dtype {
+            crate::invalid!(
+                op,
+                "fast pool {:?} {:?} must be [slots, 2, {}, {}] {:?}",
+                fast.dims(),
+                fast.dtype(),
+                self.page_size,
+                self.head_dim,
+                self.dtype
+            );
+        }
+        Ok(())
+    }
 }
 
 fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
@@ -221,5 +361,46 @@ impl InplaceOp1 for Gather {
 
     fn cuda_fwd(&self, dst: &mut CudaStorage, dl: &Layout) -> candle_core::Result<()> {
         copy_pages_from(dst, dl, self.src, self.slots, &self.pairs)
+    }
+}
+
+struct GatherCounted {
+    src: u64,
+    slots: usize,
+    pairs: Tensor,
+    count: Tensor,
+}
+
+impl InplaceOp1 for GatherCounted {
+    fn name(&self) -> &'static str {
+        "pinned_gather_counted"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("pinned_gather_counted: the fast pool must be on the CUDA device")
+    }
+
+    fn cuda_fwd(&self, dst: &mut CudaStorage, dl: &Layout) -> candle_core::Result<()> {
+        copy_pages_counted_from(dst, dl, self.src, self.slots, &self.pairs, &self.count)
+    }
+}
+
+struct PinnedAttention {
+    pool: PoolRef,
+    list: PageList,
+    scale: f32,
+}
+
+impl CustomOp1 for PinnedAttention {
+    fn name(&self) -> &'static str {
+        "pinned_sparse_paged_attention"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("pinned_sparse_paged_attention: q must be on the CUDA device")
+    }
+
+    fn cuda_fwd(&self, q: &CudaStorage, ql: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        sparse_paged_attention_at(q, ql, self.pool, &self.list, self.scale)
     }
 }

@@ -1,5 +1,6 @@
 //! Launch glue for `kernels/tier_copy.cu`: batched page copy between two pools on one GPU
-//! (used by [`copy_pages`](crate::ops::copy_pages)), and [`selection_to_pages`], which
+//! (used by [`copy_pages`](crate::ops::copy_pages)), its variant with the pair count on
+//! the device (used by [`PinnedPagePool::gather_counted`](super::PinnedPagePool::gather_counted)), and [`selection_to_pages`], which
 //! turns a top-k selection into an attention page list without leaving the GPU.
 
 use super::{alloc, cfg, func, launch, ptr, ptr_mut, word_bytes, TIER_COPY};
@@ -59,6 +60,54 @@ pub(crate) fn copy_pages_from(
         sp,
         pp,
         n as i32,
+        words as i32,
+        nd as u32,
+        src_slots as u32
+    )
+}
+
+/// [`copy_pages_from`] over the first `*count` rows of `pairs` `[cap, 2]`, the count read
+/// by the kernel from `count` `[1]` u32 on the device (the grid depends on `cap` only, so
+/// nothing is read back to the host).
+pub(crate) fn copy_pages_counted_from(
+    dst: &mut CudaStorage,
+    dl: &Layout,
+    sp: u64,
+    src_slots: usize,
+    pairs: &Tensor,
+    count: &Tensor,
+) -> candle_core::Result<()> {
+    let cap = pairs.dims().first().copied().unwrap_or(0);
+    if cap == 0 {
+        return Ok(());
+    }
+    if cap > i32::MAX as usize {
+        candle_core::bail!("{OP_COPY}: {cap} pair rows exceed the launch limit");
+    }
+    let nd = dl.dims()[0];
+    let page_elems: usize = dl.dims()[1..].iter().product();
+    let row_bytes = page_elems * dst.dtype().size_in_bytes();
+    let dev = super::device(dst).clone();
+    let dp = ptr_mut(OP_COPY, dst, dl)?;
+    let pp = super::field_ptr(OP_COPY, "pairs", pairs)?;
+    let cp = super::field_ptr(OP_COPY, "count", count)?;
+    let w = word_bytes(row_bytes, &[dp, sp]);
+    let name = match w {
+        16 => "copy_pages_counted_w16",
+        4 => "copy_pages_counted_w4",
+        _ => "copy_pages_counted_w2",
+    };
+    let f = func(&dev, &TIER_COPY, name)?;
+    let words = row_bytes / w;
+    let threads = (words.next_power_of_two().clamp(32, 256)) as u32;
+    launch!(
+        f,
+        cfg((cap as u32).min(65535), threads, 0),
+        dp,
+        sp,
+        pp,
+        cp,
+        cap as i32,
         words as i32,
         nd as u32,
         src_slots as u32

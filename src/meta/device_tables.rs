@@ -4,16 +4,23 @@
 //! (row, logical page) pairs to slots on the device — two dependent loads per entry —
 //! so that selections made on the GPU become page lists without a trip to the host.
 //!
-//! This session's version uploads a snapshot ([`DeviceTables::upload`]); keeping it in
-//! step with appends (writing only the changed leaf entries) is the next step.
+//! Two ways to fill it: [`DeviceTables::upload`] copies a snapshot sized to the tables;
+//! [`DeviceTables::with_capacity`] preallocates fixed-size tables that
+//! [`DeviceTables::apply`] keeps in step with a [`PageTables`] by writing only the entries
+//! that changed (its change log, [`PageTables::take_changes`]): one small host-to-device
+//! upload of (flat index, value) pairs and one scatter launch per table, no host
+//! synchronization. Sequences get directory rows by [`DeviceTables::add_sequence`] (freed
+//! rows are reused).
 
 use super::page_table::{PageTables, LEAF_PAGES};
 use crate::ops::NONE;
-use crate::Result;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
-use std::collections::HashMap;
+use crate::{Error, Result};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor};
+use std::collections::{HashMap, HashSet};
 
 const OP: &str = "page_slots";
+const APPLY: &str = "DeviceTables::apply";
+const ROWS: &str = "DeviceTables::add_sequence";
 
 /// A device copy of [`PageTables`] (see the module docs).
 #[derive(Debug, Clone)]
@@ -24,9 +31,210 @@ pub struct DeviceTables {
     pub leaves: Tensor,
     rows: HashMap<u64, u32>,
     dirs_per_seq: usize,
+    /// First rows of freed row blocks (`dirs_per_seq` rows each), reused first.
+    free_rows: Vec<u32>,
+    /// First row never handed out.
+    next_row: u32,
+    /// Directory writes queued by [`remove_sequence`](Self::remove_sequence) (clearing
+    /// the freed rows), flushed by the next [`apply`](Self::apply).
+    pending_dir: Vec<(u32, u32)>,
 }
 
 impl DeviceTables {
+    /// Empty tables (every entry `NONE`) on `device` for incremental updates by
+    /// [`apply`](Self::apply): `directory` `[max_rows, max_leaves_per_row]` (so at most
+    /// `max_rows / dirs_per_seq` sequences of at most `max_leaves_per_row · 64` pages) and
+    /// `leaves` `[arena_leaves, 64]` (leaf ids of the mirrored [`PageTables`] must stay
+    /// below `arena_leaves`). `dirs_per_seq` is `layers × kv_heads`.
+    pub fn with_capacity(
+        max_rows: usize,
+        max_leaves_per_row: usize,
+        arena_leaves: usize,
+        dirs_per_seq: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let fits = |a: usize, b: usize| a.checked_mul(b).is_some_and(|n| n < NONE as usize);
+        if max_rows == 0
+            || max_leaves_per_row == 0
+            || arena_leaves == 0
+            || dirs_per_seq == 0
+            || !fits(max_rows, max_leaves_per_row)
+            || !fits(arena_leaves, LEAF_PAGES)
+        {
+            crate::invalid!(
+                "DeviceTables::with_capacity",
+                "max_rows ({max_rows}), max_leaves_per_row ({max_leaves_per_row}), arena_leaves \
+                 ({arena_leaves}) and dirs_per_seq ({dirs_per_seq}) must be >= 1, with \
+                 [{max_rows}, {max_leaves_per_row}] and [{arena_leaves}, {LEAF_PAGES}] tables of fewer than 2^32 entries"
+            );
+        }
+        Ok(Self {
+            directory: Tensor::full(NONE, (max_rows, max_leaves_per_row), device)?,
+            leaves: Tensor::full(NONE, (arena_leaves, LEAF_PAGES), device)?,
+            rows: HashMap::new(),
+            dirs_per_seq,
+            free_rows: Vec::new(),
+            next_row: 0,
+            pending_dir: Vec::new(),
+        })
+    }
+
+    /// Assigns `dirs_per_seq` consecutive directory rows to `seq` (reusing a freed block
+    /// first) and returns the first; row of directory `dir` is `first + dir`.
+    pub fn add_sequence(&mut self, seq: u64) -> Result<u32> {
+        if self.rows.contains_key(&seq) {
+            crate::invalid!(ROWS, "sequence {seq} already has rows");
+        }
+        let first = match self.free_rows.pop() {
+            Some(r) => r,
+            None => {
+                let max_rows = self.directory.dims()[0];
+                if self.next_row as usize + self.dirs_per_seq > max_rows {
+                    crate::invalid!(
+                        ROWS,
+                        "no free rows for sequence {seq}: directory {:?} holds {} sequences of {} rows, all in use",
+                        self.directory.dims(),
+                        max_rows / self.dirs_per_seq,
+                        self.dirs_per_seq
+                    );
+                }
+                let r = self.next_row;
+                self.next_row += self.dirs_per_seq as u32;
+                r
+            }
+        };
+        self.rows.insert(seq, first);
+        Ok(first)
+    }
+
+    /// Frees the rows of `seq` (cleared to `NONE` on the device by the next
+    /// [`apply`](Self::apply), before any later sequence's entries). Unknown sequences
+    /// are an error.
+    pub fn remove_sequence(&mut self, seq: u64) -> Result<()> {
+        let first = self.rows.remove(&seq).ok_or(Error::UnknownSequence(seq))?;
+        let cols = self.directory.dims()[1];
+        let start = first as usize * cols;
+        let end = start + self.dirs_per_seq * cols;
+        self.pending_dir.extend((start..end).map(|i| (i as u32, NONE)));
+        self.free_rows.push(first);
+        Ok(())
+    }
+
+    /// Brings the device tables in step with `tables` by writing only what changed
+    /// since the previous call ([`PageTables::take_changes`]; the first call turns the
+    /// log on with [`PageTables::track_changes`], which logs the current contents).
+    ///
+    /// Directory entries of sequences without rows here are skipped when the sequence is
+    /// gone from `tables` (removed), and an error when it is still there (call
+    /// [`add_sequence`](Self::add_sequence) first). A leaf id past `leaves`' rows or a
+    /// directory longer than `directory`'s columns is an error naming the capacity; on
+    /// error nothing is written and the changes stay logged in `tables`.
+    ///
+    /// The writes are uploaded as `[n, 2]` u32 (flat index, value) tensors (an async
+    /// copy from pageable host memory, staged by the driver) and applied by a scatter
+    /// kernel on the tables' stream: no host synchronization.
+    pub fn apply(&mut self, tables: &mut PageTables) -> Result<()> {
+        if tables.dirs_per_seq() != self.dirs_per_seq {
+            crate::invalid!(
+                APPLY,
+                "tables have {} directories per sequence, these device tables {}",
+                tables.dirs_per_seq(),
+                self.dirs_per_seq
+            );
+        }
+        tables.track_changes();
+        let changes = tables.take_changes();
+        match self.writes(tables, &changes) {
+            Ok((dir_writes, leaf_writes)) => {
+                scatter(&self.directory, dir_writes)?;
+                scatter(&self.leaves, leaf_writes)?;
+                self.pending_dir.clear();
+                Ok(())
+            }
+            Err(e) => {
+                tables.restore_changes(changes);
+                Err(e)
+            }
+        }
+    }
+
+    /// The (flat index, value) writes of `changes`, pending row clears first, reduced to
+    /// the last write per position before checking capacity (so that an entry written and
+    /// cleared again between two applies needs no room). Clearing a position past the
+    /// capacity is a no-op (lookups there give `NONE` anyway).
+    #[allow(clippy::type_complexity)]
+    fn writes(&self, tables: &PageTables, changes: &super::TableChanges) -> Result<(Vec<(u32, u32)>, Vec<(u32, u32)>)> {
+        let cols = self.directory.dims()[1];
+        let arena = self.leaves.dims()[0];
+        // ((row, leaf index), leaf id, seq, dir) in order.
+        let mut dir_final: Vec<((usize, usize), u32, u64, u32)> = self
+            .pending_dir
+            .iter()
+            .map(|&(i, v)| ((i as usize / cols, i as usize % cols), v, 0, 0))
+            .collect();
+        for c in &changes.dirs {
+            let Some(&first) = self.rows.get(&c.seq) else {
+                if tables.contains(c.seq) {
+                    crate::invalid!(
+                        APPLY,
+                        "sequence {} has pages but no directory rows (call add_sequence first)",
+                        c.seq
+                    );
+                }
+                continue;
+            };
+            let row = first as usize + c.dir as usize;
+            dir_final.push(((row, c.leaf_index as usize), c.leaf, c.seq, c.dir));
+        }
+        let mut dir_writes = Vec::new();
+        for ((row, li), leaf, seq, dir) in last_by_key(dir_final, |x| x.0) {
+            if leaf == NONE && li >= cols {
+                continue;
+            }
+            if li >= cols {
+                crate::invalid!(
+                    APPLY,
+                    "sequence {seq} directory {dir} needs leaf {li} but directory {:?} has {cols} leaves per row \
+                     (max {} pages)",
+                    self.directory.dims(),
+                    cols * LEAF_PAGES
+                );
+            }
+            if leaf != NONE && leaf as usize >= arena {
+                crate::invalid!(
+                    APPLY,
+                    "leaf id {leaf} (sequence {seq} directory {dir}) past the device leaf arena {:?}",
+                    self.leaves.dims()
+                );
+            }
+            dir_writes.push(((row * cols + li) as u32, leaf));
+        }
+        let leaf_final: Vec<((usize, usize), u32)> = changes
+            .leaves
+            .iter()
+            .map(|c| ((c.leaf as usize, c.offset as usize), c.slot))
+            .collect();
+        let mut leaf_writes = Vec::new();
+        for ((leaf, offset), slot) in last_by_key(leaf_final, |x| x.0) {
+            if slot == NONE && leaf >= arena {
+                continue;
+            }
+            if leaf >= arena || offset >= LEAF_PAGES {
+                crate::invalid!(
+                    APPLY,
+                    "leaf entry ({leaf}, {offset}) past the device leaf arena {:?}",
+                    self.leaves.dims()
+                );
+            }
+            leaf_writes.push(((leaf * LEAF_PAGES + offset) as u32, slot));
+        }
+        Ok((dir_writes, leaf_writes))
+    }
+
+    /// Directory rows `[rows, max_leaves]` and leaf arena rows of these tables.
+    pub fn capacity(&self) -> (usize, usize) {
+        (self.directory.dims()[0], self.leaves.dims()[0])
+    }
     /// Copies `tables` to `device`.
     pub fn upload(tables: &PageTables, device: &Device) -> Result<Self> {
         let seqs = tables.sequences();
@@ -56,8 +264,11 @@ impl DeviceTables {
         Ok(Self {
             directory: Tensor::from_vec(dir, ((seqs.len() * dps).max(1), max_leaves), device)?,
             leaves: Tensor::from_vec(flat, (n_leaves, LEAF_PAGES), device)?,
+            next_row: (seqs.len() * dps) as u32,
             rows,
             dirs_per_seq: dps,
+            free_rows: Vec::new(),
+            pending_dir: Vec::new(),
         })
     }
 
@@ -89,6 +300,63 @@ impl DeviceTables {
     /// Slots of `queries` `[n, 2]` u32 (directory row, logical page): see [`page_slots`].
     pub fn lookup(&self, queries: &Tensor) -> Result<Tensor> {
         page_slots(&self.directory, &self.leaves, queries)
+    }
+}
+
+/// `items` with only the last item of each key kept (so that the scatter kernel's threads
+/// never race on one index), in their original order.
+fn last_by_key<T, K: std::hash::Hash + Eq>(items: Vec<T>, key: impl Fn(&T) -> K) -> Vec<T> {
+    let mut seen = HashSet::with_capacity(items.len());
+    let mut out: Vec<T> = items.into_iter().rev().filter(|x| seen.insert(key(x))).collect();
+    out.reverse();
+    out
+}
+
+/// `table.flatten()[i] = v` for every `(i, v)` of `writes` (distinct indices), in place on
+/// the table's device.
+fn scatter(table: &Tensor, writes: Vec<(u32, u32)>) -> Result<()> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let n = writes.len();
+    let flat: Vec<u32> = writes.into_iter().flat_map(|(i, v)| [i, v]).collect();
+    let w = Tensor::from_vec(flat, (n, 2), table.device())?;
+    table.inplace_op2(&w, &ScatterU32)?;
+    Ok(())
+}
+
+struct ScatterU32;
+
+impl InplaceOp2 for ScatterU32 {
+    fn name(&self) -> &'static str {
+        "scatter_u32"
+    }
+
+    fn cpu_fwd(&self, d: &mut CpuStorage, dl: &Layout, w: &CpuStorage, wl: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::U32(dst), CpuStorage::U32(w)) = (d, w) else {
+            candle_core::bail!("scatter_u32: operands must be u32");
+        };
+        let (Some((d0, d1)), Some((w0, w1))) = (dl.contiguous_offsets(), wl.contiguous_offsets()) else {
+            candle_core::bail!("scatter_u32: operands must be contiguous");
+        };
+        let dst = &mut dst[d0..d1];
+        for p in w[w0..w1].chunks_exact(2) {
+            if let Some(x) = dst.get_mut(p[0] as usize) {
+                *x = p[1];
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        d: &mut candle_core::CudaStorage,
+        dl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::cuda::page_table::scatter_u32(d, dl, w, wl)
     }
 }
 

@@ -6,4 +6,4 @@ pub mod device_tables;
 pub mod page_table;
 
 pub use device_tables::{page_slots, DeviceTables};
-pub use page_table::{flat_table_bytes, PageTables, LEAF_PAGES};
+pub use page_table::{flat_table_bytes, DirChange, LeafChange, PageTables, TableChanges, LEAF_PAGES};

@@ -20,6 +20,40 @@ struct SeqTables {
     pages: usize,
 }
 
+/// A directory entry that changed: directory `dir` of sequence `seq` now points at leaf
+/// `leaf` (or [`NONE`](crate::ops::NONE): no leaf) for its `leaf_index`-th leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirChange {
+    pub seq: u64,
+    pub dir: u32,
+    pub leaf_index: u32,
+    pub leaf: u32,
+}
+
+/// A leaf entry that changed: entry `offset` (< [`LEAF_PAGES`]) of leaf `leaf` now holds
+/// host slot `slot` (or [`NONE`](crate::ops::NONE)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeafChange {
+    pub leaf: u32,
+    pub offset: u32,
+    pub slot: u32,
+}
+
+/// The entries written since the last [`PageTables::take_changes`], in order (later
+/// entries override earlier ones for the same position).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableChanges {
+    pub dirs: Vec<DirChange>,
+    pub leaves: Vec<LeafChange>,
+}
+
+impl TableChanges {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty() && self.leaves.is_empty()
+    }
+}
+
 /// All sequences' page tables.
 #[derive(Debug, Clone)]
 pub struct PageTables {
@@ -27,6 +61,8 @@ pub struct PageTables {
     leaves: Vec<[u32; LEAF_PAGES]>,
     free_leaves: Vec<u32>,
     seqs: HashMap<u64, SeqTables>,
+    /// Change log, kept only once [`PageTables::track_changes`] was called.
+    log: Option<TableChanges>,
 }
 
 impl PageTables {
@@ -37,6 +73,61 @@ impl PageTables {
             leaves: Vec::new(),
             free_leaves: Vec::new(),
             seqs: HashMap::new(),
+            log: None,
+        }
+    }
+
+    /// Starts logging every directory and leaf entry written, for mirroring the tables
+    /// incrementally ([`DeviceTables::apply`](super::DeviceTables::apply)). The log starts
+    /// with the current contents (every directory entry and every non-empty leaf entry),
+    /// so that a mirror that starts empty catches up. Idempotent.
+    pub fn track_changes(&mut self) {
+        if self.log.is_some() {
+            return;
+        }
+        let mut log = TableChanges::default();
+        for (seq, dirs, _) in self.sequences() {
+            for (d, leaves) in dirs.iter().enumerate() {
+                for (i, &leaf) in leaves.iter().enumerate() {
+                    log.dirs.push(DirChange {
+                        seq,
+                        dir: d as u32,
+                        leaf_index: i as u32,
+                        leaf,
+                    });
+                }
+            }
+        }
+        for (leaf, entries) in self.leaves.iter().enumerate() {
+            for (offset, &slot) in entries.iter().enumerate() {
+                if slot != EMPTY {
+                    log.leaves.push(LeafChange {
+                        leaf: leaf as u32,
+                        offset: offset as u32,
+                        slot,
+                    });
+                }
+            }
+        }
+        self.log = Some(log);
+    }
+
+    /// Whether [`track_changes`](Self::track_changes) is on.
+    pub fn is_tracking(&self) -> bool {
+        self.log.is_some()
+    }
+
+    /// The entries written since the previous call (empty when not tracking).
+    pub fn take_changes(&mut self) -> TableChanges {
+        self.log.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Puts `earlier` back in front of the log (a consumer that failed to apply it).
+    pub(crate) fn restore_changes(&mut self, mut earlier: TableChanges) {
+        if let Some(log) = self.log.as_mut() {
+            earlier.dirs.append(&mut log.dirs);
+            earlier.leaves.append(&mut log.leaves);
+            *log = earlier;
         }
     }
 
@@ -81,7 +172,7 @@ impl PageTables {
         let t = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
         let page = t.pages;
         let (leaf_idx, entry) = (page / LEAF_PAGES, page % LEAF_PAGES);
-        for (dir, &slot) in t.dirs.iter_mut().zip(slots) {
+        for (d, (dir, &slot)) in t.dirs.iter_mut().zip(slots).enumerate() {
             if leaf_idx == dir.len() {
                 let id = match self.free_leaves.pop() {
                     Some(id) => id,
@@ -90,10 +181,28 @@ impl PageTables {
                         (self.leaves.len() - 1) as u32
                     }
                 };
+                // Free leaves are all EMPTY already (pops clear entries), so a mirror
+                // needs no reset of the reused leaf.
                 self.leaves[id as usize] = [EMPTY; LEAF_PAGES];
                 dir.push(id);
+                if let Some(log) = self.log.as_mut() {
+                    log.dirs.push(DirChange {
+                        seq,
+                        dir: d as u32,
+                        leaf_index: leaf_idx as u32,
+                        leaf: id,
+                    });
+                }
             }
-            self.leaves[dir[leaf_idx] as usize][entry] = slot;
+            let leaf = dir[leaf_idx];
+            self.leaves[leaf as usize][entry] = slot;
+            if let Some(log) = self.log.as_mut() {
+                log.leaves.push(LeafChange {
+                    leaf,
+                    offset: entry as u32,
+                    slot,
+                });
+            }
         }
         t.pages += 1;
         Ok(())
@@ -107,12 +216,28 @@ impl PageTables {
         for _ in 0..n {
             t.pages -= 1;
             let (leaf_idx, entry) = (t.pages / LEAF_PAGES, t.pages % LEAF_PAGES);
-            for dir in t.dirs.iter_mut() {
-                let leaf = &mut self.leaves[dir[leaf_idx] as usize];
+            for (d, dir) in t.dirs.iter_mut().enumerate() {
+                let id = dir[leaf_idx];
+                let leaf = &mut self.leaves[id as usize];
                 out.push(leaf[entry]);
                 leaf[entry] = EMPTY;
+                if let Some(log) = self.log.as_mut() {
+                    log.leaves.push(LeafChange {
+                        leaf: id,
+                        offset: entry as u32,
+                        slot: EMPTY,
+                    });
+                }
                 if entry == 0 {
                     self.free_leaves.push(dir.pop().unwrap_or_default());
+                    if let Some(log) = self.log.as_mut() {
+                        log.dirs.push(DirChange {
+                            seq,
+                            dir: d as u32,
+                            leaf_index: leaf_idx as u32,
+                            leaf: EMPTY,
+                        });
+                    }
                 }
             }
         }

@@ -214,6 +214,27 @@ pub fn sparse_paged_attention(q: &Tensor, pool: &Tensor, list: &PageList, scale:
         &format!("[slots, 2, page_size, {d}]"),
     )?;
     util::check_same_dtype(OP, ("q", q), ("pool", pool))?;
+    check_query_and_list(q, list, pool.device())?;
+    util::check_contiguous(OP, &[("pool", pool)])?;
+    if t == 0 {
+        return empty_partial(q);
+    }
+    let packed = q.apply_op2_no_bwd(
+        pool,
+        &SparsePagedAttention {
+            list: list.clone(),
+            scale,
+        },
+    )?;
+    unpack(&packed, t, hq, d)
+}
+
+/// Validates `q` `[T, Hq, D]` and the page list against it (shapes, u32 dtypes, all on
+/// `device`, contiguous); shared with the attention over the pinned host tier.
+pub(crate) fn check_query_and_list(q: &Tensor, list: &PageList, device: &candle_core::Device) -> Result<()> {
+    util::check_shape(OP, "q", q, &[None, None, None], "[T, Hq, D]")?;
+    let (t, hq, _) = q.dims3()?;
+    util::check_dtype(OP, "q", q, util::FLOAT_DTYPES)?;
     util::check_shape(OP, "pages", &list.pages, &[None, None, None, Some(2)], "[S, Hkv, N, 2]")?;
     let (s, hkv, _, _) = list.pages.dims4()?;
     if hkv == 0 || hq % hkv != 0 {
@@ -235,7 +256,7 @@ pub fn sparse_paged_attention(q: &Tensor, pool: &Tensor, list: &PageList, scale:
     }
     util::check_device(
         OP,
-        pool.device(),
+        device,
         &[
             ("q", q),
             ("pages", &list.pages),
@@ -247,24 +268,24 @@ pub fn sparse_paged_attention(q: &Tensor, pool: &Tensor, list: &PageList, scale:
         OP,
         &[
             ("q", q),
-            ("pool", pool),
             ("pages", &list.pages),
             ("queries", &list.queries),
             ("kv_limit", &list.kv_limit),
         ],
     )?;
-    if t == 0 {
-        let out = Tensor::zeros((0, hq, d), DType::F32, q.device())?;
-        let lse = Tensor::zeros((0, hq), DType::F32, q.device())?;
-        return Ok(AttentionPartial { out, lse });
-    }
-    let packed = q.apply_op2_no_bwd(
-        pool,
-        &SparsePagedAttention {
-            list: list.clone(),
-            scale,
-        },
-    )?;
+    Ok(())
+}
+
+/// The partial state of zero query tokens: `out` `[0, Hq, D]`, `lse` `[0, Hq]`.
+pub(crate) fn empty_partial(q: &Tensor) -> Result<AttentionPartial> {
+    let (_, hq, d) = q.dims3()?;
+    let out = Tensor::zeros((0, hq, d), DType::F32, q.device())?;
+    let lse = Tensor::zeros((0, hq), DType::F32, q.device())?;
+    Ok(AttentionPartial { out, lse })
+}
+
+/// Splits the op's packed output into `out` `[T, Hq, D]` and `lse` `[T, Hq]`.
+pub(crate) fn unpack(packed: &Tensor, t: usize, hq: usize, d: usize) -> Result<AttentionPartial> {
     if packed.rank() == 1 {
         // CUDA layout: flat [T·Hq·D outputs, then T·Hq lse], both halves contiguous views.
         return Ok(AttentionPartial {
