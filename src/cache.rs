@@ -193,6 +193,9 @@ struct StepState {
     attended: Vec<bool>,
     /// Decode pages attended, counted on the device (read at `end_step`).
     attended_pages: Option<Tensor>,
+    /// Per entry: whether it asked for any page this step (its reuse then counts
+    /// towards its fast-tier budget, as the simulator counts it).
+    requested: Vec<bool>,
     stats: StepStats,
 }
 
@@ -664,8 +667,10 @@ impl SpinCache {
         let n = dst.len();
         let fast = self.lru.lookup(&Tensor::from_vec(slots, n, dev)?)?;
         let resident = fast.ne(NONE as f64)?;
-        let pos = (fast.broadcast_mul(&Tensor::new(p, dev)?)? + Tensor::from_vec(rows, n, dev)?)?;
         let none = Tensor::full(NONE, n, dev)?;
+        // Zero the non-resident entries before scaling (NONE · P would overflow).
+        let fast = resident.where_cond(&fast, &none.zeros_like()?)?;
+        let pos = (fast.broadcast_mul(&Tensor::new(p, dev)?)? + Tensor::from_vec(rows, n, dev)?)?;
         Ok(resident.where_cond(&pos, &none)?.reshape(shape)?)
     }
 
@@ -882,7 +887,8 @@ impl SparseKvCache for SpinCache {
             .iter()
             .map(|e| if e.n == 1 { (e.start + 1) as u32 } else { e.start as u32 })
             .collect();
-        let kv_limit = Tensor::from_vec(kv_limit, entries.len(), &self.cfg.device)?;
+        let n_entries = entries.len();
+        let kv_limit = Tensor::from_vec(kv_limit, n_entries, &self.cfg.device)?;
         let stats = StepStats {
             steps: 1,
             ..Default::default()
@@ -896,6 +902,7 @@ impl SparseKvCache for SpinCache {
             kv_limit,
             attended: vec![false; self.cfg.num_layers],
             attended_pages: None,
+            requested: vec![false; n_entries],
             stats,
         });
         Ok(())
@@ -931,7 +938,7 @@ impl SparseKvCache for SpinCache {
         stats.misses += misses;
         stats.spilled += spilled;
         stats.bytes_moved += (misses + spilled) * self.cfg.page_bytes() as u64;
-        for e in &step.entries {
+        for (e, _) in step.entries.iter().zip(&step.requested).filter(|(_, &r)| r) {
             let owner = self.owners.get(&e.seq).copied().unwrap_or(0) as usize;
             self.budgets
                 .observe_count(e.seq, reuse.get(owner).copied().unwrap_or(0) as usize);
@@ -1039,6 +1046,7 @@ impl SpinCache {
         }
         let (tiered, rebuilt) = match requests {
             Requests::Device(sel) => {
+                step.requested.fill(true);
                 let r = self.device_requests(step, layer, &sel)?;
                 (Some(self.tiered_part(step, &q_rot, &r)?), None)
             }
@@ -1071,6 +1079,9 @@ impl SpinCache {
                 } else {
                     None
                 };
+                for (flag, heads) in step.requested.iter_mut().zip(&req) {
+                    *flag |= heads.iter().any(|l| !l.is_empty());
+                }
                 let tiered = match self.host_requests(step, layer, &req)? {
                     Some(r) => Some(self.tiered_part(step, &q_rot, &r)?),
                     None => None,

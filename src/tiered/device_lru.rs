@@ -330,6 +330,12 @@ impl DeviceLru {
         Ok((reuse, [c[0] as u64, c[1] as u64, c[2] as u64]))
     }
 
+    /// Fast slots holding a page: a device-to-host copy (diagnostics, pool usage).
+    pub fn resident_count(&self) -> Result<usize> {
+        let tags = self.tags.to_vec1::<u32>()?;
+        Ok(tags.iter().filter(|&&t| t != NONE).count())
+    }
+
     /// Fast slots held per owner (`[max_owners]`): a device-to-host copy, for tests.
     pub fn resident_counts(&self) -> Result<Vec<u32>> {
         Ok(self.resident.to_vec1::<u32>()?)
