@@ -215,7 +215,7 @@ fn attend_over_pinned_pages_equals_sparse_paged_attention() {
         (DType::F32, 6, 2, 72, 16),
         (DType::BF16, 3, 1, 40, 5),
     ] {
-        let lens = [5 * page + 3, 1, 77, 2 * page];
+        let lens: [usize; 4] = [5 * page + 3, 1, 77, 2 * page];
         let slots = lens.iter().map(|l| l.div_ceil(page)).sum::<usize>() * hkv + 3;
         let (pool, host) = random_pool(&gpu, (hq * 1000 + d) as u64, slots, page, d, dtype);
         let mut r = rng(hq as u64 * 13 + d as u64);
