@@ -61,9 +61,7 @@ mod bench {
     }
 
     fn event(stream: &Arc<CudaStream>) -> Result<CudaEvent> {
-        let e = stream
-            .context()
-            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let e = stream.context().new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
         e.record(stream)?;
         Ok(e)
     }
@@ -225,7 +223,11 @@ mod bench {
                 r.l / 1024,
                 r.b,
                 r.fraction * 100.0,
-                r.phases_us.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" | "),
+                r.phases_us
+                    .iter()
+                    .map(|x| format!("{x:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
                 r.total_us,
                 r.hbm_us,
                 r.hit_rate * 100.0,

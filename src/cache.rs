@@ -10,8 +10,8 @@ use crate::partition::{
     IndexInput, MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection, SparseAlgorithm, TokenRun,
 };
 use crate::pool::{BudgetPolicy, BudgetTracker, SlotAllocator};
-use crate::tiered::{DeviceLru, HostTier, ResolveRequest};
 use crate::rope::{apply_rope, rope_tables};
+use crate::tiered::{DeviceLru, HostTier, ResolveRequest};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -475,9 +475,14 @@ impl SpinCache {
             }
         }
         let candidates = Tensor::from_vec(cand, (decode.len(), hkv, nmax), &self.cfg.device)?;
-        let rows: Vec<u32> = decode.iter().map(|&ei| step.entries[ei].row as u32).collect();
-        let rows = Tensor::from_vec(rows, decode.len(), &self.cfg.device)?;
-        let q_dec = q_rot.index_select(&rows, 0)?.contiguous()?;
+        let q_dec = if decode.len() == step.entries.len() {
+            // Every entry decodes: one query row each, in order.
+            q_rot.clone()
+        } else {
+            let rows: Vec<u32> = decode.iter().map(|&ei| step.entries[ei].row as u32).collect();
+            let rows = Tensor::from_vec(rows, decode.len(), &self.cfg.device)?;
+            q_rot.index_select(&rows, 0)?.contiguous()?
+        };
         let seqs: Vec<u64> = decode.iter().map(|&ei| step.entries[ei].seq).collect();
         let input = SelectInput {
             layer,
@@ -643,7 +648,8 @@ impl SpinCache {
             step: (self.total.steps + 1).min(u32::MAX as u64) as u32,
             reuse_steps,
         })?;
-        self.host.gather_counted(&self.fast_pool, &out.misses, &out.miss_count)?;
+        self.host
+            .gather_counted(&self.fast_pool, &out.misses, &out.miss_count)?;
         let list = |pairs: &Tensor| -> Result<PageList> {
             Ok(PageList {
                 pages: pairs.reshape((s, hkv, n, 2))?,

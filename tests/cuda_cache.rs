@@ -1,8 +1,9 @@
 //! `SpinCache` with its fast tier on CUDA (`device = Device::new_cuda(0)`) against the
 //! same cache on the CPU: identical inputs (ragged batches, chunked prefill, decode),
 //! Dense and Quest (budget below and over the context), a fast tier smaller than the
-//! working set (several rounds per step); InfLLM and ShadowKV (budget 128). The host tier
-//! stays on the CPU.
+//! working set (misses and spills every step); InfLLM and ShadowKV (budget 128). On the
+//! GPU the host tier is mapped pinned memory and the LRU resolves on the device; the
+//! CPU cache runs the reference ops of the same path.
 //!
 //! Tolerances: f32 within 2e-4 absolute (summation order); bf16 within 3e-2 (the GPU
 //! path rounds softmax weights to bf16).
@@ -100,7 +101,7 @@ fn quest_on_cuda_matches_cpu() {
     };
     run_both(&quest(96), DType::F32, 1.0, 2e-4, "quest budget 96 f32");
     run_both(&quest(4096), DType::BF16, 1.0, 3e-2, "quest budget over context bf16");
-    // A fast tier far smaller than the working set: rounds with batched misses.
+    // A fast tier far smaller than the working set: batched misses and spills.
     run_both(
         &quest(128),
         DType::F32,

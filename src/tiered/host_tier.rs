@@ -91,6 +91,10 @@ impl HostTier {
             )?));
         }
         let _: DType = cfg.dtype;
-        Ok(Self::Tensor(Tensor::zeros((cfg.host_pages, 2, p, d), cfg.dtype, &cfg.device)?))
+        Ok(Self::Tensor(Tensor::zeros(
+            (cfg.host_pages, 2, p, d),
+            cfg.dtype,
+            &cfg.device,
+        )?))
     }
 }
