@@ -58,7 +58,8 @@ struct Args {
     /// Random seed.
     #[arg(long, default_value_t = 299792458)]
     seed: u64,
-    /// Weight and KV dtype: f32, f16 or bf16 (default: f32 on CPU, bf16 on GPU).
+    /// Weight and KV dtype: f32, f16 or bf16 (default: f32 on CPU, f16 on GPU; SmolLM2
+    /// answers wrongly in bf16).
     #[arg(long)]
     dtype: Option<String>,
     /// Run on the GPU (needs `--features cuda`).
@@ -77,7 +78,7 @@ fn main() -> Result<()> {
         Device::Cpu
     };
     let dtype = match args.dtype.as_deref() {
-        None if args.cuda => DType::BF16,
+        None if args.cuda => DType::F16,
         None | Some("f32") => DType::F32,
         Some("f16") => DType::F16,
         Some("bf16") => DType::BF16,
