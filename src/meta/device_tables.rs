@@ -235,16 +235,21 @@ impl DeviceTables {
     pub fn capacity(&self) -> (usize, usize) {
         (self.directory.dims()[0], self.leaves.dims()[0])
     }
+    /// Leaf ids per directory row of an upload of `seqs` (from [`PageTables::sequences`]):
+    /// the longest directory, at least 1.
+    fn upload_width(seqs: &[(u64, &[Vec<u32>], usize)]) -> usize {
+        seqs.iter()
+            .flat_map(|(_, dirs, _)| dirs.iter().map(Vec::len))
+            .max()
+            .unwrap_or(0)
+            .max(1)
+    }
+
     /// Copies `tables` to `device`.
     pub fn upload(tables: &PageTables, device: &Device) -> Result<Self> {
         let seqs = tables.sequences();
         let dps = tables.dirs_per_seq();
-        let max_leaves = seqs
-            .iter()
-            .flat_map(|(_, dirs, _)| dirs.iter().map(Vec::len))
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        let max_leaves = Self::upload_width(&seqs);
         let mut dir = vec![NONE; (seqs.len() * dps).max(1) * max_leaves];
         let mut rows = HashMap::new();
         for (i, (seq, dirs, _)) in seqs.iter().enumerate() {
@@ -286,13 +291,7 @@ impl DeviceTables {
     /// Device bytes an upload of `tables` takes (without allocating it).
     pub fn bytes_for(tables: &PageTables) -> usize {
         let seqs = tables.sequences();
-        let max_leaves = seqs
-            .iter()
-            .flat_map(|(_, dirs, _)| dirs.iter().map(Vec::len))
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let dir = (seqs.len() * tables.dirs_per_seq()).max(1) * max_leaves;
+        let dir = (seqs.len() * tables.dirs_per_seq()).max(1) * Self::upload_width(&seqs);
         let leaves = tables.leaf_arena().len().max(1) * LEAF_PAGES;
         (dir + leaves) * std::mem::size_of::<u32>()
     }

@@ -6,7 +6,7 @@
 
 use crate::ops::{self, AttentionPartial, PageList};
 use crate::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 /// Home pages of every sequence (see the module docs).
 #[derive(Debug)]
@@ -63,19 +63,6 @@ impl HostTier {
         }
     }
 
-    /// Reads whole pages `[n, 2, P, D]` to the CPU (diagnostics and tests).
-    #[allow(dead_code)]
-    pub fn read_pages(&self, slots: &[u32]) -> Result<Tensor> {
-        match self {
-            Self::Tensor(pool) => {
-                let idx = Tensor::from_vec(slots.to_vec(), slots.len(), pool.device())?;
-                Ok(pool.index_select(&idx, 0)?.to_device(&candle_core::Device::Cpu)?)
-            }
-            #[cfg(feature = "cuda")]
-            Self::Pinned(pool) => pool.read_pages(slots),
-        }
-    }
-
     /// Allocates `slots` zeroed pages for `cfg` on the fast tier's device: pinned host
     /// memory when that device is a GPU.
     pub fn new(cfg: &crate::CacheConfig) -> Result<Self> {
@@ -90,7 +77,6 @@ impl HostTier {
                 cfg.dtype,
             )?));
         }
-        let _: DType = cfg.dtype;
         Ok(Self::Tensor(Tensor::zeros(
             (cfg.host_pages, 2, p, d),
             cfg.dtype,
