@@ -58,8 +58,8 @@ struct Args {
     /// Random seed.
     #[arg(long, default_value_t = 299792458)]
     seed: u64,
-    /// Weight and KV dtype: f32, f16 or bf16 (default: f32 on CPU, f16 on GPU; SmolLM2
-    /// answers wrongly in bf16).
+    /// Weight and KV dtype: f32, f16 or bf16 (default: f32 on CPU, f16 on GPU; logits
+    /// are computed in f32 either way).
     #[arg(long)]
     dtype: Option<String>,
     /// Run on the GPU (needs `--features cuda`).

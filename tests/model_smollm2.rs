@@ -22,7 +22,10 @@ fn model() -> &'static LoadedModel {
 }
 
 fn greedy(algo: Box<dyn SparseAlgorithm>, prompt: &str, n: usize) -> Vec<u32> {
-    let lm = model();
+    greedy_with(model(), algo, prompt, n)
+}
+
+fn greedy_with(lm: &LoadedModel, algo: Box<dyn SparseAlgorithm>, prompt: &str, n: usize) -> Vec<u32> {
     let ids = lm.tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
     let page = algo.page_size_hint().unwrap_or(16);
     let ccfg = lm.model.cache_config(ids.len() + n + 1, 1.0).with_page_size(page);
@@ -101,6 +104,45 @@ fn infllm_and_full_rank_shadowkv_with_budget_over_context_equal_dense() {
         dense, shadow,
         "full-rank shadowkv with budget >= context must equal dense"
     );
+}
+
+/// bf16 weights: the logits come out in f32 (a bf16 output projection rounds the top two
+/// logits of this chat prompt's first answer token to a tie, and greedy decoding then
+/// answered "L'Étoile, …", as candle-transformers' Llama does in bf16), and greedy
+/// decoding answers as the f32 model does.
+#[test]
+fn bf16_weights_answer_like_f32_with_f32_logits() {
+    let f32_lm = model();
+    let path = fetch_default_model(false).unwrap();
+    let mut lm = load_model(&ModelSpec::LocalPath(path), DType::BF16, &Device::Cpu, false).unwrap();
+    assert!(lm.model.f32_logits(), "f32 logits are the default for bf16 weights");
+    let prompt = lm.info.chat_format().render(None, "What is the capital of France?");
+    let want = greedy_with(f32_lm, Box::new(Dense::new()), &prompt, 7);
+    let got = greedy_with(&lm, Box::new(Dense::new()), &prompt, 7);
+    let text = lm.tokenizer.decode(&got, true).unwrap();
+    assert!(text.contains("Paris"), "bf16 answered {text:?}");
+    assert_eq!(got, want, "bf16 answer {text:?} differs from f32's");
+    // The mechanism: with f32 logits some logit is not a bf16 value; without, all are.
+    let ids = lm.tokenizer.encode(prompt.as_str(), false).unwrap().get_ids().to_vec();
+    let bf16_exact = |lm: &LoadedModel| -> bool {
+        let mut cache = SpinCache::new(lm.model.cache_config(ids.len() + 1, 1.0), Dense::new()).unwrap();
+        let seq = cache.add_sequence().unwrap();
+        let l = lm.model.forward(&mut cache, &[(seq, &ids)]).unwrap();
+        let rounded = l.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        l.eq(&rounded)
+            .unwrap()
+            .to_dtype(DType::U32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap() as usize
+            == l.elem_count()
+    };
+    assert!(!bf16_exact(&lm), "f32 logits must not be rounded to bf16");
+    lm.model.set_f32_logits(false).unwrap();
+    assert!(!lm.model.f32_logits());
+    assert!(bf16_exact(&lm), "with f32 logits off, logits are bf16 values");
 }
 
 #[test]

@@ -1,5 +1,11 @@
 //! A Llama-family decoder written against `&mut dyn SparseKvCache`: any algorithm plugs
 //! in. Ragged batches: each sequence brings its own new tokens; one call is one step.
+//!
+//! Logits are computed in f32 by default even when the weights are f16/bf16: rounded to
+//! bf16 (8-bit mantissa), the top two logits of SmolLM2-135M tie on an ordinary prompt
+//! and greedy decoding takes the wrong token (the same happens with
+//! candle-transformers' Llama in bf16). [`Llama::set_f32_logits`] trades that back for
+//! memory.
 
 use super::config::LlamaConfig;
 use crate::{CacheConfig, Error, Result, SeqId, SparseKvCache, StepInput};
@@ -26,6 +32,8 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
+    /// The output projection in f32, when the weights are f16/bf16 and f32 logits are on.
+    lm_head_f32: Option<Linear>,
     dtype: DType,
     device: Device,
 }
@@ -95,15 +103,37 @@ impl Llama {
             });
         }
         let norm = RmsNorm::new(take(&mut t, "model.norm.weight")?, cfg.rms_norm_eps);
-        Ok(Self {
+        let mut model = Self {
             embed: Embedding::new(embed_w, cfg.hidden_size),
             blocks,
             norm,
             lm_head,
+            lm_head_f32: None,
             cfg,
             dtype,
             device,
-        })
+        };
+        model.set_f32_logits(true)?;
+        Ok(model)
+    }
+
+    /// Whether the output projection runs in f32 for f16/bf16 weights (default: on; no
+    /// effect for f32 weights). On keeps an f32 copy of the projection: vocab × hidden × 4
+    /// bytes (113 MB for SmolLM2-135M, 2.1 GB for a 128K-vocabulary 4096-wide model); off
+    /// frees it and computes logits in the weights' dtype, where near-equal logits can
+    /// round to a tie (see the module docs).
+    pub fn set_f32_logits(&mut self, on: bool) -> Result<()> {
+        self.lm_head_f32 = if on && self.dtype != DType::F32 {
+            Some(Linear::new(self.lm_head.weight().to_dtype(DType::F32)?, None))
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// Whether logits are computed in f32 (always for f32 weights).
+    pub fn f32_logits(&self) -> bool {
+        self.dtype == DType::F32 || self.lm_head_f32.is_some()
     }
 
     /// The model's shape.
@@ -194,6 +224,9 @@ impl Llama {
         }
         let last = Tensor::from_vec(last, batch.len(), &self.device)?;
         let x = self.norm.forward(&x.index_select(&last, 0)?)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        match &self.lm_head_f32 {
+            Some(head) => Ok(head.forward(&x.to_dtype(DType::F32)?)?),
+            None => Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?),
+        }
     }
 }
