@@ -54,6 +54,20 @@ impl TableChanges {
     }
 }
 
+/// Logs a directory write when logging is on.
+fn log_dir(log: &mut Option<TableChanges>, change: DirChange) {
+    if let Some(log) = log {
+        log.dirs.push(change);
+    }
+}
+
+/// Logs a leaf write when logging is on.
+fn log_leaf(log: &mut Option<TableChanges>, change: LeafChange) {
+    if let Some(log) = log {
+        log.leaves.push(change);
+    }
+}
+
 /// All sequences' page tables.
 #[derive(Debug, Clone)]
 pub struct PageTables {
@@ -185,24 +199,26 @@ impl PageTables {
                 // needs no reset of the reused leaf.
                 self.leaves[id as usize] = [EMPTY; LEAF_PAGES];
                 dir.push(id);
-                if let Some(log) = self.log.as_mut() {
-                    log.dirs.push(DirChange {
+                log_dir(
+                    &mut self.log,
+                    DirChange {
                         seq,
                         dir: d as u32,
                         leaf_index: leaf_idx as u32,
                         leaf: id,
-                    });
-                }
+                    },
+                );
             }
             let leaf = dir[leaf_idx];
             self.leaves[leaf as usize][entry] = slot;
-            if let Some(log) = self.log.as_mut() {
-                log.leaves.push(LeafChange {
+            log_leaf(
+                &mut self.log,
+                LeafChange {
                     leaf,
                     offset: entry as u32,
                     slot,
-                });
-            }
+                },
+            );
         }
         t.pages += 1;
         Ok(())
@@ -221,23 +237,25 @@ impl PageTables {
                 let leaf = &mut self.leaves[id as usize];
                 out.push(leaf[entry]);
                 leaf[entry] = EMPTY;
-                if let Some(log) = self.log.as_mut() {
-                    log.leaves.push(LeafChange {
+                log_leaf(
+                    &mut self.log,
+                    LeafChange {
                         leaf: id,
                         offset: entry as u32,
                         slot: EMPTY,
-                    });
-                }
+                    },
+                );
                 if entry == 0 {
                     self.free_leaves.push(dir.pop().unwrap_or_default());
-                    if let Some(log) = self.log.as_mut() {
-                        log.dirs.push(DirChange {
+                    log_dir(
+                        &mut self.log,
+                        DirChange {
                             seq,
                             dir: d as u32,
                             leaf_index: leaf_idx as u32,
                             leaf: EMPTY,
-                        });
-                    }
+                        },
+                    );
                 }
             }
         }
