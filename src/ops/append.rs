@@ -81,6 +81,41 @@ impl InplaceOp3 for PagedAppend {
     }
 }
 
+/// Shapes and dtypes shared by the paged appends: `pool` `[slots, 2, P, D]` float, `k`
+/// and `v` `[T, Hkv, D]` in the pool's dtype, the destinations `[T, Hkv]` u32. Returns
+/// `(P, T)`.
+fn check_pool_rows(
+    op: &'static str,
+    pool: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (dst_name, dst): (&str, &Tensor),
+) -> Result<(usize, usize)> {
+    util::check_shape(
+        op,
+        "pool",
+        pool,
+        &[None, Some(2), None, None],
+        "[slots, 2, page_size, D]",
+    )?;
+    let (_, _, page_size, d) = pool.dims4()?;
+    util::check_dtype(op, "pool", pool, util::FLOAT_DTYPES)?;
+    util::check_shape(op, "k", k, &[None, None, Some(d)], &format!("[T, Hkv, {d}]"))?;
+    let (t, h, _) = k.dims3()?;
+    util::check_shape(
+        op,
+        "v",
+        v,
+        &[Some(t), Some(h), Some(d)],
+        &format!("[{t}, {h}, {d}] like k"),
+    )?;
+    util::check_shape(op, dst_name, dst, &[Some(t), Some(h)], &format!("[{t}, {h}]"))?;
+    util::check_same_dtype(op, ("pool", pool), ("k", k))?;
+    util::check_same_dtype(op, ("pool", pool), ("v", v))?;
+    util::check_dtype(op, dst_name, dst, &[candle_core::DType::U32])?;
+    Ok((page_size, t))
+}
+
 /// Writes `k` and `v` rows into `pool` pages, in place.
 ///
 /// # Arguments
@@ -89,28 +124,7 @@ impl InplaceOp3 for PagedAppend {
 /// * `dst` — `[T, Hkv]` u32: `slot * page_size + row` for each (token, head), or
 ///   [`NONE`] to skip. Every slot must be `< slots`.
 pub fn paged_append(pool: &Tensor, k: &Tensor, v: &Tensor, dst: &Tensor) -> Result<()> {
-    util::check_shape(
-        APPEND,
-        "pool",
-        pool,
-        &[None, Some(2), None, None],
-        "[slots, 2, page_size, D]",
-    )?;
-    let (_, _, page_size, d) = pool.dims4()?;
-    util::check_dtype(APPEND, "pool", pool, util::FLOAT_DTYPES)?;
-    util::check_shape(APPEND, "k", k, &[None, None, Some(d)], &format!("[T, Hkv, {d}]"))?;
-    let (t, h, _) = k.dims3()?;
-    util::check_shape(
-        APPEND,
-        "v",
-        v,
-        &[Some(t), Some(h), Some(d)],
-        &format!("[{t}, {h}, {d}] like k"),
-    )?;
-    util::check_shape(APPEND, "dst", dst, &[Some(t), Some(h)], &format!("[{t}, {h}]"))?;
-    util::check_same_dtype(APPEND, ("pool", pool), ("k", k))?;
-    util::check_same_dtype(APPEND, ("pool", pool), ("v", v))?;
-    util::check_dtype(APPEND, "dst", dst, &[candle_core::DType::U32])?;
+    let (page_size, t) = check_pool_rows(APPEND, pool, k, v, ("dst", dst))?;
     util::check_device(APPEND, pool.device(), &[("k", k), ("v", v), ("dst", dst)])?;
     util::check_contiguous(APPEND, &[("pool", pool), ("k", k), ("v", v), ("dst", dst)])?;
     if t == 0 {
@@ -290,25 +304,8 @@ pub fn paged_append_with_minmax(
     meta: &Tensor,
     meta_dst: &Tensor,
 ) -> Result<()> {
-    util::check_shape(
-        FUSED,
-        "pool",
-        pool,
-        &[None, Some(2), None, None],
-        "[slots, 2, page_size, D]",
-    )?;
-    let (_, _, page_size, d) = pool.dims4()?;
-    util::check_dtype(FUSED, "pool", pool, util::FLOAT_DTYPES)?;
-    util::check_shape(FUSED, "k", k, &[None, None, Some(d)], &format!("[T, Hkv, {d}]"))?;
-    let (t, h, _) = k.dims3()?;
-    util::check_shape(
-        FUSED,
-        "v",
-        v,
-        &[Some(t), Some(h), Some(d)],
-        &format!("[{t}, {h}, {d}] like k"),
-    )?;
-    util::check_shape(FUSED, "pool_dst", pool_dst, &[Some(t), Some(h)], &format!("[{t}, {h}]"))?;
+    let (page_size, t) = check_pool_rows(FUSED, pool, k, v, ("pool_dst", pool_dst))?;
+    let (h, d) = (k.dims()[1], k.dims()[2]);
     util::check_shape(
         FUSED,
         "meta",
@@ -317,10 +314,7 @@ pub fn paged_append_with_minmax(
         &format!("[meta_slots, 2, {d}]"),
     )?;
     util::check_shape(FUSED, "meta_dst", meta_dst, &[Some(t), Some(h)], &format!("[{t}, {h}]"))?;
-    util::check_same_dtype(FUSED, ("pool", pool), ("k", k))?;
-    util::check_same_dtype(FUSED, ("pool", pool), ("v", v))?;
     util::check_same_dtype(FUSED, ("pool", pool), ("meta", meta))?;
-    util::check_dtype(FUSED, "pool_dst", pool_dst, &[candle_core::DType::U32])?;
     util::check_dtype(FUSED, "meta_dst", meta_dst, &[candle_core::DType::U32])?;
     util::check_device(
         FUSED,
