@@ -231,6 +231,9 @@ mod tests {
 
     #[test]
     fn over_budget_owner_evicts_its_own_pages_first() {
+        // Every eviction below is the first of its round, so the round's snapshot of the
+        // resident counts equals the live counts and the expected values are the same as
+        // before the snapshot rule (see `budget_classes_use_the_round_snapshot`).
         use crate::pool::budget::{BudgetPolicy, BudgetTracker};
         let mut c = BucketedLru::new(1, 4);
         let mut t = BudgetTracker::new(BudgetPolicy::FixedEqual, 4);
