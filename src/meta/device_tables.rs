@@ -235,6 +235,7 @@ impl DeviceTables {
     pub fn capacity(&self) -> (usize, usize) {
         (self.directory.dims()[0], self.leaves.dims()[0])
     }
+
     /// Leaf ids per directory row of an upload of `seqs` (from [`PageTables::sequences`]):
     /// the longest directory, at least 1.
     fn upload_width(seqs: &[(u64, &[Vec<u32>], usize)]) -> usize {
