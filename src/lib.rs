@@ -31,11 +31,10 @@
 
 pub mod cache;
 pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod error;
 pub mod linalg;
 pub mod meta;
+#[cfg(feature = "models")]
 pub mod models;
 pub mod ops;
 pub mod partition;
