@@ -4,14 +4,16 @@
 # .device/ (listed in .git/info/exclude), ready to carry to a GPU machine.
 #
 # Usage: scripts/gpu-package.sh        (needs the toolchain env: source PREFIX/env.sh)
-# Then on the GPU machine, from the repository root: bash .device/gpu-run.sh [tests|bench|sanitize|all]
+# Then on the GPU machine, from the repository root: bash .device/gpu-run.sh [tests|bench|sanitize|e2e|all]
+# The PyTorch anchor (../shared/anchors/torch_e2e_decode.py) travels in .device/ too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=target}"
 export CARGO_TARGET_DIR
 git check-ignore -q .device 2>/dev/null || echo '/.device/' >> .git/info/exclude
 TESTS="cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_tables"
-cargo build --release --features cuda --example tiered_step_bench --example generate
+EXAMPLES="tiered_step_bench generate serve_bench"
+cargo build --release --features cuda $(for e in $EXAMPLES; do echo --example $e; done)
 cargo test --release --features cuda --no-run $(for t in $TESTS; do echo --test $t; done) 2>&1 | tee /tmp/spinkv-testbins.txt
 rm -rf .device && mkdir -p .device
 for t in $TESTS; do
@@ -19,8 +21,10 @@ for t in $TESTS; do
   case "$bin" in /*) ;; *) bin="$CARGO_TARGET_DIR/${bin#target/}";; esac
   xz -T0 -6 -c "$bin" > ".device/$t.xz"
 done
-for e in tiered_step_bench generate; do
+for e in $EXAMPLES; do
   xz -T0 -6 -c "$CARGO_TARGET_DIR/release/examples/$e" > ".device/$e.xz"
 done
 cp scripts/device-env.sh scripts/gpu-run.sh .device/
+anchor=${SPINKV_ANCHOR:-../shared/anchors/torch_e2e_decode.py}
+if [ -f "$anchor" ]; then cp "$anchor" .device/; else echo "note: no anchor at $anchor (set SPINKV_ANCHOR)"; fi
 ls -la .device

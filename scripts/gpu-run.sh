@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # spinkv: runs the packed CUDA tests, compute-sanitizer and the bench on a GPU machine
 # (see scripts/gpu-package.sh). Results go to $OUT (default ./gpu-out).
-# Usage: bash .device/gpu-run.sh [tests|sanitize|bench|all]
+# Usage: bash .device/gpu-run.sh [tests|sanitize|bench|e2e|all]
+# e2e: the engine's offline decode (serve_bench, random weights at SmolLM2's shape, 8K
+# context) next to the PyTorch anchor at the same points, in the same session.
+# E2E_BATCHES (default 1,16,64) and E2E_ALGOS (default dense quest) choose the points.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/device-env.sh"
@@ -22,5 +25,16 @@ if [ "$what" = sanitize ] || [ "$what" = all ]; then
   for t in cuda_tiered cuda_pinned device_lru device_tables; do
     timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --leak-check no "$bin/$t" > "$OUT/memcheck_$t.txt" 2>&1
     echo "compute-sanitizer $t exit: $?"; grep -E "ERROR SUMMARY|test result" "$OUT/memcheck_$t.txt"
+  done
+fi
+if [ "$what" = e2e ] || [ "$what" = all ]; then
+  if [ -f "$here/torch_e2e_decode.py" ]; then
+    runs=$(echo "${E2E_BATCHES:-1,16,64}" | tr ',' '\n' | sed 's/^/8192:/' | paste -sd, -)
+    python3 "$here/torch_e2e_decode.py" --shape smollm2 --runs "$runs" 2>&1 | tee "$OUT/anchor_smollm2.jsonl"
+  fi
+  for algo in ${E2E_ALGOS:-dense quest}; do
+    timeout ${E2E_TIMEOUT:-240} "$bin/serve_bench" offline --cuda --shape smollm2-135m --random-weights \
+      --context 8192 --new-tokens ${E2E_NEW:-64} --batch "${E2E_BATCHES:-1,16,64}" --algo "$algo" \
+      --csv "$OUT/e2e_$algo.csv" 2>&1 | tee "$OUT/e2e_$algo.txt"
   done
 fi
