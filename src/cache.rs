@@ -108,7 +108,7 @@ pub struct SelectionRecord {
 }
 
 /// Page-slot usage of both tiers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolUsage {
     /// Host-tier slots in use / total.
     pub host_used: usize,

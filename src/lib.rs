@@ -33,6 +33,7 @@ pub mod cache;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod engine;
 pub mod error;
 pub mod linalg;
 pub mod meta;
