@@ -81,3 +81,5 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
     num / den.max(1e-30)
 }
+
+pub mod engine;
