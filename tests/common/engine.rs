@@ -85,7 +85,8 @@ pub fn drain(mut h: RequestHandle) -> (Completion, String) {
 /// computed once per (algorithm, prompt, n) in a test binary.
 pub fn alone(algo_name: &str, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
     type Key = (String, Vec<u32>, usize);
-    static SOLO: OnceLock<Mutex<HashMap<Key, Arc<OnceLock<Vec<u32>>>>>> = OnceLock::new();
+    type Solo = Mutex<HashMap<Key, Arc<OnceLock<Vec<u32>>>>>;
+    static SOLO: OnceLock<Solo> = OnceLock::new();
     prompts
         .iter()
         .map(|p| {
