@@ -31,6 +31,8 @@
 
 pub mod cache;
 pub mod config;
+#[cfg(feature = "models")]
+pub mod engine;
 pub mod error;
 pub mod linalg;
 pub mod meta;

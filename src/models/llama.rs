@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm};
 use std::collections::HashMap;
 
+#[derive(Clone)]
 struct Block {
     attn_norm: RmsNorm,
     q: Linear,
@@ -25,7 +26,9 @@ struct Block {
     down: Linear,
 }
 
-/// Llama / SmolLM2 / Mistral-style / Qwen2 decoder.
+/// Llama / SmolLM2 / Mistral-style / Qwen2 decoder. `Clone` shares the weights (tensors
+/// are reference-counted): one loaded model can serve several engines or caches.
+#[derive(Clone)]
 pub struct Llama {
     cfg: LlamaConfig,
     embed: Embedding,

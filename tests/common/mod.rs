@@ -126,3 +126,5 @@ pub fn bits(t: &Tensor) -> Vec<u32> {
         d => panic!("bits: float tensor expected, got {d:?}"),
     }
 }
+#[cfg(feature = "models")]
+pub mod engine;
