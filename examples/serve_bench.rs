@@ -629,17 +629,11 @@ fn main() -> Result<()> {
         "accuracy needs a real model (--model), not --random-weights"
     );
     let b = load(&c)?;
-    let m = b.model.config();
     eprintln!(
-        "model: {} ({} layers, hidden {}, {} q / {} kv heads, D {}, {:?} on {:?})",
+        "model: {} on {:?}: {:?}",
         b.name,
-        m.num_layers,
-        m.hidden_size,
-        m.num_heads,
-        m.num_kv_heads,
-        m.head_dim,
-        b.model.dtype(),
-        b.model.device().location()
+        b.model.device().location(),
+        b.model.config()
     );
     let mut rows = Vec::new();
     for algo in &c.algo {
