@@ -317,50 +317,32 @@ impl Row {
         }
     }
 
-    /// Latency columns in ms: TTFT, TPOT, ITL, each p50 and p99.
-    fn lat_ms(&self) -> [f64; 6] {
-        let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    const COLUMNS: &'static str = "mode,algo,batch_or_requests,context,new_tokens,decode_tok_s,output_tok_s,req_s,\
+        ttft_p50_ms,ttft_p99_ms,tpot_p50_ms,tpot_p99_ms,itl_p50_ms,itl_p99_ms,mem_gb,mem_source,accuracy";
+
+    /// The values of the [`Self::COLUMNS`] (empty where not measured).
+    fn cells(&self) -> Vec<String> {
+        let f = |x: f64| {
+            if x.is_finite() {
+                format!("{x:.2}")
+            } else {
+                String::new()
+            }
+        };
+        let ms = |d: Option<Duration>| f(d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3));
         let l = &self.lat;
-        [l.ttft, l.tpot, l.itl]
-            .map(|p| [ms(p.p50), ms(p.p99)])
-            .concat()
-            .try_into()
-            .expect("six values")
-    }
-
-    const CSV_HEADER: &'static str = "mode,algo,batch_or_requests,context,new_tokens,decode_tok_s,output_tok_s,req_s,\
-        ttft_p50_ms,ttft_p99_ms,tpot_p50_ms,tpot_p99_ms,itl_p50_ms,itl_p99_ms,mem_bytes,mem_source,accuracy";
-
-    fn csv(&self) -> String {
-        let (r, lat) = (self, self.lat_ms().map(|x| format!("{x:.3}")).join(","));
-        let acc = r.accuracy.map_or(String::new(), |a| format!("{a:.4}"));
-        let head = format!("{},{},{},{},{}", r.mode, r.algo, r.batch, r.context, r.new_tokens);
-        let tput = format!("{:.2},{:.2},{:.3}", r.decode_tps, r.output_tps, r.req_s);
-        format!("{head},{tput},{lat},{},{},{acc}", r.mem.0, r.mem.1)
-    }
-
-    fn markdown(&self) -> String {
-        let f = |x: f64, p: usize| if x.is_finite() { format!("{x:.p$}") } else { "-".into() };
-        let l = self.lat_ms();
-        let pair = |i: usize| format!("{} / {}", f(l[i], 1), f(l[i + 1], 1));
-        let acc = self.accuracy.map_or("-".into(), |a| format!("{:.0}%", 100.0 * a));
-        let head = format!(
-            "| {} | {} | {} | {} | {} ",
-            self.mode, self.algo, self.batch, self.context, self.new_tokens
-        );
-        let tput = format!(
-            "| {} | {} | {} ",
-            f(self.decode_tps, 1),
-            f(self.output_tps, 1),
-            f(self.req_s, 2)
-        );
-        let mem = format!("{:.2} GB ({})", self.mem.0 as f64 / 1e9, self.mem.1);
-        format!(
-            "{head}{tput}| {} | {} | {} | {mem} | {acc} |",
-            pair(0),
-            pair(2),
-            pair(4)
-        )
+        let mut v = vec![
+            self.mode.to_string(),
+            self.algo.clone(),
+            self.batch.to_string(),
+            self.context.clone(),
+        ];
+        v.push(self.new_tokens.to_string());
+        v.extend([self.decode_tps, self.output_tps, self.req_s].map(f));
+        v.extend([l.ttft, l.tpot, l.itl].into_iter().flat_map(|p| [ms(p.p50), ms(p.p99)]));
+        v.extend([format!("{:.3}", self.mem.0 as f64 / 1e9), self.mem.1.to_string()]);
+        v.push(f(self.accuracy.unwrap_or(f64::NAN)));
+        v
     }
 }
 
@@ -653,9 +635,9 @@ fn main() -> Result<()> {
     if let Some(path) = &c.csv {
         let mut f =
             std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("--csv {}", path.display()))?);
-        writeln!(f, "{}", Row::CSV_HEADER)?;
+        writeln!(f, "{}", Row::COLUMNS)?;
         for r in &rows {
-            writeln!(f, "{}", r.csv())?;
+            writeln!(f, "{}", r.cells().join(","))?;
         }
         f.flush()?;
         eprintln!("CSV: {}", path.display());
@@ -667,11 +649,11 @@ fn main() -> Result<()> {
         "\n{} · budget {} · fast fraction {} · prefill chunk {} tokens",
         b.name, c.budget, c.fast_fraction, c.max_prefill_tokens
     );
-    println!("decode tok/s = tokens of decode-only steps / their wall time; latencies in ms (p50 / p99)\n");
-    println!("| mode | algo | batch/requests | context | new | decode tok/s | output tok/s | req/s | TTFT | TPOT | ITL | memory | passkey |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("decode tok/s = tokens of decode-only steps / their wall time; latencies in ms; memory in GB\n");
+    println!("| {} |", Row::COLUMNS.replace(',', " | "));
+    println!("|{}", "---|".repeat(Row::COLUMNS.split(',').count()));
     for r in &rows {
-        println!("{}", r.markdown());
+        println!("| {} |", r.cells().join(" | "));
     }
     Ok(())
 }
