@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use spinkv::models::fetch::ModelSpec;
 use spinkv::models::generation::prefill;
+use spinkv::models::passkey::{build_prompt, is_correct, KeyGen};
 use spinkv::models::{load_model, LoadedModel, Sampler, SamplingConfig};
 use spinkv::partition::by_name;
 use spinkv::{SparseKvCache, SpinCache};
@@ -54,40 +55,6 @@ struct Args {
     /// (`{algo}_ctx{context}_d{depth}_t{trial}.csv`) into this folder, for `cache_sim`.
     #[arg(long)]
     trace_dir: Option<std::path::PathBuf>,
-}
-
-const INTRO: &str = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n\n";
-const FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
-const QUESTION: &str = "\n\nWhat is the pass key? The pass key is";
-
-fn build_prompt(lm: &LoadedModel, context: usize, depth: f64, key: u32) -> Result<(Vec<u32>, usize)> {
-    let enc = |s: &str| -> Result<Vec<u32>> {
-        Ok(lm
-            .tokenizer
-            .encode(s, false)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .get_ids()
-            .to_vec())
-    };
-    let intro = enc(INTRO)?;
-    let needle = enc(&format!(" The pass key is {key}. Remember it. {key} is the pass key. "))?;
-    let question = enc(QUESTION)?;
-    let filler_unit = enc(FILLER)?;
-    let budget = context.saturating_sub(intro.len() + needle.len() + question.len());
-    let units = budget / filler_unit.len();
-    let at = ((units as f64) * depth).round() as usize;
-    let mut ids = intro;
-    for u in 0..units {
-        if u == at {
-            ids.extend(&needle);
-        }
-        ids.extend(&filler_unit);
-    }
-    if at >= units {
-        ids.extend(&needle);
-    }
-    ids.extend(&question);
-    Ok((ids, question.len()))
 }
 
 /// Feeds the same steps to several caches. Every algorithm here prefills densely, so the
@@ -221,13 +188,7 @@ fn main() -> Result<()> {
         csv,
         "algorithm,budget,context,prompt_tokens,depth,trial,key,answer,correct"
     )?;
-    let mut rng = args.seed;
-    let mut next_key = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        10_000 + (rng % 90_000) as u32
-    };
+    let mut keys = KeyGen::new(args.seed);
     // (label, context) -> (correct, total)
     let mut cells: Vec<(String, usize, usize, usize)> = Vec::new();
     let mut configs: Vec<(String, f64)> = Vec::new();
@@ -243,8 +204,8 @@ fn main() -> Result<()> {
     for &context in &args.contexts {
         for &depth in &args.depths {
             for trial in 0..args.trials {
-                let key = next_key();
-                let (prompt, tail) = build_prompt(&lm, context, depth, key)?;
+                let key = keys.next_key();
+                let (prompt, tail) = build_prompt(&lm.tokenizer, context, depth, key)?;
                 let budgets: Vec<(String, usize)> = configs
                     .iter()
                     .map(|(algo, frac)| {
@@ -275,7 +236,7 @@ fn main() -> Result<()> {
                         .map(|_| &trace_path as &dyn Fn(&str) -> std::path::PathBuf),
                 )?;
                 for (((algo, frac), (_, budget)), answer) in configs.iter().zip(&budgets).zip(answers) {
-                    let correct = answer.contains(&key.to_string());
+                    let correct = is_correct(&answer, key);
                     let label = if algo == "dense" {
                         "dense".to_string()
                     } else {

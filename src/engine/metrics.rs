@@ -1,7 +1,7 @@
 //! Measurements: per request ([`Timings`]: queued time, TTFT, per-token times, from which
 //! TPOT and inter-token latencies follow) and for the engine ([`EngineMetrics`]:
 //! prefill and decode throughput, queue lengths, cache statistics), plus the
-//! [`percentile`] helper the examples use to summarize them.
+//! [`percentile`] helper and the [`LatencySummary`] the examples use to summarize them.
 
 use crate::{PoolUsage, StepStats};
 use std::time::Duration;
@@ -96,6 +96,19 @@ impl EngineMetrics {
     }
 }
 
+/// Memory in use on `device` (the whole device, every process: total − free), in
+/// bytes; `None` on the CPU or when the driver cannot say.
+pub fn device_memory_used(device: &candle_core::Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => {
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            Some(total.saturating_sub(free) as u64)
+        }
+        _ => None,
+    }
+}
+
 /// The `p`-th percentile (`p` in `[0, 100]`, nearest rank) of `values`; `None` when empty.
 pub fn percentile(values: &[Duration], p: f64) -> Option<Duration> {
     if values.is_empty() {
@@ -105,6 +118,57 @@ pub fn percentile(values: &[Duration], p: f64) -> Option<Duration> {
     v.sort_unstable();
     let rank = ((p.clamp(0.0, 100.0) / 100.0) * v.len() as f64).ceil() as usize;
     Some(v[rank.clamp(1, v.len()) - 1])
+}
+
+/// The median and 99th percentile of a set of durations (`None` when empty).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct P50P99 {
+    /// 50th percentile.
+    pub p50: Option<Duration>,
+    /// 99th percentile.
+    pub p99: Option<Duration>,
+}
+
+impl P50P99 {
+    /// The percentiles of `values` (nearest rank, see [`percentile`]).
+    pub fn of(values: &[Duration]) -> Self {
+        Self {
+            p50: percentile(values, 50.0),
+            p99: percentile(values, 99.0),
+        }
+    }
+}
+
+/// Latency percentiles over many requests: TTFT and TPOT (one value per request that
+/// has them) and inter-token latencies (every gap of every request).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LatencySummary {
+    /// Time to first token.
+    pub ttft: P50P99,
+    /// Time per output token after the first.
+    pub tpot: P50P99,
+    /// Inter-token latency.
+    pub itl: P50P99,
+    /// Every request's TTFT, in the order given (for distributions).
+    pub ttfts: Vec<Duration>,
+}
+
+impl LatencySummary {
+    /// Summarizes the timings of finished requests.
+    pub fn of<'a>(timings: impl IntoIterator<Item = &'a Timings>) -> Self {
+        let (mut ttfts, mut tpot, mut itl) = (Vec::new(), Vec::new(), Vec::new());
+        for t in timings {
+            ttfts.extend(t.ttft());
+            tpot.extend(t.tpot());
+            itl.extend(t.itl());
+        }
+        Self {
+            ttft: P50P99::of(&ttfts),
+            tpot: P50P99::of(&tpot),
+            itl: P50P99::of(&itl),
+            ttfts,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -128,5 +192,10 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), Some(ms(99)));
         assert_eq!(percentile(&v, 0.0), Some(ms(1)));
         assert_eq!(percentile(&[], 50.0), None);
+        let s = LatencySummary::of([&t, &Timings::default()]);
+        assert_eq!(s.ttfts, vec![ms(100)]);
+        assert_eq!((s.ttft.p50, s.tpot.p99), (Some(ms(100)), Some(ms(20))));
+        assert_eq!((s.itl.p50, s.itl.p99), (Some(ms(20)), Some(ms(30))));
+        assert_eq!(LatencySummary::of([]).ttft, P50P99::default());
     }
 }

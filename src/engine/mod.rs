@@ -81,7 +81,7 @@ mod text;
 pub use client::EngineClient;
 pub use engine::{Engine, EngineConfig, StepReport};
 pub use handle::{Canceller, Completion, Event, FinishReason, RequestHandle, TokenEvent};
-pub use metrics::{percentile, EngineMetrics, Timings};
+pub use metrics::{device_memory_used, percentile, EngineMetrics, LatencySummary, Timings, P50P99};
 pub use request::{Prompt, Request, RequestId, SamplingParams};
 pub use sampler::{sample_batch, RequestSampler};
 pub use scheduler::{Scheduled, Scheduler, SchedulerConfig, StepPlan, Work};

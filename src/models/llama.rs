@@ -171,6 +171,27 @@ impl Llama {
         c.with_token_capacity(max_tokens, fast_fraction)
     }
 
+    /// A cache configuration for `sequences` sequences of up to `seq_tokens` tokens each
+    /// (prompt + output) with `page_size`-token pages: the host tier holds every
+    /// sequence's pages rounded up per sequence (so all of them fit at once), the fast
+    /// tier `fast_fraction` of that; `max_sequences` is `sequences` and `max_seq_len` at
+    /// least `seq_tokens`. `None` when the token count overflows.
+    pub fn cache_config_for(
+        &self,
+        sequences: usize,
+        seq_tokens: usize,
+        page_size: usize,
+        fast_fraction: f64,
+    ) -> Option<CacheConfig> {
+        let per_seq = seq_tokens.div_ceil(page_size.max(1)).checked_mul(page_size.max(1))?;
+        let mut c = self.cache_config(1, fast_fraction);
+        c.page_size = page_size;
+        c = c.with_token_capacity(sequences.checked_mul(per_seq)?, fast_fraction);
+        c.max_sequences = sequences.max(1);
+        c.max_seq_len = c.max_seq_len.max(seq_tokens);
+        Some(c)
+    }
+
     /// One step over a ragged batch: each `(seq, tokens)` appends `tokens` to `seq`.
     /// Returns the next-token logits of each sequence, `[B, vocab]` f32. On error the
     /// step is aborted, leaving the cache as before.

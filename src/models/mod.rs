@@ -7,6 +7,8 @@ pub mod fetch;
 pub mod generation;
 pub mod llama;
 pub mod loader;
+pub mod passkey;
+pub mod random;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
