@@ -21,7 +21,7 @@ pub(crate) enum HostTier {
 impl HostTier {
     /// Writes `k`, `v` `[T, Hkv, D]` rows to token destinations `dst` `[T, Hkv]` u32
     /// (`slot·P + offset`, `NONE` skips), all on the fast tier's device.
-    pub fn append(&self, k: &Tensor, v: &Tensor, dst: &Tensor) -> Result<()> {
+    pub fn append(&mut self, k: &Tensor, v: &Tensor, dst: &Tensor) -> Result<()> {
         match self {
             Self::Tensor(pool) => ops::paged_append(pool, k, v, dst),
             #[cfg(feature = "cuda")]
