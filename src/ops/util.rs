@@ -61,6 +61,18 @@ pub(crate) fn check_shape(
     Ok(())
 }
 
+/// Fails naming `op` when a size that the op divides by or groups by is 0: `name` is the
+/// size (e.g. `"page_size"`), read from `t` (named `t_name`, whose shape the message shows).
+pub(crate) fn check_nonzero(op: &'static str, name: &str, value: usize, (t_name, t): (&str, &Tensor)) -> Result<()> {
+    if value == 0 {
+        return Err(Error::Invalid {
+            op,
+            msg: format!("{name} must be >= 1, got 0 ({t_name} has shape {:?})", t.dims()),
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn check_dtype(op: &'static str, name: &str, t: &Tensor, allowed: &[DType]) -> Result<()> {
     if !allowed.contains(&t.dtype()) {
         return Err(Error::Invalid {
