@@ -34,6 +34,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod fault;
 pub mod linalg;
 pub mod meta;
 pub mod models;
