@@ -16,9 +16,32 @@ use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 
-/// Handle of a sequence in a cache.
+/// Handle of a sequence in the cache that issued it ([`SparseKvCache::add_sequence`]).
+///
+/// A `SeqId` names its cache too: handing it to another cache is an error, never a
+/// silent access to some other sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SeqId(pub u64);
+pub struct SeqId {
+    cache: u64,
+    id: u64,
+}
+
+impl SeqId {
+    /// The sequence's number within its cache (0, 1, 2, … in order of `add_sequence`):
+    /// the `seq` that algorithms ([`TokenRun::seq`]), selection records and errors show.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl std::fmt::Display for SeqId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sequence {} of cache {}", self.id, self.cache)
+    }
+}
+
+/// Source of cache ids: every cache gets its own, so `SeqId`s of different caches differ.
+static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// One sequence's share of a step: `new_tokens >= 1` tokens appended at its end
 /// (prefill and decode share the call).
@@ -197,6 +220,9 @@ struct StepState {
     /// towards its fast-tier budget, as the simulator counts it).
     requested: Vec<bool>,
     stats: StepStats,
+    /// Set when an `attend` failed past its input validation: the step is poisoned and
+    /// only `abort_step` may follow (the message says where it failed).
+    failed: Option<String>,
 }
 
 /// Where a layer's page requests were built.
@@ -217,6 +243,8 @@ struct PageRequests {
 
 /// A sparse KV cache: tiered page pool + two-level page tables + one algorithm.
 pub struct SpinCache {
+    /// This cache's id (in every `SeqId` it issues).
+    id: u64,
     cfg: CacheConfig,
     algo: Box<dyn SparseAlgorithm>,
     host: HostTier,
@@ -266,6 +294,7 @@ impl SpinCache {
         let leaves_per_row = cfg.max_seq_len.div_ceil(p).div_ceil(LEAF_PAGES);
         let arena = cfg.host_pages.div_ceil(LEAF_PAGES) + max_rows;
         let mut cache = Self {
+            id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             host: HostTier::new(&cfg)?,
             host_alloc: SlotAllocator::new(Tier::Host, cfg.host_pages),
             lru: DeviceLru::new(buckets, cfg.lru_ways, cfg.max_sequences, cfg.host_pages, &cfg.device)?,
@@ -291,12 +320,19 @@ impl SpinCache {
     /// Copies the budget tracker's per-sequence budgets to the LRU, by owner index
     /// (slots without a live sequence get the whole capacity, as the tracker does).
     fn upload_budgets(&mut self) -> Result<()> {
+        let b = self.budget_vector(&self.budgets);
+        self.lru.set_budgets(&b)
+    }
+
+    /// Per owner index, the budget `budgets` gives its sequence (the whole capacity for
+    /// owner indices without a live sequence).
+    fn budget_vector(&self, budgets: &BudgetTracker) -> Vec<u32> {
         let cap = self.lru.capacity();
         let mut b = vec![cap.min(u32::MAX as usize) as u32; self.cfg.max_sequences];
         for (&seq, &owner) in &self.owners {
-            b[owner as usize] = self.budgets.budget(seq).min(u32::MAX as usize) as u32;
+            b[owner as usize] = budgets.budget(seq).min(u32::MAX as usize) as u32;
         }
-        self.lru.set_budgets(&b)
+        b
     }
 
     /// Starts (`true`) or stops recording every decode selection (per step, layer,
@@ -368,12 +404,94 @@ impl SpinCache {
         self.cfg.num_layers * self.cfg.num_kv_heads
     }
 
-    /// Frees the last `pages` pages of `seq` in both tiers.
-    fn release_pages(&mut self, seq: u64, pages: usize) -> Result<()> {
-        let slots = self.tables.pop_pages(seq, pages)?;
-        self.lru.invalidate(&slots)?;
-        for slot in slots {
+    /// The number of `seq` in this cache, after checking that this cache issued it and
+    /// that it is live.
+    fn live(&self, op: &'static str, seq: SeqId) -> Result<u64> {
+        if seq.cache != self.id {
+            return Err(Error::Invalid {
+                op,
+                msg: format!("{seq} was issued by another cache (this is cache {})", self.id),
+            });
+        }
+        if !self.lens.contains_key(&seq.id) {
+            return Err(Error::UnknownSequence(seq.id));
+        }
+        Ok(seq.id)
+    }
+
+    /// Host slots of the pages `entry`'s step added to its sequence (every directory).
+    fn step_slots(&self, entry: &StepEntry) -> Result<Vec<u32>> {
+        let mut all = Vec::new();
+        let mut buf = Vec::new();
+        for dir in 0..self.dirs() {
+            buf.clear();
+            self.tables.extend_slots(entry.seq, dir, &mut buf)?;
+            all.extend_from_slice(&buf[buf.len().saturating_sub(entry.new_pages)..]);
+        }
+        Ok(all)
+    }
+
+    /// The device side of aborting a step of `entries`, safe to repeat.
+    fn abort_device_work(&mut self, entries: &[StepEntry]) -> Result<()> {
+        let mut slots = Vec::new();
+        for e in entries {
+            slots.extend(self.step_slots(e)?);
+        }
+        // Per-page key bounds of the pages the step wrote into but does not own.
+        self.restore_page_minmax(entries)?;
+        // The step's counters are dropped; the recency it gave to pages stays (harmless:
+        // residency never changes an output).
+        self.lru.take_step_counters()?;
+        // Drop the new pages' fast copies (last: the one change `pool_usage` shows).
+        self.lru.invalidate(&slots)
+    }
+
+    /// Host bookkeeping of undoing `entry`'s reservation: its new pages go back to the
+    /// allocator and its length to `start`. The pages' fast copies must be gone already.
+    fn unreserve(&mut self, entry: &StepEntry) -> Result<()> {
+        for slot in self.tables.pop_pages(entry.seq, entry.new_pages)? {
             self.host_alloc.free(slot)?;
+        }
+        if let Some(l) = self.lens.get_mut(&entry.seq) {
+            *l = entry.start;
+        }
+        Ok(())
+    }
+
+    /// Recomputes the per-page key bounds ([`SparseAlgorithm::page_minmax`], Quest's
+    /// min/max) of every page that held tokens before the step and received the step's
+    /// tokens too: from the keys the host tier holds for its first `start % P` rows, in
+    /// row order, exactly as [`ops::quest_meta_update`] built them. Pages the step
+    /// allocated are freed instead (their bounds reset when a token lands in row 0).
+    fn restore_page_minmax(&mut self, entries: &[StepEntry]) -> Result<()> {
+        // A clone shares the algorithm's storage: the update below is in place.
+        let Some(meta) = self.algo.page_minmax().cloned() else {
+            return Ok(());
+        };
+        let (p, d, dirs) = (self.cfg.page_size, self.cfg.head_dim, self.dirs());
+        let dev = self.cfg.device.clone();
+        for e in entries.iter().filter(|e| e.start % p != 0) {
+            let (page, rows) = (e.start / p, e.start % p);
+            let mut slots = Vec::with_capacity(dirs);
+            for dir in 0..dirs {
+                slots.push(self.tables.get(e.seq, dir, page)?);
+            }
+            let pairs: Vec<u32> = slots.iter().enumerate().flat_map(|(i, &s)| [s, i as u32]).collect();
+            let pages = Tensor::zeros((dirs, 2, p, d), self.cfg.dtype, &dev)?;
+            self.host.gather(&pages, &Tensor::from_vec(pairs, (dirs, 2), &dev)?)?;
+            // [rows, dirs, D]: row r of every page is "token" r, each page a "head".
+            let keys = pages
+                .narrow(1, 0, 1)?
+                .narrow(2, 0, rows)?
+                .squeeze(1)?
+                .transpose(0, 1)?
+                .to_device(meta.device())?
+                .contiguous()?;
+            let dst: Vec<u32> = (0..rows as u32)
+                .flat_map(|r| slots.iter().map(move |&s| s * p as u32 + r))
+                .collect();
+            let dst = Tensor::from_vec(dst, (rows, dirs), meta.device())?;
+            ops::quest_meta_update(&meta, &keys, &dst, p)?;
         }
         Ok(())
     }
@@ -422,7 +540,26 @@ impl SpinCache {
         };
         want("q", q, c.num_q_heads)?;
         want("k", k, c.num_kv_heads)?;
-        want("v", v, c.num_kv_heads)
+        want("v", v, c.num_kv_heads)?;
+        if c.reject_non_finite {
+            for (name, x) in [("q", q), ("k", k), ("v", v)] {
+                let vals = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(i) = vals.iter().position(|x| !x.is_finite()) {
+                    let (h, d) = (x.dims()[1], c.head_dim);
+                    crate::invalid!(
+                        OP,
+                        "{name} {:?} holds {} at token {}, head {}, element {} (layer {layer}; \
+                         CacheConfig::reject_non_finite is on)",
+                        x.dims(),
+                        vals[i],
+                        i / (h * d),
+                        i / d % h,
+                        i % d
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `[T, Hkv]` destinations `host_slot * P + row` of the step's tokens in `layer`.
@@ -781,7 +918,7 @@ impl SparseKvCache for SpinCache {
         self.tables.add_sequence(id);
         self.lens.insert(id, 0);
         self.owners.insert(id, owner);
-        Ok(SeqId(id))
+        Ok(SeqId { cache: self.id, id })
     }
 
     fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
@@ -791,27 +928,33 @@ impl SparseKvCache for SpinCache {
                 msg: "cannot remove a sequence inside a step (end or abort it first)".into(),
             });
         }
-        if !self.lens.contains_key(&seq.0) {
-            return Err(Error::UnknownSequence(seq.0));
+        let id = self.live("SparseKvCache::remove_sequence", seq)?;
+        // The fallible device work first: dropping the pages' fast copies (harmless if the
+        // removal then stopped: they are copies). The device page tables are brought in
+        // step by the next `begin_step` (their change log keeps the removal).
+        let mut slots = Vec::new();
+        for dir in 0..self.dirs() {
+            self.tables.extend_slots(id, dir, &mut slots)?;
         }
-        let slots = self.tables.remove_sequence(seq.0)?;
         self.lru.invalidate(&slots)?;
+        // Host bookkeeping only from here.
+        self.device_tables.remove_sequence(id)?;
+        let slots = self.tables.remove_sequence(id)?;
         for slot in slots {
             self.host_alloc.free(slot)?;
         }
-        self.device_tables.apply(&mut self.tables)?;
-        self.device_tables.remove_sequence(seq.0)?;
-        if let Some(owner) = self.owners.remove(&seq.0) {
+        if let Some(owner) = self.owners.remove(&id) {
             self.free_owners.push(owner);
         }
-        self.lens.remove(&seq.0);
-        self.algo.forget(seq.0);
-        self.budgets.remove(seq.0);
+        self.lens.remove(&id);
+        self.algo.forget(id);
+        self.budgets.remove(id);
         Ok(())
     }
 
     fn sequence_len(&self, seq: SeqId) -> Result<usize> {
-        self.lens.get(&seq.0).copied().ok_or(Error::UnknownSequence(seq.0))
+        let id = self.live("SparseKvCache::sequence_len", seq)?;
+        Ok(self.lens[&id])
     }
 
     fn begin_step(&mut self, inputs: &[StepInput]) -> Result<()> {
@@ -827,34 +970,38 @@ impl SparseKvCache for SpinCache {
         }
         let p = self.cfg.page_size;
         let mut entries = Vec::with_capacity(inputs.len());
-        let mut row = 0;
-        let mut needed = 0;
+        let mut row = 0usize;
+        let mut needed = 0usize;
         for (i, inp) in inputs.iter().enumerate() {
-            let len = *self.lens.get(&inp.seq.0).ok_or(Error::UnknownSequence(inp.seq.0))?;
+            let seq = self.live(OP, inp.seq)?;
+            let len = self.lens[&seq];
             if inputs[..i].iter().any(|o| o.seq == inp.seq) {
-                crate::invalid!(OP, "sequence {} appears twice in one step", inp.seq.0);
+                crate::invalid!(OP, "sequence {seq} appears twice in one step");
             }
             if inp.new_tokens == 0 {
-                crate::invalid!(OP, "sequence {} brings 0 new tokens (need >= 1)", inp.seq.0);
+                crate::invalid!(OP, "sequence {seq} brings 0 new tokens (need >= 1)");
             }
-            if len + inp.new_tokens > self.cfg.max_seq_len {
+            // Checked: a huge `new_tokens` must not wrap around the limit.
+            let total = len.checked_add(inp.new_tokens).filter(|&t| t <= self.cfg.max_seq_len);
+            let Some(total) = total else {
                 crate::invalid!(
                     OP,
-                    "sequence {} would hold {} tokens, more than max_seq_len {}",
-                    inp.seq.0,
-                    len + inp.new_tokens,
+                    "sequence {seq} holds {len} tokens and brings {} new ones: more than max_seq_len {}",
+                    inp.new_tokens,
                     self.cfg.max_seq_len
                 );
-            }
-            let new_pages = (len + inp.new_tokens).div_ceil(p) - len.div_ceil(p);
-            needed += new_pages * self.dirs();
+            };
+            let new_pages = total.div_ceil(p) - len.div_ceil(p);
+            needed = needed.saturating_add(new_pages.saturating_mul(self.dirs()));
             entries.push(StepEntry {
-                seq: inp.seq.0,
+                seq,
                 start: len,
                 n: inp.new_tokens,
                 row,
                 new_pages,
             });
+            // Cannot wrap: each sequence holds at most max_seq_len (< 2^32) tokens and at
+            // most max_sequences (< 2^32) sequences are live.
             row += inp.new_tokens;
         }
         if needed > self.host_alloc.free_count() {
@@ -864,14 +1011,9 @@ impl SparseKvCache for SpinCache {
                 free: self.host_alloc.free_count(),
             });
         }
-        for e in &entries {
-            for _ in 0..e.new_pages {
-                let slots = self.host_alloc.alloc(self.dirs())?;
-                self.tables.push_page(e.seq, &slots)?;
-            }
-            *self.lens.get_mut(&e.seq).ok_or(Error::UnknownSequence(e.seq))? += e.n;
-        }
-        self.device_tables.apply(&mut self.tables)?;
+        // The step's uploads come first: they depend on the entries only, and failing
+        // here changes nothing.
+        crate::fault::device_call(OP)?;
         let mut positions = Vec::with_capacity(row);
         let mut queries = Vec::with_capacity(2 * row);
         for (ei, e) in entries.iter().enumerate() {
@@ -895,6 +1037,21 @@ impl SparseKvCache for SpinCache {
             .collect();
         let n_entries = entries.len();
         let kv_limit = Tensor::from_vec(kv_limit, n_entries, &self.cfg.device)?;
+        // Reserve the pages, then mirror them on the device; if that fails, give them back
+        // (the device tables' change log keeps both, so the next apply ends consistent).
+        for e in &entries {
+            for _ in 0..e.new_pages {
+                let slots = self.host_alloc.alloc(self.dirs())?;
+                self.tables.push_page(e.seq, &slots)?;
+            }
+            *self.lens.get_mut(&e.seq).ok_or(Error::UnknownSequence(e.seq))? += e.n;
+        }
+        if let Err(e) = self.device_tables.apply(&mut self.tables) {
+            for en in &entries {
+                self.unreserve(en)?;
+            }
+            return Err(e);
+        }
         let stats = StepStats {
             steps: 1,
             ..Default::default()
@@ -910,16 +1067,34 @@ impl SparseKvCache for SpinCache {
             attended_pages: None,
             requested: vec![false; n_entries],
             stats,
+            failed: None,
         });
         Ok(())
     }
 
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        const OP: &str = "SparseKvCache::attend";
         let mut step = self.step.take().ok_or(Error::StepMisuse {
-            op: "SparseKvCache::attend",
+            op: OP,
             msg: "no open step: call begin_step first".into(),
         })?;
-        let result = self.attend_in_step(&mut step, layer, q, k, v);
+        let result = match &step.failed {
+            Some(why) => Err(Error::StepMisuse {
+                op: OP,
+                msg: format!("the step is poisoned ({why}): call abort_step, then run the step again"),
+            }),
+            // Invalid input changes nothing: the step stays usable.
+            None => match self.check_qkv(&step, layer, q, k, v) {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    let r = self.attend_in_step(&mut step, layer, q, k, v);
+                    if let Err(e) = &r {
+                        step.failed = Some(format!("attend of layer {layer} failed: {e}"));
+                    }
+                    r
+                }
+            },
+        };
         self.step = Some(step);
         result
     }
@@ -929,6 +1104,12 @@ impl SparseKvCache for SpinCache {
             op: "SparseKvCache::end_step",
             msg: "no open step".into(),
         })?;
+        if let Some(why) = &step.failed {
+            return Err(Error::StepMisuse {
+                op: "SparseKvCache::end_step",
+                msg: format!("the step is poisoned ({why}): call abort_step, then run the step again"),
+            });
+        }
         if let Some(l) = step.attended.iter().position(|a| !a) {
             return Err(Error::StepMisuse {
                 op: "SparseKvCache::end_step",
@@ -944,33 +1125,49 @@ impl SparseKvCache for SpinCache {
         stats.misses += misses;
         stats.spilled += spilled;
         stats.bytes_moved += (misses + spilled) * self.cfg.page_bytes() as u64;
+        // The next budgets are computed aside and committed once uploaded: on an error
+        // the step stays open (end_step or abort_step may follow; the counters of the
+        // failed attempt are lost to the statistics, nothing else).
+        let mut budgets = self.budgets.clone();
         for (e, _) in step.entries.iter().zip(&step.requested).filter(|(_, &r)| r) {
             let owner = self.owners.get(&e.seq).copied().unwrap_or(0) as usize;
-            self.budgets
-                .observe_count(e.seq, reuse.get(owner).copied().unwrap_or(0) as usize);
+            budgets.observe_count(e.seq, reuse.get(owner).copied().unwrap_or(0) as usize);
         }
+        budgets.end_step();
+        let b = self.budget_vector(&budgets);
+        self.lru.set_budgets(&b)?;
+        self.budgets = budgets;
         self.step = None;
         self.total.add(&stats);
-        self.budgets.end_step();
-        self.upload_budgets()?;
         Ok(stats)
     }
 
     fn abort_step(&mut self) -> Result<()> {
-        let step = self.step.take().ok_or(Error::StepMisuse {
+        let step = self.step.as_ref().ok_or(Error::StepMisuse {
             op: "SparseKvCache::abort_step",
             msg: "no open step".into(),
         })?;
-        for e in &step.entries {
-            self.release_pages(e.seq, e.new_pages)?;
-            if let Some(l) = self.lens.get_mut(&e.seq) {
-                *l = e.start;
+        let entries = step.entries.clone();
+        // The fallible device work first, all of it safe to repeat: on an error the step
+        // stays open (poisoned: only abort_step may follow), nothing else changed, and
+        // abort_step can be called again.
+        if let Err(e) = self.abort_device_work(&entries) {
+            if let Some(st) = self.step.as_mut() {
+                st.failed.get_or_insert_with(|| format!("abort_step failed: {e}"));
             }
+            return Err(e);
+        }
+        // Host bookkeeping only from here. The device page tables are brought in step by
+        // the next `begin_step` (their change log keeps the freed pages).
+        for e in &entries {
+            self.unreserve(e)?;
             self.algo.truncate(e.seq, e.start);
         }
-        self.device_tables.apply(&mut self.tables)?;
-        // The step's counters are dropped; the recency it gave to pages stays (harmless).
-        self.lru.take_step_counters()?;
+        let step_no = self.total.steps + 1;
+        if let Some(tr) = self.trace.as_mut() {
+            tr.retain(|r| r.step != step_no);
+        }
+        self.step = None;
         Ok(())
     }
 
@@ -998,7 +1195,6 @@ impl SpinCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
-        self.check_qkv(step, layer, q, k, v)?;
         let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
         let q_rot = apply_rope(q, &step.cos, &step.sin)?.contiguous()?;
         let k_rot = apply_rope(k, &step.cos, &step.sin)?.contiguous()?;

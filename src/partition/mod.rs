@@ -31,7 +31,7 @@ use candle_core::{Device, Tensor};
 /// at positions `start..start + n`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenRun {
-    /// Sequence id ([`SeqId`](crate::SeqId)`.0`).
+    /// Sequence number ([`SeqId::id`](crate::SeqId::id)).
     pub seq: u64,
     /// Tokens the sequence held before the step (= position of the first new token).
     pub start: usize,
