@@ -434,7 +434,12 @@ fn index_errors_keep_the_state() {
             let dst = Tensor::zeros((n, hkv), DType::U32, &candle_core::Device::Cpu).unwrap();
             a.index(&IndexInput {
                 layer: 0,
-                runs: &[TokenRun { seq: 7, start, n, row: 0 }],
+                runs: &[TokenRun {
+                    seq: 7,
+                    start,
+                    n,
+                    row: 0,
+                }],
                 q,
                 k,
                 k_pre_rope: k,

@@ -87,7 +87,7 @@ impl LlamaConfig {
             Some(info) => info.shape.dims()[0],
             None => return Err(Error::Model("GGUF has no `token_embd.weight`".into())),
         };
-        Ok(Self {
+        Self {
             arch,
             hidden_size: hidden,
             intermediate_size: md_u(c, &format!("{a}.feed_forward_length"))?,
@@ -144,7 +144,7 @@ impl LlamaConfig {
         };
         let hidden = u("hidden_size")?;
         let heads = u("num_attention_heads")?;
-        Ok(Self {
+        Self {
             arch,
             hidden_size: hidden,
             intermediate_size: u("intermediate_size")?,

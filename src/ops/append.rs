@@ -224,7 +224,12 @@ pub fn quest_meta_update(meta: &Tensor, k: &Tensor, dst: &Tensor, page_size: usi
     util::check_device(META, meta.device(), &[("k", k), ("dst", dst)])?;
     util::check_contiguous(META, &[("meta", meta), ("k", k), ("dst", dst)])?;
     if page_size == 0 {
-        crate::invalid!(META, "page_size must be >= 1, got 0 (meta {:?}, k {:?})", meta.dims(), k.dims());
+        crate::invalid!(
+            META,
+            "page_size must be >= 1, got 0 (meta {:?}, k {:?})",
+            meta.dims(),
+            k.dims()
+        );
     }
     if t == 0 {
         return Ok(());

@@ -193,6 +193,9 @@ mod tests {
         assert_eq!(pool_bytes(1, 1, 1 << 62, 1), None);
         // Slot ids are u32 (NONE excluded).
         assert_eq!(pool_bytes(u32::MAX as usize, 1, 1, 1), None);
-        assert_eq!(pool_bytes(u32::MAX as usize - 1, 1, 1, 1), Some(2 * (u32::MAX as usize - 1)));
+        assert_eq!(
+            pool_bytes(u32::MAX as usize - 1, 1, 1, 1),
+            Some(2 * (u32::MAX as usize - 1))
+        );
     }
 }
