@@ -20,7 +20,7 @@ use spinkv::partition::{
     Dense, InfLlm, InfLlmConfig, Quest, QuestConfig, ShadowKv, ShadowKvConfig, SparseAlgorithm, Streaming,
     StreamingConfig,
 };
-use spinkv::{CacheConfig, Error, SeqId, SparseKvCache, SpinCache, StepInput};
+use spinkv::{CacheConfig, Error, SparseKvCache, SpinCache, StepInput};
 
 const LAYERS: usize = 2;
 const HQ: usize = 4;
@@ -351,7 +351,7 @@ fn non_finite_inputs_are_rejected_when_asked() {
 mod injected {
     use super::*;
     use spinkv::fault;
-    use spinkv::PoolUsage;
+    use spinkv::{PoolUsage, SeqId};
 
     /// What must not change when a call fails.
     fn snapshot(c: &SpinCache, seqs: &[SeqId]) -> (Vec<Option<usize>>, PoolUsage) {
@@ -529,12 +529,15 @@ mod injected {
         }
     }
 
+    type OpenStep = (Vec<(SeqId, usize)>, usize, bool);
+
     /// A model of what the cache must hold: live sequences and their lengths, and the
     /// open step's entries.
     #[derive(Default)]
     struct Model {
         lens: Vec<(SeqId, usize)>,
-        step: Option<(Vec<(SeqId, usize)>, usize, bool)>, // (entries, layers attended, poisoned)
+        /// The open step: (entries, layers attended, poisoned).
+        step: Option<OpenStep>,
     }
 
     fn random_walk(seed: u64, ops: usize) {
@@ -554,6 +557,7 @@ mod injected {
             .unwrap();
         let mut m = Model::default();
         let mut failures = 0;
+        let (mut attends, mut ends, mut aborts) = (0, 0, 0);
         for i in 0..ops {
             let armed = r.random_bool(0.15);
             if armed {
@@ -601,8 +605,8 @@ mod injected {
                 }
                 (Some((entries, layer, poisoned)), _) => {
                     let t: usize = entries.iter().map(|e| e.1).sum();
-                    let pick = r.random_range(0..10);
-                    if pick < 7 && *layer < LAYERS {
+                    let pick = r.random_range(0..20);
+                    if pick < 19 && *layer < LAYERS && !*poisoned {
                         let (q, k, v) = (
                             randn(&mut r, &[t, 2, 8], 1.0),
                             randn(&mut r, &[t, 1, 8], 1.0),
@@ -613,12 +617,14 @@ mod injected {
                                 assert!(!*poisoned, "{ctx}: attend on a poisoned step");
                                 assert_eq!(o.dims(), [t, 2, 8]);
                                 *layer += 1;
+                                attends += 1;
                             }
                             Err(_) => *poisoned = true,
                         }
-                    } else if pick < 9 && *layer == LAYERS && !*poisoned {
+                    } else if pick < 17 && *layer == LAYERS && !*poisoned {
                         if c.end_step().is_ok() {
                             m.step = None;
+                            ends += 1;
                         }
                     } else if let Ok(()) = c.abort_step() {
                         for (s, n) in entries.iter() {
@@ -626,6 +632,7 @@ mod injected {
                             l.1 -= n;
                         }
                         m.step = None;
+                        aborts += 1;
                     } else {
                         // A failed abort leaves the step open and poisoned.
                         *poisoned = true;
@@ -644,7 +651,10 @@ mod injected {
             let pages: usize = m.lens.iter().map(|&(_, l)| l.div_ceil(8)).sum::<usize>() * LAYERS;
             assert_eq!(c.pool_usage().host_used, pages, "{ctx}: host pages");
         }
-        assert!(failures > 0);
+        eprintln!(
+            "{name} seed {seed}: {attends} attends, {ends} steps ended, {aborts} aborted, {failures} injected failures"
+        );
+        assert!(failures > 0 && attends > ops / 10 && ends > ops / 50 && aborts > ops / 100);
     }
 
     #[test]
