@@ -99,7 +99,7 @@ fn bench(c: &mut Criterion) {
             let sel = ops::topk_indices(&s.reshape((b * HKV, np)).expect("reshape"), kpages)
                 .and_then(|t| t.reshape((b, HKV, kpages)).map_err(Into::into))
                 .expect("topk");
-            let pages = spinkv::cuda::selection_to_pages(&cand, &sel).expect("pages");
+            let pages = spinkv::ops::selection_to_pages(&cand, &sel).expect("pages");
             let l = PageList {
                 pages,
                 queries: queries.clone(),

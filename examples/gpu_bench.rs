@@ -279,7 +279,7 @@ mod bench {
                 );
                 if b == 8 && l == 32768 {
                     // The 16-row kernel variant, for comparison.
-                    spinkv::cuda::set_attention_g8(false);
+                    spinkv::ops::set_attention_g8(false);
                     measure(
                         &mut rows,
                         &timer,
@@ -308,7 +308,7 @@ mod bench {
                             Ok(())
                         },
                     );
-                    spinkv::cuda::set_attention_g8(true);
+                    spinkv::ops::set_attention_g8(true);
                 }
                 measure(
                     &mut rows,
@@ -396,7 +396,7 @@ mod bench {
                     ops::quest_meta_update(&meta, &knew, &dst, P)?;
                     let s = ops::quest_page_scores(&q, &meta, &cand, 1, 2)?;
                     let sel = ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?.reshape((b, HKV, kpages))?;
-                    let pages = spinkv::cuda::selection_to_pages(&cand, &sel)?;
+                    let pages = spinkv::ops::selection_to_pages(&cand, &sel)?;
                     let list = PageList {
                         pages,
                         queries: queries.clone(),
@@ -410,7 +410,7 @@ mod bench {
                     ops::paged_append_with_minmax(&pool, &knew, &vnew, &dst, &meta, &dst)?;
                     let s = ops::quest_page_scores(&q, &meta, &cand, 1, 2)?;
                     let sel = ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?.reshape((b, HKV, kpages))?;
-                    let pages = spinkv::cuda::selection_to_pages(&cand, &sel)?;
+                    let pages = spinkv::ops::selection_to_pages(&cand, &sel)?;
                     let list = PageList {
                         pages,
                         queries: queries.clone(),
@@ -474,7 +474,7 @@ mod bench {
                             let s = ops::quest_page_scores(&q, &meta, &cand_seq, 1, 2)?;
                             let sel =
                                 ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?.reshape((b, HKV, kpages))?;
-                            let pages = spinkv::cuda::selection_to_pages(&cand, &sel)?;
+                            let pages = spinkv::ops::selection_to_pages(&cand, &sel)?;
                             let list = PageList {
                                 pages,
                                 queries: queries.clone(),

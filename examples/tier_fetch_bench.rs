@@ -23,7 +23,7 @@ mod bench {
     use anyhow::Result;
     use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaStream};
     use candle_core::{DType, Device, Tensor};
-    use spinkv::cuda::PinnedPagePool;
+    use spinkv::tiered::PinnedPagePool;
     use std::sync::Arc;
 
     fn time_us(stream: &Arc<CudaStream>, reps: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {

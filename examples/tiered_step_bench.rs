@@ -31,8 +31,9 @@ mod bench {
     use anyhow::{bail, Result};
     use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent, CudaStream};
     use candle_core::{DType, Device, Tensor};
-    use spinkv::cuda::{selection_to_pages, PinnedPagePool};
+    use spinkv::ops::selection_to_pages;
     use spinkv::ops::{self, PageList};
+    use spinkv::tiered::PinnedPagePool;
     use spinkv::tiered::{DeviceLru, ResolveRequest};
     use std::io::Write;
     use std::sync::Arc;

@@ -1,7 +1,7 @@
 // spinkv CUDA kernels: paged append (K/V rows into pool pages), the Quest metadata
 // update (per-page element-wise min/max of keys), and the fused form of the two
 // (paged_append_minmax_*: one launch, each key row read once for both).
-// Launch glue: src/cuda/append.rs. CPU reference: src/ops/append.rs.
+// Launch glue: src/ops/cuda/append.rs. CPU reference: src/ops/append.rs.
 #include "common.cuh"
 
 // One warp per (token, head) entry copies the key and value rows, `row_words` words of

@@ -1,6 +1,6 @@
 // spinkv CUDA kernels: sparse paged decode attention (flash-decoding over a page list,
 // split along the list, with a merge) and its generic fallback.
-// Launch glue: src/cuda/attention.rs. CPU reference: src/ops/attention.rs.
+// Launch glue: src/ops/cuda/attention.rs. CPU reference: src/ops/attention.rs.
 //
 // Output: one flat f32 buffer, the normalized output [T, Hq, D] followed by the
 // natural-log lse [T, Hq] at element `lse_off` = T * Hq * D (SPIN_EMPTY_LSE and zeros

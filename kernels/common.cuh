@@ -1,5 +1,5 @@
 // spinkv CUDA kernels: shared helpers (element conversion, sentinels, warp reductions).
-// Owned by the CUDA backend (src/cuda/); every .cu file in kernels/ includes this.
+// Owned by the CUDA backend (src/ops/cuda/); every .cu file in kernels/ includes this.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -8,10 +8,10 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-// Sentinel of every u32 index tensor (src/ops/mod.rs: NONE).
-#define SPIN_NONE 0xffffffffu
-// log-sum-exp of an empty attention row (src/ops/mod.rs: EMPTY_LSE).
-#define SPIN_EMPTY_LSE (-1.0e30f)
+// SPIN_NONE (sentinel of every u32 index tensor), SPIN_EMPTY_LSE (log-sum-exp of an
+// empty attention row) and SPIN_LEAF_PAGES (pages per page-table leaf): written by
+// build.rs from src/ops/kernel_consts.rs, their one source.
+#include "spinkv_consts.cuh"
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }

@@ -3,7 +3,7 @@
 // initialization, resident-count snapshot) then lru_resolve (one thread per bucket: its
 // requests in request order, exactly as the sequential BucketedLru with the round's
 // snapshot budgets). Plus lru_lookup and lru_invalidate.
-// Launch glue: src/cuda/lru.rs. CPU reference: src/ops/lru_resolve.rs.
+// Launch glue: src/ops/cuda/lru.rs. CPU reference: src/ops/lru_resolve.rs.
 #include "common.cuh"
 
 typedef long long i64;

@@ -1,8 +1,8 @@
 // spinkv CUDA kernels: two-level page-table lookup on the device, and the scatter that
 // updates the tables in place. Lookup: out[i] = the host slot of (directory row,
-// logical page) queries[i]: leaf = directory[row, page / 64], then
-// leaves[leaf, page % 64]; NONE for out-of-range rows/pages, NONE queries or leaves.
-// Launch glue: src/cuda/page_table.rs. CPU reference: src/meta/device_tables.rs.
+// logical page) queries[i]: leaf = directory[row, page / LEAF_PAGES], then
+// leaves[leaf, page % LEAF_PAGES]; NONE for out-of-range rows/pages, NONE queries or leaves.
+// Launch glue: src/ops/cuda/page_table.rs. CPU reference: src/ops/page_table.rs.
 #include "common.cuh"
 
 extern "C" __global__ void page_slots(const u32* __restrict__ directory, const u32* __restrict__ leaves,
@@ -11,10 +11,10 @@ extern "C" __global__ void page_slots(const u32* __restrict__ directory, const u
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     const u32 row = queries[2 * i], page = queries[2 * i + 1];
     u32 slot = SPIN_NONE;
-    const u32 li = page / 64u;
+    const u32 li = page / SPIN_LEAF_PAGES;
     if (row != SPIN_NONE && page != SPIN_NONE && row < rows && li < max_leaves) {
       const u32 leaf = directory[(size_t)row * max_leaves + li];
-      if (leaf != SPIN_NONE && leaf < n_leaves) slot = leaves[(size_t)leaf * 64 + page % 64u];
+      if (leaf != SPIN_NONE && leaf < n_leaves) slot = leaves[(size_t)leaf * SPIN_LEAF_PAGES + page % SPIN_LEAF_PAGES];
     }
     out[i] = slot;
   }

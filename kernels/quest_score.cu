@@ -1,6 +1,6 @@
 // spinkv CUDA kernels: Quest page scoring, score = max over the GQA group of
 // sum_i max(q_i * max_i, q_i * min_i), forced pages (sink, window) = +inf, padding = -inf.
-// Launch glue: src/cuda/quest_score.rs. CPU reference: src/ops/quest_score.rs.
+// Launch glue: src/ops/cuda/quest_score.rs. CPU reference: src/ops/quest_score.rs.
 //
 // Candidate j of row (b, h) is forced when j < sink or j + window >= valid, where valid is
 // the index of the first NONE (padding only at the end): that is `window >= N - j` or

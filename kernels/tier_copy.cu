@@ -1,7 +1,7 @@
 // spinkv CUDA kernels: batched whole-page copy between two page pools on one GPU (a
 // gather kernel, one block per (src, dst) pair), and the conversion of a top-k
 // selection into an attention page list.
-// Launch glue: src/cuda/tier_copy.rs. CPU reference: src/ops/tier_copy.rs.
+// Launch glue: src/ops/cuda/tier_copy.rs. CPU reference: src/ops/tier_copy.rs.
 #include "common.cuh"
 
 template <typename W>

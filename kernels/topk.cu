@@ -1,6 +1,6 @@
 // spinkv CUDA kernels: exact top-k per row (descending score, ties to the lower index,
 // -inf and NaN never chosen, NONE padding) — bit-for-bit the CPU op's result.
-// Launch glue: src/cuda/topk.rs. CPU reference: src/ops/topk.rs.
+// Launch glue: src/ops/cuda/topk.rs. CPU reference: src/ops/topk.rs.
 //
 // One block per row: an 8-bit radix select (up to 4 passes) finds the k-th largest key,
 // an ordered compaction takes every key above it plus the first ties by index, and the

@@ -1,6 +1,5 @@
 //! Cache configuration: model shape, page size, tier capacities, dtype and device.
 
-use crate::pool::BudgetPolicy;
 use crate::{Error, Result};
 use candle_core::{DType, Device};
 
@@ -169,4 +168,32 @@ impl CacheConfig {
         }
         Ok(())
     }
+}
+
+/// How fast-tier slots are shared among requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetPolicy {
+    /// No budgets: plain bucketed LRU.
+    Unlimited,
+    /// Every active request gets `capacity / active` slots.
+    FixedEqual,
+    /// Budgets follow each request's short-distance reuse (water-filling), never below
+    /// `floor_pages`.
+    Dynamic {
+        /// Steps over which the per-step reuse counts are averaged.
+        window_steps: u64,
+        /// Largest reuse distance (in steps) that counts as reuse.
+        reuse_steps: u64,
+        /// Minimum budget of an active request.
+        floor_pages: usize,
+    },
+}
+
+impl BudgetPolicy {
+    /// The default dynamic policy: 16-step average, reuse within 2 steps, floor 8 pages.
+    pub const DYNAMIC: Self = Self::Dynamic {
+        window_steps: 16,
+        reuse_steps: 2,
+        floor_pages: 8,
+    };
 }

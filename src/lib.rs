@@ -31,12 +31,11 @@
 
 pub mod cache;
 pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod error;
 pub mod fault;
 pub mod linalg;
 pub mod meta;
+#[cfg(feature = "models")]
 pub mod models;
 pub mod ops;
 pub mod partition;

@@ -8,7 +8,7 @@
 
 mod common;
 
-use candle_core::{Tensor, D};
+use common::harness::{random_step, Reference};
 use common::*;
 use spinkv::ops::reference_attention;
 use spinkv::partition::{Dense, Quest, QuestConfig, SparseAlgorithm};
@@ -16,13 +16,8 @@ use spinkv::{CacheConfig, SparseKvCache, SpinCache, StepInput};
 
 const THETA: f64 = 10_000.0;
 
-struct History {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
-}
-
 /// Runs `prompt` + `decode` steps on one sequence (2 layers) and returns the max abs
-/// error against the f64 reference at every step.
+/// error against the f64 reference over every step and layer.
 fn dense_vs_reference(
     algo: Box<dyn SparseAlgorithm>,
     hq: usize,
@@ -34,36 +29,21 @@ fn dense_vs_reference(
     seed: u64,
 ) -> f64 {
     let mut r = rng(seed);
-    let layers = 2;
-    let mut cfg = CacheConfig::new(layers, hq, hkv, d);
+    let mut cfg = CacheConfig::new(2, hq, hkv, d);
     cfg.page_size = page;
     cfg.rope_theta = THETA;
     let cfg = cfg.with_token_capacity(prompt + decode + page, 1.0);
     let mut cache = SpinCache::new_boxed(cfg, algo).unwrap();
     let seq = cache.add_sequence().unwrap();
-    let mut hist: Vec<History> = (0..layers).map(|_| History { k: vec![], v: vec![] }).collect();
+    let mut reference = Reference::new(THETA, d);
     let mut worst = 0f64;
-    let mut pos = 0usize;
     for step in 0..=decode {
-        let n = if step == 0 { prompt } else { 1 };
-        cache.begin_step(&[StepInput { seq, new_tokens: n }]).unwrap();
-        let positions: Vec<f64> = (pos..pos + n).map(|p| p as f64).collect();
-        for (layer, h) in hist.iter_mut().enumerate() {
-            let q = randn(&mut r, &[n, hq, d], 1.0);
-            let k = randn(&mut r, &[n, hkv, d], 1.0);
-            let v = randn(&mut r, &[n, hkv, d], 1.0);
-            let out = cache.attend(layer, &q, &k, &v).unwrap();
-            h.k.push(rope_f64(&k, &positions, THETA));
-            h.v.push(v.to_dtype(candle_core::DType::F64).unwrap());
-            let q_rot = rope_f64(&q, &positions, THETA);
-            let ks = Tensor::cat(&h.k, 0).unwrap();
-            let vs = Tensor::cat(&h.v, 0).unwrap();
-            let qp: Vec<usize> = (pos..pos + n).collect();
-            let want = reference_attention(&q_rot, &ks, &vs, &qp, 1.0 / (d as f64).sqrt()).unwrap();
-            worst = worst.max(max_abs_diff(&out, &want));
-        }
-        cache.end_step().unwrap();
-        pos += n;
+        let inputs = [StepInput {
+            seq,
+            new_tokens: if step == 0 { prompt } else { 1 },
+        }];
+        let io = random_step(&mut cache, &inputs, &mut r);
+        worst = reference.check_step(&inputs, &io).into_iter().fold(worst, f64::max);
     }
     worst
 }
@@ -101,55 +81,23 @@ fn quest_with_budget_over_context_matches_reference() {
 fn ragged_batch_and_chunked_prefill_match_reference() {
     let (hq, hkv, d) = (6, 2, 64);
     let mut r = rng(7);
-    let cfg = CacheConfig::new(1, hq, hkv, d);
+    let mut cfg = CacheConfig::new(1, hq, hkv, d);
+    cfg.rope_theta = THETA;
     let mut cache = SpinCache::new(cfg, Dense::new()).unwrap();
-    let a = cache.add_sequence().unwrap();
-    let b = cache.add_sequence().unwrap();
-    let mut ks: Vec<Vec<Tensor>> = vec![vec![], vec![]];
-    let mut vs: Vec<Vec<Tensor>> = vec![vec![], vec![]];
-    let mut lens = [0usize; 2];
+    let seqs = [cache.add_sequence().unwrap(), cache.add_sequence().unwrap()];
+    let mut reference = Reference::new(THETA, d);
     let plan: &[[usize; 2]] = &[[37, 0], [1, 21], [1, 1], [19, 1], [1, 40], [1, 1]];
     for step in plan {
-        let inputs: Vec<StepInput> = [a, b]
+        let inputs: Vec<StepInput> = seqs
             .iter()
             .zip(step)
             .filter(|(_, &n)| n > 0)
             .map(|(&seq, &n)| StepInput { seq, new_tokens: n })
             .collect();
-        cache.begin_step(&inputs).unwrap();
-        let t: usize = step.iter().sum();
-        let q = randn(&mut r, &[t, hq, d], 1.0);
-        let k = randn(&mut r, &[t, hkv, d], 1.0);
-        let v = randn(&mut r, &[t, hkv, d], 1.0);
-        let out = cache.attend(0, &q, &k, &v).unwrap();
-        cache.end_step().unwrap();
-        let mut row = 0;
-        for s in 0..2 {
-            let n = step[s];
-            if n == 0 {
-                continue;
-            }
-            let pos: Vec<f64> = (lens[s]..lens[s] + n).map(|p| p as f64).collect();
-            ks[s].push(rope_f64(&k.narrow(0, row, n).unwrap(), &pos, THETA));
-            vs[s].push(v.narrow(0, row, n).unwrap().to_dtype(candle_core::DType::F64).unwrap());
-            let qr = rope_f64(&q.narrow(0, row, n).unwrap(), &pos, THETA);
-            let qp: Vec<usize> = (lens[s]..lens[s] + n).collect();
-            let want = reference_attention(
-                &qr,
-                &Tensor::cat(&ks[s], 0).unwrap(),
-                &Tensor::cat(&vs[s], 0).unwrap(),
-                &qp,
-                1.0 / 8.0,
-            )
-            .unwrap();
-            let err = max_abs_diff(&out.narrow(0, row, n).unwrap(), &want);
-            assert!(err < 1e-5, "seq {s} step {step:?}: err {err}");
-            lens[s] += n;
-            row += n;
-        }
+        let io = random_step(&mut cache, &inputs, &mut r);
+        let err = reference.check_step(&inputs, &io)[0];
+        assert!(err < 1e-5, "step {step:?}: err {err}");
     }
-    // The reference itself is sane: rows are convex combinations of values.
-    let _ = D::Minus1;
 }
 
 #[test]

@@ -17,7 +17,7 @@ use spinkv::partition::{by_name, Dense, Quest, QuestConfig, ShadowKv, ShadowKvCo
 use spinkv::{CacheConfig, SparseKvCache, SpinCache, StepInput};
 
 fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_fraction: f64, tol: f64, what: &str) {
-    spinkv::cuda::set_poison_outputs(true);
+    spinkv::ops::set_poison_outputs(true);
     let gpu = Device::new_cuda(0).expect("a CUDA device");
     let (layers, hq, hkv, d) = (3, 6, 2, 64);
     let mut caches = Vec::new();

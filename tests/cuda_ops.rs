@@ -2,7 +2,7 @@
 //! partial pages, GQA 3:1 (and 1, 4, 8, 12, 16, 24), empty selections, NONE padding,
 //! budgets over the context, splits along long page lists, all three dtypes. Outputs
 //! the ops allocate are poisoned (NaN / NONE) before each kernel runs
-//! (`spinkv::cuda::set_poison_outputs`); in-place targets start as random garbage.
+//! (`spinkv::ops::set_poison_outputs`); in-place targets start as random garbage.
 //!
 //! Tolerances: copies, append, min/max metadata and top-k must be bit-exact; Quest
 //! scores within 1e-5·(1 + |x|) (f32 summation order); attention output within 1e-4
@@ -19,52 +19,11 @@ use rand::Rng;
 use spinkv::ops::{self, PageList, EMPTY_LSE, NONE};
 
 fn gpu() -> Device {
-    spinkv::cuda::set_poison_outputs(true);
+    spinkv::ops::set_poison_outputs(true);
     Device::new_cuda(0).expect("a CUDA device")
 }
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
-
-fn u32s(t: &Tensor) -> Vec<u32> {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<u32>()
-        .unwrap()
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-}
-
-/// Bit patterns of a float tensor in its own dtype (exact comparisons).
-fn bits(t: &Tensor) -> Vec<u32> {
-    let t = t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
-    match t.dtype() {
-        DType::F32 => t.to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect(),
-        DType::F16 => t
-            .to_vec1::<half::f16>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits() as u32)
-            .collect(),
-        DType::BF16 => t
-            .to_vec1::<half::bf16>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits() as u32)
-            .collect(),
-        dt => panic!("bits: {dt:?}"),
-    }
-}
 
 /// Destinations `[T, H]` of `t` tokens per head continuing a sequence at `start`, each
 /// (head, page) in its own random slot; about 1 in 9 entries NONE.
@@ -360,9 +319,9 @@ fn copy_pages_and_selection_to_pages_match_cpu() {
         .collect();
     let cand = Tensor::from_vec(cand, (b, h, n), &Device::Cpu).unwrap();
     let sel = Tensor::from_vec(sel, (b, h, k), &Device::Cpu).unwrap();
-    let want = u32s(&spinkv::cuda::selection_to_pages(&cand, &sel).unwrap());
+    let want = u32s(&spinkv::ops::selection_to_pages(&cand, &sel).unwrap());
     let got =
-        u32s(&spinkv::cuda::selection_to_pages(&cand.to_device(&dev).unwrap(), &sel.to_device(&dev).unwrap()).unwrap());
+        u32s(&spinkv::ops::selection_to_pages(&cand.to_device(&dev).unwrap(), &sel.to_device(&dev).unwrap()).unwrap());
     assert_eq!(got, want, "selection_to_pages");
 }
 
@@ -527,8 +486,8 @@ fn sparse_paged_attention_long_lists_split_and_merge() {
     // Both kernel variants (8- or 16-row GQA tiles) and split factors; the knobs are
     // process-wide, and every variant must be correct whichever runs.
     for (g8, waves) in [(true, 1), (false, 1), (true, 3)] {
-        spinkv::cuda::set_attention_g8(g8);
-        spinkv::cuda::set_attention_waves(waves);
+        spinkv::ops::set_attention_g8(g8);
+        spinkv::ops::set_attention_waves(waves);
         for dt in [DType::BF16, DType::F16] {
             for &(hq, hkv, d) in &[(32, 8, 128), (3, 1, 64), (16, 2, 128), (12, 1, 128)] {
                 // Long lists with few (token, head) units: many splits and the merge kernel.
@@ -580,6 +539,6 @@ fn sparse_paged_attention_long_lists_split_and_merge() {
             }
         }
     }
-    spinkv::cuda::set_attention_g8(true);
-    spinkv::cuda::set_attention_waves(1);
+    spinkv::ops::set_attention_g8(true);
+    spinkv::ops::set_attention_waves(1);
 }

@@ -17,14 +17,14 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use rand::seq::SliceRandom;
 use rand::Rng;
-use spinkv::cuda::PinnedPagePool;
 use spinkv::ops::{self, copy_pages, PageList, EMPTY_LSE, NONE};
+use spinkv::tiered::PinnedPagePool;
 
 /// The GPU, or `None` (the test then returns early) when there is none.
 fn gpu_or_skip() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => {
-            spinkv::cuda::set_poison_outputs(true);
+            spinkv::ops::set_poison_outputs(true);
             Some(d)
         }
         Err(e) => {
@@ -32,37 +32,6 @@ fn gpu_or_skip() -> Option<Device> {
             None
         }
     }
-}
-
-/// Bit patterns of a float tensor in its own dtype (exact comparisons, NaN included).
-fn bits(t: &Tensor) -> Vec<u32> {
-    let t = t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
-    match t.dtype() {
-        DType::F32 => t.to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect(),
-        DType::F16 => t
-            .to_vec1::<half::f16>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits() as u32)
-            .collect(),
-        _ => t
-            .to_vec1::<half::bf16>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits() as u32)
-            .collect(),
-    }
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
 }
 
 /// A pinned pool with random pages, and the same pages as a CPU tensor.

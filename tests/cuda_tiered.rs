@@ -90,7 +90,7 @@ fn step_all(caches: &mut [SpinCache], seqs: &[Vec<SeqId>], lens: &[(usize, usize
 #[test]
 fn five_percent_hbm_equals_all_in_hbm() {
     let Some(dev) = gpu() else { return };
-    spinkv::cuda::set_poison_outputs(true);
+    spinkv::ops::set_poison_outputs(true);
     let nseq = 16;
     let tokens = nseq * 800;
     // [all in HBM, 5% in HBM]; layer 0 dense (host-built lists), layer 1 Quest (the

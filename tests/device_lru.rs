@@ -12,7 +12,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::rng;
+use common::{rng, u32s};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -100,15 +100,6 @@ impl Model {
 struct Owner {
     active: Vec<u32>,
     dead: Vec<u32>,
-}
-
-fn u32s(t: &Tensor) -> Vec<u32> {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<u32>()
-        .unwrap()
 }
 
 fn random_budgets(r: &mut StdRng, cap: usize) -> Vec<u32> {
@@ -490,7 +481,7 @@ fn cuda_device_lru_matches_the_cpu_reference() {
             return;
         }
     };
-    spinkv::cuda::set_poison_outputs(true);
+    spinkv::ops::set_poison_outputs(true);
     for (ci, &c) in CONFIGS.iter().enumerate() {
         for seed in 0..6 {
             let mut lrus = vec![

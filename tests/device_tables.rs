@@ -94,7 +94,7 @@ fn device_tables_match_the_host_tables_on_cpu() {
 #[cfg(feature = "cuda")]
 #[test]
 fn device_tables_match_the_host_tables_on_cuda() {
-    spinkv::cuda::set_poison_outputs(true);
+    spinkv::ops::set_poison_outputs(true);
     check(&Device::new_cuda(0).expect("a CUDA device"));
 }
 
@@ -240,7 +240,7 @@ fn incremental_device_tables_match_a_fresh_upload_on_cuda() {
         eprintln!("skipping: no CUDA device");
         return;
     };
-    spinkv::cuda::set_poison_outputs(true);
+    spinkv::ops::set_poison_outputs(true);
     for seed in [3u64, 8, 21, 77] {
         check_incremental(&gpu, seed);
     }

@@ -13,12 +13,12 @@
 //! rows are reused).
 
 use super::page_table::{PageTables, LEAF_PAGES};
-use crate::ops::NONE;
+use crate::ops::page_table::scatter;
+use crate::ops::{page_slots, NONE};
 use crate::{Error, Result};
-use candle_core::{CpuStorage, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor};
+use candle_core::{Device, Tensor};
 use std::collections::{HashMap, HashSet};
 
-const OP: &str = "page_slots";
 const APPLY: &str = "DeviceTables::apply";
 const ROWS: &str = "DeviceTables::add_sequence";
 
@@ -316,145 +316,4 @@ fn last_by_key<T, K: std::hash::Hash + Eq>(items: Vec<T>, key: impl Fn(&T) -> K)
     let mut out: Vec<T> = items.into_iter().rev().filter(|x| seen.insert(key(x))).collect();
     out.reverse();
     out
-}
-
-/// `table.flatten()[i] = v` for every `(i, v)` of `writes` (distinct indices), in place on
-/// the table's device.
-fn scatter(table: &Tensor, writes: Vec<(u32, u32)>) -> Result<()> {
-    if writes.is_empty() {
-        return Ok(());
-    }
-    crate::fault::device_call(APPLY)?;
-    let n = writes.len();
-    let flat: Vec<u32> = writes.into_iter().flat_map(|(i, v)| [i, v]).collect();
-    let w = Tensor::from_vec(flat, (n, 2), table.device())?;
-    table.inplace_op2(&w, &ScatterU32)?;
-    Ok(())
-}
-
-struct ScatterU32;
-
-impl InplaceOp2 for ScatterU32 {
-    fn name(&self) -> &'static str {
-        "scatter_u32"
-    }
-
-    fn cpu_fwd(&self, d: &mut CpuStorage, dl: &Layout, w: &CpuStorage, wl: &Layout) -> candle_core::Result<()> {
-        let (CpuStorage::U32(dst), CpuStorage::U32(w)) = (d, w) else {
-            candle_core::bail!("scatter_u32: operands must be u32");
-        };
-        let (Some((d0, d1)), Some((w0, w1))) = (dl.contiguous_offsets(), wl.contiguous_offsets()) else {
-            candle_core::bail!("scatter_u32: operands must be contiguous");
-        };
-        let dst = &mut dst[d0..d1];
-        for p in w[w0..w1].chunks_exact(2) {
-            if let Some(x) = dst.get_mut(p[0] as usize) {
-                *x = p[1];
-            }
-        }
-        Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        d: &mut candle_core::CudaStorage,
-        dl: &Layout,
-        w: &candle_core::CudaStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<()> {
-        crate::cuda::page_table::scatter_u32(d, dl, w, wl)
-    }
-}
-
-struct PageSlots;
-
-fn lookup_cpu(dir: &[u32], max_leaves: usize, leaves: &[u32], q: &[u32]) -> Vec<u32> {
-    q.chunks_exact(2)
-        .map(|rq| {
-            let (row, page) = (rq[0] as usize, rq[1] as usize);
-            let li = page / LEAF_PAGES;
-            if rq[0] == NONE || rq[1] == NONE || li >= max_leaves || row >= dir.len() / max_leaves {
-                return NONE;
-            }
-            let leaf = dir[row * max_leaves + li];
-            if leaf == NONE || (leaf as usize) >= leaves.len() / LEAF_PAGES {
-                return NONE;
-            }
-            leaves[leaf as usize * LEAF_PAGES + page % LEAF_PAGES]
-        })
-        .collect()
-}
-
-impl CustomOp3 for PageSlots {
-    fn name(&self) -> &'static str {
-        OP
-    }
-
-    fn cpu_fwd(
-        &self,
-        d: &CpuStorage,
-        dl: &Layout,
-        l: &CpuStorage,
-        ll: &Layout,
-        q: &CpuStorage,
-        ql: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let slice = |s: &CpuStorage, lay: &Layout| -> candle_core::Result<Vec<u32>> {
-            match (s, lay.contiguous_offsets()) {
-                (CpuStorage::U32(v), Some((a, b))) => Ok(v[a..b].to_vec()),
-                _ => candle_core::bail!("{OP}: operands must be contiguous u32"),
-            }
-        };
-        let max_leaves = dl.dims()[1];
-        let out = lookup_cpu(&slice(d, dl)?, max_leaves, &slice(l, ll)?, &slice(q, ql)?);
-        let n = out.len();
-        Ok((CpuStorage::U32(out), Shape::from_dims(&[n])))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        d: &candle_core::CudaStorage,
-        dl: &Layout,
-        l: &candle_core::CudaStorage,
-        ll: &Layout,
-        q: &candle_core::CudaStorage,
-        ql: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::page_table::page_slots(d, dl, l, ll, q, ql)
-    }
-}
-
-/// Translates `queries` `[n, 2]` u32 (directory row, logical page) to host slots `[n]`
-/// u32 through `directory` `[rows, max_leaves]` and `leaves` `[leaves, 64]` (as built by
-/// [`DeviceTables::upload`]), on their device. Out-of-range rows, pages past a
-/// directory's leaves and `NONE` queries give `NONE`.
-pub fn page_slots(directory: &Tensor, leaves: &Tensor, queries: &Tensor) -> Result<Tensor> {
-    let ok = directory.rank() == 2
-        && leaves.dims().get(1) == Some(&LEAF_PAGES)
-        && leaves.rank() == 2
-        && queries.rank() == 2
-        && queries.dims()[1] == 2
-        && [directory, leaves, queries].iter().all(|t| t.dtype() == DType::U32);
-    if !ok {
-        crate::invalid!(
-            OP,
-            "directory {:?} {:?}, leaves {:?} {:?}, queries {:?} {:?}: expected u32 [rows, L], [n_leaves, {LEAF_PAGES}], [n, 2]",
-            directory.dims(),
-            directory.dtype(),
-            leaves.dims(),
-            leaves.dtype(),
-            queries.dims(),
-            queries.dtype()
-        );
-    }
-    if !directory.device().same_device(leaves.device()) || !directory.device().same_device(queries.device()) {
-        crate::invalid!(OP, "directory, leaves and queries must be on one device");
-    }
-    if queries.dims()[0] == 0 {
-        return Ok(Tensor::zeros(0, DType::U32, queries.device())?);
-    }
-    let (d, l, q) = (directory.contiguous()?, leaves.contiguous()?, queries.contiguous()?);
-    Ok(d.apply_op3_no_bwd(&l, &q, &PageSlots)?)
 }

@@ -5,5 +5,6 @@
 pub mod device_tables;
 pub mod page_table;
 
-pub use device_tables::{page_slots, DeviceTables};
+pub use crate::ops::page_slots;
+pub use device_tables::DeviceTables;
 pub use page_table::{flat_table_bytes, DirChange, LeafChange, PageTables, TableChanges, LEAF_PAGES};

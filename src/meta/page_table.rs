@@ -7,8 +7,7 @@
 use crate::{Error, Result};
 use std::collections::HashMap;
 
-/// Page entries per leaf block.
-pub const LEAF_PAGES: usize = 64;
+pub use crate::ops::LEAF_PAGES;
 
 const EMPTY: u32 = u32::MAX;
 

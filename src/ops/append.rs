@@ -77,7 +77,7 @@ impl InplaceOp3 for PagedAppend {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> candle_core::Result<()> {
-        crate::cuda::append::paged_append(pool, pl, k, kl, v, vl, &self.dst, self.page_size)
+        crate::ops::cuda::append::paged_append(pool, pl, k, kl, v, vl, &self.dst, self.page_size)
     }
 }
 
@@ -197,7 +197,7 @@ impl InplaceOp2 for QuestMetaUpdate {
         k: &candle_core::CudaStorage,
         kl: &Layout,
     ) -> candle_core::Result<()> {
-        crate::cuda::append::quest_meta_update(meta, ml, k, kl, &self.dst, self.page_size)
+        crate::ops::cuda::append::quest_meta_update(meta, ml, k, kl, &self.dst, self.page_size)
     }
 }
 
@@ -284,7 +284,17 @@ impl InplaceOp3 for PagedAppendMinMax {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> candle_core::Result<()> {
-        crate::cuda::append::paged_append_minmax(pool, pl, k, kl, v, vl, &self.pool_dst, &self.meta, &self.meta_dst)
+        crate::ops::cuda::append::paged_append_minmax(
+            pool,
+            pl,
+            k,
+            kl,
+            v,
+            vl,
+            &self.pool_dst,
+            &self.meta,
+            &self.meta_dst,
+        )
     }
 }
 
@@ -351,9 +361,9 @@ pub fn paged_append_with_minmax(
     }
     #[cfg(feature = "cuda")]
     if pool.device().is_cuda() {
-        let m = crate::cuda::append::buffer_range(FUSED, meta)?;
+        let m = crate::ops::cuda::append::buffer_range(FUSED, meta)?;
         for (name, x) in [("pool", pool), ("k", k), ("v", v)] {
-            let o = crate::cuda::append::buffer_range(FUSED, x)?;
+            let o = crate::ops::cuda::append::buffer_range(FUSED, x)?;
             if m.0 < o.1 && o.0 < m.1 {
                 crate::invalid!(
                     FUSED,

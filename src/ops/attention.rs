@@ -187,7 +187,7 @@ impl CustomOp2 for SparsePagedAttention {
         pool: &candle_core::CudaStorage,
         pl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::attention::sparse_paged_attention(q, ql, pool, pl, &self.list, self.scale)
+        crate::ops::cuda::attention::sparse_paged_attention(q, ql, pool, pl, &self.list, self.scale)
     }
 }
 

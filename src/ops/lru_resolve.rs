@@ -10,8 +10,52 @@
 //! [`LruState`], runs these functions, and writes the state back.
 
 use super::NONE;
-use crate::pool::bucketed_lru::bucket_index;
 use crate::Result;
+use candle_core::Tensor;
+
+#[cfg(feature = "cuda")]
+pub(crate) use super::cuda::lru::{
+    invalidate as invalidate_cuda, lookup as lookup_cuda, resolve as resolve_cuda, Buffers, Geometry,
+};
+
+/// The bucket of `page` among `buckets` (`>= 1`): [`BucketedLru::bucket_of`](crate::pool::BucketedLru::bucket_of), shared with
+/// the device LRU (`kernels/lru_resolve.cu` computes the same function).
+pub fn bucket_index(page: u32, buckets: usize) -> usize {
+    let frac = (page as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    ((frac * buckets as u64) >> 32) as usize
+}
+
+/// One round's requests. All tensors are `[n]` u32, contiguous, on the LRU's device.
+#[derive(Debug, Clone, Copy)]
+pub struct ResolveRequest<'a> {
+    /// `[n]` u32 host-tier slot of each requested page; [`NONE`] entries are skipped.
+    pub host_slots: &'a Tensor,
+    /// `[n]` u32 logical page ids (copied into the output pairs).
+    pub logical: &'a Tensor,
+    /// `[n]` u32 owner index `< max_owners` of each request.
+    pub owners: &'a Tensor,
+    /// Step number (`>= 1`), for reuse tracking.
+    pub step: u32,
+    /// Largest reuse distance, in steps, that counts as reuse (0 = no reuse tracking:
+    /// the reuse history is neither read nor updated).
+    pub reuse_steps: u32,
+}
+
+/// One round's results, on the LRU's device.
+#[derive(Debug, Clone)]
+pub struct ResolveOutput {
+    /// `[n, 2]` u32 (fast slot, logical) for hits and misses; (NONE, NONE) for skipped
+    /// and deferred requests.
+    pub fast_pairs: Tensor,
+    /// `[n, 2]` u32 (host slot, logical) for deferred requests (every way of their bucket
+    /// was pinned by this round: retry next round); (NONE, NONE) otherwise.
+    pub spill_pairs: Tensor,
+    /// `[n, 2]` u32 (host slot, fast slot) of the misses (the pages to copy in), compacted
+    /// to the front in unspecified order (request order on the CPU); (NONE, NONE) after.
+    pub misses: Tensor,
+    /// `[1]` u32 number of valid rows of `misses`.
+    pub miss_count: Tensor,
+}
 
 const OP: &str = "DeviceLru::resolve";
 

@@ -8,8 +8,11 @@
 
 pub mod append;
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub(crate) mod lru_resolve;
 pub mod merge;
+pub mod page_table;
 pub mod quest_score;
 pub mod reference;
 pub mod self_attention;
@@ -20,15 +23,18 @@ pub(crate) mod util;
 pub use append::{paged_append, paged_append_with_minmax, quest_meta_update};
 pub use attention::{sparse_paged_attention, AttentionPartial, PageList};
 pub use merge::merge_partials;
+pub use page_table::page_slots;
 pub use quest_score::quest_page_scores;
 pub use reference::reference_attention;
 pub use self_attention::causal_self_attention;
 pub use tier_copy::copy_pages;
 pub use topk::topk_indices;
 
-/// Sentinel for "no entry" in every u32 index tensor (padding, unselected, not resident).
-pub const NONE: u32 = u32::MAX;
+/// Tuning and test knobs of the CUDA backend (feature `cuda`), and the device-only
+/// helper that turns a top-k selection into page pairs.
+#[cfg(feature = "cuda")]
+pub use cuda::{selection_to_pages, set_attention_g8, set_attention_waves, set_poison_outputs};
 
-/// log-sum-exp value of an empty attention row. Finite, so merging two empty partials
-/// gives zeros instead of NaN.
-pub const EMPTY_LSE: f32 = -1.0e30;
+#[path = "kernel_consts.rs"]
+mod kernel_consts;
+pub use kernel_consts::{EMPTY_LSE, LEAF_PAGES, NONE};

@@ -90,7 +90,7 @@ impl CustomOp2 for QuestScores {
         meta: &candle_core::CudaStorage,
         ml: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::quest_score::quest_page_scores(
+        crate::ops::cuda::quest_score::quest_page_scores(
             q,
             ql,
             meta,

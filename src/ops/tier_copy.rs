@@ -43,7 +43,7 @@ impl InplaceOp2 for CopyPages {
         src: &candle_core::CudaStorage,
         sl: &Layout,
     ) -> candle_core::Result<()> {
-        crate::cuda::tier_copy::copy_pages(dst, dl, src, sl, &self.pairs)
+        crate::ops::cuda::tier_copy::copy_pages(dst, dl, src, sl, &self.pairs)
     }
 }
 

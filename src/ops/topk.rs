@@ -60,7 +60,7 @@ impl CustomOp1 for TopK {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        if let Some(r) = crate::cuda::topk::topk(s, l, self.k)? {
+        if let Some(r) = crate::ops::cuda::topk::topk(s, l, self.k)? {
             return Ok(r);
         }
         // More than the GPU kernel's shared-memory sort holds per row: the CPU reference.

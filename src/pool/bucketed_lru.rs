@@ -51,12 +51,7 @@ pub struct BucketedLru {
     round: u64,
 }
 
-/// The bucket of `page` among `buckets` (`>= 1`): [`BucketedLru::bucket_of`], shared with
-/// the device LRU (`kernels/lru_resolve.cu` computes the same function).
-pub fn bucket_index(page: u32, buckets: usize) -> usize {
-    let frac = (page as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
-    ((frac * buckets as u64) >> 32) as usize
-}
+pub use crate::ops::lru_resolve::bucket_index;
 
 /// Owner of pages resolved without a request (plain [`BucketedLru::resolve`]).
 pub const NO_OWNER: u64 = u64::MAX;

@@ -18,46 +18,15 @@
 //! cannot report them without a host synchronization.
 
 use crate::ops::lru_resolve::{self as reference, LruState, RoundInput};
+pub use crate::ops::lru_resolve::{ResolveOutput, ResolveRequest};
 use crate::ops::NONE;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 
 const OP: &str = "DeviceLru";
 
-/// One round's requests. All tensors are `[n]` u32, contiguous, on the LRU's device.
-#[derive(Debug, Clone, Copy)]
-pub struct ResolveRequest<'a> {
-    /// `[n]` u32 host-tier slot of each requested page; [`NONE`] entries are skipped.
-    pub host_slots: &'a Tensor,
-    /// `[n]` u32 logical page ids (copied into the output pairs).
-    pub logical: &'a Tensor,
-    /// `[n]` u32 owner index `< max_owners` of each request.
-    pub owners: &'a Tensor,
-    /// Step number (`>= 1`), for reuse tracking.
-    pub step: u32,
-    /// Largest reuse distance, in steps, that counts as reuse (0 = no reuse tracking:
-    /// the reuse history is neither read nor updated).
-    pub reuse_steps: u32,
-}
-
-/// One round's results, on the LRU's device.
-#[derive(Debug, Clone)]
-pub struct ResolveOutput {
-    /// `[n, 2]` u32 (fast slot, logical) for hits and misses; (NONE, NONE) for skipped
-    /// and deferred requests.
-    pub fast_pairs: Tensor,
-    /// `[n, 2]` u32 (host slot, logical) for deferred requests (every way of their bucket
-    /// was pinned by this round: retry next round); (NONE, NONE) otherwise.
-    pub spill_pairs: Tensor,
-    /// `[n, 2]` u32 (host slot, fast slot) of the misses (the pages to copy in), compacted
-    /// to the front in unspecified order (request order on the CPU); (NONE, NONE) after.
-    pub misses: Tensor,
-    /// `[1]` u32 number of valid rows of `misses`.
-    pub miss_count: Tensor,
-}
-
 /// Fast-tier residency of `buckets × ways` slots with per-owner budgets, on one device.
-/// Slot id = `bucket * ways + way`; bucket = [`bucket_index`](crate::pool::bucketed_lru::bucket_index)
+/// Slot id = `bucket * ways + way`; bucket = [`bucket_index`](crate::ops::lru_resolve::bucket_index)
 /// of the host slot (the function of [`BucketedLru::bucket_of`](crate::pool::BucketedLru::bucket_of)).
 #[derive(Debug)]
 pub struct DeviceLru {
@@ -223,7 +192,7 @@ impl DeviceLru {
                 if self.next.dims()[0] < n {
                     self.next = u32s(n.next_power_of_two(), NONE, &self.device)?;
                 }
-                crate::cuda::lru::resolve(&self.buffers(), req, self.geometry(), clock, round)?
+                reference::resolve_cuda(&self.buffers(), req, self.geometry(), clock, round)?
             }
             d => crate::invalid!(ROP, "unsupported device {:?}", d.location()),
         };
@@ -282,7 +251,7 @@ impl DeviceLru {
         let q = host_slots.contiguous()?;
         match &self.device {
             #[cfg(feature = "cuda")]
-            Device::Cuda(_) => crate::cuda::lru::lookup(&self.tags, &q, self.geometry()),
+            Device::Cuda(_) => reference::lookup_cuda(&self.tags, &q, self.geometry()),
             _ => {
                 let tags = self.tags.to_vec1::<u32>()?;
                 let out = reference::lookup(&tags, self.buckets, self.ways, &q.to_vec1::<u32>()?);
@@ -312,7 +281,7 @@ impl DeviceLru {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => {
                 let list = Tensor::from_slice(host_slots, host_slots.len(), &self.device)?;
-                crate::cuda::lru::invalidate(&self.buffers(), &list, self.geometry())
+                reference::invalidate_cuda(&self.buffers(), &list, self.geometry())
             }
             _ => {
                 let mut st = self.read_state()?;
@@ -390,8 +359,8 @@ impl DeviceLru {
     }
 
     #[cfg(feature = "cuda")]
-    fn geometry(&self) -> crate::cuda::lru::Geometry {
-        crate::cuda::lru::Geometry {
+    fn geometry(&self) -> reference::Geometry {
+        reference::Geometry {
             buckets: self.buckets,
             ways: self.ways,
             max_owners: self.max_owners,
@@ -400,8 +369,8 @@ impl DeviceLru {
     }
 
     #[cfg(feature = "cuda")]
-    fn buffers(&self) -> crate::cuda::lru::Buffers<'_> {
-        crate::cuda::lru::Buffers {
+    fn buffers(&self) -> reference::Buffers<'_> {
+        reference::Buffers {
             tags: &self.tags,
             owners: &self.owners,
             pinned: &self.pinned,

@@ -1,6 +1,6 @@
 //! The capacity tier as the cache sees it: the home of every page, `[slots, 2, P, D]`.
 //! On the CPU it is a tensor on the fast tier's device; with a CUDA fast tier it is a
-//! [`PinnedPagePool`](crate::cuda::PinnedPagePool) in mapped page-locked host memory,
+//! [`PinnedPagePool`](crate::tiered::PinnedPagePool) in mapped page-locked host memory,
 //! which kernels write (appends), gather from (misses) and attend over (pages the fast
 //! tier could not place) directly, with no host synchronization.
 
@@ -15,7 +15,7 @@ pub(crate) enum HostTier {
     Tensor(Tensor),
     /// Mapped pinned host memory read and written by the GPU.
     #[cfg(feature = "cuda")]
-    Pinned(crate::cuda::PinnedPagePool),
+    Pinned(crate::tiered::PinnedPagePool),
 }
 
 impl HostTier {
@@ -73,7 +73,7 @@ impl HostTier {
         let (p, d) = (cfg.page_size, cfg.head_dim);
         #[cfg(feature = "cuda")]
         if cfg.device.is_cuda() {
-            return Ok(Self::Pinned(crate::cuda::PinnedPagePool::new(
+            return Ok(Self::Pinned(crate::tiered::PinnedPagePool::new(
                 &cfg.device,
                 cfg.host_pages,
                 p,

@@ -7,6 +7,10 @@
 
 pub mod device_lru;
 pub(crate) mod host_tier;
+#[cfg(feature = "cuda")]
+pub mod pinned;
 
 pub use device_lru::{DeviceLru, ResolveOutput, ResolveRequest};
 pub(crate) use host_tier::HostTier;
+#[cfg(feature = "cuda")]
+pub use pinned::PinnedPagePool;

@@ -1,6 +1,8 @@
 //! Test helpers: seeded random tensors and an independent f64 rotary embedding.
 #![allow(dead_code, clippy::needless_range_loop)]
 
+pub mod harness;
+
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -80,6 +82,49 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
         .sqrt();
     let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
     num / den.max(1e-30)
+}
+
+/// A tensor's elements as u32, copied to the host (any shape).
+pub fn u32s(t: &Tensor) -> Vec<u32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()
+}
+
+/// A float tensor's elements as f32, copied to the host (any shape and float dtype).
+pub fn f32s(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// Bit patterns of a float tensor in its own dtype (exact comparisons).
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    let t = t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
+    match t.dtype() {
+        DType::F32 => t.to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits() as u32)
+            .collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits() as u32)
+            .collect(),
+        d => panic!("bits: float tensor expected, got {d:?}"),
+    }
 }
 
 /// An algorithm that behaves as `inner`, except that its `select` fails on the calls

@@ -1,11 +1,11 @@
 //! Launch glue for `kernels/lru_resolve.cu`: the rounds, lookups and invalidations of
-//! [`DeviceLru`](crate::tiered::DeviceLru) on CUDA. The LRU's state tensors are written
+//! `DeviceLru` (`crate::tiered::DeviceLru`) on CUDA. The LRU's state tensors are written
 //! through their device addresses (the `DeviceLru` owns them and never shares them);
 //! outputs are fresh buffers. Everything is enqueued on the device's stream: no host
 //! synchronization, and the launch grids depend only on host-known sizes.
 
 use super::{alloc, cfg, func, launch, ptr, LRU_RESOLVE};
-use crate::tiered::device_lru::{ResolveOutput, ResolveRequest};
+use crate::ops::lru_resolve::{ResolveOutput, ResolveRequest};
 use crate::Result;
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::op::BackpropOp;

@@ -13,12 +13,10 @@ pub(crate) mod append;
 pub(crate) mod attention;
 pub(crate) mod lru;
 pub(crate) mod page_table;
-pub mod pinned;
 pub(crate) mod quest_score;
 pub(crate) mod tier_copy;
 pub(crate) mod topk;
 
-pub use pinned::PinnedPagePool;
 pub use tier_copy::selection_to_pages;
 
 use candle_core::backend::BackendStorage;
@@ -35,34 +33,9 @@ pub(crate) struct Module {
     pub ptx: &'static str,
 }
 
-pub(crate) const APPEND: Module = Module {
-    name: "spinkv_append",
-    ptx: include_str!(concat!(env!("OUT_DIR"), "/append.ptx")),
-};
-pub(crate) const QUEST_SCORE: Module = Module {
-    name: "spinkv_quest_score",
-    ptx: include_str!(concat!(env!("OUT_DIR"), "/quest_score.ptx")),
-};
-pub(crate) const TOPK: Module = Module {
-    name: "spinkv_topk",
-    ptx: include_str!(concat!(env!("OUT_DIR"), "/topk.ptx")),
-};
-pub(crate) const ATTENTION: Module = Module {
-    name: "spinkv_attention",
-    ptx: include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
-};
-pub(crate) const PAGE_TABLE: Module = Module {
-    name: "spinkv_page_table",
-    ptx: include_str!(concat!(env!("OUT_DIR"), "/page_table.ptx")),
-};
-pub(crate) const LRU_RESOLVE: Module = Module {
-    name: "spinkv_lru_resolve",
-    ptx: include_str!(concat!(env!("OUT_DIR"), "/lru_resolve.ptx")),
-};
-pub(crate) const TIER_COPY: Module = Module {
-    name: "spinkv_tier_copy",
-    ptx: include_str!(concat!(env!("OUT_DIR"), "/tier_copy.ptx")),
-};
+// APPEND, QUEST_SCORE, TOPK, ATTENTION, TIER_COPY, PAGE_TABLE, LRU_RESOLVE: one per
+// entry of build.rs's kernel list.
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 static POISON: AtomicBool = AtomicBool::new(false);
 static ATTENTION_WAVES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);

@@ -11,8 +11,8 @@
 //! host pages by a kernel) and [`attend`](PinnedPagePool::attend) (sparse paged attention
 //! reading pages straight from host memory, for pages the fast tier could not take).
 
-use super::attention::{sparse_paged_attention_at, PoolRef};
-use super::tier_copy::{copy_pages_counted_from, copy_pages_from};
+use crate::ops::cuda::attention::{sparse_paged_attention_at, PoolRef};
+use crate::ops::cuda::tier_copy::{copy_pages_counted_from, copy_pages_from};
 use crate::ops::{util, AttentionPartial, PageList};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{self as drv, sys};
@@ -287,9 +287,17 @@ impl PinnedPagePool {
         let (ks, kl) = k.storage_and_layout();
         let (vs, vl) = v.storage_and_layout();
         match (&*ks, &*vs) {
-            (Storage::Cuda(kc), Storage::Cuda(vc)) => {
-                super::append::paged_append_to(self.dev_ptr, self.slots, self.page_size, d, kc, kl, vc, vl, dst)?
-            }
+            (Storage::Cuda(kc), Storage::Cuda(vc)) => crate::ops::cuda::append::paged_append_to(
+                self.dev_ptr,
+                self.slots,
+                self.page_size,
+                d,
+                kc,
+                kl,
+                vc,
+                vl,
+                dst,
+            )?,
             _ => crate::invalid!(AR, "k and v must be on the pool's CUDA device"),
         }
         Ok(())

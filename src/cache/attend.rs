@@ -1,0 +1,272 @@
+//! One layer of a step: input checks, append of the new K/V, the algorithm's index and
+//! select, and the tiered attention (LRU resolve, batched miss fetch, attention over the
+//! fast tier and over spilled host pages, merged by log-sum-exp).
+
+use super::*;
+
+impl SpinCache {
+    pub(super) fn check_qkv(&self, step: &StepState, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        const OP: &str = "SparseKvCache::attend";
+        let c = &self.cfg;
+        if layer >= c.num_layers {
+            crate::invalid!(OP, "layer {layer} out of range: the cache has {} layers", c.num_layers);
+        }
+        if step.attended[layer] {
+            return Err(Error::StepMisuse {
+                op: OP,
+                msg: format!("layer {layer} already attended in this step"),
+            });
+        }
+        let t = step.total;
+        let want = |name: &str, x: &Tensor, h: usize| -> Result<()> {
+            if x.dims() != [t, h, c.head_dim] {
+                crate::invalid!(
+                    OP,
+                    "{name} must be [T={t}, H={h}, D={}] (the step's tokens, heads, head_dim), got {:?}",
+                    c.head_dim,
+                    x.dims()
+                );
+            }
+            if x.dtype() != c.dtype {
+                crate::invalid!(
+                    OP,
+                    "{name} {:?} has dtype {:?}, the cache stores {:?}",
+                    x.dims(),
+                    x.dtype(),
+                    c.dtype
+                );
+            }
+            if !x.device().same_device(&c.device) {
+                crate::invalid!(
+                    OP,
+                    "{name} {:?} is on {:?}, the cache is on {:?}",
+                    x.dims(),
+                    x.device().location(),
+                    c.device.location()
+                );
+            }
+            Ok(())
+        };
+        want("q", q, c.num_q_heads)?;
+        want("k", k, c.num_kv_heads)?;
+        want("v", v, c.num_kv_heads)?;
+        if c.reject_non_finite {
+            for (name, x) in [("q", q), ("k", k), ("v", v)] {
+                let vals = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(i) = vals.iter().position(|x| !x.is_finite()) {
+                    let (h, d) = (x.dims()[1], c.head_dim);
+                    crate::invalid!(
+                        OP,
+                        "{name} {:?} holds {} at token {}, head {}, element {} (layer {layer}; \
+                         CacheConfig::reject_non_finite is on)",
+                        x.dims(),
+                        vals[i],
+                        i / (h * d),
+                        i / d % h,
+                        i % d
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Attends the step's queries over the requested pages: one LRU resolve (hits, misses
+    /// into empty or evicted ways, spills where a bucket has no way left), one batched
+    /// fetch of the misses, attention over the fast tier plus attention over the spilled
+    /// pages read straight from the host tier, merged by log-sum-exp. Everything is
+    /// enqueued on the device: no host synchronization, no device-to-host copy.
+    pub(super) fn tiered_part(
+        &mut self,
+        step: &StepState,
+        q_rot: &Tensor,
+        r: &PageRequests,
+    ) -> Result<AttentionPartial> {
+        let (s, hkv, n) = r.host_slots.dims3()?;
+        let reuse_steps = match self.cfg.budget_policy {
+            BudgetPolicy::Dynamic { reuse_steps, .. } => reuse_steps.min(u32::MAX as u64) as u32,
+            _ => 0,
+        };
+        let out = self.lru.resolve(&ResolveRequest {
+            host_slots: &r.host_slots.flatten_all()?,
+            logical: &r.logical.flatten_all()?,
+            owners: &r.owners.flatten_all()?,
+            step: (self.total.steps + 1).min(u32::MAX as u64) as u32,
+            reuse_steps,
+        })?;
+        self.host
+            .gather_counted(&self.fast_pool, &out.misses, &out.miss_count)?;
+        let list = |pairs: &Tensor| -> Result<PageList> {
+            Ok(PageList {
+                pages: pairs.reshape((s, hkv, n, 2))?,
+                queries: step.queries.clone(),
+                kv_limit: step.kv_limit.clone(),
+            })
+        };
+        let fast = ops::sparse_paged_attention(q_rot, &self.fast_pool, &list(&out.fast_pairs)?, self.scale)?;
+        let spilled = self.host.attend(q_rot, &list(&out.spill_pairs)?, self.scale)?;
+        ops::merge_partials(&fast, &spilled)
+    }
+
+    /// `[T, Hkv]` fast-tier destinations of the step's tokens in `layer`: where the home
+    /// page of a token is resident, its fast slot · P + row, else `NONE` (computed on the
+    /// device from the LRU's tags and the step plan; nothing crosses from the host).
+    pub(super) fn fast_destinations(&self, step: &StepState, layer: usize) -> Result<Tensor> {
+        let plan = &step.plan;
+        let shape = plan.none.dims2()?;
+        let fast = self
+            .lru
+            .lookup(&plan.dst_slots.get(layer)?.flatten_all()?)?
+            .reshape(shape)?;
+        let resident = fast.ne(&plan.none)?;
+        // Zero the non-resident entries before scaling (NONE · P would overflow).
+        let fast = resident.where_cond(&fast, &plan.none.zeros_like()?)?;
+        let pos = (fast.affine(self.cfg.page_size as f64, 0.0)? + plan.dst_rows.get(layer)?)?;
+        Ok(resident.where_cond(&pos, &plan.none)?)
+    }
+
+    pub(super) fn attend_in_step(
+        &mut self,
+        step: &mut StepState,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
+        let q_rot = apply_rope(q, &step.cos, &step.sin)?.contiguous()?;
+        let k_rot = apply_rope(k, &step.cos, &step.sin)?.contiguous()?;
+        let v = v.contiguous()?;
+
+        // Store: home pages in the host tier, write-through to resident fast-tier copies.
+        let dst_t = step.plan.dst.get(layer)?;
+        self.host.append(&k_rot, &v, &dst_t)?;
+        let fast_dst = self.fast_destinations(step, layer)?;
+        // Min/max metadata on the fast tier's device: one fused write-through + update.
+        let minmax = self
+            .algo
+            .page_minmax()
+            .filter(|m| m.device().same_device(&self.cfg.device));
+        if let Some(meta) = minmax {
+            ops::paged_append_with_minmax(&self.fast_pool, &k_rot, &v, &fast_dst, meta, &dst_t)?;
+        } else {
+            ops::paged_append(&self.fast_pool, &k_rot, &v, &fast_dst)?;
+        }
+        let minmax_updated = minmax.is_some();
+        let runs: Vec<TokenRun> = step
+            .entries
+            .iter()
+            .map(|e| TokenRun {
+                seq: e.seq,
+                start: e.start,
+                n: e.n,
+                row: e.row,
+            })
+            .collect();
+        self.algo.index(&IndexInput {
+            layer,
+            runs: &runs,
+            q: &q_rot,
+            k: &k_rot,
+            k_pre_rope: k,
+            v: &v,
+            dst: &dst_t,
+            minmax_updated,
+        })?;
+
+        // Select and attend over pages (decode: selected pages incl. the new token;
+        // prefill: all earlier pages), then the in-step causal part of prefills.
+        let (requests, selected) = self.page_requests(step, layer, &q_rot)?;
+        let decode = step.plan.decode.clone();
+        for &ei in &decode {
+            step.stats.decode_rows += 1;
+            step.stats.pages_available += ((step.entries[ei].start + 1).div_ceil(p) * hkv) as u64;
+        }
+        let (tiered, rebuilt) = match requests {
+            Requests::Device(sel) => {
+                step.requested.fill(true);
+                let r = self.device_requests(step, layer, &sel)?;
+                (Some(self.tiered_part(step, &q_rot, &r)?), None)
+            }
+            Requests::Lists(mut req) => {
+                for &ei in &decode {
+                    step.stats.pages_attended += req[ei].iter().map(|l| l.len() as u64).sum::<u64>();
+                }
+                let rebuilt = if selected && !decode.is_empty() {
+                    let seqs: Vec<u64> = decode.iter().map(|&ei| step.entries[ei].seq).collect();
+                    let pages: Vec<Vec<Vec<u32>>> = decode.iter().map(|&ei| req[ei].clone()).collect();
+                    match self.algo.materialize(&MaterializeInput {
+                        layer,
+                        seqs: &seqs,
+                        num_tokens: &step.plan.num_tokens,
+                        pages: &pages,
+                        page_size: p,
+                    })? {
+                        Materialized::FetchFromTiers => None,
+                        Materialized::Rebuilt(rk) => {
+                            // Rebuilt pages leave the tiered fetch; they are attended separately.
+                            for (bi, &ei) in decode.iter().enumerate() {
+                                for (h, rebuilt) in rk.pages.get(bi).into_iter().flatten().enumerate().take(hkv) {
+                                    req[ei][h].retain(|lp| rebuilt.binary_search(lp).is_err());
+                                }
+                            }
+                            Some(self.rebuilt_part(step, layer, &q_rot, &decode, &rk)?)
+                        }
+                    }
+                } else {
+                    None
+                };
+                for (flag, heads) in step.requested.iter_mut().zip(&req) {
+                    *flag |= heads.iter().any(|l| !l.is_empty());
+                }
+                let tiered = match self.host_requests(step, layer, &req)? {
+                    Some(r) => Some(self.tiered_part(step, &q_rot, &r)?),
+                    None => None,
+                };
+                (tiered, rebuilt)
+            }
+        };
+        let paged = match (tiered, rebuilt) {
+            (Some(a), Some(b)) => Some(ops::merge_partials(&a, &b)?),
+            (a, b) => a.or(b),
+        };
+        let mut outs = Vec::with_capacity(step.entries.len());
+        for e in &step.entries {
+            let part = paged
+                .as_ref()
+                .map(|a| -> Result<AttentionPartial> {
+                    Ok(AttentionPartial {
+                        out: a.out.narrow(0, e.row, e.n)?,
+                        lse: a.lse.narrow(0, e.row, e.n)?,
+                    })
+                })
+                .transpose()?;
+            let out = if e.n == 1 {
+                match part {
+                    Some(pt) => pt.out,
+                    None => crate::invalid!(
+                        "SparseKvCache::attend",
+                        "decode token of sequence {} attended no page (algorithm {})",
+                        e.seq,
+                        self.algo.name()
+                    ),
+                }
+            } else {
+                let rows = |x: &Tensor| x.narrow(0, e.row, e.n);
+                let own = ops::causal_self_attention(&rows(&q_rot)?, &rows(&k_rot)?, &rows(&v)?, self.scale)?;
+                match part {
+                    Some(pt) => ops::merge_partials(&pt, &own)?.out,
+                    None => own.out,
+                }
+            };
+            outs.push(out);
+        }
+        step.attended[layer] = true;
+        let out = if outs.len() == 1 {
+            outs.pop().unwrap_or_else(|| unreachable!())
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        Ok(out.to_dtype(self.cfg.dtype)?)
+    }
+}

@@ -1,0 +1,312 @@
+//! The step lifecycle: [`SparseKvCache`] for [`SpinCache`] — sequences in and out,
+//! `begin_step` (lengths, pages, device tables), `attend`, `end_step` and `abort_step`.
+
+use super::*;
+
+impl SparseKvCache for SpinCache {
+    fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+
+    fn algorithm_name(&self) -> String {
+        self.algo.name()
+    }
+
+    fn add_sequence(&mut self) -> Result<SeqId> {
+        if self.step.is_some() {
+            return Err(Error::StepMisuse {
+                op: "SparseKvCache::add_sequence",
+                msg: "cannot add a sequence inside a step".into(),
+            });
+        }
+        let Some(&owner) = self.free_owners.last() else {
+            return Err(Error::Invalid {
+                op: "SparseKvCache::add_sequence",
+                msg: format!(
+                    "{} sequences are live, the configured maximum (CacheConfig::max_sequences): remove one first",
+                    self.cfg.max_sequences
+                ),
+            });
+        };
+        let id = self.next_seq;
+        self.device_tables.add_sequence(id)?;
+        self.free_owners.pop();
+        self.next_seq += 1;
+        self.tables.add_sequence(id);
+        self.lens.insert(id, 0);
+        self.owners.insert(id, owner);
+        Ok(SeqId { cache: self.id, id })
+    }
+
+    fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
+        if self.step.is_some() {
+            return Err(Error::StepMisuse {
+                op: "SparseKvCache::remove_sequence",
+                msg: "cannot remove a sequence inside a step (end or abort it first)".into(),
+            });
+        }
+        let id = self.live("SparseKvCache::remove_sequence", seq)?;
+        // The fallible device work first: dropping the pages' fast copies (harmless if the
+        // removal then stopped: they are copies). The device page tables are brought in
+        // step by the next `begin_step` (their change log keeps the removal).
+        let mut slots = Vec::new();
+        for dir in 0..self.dirs() {
+            self.tables.extend_slots(id, dir, &mut slots)?;
+        }
+        self.lru.invalidate(&slots)?;
+        // Host bookkeeping only from here.
+        self.device_tables.remove_sequence(id)?;
+        let slots = self.tables.remove_sequence(id)?;
+        for slot in slots {
+            self.host_alloc.free(slot)?;
+        }
+        if let Some(owner) = self.owners.remove(&id) {
+            self.free_owners.push(owner);
+        }
+        self.lens.remove(&id);
+        self.algo.forget(id);
+        self.budgets.remove(id);
+        Ok(())
+    }
+
+    fn sequence_len(&self, seq: SeqId) -> Result<usize> {
+        let id = self.live("SparseKvCache::sequence_len", seq)?;
+        Ok(self.lens[&id])
+    }
+
+    fn begin_step(&mut self, inputs: &[StepInput]) -> Result<()> {
+        const OP: &str = "SparseKvCache::begin_step";
+        if self.step.is_some() {
+            return Err(Error::StepMisuse {
+                op: OP,
+                msg: "a step is already open: call end_step or abort_step first".into(),
+            });
+        }
+        if inputs.is_empty() {
+            crate::invalid!(OP, "a step needs at least one sequence");
+        }
+        let p = self.cfg.page_size;
+        let mut entries = Vec::with_capacity(inputs.len());
+        let mut row = 0usize;
+        let mut needed = 0usize;
+        for (i, inp) in inputs.iter().enumerate() {
+            let seq = self.live(OP, inp.seq)?;
+            let len = self.lens[&seq];
+            if inputs[..i].iter().any(|o| o.seq == inp.seq) {
+                crate::invalid!(OP, "sequence {seq} appears twice in one step");
+            }
+            if inp.new_tokens == 0 {
+                crate::invalid!(OP, "sequence {seq} brings 0 new tokens (need >= 1)");
+            }
+            // Checked: a huge `new_tokens` must not wrap around the limit.
+            let total = len.checked_add(inp.new_tokens).filter(|&t| t <= self.cfg.max_seq_len);
+            let Some(total) = total else {
+                crate::invalid!(
+                    OP,
+                    "sequence {seq} holds {len} tokens and brings {} new ones: more than max_seq_len {}",
+                    inp.new_tokens,
+                    self.cfg.max_seq_len
+                );
+            };
+            let new_pages = total.div_ceil(p) - len.div_ceil(p);
+            needed = needed.saturating_add(new_pages.saturating_mul(self.dirs()));
+            entries.push(StepEntry {
+                seq,
+                start: len,
+                n: inp.new_tokens,
+                row,
+                new_pages,
+            });
+            // Cannot wrap: each sequence holds at most max_seq_len (< 2^32) tokens and at
+            // most max_sequences (< 2^32) sequences are live.
+            row += inp.new_tokens;
+        }
+        if needed > self.host_alloc.free_count() {
+            return Err(Error::PoolExhausted {
+                tier: Tier::Host,
+                needed,
+                free: self.host_alloc.free_count(),
+            });
+        }
+        // The step's uploads come first: they depend on the entries only, and failing
+        // here changes nothing.
+        crate::fault::device_call(OP)?;
+        let mut positions = Vec::with_capacity(row);
+        let mut queries = Vec::with_capacity(2 * row);
+        for (ei, e) in entries.iter().enumerate() {
+            for i in 0..e.n {
+                positions.push((e.start + i) as u32);
+                queries.push(ei as u32);
+                queries.push((e.start + i) as u32);
+            }
+        }
+        let (cos, sin) = rope_tables(
+            &positions,
+            self.cfg.head_dim,
+            self.cfg.rope_theta,
+            self.cfg.dtype,
+            &self.cfg.device,
+        )?;
+        let queries = Tensor::from_vec(queries, (row, 2), &self.cfg.device)?;
+        let kv_limit: Vec<u32> = entries
+            .iter()
+            .map(|e| if e.n == 1 { (e.start + 1) as u32 } else { e.start as u32 })
+            .collect();
+        let n_entries = entries.len();
+        let kv_limit = Tensor::from_vec(kv_limit, n_entries, &self.cfg.device)?;
+        // Reserve the pages, then mirror them on the device and plan the step; if that fails, give them back
+        // (the device tables' change log keeps both, so the next apply ends consistent).
+        for e in &entries {
+            for _ in 0..e.new_pages {
+                let slots = self.host_alloc.alloc(self.dirs())?;
+                self.tables.push_page(e.seq, &slots)?;
+            }
+            *self.lens.get_mut(&e.seq).ok_or(Error::UnknownSequence(e.seq))? += e.n;
+        }
+        let plan = self
+            .device_tables
+            .apply(&mut self.tables)
+            .and_then(|()| self.step_plan(&entries, row));
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(e) => {
+                for en in &entries {
+                    self.unreserve(en)?;
+                }
+                return Err(e);
+            }
+        };
+        let stats = StepStats {
+            steps: 1,
+            ..Default::default()
+        };
+        self.step = Some(StepState {
+            entries,
+            total: row,
+            cos,
+            sin,
+            queries,
+            kv_limit,
+            attended: vec![false; self.cfg.num_layers],
+            attended_pages: None,
+            plan,
+            requested: vec![false; n_entries],
+            stats,
+            failed: None,
+        });
+        Ok(())
+    }
+
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        const OP: &str = "SparseKvCache::attend";
+        let mut step = self.step.take().ok_or(Error::StepMisuse {
+            op: OP,
+            msg: "no open step: call begin_step first".into(),
+        })?;
+        let result = match &step.failed {
+            Some(why) => Err(Error::StepMisuse {
+                op: OP,
+                msg: format!("the step is poisoned ({why}): call abort_step, then run the step again"),
+            }),
+            // Invalid input changes nothing: the step stays usable.
+            None => match self.check_qkv(&step, layer, q, k, v) {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    let r = self.attend_in_step(&mut step, layer, q, k, v);
+                    if let Err(e) = &r {
+                        step.failed = Some(format!("attend of layer {layer} failed: {e}"));
+                    }
+                    r
+                }
+            },
+        };
+        self.step = Some(step);
+        result
+    }
+
+    fn end_step(&mut self) -> Result<StepStats> {
+        let step = self.step.as_ref().ok_or(Error::StepMisuse {
+            op: "SparseKvCache::end_step",
+            msg: "no open step".into(),
+        })?;
+        if let Some(why) = &step.failed {
+            return Err(Error::StepMisuse {
+                op: "SparseKvCache::end_step",
+                msg: format!("the step is poisoned ({why}): call abort_step, then run the step again"),
+            });
+        }
+        if let Some(l) = step.attended.iter().position(|a| !a) {
+            return Err(Error::StepMisuse {
+                op: "SparseKvCache::end_step",
+                msg: format!("layer {l} was not attended in this step (attend every layer, or abort_step)"),
+            });
+        }
+        let mut stats = step.stats;
+        if let Some(n) = &step.attended_pages {
+            stats.pages_attended += n.to_dtype(DType::F64)?.to_scalar::<f64>()? as u64;
+        }
+        let (reuse, [hits, misses, spilled]) = self.lru.take_step_counters()?;
+        stats.hits += hits;
+        stats.misses += misses;
+        stats.spilled += spilled;
+        stats.bytes_moved += (misses + spilled) * self.cfg.page_bytes() as u64;
+        // The next budgets are computed aside and committed once uploaded: on an error
+        // the step stays open (end_step or abort_step may follow; the counters of the
+        // failed attempt are lost to the statistics, nothing else).
+        let mut budgets = self.budgets.clone();
+        for (e, _) in step.entries.iter().zip(&step.requested).filter(|(_, &r)| r) {
+            let owner = self.owners.get(&e.seq).copied().unwrap_or(0) as usize;
+            budgets.observe_count(e.seq, reuse.get(owner).copied().unwrap_or(0) as usize);
+        }
+        budgets.end_step();
+        let b = self.budget_vector(&budgets);
+        self.lru.set_budgets(&b)?;
+        self.budgets = budgets;
+        self.step = None;
+        self.total.add(&stats);
+        Ok(stats)
+    }
+
+    fn abort_step(&mut self) -> Result<()> {
+        let step = self.step.as_ref().ok_or(Error::StepMisuse {
+            op: "SparseKvCache::abort_step",
+            msg: "no open step".into(),
+        })?;
+        let entries = step.entries.clone();
+        // The fallible device work first, all of it safe to repeat: on an error the step
+        // stays open (poisoned: only abort_step may follow), nothing else changed, and
+        // abort_step can be called again.
+        if let Err(e) = self.abort_device_work(&entries) {
+            if let Some(st) = self.step.as_mut() {
+                st.failed.get_or_insert_with(|| format!("abort_step failed: {e}"));
+            }
+            return Err(e);
+        }
+        // Host bookkeeping only from here. The device page tables are brought in step by
+        // the next `begin_step` (their change log keeps the freed pages).
+        for e in &entries {
+            self.unreserve(e)?;
+            self.algo.truncate(e.seq, e.start);
+        }
+        let step_no = self.total.steps + 1;
+        if let Some(tr) = self.trace.as_mut() {
+            tr.retain(|r| r.step != step_no);
+        }
+        self.step = None;
+        Ok(())
+    }
+
+    fn stats(&self) -> StepStats {
+        self.total
+    }
+
+    fn pool_usage(&self) -> PoolUsage {
+        PoolUsage {
+            host_used: self.host_alloc.used_count(),
+            host_capacity: self.host_alloc.capacity(),
+            fast_resident: self.lru.resident_count().unwrap_or(0),
+            fast_capacity: self.lru.capacity(),
+            page_table_bytes: self.tables.bytes(),
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The public face: the [`SparseKvCache`] trait that model code calls once per layer per
+//! step, and [`SpinCache`], which composes the tiered page pool, the two-level page
+//! tables, a [`SparseAlgorithm`] and the ops.
+//!
+//! Files by phase: `types` (the trait and public types), `lifecycle` (the trait's
+//! implementation: sequences and the step lifecycle), `requests` (page requests and new
+//! token destinations), `attend` (one layer: checks, append, select, tiered attention),
+//! `rebuilt` (the rebuilt part); this file holds the cache's state and construction.
+
+mod attend;
+mod lifecycle;
+mod plan;
+mod rebuilt;
+mod requests;
+mod types;
+
+pub use types::{PoolUsage, SelectionRecord, SeqId, SparseKvCache, StepInput, StepStats};
+
+use crate::config::CacheConfig;
+use crate::error::Tier;
+use crate::meta::{DeviceTables, PageTables, LEAF_PAGES};
+use crate::ops::{self, AttentionPartial, PageList, NONE};
+use crate::partition::{
+    IndexInput, MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection, SparseAlgorithm, TokenRun,
+};
+use crate::pool::{BudgetPolicy, BudgetTracker, SlotAllocator};
+use crate::rope::{apply_rope, rope_tables};
+use crate::tiered::{DeviceLru, HostTier, ResolveRequest};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+
+#[derive(Debug, Clone)]
+struct StepEntry {
+    seq: u64,
+    /// Tokens before this step.
+    start: usize,
+    /// New tokens.
+    n: usize,
+    /// Row of the first new token in `q`/`k`/`v`.
+    row: usize,
+    /// Pages allocated by this step (per directory).
+    new_pages: usize,
+}
+
+#[derive(Debug)]
+struct StepState {
+    entries: Vec<StepEntry>,
+    total: usize,
+    cos: Tensor,
+    sin: Tensor,
+    /// `[T, 2]` (entry index, position) per token, on the device.
+    queries: Tensor,
+    /// `[S]` u32 per entry: the tokens its queries may see in the paged part (decode:
+    /// all, the new token included; prefill: the tokens before the step).
+    kv_limit: Tensor,
+    attended: Vec<bool>,
+    /// Decode pages attended, counted on the device (read at `end_step`).
+    attended_pages: Option<Tensor>,
+    /// Facts shared by all layers, computed once (see [`plan`]).
+    plan: plan::StepPlan,
+    /// Per entry: whether it asked for any page this step (its reuse then counts
+    /// towards its fast-tier budget, as the simulator counts it).
+    requested: Vec<bool>,
+    stats: StepStats,
+    /// Set when an `attend` (or `abort_step`) failed past its input validation: the step
+    /// is poisoned and only `abort_step` may follow (the message says where it failed).
+    failed: Option<String>,
+}
+
+/// Where a layer's page requests were built.
+enum Requests {
+    /// On the host: per entry, per KV head, logical pages (ascending).
+    Lists(Vec<Vec<Vec<u32>>>),
+    /// A decode-only step's selection `[S, Hkv, K]` logical pages, left on the device.
+    Device(Tensor),
+}
+
+/// Page requests of one layer laid out `[S, Hkv, N]` (entry, KV head, `NONE`-padded)
+/// u32, on the cache's device.
+struct PageRequests {
+    host_slots: Tensor,
+    logical: Tensor,
+    owners: Tensor,
+}
+
+/// A sparse KV cache: tiered page pool + two-level page tables + one algorithm.
+pub struct SpinCache {
+    /// This cache's id (in every `SeqId` it issues).
+    id: u64,
+    cfg: CacheConfig,
+    algo: Box<dyn SparseAlgorithm>,
+    host: HostTier,
+    fast_pool: Tensor,
+    host_alloc: SlotAllocator,
+    lru: DeviceLru,
+    budgets: BudgetTracker,
+    tables: PageTables,
+    device_tables: DeviceTables,
+    /// Owner index (LRU budgets, reuse counters) of each live sequence.
+    owners: HashMap<u64, u32>,
+    free_owners: Vec<u32>,
+    lens: HashMap<u64, usize>,
+    next_seq: u64,
+    step: Option<StepState>,
+    total: StepStats,
+    scale: f32,
+    trace: Option<Vec<SelectionRecord>>,
+}
+
+impl std::fmt::Debug for SpinCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpinCache")
+            .field("algorithm", &self.algo.name())
+            .field("config", &self.cfg)
+            .field("sequences", &self.lens.len())
+            .field("usage", &self.pool_usage())
+            .finish()
+    }
+}
+
+impl SpinCache {
+    /// Builds a cache; validates `cfg` and the algorithm against it.
+    pub fn new(cfg: CacheConfig, algo: impl SparseAlgorithm + 'static) -> Result<Self> {
+        Self::new_boxed(cfg, Box::new(algo))
+    }
+
+    /// [`SpinCache::new`] with an already boxed algorithm (chosen at run time).
+    pub fn new_boxed(cfg: CacheConfig, mut algo: Box<dyn SparseAlgorithm>) -> Result<Self> {
+        cfg.validate()?;
+        algo.init(&cfg)?;
+        let (p, d) = (cfg.page_size, cfg.head_dim);
+        let buckets = cfg.fast_pages / cfg.lru_ways;
+        let fast_pool = Tensor::zeros((buckets * cfg.lru_ways, 2, p, d), cfg.dtype, &cfg.device)?;
+        let dirs = cfg.num_layers * cfg.num_kv_heads;
+        let max_rows = cfg.max_sequences * dirs;
+        let leaves_per_row = cfg.max_seq_len.div_ceil(p).div_ceil(LEAF_PAGES);
+        let arena = cfg.host_pages.div_ceil(LEAF_PAGES) + max_rows;
+        let mut cache = Self {
+            id: types::NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            host: HostTier::new(&cfg)?,
+            host_alloc: SlotAllocator::new(Tier::Host, cfg.host_pages),
+            lru: DeviceLru::new(buckets, cfg.lru_ways, cfg.max_sequences, cfg.host_pages, &cfg.device)?,
+            budgets: BudgetTracker::new(cfg.budget_policy, buckets * cfg.lru_ways),
+            tables: PageTables::new(cfg.num_layers, cfg.num_kv_heads),
+            device_tables: DeviceTables::with_capacity(max_rows, leaves_per_row, arena, dirs, &cfg.device)?,
+            owners: HashMap::new(),
+            free_owners: (0..cfg.max_sequences as u32).rev().collect(),
+            scale: 1.0 / (d as f32).sqrt(),
+            cfg,
+            algo,
+            fast_pool,
+            lens: HashMap::new(),
+            next_seq: 0,
+            step: None,
+            total: StepStats::default(),
+            trace: None,
+        };
+        cache.upload_budgets()?;
+        Ok(cache)
+    }
+
+    /// Copies the budget tracker's per-sequence budgets to the LRU, by owner index
+    /// (slots without a live sequence get the whole capacity, as the tracker does).
+    fn upload_budgets(&mut self) -> Result<()> {
+        let b = self.budget_vector(&self.budgets);
+        self.lru.set_budgets(&b)
+    }
+
+    /// Per owner index, the budget `budgets` gives its sequence (the whole capacity for
+    /// owner indices without a live sequence).
+    fn budget_vector(&self, budgets: &BudgetTracker) -> Vec<u32> {
+        let cap = self.lru.capacity();
+        let mut b = vec![cap.min(u32::MAX as usize) as u32; self.cfg.max_sequences];
+        for (&seq, &owner) in &self.owners {
+            b[owner as usize] = budgets.budget(seq).min(u32::MAX as usize) as u32;
+        }
+        b
+    }
+
+    /// Starts (`true`) or stops recording every decode selection (per step, layer,
+    /// sequence and KV head) for offline study of cache policies.
+    pub fn set_trace(&mut self, on: bool) {
+        self.trace = if on {
+            Some(self.trace.take().unwrap_or_default())
+        } else {
+            None
+        };
+    }
+
+    /// Takes the selections recorded since the last call.
+    pub fn take_trace(&mut self) -> Vec<SelectionRecord> {
+        self.trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Checks pool accounting: every page of every sequence has exactly one host slot,
+    /// owned by the allocator and by nobody else; the used count equals the pages held;
+    /// every fast-tier resident is a live page. Returns a description of the first
+    /// violation.
+    pub fn verify_accounting(&self) -> Result<()> {
+        let bad = |msg: String| {
+            Err(Error::Invalid {
+                op: "SpinCache::verify_accounting",
+                msg,
+            })
+        };
+        let mut seen = vec![false; self.host_alloc.capacity()];
+        let mut total = 0;
+        let mut slots = Vec::new();
+        for (&seq, &len) in &self.lens {
+            let pages = self.tables.num_pages(seq)?;
+            if pages != len.div_ceil(self.cfg.page_size) {
+                return bad(format!("sequence {seq}: {len} tokens but {pages} pages"));
+            }
+            for dir in 0..self.dirs() {
+                slots.clear();
+                self.tables.extend_slots(seq, dir, &mut slots)?;
+                for &s in &slots {
+                    if !self.host_alloc.is_owned(s) {
+                        return bad(format!(
+                            "sequence {seq} holds slot {s}, which the allocator says is free"
+                        ));
+                    }
+                    if std::mem::replace(&mut seen[s as usize], true) {
+                        return bad(format!("slot {s} is owned twice"));
+                    }
+                    total += 1;
+                }
+            }
+        }
+        if total != self.host_alloc.used_count() {
+            return bad(format!(
+                "{} slots allocated but {total} held by sequences (leak)",
+                self.host_alloc.used_count()
+            ));
+        }
+        let (tags, _, _) = self.lru.snapshot()?;
+        for page in tags.into_iter().filter(|&t| t != NONE) {
+            if !seen.get(page as usize).copied().unwrap_or(false) {
+                return bad(format!("fast tier holds page {page}, which no sequence owns"));
+            }
+        }
+        Ok(())
+    }
+
+    fn dirs(&self) -> usize {
+        self.cfg.num_layers * self.cfg.num_kv_heads
+    }
+
+    /// The number of `seq` in this cache, after checking that this cache issued it and
+    /// that it is live.
+    fn live(&self, op: &'static str, seq: SeqId) -> Result<u64> {
+        if seq.cache != self.id {
+            return Err(Error::Invalid {
+                op,
+                msg: format!("{seq} was issued by another cache (this is cache {})", self.id),
+            });
+        }
+        if !self.lens.contains_key(&seq.id) {
+            return Err(Error::UnknownSequence(seq.id));
+        }
+        Ok(seq.id)
+    }
+
+    /// Host slots of the pages `entry`'s step added to its sequence (every directory).
+    fn step_slots(&self, entry: &StepEntry) -> Result<Vec<u32>> {
+        let mut all = Vec::new();
+        let mut buf = Vec::new();
+        for dir in 0..self.dirs() {
+            buf.clear();
+            self.tables.extend_slots(entry.seq, dir, &mut buf)?;
+            all.extend_from_slice(&buf[buf.len().saturating_sub(entry.new_pages)..]);
+        }
+        Ok(all)
+    }
+
+    /// The device side of aborting a step of `entries`, safe to repeat.
+    fn abort_device_work(&mut self, entries: &[StepEntry]) -> Result<()> {
+        let mut slots = Vec::new();
+        for e in entries {
+            slots.extend(self.step_slots(e)?);
+        }
+        // Per-page key bounds of the pages the step wrote into but does not own.
+        self.restore_page_minmax(entries)?;
+        // The step's counters are dropped; the recency it gave to pages stays (harmless:
+        // residency never changes an output).
+        self.lru.take_step_counters()?;
+        // Drop the new pages' fast copies (last: the one change `pool_usage` shows).
+        self.lru.invalidate(&slots)
+    }
+
+    /// Host bookkeeping of undoing `entry`'s reservation: its new pages go back to the
+    /// allocator and its length to `start`. The pages' fast copies must be gone already.
+    fn unreserve(&mut self, entry: &StepEntry) -> Result<()> {
+        for slot in self.tables.pop_pages(entry.seq, entry.new_pages)? {
+            self.host_alloc.free(slot)?;
+        }
+        if let Some(l) = self.lens.get_mut(&entry.seq) {
+            *l = entry.start;
+        }
+        Ok(())
+    }
+
+    /// Recomputes the per-page key bounds ([`SparseAlgorithm::page_minmax`], Quest's
+    /// min/max) of every page that held tokens before the step and received the step's
+    /// tokens too: from the keys the host tier holds for its first `start % P` rows, in
+    /// row order, exactly as [`ops::quest_meta_update`] built them. Pages the step
+    /// allocated are freed instead (their bounds reset when a token lands in row 0).
+    fn restore_page_minmax(&mut self, entries: &[StepEntry]) -> Result<()> {
+        // A clone shares the algorithm's storage: the update below is in place.
+        let Some(meta) = self.algo.page_minmax().cloned() else {
+            return Ok(());
+        };
+        let (p, d, dirs) = (self.cfg.page_size, self.cfg.head_dim, self.dirs());
+        let dev = self.cfg.device.clone();
+        for e in entries.iter().filter(|e| e.start % p != 0) {
+            let (page, rows) = (e.start / p, e.start % p);
+            let mut slots = Vec::with_capacity(dirs);
+            for dir in 0..dirs {
+                slots.push(self.tables.get(e.seq, dir, page)?);
+            }
+            let pairs: Vec<u32> = slots.iter().enumerate().flat_map(|(i, &s)| [s, i as u32]).collect();
+            let pages = Tensor::zeros((dirs, 2, p, d), self.cfg.dtype, &dev)?;
+            self.host.gather(&pages, &Tensor::from_vec(pairs, (dirs, 2), &dev)?)?;
+            // [rows, dirs, D]: row r of every page is "token" r, each page a "head".
+            let keys = pages
+                .narrow(1, 0, 1)?
+                .narrow(2, 0, rows)?
+                .squeeze(1)?
+                .transpose(0, 1)?
+                .to_device(meta.device())?
+                .contiguous()?;
+            let dst: Vec<u32> = (0..rows as u32)
+                .flat_map(|r| slots.iter().map(move |&s| s * p as u32 + r))
+                .collect();
+            let dst = Tensor::from_vec(dst, (rows, dirs), meta.device())?;
+            ops::quest_meta_update(&meta, &keys, &dst, p)?;
+        }
+        Ok(())
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_object_safe(_: &dyn SparseKvCache) {}

@@ -1,0 +1,75 @@
+//! The rebuilt part of a decode step: attention over pages whose keys the algorithm
+//! rebuilt (ShadowKV rebuilds keys from a low-rank factor), with values gathered from the
+//! host tier.
+
+use super::*;
+
+impl SpinCache {
+    /// Attends the decode queries over pages whose keys the algorithm rebuilt: a
+    /// step-local pool of those keys plus values gathered from the host tier.
+    pub(super) fn rebuilt_part(
+        &self,
+        step: &mut StepState,
+        layer: usize,
+        q_rot: &Tensor,
+        decode: &[usize],
+        rk: &RebuiltKeys,
+    ) -> Result<AttentionPartial> {
+        const OP: &str = "SparseAlgorithm::materialize";
+        let (p, d, hkv) = (self.cfg.page_size, self.cfg.head_dim, self.cfg.num_kv_heads);
+        let total: usize = rk.pages.iter().flatten().map(Vec::len).sum();
+        if rk.pages.len() != decode.len() || rk.pages.iter().any(|h| h.len() != hkv) {
+            crate::invalid!(
+                OP,
+                "{} rebuilt pages for {} sequences, expected {} sequences × {hkv} KV heads",
+                self.algo.name(),
+                rk.pages.len(),
+                decode.len()
+            );
+        }
+        if rk.keys.dims() != [total, p, d] || rk.keys.dtype() != self.cfg.dtype {
+            crate::invalid!(
+                OP,
+                "{} rebuilt keys {:?} {:?}, expected [{total}, {p}, {d}] {:?}",
+                self.algo.name(),
+                rk.keys.dims(),
+                rk.keys.dtype(),
+                self.cfg.dtype
+            );
+        }
+        let mut pairs = Vec::with_capacity(2 * total);
+        let nmax = rk.pages.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1);
+        let s = step.entries.len();
+        let mut list = vec![NONE; s * hkv * nmax * 2];
+        for (bi, &ei) in decode.iter().enumerate() {
+            let e = &step.entries[ei];
+            for (h, pages) in rk.pages[bi].iter().enumerate() {
+                let base = (ei * hkv + h) * nmax * 2;
+                for (j, &lp) in pages.iter().enumerate() {
+                    if lp as usize >= (e.start + 1).div_ceil(p) {
+                        crate::invalid!(OP, "{} rebuilt page {lp} past the sequence's end", self.algo.name());
+                    }
+                    let i = (pairs.len() / 2) as u32;
+                    list[base + 2 * j] = i;
+                    list[base + 2 * j + 1] = lp;
+                    pairs.push(self.tables.get(e.seq, layer * hkv + h, lp as usize)?);
+                    pairs.push(i);
+                }
+            }
+        }
+        let dev = &self.cfg.device;
+        let gathered = Tensor::zeros((total, 2, p, d), self.cfg.dtype, dev)?;
+        self.host
+            .gather(&gathered, &Tensor::from_vec(pairs, (total, 2), dev)?)?;
+        let values = gathered.narrow(1, 1, 1)?;
+        let pool = Tensor::cat(&[&rk.keys.unsqueeze(1)?, &values], 1)?.contiguous()?;
+        step.stats.rebuilt_pages += total as u64;
+        step.stats.bytes_moved += (total * self.cfg.page_bytes() / 2) as u64;
+        let list = PageList {
+            pages: Tensor::from_vec(list, (s, hkv, nmax, 2), dev)?,
+            queries: step.queries.clone(),
+            kv_limit: step.kv_limit.clone(),
+        };
+        ops::sparse_paged_attention(q_rot, &pool, &list, self.scale)
+    }
+}

@@ -1,0 +1,171 @@
+//! Page requests of a step: where the new tokens go (host-tier destinations), and which
+//! logical pages each (entry, KV head) attends in a layer, as selected by the algorithm —
+//! left on the device for a decode-only step, built on the host otherwise.
+
+use super::*;
+
+impl SpinCache {
+    /// Per entry and KV head, the logical pages to attend in the paged part, and whether
+    /// the algorithm returned a page selection (not `All`). A decode-only step whose
+    /// selection is a tensor stays on the device ([`Requests::Device`]); otherwise the
+    /// lists are built on the host.
+    pub(super) fn page_requests(&mut self, step: &StepState, layer: usize, q_rot: &Tensor) -> Result<(Requests, bool)> {
+        let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
+        let mut req: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); hkv]; step.entries.len()];
+        // Prefill entries: every page holding earlier tokens (dense).
+        for (ei, e) in step.entries.iter().enumerate() {
+            if e.n > 1 && e.start > 0 {
+                let pages: Vec<u32> = (0..e.start.div_ceil(p) as u32).collect();
+                req[ei].fill(pages);
+            }
+        }
+        let plan = &step.plan;
+        let (decode, num_tokens, num_pages) = (&plan.decode, &plan.num_tokens, &plan.num_pages);
+        if decode.is_empty() {
+            return Ok((Requests::Lists(req), false));
+        }
+        let candidates = self.decode_candidates(step, layer)?;
+        let q_dec = match &plan.decode_rows {
+            // Every entry decodes: one query row each, in order.
+            None => q_rot.clone(),
+            Some(rows) => q_rot.index_select(rows, 0)?.contiguous()?,
+        };
+        let seqs: Vec<u64> = decode.iter().map(|&ei| step.entries[ei].seq).collect();
+        let input = SelectInput {
+            layer,
+            seqs: &seqs,
+            q: &q_dec,
+            candidates: &candidates,
+            num_pages,
+            num_tokens,
+            page_size: p,
+        };
+        let selection = self.algo.select(&input)?;
+        let selected = matches!(selection, Selection::Pages(_));
+        let chosen = match selection {
+            Selection::All => None,
+            Selection::Pages(t) => {
+                let (b, h2, k) = t.dims3()?;
+                if b != decode.len() || h2 != hkv {
+                    return Err(Error::Invalid {
+                        op: "SparseAlgorithm::select",
+                        msg: format!(
+                            "{} returned a selection of shape {:?}, expected [{}, {hkv}, K]",
+                            self.algo.name(),
+                            t.dims(),
+                            decode.len()
+                        ),
+                    });
+                }
+                let on_device = decode.len() == step.entries.len()
+                    && self.trace.is_none()
+                    && !self.algo.rebuilds_keys()
+                    && t.dtype() == DType::U32
+                    && t.device().same_device(&self.cfg.device);
+                if on_device {
+                    return Ok((Requests::Device(t), true));
+                }
+                // Host lists: the selection crosses to the host (mixed prefill/decode
+                // steps, tracing, algorithms that rebuild keys).
+                Some((t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u32>()?, k))
+            }
+        };
+        let step_no = self.total.steps + 1;
+        for (bi, &ei) in decode.iter().enumerate() {
+            let n = num_pages[bi];
+            for h in 0..hkv {
+                req[ei][h] = match &chosen {
+                    None => (0..n as u32).collect(),
+                    Some((sel, k)) => {
+                        let mut v: Vec<u32> = sel[(bi * hkv + h) * k..][..*k]
+                            .iter()
+                            .copied()
+                            .filter(|&x| x != NONE && (x as usize) < n)
+                            .collect();
+                        v.sort_unstable();
+                        v.dedup();
+                        v
+                    }
+                };
+                if let Some(tr) = self.trace.as_mut() {
+                    tr.push(SelectionRecord {
+                        step: step_no,
+                        layer: layer as u32,
+                        seq: step.entries[ei].seq,
+                        kv_head: h as u32,
+                        num_pages: n as u32,
+                        pages: req[ei][h].clone(),
+                    });
+                }
+            }
+        }
+        Ok((Requests::Lists(req), selected))
+    }
+
+    /// Owner index of every entry (LRU budgets and reuse counters).
+    pub(super) fn entry_owners(&self, step: &StepState) -> Result<Vec<u32>> {
+        step.entries
+            .iter()
+            .map(|e| self.owners.get(&e.seq).copied().ok_or(Error::UnknownSequence(e.seq)))
+            .collect()
+    }
+
+    /// Requests of a decode-only step from a selection `[S, Hkv, K]` left on the device:
+    /// logical pages → host slots through the device page tables. No host sync.
+    pub(super) fn device_requests(&self, step: &mut StepState, layer: usize, sel: &Tensor) -> Result<PageRequests> {
+        let hkv = self.cfg.num_kv_heads;
+        let (s, _, k) = sel.dims3()?;
+        let plan = &step.plan;
+        let rows = plan.table_rows.get(layer)?.broadcast_as((s, hkv, k))?.contiguous()?;
+        let logical = sel.contiguous()?;
+        let queries = Tensor::stack(&[&rows, &logical], 3)?.reshape((s * hkv * k, 2))?;
+        let host_slots = self.device_tables.lookup(&queries)?.reshape((s, hkv, k))?;
+        let owners = plan.owners.broadcast_as((s, hkv, k))?.contiguous()?;
+        let attended = host_slots.ne(NONE as f64)?.to_dtype(DType::F32)?.sum_all()?;
+        step.attended_pages = Some(match step.attended_pages.take() {
+            None => attended,
+            Some(a) => (a + attended)?,
+        });
+        Ok(PageRequests {
+            host_slots,
+            logical,
+            owners,
+        })
+    }
+
+    /// Requests from host lists (per entry and KV head); `None` when no page is asked.
+    pub(super) fn host_requests(
+        &self,
+        step: &StepState,
+        layer: usize,
+        lists: &[Vec<Vec<u32>>],
+    ) -> Result<Option<PageRequests>> {
+        let hkv = self.cfg.num_kv_heads;
+        let s = step.entries.len();
+        let n = lists.iter().flatten().map(Vec::len).max().unwrap_or(0);
+        if n == 0 {
+            return Ok(None);
+        }
+        let owners = self.entry_owners(step)?;
+        let mut host_slots = vec![NONE; s * hkv * n];
+        let mut logical = vec![NONE; s * hkv * n];
+        let mut owner = vec![NONE; s * hkv * n];
+        for (ei, heads) in lists.iter().enumerate() {
+            let seq = step.entries[ei].seq;
+            for (h, pages) in heads.iter().enumerate() {
+                let base = (ei * hkv + h) * n;
+                for (j, &lp) in pages.iter().enumerate() {
+                    host_slots[base + j] = self.tables.get(seq, layer * hkv + h, lp as usize)?;
+                    logical[base + j] = lp;
+                    owner[base + j] = owners[ei];
+                }
+            }
+        }
+        let dev = &self.cfg.device;
+        Ok(Some(PageRequests {
+            host_slots: Tensor::from_vec(host_slots, (s, hkv, n), dev)?,
+            logical: Tensor::from_vec(logical, (s, hkv, n), dev)?,
+            owners: Tensor::from_vec(owner, (s, hkv, n), dev)?,
+        }))
+    }
+}

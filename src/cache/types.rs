@@ -1,0 +1,180 @@
+//! The public face of the cache: the [`SparseKvCache`] trait that model code calls once
+//! per layer per step, and the plain types it speaks ([`SeqId`], [`StepInput`],
+//! [`StepStats`], [`SelectionRecord`], [`PoolUsage`]).
+
+use crate::config::CacheConfig;
+use crate::Result;
+use candle_core::Tensor;
+
+/// Handle of a sequence in the cache that issued it ([`SparseKvCache::add_sequence`]).
+///
+/// A `SeqId` names its cache too: handing it to another cache is an error, never a
+/// silent access to some other sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId {
+    pub(super) cache: u64,
+    pub(super) id: u64,
+}
+
+impl SeqId {
+    /// The sequence's number within its cache (0, 1, 2, … in order of `add_sequence`):
+    /// the `seq` that algorithms ([`TokenRun::seq`](crate::partition::TokenRun::seq)), selection records and errors show.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl std::fmt::Display for SeqId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sequence {} of cache {}", self.id, self.cache)
+    }
+}
+
+/// Source of cache ids: every cache gets its own, so `SeqId`s of different caches differ.
+pub(super) static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// One sequence's share of a step: `new_tokens >= 1` tokens appended at its end
+/// (prefill and decode share the call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepInput {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Tokens this step adds (the rows of `q`, `k`, `v` in `attend`, in step order).
+    pub new_tokens: usize,
+}
+
+/// Counters of one step (summed over layers) or of the cache's lifetime.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepStats {
+    /// Steps counted.
+    pub steps: u64,
+    /// Decode (one-token) sequence-steps counted, per layer.
+    pub decode_rows: u64,
+    /// Pages attended by decode queries (per KV head), summed over layers.
+    pub pages_attended: u64,
+    /// Pages that existed for those decode queries (per KV head), summed over layers.
+    pub pages_available: u64,
+    /// Page requests served from the fast tier.
+    pub hits: u64,
+    /// Page requests fetched from the host tier into the fast tier.
+    pub misses: u64,
+    /// Bytes read from the host tier (misses, spilled pages, rebuilt pages' values).
+    pub bytes_moved: u64,
+    /// Page requests the fast tier could not place in their step (every way of their
+    /// bucket already held a page of that layer's step): attended straight from the host
+    /// tier, not cached.
+    pub spilled: u64,
+    /// Pages attended with keys rebuilt by the algorithm (ShadowKV), values fetched from
+    /// the host tier (counted in `bytes_moved`, not in `hits`/`misses`).
+    pub rebuilt_pages: u64,
+}
+
+impl StepStats {
+    /// Fraction of the available KV that decode queries attended (1.0 for dense).
+    pub fn attended_fraction(&self) -> f64 {
+        if self.pages_available == 0 {
+            1.0
+        } else {
+            self.pages_attended as f64 / self.pages_available as f64
+        }
+    }
+
+    /// Fast-tier hit rate of page requests (spilled requests count as misses).
+    pub fn hit_rate(&self) -> f64 {
+        let total = self.hits + self.misses + self.spilled;
+        if total == 0 {
+            1.0
+        } else {
+            self.hits as f64 / total as f64
+        }
+    }
+
+    pub(super) fn add(&mut self, o: &StepStats) {
+        self.steps += o.steps;
+        self.decode_rows += o.decode_rows;
+        self.pages_attended += o.pages_attended;
+        self.pages_available += o.pages_available;
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.bytes_moved += o.bytes_moved;
+        self.spilled += o.spilled;
+        self.rebuilt_pages += o.rebuilt_pages;
+    }
+}
+
+/// One recorded selection: the logical pages a decoding sequence attended in one layer
+/// and KV head (see [`SpinCache::set_trace`](crate::SpinCache::set_trace)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectionRecord {
+    /// Step number (1-based over the cache's lifetime).
+    pub step: u64,
+    /// Layer.
+    pub layer: u32,
+    /// Sequence.
+    pub seq: u64,
+    /// KV head.
+    pub kv_head: u32,
+    /// Pages in the sequence at that step.
+    pub num_pages: u32,
+    /// Selected logical pages, ascending.
+    pub pages: Vec<u32>,
+}
+
+/// Page-slot usage of both tiers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Host-tier slots in use / total.
+    pub host_used: usize,
+    /// Host-tier capacity.
+    pub host_capacity: usize,
+    /// Fast-tier slots holding a page / total.
+    pub fast_resident: usize,
+    /// Fast-tier capacity.
+    pub fast_capacity: usize,
+    /// Bytes of the two-level page tables.
+    pub page_table_bytes: usize,
+}
+
+/// The interface model code uses: once per layer per step.
+///
+/// ```ignore
+/// cache.begin_step(&[StepInput { seq, new_tokens: n }])?;
+/// for layer in 0..num_layers {
+///     // q: [tokens, Hq, D], k/v: [tokens, Hkv, D], pre-RoPE, ragged over the batch
+///     let out = cache.attend(layer, &q, &k, &v)?; // [tokens, Hq, D]
+/// }
+/// cache.end_step()?;
+/// ```
+///
+/// Object-safe: `Box<dyn SparseKvCache>` lets model code switch algorithms at run time.
+pub trait SparseKvCache: Send {
+    /// The configuration.
+    fn config(&self) -> &CacheConfig;
+    /// The algorithm's name with its parameters.
+    fn algorithm_name(&self) -> String;
+    /// Registers an empty sequence.
+    fn add_sequence(&mut self) -> Result<SeqId>;
+    /// Removes a sequence and frees its pages in both tiers.
+    fn remove_sequence(&mut self, seq: SeqId) -> Result<()>;
+    /// Tokens stored for `seq`.
+    fn sequence_len(&self, seq: SeqId) -> Result<usize>;
+    /// Starts a step: reserves pages for every sequence's new tokens (all or nothing;
+    /// [`Error::PoolExhausted`](crate::Error::PoolExhausted) is back-pressure) and fixes their positions.
+    fn begin_step(&mut self, inputs: &[StepInput]) -> Result<()>;
+    /// Attention of one layer: applies RoPE to `q` and `k` at the step's positions,
+    /// stores `k`/`v`, selects pages and attends.
+    ///
+    /// * `q` — `[T, Hq, D]`, `k`, `v` — `[T, Hkv, D]`, pre-RoPE, rows in step order
+    ///   (`T` = the step's total new tokens), in the cache's dtype and device.
+    ///
+    /// Returns `[T, Hq, D]` in the cache's dtype.
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+    /// Ends the step once every layer attended; returns its counters.
+    fn end_step(&mut self) -> Result<StepStats>;
+    /// Abandons a step: new pages are freed and lengths restored.
+    fn abort_step(&mut self) -> Result<()>;
+    /// Lifetime counters.
+    fn stats(&self) -> StepStats;
+    /// Slot usage of both tiers.
+    fn pool_usage(&self) -> PoolUsage;
+}

@@ -1,0 +1,14 @@
+// Constants shared by the Rust ops and the CUDA kernels: the one source of both.
+// `build.rs` includes this file and writes `$OUT_DIR/spinkv_consts.cuh` from it, which
+// `kernels/common.cuh` includes; the crate re-exports the constants from `ops` and
+// `meta`. Plain `pub const` items only (the file is also compiled inside build.rs).
+
+/// Sentinel for "no entry" in every u32 index tensor (padding, unselected, not resident).
+pub const NONE: u32 = u32::MAX;
+
+/// log-sum-exp value of an empty attention row. Finite, so merging two empty partials
+/// gives zeros instead of NaN.
+pub const EMPTY_LSE: f32 = -1.0e30;
+
+/// Logical pages per leaf block of the two-level page tables.
+pub const LEAF_PAGES: usize = 64;

@@ -1,0 +1,97 @@
+//! The shared cache harness: run steps with random q/k/v through a [`SparseKvCache`], and
+//! an independent f64 reference that keeps every sequence's rotated keys and values per
+//! layer and answers what plain causal attention over them gives.
+#![allow(dead_code)]
+
+use super::{randn, rope_f64};
+use candle_core::{DType, Tensor};
+use rand::rngs::StdRng;
+use spinkv::ops::reference_attention;
+use spinkv::{SeqId, SparseKvCache, StepInput};
+use std::collections::HashMap;
+
+/// The q/k/v fed to one layer of a step and what the cache returned.
+pub struct LayerIo {
+    /// `[T, Hq, D]` f32 pre-RoPE queries.
+    pub q: Tensor,
+    /// `[T, Hkv, D]` f32 pre-RoPE keys.
+    pub k: Tensor,
+    /// `[T, Hkv, D]` f32 values.
+    pub v: Tensor,
+    /// `[T, Hq, D]` the cache's output.
+    pub out: Tensor,
+}
+
+/// One step of `inputs` through every layer with fresh random q/k/v (f32, cast to the
+/// cache's dtype), then `end_step`. Returns each layer's inputs and output.
+pub fn random_step(cache: &mut dyn SparseKvCache, inputs: &[StepInput], r: &mut StdRng) -> Vec<LayerIo> {
+    let c = cache.config().clone();
+    let t: usize = inputs.iter().map(|i| i.new_tokens).sum();
+    cache.begin_step(inputs).unwrap();
+    let mut layers = Vec::with_capacity(c.num_layers);
+    for layer in 0..c.num_layers {
+        let q = randn(r, &[t, c.num_q_heads, c.head_dim], 1.0);
+        let k = randn(r, &[t, c.num_kv_heads, c.head_dim], 1.0);
+        let v = randn(r, &[t, c.num_kv_heads, c.head_dim], 1.0);
+        let cast = |x: &Tensor| x.to_dtype(c.dtype).unwrap().to_device(&c.device).unwrap();
+        let out = cache.attend(layer, &cast(&q), &cast(&k), &cast(&v)).unwrap();
+        layers.push(LayerIo { q, k, v, out });
+    }
+    cache.end_step().unwrap();
+    layers
+}
+
+/// Plain causal attention over everything a sequence has seen, per layer, in f64.
+pub struct Reference {
+    theta: f64,
+    scale: f64,
+    /// (sequence, layer) → (rotated keys, values) chunks, in order.
+    kv: HashMap<(SeqId, usize), (Vec<Tensor>, Vec<Tensor>)>,
+    lens: HashMap<SeqId, usize>,
+}
+
+impl Reference {
+    /// A reference for rotary base `theta` and head dim `head_dim`.
+    pub fn new(theta: f64, head_dim: usize) -> Self {
+        Self {
+            theta,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            kv: HashMap::new(),
+            lens: HashMap::new(),
+        }
+    }
+
+    /// Records one step (the inputs given to [`random_step`] and what it returned) and
+    /// returns, per layer, the max abs difference between the cache's output and the
+    /// reference's over every token of the step.
+    pub fn check_step(&mut self, inputs: &[StepInput], layers: &[LayerIo]) -> Vec<f64> {
+        let mut worst = vec![0f64; layers.len()];
+        let mut row = 0;
+        for inp in inputs {
+            let n = inp.new_tokens;
+            let start = self.lens.get(&inp.seq).copied().unwrap_or(0);
+            let pos: Vec<f64> = (start..start + n).map(|p| p as f64).collect();
+            let qp: Vec<usize> = (start..start + n).collect();
+            for (layer, io) in layers.iter().enumerate() {
+                let rows = |x: &Tensor| x.narrow(0, row, n).unwrap();
+                let (ks, vs) = self.kv.entry((inp.seq, layer)).or_default();
+                ks.push(rope_f64(&rows(&io.k), &pos, self.theta));
+                vs.push(rows(&io.v).to_dtype(DType::F64).unwrap());
+                let q = rope_f64(&rows(&io.q), &pos, self.theta);
+                let want = reference_attention(
+                    &q,
+                    &Tensor::cat(ks, 0).unwrap(),
+                    &Tensor::cat(vs, 0).unwrap(),
+                    &qp,
+                    self.scale,
+                )
+                .unwrap();
+                let got = rows(&io.out).to_device(&candle_core::Device::Cpu).unwrap();
+                worst[layer] = worst[layer].max(super::max_abs_diff(&got, &want));
+            }
+            self.lens.insert(inp.seq, start + n);
+            row += n;
+        }
+        worst
+    }
+}
