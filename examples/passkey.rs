@@ -16,6 +16,7 @@ use spinkv::models::passkey::{build_prompt, is_correct, KeyGen};
 use spinkv::models::{load_model, LoadedModel, Sampler, SamplingConfig};
 use spinkv::partition::by_name;
 use spinkv::{SparseKvCache, SpinCache};
+use std::collections::HashMap;
 use std::io::Write;
 
 #[derive(Parser, Debug)]
@@ -59,8 +60,19 @@ struct Args {
 
 /// Feeds the same steps to several caches. Every algorithm here prefills densely, so the
 /// haystack is run through the model once and stored in all caches; attention outputs are
-/// taken from the first cache (the others compute the same dense prefill).
-struct FanOut<'a>(Vec<&'a mut SpinCache>);
+/// taken from the first cache (the others compute the same dense prefill). A `SeqId`
+/// belongs to the cache that issued it: the fan-out hands out the first cache's id and
+/// maps it to each cache's own (`ids`).
+struct FanOut<'a>(Vec<&'a mut SpinCache>, HashMap<spinkv::SeqId, Vec<spinkv::SeqId>>);
+
+impl FanOut<'_> {
+    fn ids(&self, seq: spinkv::SeqId) -> spinkv::Result<&[spinkv::SeqId]> {
+        self.1
+            .get(&seq)
+            .map(Vec::as_slice)
+            .ok_or(spinkv::Error::UnknownSequence(seq.id()))
+    }
+}
 
 impl SparseKvCache for FanOut<'_> {
     fn config(&self) -> &spinkv::CacheConfig {
@@ -79,16 +91,32 @@ impl SparseKvCache for FanOut<'_> {
             .iter_mut()
             .map(|c| c.add_sequence())
             .collect::<spinkv::Result<Vec<_>>>()?;
+        self.1.insert(ids[0], ids.clone());
         Ok(ids[0])
     }
     fn remove_sequence(&mut self, seq: spinkv::SeqId) -> spinkv::Result<()> {
-        self.0.iter_mut().try_for_each(|c| c.remove_sequence(seq))
+        let ids = self.ids(seq)?.to_vec();
+        self.0.iter_mut().zip(ids).try_for_each(|(c, s)| c.remove_sequence(s))?;
+        self.1.remove(&seq);
+        Ok(())
     }
     fn sequence_len(&self, seq: spinkv::SeqId) -> spinkv::Result<usize> {
         self.0[0].sequence_len(seq)
     }
     fn begin_step(&mut self, inputs: &[spinkv::StepInput]) -> spinkv::Result<()> {
-        self.0.iter_mut().try_for_each(|c| c.begin_step(inputs))
+        for i in 0..self.0.len() {
+            let mine = inputs
+                .iter()
+                .map(|x| {
+                    Ok(spinkv::StepInput {
+                        seq: self.ids(x.seq)?[i],
+                        new_tokens: x.new_tokens,
+                    })
+                })
+                .collect::<spinkv::Result<Vec<_>>>()?;
+            self.0[i].begin_step(&mine)?;
+        }
+        Ok(())
     }
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> spinkv::Result<Tensor> {
         let mut out = None;
@@ -134,14 +162,14 @@ fn run_trial(
         caches.push(SpinCache::new_boxed(ccfg, algo)?);
     }
     let (head, question) = prompt.split_at(prompt.len() - tail);
-    let seq = {
-        let mut fan = FanOut(caches.iter_mut().collect());
+    let seqs = {
+        let mut fan = FanOut(caches.iter_mut().collect(), HashMap::new());
         let seq = fan.add_sequence()?;
         prefill(&lm.model, &mut fan, seq, head, 1024, false)?;
-        seq
+        fan.ids(seq)?.to_vec()
     };
     let mut answers = Vec::with_capacity(caches.len());
-    for (c, (algo, _)) in caches.iter_mut().zip(configs) {
+    for ((c, (algo, _)), seq) in caches.iter_mut().zip(configs).zip(seqs) {
         let tracing = trace.is_some() && algo != "dense";
         c.set_trace(tracing);
         answers.push(answer(lm, c, seq, question)?);

@@ -39,6 +39,12 @@ pub struct CacheConfig {
     pub dtype: DType,
     /// Device of the fast tier and of the tensors passed to `attend`.
     pub device: Device,
+    /// `attend` rejects `q`, `k` or `v` holding a NaN or an infinity as invalid input
+    /// (before anything is stored; the step stays usable). Off by default: the check
+    /// reads the inputs back to the host, one synchronization per layer. Without it a
+    /// non-finite key or value turns into NaN outputs; see "Non-finite inputs" in
+    /// `docs/ARCHITECTURE.md` for how Dense and Quest differ then.
+    pub reject_non_finite: bool,
 }
 
 impl CacheConfig {
@@ -60,6 +66,7 @@ impl CacheConfig {
             max_sequences: 64,
             dtype: DType::F32,
             device: Device::Cpu,
+            reject_non_finite: false,
         };
         c = c.with_token_capacity(8192, 1.0);
         c
@@ -146,6 +153,15 @@ impl CacheConfig {
         }
         if !matches!(self.dtype, DType::F32 | DType::F16 | DType::BF16) {
             return bad(format!("dtype {:?} unsupported: use f32, f16 or bf16", self.dtype));
+        }
+        for (name, pages) in [("host_pages", self.host_pages), ("fast_pages", self.fast_pages)] {
+            let (p, d, e) = (self.page_size, self.head_dim, self.dtype.size_in_bytes());
+            if crate::ops::util::pool_bytes(pages, p, d, e).is_none() {
+                return bad(format!(
+                    "{name} ({pages}) pages of [2, {p}, {d}] {:?} overflow the size of one allocation",
+                    self.dtype
+                ));
+            }
         }
         if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return bad(format!("rope_theta ({}) must be > 0", self.rope_theta));

@@ -34,6 +34,7 @@ pub mod config;
 #[cfg(feature = "models")]
 pub mod engine;
 pub mod error;
+pub mod fault;
 pub mod linalg;
 pub mod meta;
 #[cfg(feature = "models")]

@@ -105,13 +105,12 @@ fn begin_step_twice() {
 #[test]
 fn unknown_and_removed_sequences() {
     let (mut c, s) = cache();
-    assert!(matches!(
-        c.begin_step(&[StepInput {
-            seq: SeqId(42),
-            new_tokens: 1
-        }]),
-        Err(Error::UnknownSequence(42))
-    ));
+    let (_, foreign): (SpinCache, SeqId) = cache();
+    let m = msg(c.begin_step(&[StepInput {
+        seq: foreign,
+        new_tokens: 1,
+    }]));
+    assert!(m.contains("another cache"), "{m}");
     c.remove_sequence(s).unwrap();
     assert!(matches!(c.remove_sequence(s), Err(Error::UnknownSequence(_))));
     assert!(matches!(
@@ -185,7 +184,10 @@ fn bad_configs_are_rejected_at_construction() {
         window_tokens: 32,
         ..Default::default()
     });
-    assert!(msg(SpinCache::new(cfg, q)).contains("fewer than sink"));
+    assert!(msg(SpinCache::new(cfg.clone(), q)).contains("fewer than sink"));
+    // A head dim whose pool size overflows is an error, not a panic or a wrapped size.
+    cfg.head_dim = 1 << 60;
+    assert!(msg(SpinCache::new(cfg, Dense::new())).contains("overflow"));
 }
 
 #[test]
@@ -266,4 +268,87 @@ fn ops_validate_their_inputs() {
         .unwrap();
     let r = ops::paged_append(&pool, &t(&[1, 2, 64]), &t(&[1, 2, 64]), &bad);
     assert!(r.is_err());
+}
+
+fn u32s(dims: &[usize]) -> Tensor {
+    Tensor::zeros(dims, DType::U32, &Device::Cpu).unwrap()
+}
+
+/// Runs `f`, turning a panic into a test failure that names `what` (so one test reports
+/// every op that panics, not just the first).
+fn no_panic<T: std::fmt::Debug>(what: &str, f: impl FnOnce() -> spinkv::Result<T>) -> Option<String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Some(format!("{what}: accepted ({v:?})")),
+        Ok(Err(e)) => {
+            let m = e.to_string();
+            assert!(!m.is_empty());
+            None
+        }
+        Err(_) => Some(format!("{what}: panicked")),
+    }
+}
+
+#[test]
+fn ops_reject_a_page_size_or_head_dim_of_zero() {
+    let mut bad = Vec::new();
+    for (p, d) in [(0, 64), (16, 0), (0, 0)] {
+        let pool = t(&[4, 2, p, d]);
+        let k = t(&[3, 2, d]);
+        let dst = u32s(&[3, 2]);
+        bad.extend(no_panic(&format!("paged_append P={p} D={d}"), || {
+            ops::paged_append(&pool, &k, &k, &dst)
+        }));
+        bad.extend(no_panic(&format!("paged_append_with_minmax P={p} D={d}"), || {
+            ops::paged_append_with_minmax(&pool, &k, &k, &dst, &t(&[4, 2, d]), &dst)
+        }));
+        bad.extend(no_panic(&format!("quest_meta_update P={p} D={d}"), || {
+            ops::quest_meta_update(&t(&[4, 2, d]), &k, &dst, p)
+        }));
+        if d == 0 {
+            bad.extend(no_panic("quest_page_scores D=0", || {
+                ops::quest_page_scores(&t(&[1, 4, d]), &t(&[4, 2, d]), &u32s(&[1, 2, 3]), 0, 1)
+            }));
+            bad.extend(no_panic("causal_self_attention D=0", || {
+                ops::causal_self_attention(&t(&[3, 4, d]), &k, &k, 1.0)
+            }));
+        }
+        let list = PageList {
+            pages: u32s(&[1, 2, 2, 2]),
+            queries: u32s(&[1, 2]),
+            kv_limit: Tensor::new(&[1u32], &Device::Cpu).unwrap(),
+        };
+        bad.extend(no_panic(&format!("sparse_paged_attention P={p} D={d}"), || {
+            ops::sparse_paged_attention(&t(&[1, 4, d]), &pool, &list, 1.0)
+        }));
+        bad.extend(no_panic(&format!("copy_pages P={p} D={d}"), || {
+            ops::copy_pages(&pool, &t(&[4, 2, p, d]), &u32s(&[1, 2]))
+        }));
+    }
+    // Zero query heads: every op that groups query heads by KV head.
+    let list = PageList {
+        pages: u32s(&[1, 2, 2, 2]),
+        queries: u32s(&[1, 2]),
+        kv_limit: Tensor::new(&[1u32], &Device::Cpu).unwrap(),
+    };
+    bad.extend(no_panic("sparse_paged_attention Hq=0", || {
+        ops::sparse_paged_attention(&t(&[1, 0, 64]), &t(&[4, 2, 16, 64]), &list, 1.0)
+    }));
+    bad.extend(no_panic("quest_page_scores Hq=0", || {
+        ops::quest_page_scores(&t(&[1, 0, 64]), &t(&[4, 2, 64]), &u32s(&[1, 2, 3]), 0, 1)
+    }));
+    bad.extend(no_panic("causal_self_attention Hq=0", || {
+        ops::causal_self_attention(&t(&[3, 0, 64]), &t(&[3, 2, 64]), &t(&[3, 2, 64]), 1.0)
+    }));
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
+#[test]
+fn by_name_rejects_a_budget_of_zero_for_every_algorithm() {
+    for &name in spinkv::partition::ALGORITHMS {
+        let e = spinkv::partition::by_name(name, 0)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains(name) && e.contains("budget"), "{name}: {e:?}");
+    }
 }

@@ -96,7 +96,7 @@ fn append_rows_into_pinned_pages_equals_cpu_paged_append() {
         (DType::BF16, 16, 64, 1, 1),
     ] {
         let slots = 37;
-        let (pool, host) = random_pool(&gpu, (t * 100 + d) as u64, slots, page, d, dtype);
+        let (mut pool, host) = random_pool(&gpu, (t * 100 + d) as u64, slots, page, d, dtype);
         let mut r = rng(t as u64 + 3);
         let k = randn(&mut r, &[t, h, d], 1.0).to_dtype(dtype).unwrap();
         let v = randn(&mut r, &[t, h, d], 1.0).to_dtype(dtype).unwrap();
@@ -235,7 +235,7 @@ fn attend_over_pinned_pages_equals_sparse_paged_attention() {
 #[test]
 fn sync_free_pieces_reject_bad_arguments() {
     let Some(gpu) = gpu_or_skip() else { return };
-    let pool = PinnedPagePool::new(&gpu, 4, 16, 64, DType::F32).unwrap();
+    let mut pool = PinnedPagePool::new(&gpu, 4, 16, 64, DType::F32).unwrap();
     let fast = Tensor::zeros((4, 2, 16, 64), DType::F32, &gpu).unwrap();
     let pairs = Tensor::zeros((3, 2), DType::U32, &gpu).unwrap();
     let e = pool
@@ -330,6 +330,15 @@ fn pinned_pool_bad_arguments_are_errors() {
         .to_string();
     assert!(e.contains("PinnedPagePool") && e.contains("CUDA"), "{e}");
     assert!(PinnedPagePool::new(&gpu, 4, 16, 64, DType::U32).is_err());
+    // Sizes whose product overflows are errors, not a wrapped (tiny) allocation that the
+    // kernels would index beyond: 2^62 · 2 · 2 · 4 bytes wraps to 0.
+    for (slots, page, d) in [(1, 1 << 62, 2), (1 << 20, 1 << 20, 1 << 20), (1, 1, 1 << 61)] {
+        let e = PinnedPagePool::new(&gpu, slots, page, d, DType::F32)
+            .map(|p| p.bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PinnedPagePool") && e.contains("overflow"), "{e}");
+    }
     let mut pool = PinnedPagePool::new(&gpu, 4, 16, 64, DType::F32).unwrap();
     let e = pool
         .write_pages(&[9], &Tensor::zeros((1, 2, 16, 64), DType::F32, &Device::Cpu).unwrap())
@@ -340,4 +349,34 @@ fn pinned_pool_bad_arguments_are_errors() {
     let pairs = Tensor::zeros((1, 2), DType::U32, &gpu).unwrap();
     let e = pool.gather_into(&fast, &pairs).unwrap_err().to_string();
     assert!(e.contains("gather_into") && e.contains("[4, 2, 16, 32]"), "{e}");
+}
+
+/// `&PinnedPagePool` may be shared between threads (its `&self` methods only read).
+#[allow(dead_code)]
+fn pinned_pool_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<PinnedPagePool>();
+}
+
+#[test]
+fn dropping_the_pool_waits_for_its_kernels() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    // A gather large enough to still run when the pool is dropped right after enqueuing
+    // it: the drop must wait for the stream before unpinning and freeing the pages.
+    let (slots, page, d) = (4096, 16, 128);
+    let (pool, host) = random_pool(&gpu, 77, slots, page, d, DType::F32);
+    let fast = Tensor::zeros((slots, 2, page, d), DType::F32, &gpu).unwrap();
+    let pairs: Vec<u32> = (0..slots as u32).flat_map(|s| [s, slots as u32 - 1 - s]).collect();
+    let pairs = Tensor::from_vec(pairs, (slots, 2), &gpu).unwrap();
+    pool.gather_into(&fast, &pairs).unwrap();
+    drop(pool);
+    let got = fast.to_device(&Device::Cpu).unwrap();
+    let idx: Vec<u32> = (0..slots as u32).rev().collect();
+    let want = host
+        .index_select(&Tensor::from_vec(idx, slots, &Device::Cpu).unwrap(), 0)
+        .unwrap();
+    assert_eq!(bits(&got), bits(&want), "pages gathered from a pool dropped mid-flight");
+    if let Device::Cuda(c) = &gpu {
+        c.cuda_stream().context().check_err().unwrap();
+    }
 }

@@ -245,3 +245,40 @@ fn incremental_device_tables_match_a_fresh_upload_on_cuda() {
         check_incremental(&gpu, seed);
     }
 }
+
+/// A scatter that fails on the device (an injected failure of either of the two scatters)
+/// keeps the change log: the next `apply` writes everything, and the mirror matches.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn apply_keeps_its_change_log_when_a_scatter_fails() {
+    use spinkv::fault;
+    for nth in [1, 2] {
+        let mut t = PageTables::new(2, 2);
+        let mut dt = DeviceTables::with_capacity(8, 4, 16, 4, &Device::Cpu).unwrap();
+        dt.apply(&mut t).unwrap();
+        t.add_sequence(3);
+        dt.add_sequence(3).unwrap();
+        for p in 0..5u32 {
+            t.push_page(3, &[4 * p, 4 * p + 1, 4 * p + 2, 4 * p + 3]).unwrap();
+        }
+        fault::fail_nth_device_call(nth);
+        let e = dt.apply(&mut t).unwrap_err().to_string();
+        assert!(e.contains("DeviceTables::apply") && e.contains("injected"), "{e}");
+        dt.apply(&mut t).unwrap();
+        let mut q = Vec::new();
+        let mut want = Vec::new();
+        for d in 0..4 {
+            for p in 0..5 {
+                q.extend([dt.row(3, d).unwrap(), p as u32]);
+                want.push(t.get(3, d, p).unwrap());
+            }
+        }
+        let n = want.len();
+        let got = dt
+            .lookup(&Tensor::from_vec(q, (n, 2), &Device::Cpu).unwrap())
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(got, want, "failure of scatter {nth}");
+    }
+}

@@ -383,3 +383,123 @@ fn bad_configurations_are_construction_errors() {
     assert!(by_name("infllm", 256).unwrap().name().starts_with("infllm"));
     assert_eq!(by_name("shadowkv", 256).unwrap().page_size_hint(), Some(8));
 }
+
+/// An `index` call that fails part-way leaves the sequence's state as it was: the same
+/// tokens indexed again afterwards succeed and give the state a clean run gives.
+#[test]
+fn index_errors_keep_the_state() {
+    use spinkv::partition::{IndexInput, TokenRun};
+    let c = cfg(6, 2, 64, 16);
+    let (hq, hkv, d) = (c.num_q_heads, c.num_kv_heads, c.head_dim);
+    let infllm = || -> Box<dyn SparseAlgorithm> {
+        Box::new(
+            InfLlm::new(InfLlmConfig {
+                block_tokens: 32,
+                sink_tokens: 16,
+                window_tokens: 64,
+                topk_blocks: 2,
+                repr_topk: 4,
+            })
+            .unwrap(),
+        )
+    };
+    let cs = cfg(6, 2, 64, 8);
+    let shadow = || -> Box<dyn SparseAlgorithm> {
+        Box::new(
+            ShadowKv::new(ShadowKvConfig {
+                rank: 16,
+                sparse_budget_tokens: 64,
+                outlier_chunks: 2,
+                ..Default::default()
+            })
+            .unwrap(),
+        )
+    };
+    for (c, make) in [(&c, &infllm as &dyn Fn() -> Box<dyn SparseAlgorithm>), (&cs, &shadow)] {
+        let mut r = rng(5);
+        let batches: Vec<[Tensor; 3]> = [300usize, 1, 1]
+            .iter()
+            .map(|&n| {
+                [
+                    randn(&mut r, &[n, hq, d], 1.0),
+                    randn(&mut r, &[n, hkv, d], 1.0),
+                    randn(&mut r, &[n, hkv, d], 1.0),
+                ]
+            })
+            .collect();
+        let index = |a: &mut dyn SparseAlgorithm, i: usize, q: &Tensor| -> spinkv::Result<()> {
+            let start = [0, 300, 301][i];
+            let [_, k, v] = &batches[i];
+            let n = k.dims()[0];
+            let dst = Tensor::zeros((n, hkv), DType::U32, &candle_core::Device::Cpu).unwrap();
+            a.index(&IndexInput {
+                layer: 0,
+                runs: &[TokenRun {
+                    seq: 7,
+                    start,
+                    n,
+                    row: 0,
+                }],
+                q,
+                k,
+                k_pre_rope: k,
+                v,
+                dst: &dst,
+                minmax_updated: false,
+            })
+        };
+        let (mut clean, mut failed) = (make(), make());
+        clean.init(c).unwrap();
+        failed.init(c).unwrap();
+        for i in 0..3 {
+            index(clean.as_mut(), i, &batches[i][0]).unwrap();
+            if i > 0 {
+                // Mismatched rows: k has one row, k_pre_rope is narrowed past its end (ShadowKV)
+                // and q has none (InfLLM's window mass): both fail after their checks.
+                let [_, k, v] = &batches[i];
+                let empty = Tensor::zeros((0, hkv, d), DType::F32, &candle_core::Device::Cpu).unwrap();
+                let q0 = Tensor::zeros((0, hq, d), DType::F32, &candle_core::Device::Cpu).unwrap();
+                let dst = Tensor::zeros((1, hkv), DType::U32, &candle_core::Device::Cpu).unwrap();
+                let r = failed.index(&IndexInput {
+                    layer: 0,
+                    runs: &[TokenRun {
+                        seq: 7,
+                        start: [0, 300, 301][i],
+                        n: 1,
+                        row: 0,
+                    }],
+                    q: &q0,
+                    k,
+                    k_pre_rope: &empty,
+                    v,
+                    dst: &dst,
+                    minmax_updated: false,
+                });
+                assert!(r.is_err(), "{}: a bad index call must fail", clean.name());
+            }
+            index(failed.as_mut(), i, &batches[i][0])
+                .unwrap_or_else(|e| panic!("{}: index after an error: {e}", clean.name()));
+        }
+        // Both select the same pages for a decode query.
+        let q = randn(&mut r, &[1, hq, d], 1.0);
+        let np = 302usize.div_ceil(c.page_size);
+        let cand: Vec<u32> = (0..hkv).flat_map(|_| 0..np as u32).collect();
+        let cand = Tensor::from_vec(cand, (1, hkv, np), &candle_core::Device::Cpu).unwrap();
+        let sel = |a: &mut dyn SparseAlgorithm| match a
+            .select(&spinkv::partition::SelectInput {
+                layer: 0,
+                seqs: &[7],
+                q: &q,
+                candidates: &cand,
+                num_pages: &[np],
+                num_tokens: &[302],
+                page_size: c.page_size,
+            })
+            .unwrap()
+        {
+            spinkv::partition::Selection::Pages(p) => p.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+            spinkv::partition::Selection::All => vec![],
+        };
+        assert_eq!(sel(clean.as_mut()), sel(failed.as_mut()), "{}", clean.name());
+    }
+}

@@ -49,7 +49,26 @@ impl SpinCache {
         };
         want("q", q, c.num_q_heads)?;
         want("k", k, c.num_kv_heads)?;
-        want("v", v, c.num_kv_heads)
+        want("v", v, c.num_kv_heads)?;
+        if c.reject_non_finite {
+            for (name, x) in [("q", q), ("k", k), ("v", v)] {
+                let vals = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(i) = vals.iter().position(|x| !x.is_finite()) {
+                    let (h, d) = (x.dims()[1], c.head_dim);
+                    crate::invalid!(
+                        OP,
+                        "{name} {:?} holds {} at token {}, head {}, element {} (layer {layer}; \
+                         CacheConfig::reject_non_finite is on)",
+                        x.dims(),
+                        vals[i],
+                        i / (h * d),
+                        i / d % h,
+                        i % d
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Attends the step's queries over the requested pages: one LRU resolve (hits, misses
@@ -114,7 +133,6 @@ impl SpinCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
-        self.check_qkv(step, layer, q, k, v)?;
         let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
         let q_rot = apply_rope(q, &step.cos, &step.sin)?.contiguous()?;
         let k_rot = apply_rope(k, &step.cos, &step.sin)?.contiguous()?;

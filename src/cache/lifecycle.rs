@@ -35,7 +35,7 @@ impl SparseKvCache for SpinCache {
         self.tables.add_sequence(id);
         self.lens.insert(id, 0);
         self.owners.insert(id, owner);
-        Ok(SeqId(id))
+        Ok(SeqId { cache: self.id, id })
     }
 
     fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
@@ -45,27 +45,33 @@ impl SparseKvCache for SpinCache {
                 msg: "cannot remove a sequence inside a step (end or abort it first)".into(),
             });
         }
-        if !self.lens.contains_key(&seq.0) {
-            return Err(Error::UnknownSequence(seq.0));
+        let id = self.live("SparseKvCache::remove_sequence", seq)?;
+        // The fallible device work first: dropping the pages' fast copies (harmless if the
+        // removal then stopped: they are copies). The device page tables are brought in
+        // step by the next `begin_step` (their change log keeps the removal).
+        let mut slots = Vec::new();
+        for dir in 0..self.dirs() {
+            self.tables.extend_slots(id, dir, &mut slots)?;
         }
-        let slots = self.tables.remove_sequence(seq.0)?;
         self.lru.invalidate(&slots)?;
+        // Host bookkeeping only from here.
+        self.device_tables.remove_sequence(id)?;
+        let slots = self.tables.remove_sequence(id)?;
         for slot in slots {
             self.host_alloc.free(slot)?;
         }
-        self.device_tables.apply(&mut self.tables)?;
-        self.device_tables.remove_sequence(seq.0)?;
-        if let Some(owner) = self.owners.remove(&seq.0) {
+        if let Some(owner) = self.owners.remove(&id) {
             self.free_owners.push(owner);
         }
-        self.lens.remove(&seq.0);
-        self.algo.forget(seq.0);
-        self.budgets.remove(seq.0);
+        self.lens.remove(&id);
+        self.algo.forget(id);
+        self.budgets.remove(id);
         Ok(())
     }
 
     fn sequence_len(&self, seq: SeqId) -> Result<usize> {
-        self.lens.get(&seq.0).copied().ok_or(Error::UnknownSequence(seq.0))
+        let id = self.live("SparseKvCache::sequence_len", seq)?;
+        Ok(self.lens[&id])
     }
 
     fn begin_step(&mut self, inputs: &[StepInput]) -> Result<()> {
@@ -81,34 +87,38 @@ impl SparseKvCache for SpinCache {
         }
         let p = self.cfg.page_size;
         let mut entries = Vec::with_capacity(inputs.len());
-        let mut row = 0;
-        let mut needed = 0;
+        let mut row = 0usize;
+        let mut needed = 0usize;
         for (i, inp) in inputs.iter().enumerate() {
-            let len = *self.lens.get(&inp.seq.0).ok_or(Error::UnknownSequence(inp.seq.0))?;
+            let seq = self.live(OP, inp.seq)?;
+            let len = self.lens[&seq];
             if inputs[..i].iter().any(|o| o.seq == inp.seq) {
-                crate::invalid!(OP, "sequence {} appears twice in one step", inp.seq.0);
+                crate::invalid!(OP, "sequence {seq} appears twice in one step");
             }
             if inp.new_tokens == 0 {
-                crate::invalid!(OP, "sequence {} brings 0 new tokens (need >= 1)", inp.seq.0);
+                crate::invalid!(OP, "sequence {seq} brings 0 new tokens (need >= 1)");
             }
-            if len + inp.new_tokens > self.cfg.max_seq_len {
+            // Checked: a huge `new_tokens` must not wrap around the limit.
+            let total = len.checked_add(inp.new_tokens).filter(|&t| t <= self.cfg.max_seq_len);
+            let Some(total) = total else {
                 crate::invalid!(
                     OP,
-                    "sequence {} would hold {} tokens, more than max_seq_len {}",
-                    inp.seq.0,
-                    len + inp.new_tokens,
+                    "sequence {seq} holds {len} tokens and brings {} new ones: more than max_seq_len {}",
+                    inp.new_tokens,
                     self.cfg.max_seq_len
                 );
-            }
-            let new_pages = (len + inp.new_tokens).div_ceil(p) - len.div_ceil(p);
-            needed += new_pages * self.dirs();
+            };
+            let new_pages = total.div_ceil(p) - len.div_ceil(p);
+            needed = needed.saturating_add(new_pages.saturating_mul(self.dirs()));
             entries.push(StepEntry {
-                seq: inp.seq.0,
+                seq,
                 start: len,
                 n: inp.new_tokens,
                 row,
                 new_pages,
             });
+            // Cannot wrap: each sequence holds at most max_seq_len (< 2^32) tokens and at
+            // most max_sequences (< 2^32) sequences are live.
             row += inp.new_tokens;
         }
         if needed > self.host_alloc.free_count() {
@@ -118,14 +128,9 @@ impl SparseKvCache for SpinCache {
                 free: self.host_alloc.free_count(),
             });
         }
-        for e in &entries {
-            for _ in 0..e.new_pages {
-                let slots = self.host_alloc.alloc(self.dirs())?;
-                self.tables.push_page(e.seq, &slots)?;
-            }
-            *self.lens.get_mut(&e.seq).ok_or(Error::UnknownSequence(e.seq))? += e.n;
-        }
-        self.device_tables.apply(&mut self.tables)?;
+        // The step's uploads come first: they depend on the entries only, and failing
+        // here changes nothing.
+        crate::fault::device_call(OP)?;
         let mut positions = Vec::with_capacity(row);
         let mut queries = Vec::with_capacity(2 * row);
         for (ei, e) in entries.iter().enumerate() {
@@ -149,7 +154,28 @@ impl SparseKvCache for SpinCache {
             .collect();
         let n_entries = entries.len();
         let kv_limit = Tensor::from_vec(kv_limit, n_entries, &self.cfg.device)?;
-        let plan = self.step_plan(&entries, row)?;
+        // Reserve the pages, then mirror them on the device and plan the step; if that fails, give them back
+        // (the device tables' change log keeps both, so the next apply ends consistent).
+        for e in &entries {
+            for _ in 0..e.new_pages {
+                let slots = self.host_alloc.alloc(self.dirs())?;
+                self.tables.push_page(e.seq, &slots)?;
+            }
+            *self.lens.get_mut(&e.seq).ok_or(Error::UnknownSequence(e.seq))? += e.n;
+        }
+        let plan = self
+            .device_tables
+            .apply(&mut self.tables)
+            .and_then(|()| self.step_plan(&entries, row));
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(e) => {
+                for en in &entries {
+                    self.unreserve(en)?;
+                }
+                return Err(e);
+            }
+        };
         let stats = StepStats {
             steps: 1,
             ..Default::default()
@@ -166,16 +192,34 @@ impl SparseKvCache for SpinCache {
             plan,
             requested: vec![false; n_entries],
             stats,
+            failed: None,
         });
         Ok(())
     }
 
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        const OP: &str = "SparseKvCache::attend";
         let mut step = self.step.take().ok_or(Error::StepMisuse {
-            op: "SparseKvCache::attend",
+            op: OP,
             msg: "no open step: call begin_step first".into(),
         })?;
-        let result = self.attend_in_step(&mut step, layer, q, k, v);
+        let result = match &step.failed {
+            Some(why) => Err(Error::StepMisuse {
+                op: OP,
+                msg: format!("the step is poisoned ({why}): call abort_step, then run the step again"),
+            }),
+            // Invalid input changes nothing: the step stays usable.
+            None => match self.check_qkv(&step, layer, q, k, v) {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    let r = self.attend_in_step(&mut step, layer, q, k, v);
+                    if let Err(e) = &r {
+                        step.failed = Some(format!("attend of layer {layer} failed: {e}"));
+                    }
+                    r
+                }
+            },
+        };
         self.step = Some(step);
         result
     }
@@ -185,6 +229,12 @@ impl SparseKvCache for SpinCache {
             op: "SparseKvCache::end_step",
             msg: "no open step".into(),
         })?;
+        if let Some(why) = &step.failed {
+            return Err(Error::StepMisuse {
+                op: "SparseKvCache::end_step",
+                msg: format!("the step is poisoned ({why}): call abort_step, then run the step again"),
+            });
+        }
         if let Some(l) = step.attended.iter().position(|a| !a) {
             return Err(Error::StepMisuse {
                 op: "SparseKvCache::end_step",
@@ -200,33 +250,49 @@ impl SparseKvCache for SpinCache {
         stats.misses += misses;
         stats.spilled += spilled;
         stats.bytes_moved += (misses + spilled) * self.cfg.page_bytes() as u64;
+        // The next budgets are computed aside and committed once uploaded: on an error
+        // the step stays open (end_step or abort_step may follow; the counters of the
+        // failed attempt are lost to the statistics, nothing else).
+        let mut budgets = self.budgets.clone();
         for (e, _) in step.entries.iter().zip(&step.requested).filter(|(_, &r)| r) {
             let owner = self.owners.get(&e.seq).copied().unwrap_or(0) as usize;
-            self.budgets
-                .observe_count(e.seq, reuse.get(owner).copied().unwrap_or(0) as usize);
+            budgets.observe_count(e.seq, reuse.get(owner).copied().unwrap_or(0) as usize);
         }
+        budgets.end_step();
+        let b = self.budget_vector(&budgets);
+        self.lru.set_budgets(&b)?;
+        self.budgets = budgets;
         self.step = None;
         self.total.add(&stats);
-        self.budgets.end_step();
-        self.upload_budgets()?;
         Ok(stats)
     }
 
     fn abort_step(&mut self) -> Result<()> {
-        let step = self.step.take().ok_or(Error::StepMisuse {
+        let step = self.step.as_ref().ok_or(Error::StepMisuse {
             op: "SparseKvCache::abort_step",
             msg: "no open step".into(),
         })?;
-        for e in &step.entries {
-            self.release_pages(e.seq, e.new_pages)?;
-            if let Some(l) = self.lens.get_mut(&e.seq) {
-                *l = e.start;
+        let entries = step.entries.clone();
+        // The fallible device work first, all of it safe to repeat: on an error the step
+        // stays open (poisoned: only abort_step may follow), nothing else changed, and
+        // abort_step can be called again.
+        if let Err(e) = self.abort_device_work(&entries) {
+            if let Some(st) = self.step.as_mut() {
+                st.failed.get_or_insert_with(|| format!("abort_step failed: {e}"));
             }
+            return Err(e);
+        }
+        // Host bookkeeping only from here. The device page tables are brought in step by
+        // the next `begin_step` (their change log keeps the freed pages).
+        for e in &entries {
+            self.unreserve(e)?;
             self.algo.truncate(e.seq, e.start);
         }
-        self.device_tables.apply(&mut self.tables)?;
-        // The step's counters are dropped; the recency it gave to pages stays (harmless).
-        self.lru.take_step_counters()?;
+        let step_no = self.total.steps + 1;
+        if let Some(tr) = self.trace.as_mut() {
+            tr.retain(|r| r.step != step_no);
+        }
+        self.step = None;
         Ok(())
     }
 

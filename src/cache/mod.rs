@@ -63,6 +63,9 @@ struct StepState {
     /// towards its fast-tier budget, as the simulator counts it).
     requested: Vec<bool>,
     stats: StepStats,
+    /// Set when an `attend` (or `abort_step`) failed past its input validation: the step
+    /// is poisoned and only `abort_step` may follow (the message says where it failed).
+    failed: Option<String>,
 }
 
 /// Where a layer's page requests were built.
@@ -83,6 +86,8 @@ struct PageRequests {
 
 /// A sparse KV cache: tiered page pool + two-level page tables + one algorithm.
 pub struct SpinCache {
+    /// This cache's id (in every `SeqId` it issues).
+    id: u64,
     cfg: CacheConfig,
     algo: Box<dyn SparseAlgorithm>,
     host: HostTier,
@@ -132,6 +137,7 @@ impl SpinCache {
         let leaves_per_row = cfg.max_seq_len.div_ceil(p).div_ceil(LEAF_PAGES);
         let arena = cfg.host_pages.div_ceil(LEAF_PAGES) + max_rows;
         let mut cache = Self {
+            id: types::NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             host: HostTier::new(&cfg)?,
             host_alloc: SlotAllocator::new(Tier::Host, cfg.host_pages),
             lru: DeviceLru::new(buckets, cfg.lru_ways, cfg.max_sequences, cfg.host_pages, &cfg.device)?,
@@ -157,12 +163,19 @@ impl SpinCache {
     /// Copies the budget tracker's per-sequence budgets to the LRU, by owner index
     /// (slots without a live sequence get the whole capacity, as the tracker does).
     fn upload_budgets(&mut self) -> Result<()> {
+        let b = self.budget_vector(&self.budgets);
+        self.lru.set_budgets(&b)
+    }
+
+    /// Per owner index, the budget `budgets` gives its sequence (the whole capacity for
+    /// owner indices without a live sequence).
+    fn budget_vector(&self, budgets: &BudgetTracker) -> Vec<u32> {
         let cap = self.lru.capacity();
         let mut b = vec![cap.min(u32::MAX as usize) as u32; self.cfg.max_sequences];
         for (&seq, &owner) in &self.owners {
-            b[owner as usize] = self.budgets.budget(seq).min(u32::MAX as usize) as u32;
+            b[owner as usize] = budgets.budget(seq).min(u32::MAX as usize) as u32;
         }
-        self.lru.set_budgets(&b)
+        b
     }
 
     /// Starts (`true`) or stops recording every decode selection (per step, layer,
@@ -234,12 +247,94 @@ impl SpinCache {
         self.cfg.num_layers * self.cfg.num_kv_heads
     }
 
-    /// Frees the last `pages` pages of `seq` in both tiers.
-    fn release_pages(&mut self, seq: u64, pages: usize) -> Result<()> {
-        let slots = self.tables.pop_pages(seq, pages)?;
-        self.lru.invalidate(&slots)?;
-        for slot in slots {
+    /// The number of `seq` in this cache, after checking that this cache issued it and
+    /// that it is live.
+    fn live(&self, op: &'static str, seq: SeqId) -> Result<u64> {
+        if seq.cache != self.id {
+            return Err(Error::Invalid {
+                op,
+                msg: format!("{seq} was issued by another cache (this is cache {})", self.id),
+            });
+        }
+        if !self.lens.contains_key(&seq.id) {
+            return Err(Error::UnknownSequence(seq.id));
+        }
+        Ok(seq.id)
+    }
+
+    /// Host slots of the pages `entry`'s step added to its sequence (every directory).
+    fn step_slots(&self, entry: &StepEntry) -> Result<Vec<u32>> {
+        let mut all = Vec::new();
+        let mut buf = Vec::new();
+        for dir in 0..self.dirs() {
+            buf.clear();
+            self.tables.extend_slots(entry.seq, dir, &mut buf)?;
+            all.extend_from_slice(&buf[buf.len().saturating_sub(entry.new_pages)..]);
+        }
+        Ok(all)
+    }
+
+    /// The device side of aborting a step of `entries`, safe to repeat.
+    fn abort_device_work(&mut self, entries: &[StepEntry]) -> Result<()> {
+        let mut slots = Vec::new();
+        for e in entries {
+            slots.extend(self.step_slots(e)?);
+        }
+        // Per-page key bounds of the pages the step wrote into but does not own.
+        self.restore_page_minmax(entries)?;
+        // The step's counters are dropped; the recency it gave to pages stays (harmless:
+        // residency never changes an output).
+        self.lru.take_step_counters()?;
+        // Drop the new pages' fast copies (last: the one change `pool_usage` shows).
+        self.lru.invalidate(&slots)
+    }
+
+    /// Host bookkeeping of undoing `entry`'s reservation: its new pages go back to the
+    /// allocator and its length to `start`. The pages' fast copies must be gone already.
+    fn unreserve(&mut self, entry: &StepEntry) -> Result<()> {
+        for slot in self.tables.pop_pages(entry.seq, entry.new_pages)? {
             self.host_alloc.free(slot)?;
+        }
+        if let Some(l) = self.lens.get_mut(&entry.seq) {
+            *l = entry.start;
+        }
+        Ok(())
+    }
+
+    /// Recomputes the per-page key bounds ([`SparseAlgorithm::page_minmax`], Quest's
+    /// min/max) of every page that held tokens before the step and received the step's
+    /// tokens too: from the keys the host tier holds for its first `start % P` rows, in
+    /// row order, exactly as [`ops::quest_meta_update`] built them. Pages the step
+    /// allocated are freed instead (their bounds reset when a token lands in row 0).
+    fn restore_page_minmax(&mut self, entries: &[StepEntry]) -> Result<()> {
+        // A clone shares the algorithm's storage: the update below is in place.
+        let Some(meta) = self.algo.page_minmax().cloned() else {
+            return Ok(());
+        };
+        let (p, d, dirs) = (self.cfg.page_size, self.cfg.head_dim, self.dirs());
+        let dev = self.cfg.device.clone();
+        for e in entries.iter().filter(|e| e.start % p != 0) {
+            let (page, rows) = (e.start / p, e.start % p);
+            let mut slots = Vec::with_capacity(dirs);
+            for dir in 0..dirs {
+                slots.push(self.tables.get(e.seq, dir, page)?);
+            }
+            let pairs: Vec<u32> = slots.iter().enumerate().flat_map(|(i, &s)| [s, i as u32]).collect();
+            let pages = Tensor::zeros((dirs, 2, p, d), self.cfg.dtype, &dev)?;
+            self.host.gather(&pages, &Tensor::from_vec(pairs, (dirs, 2), &dev)?)?;
+            // [rows, dirs, D]: row r of every page is "token" r, each page a "head".
+            let keys = pages
+                .narrow(1, 0, 1)?
+                .narrow(2, 0, rows)?
+                .squeeze(1)?
+                .transpose(0, 1)?
+                .to_device(meta.device())?
+                .contiguous()?;
+            let dst: Vec<u32> = (0..rows as u32)
+                .flat_map(|r| slots.iter().map(move |&s| s * p as u32 + r))
+                .collect();
+            let dst = Tensor::from_vec(dst, (rows, dirs), meta.device())?;
+            ops::quest_meta_update(&meta, &keys, &dst, p)?;
         }
         Ok(())
     }

@@ -6,9 +6,32 @@ use crate::config::CacheConfig;
 use crate::Result;
 use candle_core::Tensor;
 
-/// Handle of a sequence in a cache.
+/// Handle of a sequence in the cache that issued it ([`SparseKvCache::add_sequence`]).
+///
+/// A `SeqId` names its cache too: handing it to another cache is an error, never a
+/// silent access to some other sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SeqId(pub u64);
+pub struct SeqId {
+    pub(super) cache: u64,
+    pub(super) id: u64,
+}
+
+impl SeqId {
+    /// The sequence's number within its cache (0, 1, 2, … in order of `add_sequence`):
+    /// the `seq` that algorithms ([`TokenRun::seq`](crate::partition::TokenRun::seq)), selection records and errors show.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl std::fmt::Display for SeqId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sequence {} of cache {}", self.id, self.cache)
+    }
+}
+
+/// Source of cache ids: every cache gets its own, so `SeqId`s of different caches differ.
+pub(super) static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// One sequence's share of a step: `new_tokens >= 1` tokens appended at its end
 /// (prefill and decode share the call).

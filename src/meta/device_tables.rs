@@ -127,8 +127,10 @@ impl DeviceTables {
     /// Directory entries of sequences without rows here are skipped when the sequence is
     /// gone from `tables` (removed), and an error when it is still there (call
     /// [`add_sequence`](Self::add_sequence) first). A leaf id past `leaves`' rows or a
-    /// directory longer than `directory`'s columns is an error naming the capacity; on
-    /// error nothing is written and the changes stay logged in `tables`.
+    /// directory longer than `directory`'s columns is an error naming the capacity, and
+    /// nothing is written. When an upload or a scatter fails on the device, the changes
+    /// (and the pending row clears) stay logged too: on any error the next call writes
+    /// them all again.
     ///
     /// The writes are uploaded as `[n, 2]` u32 (flat index, value) tensors (an async
     /// copy from pageable host memory, staged by the driver) and applied by a scatter
@@ -144,14 +146,18 @@ impl DeviceTables {
         }
         tables.track_changes();
         let changes = tables.take_changes();
-        match self.writes(tables, &changes) {
-            Ok((dir_writes, leaf_writes)) => {
-                scatter(&self.directory, dir_writes)?;
-                scatter(&self.leaves, leaf_writes)?;
+        let applied = self.writes(tables, &changes).and_then(|(dir_writes, leaf_writes)| {
+            scatter(&self.directory, dir_writes)?;
+            scatter(&self.leaves, leaf_writes)
+        });
+        match applied {
+            Ok(()) => {
                 self.pending_dir.clear();
                 Ok(())
             }
             Err(e) => {
+                // Every write is an absolute value: replaying the whole log later is right
+                // even when one of the two scatters already ran.
                 tables.restore_changes(changes);
                 Err(e)
             }

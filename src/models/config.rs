@@ -87,7 +87,7 @@ impl LlamaConfig {
             Some(info) => info.shape.dims()[0],
             None => return Err(Error::Model("GGUF has no `token_embd.weight`".into())),
         };
-        Ok(Self {
+        Self {
             arch,
             hidden_size: hidden,
             intermediate_size: md_u(c, &format!("{a}.feed_forward_length"))?,
@@ -101,7 +101,21 @@ impl LlamaConfig {
             max_position_embeddings: md_u(c, &format!("{a}.context_length")).unwrap_or(4096),
             tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
             attention_bias: arch == Architecture::Qwen2,
-        })
+        }
+        .validated("GGUF metadata")
+    }
+
+    /// `self` when its shape is usable (heads, KV heads, head dim and layers >= 1, query
+    /// heads a multiple of KV heads, an even head dim), else an error naming `source`.
+    fn validated(self, source: &str) -> Result<Self> {
+        let (h, kv, d, l) = (self.num_heads, self.num_kv_heads, self.head_dim, self.num_layers);
+        if h == 0 || kv == 0 || d == 0 || l == 0 || h % kv != 0 || d % 2 != 0 {
+            return Err(Error::Model(format!(
+                "{source}: unusable shape: {h} heads, {kv} KV heads, head dim {d}, {l} layers \
+                 (all must be >= 1, heads a multiple of KV heads, head dim even)"
+            )));
+        }
+        Ok(self)
     }
 
     /// Reads a Hugging Face `config.json` (`LlamaForCausalLM`, `MistralForCausalLM`,
@@ -130,7 +144,7 @@ impl LlamaConfig {
         };
         let hidden = u("hidden_size")?;
         let heads = u("num_attention_heads")?;
-        Ok(Self {
+        Self {
             arch,
             hidden_size: hidden,
             intermediate_size: u("intermediate_size")?,
@@ -144,6 +158,54 @@ impl LlamaConfig {
             max_position_embeddings: u("max_position_embeddings").unwrap_or(4096),
             tie_word_embeddings: j.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),
             attention_bias: arch == Architecture::Qwen2,
-        })
+        }
+        .validated(&path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LlamaConfig;
+    use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
+    use candle_core::quantized::GgmlDType;
+    use std::collections::HashMap;
+
+    fn gguf(heads: u32, kv: u32) -> Content {
+        let mut metadata = HashMap::new();
+        metadata.insert("general.architecture".to_string(), Value::String("llama".into()));
+        for (k, v) in [
+            ("embedding_length", 64),
+            ("attention.head_count", heads),
+            ("attention.head_count_kv", kv),
+            ("feed_forward_length", 128),
+            ("block_count", 2),
+        ] {
+            metadata.insert(format!("llama.{k}"), Value::U32(v));
+        }
+        let mut tensor_infos = HashMap::new();
+        tensor_infos.insert(
+            "token_embd.weight".to_string(),
+            TensorInfo {
+                ggml_dtype: GgmlDType::F32,
+                shape: (100, 64).into(),
+                offset: 0,
+            },
+        );
+        Content {
+            magic: VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos,
+            tensor_data_offset: 0,
+        }
+    }
+
+    #[test]
+    fn gguf_with_zero_heads_is_an_error() {
+        let c = LlamaConfig::from_gguf(&gguf(4, 2)).unwrap();
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (4, 2, 16));
+        for (h, kv) in [(0, 0), (0, 2), (4, 0), (4, 3)] {
+            let e = LlamaConfig::from_gguf(&gguf(h, kv)).unwrap_err().to_string();
+            assert!(e.contains("GGUF") && e.contains("heads"), "{h}/{kv}: {e}");
+        }
     }
 }

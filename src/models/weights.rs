@@ -11,8 +11,17 @@ use std::path::Path;
 
 /// Undoes llama.cpp's q/k row permutation: GGUF rows of head `h` are ordered
 /// `(i, half)` for `i < D/2`; Hugging Face orders them `(half, i)`.
+///
+/// `w` is `[n_heads · D, in]` with `D` even; anything else (`n_heads` 0 included) is an
+/// error.
 pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
+    if n_heads == 0 || out % n_heads != 0 || (out / n_heads) % 2 != 0 {
+        return Err(Error::Model(format!(
+            "unpermute_qk: weight {:?} does not split into {n_heads} heads of an even, non-zero head dim",
+            w.dims()
+        )));
+    }
     let d = out / n_heads;
     Ok(w.reshape((n_heads, d / 2, 2, inp))?
         .transpose(1, 2)?
@@ -102,4 +111,20 @@ pub fn load_safetensors(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unpermute_qk;
+    use candle_core::{DType, Device, Tensor};
+
+    #[test]
+    fn unpermute_qk_rejects_zero_or_uneven_heads() {
+        let w = Tensor::zeros((8, 3), DType::F32, &Device::Cpu).unwrap();
+        assert!(unpermute_qk(&w, 2).is_ok());
+        for heads in [0, 3, 8] {
+            let e = unpermute_qk(&w, heads).unwrap_err().to_string();
+            assert!(e.contains("unpermute_qk") && e.contains("[8, 3]"), "{heads}: {e}");
+        }
+    }
 }

@@ -99,6 +99,8 @@ fn check_pool_rows(
         "[slots, 2, page_size, D]",
     )?;
     let (_, _, page_size, d) = pool.dims4()?;
+    util::check_nonzero(op, "page_size", page_size, ("pool", pool))?;
+    util::check_nonzero(op, "head dim D", d, ("pool", pool))?;
     util::check_dtype(op, "pool", pool, util::FLOAT_DTYPES)?;
     util::check_shape(op, "k", k, &[None, None, Some(d)], &format!("[T, Hkv, {d}]"))?;
     let (t, h, _) = k.dims3()?;
@@ -212,6 +214,7 @@ impl InplaceOp2 for QuestMetaUpdate {
 pub fn quest_meta_update(meta: &Tensor, k: &Tensor, dst: &Tensor, page_size: usize) -> Result<()> {
     util::check_shape(META, "meta", meta, &[None, Some(2), None], "[slots, 2, D]")?;
     let (_, _, d) = meta.dims3()?;
+    util::check_nonzero(META, "head dim D", d, ("meta", meta))?;
     util::check_dtype(META, "meta", meta, util::FLOAT_DTYPES)?;
     util::check_shape(META, "k", k, &[None, None, Some(d)], &format!("[T, Hkv, {d}]"))?;
     let (t, h, _) = k.dims3()?;
@@ -221,7 +224,12 @@ pub fn quest_meta_update(meta: &Tensor, k: &Tensor, dst: &Tensor, page_size: usi
     util::check_device(META, meta.device(), &[("k", k), ("dst", dst)])?;
     util::check_contiguous(META, &[("meta", meta), ("k", k), ("dst", dst)])?;
     if page_size == 0 {
-        crate::invalid!(META, "page_size must be > 0");
+        crate::invalid!(
+            META,
+            "page_size must be >= 1, got 0 (meta {:?}, k {:?})",
+            meta.dims(),
+            k.dims()
+        );
     }
     if t == 0 {
         return Ok(());

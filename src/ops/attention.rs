@@ -213,6 +213,7 @@ pub fn sparse_paged_attention(q: &Tensor, pool: &Tensor, list: &PageList, scale:
         &[None, Some(2), None, Some(d)],
         &format!("[slots, 2, page_size, {d}]"),
     )?;
+    util::check_nonzero(OP, "page_size", pool.dims()[2], ("pool", pool))?;
     util::check_same_dtype(OP, ("q", q), ("pool", pool))?;
     check_query_and_list(q, list, pool.device())?;
     util::check_contiguous(OP, &[("pool", pool)])?;
@@ -233,7 +234,9 @@ pub fn sparse_paged_attention(q: &Tensor, pool: &Tensor, list: &PageList, scale:
 /// `device`, contiguous); shared with the attention over the pinned host tier.
 pub(crate) fn check_query_and_list(q: &Tensor, list: &PageList, device: &candle_core::Device) -> Result<()> {
     util::check_shape(OP, "q", q, &[None, None, None], "[T, Hq, D]")?;
-    let (t, hq, _) = q.dims3()?;
+    let (t, hq, d) = q.dims3()?;
+    util::check_nonzero(OP, "head dim D", d, ("q", q))?;
+    util::check_nonzero(OP, "query heads Hq", hq, ("q", q))?;
     util::check_dtype(OP, "q", q, util::FLOAT_DTYPES)?;
     util::check_shape(OP, "pages", &list.pages, &[None, None, None, Some(2)], "[S, Hkv, N, 2]")?;
     let (s, hkv, _, _) = list.pages.dims4()?;

@@ -16,6 +16,7 @@ pub(crate) fn scatter(table: &Tensor, writes: Vec<(u32, u32)>) -> Result<()> {
     if writes.is_empty() {
         return Ok(());
     }
+    crate::fault::device_call("DeviceTables::apply")?;
     let n = writes.len();
     let flat: Vec<u32> = writes.into_iter().flat_map(|(i, v)| [i, v]).collect();
     let w = Tensor::from_vec(flat, (n, 2), table.device())?;

@@ -122,6 +122,8 @@ pub fn quest_page_scores(
 ) -> Result<Tensor> {
     util::check_shape(OP, "q", q, &[None, None, None], "[B, Hq, D]")?;
     let (b, hq, d) = q.dims3()?;
+    util::check_nonzero(OP, "head dim D", d, ("q", q))?;
+    util::check_nonzero(OP, "query heads Hq", hq, ("q", q))?;
     util::check_dtype(OP, "q", q, util::FLOAT_DTYPES)?;
     util::check_shape(OP, "meta", meta, &[None, Some(2), Some(d)], &format!("[slots, 2, {d}]"))?;
     util::check_same_dtype(OP, ("q", q), ("meta", meta))?;

@@ -29,6 +29,8 @@ pub fn causal_self_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> 
         &[Some(n), Some(hkv), Some(d)],
         &format!("[{n}, {hkv}, {d}]"),
     )?;
+    util::check_nonzero(OP, "head dim D", d, ("q", q))?;
+    util::check_nonzero(OP, "query heads Hq", hq, ("q", q))?;
     util::check_dtype(OP, "q", q, util::FLOAT_DTYPES)?;
     util::check_same_dtype(OP, ("q", q), ("k", k))?;
     util::check_same_dtype(OP, ("q", q), ("v", v))?;

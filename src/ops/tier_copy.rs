@@ -62,6 +62,14 @@ pub fn copy_pages(dst: &Tensor, src: &Tensor, pairs: &Tensor) -> Result<()> {
             src.dims()
         );
     }
+    if dst.dims()[1..].contains(&0) {
+        crate::invalid!(
+            OP,
+            "pages of dst {:?} and src {:?} hold no element (a page size or head dim of 0)",
+            dst.dims(),
+            src.dims()
+        );
+    }
     util::check_dtype(OP, "dst", dst, util::FLOAT_DTYPES)?;
     util::check_same_dtype(OP, ("dst", dst), ("src", src))?;
     util::check_shape(OP, "pairs", pairs, &[None, Some(2)], "[n, 2]")?;

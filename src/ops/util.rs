@@ -61,6 +61,18 @@ pub(crate) fn check_shape(
     Ok(())
 }
 
+/// Fails naming `op` when a size that the op divides by or groups by is 0: `name` is the
+/// size (e.g. `"page_size"`), read from `t` (named `t_name`, whose shape the message shows).
+pub(crate) fn check_nonzero(op: &'static str, name: &str, value: usize, (t_name, t): (&str, &Tensor)) -> Result<()> {
+    if value == 0 {
+        return Err(Error::Invalid {
+            op,
+            msg: format!("{name} must be >= 1, got 0 ({t_name} has shape {:?})", t.dims()),
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn check_dtype(op: &'static str, name: &str, t: &Tensor, allowed: &[DType]) -> Result<()> {
     if !allowed.contains(&t.dtype()) {
         return Err(Error::Invalid {
@@ -125,6 +137,21 @@ pub(crate) fn check_contiguous(op: &'static str, tensors: &[(&str, &Tensor)]) ->
 
 pub(crate) const FLOAT_DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16];
 
+/// Bytes of a page pool `[slots, 2, page_size, head_dim]` of `elem_bytes`-byte elements,
+/// or `None` when that overflows `isize` (the most one allocation may hold) or a slot id
+/// would not fit the `u32` slot ids of the ops and kernels (`slots >= NONE`).
+pub(crate) fn pool_bytes(slots: usize, page_size: usize, head_dim: usize, elem_bytes: usize) -> Option<usize> {
+    if slots >= super::NONE as usize {
+        return None;
+    }
+    let bytes = slots
+        .checked_mul(2)?
+        .checked_mul(page_size)?
+        .checked_mul(head_dim)?
+        .checked_mul(elem_bytes)?;
+    (bytes <= isize::MAX as usize).then_some(bytes)
+}
+
 /// The contiguous element range of a layout, or a candle error naming the op.
 pub(crate) fn contiguous_range(op: &str, l: &Layout) -> candle_core::Result<(usize, usize)> {
     match l.contiguous_offsets() {
@@ -148,5 +175,27 @@ pub(crate) fn u32_field(op: &str, t: &Tensor) -> candle_core::Result<Vec<u32>> {
     match &*s {
         candle_core::Storage::Cpu(cpu) => Ok(u32_slice(op, cpu, l)?.to_vec()),
         _ => candle_core::bail!("{op}: index tensor must be on the CPU here"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pool_bytes;
+
+    #[test]
+    fn pool_bytes_is_checked() {
+        assert_eq!(pool_bytes(3, 16, 64, 2), Some(3 * 2 * 16 * 64 * 2));
+        assert_eq!(pool_bytes(0, 16, 64, 4), Some(0));
+        // Wraps to a tiny size with unchecked arithmetic: 2^62 · 2 · 2 = 2^64 ≡ 0.
+        assert_eq!(pool_bytes(1, 1 << 62, 2, 1), None);
+        assert_eq!(pool_bytes(1 << 20, 1 << 20, 1 << 20, 4), None);
+        // Fits usize but not one allocation.
+        assert_eq!(pool_bytes(1, 1, 1 << 62, 1), None);
+        // Slot ids are u32 (NONE excluded).
+        assert_eq!(pool_bytes(u32::MAX as usize, 1, 1, 1), None);
+        assert_eq!(
+            pool_bytes(u32::MAX as usize - 1, 1, 1, 1),
+            Some(2 * (u32::MAX as usize - 1))
+        );
     }
 }

@@ -69,8 +69,9 @@ impl InfLlmConfig {
     }
 }
 
-/// Per (layer, sequence) state.
-#[derive(Debug, Default)]
+/// Per (layer, sequence) state (cheap to clone: tensors are shared, the mass vectors
+/// hold at most a block and a window of tokens).
+#[derive(Debug, Default, Clone)]
 struct SeqState {
     /// Tokens indexed.
     len: usize,
@@ -260,7 +261,9 @@ impl SparseAlgorithm for InfLlm {
     fn index(&mut self, input: &IndexInput<'_>) -> Result<()> {
         let (bt, w) = (self.cfg.block_tokens, self.cfg.window_tokens);
         for run in input.runs {
-            let mut st = self.seqs.remove(&(input.layer, run.seq)).unwrap_or_default();
+            // Work on a copy and store it only once every fallible step succeeded: on an
+            // error the sequence keeps the state it had before this call.
+            let mut st = self.seqs.get(&(input.layer, run.seq)).cloned().unwrap_or_default();
             if st.len != run.start {
                 return Err(Error::Invalid {
                     op: "InfLlm::index",

@@ -31,7 +31,7 @@ use candle_core::{Device, Tensor};
 /// at positions `start..start + n`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenRun {
-    /// Sequence id ([`SeqId`](crate::SeqId)`.0`).
+    /// Sequence number ([`SeqId::id`](crate::SeqId::id)).
     pub seq: u64,
     /// Tokens the sequence held before the step (= position of the first new token).
     pub start: usize,
@@ -250,7 +250,15 @@ pub const ALGORITHMS: &[&str] = &["dense", "streaming", "quest", "infllm", "shad
 /// window; `quest` uses its defaults otherwise; `infllm` and `shadowkv` scale their
 /// sink, window, block and outlier sizes to the budget ([`InfLlmConfig::for_budget`],
 /// [`ShadowKvConfig::for_budget`]) so that every algorithm attends about the same tokens.
+///
+/// A budget of 0 is an error for every name (`dense` included: a caller asking for no
+/// tokens made a mistake, whatever the algorithm).
 pub fn by_name(name: &str, budget_tokens: usize) -> Result<Box<dyn SparseAlgorithm>> {
+    if ALGORITHMS.contains(&name) && budget_tokens == 0 {
+        return Err(crate::Error::Config(format!(
+            "{name}: budget_tokens must be >= 1, got 0 (partition::by_name)"
+        )));
+    }
     Ok(match name {
         "dense" => Box::new(Dense::new()),
         "streaming" => {

@@ -251,22 +251,33 @@ impl SparseAlgorithm for ShadowKv {
 
     fn index(&mut self, input: &IndexInput<'_>) -> Result<()> {
         for run in input.runs {
-            let st = self.seqs.entry((input.layer, run.seq)).or_default();
-            if st.len != run.start {
+            let key = (input.layer, run.seq);
+            let (len, compressed, buffered) = match self.seqs.get(&key) {
+                Some(st) => (st.len, st.comp.is_some(), st.prefill_k.as_ref()),
+                None => (0, false, None),
+            };
+            if len != run.start {
                 return Err(Error::Invalid {
                     op: "ShadowKv::index",
                     msg: format!(
-                        "sequence {} layer {}: {} tokens indexed but the step starts at {}",
-                        run.seq, input.layer, st.len, run.start
+                        "sequence {} layer {}: {len} tokens indexed but the step starts at {}",
+                        run.seq, input.layer, run.start
                     ),
                 });
             }
-            if st.comp.is_none() {
+            // The fallible work first: on an error the state is left as it was.
+            let prefill_k = if compressed {
+                None
+            } else {
                 let k_new = input.k_pre_rope.narrow(0, run.row, run.n)?;
-                st.prefill_k = Some(match st.prefill_k.take() {
+                Some(match buffered {
                     None => k_new.contiguous()?,
-                    Some(old) => Tensor::cat(&[&old, &k_new], 0)?,
-                });
+                    Some(old) => Tensor::cat(&[old, &k_new], 0)?,
+                })
+            };
+            let st = self.seqs.entry(key).or_default();
+            if prefill_k.is_some() {
+                st.prefill_k = prefill_k;
             }
             st.len += run.n;
         }

@@ -138,6 +138,7 @@ impl DeviceLru {
                 self.max_owners
             );
         }
+        crate::fault::device_call("DeviceLru::set_budgets")?;
         self.budgets = Tensor::from_slice(budgets, budgets.len(), &self.device)?;
         Ok(())
     }
@@ -177,6 +178,7 @@ impl DeviceLru {
         if req.step == 0 {
             crate::invalid!(ROP, "step must be >= 1 (0 marks never-seen host slots)");
         }
+        crate::fault::device_call(ROP)?;
         if self.round == u32::MAX {
             // Pins hold round numbers: restart them before the counter wraps.
             self.pinned = u32s(self.capacity(), 0, &self.device)?;
@@ -274,6 +276,7 @@ impl DeviceLru {
         if host_slots.is_empty() {
             return Ok(());
         }
+        crate::fault::device_call("DeviceLru::invalidate")?;
         match &self.device {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => {
@@ -292,6 +295,7 @@ impl DeviceLru {
     /// deferred]` counters since the last call; both are reset to 0. A device-to-host copy
     /// (meant for the end of a step).
     pub fn take_step_counters(&mut self) -> Result<(Vec<u32>, [u64; 3])> {
+        crate::fault::device_call("DeviceLru::take_step_counters")?;
         let reuse = self.reuse.to_vec1::<u32>()?;
         let c = self.counters.to_vec1::<i64>()?;
         self.reuse = u32s(self.max_owners, 0, &self.device)?;

@@ -21,7 +21,8 @@ pub(crate) enum HostTier {
 impl HostTier {
     /// Writes `k`, `v` `[T, Hkv, D]` rows to token destinations `dst` `[T, Hkv]` u32
     /// (`slot·P + offset`, `NONE` skips), all on the fast tier's device.
-    pub fn append(&self, k: &Tensor, v: &Tensor, dst: &Tensor) -> Result<()> {
+    pub fn append(&mut self, k: &Tensor, v: &Tensor, dst: &Tensor) -> Result<()> {
+        crate::fault::device_call("HostTier::append")?;
         match self {
             Self::Tensor(pool) => ops::paged_append(pool, k, v, dst),
             #[cfg(feature = "cuda")]
@@ -32,6 +33,7 @@ impl HostTier {
     /// Copies the first `count[0]` rows of `pairs` `[cap, 2]` u32 (host slot, fast slot)
     /// into `fast` `[fast_slots, 2, P, D]`.
     pub fn gather_counted(&self, fast: &Tensor, pairs: &Tensor, count: &Tensor) -> Result<()> {
+        crate::fault::device_call("HostTier::gather_counted")?;
         match self {
             Self::Tensor(pool) => {
                 // CPU reference: the count is read where it lives (no device round trip).
@@ -46,6 +48,7 @@ impl HostTier {
     /// Copies whole pages `pairs` `[n, 2]` u32 (host slot, destination slot) into `dst`
     /// `[slots, 2, P, D]` (a step-local pool).
     pub fn gather(&self, dst: &Tensor, pairs: &Tensor) -> Result<()> {
+        crate::fault::device_call("HostTier::gather")?;
         match self {
             Self::Tensor(pool) => ops::copy_pages(dst, pool, pairs),
             #[cfg(feature = "cuda")]
@@ -56,6 +59,7 @@ impl HostTier {
     /// `sparse_paged_attention` over pages read straight from this tier (`list.pages`
     /// holds host slots).
     pub fn attend(&self, q: &Tensor, list: &PageList, scale: f32) -> Result<AttentionPartial> {
+        crate::fault::device_call("HostTier::attend")?;
         match self {
             Self::Tensor(pool) => ops::sparse_paged_attention(q, pool, list, scale),
             #[cfg(feature = "cuda")]

@@ -22,9 +22,25 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, InplaceOp1,
 const OP: &str = "PinnedPagePool";
 
 /// Pages in mapped page-locked host memory (see the module docs).
+///
+/// Every method that writes the pages takes `&mut self` ([`write_pages`](Self::write_pages)
+/// from the host, [`append_rows`](Self::append_rows) by a kernel); the `&self` methods
+/// only read them (kernels enqueued on the device's stream, or the host after a stream
+/// synchronization). Dropping the pool waits for the stream before the memory is freed.
+///
+/// `Send` and `Sync` are derived from the fields (cudarc's `PinnedHostSlice` and
+/// candle's `CudaDevice` are both): no raw pointer is kept. Sharing `&PinnedPagePool`
+/// between threads is sound because shared references only read the pages, and kernels
+/// that write them are enqueued through `&mut self` on the one stream that every reader
+/// also uses (host reads synchronize that stream first), so a read never overlaps a
+/// write.
 pub struct PinnedPagePool {
-    buf: drv::PinnedHostSlice<u8>,
-    buf_ptr: *const u8,
+    /// The allocation. `ManuallyDrop`: [`Drop`] frees it only after the device's stream
+    /// finished every kernel that may still read or write it through `dev_ptr`
+    /// (cudarc's own drop waits only for copies cudarc itself enqueued).
+    buf: std::mem::ManuallyDrop<drv::PinnedHostSlice<u8>>,
+    /// Host address of `buf` (an integer, so the pool holds no raw pointer).
+    host_addr: usize,
     dev_ptr: u64,
     slots: usize,
     page_size: usize,
@@ -33,18 +49,18 @@ pub struct PinnedPagePool {
     device: CudaDevice,
 }
 
-// SAFETY: the raw pointer is the pinned allocation owned by `buf`, which is Send + Sync.
-unsafe impl Send for PinnedPagePool {}
-unsafe impl Sync for PinnedPagePool {}
-
-impl std::fmt::Debug for PinnedPagePool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PinnedPagePool")
-            .field("slots", &self.slots)
-            .field("page_size", &self.page_size)
-            .field("head_dim", &self.head_dim)
-            .field("dtype", &self.dtype)
-            .finish()
+impl Drop for PinnedPagePool {
+    fn drop(&mut self) {
+        // Kernels enqueued on the stream read and write `buf` through its device address
+        // without cudarc knowing: wait for them before the pages are unpinned and freed.
+        match self.device.cuda_stream().synchronize() {
+            // SAFETY: `buf` is dropped exactly once, here, and never used afterwards.
+            Ok(()) => unsafe { std::mem::ManuallyDrop::drop(&mut self.buf) },
+            // The stream could not be waited for (a sticky context error): freeing could
+            // let a kernel still in flight touch freed memory, so the allocation is leaked
+            // and the error recorded on the context (`CudaContext::check_err`).
+            Err(e) => self.device.cuda_stream().context().record_err::<()>(Err(e)),
+        }
     }
 }
 
@@ -63,7 +79,13 @@ impl PinnedPagePool {
                  ({dtype:?}) f32, f16 or bf16"
             );
         }
-        let bytes = slots * 2 * page_size * head_dim * dtype.size_in_bytes();
+        let Some(bytes) = util::pool_bytes(slots, page_size, head_dim, dtype.size_in_bytes()) else {
+            crate::invalid!(
+                OP,
+                "{slots} slots of [2, {page_size}, {head_dim}] {dtype:?} overflow the size of one allocation \
+                 (or {slots} slots exceed the u32 slot ids)"
+            );
+        };
         let ctx = cuda.cuda_stream().context().clone();
         // SAFETY: the buffer is zeroed below before any use.
         let mut buf = unsafe {
@@ -81,8 +103,8 @@ impl PinnedPagePool {
             .result()
             .w()?;
         Ok(Self {
-            buf,
-            buf_ptr: host as *const u8,
+            buf: std::mem::ManuallyDrop::new(buf),
+            host_addr: host as usize,
             dev_ptr,
             slots,
             page_size,
@@ -110,7 +132,7 @@ impl PinnedPagePool {
     /// Host address of the first page (for benchmarks comparing copy methods; writes
     /// through it race with kernels reading the pool).
     pub fn host_ptr(&self) -> *const u8 {
-        self.buf_ptr
+        self.host_addr as *const u8
     }
 
     fn check_slots(&self, slots: &[u32]) -> Result<()> {
@@ -241,7 +263,7 @@ impl PinnedPagePool {
     ///
     /// The writes are enqueued on the device's stream; host reads
     /// ([`read_pages`](Self::read_pages)) synchronize first.
-    pub fn append_rows(&self, k: &Tensor, v: &Tensor, dst: &Tensor) -> Result<()> {
+    pub fn append_rows(&mut self, k: &Tensor, v: &Tensor, dst: &Tensor) -> Result<()> {
         const AR: &str = "PinnedPagePool::append_rows";
         let d = self.head_dim;
         util::check_shape(AR, "k", k, &[None, None, Some(d)], &format!("[T, Hkv, {d}]"))?;

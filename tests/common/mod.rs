@@ -126,5 +126,71 @@ pub fn bits(t: &Tensor) -> Vec<u32> {
         d => panic!("bits: float tensor expected, got {d:?}"),
     }
 }
+
+/// An algorithm that behaves as `inner`, except that its `select` fails on the calls
+/// whose numbers (1-based, over the algorithm's lifetime) are in `fail_on`: tests of the
+/// failure contract of `attend`.
+pub struct FailingSelect {
+    pub inner: Box<dyn spinkv::partition::SparseAlgorithm>,
+    pub fail_on: Vec<u64>,
+    pub calls: u64,
+}
+
+impl FailingSelect {
+    pub fn new(inner: Box<dyn spinkv::partition::SparseAlgorithm>, fail_on: &[u64]) -> Self {
+        Self {
+            inner,
+            fail_on: fail_on.to_vec(),
+            calls: 0,
+        }
+    }
+}
+
+impl spinkv::partition::SparseAlgorithm for FailingSelect {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn partition_pages(&self, page_size: usize) -> usize {
+        self.inner.partition_pages(page_size)
+    }
+    fn init(&mut self, cfg: &spinkv::CacheConfig) -> spinkv::Result<()> {
+        self.inner.init(cfg)
+    }
+    fn index(&mut self, input: &spinkv::partition::IndexInput<'_>) -> spinkv::Result<()> {
+        self.inner.index(input)
+    }
+    fn page_minmax(&self) -> Option<&Tensor> {
+        self.inner.page_minmax()
+    }
+    fn select(&mut self, input: &spinkv::partition::SelectInput<'_>) -> spinkv::Result<spinkv::partition::Selection> {
+        self.calls += 1;
+        if self.fail_on.contains(&self.calls) {
+            return Err(spinkv::Error::Invalid {
+                op: "FailingSelect::select",
+                msg: format!("injected failure of select call {}", self.calls),
+            });
+        }
+        self.inner.select(input)
+    }
+    fn materialize(
+        &mut self,
+        input: &spinkv::partition::MaterializeInput<'_>,
+    ) -> spinkv::Result<spinkv::partition::Materialized> {
+        self.inner.materialize(input)
+    }
+    fn rebuilds_keys(&self) -> bool {
+        self.inner.rebuilds_keys()
+    }
+    fn page_size_hint(&self) -> Option<usize> {
+        self.inner.page_size_hint()
+    }
+    fn forget(&mut self, seq: u64) {
+        self.inner.forget(seq)
+    }
+    fn truncate(&mut self, seq: u64, len: usize) {
+        self.inner.truncate(seq, len)
+    }
+}
+
 #[cfg(feature = "models")]
 pub mod engine;
