@@ -95,9 +95,11 @@ fn completion_streaming_chat_and_bad_bodies() {
     let text = c["choices"][0]["text"].as_str().expect("text");
     assert!(text.contains("Paris"), "completion {text:?}");
     assert_eq!(c["object"], "text_completion");
-    assert_eq!(c["usage"]["completion_tokens"], 4, "{c}");
+    let n = c["usage"]["completion_tokens"].as_u64().expect("usage");
+    assert!((1..=4).contains(&n), "{c}");
     assert!(c["usage"]["prompt_tokens"].as_u64().unwrap() > 3, "{c}");
-    assert_eq!(c["choices"][0]["finish_reason"], "length", "{c}");
+    let finish = c["choices"][0]["finish_reason"].as_str().expect("finish_reason");
+    assert!(finish == "length" || (finish == "stop" && n < 4), "{c}");
 
     // A malformed body, a field of the wrong type, a bad value: 400 with a message.
     let url = format!("{base}/v1/completions");
