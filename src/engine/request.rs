@@ -174,8 +174,8 @@ impl Request {
         self
     }
 
-    /// Checks what can be checked without a model: a non-empty prompt, `max_new_tokens
-    /// >= 1`, the sampling settings, no empty stop string. The engine's `submit` also
+    /// Checks what can be checked without a model: a non-empty prompt,
+    /// `max_new_tokens >= 1`, the sampling settings, no empty stop string. The engine's `submit` also
     /// checks the encoded prompt against the vocabulary, `max_seq_len` and the cache
     /// capacity.
     pub fn validate(&self) -> Result<()> {
