@@ -43,6 +43,8 @@ pub mod ops;
 pub mod partition;
 pub mod pool;
 pub mod rope;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod sim;
 pub mod tiered;
 pub mod trace;
