@@ -49,6 +49,17 @@ pub struct PinnedPagePool {
     device: CudaDevice,
 }
 
+impl std::fmt::Debug for PinnedPagePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedPagePool")
+            .field("slots", &self.slots)
+            .field("page_size", &self.page_size)
+            .field("head_dim", &self.head_dim)
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}
+
 impl Drop for PinnedPagePool {
     fn drop(&mut self) {
         // Kernels enqueued on the stream read and write `buf` through its device address
