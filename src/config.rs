@@ -90,7 +90,10 @@ impl CacheConfig {
     /// Changes the page size, keeping the token capacity of both tiers (page counts are
     /// recomputed and round up).
     pub fn with_page_size(mut self, page_size: usize) -> Self {
-        let tokens = self.host_pages * self.page_size;
+        // `host_pages` counts pages of every (layer, KV head): tokens = pages per
+        // directory × page size.
+        let dirs = (self.num_layers * self.num_kv_heads).max(1);
+        let tokens = self.host_pages.div_ceil(dirs) * self.page_size;
         let fraction = if self.host_pages == 0 {
             1.0
         } else {
@@ -196,4 +199,22 @@ impl BudgetPolicy {
         reuse_steps: 2,
         floor_pages: 8,
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_page_size_keeps_the_token_capacity() {
+        // 2 layers × 4 KV heads: page counts include that factor of 8.
+        let c = CacheConfig::new(2, 8, 4, 64).with_token_capacity(1000, 0.25);
+        assert_eq!(c.host_pages, 1000usize.div_ceil(16) * 8);
+        let c8 = c.clone().with_page_size(8);
+        // 63 pages of 16 tokens per directory = 1008 tokens = 126 pages of 8.
+        assert_eq!(c8.host_pages, 126 * 8);
+        assert_eq!(c8.fast_pages, (126.0 * 8.0 * (c.fast_pages as f64 / c.host_pages as f64)).ceil() as usize);
+        let back = c8.with_page_size(16);
+        assert_eq!(back.host_pages, c.host_pages);
+    }
 }
