@@ -9,6 +9,7 @@
 mod common;
 
 use candle_core::{DType, Tensor};
+use common::harness::random_step;
 use common::*;
 use spinkv::partition::{by_name, Dense, InfLlm, InfLlmConfig, ShadowKv, ShadowKvConfig, SparseAlgorithm};
 use spinkv::{CacheConfig, SeqId, SparseKvCache, SpinCache, StepInput, StepStats};
@@ -33,20 +34,10 @@ fn run_schedule(
 ) -> (Vec<Tensor>, StepStats) {
     let mut cache = SpinCache::new_boxed(c.clone(), algo).unwrap();
     let mut r = rng(seed);
-    let (hq, hkv, d) = (c.num_q_heads, c.num_kv_heads, c.head_dim);
     let s: Vec<SeqId> = (0..2).map(|_| cache.add_sequence().unwrap()).collect();
+    // The last layer's output of a step with fresh random q/k/v (the shared harness).
     let mut step = |cache: &mut SpinCache, inputs: &[StepInput]| -> Tensor {
-        let t: usize = inputs.iter().map(|i| i.new_tokens).sum();
-        cache.begin_step(inputs).unwrap();
-        let mut out = None;
-        for layer in 0..c.num_layers {
-            let q = randn(&mut r, &[t, hq, d], 1.0);
-            let k = randn(&mut r, &[t, hkv, d], 1.0);
-            let v = randn(&mut r, &[t, hkv, d], 1.0);
-            out = Some(cache.attend(layer, &q, &k, &v).unwrap());
-        }
-        cache.end_step().unwrap();
-        out.unwrap()
+        random_step(cache, inputs, &mut r).pop().unwrap().out
     };
     let first = prefill[0] / 2;
     step(
