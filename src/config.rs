@@ -213,7 +213,10 @@ mod tests {
         let c8 = c.clone().with_page_size(8);
         // 63 pages of 16 tokens per directory = 1008 tokens = 126 pages of 8.
         assert_eq!(c8.host_pages, 126 * 8);
-        assert_eq!(c8.fast_pages, (126.0 * 8.0 * (c.fast_pages as f64 / c.host_pages as f64)).ceil() as usize);
+        assert_eq!(
+            c8.fast_pages,
+            (126.0 * 8.0 * (c.fast_pages as f64 / c.host_pages as f64)).ceil() as usize
+        );
         let back = c8.with_page_size(16);
         assert_eq!(back.host_pages, c.host_pages);
     }
