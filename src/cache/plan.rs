@@ -28,6 +28,8 @@ pub(super) struct StepPlan {
     pub table_rows: Tensor,
     /// `[S, 1, 1]` u32 owner index of each entry (LRU budgets, reuse counters).
     pub owners: Tensor,
+    /// The same owner indices on the host (for requests built from host lists).
+    pub owner_ids: Vec<u32>,
     /// `[Nmax]` u32 logical pages `0..Nmax`, Nmax = the largest `num_pages` (decode only).
     pub page_ids: Option<Tensor>,
     /// `[D]` u32 query rows of the decode entries, when the step mixes decode and prefill.
@@ -98,7 +100,8 @@ impl SpinCache {
             dst_rows: Tensor::from_vec(rows, shape, dev)?,
             none: Tensor::from_vec(vec![NONE; plane], (total, hkv), dev)?,
             table_rows: Tensor::from_vec(table_rows, (layers, s, hkv, 1), dev)?,
-            owners: Tensor::from_vec(owners, (s, 1, 1), dev)?,
+            owners: Tensor::from_vec(owners.clone(), (s, 1, 1), dev)?,
+            owner_ids: owners,
             page_ids,
             decode_rows,
             decode_entries,

@@ -102,14 +102,6 @@ impl SpinCache {
         Ok((Requests::Lists(req), selected))
     }
 
-    /// Owner index of every entry (LRU budgets and reuse counters).
-    pub(super) fn entry_owners(&self, step: &StepState) -> Result<Vec<u32>> {
-        step.entries
-            .iter()
-            .map(|e| self.owners.get(&e.seq).copied().ok_or(Error::UnknownSequence(e.seq)))
-            .collect()
-    }
-
     /// Requests of a decode-only step from a selection `[S, Hkv, K]` left on the device:
     /// logical pages → host slots through the device page tables. No host sync.
     pub(super) fn device_requests(&self, step: &mut StepState, layer: usize, sel: &Tensor) -> Result<PageRequests> {
@@ -146,7 +138,7 @@ impl SpinCache {
         if n == 0 {
             return Ok(None);
         }
-        let owners = self.entry_owners(step)?;
+        let owners = &step.plan.owner_ids;
         let mut host_slots = vec![NONE; s * hkv * n];
         let mut logical = vec![NONE; s * hkv * n];
         let mut owner = vec![NONE; s * hkv * n];
