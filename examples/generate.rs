@@ -73,7 +73,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = if args.cuda {
-        Device::new_cuda(0).context("--cuda needs a GPU and a build with --features cuda")?
+        spinkv::ops::cuda_device(0).context("--cuda needs a GPU and a build with --features cuda")?
     } else {
         Device::Cpu
     };

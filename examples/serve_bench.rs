@@ -32,7 +32,8 @@ use clap::builder::PossibleValuesParser;
 use clap::{Parser, Subcommand};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use spinkv::engine::{
-    device_memory_used, Completion, Engine, EngineConfig, EngineMetrics, FinishReason, LatencySummary, Prompt, Request,
+    device_memory_used, Completion, DecodeMode, Engine, EngineConfig, EngineMetrics, FinishReason, LatencySummary,
+    Prompt, Request,
 };
 use spinkv::models::fetch::ModelSpec;
 use spinkv::models::passkey::{build_prompt, is_correct, KeyGen};
@@ -91,6 +92,22 @@ struct Cli {
     /// Write SVG plots (throughput against batch, TTFT distribution) into this folder.
     #[arg(long, global = true)]
     plot_dir: Option<PathBuf>,
+    /// How decode-only steps run: `auto` (CUDA graphs on CUDA, else eager), `eager`,
+    /// `padded` (the graphs' padded work, run eagerly) or `graphs`.
+    #[arg(long, global = true, default_value = "auto", value_parser = ["auto", "eager", "padded", "graphs"])]
+    decode: String,
+    /// Shorthand for `--decode eager` (no CUDA graphs), for comparison.
+    #[arg(long, global = true)]
+    no_graphs: bool,
+}
+
+fn decode_mode(c: &Cli) -> DecodeMode {
+    match (c.no_graphs, c.decode.as_str()) {
+        (true, _) | (_, "eager") => DecodeMode::Eager,
+        (_, "padded") => DecodeMode::Padded,
+        (_, "graphs") => DecodeMode::Graphs,
+        _ => DecodeMode::Auto,
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -197,7 +214,7 @@ fn load(c: &Cli) -> Result<Bench> {
     let device = if !c.cuda {
         Device::Cpu
     } else if cfg!(feature = "cuda") {
-        Device::new_cuda(0).context("--cuda: no usable CUDA device 0")?
+        spinkv::ops::cuda_device(0).context("--cuda: no usable CUDA device 0")?
     } else {
         bail!("--cuda needs a build with `--features cuda` (this binary was built without it)")
     };
@@ -260,6 +277,7 @@ fn engine(b: &Bench, c: &Cli, algo: &str, seqs: usize, seq_tokens: usize) -> Res
         max_running: seqs.max(1),
         max_prefill_tokens: c.max_prefill_tokens,
         eos_token_ids: b.eos.clone(),
+        decode_mode: decode_mode(c),
     };
     Ok((
         Engine::new(b.model.clone(), Box::new(cache), b.tokenizer.clone(), cfg)?,
@@ -389,6 +407,10 @@ fn run_batch(
     let done: Vec<Completion> = handles.into_iter().map(|h| h.wait()).collect();
     if let Some(c) = done.iter().find(|c| matches!(c.finish_reason, FinishReason::Error(_))) {
         bail!("{label}: request {:?} failed: {}", c.id, c.finish_reason);
+    }
+    eprintln!("  decode {:?}: {:?}", eng.decode_mode(), eng.metrics().decode);
+    if let Some(e) = eng.last_decode_error() {
+        eprintln!("  last padded-decode error (that step ran eagerly): {e}");
     }
     Ok((Row::new(mode, algo, ctx, n, &done, &eng.metrics(), peak, bytes), done))
 }

@@ -23,7 +23,9 @@ extern "C" __global__ void lru_link(const u32* __restrict__ host_slots, const u3
                                     u32* last_seen, u32* reuse, const u32* __restrict__ resident,
                                     u32* __restrict__ snapshot, u32* __restrict__ fast_pairs,
                                     u32* __restrict__ spill_pairs, u32* __restrict__ misses,
-                                    u32* __restrict__ miss_count, u32 step, u32 reuse_steps) {
+                                    u32* __restrict__ miss_count, const u32* __restrict__ state,
+                                    u32 reuse_steps) {
+  const u32 step = state[3];
   const int total = max(n, (int)max_owners);
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
     if (i == 0) miss_count[0] = 0;
@@ -45,6 +47,19 @@ extern "C" __global__ void lru_link(const u32* __restrict__ host_slots, const u3
   }
 }
 
+// The round's clock and number live on the device, in `state` = [clock low, clock high,
+// round, step] (the step is written by the host once per step): a captured round reads
+// them at replay, not the values of the capture. One thread advances them after the
+// round: clock += n, round += 1.
+extern "C" __global__ void lru_advance(u32* state, u32 n) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const u64 clock = (((u64)state[1] << 32) | (u64)state[0]) + (u64)n;
+    state[0] = (u32)clock;
+    state[1] = (u32)(clock >> 32);
+    state[2] += 1u;
+  }
+}
+
 // One thread per bucket: sort the bucket's list by request index, then resolve each
 // request in order (hit: pin + stamp; miss: victim among unpinned ways by (class, stamp),
 // ties to the lower way; none: deferred). Resets head[b] for the next round.
@@ -53,7 +68,9 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
                                        u32* slot_owner, u32* pinned, i64* stamps, u32* resident,
                                        const u32* __restrict__ snapshot, const u32* __restrict__ budgets,
                                        u32* fast_pairs, u32* spill_pairs, u32* misses, u32* miss_count,
-                                       u64* counters, u32 buckets, u32 ways, i64 clock, u32 round) {
+                                       u64* counters, u32 buckets, u32 ways, const u32* __restrict__ state) {
+  const i64 clock = (i64)(((u64)state[1] << 32) | (u64)state[0]);
+  const u32 round = state[2];
   for (u32 b = blockIdx.x * blockDim.x + threadIdx.x; b < buckets; b += gridDim.x * blockDim.x) {
     u32 h = head[b];
     if (h == SPIN_NONE) continue;

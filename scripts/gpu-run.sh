@@ -4,7 +4,8 @@
 # Usage: bash .device/gpu-run.sh [tests|sanitize|bench|e2e|all]
 # e2e: the engine's offline decode (serve_bench, random weights at SmolLM2's shape, 8K
 # context) next to the PyTorch anchor at the same points, in the same session.
-# E2E_BATCHES (default 1,16,64) and E2E_ALGOS (default dense quest) choose the points.
+# E2E_BATCHES (default 1,16,64) and E2E_ALGOS (default dense quest) choose the points;
+# E2E_FLAGS adds serve_bench flags (e.g. --no-graphs), E2E_TAG suffixes the output files.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/device-env.sh"
@@ -14,8 +15,8 @@ for f in "$here"/*.xz; do xz -dc "$f" > "$bin/$(basename "$f" .xz)"; chmod +x "$
 what=${1:-all}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  for t in cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_tables; do
-    "$bin/$t" 2>&1 | tee "$OUT/$t.txt" | grep -E "test result|panicked|FAILED|error" 
+  for t in cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_tables cuda_graphs; do
+    "$bin/$t" --nocapture 2>&1 | tee "$OUT/$t.txt" | grep -E "test result|panicked|FAILED|error" 
   done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
@@ -26,6 +27,10 @@ if [ "$what" = sanitize ] || [ "$what" = all ]; then
     timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --leak-check no "$bin/$t" > "$OUT/memcheck_$t.txt" 2>&1
     echo "compute-sanitizer $t exit: $?"; grep -E "ERROR SUMMARY|test result" "$OUT/memcheck_$t.txt"
   done
+  # The whole-model decode step captured and replayed (dense, B = 3, quick mode).
+  SPINKV_GRAPH_TEST_QUICK=1 timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool memcheck --leak-check no \
+    "$bin/cuda_graphs" > "$OUT/memcheck_cuda_graphs.txt" 2>&1
+  echo "compute-sanitizer cuda_graphs exit: $?"; grep -E "ERROR SUMMARY|test result" "$OUT/memcheck_cuda_graphs.txt"
 fi
 if [ "$what" = e2e ] || [ "$what" = all ]; then
   if [ -f "$here/torch_e2e_decode.py" ]; then
@@ -35,6 +40,7 @@ if [ "$what" = e2e ] || [ "$what" = all ]; then
   for algo in ${E2E_ALGOS:-dense quest}; do
     timeout ${E2E_TIMEOUT:-240} "$bin/serve_bench" offline --cuda --shape smollm2-135m --random-weights \
       --context 8192 --new-tokens ${E2E_NEW:-64} --batch "${E2E_BATCHES:-1,16,64}" --algo "$algo" \
-      --csv "$OUT/e2e_$algo.csv" 2>&1 | tee "$OUT/e2e_$algo.txt"
+      --budget 1024 --max-prefill-tokens 4096 ${E2E_FLAGS:-} \
+      --csv "$OUT/e2e_$algo${E2E_TAG:-}.csv" 2>&1 | tee "$OUT/e2e_$algo${E2E_TAG:-}.txt"
   done
 fi

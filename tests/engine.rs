@@ -344,3 +344,65 @@ fn threaded_client_serves_concurrent_submitters() {
 fn drain_rest(h: spinkv::engine::RequestHandle) -> FinishReason {
     h.wait().finish_reason
 }
+
+/// Decode-only steps run padded (the device work CUDA graphs replay) give exactly the
+/// tokens of the ragged eager path, while requests finish (different lengths) and one
+/// joins mid-run, so the padded batch changes size (3 → 4, 4 → 4, 2 → 2, 1 → 1).
+fn padded_decode_changes_no_token(algo_name: &str) {
+    use spinkv::engine::DecodeMode;
+    let ps = prompts();
+    let solo = alone(algo_name, &ps, 9);
+    let cfg = EngineConfig {
+        decode_mode: DecodeMode::Padded,
+        ..EngineConfig::default()
+    };
+    let mut e = engine(algo_name, 4096, cfg);
+    assert_eq!(e.decode_mode(), DecodeMode::Padded);
+    let lens = [3usize, 9, 6, 9];
+    let mut handles: Vec<_> = (0..3).map(|i| e.submit(fixed(&ps[i], lens[i])).unwrap()).collect();
+    e.step().unwrap();
+    e.step().unwrap();
+    handles.push(e.submit(fixed(&ps[3], lens[3])).unwrap());
+    e.run_until_idle().unwrap();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (c, _) = drain(h);
+        assert_eq!(
+            c.tokens,
+            solo[i][..lens[i]],
+            "{algo_name}: prompt {i} padded vs eager alone"
+        );
+    }
+    let m = e.metrics();
+    assert!(m.decode.padded_eager >= 8, "decode steps ran padded: {:?}", m.decode);
+    assert_eq!((m.decode.fallbacks, m.decode.errors), (0, 0), "{:?}", m.decode);
+    assert_eq!(e.last_decode_error(), None);
+    assert_eq!(e.cache().pool_usage().host_used, 0);
+}
+
+#[test]
+fn padded_decode_changes_no_token_dense() {
+    padded_decode_changes_no_token("dense");
+}
+
+#[test]
+fn padded_decode_changes_no_token_quest() {
+    padded_decode_changes_no_token("quest");
+}
+
+#[test]
+fn graph_decode_mode_is_refused_without_cuda() {
+    use spinkv::engine::{DecodeMode, Engine};
+    let lm = smollm2();
+    let cache = SpinCache::new_boxed(lm.model.cache_config(256, 1.0), algo("dense")).unwrap();
+    let cfg = EngineConfig {
+        decode_mode: DecodeMode::Graphs,
+        ..EngineConfig::default()
+    };
+    let err = Engine::new(lm.model.clone(), Box::new(cache), None, cfg)
+        .err()
+        .expect("CPU has no graphs");
+    assert!(
+        err.to_string().contains("DecodeMode::Graphs needs a CUDA device"),
+        "{err}"
+    );
+}

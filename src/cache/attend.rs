@@ -78,7 +78,7 @@ impl SpinCache {
     /// enqueued on the device: no host synchronization, no device-to-host copy.
     pub(super) fn tiered_part(
         &mut self,
-        step: &StepState,
+        step: &mut StepState,
         q_rot: &Tensor,
         r: &PageRequests,
     ) -> Result<AttentionPartial> {
@@ -91,9 +91,11 @@ impl SpinCache {
             host_slots: &r.host_slots.flatten_all()?,
             logical: &r.logical.flatten_all()?,
             owners: &r.owners.flatten_all()?,
-            step: (self.total.steps + 1).min(u32::MAX as u64) as u32,
+            step: self.step_number(),
             reuse_steps,
         })?;
+        step.rounds += 1;
+        step.requests += (s * hkv * n) as u64;
         self.host
             .gather_counted(&self.fast_pool, &out.misses, &out.miss_count)?;
         let list = |pairs: &Tensor| -> Result<PageList> {
@@ -178,9 +180,12 @@ impl SpinCache {
         // prefill: all earlier pages), then the in-step causal part of prefills.
         let (requests, selected) = self.page_requests(step, layer, &q_rot)?;
         let decode = step.plan.decode.clone();
-        for &ei in &decode {
-            step.stats.decode_rows += 1;
-            step.stats.pages_available += ((step.entries[ei].start + 1).div_ceil(p) * hkv) as u64;
+        if step.padded.is_none() {
+            // (A padded step counts these for every layer in `begin_padded_decode`.)
+            for &ei in &decode {
+                step.stats.decode_rows += 1;
+                step.stats.pages_available += ((step.entries[ei].start + 1).div_ceil(p) * hkv) as u64;
+            }
         }
         let (tiered, rebuilt) = match requests {
             Requests::Device(sel) => {
@@ -230,6 +235,17 @@ impl SpinCache {
             (Some(a), Some(b)) => Some(ops::merge_partials(&a, &b)?),
             (a, b) => a.or(b),
         };
+        if step.padded.is_some() {
+            // Every row decodes, in row order (padding rows attended nothing: zeros).
+            step.attended[layer] = true;
+            return match paged {
+                Some(a) => Ok(a.out.to_dtype(self.cfg.dtype)?),
+                None => crate::invalid!(
+                    "SparseKvCache::attend",
+                    "a padded step attended no page (internal error)"
+                ),
+            };
+        }
         let mut outs = Vec::with_capacity(step.entries.len());
         for e in &step.entries {
             let part = paged

@@ -76,58 +76,7 @@ impl SparseKvCache for SpinCache {
 
     fn begin_step(&mut self, inputs: &[StepInput]) -> Result<()> {
         const OP: &str = "SparseKvCache::begin_step";
-        if self.step.is_some() {
-            return Err(Error::StepMisuse {
-                op: OP,
-                msg: "a step is already open: call end_step or abort_step first".into(),
-            });
-        }
-        if inputs.is_empty() {
-            crate::invalid!(OP, "a step needs at least one sequence");
-        }
-        let p = self.cfg.page_size;
-        let mut entries = Vec::with_capacity(inputs.len());
-        let mut row = 0usize;
-        let mut needed = 0usize;
-        for (i, inp) in inputs.iter().enumerate() {
-            let seq = self.live(OP, inp.seq)?;
-            let len = self.lens[&seq];
-            if inputs[..i].iter().any(|o| o.seq == inp.seq) {
-                crate::invalid!(OP, "sequence {seq} appears twice in one step");
-            }
-            if inp.new_tokens == 0 {
-                crate::invalid!(OP, "sequence {seq} brings 0 new tokens (need >= 1)");
-            }
-            // Checked: a huge `new_tokens` must not wrap around the limit.
-            let total = len.checked_add(inp.new_tokens).filter(|&t| t <= self.cfg.max_seq_len);
-            let Some(total) = total else {
-                crate::invalid!(
-                    OP,
-                    "sequence {seq} holds {len} tokens and brings {} new ones: more than max_seq_len {}",
-                    inp.new_tokens,
-                    self.cfg.max_seq_len
-                );
-            };
-            let new_pages = total.div_ceil(p) - len.div_ceil(p);
-            needed = needed.saturating_add(new_pages.saturating_mul(self.dirs()));
-            entries.push(StepEntry {
-                seq,
-                start: len,
-                n: inp.new_tokens,
-                row,
-                new_pages,
-            });
-            // Cannot wrap: each sequence holds at most max_seq_len (< 2^32) tokens and at
-            // most max_sequences (< 2^32) sequences are live.
-            row += inp.new_tokens;
-        }
-        if needed > self.host_alloc.free_count() {
-            return Err(Error::PoolExhausted {
-                tier: Tier::Host,
-                needed,
-                free: self.host_alloc.free_count(),
-            });
-        }
+        let (entries, row) = self.step_entries(OP, inputs)?;
         // The step's uploads come first: they depend on the entries only, and failing
         // here changes nothing.
         crate::fault::device_call(OP)?;
@@ -154,28 +103,8 @@ impl SparseKvCache for SpinCache {
             .collect();
         let n_entries = entries.len();
         let kv_limit = Tensor::from_vec(kv_limit, n_entries, &self.cfg.device)?;
-        // Reserve the pages, then mirror them on the device and plan the step; if that fails, give them back
-        // (the device tables' change log keeps both, so the next apply ends consistent).
-        for e in &entries {
-            for _ in 0..e.new_pages {
-                let slots = self.host_alloc.alloc(self.dirs())?;
-                self.tables.push_page(e.seq, &slots)?;
-            }
-            *self.lens.get_mut(&e.seq).ok_or(Error::UnknownSequence(e.seq))? += e.n;
-        }
-        let plan = self
-            .device_tables
-            .apply(&mut self.tables)
-            .and_then(|()| self.step_plan(&entries, row));
-        let plan = match plan {
-            Ok(plan) => plan,
-            Err(e) => {
-                for en in &entries {
-                    self.unreserve(en)?;
-                }
-                return Err(e);
-            }
-        };
+        self.lru.set_step(self.step_number())?;
+        let plan = self.reserve_and_plan(&entries, |c, en| c.step_plan(en, row))?;
         let stats = StepStats {
             steps: 1,
             ..Default::default()
@@ -193,8 +122,27 @@ impl SparseKvCache for SpinCache {
             requested: vec![false; n_entries],
             stats,
             failed: None,
+            padded: None,
+            rounds: 0,
+            requests: 0,
         });
         Ok(())
+    }
+
+    fn padded_shape(&self, inputs: &[StepInput]) -> Option<PaddedShape> {
+        self.padded_shape_of(inputs)
+    }
+
+    fn begin_padded_decode(&mut self, inputs: &[StepInput], shape: PaddedShape) -> Result<()> {
+        self.begin_padded(inputs, shape)
+    }
+
+    fn padded_step_replayed(&mut self) -> Result<()> {
+        self.mark_replayed()
+    }
+
+    fn graph_epoch(&self) -> u64 {
+        self.lru.epoch()
     }
 
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -242,8 +190,12 @@ impl SparseKvCache for SpinCache {
             });
         }
         let mut stats = step.stats;
-        if let Some(n) = &step.attended_pages {
-            stats.pages_attended += n.to_dtype(DType::F64)?.to_scalar::<f64>()? as u64;
+        let attended = match &step.padded {
+            Some(shape) => Some(self.padded_buffers(*shape)?.attended.clone()),
+            None => step.attended_pages.clone(),
+        };
+        if let Some(n) = attended {
+            stats.pages_attended += n.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as u64;
         }
         let (reuse, [hits, misses, spilled]) = self.lru.take_step_counters()?;
         stats.hits += hits;
@@ -262,7 +214,9 @@ impl SparseKvCache for SpinCache {
         let b = self.budget_vector(&budgets);
         self.lru.set_budgets(&b)?;
         self.budgets = budgets;
-        self.step = None;
+        if let Some(step) = self.step.take() {
+            self.record_padded_rounds(&step);
+        }
         self.total.add(&stats);
         Ok(stats)
     }

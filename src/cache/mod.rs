@@ -5,16 +5,19 @@
 //! Files by phase: `types` (the trait and public types), `lifecycle` (the trait's
 //! implementation: sequences and the step lifecycle), `requests` (page requests and new
 //! token destinations), `attend` (one layer: checks, append, select, tiered attention),
-//! `rebuilt` (the rebuilt part); this file holds the cache's state and construction.
+//! `rebuilt` (the rebuilt part), `plan` (per-step facts shared by the layers), `padded`
+//! (fixed-shape decode steps for CUDA graphs); this file holds the cache's state and
+//! construction.
 
 mod attend;
 mod lifecycle;
+mod padded;
 mod plan;
 mod rebuilt;
 mod requests;
 mod types;
 
-pub use types::{PoolUsage, SelectionRecord, SeqId, SparseKvCache, StepInput, StepStats};
+pub use types::{PaddedShape, PoolUsage, SelectionRecord, SeqId, SparseKvCache, StepInput, StepStats};
 
 use crate::config::CacheConfig;
 use crate::error::Tier;
@@ -66,6 +69,12 @@ struct StepState {
     /// Set when an `attend` (or `abort_step`) failed past its input validation: the step
     /// is poisoned and only `abort_step` may follow (the message says where it failed).
     failed: Option<String>,
+    /// The shape of a padded decode step (see [`padded`]); `None` for an ordinary step.
+    padded: Option<PaddedShape>,
+    /// LRU rounds and page requests this step's `attend` calls ran (a replay of a padded
+    /// step of the same shape runs as many).
+    rounds: u32,
+    requests: u64,
 }
 
 /// Where a layer's page requests were built.
@@ -106,6 +115,8 @@ pub struct SpinCache {
     total: StepStats,
     scale: f32,
     trace: Option<Vec<SelectionRecord>>,
+    /// Device inputs of padded decode steps, per shape (see [`padded`]).
+    padded: HashMap<PaddedShape, padded::PaddedBuffers>,
 }
 
 impl std::fmt::Debug for SpinCache {
@@ -155,6 +166,7 @@ impl SpinCache {
             step: None,
             total: StepStats::default(),
             trace: None,
+            padded: HashMap::new(),
         };
         cache.upload_budgets()?;
         Ok(cache)

@@ -38,26 +38,35 @@ pub(super) struct StepPlan {
     pub decode_entries: Option<Tensor>,
 }
 
-impl SpinCache {
-    /// Builds the plan of a step whose pages are allocated and mirrored on the device.
-    pub(super) fn step_plan(&self, entries: &[StepEntry], total: usize) -> Result<StepPlan> {
-        let (p, hkv, layers) = (self.cfg.page_size, self.cfg.num_kv_heads, self.cfg.num_layers);
-        let dev = &self.cfg.device;
-        let s = entries.len();
-        let decode: Vec<usize> = (0..s).filter(|&ei| entries[ei].n == 1).collect();
-        let num_tokens: Vec<usize> = decode.iter().map(|&ei| entries[ei].start + 1).collect();
-        let num_pages: Vec<usize> = num_tokens.iter().map(|t| t.div_ceil(p)).collect();
+/// The host side of a step plan: `[L, R, Hkv]` destinations (R rows), `[L, S, Hkv]`
+/// table rows and `[S]` owners (S entries); rows and entries past the real ones are
+/// padding (`NONE` destinations and rows, owner 0).
+pub(super) struct PlanVectors {
+    pub slots: Vec<u32>,
+    pub rows: Vec<u32>,
+    pub dst: Vec<u32>,
+    pub table_rows: Vec<u32>,
+    pub owners: Vec<u32>,
+}
 
-        let plane = total * hkv;
-        let mut slots = vec![NONE; layers * plane];
-        let mut rows = vec![0u32; layers * plane];
-        let mut dst = vec![NONE; layers * plane];
-        let mut table_rows = vec![NONE; layers * s * hkv];
+impl SpinCache {
+    /// The host vectors of a plan over `entries` with `rows >= their tokens` rows and
+    /// `slots >= entries.len()` entries.
+    pub(super) fn plan_vectors(&self, entries: &[StepEntry], rows: usize, slots: usize) -> Result<PlanVectors> {
+        let (p, hkv, layers) = (self.cfg.page_size, self.cfg.num_kv_heads, self.cfg.num_layers);
+        let plane = rows * hkv;
+        let mut v = PlanVectors {
+            slots: vec![NONE; layers * plane],
+            rows: vec![0u32; layers * plane],
+            dst: vec![NONE; layers * plane],
+            table_rows: vec![NONE; layers * slots * hkv],
+            owners: vec![0; slots],
+        };
         for layer in 0..layers {
             for (ei, e) in entries.iter().enumerate() {
                 for h in 0..hkv {
                     let dir = layer * hkv + h;
-                    table_rows[(layer * s + ei) * hkv + h] =
+                    v.table_rows[(layer * slots + ei) * hkv + h] =
                         self.device_tables.row(e.seq, dir).ok_or(Error::Invalid {
                             op: "SparseKvCache::begin_step",
                             msg: format!("sequence {} has no device page-table row (internal error)", e.seq),
@@ -66,18 +75,29 @@ impl SpinCache {
                         let pos = e.start + i;
                         let slot = self.tables.get(e.seq, dir, pos / p)?;
                         let at = layer * plane + (e.row + i) * hkv + h;
-                        slots[at] = slot;
-                        rows[at] = (pos % p) as u32;
-                        dst[at] = slot * p as u32 + (pos % p) as u32;
+                        v.slots[at] = slot;
+                        v.rows[at] = (pos % p) as u32;
+                        v.dst[at] = slot * p as u32 + (pos % p) as u32;
                     }
                 }
             }
         }
+        for (ei, e) in entries.iter().enumerate() {
+            v.owners[ei] = self.owners.get(&e.seq).copied().ok_or(Error::UnknownSequence(e.seq))?;
+        }
+        Ok(v)
+    }
+
+    /// Builds the plan of a step whose pages are allocated and mirrored on the device.
+    pub(super) fn step_plan(&self, entries: &[StepEntry], total: usize) -> Result<StepPlan> {
+        let (p, hkv, layers) = (self.cfg.page_size, self.cfg.num_kv_heads, self.cfg.num_layers);
+        let dev = &self.cfg.device;
+        let s = entries.len();
+        let decode: Vec<usize> = (0..s).filter(|&ei| entries[ei].n == 1).collect();
+        let num_tokens: Vec<usize> = decode.iter().map(|&ei| entries[ei].start + 1).collect();
+        let num_pages: Vec<usize> = num_tokens.iter().map(|t| t.div_ceil(p)).collect();
+        let v = self.plan_vectors(entries, total, s)?;
         let shape = (layers, total, hkv);
-        let owners = entries
-            .iter()
-            .map(|e| self.owners.get(&e.seq).copied().ok_or(Error::UnknownSequence(e.seq)))
-            .collect::<Result<Vec<u32>>>()?;
         let nmax = num_pages.iter().copied().max().unwrap_or(0);
         let page_ids = if decode.is_empty() {
             None
@@ -95,13 +115,13 @@ impl SpinCache {
             )
         };
         Ok(StepPlan {
-            dst: Tensor::from_vec(dst, shape, dev)?,
-            dst_slots: Tensor::from_vec(slots, shape, dev)?,
-            dst_rows: Tensor::from_vec(rows, shape, dev)?,
-            none: Tensor::from_vec(vec![NONE; plane], (total, hkv), dev)?,
-            table_rows: Tensor::from_vec(table_rows, (layers, s, hkv, 1), dev)?,
-            owners: Tensor::from_vec(owners.clone(), (s, 1, 1), dev)?,
-            owner_ids: owners,
+            dst: Tensor::from_vec(v.dst, shape, dev)?,
+            dst_slots: Tensor::from_vec(v.slots, shape, dev)?,
+            dst_rows: Tensor::from_vec(v.rows, shape, dev)?,
+            none: Tensor::from_vec(vec![NONE; total * hkv], (total, hkv), dev)?,
+            table_rows: Tensor::from_vec(v.table_rows, (layers, s, hkv, 1), dev)?,
+            owners: Tensor::from_vec(v.owners.clone(), (s, 1, 1), dev)?,
+            owner_ids: v.owners,
             page_ids,
             decode_rows,
             decode_entries,
@@ -131,5 +151,101 @@ impl SpinCache {
             .contiguous()?;
         let queries = Tensor::stack(&[&rows, &pages], 3)?.reshape((d * hkv * nmax, 2))?;
         Ok(self.device_tables.lookup(&queries)?.reshape((d, hkv, nmax))?)
+    }
+}
+
+impl SpinCache {
+    /// The number the next step gets (1-based), as the LRU records it.
+    pub(super) fn step_number(&self) -> u32 {
+        (self.total.steps + 1).min(u32::MAX as u64) as u32
+    }
+
+    /// Checks `inputs` and lays out the step's entries (rows in input order); fails with
+    /// back-pressure when the host tier lacks the pages. Returns the entries and their
+    /// total tokens. Changes nothing.
+    pub(super) fn step_entries(&self, op: &'static str, inputs: &[StepInput]) -> Result<(Vec<StepEntry>, usize)> {
+        if self.step.is_some() {
+            return Err(Error::StepMisuse {
+                op,
+                msg: "a step is already open: call end_step or abort_step first".into(),
+            });
+        }
+        if inputs.is_empty() {
+            crate::invalid!(op, "a step needs at least one sequence");
+        }
+        let p = self.cfg.page_size;
+        let mut entries = Vec::with_capacity(inputs.len());
+        let mut row = 0usize;
+        let mut needed = 0usize;
+        for (i, inp) in inputs.iter().enumerate() {
+            let seq = self.live(op, inp.seq)?;
+            let len = self.lens[&seq];
+            if inputs[..i].iter().any(|o| o.seq == inp.seq) {
+                crate::invalid!(op, "sequence {seq} appears twice in one step");
+            }
+            if inp.new_tokens == 0 {
+                crate::invalid!(op, "sequence {seq} brings 0 new tokens (need >= 1)");
+            }
+            // Checked: a huge `new_tokens` must not wrap around the limit.
+            let total = len.checked_add(inp.new_tokens).filter(|&t| t <= self.cfg.max_seq_len);
+            let Some(total) = total else {
+                crate::invalid!(
+                    op,
+                    "sequence {seq} holds {len} tokens and brings {} new ones: more than max_seq_len {}",
+                    inp.new_tokens,
+                    self.cfg.max_seq_len
+                );
+            };
+            let new_pages = total.div_ceil(p) - len.div_ceil(p);
+            needed = needed.saturating_add(new_pages.saturating_mul(self.dirs()));
+            entries.push(StepEntry {
+                seq,
+                start: len,
+                n: inp.new_tokens,
+                row,
+                new_pages,
+            });
+            // Cannot wrap: each sequence holds at most max_seq_len (< 2^32) tokens and at
+            // most max_sequences (< 2^32) sequences are live.
+            row += inp.new_tokens;
+        }
+        if needed > self.host_alloc.free_count() {
+            return Err(Error::PoolExhausted {
+                tier: Tier::Host,
+                needed,
+                free: self.host_alloc.free_count(),
+            });
+        }
+        Ok((entries, row))
+    }
+
+    /// Reserves the entries' pages, mirrors them on the device and plans the step with
+    /// `plan`; if any of that fails, gives the pages back (the device tables' change log
+    /// keeps both, so the next apply ends consistent).
+    pub(super) fn reserve_and_plan<P>(
+        &mut self,
+        entries: &[StepEntry],
+        plan: impl FnOnce(&mut Self, &[StepEntry]) -> Result<P>,
+    ) -> Result<P> {
+        for e in entries {
+            for _ in 0..e.new_pages {
+                let slots = self.host_alloc.alloc(self.dirs())?;
+                self.tables.push_page(e.seq, &slots)?;
+            }
+            *self.lens.get_mut(&e.seq).ok_or(Error::UnknownSequence(e.seq))? += e.n;
+        }
+        let planned = self
+            .device_tables
+            .apply(&mut self.tables)
+            .and_then(|()| plan(self, entries));
+        match planned {
+            Ok(p) => Ok(p),
+            Err(e) => {
+                for en in entries {
+                    self.unreserve(en)?;
+                }
+                Err(e)
+            }
+        }
     }
 }

@@ -30,7 +30,11 @@ impl SpinCache {
             None => q_rot.clone(),
             Some(rows) => q_rot.index_select(rows, 0)?.contiguous()?,
         };
-        let seqs: Vec<u64> = decode.iter().map(|&ei| step.entries[ei].seq).collect();
+        // (Padding rows of a padded step have no sequence: u64::MAX.)
+        let seqs: Vec<u64> = decode
+            .iter()
+            .map(|&ei| step.entries.get(ei).map_or(u64::MAX, |e| e.seq))
+            .collect();
         let input = SelectInput {
             layer,
             seqs: &seqs,
@@ -42,7 +46,22 @@ impl SpinCache {
         };
         let selection = self.algo.select(&input)?;
         let selected = matches!(selection, Selection::Pages(_));
+        // A decode-only step keeps its requests on the device unless they must be seen
+        // on the host (tracing) or rebuilt there (algorithms that rebuild keys).
+        let device_ok = (step.padded.is_some() || decode.len() == step.entries.len())
+            && self.trace.is_none()
+            && !self.algo.rebuilds_keys();
         let chosen = match selection {
+            Selection::All if device_ok => {
+                // Every page: the logical ids 0..Nmax of each row; the device page tables
+                // give NONE past a row's pages, and NONE requests are skipped.
+                let (d, h, n) = candidates.dims3()?;
+                let all = match &plan.page_ids {
+                    Some(ids) => ids.reshape((1, 1, n))?.broadcast_as((d, h, n))?.contiguous()?,
+                    None => crate::invalid!("SparseKvCache::attend", "decode step without page ids (internal error)"),
+                };
+                return Ok((Requests::Device(all), false));
+            }
             Selection::All => None,
             Selection::Pages(t) => {
                 let (b, h2, k) = t.dims3()?;
@@ -57,11 +76,7 @@ impl SpinCache {
                         ),
                     });
                 }
-                let on_device = decode.len() == step.entries.len()
-                    && self.trace.is_none()
-                    && !self.algo.rebuilds_keys()
-                    && t.dtype() == DType::U32
-                    && t.device().same_device(&self.cfg.device);
+                let on_device = device_ok && t.dtype() == DType::U32 && t.device().same_device(&self.cfg.device);
                 if on_device {
                     return Ok((Requests::Device(t), true));
                 }
@@ -114,10 +129,15 @@ impl SpinCache {
         let host_slots = self.device_tables.lookup(&queries)?.reshape((s, hkv, k))?;
         let owners = plan.owners.broadcast_as((s, hkv, k))?.contiguous()?;
         let attended = host_slots.ne(NONE as f64)?.to_dtype(DType::F32)?.sum_all()?;
-        step.attended_pages = Some(match step.attended_pages.take() {
-            None => attended,
-            Some(a) => (a + attended)?,
-        });
+        match step.padded {
+            Some(shape) => self.add_padded_attended(shape, &attended)?,
+            None => {
+                step.attended_pages = Some(match step.attended_pages.take() {
+                    None => attended,
+                    Some(a) => (a + attended)?,
+                })
+            }
+        }
         Ok(PageRequests {
             host_slots,
             logical,

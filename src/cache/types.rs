@@ -1,6 +1,6 @@
 //! The public face of the cache: the [`SparseKvCache`] trait that model code calls once
 //! per layer per step, and the plain types it speaks ([`SeqId`], [`StepInput`],
-//! [`StepStats`], [`SelectionRecord`], [`PoolUsage`]).
+//! [`StepStats`], [`SelectionRecord`], [`PoolUsage`], [`PaddedShape`]).
 
 use crate::config::CacheConfig;
 use crate::Result;
@@ -41,6 +41,16 @@ pub struct StepInput {
     pub seq: SeqId,
     /// Tokens this step adds (the rows of `q`, `k`, `v` in `attend`, in step order).
     pub new_tokens: usize,
+}
+
+/// The fixed shape of a padded decode step ([`SparseKvCache::begin_padded_decode`]):
+/// what a CUDA graph of the whole decode step is captured for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PaddedShape {
+    /// Rows of `q`/`k`/`v` (and sequences): the real ones first, then padding rows.
+    pub batch: usize,
+    /// Logical pages every row's candidates span (at least the longest sequence's).
+    pub pages: usize,
 }
 
 /// Counters of one step (summed over layers) or of the cache's lifetime.
@@ -177,4 +187,46 @@ pub trait SparseKvCache: Send {
     fn stats(&self) -> StepStats;
     /// Slot usage of both tiers.
     fn pool_usage(&self) -> PoolUsage;
+
+    /// The padded shape a decode-only step of `inputs` (every `new_tokens == 1`) would
+    /// run at, or `None` when this cache cannot run it padded (the default; see
+    /// [`begin_padded_decode`](Self::begin_padded_decode)).
+    fn padded_shape(&self, _inputs: &[StepInput]) -> Option<PaddedShape> {
+        None
+    }
+
+    /// Starts a decode-only step of fixed shape, the form a CUDA graph of the whole
+    /// step is captured in and replayed with: like [`begin_step`](Self::begin_step),
+    /// but every input of the step's device work is written in place into buffers this
+    /// cache keeps per `shape`, and `attend` takes `[shape.batch, H, D]` rows: the
+    /// `inputs` first, then padding rows, which attend nothing, store nothing, and whose
+    /// outputs are unspecified (finite). Two padded steps of one shape run the same
+    /// device work on the same buffers.
+    ///
+    /// Errors as `begin_step`, and with [`Error::Invalid`](crate::Error::Invalid) when an
+    /// input brings more than one token, `shape` is smaller than
+    /// [`padded_shape`](Self::padded_shape), or this cache has no padded steps (the
+    /// default).
+    fn begin_padded_decode(&mut self, _inputs: &[StepInput], _shape: PaddedShape) -> Result<()> {
+        Err(crate::Error::Invalid {
+            op: "SparseKvCache::begin_padded_decode",
+            msg: format!("{} has no padded decode steps", self.algorithm_name()),
+        })
+    }
+
+    /// Marks the open padded step's layers as attended because the caller replayed a
+    /// graph captured from an earlier padded step of the same shape (and the same
+    /// [`graph_epoch`](Self::graph_epoch)) instead of calling `attend`.
+    fn padded_step_replayed(&mut self) -> Result<()> {
+        Err(crate::Error::Invalid {
+            op: "SparseKvCache::padded_step_replayed",
+            msg: format!("{} has no padded decode steps", self.algorithm_name()),
+        })
+    }
+
+    /// Changes whenever a device buffer that captured step work reads is replaced (a
+    /// captured graph is then stale and must be captured again).
+    fn graph_epoch(&self) -> u64 {
+        0
+    }
 }

@@ -4,6 +4,7 @@
 //! synchronous, single-thread API; [`Engine::spawn`] moves it onto its own thread.
 
 use super::client::{self, EngineClient};
+use super::decode::{DecodeMode, DecodeRunner};
 use super::handle::{channel, Completion, Event, FinishReason, Reply, RequestHandle, TokenEvent};
 use super::metrics::{EngineMetrics, Timings};
 use super::request::{Limits, Prepared, Request, RequestId};
@@ -31,6 +32,9 @@ pub struct EngineConfig {
     /// Token ids that end every request unless it sets `ignore_eos` (the model's EOS
     /// and end-of-turn tokens; [`Engine::from_loaded`] fills them in).
     pub eos_token_ids: Vec<u32>,
+    /// How decode-only steps run (default [`DecodeMode::Auto`]: CUDA graphs where the
+    /// device and the cache allow them).
+    pub decode_mode: DecodeMode,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +43,7 @@ impl Default for EngineConfig {
             max_running: 64,
             max_prefill_tokens: 512,
             eos_token_ids: Vec::new(),
+            decode_mode: DecodeMode::Auto,
         }
     }
 }
@@ -87,6 +92,9 @@ pub struct Engine {
     active: Vec<Active>,
     next_id: Arc<AtomicU64>,
     metrics: EngineMetrics,
+    decoder: DecodeRunner,
+    /// The last error of the padded decode path (the step then ran eagerly).
+    last_decode_error: Option<String>,
 }
 
 impl Engine {
@@ -143,7 +151,10 @@ impl Engine {
             max_prefill_tokens: cfg.max_prefill_tokens,
             capacity_pages: capacity_pages.max(1),
         })?;
+        let decoder = DecodeRunner::new(cfg.decode_mode, &model)?;
         Ok(Self {
+            decoder,
+            last_decode_error: None,
             model,
             cache,
             info: None,
@@ -340,6 +351,9 @@ impl Engine {
         report: &mut StepReport,
     ) -> Result<(Option<Tensor>, Vec<(RequestId, bool)>)> {
         let batch: Vec<(SeqId, &[u32])> = items.iter().map(|(_, s, t, _)| (*s, t.as_slice())).collect();
+        if let Some(l) = self.forward_decode(&batch) {
+            return Ok((Some(l), items.iter().map(|i| (i.0, i.3)).collect()));
+        }
         let first = self.model.forward(self.cache.as_mut(), &batch);
         let err = match first {
             Ok(l) => return Ok((Some(l), items.iter().map(|i| (i.0, i.3)).collect())),
@@ -363,6 +377,35 @@ impl Engine {
             return Ok((None, ok));
         }
         Ok((Some(Tensor::cat(&rows, 0)?), ok))
+    }
+
+    /// A one-token-per-sequence batch through the padded decode path; `None` when the
+    /// step must run eagerly (other batches, eager mode, no padded shape, or a padded
+    /// step that failed: its error is kept in `last_decode_error` and the cache step was
+    /// aborted, so the eager path runs it again from the same state).
+    fn forward_decode(&mut self, batch: &[(SeqId, &[u32])]) -> Option<Tensor> {
+        if batch.iter().any(|(_, t)| t.len() != 1) {
+            return None;
+        }
+        let toks: Vec<(SeqId, u32)> = batch.iter().map(|(s, t)| (*s, t[0])).collect();
+        match self.decoder.forward(&self.model, self.cache.as_mut(), &toks) {
+            Ok(l) => l,
+            Err(e) => {
+                self.decoder.counters.errors += 1;
+                self.last_decode_error = Some(e.to_string());
+                None
+            }
+        }
+    }
+
+    /// The decode mode in force ([`DecodeMode::Auto`] resolved to `Graphs` or `Eager`).
+    pub fn decode_mode(&self) -> DecodeMode {
+        self.decoder.mode()
+    }
+
+    /// The last error of the padded decode path, if any (that step ran eagerly).
+    pub fn last_decode_error(&self) -> Option<&str> {
+        self.last_decode_error.as_deref()
     }
 
     /// Records a sampled token: stop token, stop string, length, or stream it.
@@ -460,6 +503,7 @@ impl Engine {
             running: self.sched.running(),
             cache_usage: self.cache.pool_usage(),
             cache_stats: self.cache.stats(),
+            decode: self.decoder.counters,
             ..self.metrics
         }
     }

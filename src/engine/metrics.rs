@@ -76,6 +76,8 @@ pub struct EngineMetrics {
     pub cache_usage: PoolUsage,
     /// The cache's lifetime counters (hits, misses, bytes moved, pages attended).
     pub cache_stats: StepStats,
+    /// How decode-only steps ran: padded eagerly, captured, replayed, or ragged.
+    pub decode: super::DecodeCounters,
 }
 
 impl EngineMetrics {

@@ -19,6 +19,11 @@
 //!   [`Llama::forward`](crate::models::Llama::forward) batch. Finished, cancelled and
 //!   failed requests leave the cache at once (`remove_sequence`: pages freed in both
 //!   tiers). One request's error ends only that request.
+//! * Decode-only steps ([`DecodeMode`]) — on CUDA (default `Auto`) the whole model's
+//!   step is padded to a fixed shape (batch 1, 2, 4, …, 512; candidate pages in
+//!   multiples of 64) and replayed as a CUDA graph captured once per shape, for caches
+//!   whose algorithm decodes on the device alone (dense, Quest); other steps run eagerly.
+//!   A capture that fails leaves that shape eager, and the step runs again eagerly.
 //! * Sampling ([`sample_batch`]) — one call per step for the whole batch; greedy rows
 //!   are an argmax on the device (only ids cross to the host); rows with a temperature
 //!   are sampled on the host (their logits rows are copied: a known limitation).
@@ -69,6 +74,7 @@
 //! ```
 
 mod client;
+mod decode;
 #[allow(clippy::module_inception)]
 mod engine;
 mod handle;
@@ -79,6 +85,7 @@ mod scheduler;
 mod text;
 
 pub use client::EngineClient;
+pub use decode::{DecodeCounters, DecodeMode};
 pub use engine::{Engine, EngineConfig, StepReport};
 pub use handle::{Canceller, Completion, Event, FinishReason, RequestHandle, TokenEvent};
 pub use metrics::{device_memory_used, percentile, EngineMetrics, LatencySummary, Timings, P50P99};

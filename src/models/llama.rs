@@ -16,14 +16,23 @@ use std::collections::HashMap;
 #[derive(Clone)]
 struct Block {
     attn_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v projections fused into one GEMM: rows `[Hq·D | Hkv·D | Hkv·D]`.
+    qkv: Linear,
     o: Linear,
     mlp_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    /// gate and up projections fused into one GEMM: rows `[inter | inter]`.
+    gate_up: Linear,
     down: Linear,
+}
+
+/// One linear layer from several stacked along the output dimension (one GEMM).
+fn fuse(parts: &[Linear]) -> Result<Linear> {
+    let w: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
+    let bias = match parts.iter().map(|l| l.bias()).collect::<Option<Vec<&Tensor>>>() {
+        Some(b) => Some(Tensor::cat(&b, 0)?),
+        None => None,
+    };
+    Ok(Linear::new(Tensor::cat(&w, 0)?, bias))
 }
 
 /// Llama / SmolLM2 / Mistral-style / Qwen2 decoder. `Clone` shares the weights (tensors
@@ -95,13 +104,10 @@ impl Llama {
             );
             blocks.push(Block {
                 attn_norm,
-                q,
-                k,
-                v,
+                qkv: fuse(&[q, k, v])?,
                 o,
                 mlp_norm,
-                gate,
-                up,
+                gate_up: fuse(&[gate, up])?,
                 down,
             });
         }
@@ -223,34 +229,79 @@ impl Llama {
         }
     }
 
-    fn step(&self, cache: &mut dyn SparseKvCache, batch: &[(SeqId, &[u32])], ids: &[u32]) -> Result<Tensor> {
-        let (t, c) = (ids.len(), &self.cfg);
-        let ids = Tensor::from_vec(ids.to_vec(), t, &self.device)?;
-        let mut x = self.embed.forward(&ids)?;
-        for (layer, b) in self.blocks.iter().enumerate() {
-            let h = b.attn_norm.forward(&x)?;
-            let q = b.q.forward(&h)?.reshape((t, c.num_heads, c.head_dim))?;
-            let k = b.k.forward(&h)?.reshape((t, c.num_kv_heads, c.head_dim))?;
-            let v = b.v.forward(&h)?.reshape((t, c.num_kv_heads, c.head_dim))?;
-            let a = cache
-                .attend(layer, &q, &k, &v)?
-                .reshape((t, c.num_heads * c.head_dim))?;
-            x = (x + b.o.forward(&a)?)?;
-            let h = b.mlp_norm.forward(&x)?;
-            let m = (candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?;
-            x = (x + b.down.forward(&m)?)?;
+    /// The body of a padded decode step: `ids` `[B]` u32 on the model's device, one
+    /// token per row, for the step the cache opened with
+    /// [`SparseKvCache::begin_padded_decode`] (padding rows: any id in the vocabulary).
+    /// Returns `[B, vocab]` f32 logits (padding rows unspecified). It uploads nothing
+    /// and reads nothing back, and its device work depends only on the step's shape: a
+    /// CUDA graph captured from one call replays any later step of that shape (see
+    /// `spinkv::engine`). The caller ends (or aborts) the step.
+    pub fn forward_padded(&self, cache: &mut dyn SparseKvCache, ids: &Tensor) -> Result<Tensor> {
+        let b = ids.dims1()?;
+        if ids.dtype() != DType::U32 || !ids.device().same_device(&self.device) {
+            return Err(Error::Invalid {
+                op: "Llama::forward_padded",
+                msg: format!(
+                    "ids must be [B] u32 on {:?}, got {:?} {:?} on {:?}",
+                    self.device.location(),
+                    ids.dims(),
+                    ids.dtype(),
+                    ids.device().location()
+                ),
+            });
         }
+        let x = self.layers(cache, ids, b)?;
+        self.head(&self.norm.forward(&x)?)
+    }
+
+    fn step(&self, cache: &mut dyn SparseKvCache, batch: &[(SeqId, &[u32])], ids: &[u32]) -> Result<Tensor> {
+        let t = ids.len();
+        let ids = Tensor::from_vec(ids.to_vec(), t, &self.device)?;
+        let x = self.layers(cache, &ids, t)?;
         let mut last = Vec::with_capacity(batch.len());
         let mut end = 0u32;
         for (_, toks) in batch {
             end += toks.len() as u32;
             last.push(end - 1);
         }
-        let last = Tensor::from_vec(last, batch.len(), &self.device)?;
-        let x = self.norm.forward(&x.index_select(&last, 0)?)?;
+        let x = if last.len() == t {
+            // One token per sequence (decode): every row samples.
+            x
+        } else {
+            x.index_select(&Tensor::from_vec(last, batch.len(), &self.device)?, 0)?
+        };
+        self.head(&self.norm.forward(&x)?)
+    }
+
+    /// Embedding and every layer over `t` token ids `[t]` u32; returns the hidden states `[t, hidden]`.
+    fn layers(&self, cache: &mut dyn SparseKvCache, ids: &Tensor, t: usize) -> Result<Tensor> {
+        let c = &self.cfg;
+        let mut x = self.embed.forward(ids)?;
+        for (layer, b) in self.blocks.iter().enumerate() {
+            let h = b.attn_norm.forward(&x)?;
+            let (hq, hkv) = (c.num_heads, c.num_kv_heads);
+            let qkv = b.qkv.forward(&h)?.reshape((t, hq + 2 * hkv, c.head_dim))?;
+            let q = qkv.narrow(1, 0, hq)?;
+            let k = qkv.narrow(1, hq, hkv)?;
+            let v = qkv.narrow(1, hq + hkv, hkv)?;
+            let a = cache
+                .attend(layer, &q, &k, &v)?
+                .reshape((t, c.num_heads * c.head_dim))?;
+            x = (x + b.o.forward(&a)?)?;
+            let h = b.mlp_norm.forward(&x)?;
+            let gu = b.gate_up.forward(&h)?;
+            let inter = c.intermediate_size;
+            let m = (candle_nn::ops::silu(&gu.narrow(1, 0, inter)?)? * gu.narrow(1, inter, inter)?)?;
+            x = (x + b.down.forward(&m)?)?;
+        }
+        Ok(x)
+    }
+
+    /// `[n, hidden]` normalized hidden states → `[n, vocab]` f32 logits.
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
         match &self.lm_head_f32 {
             Some(head) => Ok(head.forward(&x.to_dtype(DType::F32)?)?),
-            None => Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?),
+            None => Ok(self.lm_head.forward(x)?.to_dtype(DType::F32)?),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod append;
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+pub mod graph;
 pub(crate) mod lru_resolve;
 pub mod merge;
 pub mod page_table;
@@ -22,6 +23,7 @@ pub(crate) mod util;
 
 pub use append::{paged_append, paged_append_with_minmax, quest_meta_update};
 pub use attention::{sparse_paged_attention, AttentionPartial, PageList};
+pub use graph::{cuda_device, StepGraph};
 pub use merge::merge_partials;
 pub use page_table::page_slots;
 pub use quest_score::quest_page_scores;

@@ -26,4 +26,8 @@ impl SparseAlgorithm for Dense {
     fn select(&mut self, _input: &SelectInput<'_>) -> Result<Selection> {
         Ok(Selection::All)
     }
+
+    fn device_only_decode(&self) -> bool {
+        true
+    }
 }

@@ -195,6 +195,15 @@ pub trait SparseAlgorithm: Send {
         false
     }
 
+    /// `true` when a decode step's `index` and `select` are device work only, with no
+    /// host data that changes from step to step and no host synchronization: the cache
+    /// can then run padded decode steps (the form CUDA graphs capture; see
+    /// [`SparseKvCache::begin_padded_decode`](crate::SparseKvCache::begin_padded_decode)).
+    /// Default `false`.
+    fn device_only_decode(&self) -> bool {
+        false
+    }
+
     /// The page size the algorithm is designed for, if it requires one (ShadowKV: its
     /// chunk size). Model helpers use it to configure the cache.
     fn page_size_hint(&self) -> Option<usize> {

@@ -87,6 +87,12 @@ impl SparseAlgorithm for Quest {
         self.meta.as_ref()
     }
 
+    /// The bounds are updated by the cache's fused append (on the cache's device) and
+    /// the selection is scoring + top-k on the device.
+    fn device_only_decode(&self) -> bool {
+        true
+    }
+
     fn index(&mut self, input: &IndexInput<'_>) -> Result<()> {
         if input.minmax_updated {
             return Ok(());

@@ -62,6 +62,15 @@ pub struct DeviceLru {
     /// `[>= n]` u32 request list links (CUDA scratch, grown as needed).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     next: Tensor,
+    /// `[4]` u32 clock (low, high), round and step of the CUDA kernels: kept on the
+    /// device so that a captured round reads them at replay (the host's `clock` and
+    /// `round` drive the CPU reference and count rounds for the wrap-around reset).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    state: Tensor,
+    /// The step last written into `state`.
+    device_step: u32,
+    /// Bumped whenever a state tensor is replaced rather than written in place.
+    epoch: u64,
     clock: u64,
     round: u32,
 }
@@ -102,6 +111,9 @@ impl DeviceLru {
             counters: Tensor::zeros(3, DType::I64, device)?,
             head: u32s(buckets, NONE, device)?,
             next: u32s(1, NONE, device)?,
+            state: u32s(4, 0, device)?,
+            device_step: 0,
+            epoch: 0,
             clock: 0,
             round: 0,
         })
@@ -139,7 +151,57 @@ impl DeviceLru {
             );
         }
         crate::fault::device_call("DeviceLru::set_budgets")?;
-        self.budgets = Tensor::from_slice(budgets, budgets.len(), &self.device)?;
+        // In place: captured rounds keep reading the same buffer.
+        self.budgets
+            .slice_set(&Tensor::from_slice(budgets, budgets.len(), &self.device)?, 0, 0)?;
+        Ok(())
+    }
+
+    /// Sets the step number the next rounds record (`>= 1`): one small in-place write on
+    /// CUDA, done once per step so that rounds upload nothing. [`resolve`](Self::resolve)
+    /// calls it when its request names another step. Also restarts the round numbers
+    /// (which pins hold) well before they wrap.
+    pub fn set_step(&mut self, step: u32) -> Result<()> {
+        if step == 0 {
+            crate::invalid!(
+                "DeviceLru::set_step",
+                "step must be >= 1 (0 marks never-seen host slots)"
+            );
+        }
+        if self.round >= u32::MAX / 2 {
+            self.restart_rounds()?;
+        }
+        if self.device.is_cuda() && step != self.device_step {
+            crate::fault::device_call("DeviceLru::set_step")?;
+            self.state
+                .slice_set(&Tensor::from_slice(&[step], 1, &self.device)?, 0, 3)?;
+        }
+        self.device_step = step;
+        Ok(())
+    }
+
+    /// Counts `rounds` rounds of `requests` requests in all that ran without a call to
+    /// [`resolve`](Self::resolve) (replays of captured rounds): keeps the host's round
+    /// count, which decides when round numbers restart, in step with the device's.
+    pub fn count_replayed_rounds(&mut self, rounds: u32, requests: u64) {
+        self.round = self.round.saturating_add(rounds);
+        self.clock += requests;
+    }
+
+    /// Changes whenever a state buffer is replaced instead of written in place (work
+    /// captured before then reads stale buffers).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Unpins every slot and restarts round numbers at 0, in place.
+    fn restart_rounds(&mut self) -> Result<()> {
+        self.pinned.zero_set()?;
+        if self.device.is_cuda() {
+            self.state
+                .slice_set(&Tensor::from_slice(&[0u32], 1, &self.device)?, 0, 2)?;
+        }
+        self.round = 0;
         Ok(())
     }
 
@@ -181,8 +243,7 @@ impl DeviceLru {
         crate::fault::device_call(ROP)?;
         if self.round == u32::MAX {
             // Pins hold round numbers: restart them before the counter wraps.
-            self.pinned = u32s(self.capacity(), 0, &self.device)?;
-            self.round = 0;
+            self.restart_rounds()?;
         }
         let (clock, round) = (self.clock, self.round + 1);
         let out = match &self.device {
@@ -191,8 +252,12 @@ impl DeviceLru {
             Device::Cuda(_) => {
                 if self.next.dims()[0] < n {
                     self.next = u32s(n.next_power_of_two(), NONE, &self.device)?;
+                    self.epoch += 1;
                 }
-                reference::resolve_cuda(&self.buffers(), req, self.geometry(), clock, round)?
+                if req.step != self.device_step {
+                    self.set_step(req.step)?;
+                }
+                reference::resolve_cuda(&self.buffers(), req, self.geometry())?
             }
             d => crate::invalid!(ROP, "unsupported device {:?}", d.location()),
         };
@@ -298,8 +363,9 @@ impl DeviceLru {
         crate::fault::device_call("DeviceLru::take_step_counters")?;
         let reuse = self.reuse.to_vec1::<u32>()?;
         let c = self.counters.to_vec1::<i64>()?;
-        self.reuse = u32s(self.max_owners, 0, &self.device)?;
-        self.counters = Tensor::zeros(3, DType::I64, &self.device)?;
+        // In place: captured rounds keep counting into the same buffers.
+        self.reuse.zero_set()?;
+        self.counters.zero_set()?;
         Ok((reuse, [c[0] as u64, c[1] as u64, c[2] as u64]))
     }
 
@@ -342,6 +408,7 @@ impl DeviceLru {
     }
 
     fn write_state(&mut self, st: LruState) -> Result<()> {
+        self.epoch += 1;
         let d = &self.device;
         let t = |v: Vec<u32>| -> Result<Tensor> {
             let n = v.len();
@@ -383,6 +450,7 @@ impl DeviceLru {
             counters: &self.counters,
             head: &self.head,
             next: &self.next,
+            state: &self.state,
         }
     }
 }

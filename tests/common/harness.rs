@@ -7,7 +7,7 @@ use super::{randn, rope_f64};
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use spinkv::ops::reference_attention;
-use spinkv::{SeqId, SparseKvCache, StepInput};
+use spinkv::{PaddedShape, SeqId, SparseKvCache, StepInput};
 use std::collections::HashMap;
 
 /// The q/k/v fed to one layer of a step and what the cache returned.
@@ -35,6 +35,45 @@ pub fn random_step(cache: &mut dyn SparseKvCache, inputs: &[StepInput], r: &mut 
         let v = randn(r, &[t, c.num_kv_heads, c.head_dim], 1.0);
         let cast = |x: &Tensor| x.to_dtype(c.dtype).unwrap().to_device(&c.device).unwrap();
         let out = cache.attend(layer, &cast(&q), &cast(&k), &cast(&v)).unwrap();
+        layers.push(LayerIo { q, k, v, out });
+    }
+    cache.end_step().unwrap();
+    layers
+}
+
+/// [`random_step`] as a padded decode step of `shape`: the real rows get exactly the
+/// q/k/v `random_step` would draw from `r` (so two caches fed from equal seeds see equal
+/// inputs), the padding rows garbage from `pad` at scale 1000. Returns each layer's
+/// real-row inputs and the whole `[shape.batch, Hq, D]` output.
+pub fn padded_step(
+    cache: &mut dyn SparseKvCache,
+    inputs: &[StepInput],
+    shape: PaddedShape,
+    r: &mut StdRng,
+    pad: &mut StdRng,
+) -> Vec<LayerIo> {
+    let c = cache.config().clone();
+    let (t, extra) = (inputs.len(), shape.batch - inputs.len());
+    cache.begin_padded_decode(inputs, shape).unwrap();
+    let mut layers = Vec::with_capacity(c.num_layers);
+    for layer in 0..c.num_layers {
+        let q = randn(r, &[t, c.num_q_heads, c.head_dim], 1.0);
+        let k = randn(r, &[t, c.num_kv_heads, c.head_dim], 1.0);
+        let v = randn(r, &[t, c.num_kv_heads, c.head_dim], 1.0);
+        let full = |x: &Tensor, h: usize, r: &mut StdRng| {
+            let x = if extra == 0 {
+                x.clone()
+            } else {
+                Tensor::cat(&[x, &randn(r, &[extra, h, c.head_dim], 1000.0)], 0).unwrap()
+            };
+            x.to_dtype(c.dtype).unwrap().to_device(&c.device).unwrap()
+        };
+        let (qp, kp, vp) = (
+            full(&q, c.num_q_heads, pad),
+            full(&k, c.num_kv_heads, pad),
+            full(&v, c.num_kv_heads, pad),
+        );
+        let out = cache.attend(layer, &qp, &kp, &vp).unwrap();
         layers.push(LayerIo { q, k, v, out });
     }
     cache.end_step().unwrap();

@@ -36,6 +36,8 @@ pub(crate) struct Buffers<'a> {
     pub counters: &'a Tensor,
     pub head: &'a Tensor,
     pub next: &'a Tensor,
+    /// `[4]` u32: clock low, clock high, round, step.
+    pub state: &'a Tensor,
 }
 
 /// Device address of a contiguous u32 or i64 CUDA tensor.
@@ -62,15 +64,10 @@ fn wrap(buf: candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>, dev: &Cu
     Tensor::from_storage(Storage::Cuda(s), dims, BackpropOp::none(), false)
 }
 
-/// One round: `lru_link` (one thread per request or owner) then `lru_resolve` (one
-/// thread per bucket).
-pub(crate) fn resolve(
-    b: &Buffers<'_>,
-    req: &ResolveRequest<'_>,
-    g: Geometry,
-    clock: u64,
-    round: u32,
-) -> Result<ResolveOutput> {
+/// One round: `lru_link` (one thread per request or owner), `lru_resolve` (one thread
+/// per bucket), then `lru_advance` (the round's clock and number, kept on the device in
+/// `b.state`, advance by `n` and 1).
+pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) -> Result<ResolveOutput> {
     let n = req.host_slots.dims()[0];
     let dev = cuda_device(b.tags)?;
     let (fast, fp) = alloc::<u32>(&dev, 2 * n)?;
@@ -104,7 +101,7 @@ pub(crate) fn resolve(
         sp,
         mp,
         cp,
-        req.step,
+        addr("state", b.state, u)?,
         req.reuse_steps
     )?;
     if n > 0 {
@@ -131,10 +128,11 @@ pub(crate) fn resolve(
             addr("counters", b.counters, DType::I64)?,
             g.buckets as u32,
             g.ways as u32,
-            clock as i64,
-            round
+            addr("state", b.state, u)?
         )?;
     }
+    let adv = func(&dev, &LRU_RESOLVE, "lru_advance")?;
+    launch!(adv, cfg(1, 32, 0), addr("state", b.state, u)?, n as u32)?;
     Ok(ResolveOutput {
         fast_pairs: wrap(fast, &dev, &[n, 2]),
         spill_pairs: wrap(spill, &dev, &[n, 2]),

@@ -11,6 +11,7 @@
 
 pub(crate) mod append;
 pub(crate) mod attention;
+pub(crate) mod graph;
 pub(crate) mod lru;
 pub(crate) mod page_table;
 pub(crate) mod quest_score;

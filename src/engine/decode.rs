@@ -1,0 +1,194 @@
+//! Decode-only steps without per-step host work on the device path: [`DecodeMode`] and
+//! the runner that pads a decode batch to a [`PaddedShape`], writes its token ids into a
+//! buffer kept per batch size, and runs the whole model's step
+//! ([`Llama::forward_padded`]) eagerly, or on CUDA as a captured graph: the first step
+//! of a shape warms candle's capture caches, the second is captured, later ones replay
+//! it (recaptured when the cache's [`graph_epoch`](SparseKvCache::graph_epoch) moves).
+//! Prefill and mixed steps stay eager ([`Llama::forward`]).
+
+use crate::models::Llama;
+use crate::ops::StepGraph;
+use crate::{Error, PaddedShape, Result, SeqId, SparseKvCache, StepInput};
+use candle_core::{DType, Tensor};
+use std::collections::{HashMap, HashSet};
+
+/// How the engine runs decode-only steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecodeMode {
+    /// CUDA graphs where the device and the cache allow them, else eager (default).
+    #[default]
+    Auto,
+    /// Always the ragged eager step ([`Llama::forward`]), as prefill.
+    Eager,
+    /// Padded steps run eagerly (the graphs' exact device work, without capture): for
+    /// comparisons and for checking the padded path on any device.
+    Padded,
+    /// Padded steps replayed as CUDA graphs; an error on devices without graphs.
+    Graphs,
+}
+
+/// Counters of the decode runner (see [`EngineMetrics`](super::EngineMetrics)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecodeCounters {
+    /// Decode steps run padded, eagerly (warm-ups included).
+    pub padded_eager: u64,
+    /// Graphs captured.
+    pub captures: u64,
+    /// Steps replayed from a graph.
+    pub replays: u64,
+    /// Decode steps the runner handed back to the ragged eager path (no padded shape).
+    pub fallbacks: u64,
+    /// Decode steps that failed on the padded path and ran again eagerly (a failed
+    /// capture; see the engine's log of the last error).
+    pub errors: u64,
+}
+
+struct Captured {
+    // Field order is drop order: the graph goes before the memory it allocated.
+    graph: StepGraph,
+    /// The capture's output `[B, vocab]`: holds each replay's logits.
+    logits: Tensor,
+    epoch: u64,
+}
+
+/// Runs decode-only steps padded (see the module docs).
+pub(crate) struct DecodeRunner {
+    mode: DecodeMode,
+    /// `[B]` u32 token ids per padded batch size.
+    ids: HashMap<usize, Tensor>,
+    warmed: HashSet<PaddedShape>,
+    graphs: HashMap<PaddedShape, Captured>,
+    /// Shapes whose capture failed: they run padded and eager from then on.
+    uncapturable: HashSet<PaddedShape>,
+    pub counters: DecodeCounters,
+}
+
+impl DecodeRunner {
+    /// A runner for `mode` on `model`'s device; `Graphs` fails where graphs cannot run.
+    pub fn new(mode: DecodeMode, model: &Llama) -> Result<Self> {
+        let graphs_ok = StepGraph::supported(model.device());
+        let mode = match mode {
+            DecodeMode::Auto if graphs_ok => DecodeMode::Graphs,
+            DecodeMode::Auto => DecodeMode::Eager,
+            DecodeMode::Graphs if !graphs_ok => {
+                return Err(Error::Config(format!(
+                    "DecodeMode::Graphs needs a CUDA device and the `cuda` feature; the model is on {:?}",
+                    model.device().location()
+                )))
+            }
+            m => m,
+        };
+        Ok(Self {
+            mode,
+            ids: HashMap::new(),
+            warmed: HashSet::new(),
+            graphs: HashMap::new(),
+            uncapturable: HashSet::new(),
+            counters: DecodeCounters::default(),
+        })
+    }
+
+    /// The mode in force (`Auto` resolved).
+    pub fn mode(&self) -> DecodeMode {
+        self.mode
+    }
+
+    /// One decode step of `batch` (one token per sequence): `Ok(Some(logits [n, V]))`,
+    /// or `Ok(None)` when this step must take the ragged eager path (eager mode, or the
+    /// cache has no padded shape for it). On an error the cache's step is aborted.
+    pub fn forward(
+        &mut self,
+        model: &Llama,
+        cache: &mut dyn SparseKvCache,
+        batch: &[(SeqId, u32)],
+    ) -> Result<Option<Tensor>> {
+        if self.mode == DecodeMode::Eager {
+            return Ok(None);
+        }
+        let inputs: Vec<StepInput> = batch.iter().map(|&(seq, _)| StepInput { seq, new_tokens: 1 }).collect();
+        let Some(shape) = cache.padded_shape(&inputs) else {
+            self.counters.fallbacks += 1;
+            return Ok(None);
+        };
+        let vocab = model.config().vocab_size;
+        if let Some(&(_, bad)) = batch.iter().find(|&&(_, t)| t as usize >= vocab) {
+            crate::invalid!("Engine::step", "token id {bad} outside the vocabulary ({vocab})");
+        }
+        cache.begin_padded_decode(&inputs, shape)?;
+        match self.run(model, cache, shape, batch) {
+            Ok(logits) => {
+                cache.end_step()?;
+                Ok(Some(logits.narrow(0, 0, batch.len())?))
+            }
+            Err(e) => {
+                cache.abort_step()?;
+                Err(e)
+            }
+        }
+    }
+
+    fn run(
+        &mut self,
+        model: &Llama,
+        cache: &mut dyn SparseKvCache,
+        shape: PaddedShape,
+        batch: &[(SeqId, u32)],
+    ) -> Result<Tensor> {
+        let dev = model.device().clone();
+        let mut toks = vec![0u32; shape.batch];
+        for (t, &(_, tok)) in toks.iter_mut().zip(batch) {
+            *t = tok;
+        }
+        let ids = match self.ids.get(&shape.batch) {
+            Some(ids) => ids.clone(),
+            None => {
+                let ids = Tensor::zeros(shape.batch, DType::U32, &dev)?;
+                self.ids.insert(shape.batch, ids.clone());
+                ids
+            }
+        };
+        ids.slice_set(&Tensor::from_vec(toks, shape.batch, &dev)?, 0, 0)?;
+        if self.mode == DecodeMode::Padded || self.uncapturable.contains(&shape) {
+            self.counters.padded_eager += 1;
+            return model.forward_padded(cache, &ids);
+        }
+        let epoch = cache.graph_epoch();
+        if let Some(c) = self.graphs.get(&shape).filter(|c| c.epoch == epoch) {
+            c.graph.launch()?;
+            cache.padded_step_replayed()?;
+            self.counters.replays += 1;
+            return Ok(c.logits.clone());
+        }
+        if self.warmed.insert(shape) {
+            self.counters.padded_eager += 1;
+            return StepGraph::warm_up(&dev, || model.forward_padded(cache, &ids));
+        }
+        // Stale or missing: capture this step (nothing runs), then run it.
+        self.graphs.remove(&shape);
+        let (graph, logits) = match StepGraph::capture(&dev, || model.forward_padded(cache, &ids)) {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing ran: the caller aborts the step and runs it eagerly.
+                self.uncapturable.insert(shape);
+                return Err(Error::Invalid {
+                    op: "Engine::step",
+                    msg: format!(
+                        "capturing the decode step of shape {shape:?} failed ({e}); it runs eagerly from now on"
+                    ),
+                });
+            }
+        };
+        graph.launch()?;
+        self.counters.captures += 1;
+        let epoch = cache.graph_epoch();
+        self.graphs.insert(
+            shape,
+            Captured {
+                graph,
+                logits: logits.clone(),
+                epoch,
+            },
+        );
+        Ok(logits)
+    }
+}

@@ -1,0 +1,196 @@
+//! Padded decode steps (`SparseKvCache::begin_padded_decode`), the form CUDA graphs
+//! capture, against ordinary steps on the CPU:
+//! - the real rows' outputs equal an ordinary cache's for dense and Quest (within 1e-6,
+//!   f32), over batch sizes that pad (3 → 4, 5 → 8), page boundaries, a sequence leaving
+//!   and one joining mid-run, with a fast tier too small for the KV (misses and
+//!   evictions); padding rows (garbage inputs at scale 1000) come out finite and change
+//!   nothing; the counters and the pool accounting agree;
+//! - misuse and bad input are clear errors; an aborted padded step frees its pages.
+
+mod common;
+
+use common::harness::{padded_step, random_step};
+use common::{max_abs_diff, rng};
+use spinkv::partition::{Dense, InfLlm, InfLlmConfig, Quest, QuestConfig, SparseAlgorithm};
+use spinkv::{CacheConfig, Error, PaddedShape, SeqId, SparseKvCache, SpinCache, StepInput};
+
+fn cfg() -> CacheConfig {
+    // 2 layers, 4 query heads over 2 KV heads, head_dim 16, pages of 8 tokens; the fast
+    // tier holds a quarter of the host tier.
+    CacheConfig::new(2, 4, 2, 16)
+        .with_page_size(8)
+        .with_token_capacity(2048, 0.25)
+}
+
+fn algo(name: &str) -> Box<dyn SparseAlgorithm> {
+    match name {
+        "dense" => Box::new(Dense::new()),
+        _ => Box::new(Quest::new(QuestConfig {
+            budget_tokens: 32,
+            sink_tokens: 8,
+            window_tokens: 8,
+            dense_layers: 1,
+            shared_across_heads: false,
+        })),
+    }
+}
+
+fn decode_inputs(seqs: &[SeqId]) -> Vec<StepInput> {
+    seqs.iter().map(|&seq| StepInput { seq, new_tokens: 1 }).collect()
+}
+
+#[test]
+fn padded_decode_equals_ordinary_decode() {
+    for name in ["dense", "quest"] {
+        let mut caches = [
+            SpinCache::new_boxed(cfg(), algo(name)).unwrap(),
+            SpinCache::new_boxed(cfg(), algo(name)).unwrap(),
+        ];
+        let mut a_seqs = Vec::new();
+        let mut b_seqs = Vec::new();
+        for &len in &[37usize, 9, 70] {
+            let a = caches[0].add_sequence().unwrap();
+            let b = caches[1].add_sequence().unwrap();
+            random_step(
+                &mut caches[0],
+                &[StepInput {
+                    seq: a,
+                    new_tokens: len,
+                }],
+                &mut rng(len as u64),
+            );
+            random_step(
+                &mut caches[1],
+                &[StepInput {
+                    seq: b,
+                    new_tokens: len,
+                }],
+                &mut rng(len as u64),
+            );
+            a_seqs.push(a);
+            b_seqs.push(b);
+        }
+        let mut pad = rng(999);
+        let mut shapes = Vec::new();
+        for step in 0..14u64 {
+            if step == 6 {
+                // One sequence leaves, three join (3 rows pad to 4, then 5 rows to 8).
+                caches[0].remove_sequence(a_seqs.remove(1)).unwrap();
+                caches[1].remove_sequence(b_seqs.remove(1)).unwrap();
+                for &len in &[5usize, 130, 66] {
+                    let a = caches[0].add_sequence().unwrap();
+                    let b = caches[1].add_sequence().unwrap();
+                    random_step(
+                        &mut caches[0],
+                        &[StepInput {
+                            seq: a,
+                            new_tokens: len,
+                        }],
+                        &mut rng(len as u64),
+                    );
+                    random_step(
+                        &mut caches[1],
+                        &[StepInput {
+                            seq: b,
+                            new_tokens: len,
+                        }],
+                        &mut rng(len as u64),
+                    );
+                    a_seqs.push(a);
+                    b_seqs.push(b);
+                }
+            }
+            let (ia, ib) = (decode_inputs(&a_seqs), decode_inputs(&b_seqs));
+            let shape = caches[1].padded_shape(&ib).expect("dense and Quest run padded");
+            assert!(shape.batch >= ib.len() && shape.batch.is_power_of_two(), "{shape:?}");
+            assert_eq!(shape.pages % 64, 0, "{shape:?}");
+            shapes.push(shape);
+            let eager = random_step(&mut caches[0], &ia, &mut rng(100 + step));
+            let padded = padded_step(&mut caches[1], &ib, shape, &mut rng(100 + step), &mut pad);
+            for (layer, (e, p)) in eager.iter().zip(&padded).enumerate() {
+                let n = ia.len();
+                let real = p.out.narrow(0, 0, n).unwrap();
+                let err = max_abs_diff(&e.out, &real);
+                assert!(err <= 1e-6, "{name} step {step} layer {layer}: padded differs by {err}");
+                if shape.batch > n {
+                    let rest = p.out.narrow(0, n, shape.batch - n).unwrap();
+                    let vals = rest.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert!(vals.iter().all(|x| x.is_finite()), "{name}: padding rows not finite");
+                }
+            }
+        }
+        assert!(shapes.iter().any(|s| s.batch == 4) && shapes.iter().any(|s| s.batch == 8));
+        let (sa, sb) = (caches[0].stats(), caches[1].stats());
+        assert_eq!(
+            (sa.steps, sa.decode_rows, sa.pages_attended, sa.pages_available),
+            (sb.steps, sb.decode_rows, sb.pages_attended, sb.pages_available),
+            "{name}: counters"
+        );
+        assert_eq!(
+            (sa.hits, sa.misses, sa.spilled),
+            (sb.hits, sb.misses, sb.spilled),
+            "{name}: tier counters"
+        );
+        assert!(
+            sb.misses > 0,
+            "{name}: the fast tier should be too small to hold the KV"
+        );
+        for (c, seqs) in caches.iter().zip([&a_seqs, &b_seqs]) {
+            c.verify_accounting().unwrap();
+            let lens: Vec<usize> = seqs.iter().map(|&s| c.sequence_len(s).unwrap()).collect();
+            assert_eq!(lens, vec![37 + 14, 70 + 14, 5 + 8, 130 + 8, 66 + 8]);
+        }
+        assert_eq!(caches[0].pool_usage().host_used, caches[1].pool_usage().host_used);
+    }
+}
+
+#[test]
+fn padded_misuse_and_bad_input_are_clear_errors() {
+    let mut c = SpinCache::new_boxed(cfg(), algo("quest")).unwrap();
+    let s = c.add_sequence().unwrap();
+    random_step(&mut c, &[StepInput { seq: s, new_tokens: 21 }], &mut rng(1));
+    let one = decode_inputs(&[s]);
+    let shape = c.padded_shape(&one).unwrap();
+    assert_eq!(shape, PaddedShape { batch: 1, pages: 64 });
+    let msg = |e: Error| e.to_string();
+    // Two tokens per row.
+    let two = [StepInput { seq: s, new_tokens: 2 }];
+    assert!(c.padded_shape(&two).is_none());
+    let e = msg(c.begin_padded_decode(&two, shape).unwrap_err());
+    assert!(e.contains("begin_padded_decode") && e.contains("2 tokens"), "{e}");
+    // A shape smaller than the step.
+    let e = msg(c
+        .begin_padded_decode(&one, PaddedShape { batch: 1, pages: 2 })
+        .unwrap_err());
+    assert!(e.contains("smaller than the step needs"), "{e}");
+    // Replayed without a padded step.
+    let e = msg(c.padded_step_replayed().unwrap_err());
+    assert!(e.contains("no padded decode step is open"), "{e}");
+    // q of the real rows only, where the shape has more rows.
+    let s2 = c.add_sequence().unwrap();
+    random_step(&mut c, &[StepInput { seq: s2, new_tokens: 8 }], &mut rng(2));
+    let both = decode_inputs(&[s, s2]);
+    let shape2 = PaddedShape { batch: 4, pages: 64 };
+    c.begin_padded_decode(&both, shape2).unwrap();
+    let q = candle_core::Tensor::zeros((2, 4, 16), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let kv = candle_core::Tensor::zeros((2, 2, 16), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let e = msg(c.attend(0, &q, &kv, &kv).unwrap_err());
+    assert!(e.contains("[T=4"), "{e}");
+    // After one attended layer a replay is refused (attend or replay, not both).
+    let q = q.pad_with_zeros(0, 0, 2).unwrap();
+    let kv = kv.pad_with_zeros(0, 0, 2).unwrap();
+    c.attend(0, &q, &kv, &kv).unwrap();
+    let e = msg(c.padded_step_replayed().unwrap_err());
+    assert!(e.contains("attended already"), "{e}");
+    // Abort frees the step's pages (s2 crossed into a new page).
+    c.abort_step().unwrap();
+    c.verify_accounting().unwrap();
+    assert_eq!((c.sequence_len(s).unwrap(), c.sequence_len(s2).unwrap()), (21, 8));
+    // An algorithm whose selection needs the host has no padded steps.
+    let mut inf = SpinCache::new_boxed(cfg(), Box::new(InfLlm::new(InfLlmConfig::default()).unwrap())).unwrap();
+    let t = inf.add_sequence().unwrap();
+    random_step(&mut inf, &[StepInput { seq: t, new_tokens: 9 }], &mut rng(3));
+    assert!(inf.padded_shape(&decode_inputs(&[t])).is_none());
+    let e = msg(inf.begin_padded_decode(&decode_inputs(&[t]), shape).unwrap_err());
+    assert!(e.contains("cannot run padded decode steps"), "{e}");
+}
