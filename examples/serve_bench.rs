@@ -16,7 +16,12 @@
 //! How things are measured:
 //! * decode tokens/s: tokens sampled in decode-only steps over the wall time of those
 //!   steps ([`EngineMetrics::decode_tps`]); steps carrying any prefill chunk are left out.
-//!   "output tok/s" counts every output token over all busy time.
+//!   "full-batch decode tok/s" (offline) keeps only the decode-only steps that carried
+//!   every request of the run: the steady state at batch B, as the PyTorch anchor
+//!   measures it (the tail, where requests finish one by one, and the first step of each
+//!   padded shape, which warms up and captures its CUDA graph, are left out only when
+//!   they run with fewer requests). "output tok/s" counts every output token over all
+//!   busy time.
 //! * TTFT, TPOT, ITL: per request from its submission ([`spinkv::engine::Timings`]); in
 //!   offline mode all B requests are submitted at once, so TTFT includes the wait behind
 //!   the other prompts' prefill.
@@ -294,6 +299,9 @@ struct Row {
     context: String,
     new_tokens: usize,
     decode_tps: f64,
+    /// Decode tokens/s of the decode-only steps that carried every request of the run
+    /// (the steady state at batch B, what the PyTorch anchor measures); offline only.
+    full_batch_tps: f64,
     output_tps: f64,
     req_s: f64,
     lat: LatencySummary,
@@ -327,6 +335,7 @@ impl Row {
             } else {
                 f64::NAN
             },
+            full_batch_tps: f64::NAN,
             output_tps: m.output_tps(),
             req_s: done.len() as f64 / m.busy_secs.max(1e-9),
             lat: LatencySummary::of(done.iter().map(|c| &c.timings)),
@@ -335,7 +344,8 @@ impl Row {
         }
     }
 
-    const COLUMNS: &'static str = "mode,algo,batch_or_requests,context,new_tokens,decode_tok_s,output_tok_s,req_s,\
+    const COLUMNS: &'static str =
+        "mode,algo,batch_or_requests,context,new_tokens,decode_tok_s,full_batch_decode_tok_s,output_tok_s,req_s,\
         ttft_p50_ms,ttft_p99_ms,tpot_p50_ms,tpot_p99_ms,itl_p50_ms,itl_p99_ms,mem_gb,mem_source,accuracy";
 
     /// The values of the [`Self::COLUMNS`] (empty where not measured).
@@ -356,7 +366,7 @@ impl Row {
             self.context.clone(),
         ];
         v.push(self.new_tokens.to_string());
-        v.extend([self.decode_tps, self.output_tps, self.req_s].map(f));
+        v.extend([self.decode_tps, self.full_batch_tps, self.output_tps, self.req_s].map(f));
         v.extend([l.ttft, l.tpot, l.itl].into_iter().flat_map(|p| [ms(p.p50), ms(p.p99)]));
         v.extend([format!("{:.3}", self.mem.0 as f64 / 1e9), self.mem.1.to_string()]);
         v.push(f(self.accuracy.unwrap_or(f64::NAN)));
@@ -394,8 +404,14 @@ fn run_batch(
         .collect::<spinkv::Result<Vec<_>>>()?;
     let dev = eng.model().device().clone();
     let (mut peak, mut last) = (device_memory_used(&dev), Instant::now());
+    let total = handles.len();
+    let (mut full_tokens, mut full_secs) = (0usize, 0f64);
     while eng.has_work() {
-        eng.step()?;
+        let r = eng.step()?;
+        if r.prefill_tokens == 0 && r.decodes == total {
+            full_tokens += r.sampled;
+            full_secs += r.elapsed.as_secs_f64();
+        }
         peak = peak.max(device_memory_used(&dev));
         if last.elapsed() > Duration::from_secs(5) {
             let m = eng.metrics();
@@ -412,7 +428,11 @@ fn run_batch(
     if let Some(e) = eng.last_decode_error() {
         eprintln!("  last padded-decode error (that step ran eagerly): {e}");
     }
-    Ok((Row::new(mode, algo, ctx, n, &done, &eng.metrics(), peak, bytes), done))
+    let mut row = Row::new(mode, algo, ctx, n, &done, &eng.metrics(), peak, bytes);
+    if full_tokens > 0 {
+        row.full_batch_tps = full_tokens as f64 / full_secs.max(1e-9);
+    }
+    Ok((row, done))
 }
 
 fn random_prompt(rng: &mut StdRng, len: usize, vocab: usize) -> Vec<u32> {

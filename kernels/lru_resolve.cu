@@ -48,9 +48,10 @@ extern "C" __global__ void lru_link(const u32* __restrict__ host_slots, const u3
 }
 
 // The round's clock and number live on the device, in `state` = [clock low, clock high,
-// round, step] (the step is written by the host once per step): a captured round reads
-// them at replay, not the values of the capture. One thread advances them after the
-// round: clock += n, round += 1.
+// last round, step] (the step is written by the host once per step): a captured round
+// reads them at replay, not the values of the capture. A round uses the clock as it is
+// and the number last round + 1 (as the host's reference does); one thread then
+// advances them: clock += n, last round += 1.
 extern "C" __global__ void lru_advance(u32* state, u32 n) {
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     const u64 clock = (((u64)state[1] << 32) | (u64)state[0]) + (u64)n;
@@ -70,7 +71,7 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
                                        u32* fast_pairs, u32* spill_pairs, u32* misses, u32* miss_count,
                                        u64* counters, u32 buckets, u32 ways, const u32* __restrict__ state) {
   const i64 clock = (i64)(((u64)state[1] << 32) | (u64)state[0]);
-  const u32 round = state[2];
+  const u32 round = state[2] + 1u;  // state[2] = the last round's number (0: none yet)
   for (u32 b = blockIdx.x * blockDim.x + threadIdx.x; b < buckets; b += gridDim.x * blockDim.x) {
     u32 h = head[b];
     if (h == SPIN_NONE) continue;

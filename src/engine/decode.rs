@@ -4,6 +4,9 @@
 //! ([`Llama::forward_padded`]) eagerly, or on CUDA as a captured graph: the first step
 //! of a shape warms candle's capture caches, the second is captured, later ones replay
 //! it (recaptured when the cache's [`graph_epoch`](SparseKvCache::graph_epoch) moves).
+//! A step whose shape has no graph yet replays the smallest captured larger batch of the
+//! same pages instead, for up to [`BORROW_STEPS`] steps, so that a batch shrinking as
+//! requests finish costs no warm-up or capture.
 //! Prefill and mixed steps stay eager ([`Llama::forward`]).
 
 use crate::models::Llama;
@@ -26,6 +29,10 @@ pub enum DecodeMode {
     /// Padded steps replayed as CUDA graphs; an error on devices without graphs.
     Graphs,
 }
+
+/// Steps a padded shape without a graph replays a larger batch's graph before it gets
+/// its own.
+const BORROW_STEPS: u32 = 8;
 
 /// Counters of the decode runner (see [`EngineMetrics`](super::EngineMetrics)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,6 +67,8 @@ pub(crate) struct DecodeRunner {
     graphs: HashMap<PaddedShape, Captured>,
     /// Shapes whose capture failed: they run padded and eager from then on.
     uncapturable: HashSet<PaddedShape>,
+    /// Steps of each needed shape that replayed a larger captured batch instead.
+    borrowed: HashMap<PaddedShape, u32>,
     pub counters: DecodeCounters,
 }
 
@@ -84,6 +93,7 @@ impl DecodeRunner {
             warmed: HashSet::new(),
             graphs: HashMap::new(),
             uncapturable: HashSet::new(),
+            borrowed: HashMap::new(),
             counters: DecodeCounters::default(),
         })
     }
@@ -106,10 +116,11 @@ impl DecodeRunner {
             return Ok(None);
         }
         let inputs: Vec<StepInput> = batch.iter().map(|&(seq, _)| StepInput { seq, new_tokens: 1 }).collect();
-        let Some(shape) = cache.padded_shape(&inputs) else {
+        let Some(need) = cache.padded_shape(&inputs) else {
             self.counters.fallbacks += 1;
             return Ok(None);
         };
+        let shape = self.choose(need, cache.graph_epoch());
         let vocab = model.config().vocab_size;
         if let Some(&(_, bad)) = batch.iter().find(|&&(_, t)| t as usize >= vocab) {
             crate::invalid!("Engine::step", "token id {bad} outside the vocabulary ({vocab})");
@@ -124,6 +135,34 @@ impl DecodeRunner {
                 cache.abort_step()?;
                 Err(e)
             }
+        }
+    }
+
+    /// The shape to run a step needing `need` at: a captured graph of a larger batch
+    /// (same pages) is replayed instead of warming up and capturing `need`, until `need`
+    /// has borrowed one [`BORROW_STEPS`] times (a batch that shrinks for a step or two,
+    /// as requests finish, then costs no capture).
+    fn choose(&mut self, need: PaddedShape, epoch: u64) -> PaddedShape {
+        if self.mode != DecodeMode::Graphs || self.graphs.get(&need).is_some_and(|c| c.epoch == epoch) {
+            return need;
+        }
+        let larger = self
+            .graphs
+            .iter()
+            .filter(|(s, c)| s.pages == need.pages && s.batch > need.batch && c.epoch == epoch)
+            .map(|(s, _)| *s)
+            .min_by_key(|s| s.batch);
+        match larger {
+            Some(s) => {
+                let n = self.borrowed.entry(need).or_insert(0);
+                *n += 1;
+                if *n > BORROW_STEPS {
+                    need
+                } else {
+                    s
+                }
+            }
+            None => need,
         }
     }
 
