@@ -62,23 +62,29 @@ impl SpinCache {
             table_rows: vec![NONE; layers * slots * hkv],
             owners: vec![0; slots],
         };
-        for layer in 0..layers {
-            for (ei, e) in entries.iter().enumerate() {
+        // One table lookup per (entry, token) for all directories, one per entry for
+        // its device rows (a sequence's directories own consecutive rows).
+        let dirs = layers * hkv;
+        let mut page_slots = vec![NONE; dirs];
+        for (ei, e) in entries.iter().enumerate() {
+            let row0 = self.device_tables.row(e.seq, 0).ok_or(Error::Invalid {
+                op: "SparseKvCache::begin_step",
+                msg: format!("sequence {} has no device page-table row (internal error)", e.seq),
+            })?;
+            for layer in 0..layers {
                 for h in 0..hkv {
-                    let dir = layer * hkv + h;
-                    v.table_rows[(layer * slots + ei) * hkv + h] =
-                        self.device_tables.row(e.seq, dir).ok_or(Error::Invalid {
-                            op: "SparseKvCache::begin_step",
-                            msg: format!("sequence {} has no device page-table row (internal error)", e.seq),
-                        })?;
-                    for i in 0..e.n {
-                        let pos = e.start + i;
-                        let slot = self.tables.get(e.seq, dir, pos / p)?;
-                        let at = layer * plane + (e.row + i) * hkv + h;
-                        v.slots[at] = slot;
-                        v.rows[at] = (pos % p) as u32;
-                        v.dst[at] = slot * p as u32 + (pos % p) as u32;
-                    }
+                    v.table_rows[(layer * slots + ei) * hkv + h] = row0 + (layer * hkv + h) as u32;
+                }
+            }
+            for i in 0..e.n {
+                let pos = e.start + i;
+                self.tables.page_in_all_dirs(e.seq, pos / p, &mut page_slots)?;
+                let row_in_page = (pos % p) as u32;
+                for (dir, &slot) in page_slots.iter().enumerate() {
+                    let at = (dir / hkv) * plane + (e.row + i) * hkv + dir % hkv;
+                    v.slots[at] = slot;
+                    v.rows[at] = row_in_page;
+                    v.dst[at] = slot * p as u32 + row_in_page;
                 }
             }
         }

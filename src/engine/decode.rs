@@ -48,6 +48,11 @@ pub struct DecodeCounters {
     /// Decode steps that failed on the padded path and ran again eagerly (a failed
     /// capture; see the engine's log of the last error).
     pub errors: u64,
+    /// Host time of the replayed steps, from the start of the step to the graph's
+    /// launch returning (begin_padded_decode, the inputs' writes, the launch), in
+    /// microseconds, summed: the per-step host overhead the graph leaves (the step's
+    /// end, which waits for the device to read its counters, is not included).
+    pub replay_host_us: u64,
 }
 
 struct Captured {
@@ -120,13 +125,19 @@ impl DecodeRunner {
             self.counters.fallbacks += 1;
             return Ok(None);
         };
+        let t0 = std::time::Instant::now();
         let shape = self.choose(need, cache.graph_epoch());
         let vocab = model.config().vocab_size;
         if let Some(&(_, bad)) = batch.iter().find(|&&(_, t)| t as usize >= vocab) {
             crate::invalid!("Engine::step", "token id {bad} outside the vocabulary ({vocab})");
         }
         cache.begin_padded_decode(&inputs, shape)?;
-        match self.run(model, cache, shape, batch) {
+        let replays = self.counters.replays;
+        let ran = self.run(model, cache, shape, batch);
+        if self.counters.replays > replays {
+            self.counters.replay_host_us += t0.elapsed().as_micros() as u64;
+        }
+        match ran {
             Ok(logits) => {
                 cache.end_step()?;
                 Ok(Some(logits.narrow(0, 0, batch.len())?))

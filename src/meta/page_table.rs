@@ -277,6 +277,27 @@ impl PageTables {
         Ok(self.leaves[t.dirs[dir][page / LEAF_PAGES] as usize][page % LEAF_PAGES])
     }
 
+    /// The host slot of logical page `page` of `seq` in every directory, in directory
+    /// order, written into `out` (`[dirs_per_seq]`): one sequence lookup for all of them.
+    pub fn page_in_all_dirs(&self, seq: u64, page: usize, out: &mut [u32]) -> Result<()> {
+        let t = self.seq(seq)?;
+        if page >= t.pages || out.len() != t.dirs.len() {
+            return Err(Error::Invalid {
+                op: "PageTables::page_in_all_dirs",
+                msg: format!(
+                    "page {page} of {} pages, out of {} entries for {} directories",
+                    t.pages,
+                    out.len(),
+                    t.dirs.len()
+                ),
+            });
+        }
+        for (o, dir) in out.iter_mut().zip(&t.dirs) {
+            *o = self.leaves[dir[page / LEAF_PAGES] as usize][page % LEAF_PAGES];
+        }
+        Ok(())
+    }
+
     /// Appends the host slots of all pages of directory `dir` of `seq` to `out`, in order.
     pub fn extend_slots(&self, seq: u64, dir: usize, out: &mut Vec<u32>) -> Result<()> {
         let t = self.seq(seq)?;
