@@ -8,13 +8,12 @@ use super::decode::{DecodeMode, DecodeRunner};
 use super::handle::{channel, Completion, Event, FinishReason, Reply, RequestHandle, TokenEvent};
 use super::metrics::{EngineMetrics, Timings};
 use super::request::{Limits, Prepared, Request, RequestId};
-use super::sampler::{sample_batch, RequestSampler};
-use super::scheduler::{Scheduler, SchedulerConfig, StepPlan, Work};
+use super::sampler::RequestSampler;
+use super::scheduler::{Scheduler, SchedulerConfig};
 use super::text::TextStream;
 use crate::models::tokenizer::TokenizerInfo;
 use crate::models::{Llama, LoadedModel};
 use crate::{Error, Result, SeqId, SparseKvCache};
-use candle_core::Tensor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,13 +65,13 @@ pub struct StepReport {
 }
 
 /// A request the engine holds, from submission to completion.
-struct Active {
-    id: RequestId,
-    reply: Reply,
-    req: Prepared,
-    sampler: RequestSampler,
-    seq: Option<SeqId>,
-    tokens: Vec<u32>,
+pub(super) struct Active {
+    pub(super) id: RequestId,
+    pub(super) reply: Reply,
+    pub(super) req: Prepared,
+    pub(super) sampler: RequestSampler,
+    pub(super) seq: Option<SeqId>,
+    pub(super) tokens: Vec<u32>,
     text: TextStream,
     submitted: Instant,
     queued: Option<Duration>,
@@ -82,19 +81,19 @@ struct Active {
 /// The serving engine: continuous batching with chunked prefill over a sparse KV cache.
 /// See the [module docs](super) for the threading model.
 pub struct Engine {
-    model: Llama,
-    cache: Box<dyn SparseKvCache>,
+    pub(super) model: Llama,
+    pub(super) cache: Box<dyn SparseKvCache>,
     info: Option<TokenizerInfo>,
     limits: Limits,
     cfg: EngineConfig,
     sched: Scheduler,
     /// In submission order.
-    active: Vec<Active>,
+    pub(super) active: Vec<Active>,
     next_id: Arc<AtomicU64>,
     metrics: EngineMetrics,
-    decoder: DecodeRunner,
+    pub(super) decoder: DecodeRunner,
     /// The last error of the padded decode path (the step then ran eagerly).
-    last_decode_error: Option<String>,
+    pub(super) last_decode_error: Option<String>,
 }
 
 impl Engine {
@@ -280,136 +279,8 @@ impl Engine {
         Ok(report)
     }
 
-    /// Runs the batch of `plan` (items of requests still active), samples and streams.
-    fn run_plan(&mut self, plan: &StepPlan, report: &mut StepReport) -> Result<()> {
-        // (request index in `active`, seq, tokens, whether it samples)
-        let mut items: Vec<(RequestId, SeqId, Vec<u32>, bool)> = Vec::with_capacity(plan.items.len());
-        for s in &plan.items {
-            let Some(a) = self.active.iter().find(|a| a.id == s.id) else {
-                continue;
-            };
-            let Some(seq) = a.seq else { continue };
-            let (toks, samples) = match s.work {
-                Work::Prefill { start, len, last } => (a.req.prompt[start..start + len].to_vec(), last),
-                Work::Decode => match a.tokens.last() {
-                    Some(&t) => (vec![t], true),
-                    None => continue,
-                },
-            };
-            match s.work {
-                Work::Prefill { len, .. } => report.prefill_tokens += len,
-                Work::Decode => report.decodes += 1,
-            }
-            items.push((s.id, seq, toks, samples));
-        }
-        if items.is_empty() {
-            return Ok(());
-        }
-        let (logits, ok) = self.forward(&items, report)?;
-        let Some(logits) = logits else { return Ok(()) };
-        // Rows of `logits` follow `ok`; collect the samplers in `active` order.
-        let mut rows = Vec::new();
-        let mut ids = Vec::new();
-        for a in &self.active {
-            if let Some(row) = ok.iter().position(|&(id, samples)| samples && id == a.id) {
-                rows.push(row);
-                ids.push(a.id);
-            }
-        }
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let mut samplers: Vec<&mut RequestSampler> = self
-            .active
-            .iter_mut()
-            .filter(|a| ids.contains(&a.id))
-            .map(|a| &mut a.sampler)
-            .collect();
-        match sample_batch(&logits, &rows, &mut samplers) {
-            Ok(tokens) => {
-                for (id, tok) in ids.into_iter().zip(tokens) {
-                    report.sampled += 1;
-                    self.on_token(id, tok, report)?;
-                }
-            }
-            Err(e) => {
-                for id in ids {
-                    self.finish(id, FinishReason::Error(format!("sampling: {e}")), report)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// One forward over the batch; if it fails, each item alone, so that only the
-    /// failing requests end with an error. Returns the logits of the items that ran
-    /// (`[n, V]`) and their (id, samples) in row order.
-    #[allow(clippy::type_complexity)]
-    fn forward(
-        &mut self,
-        items: &[(RequestId, SeqId, Vec<u32>, bool)],
-        report: &mut StepReport,
-    ) -> Result<(Option<Tensor>, Vec<(RequestId, bool)>)> {
-        let batch: Vec<(SeqId, &[u32])> = items.iter().map(|(_, s, t, _)| (*s, t.as_slice())).collect();
-        if let Some(l) = self.forward_decode(&batch) {
-            return Ok((Some(l), items.iter().map(|i| (i.0, i.3)).collect()));
-        }
-        let first = self.model.forward(self.cache.as_mut(), &batch);
-        let err = match first {
-            Ok(l) => return Ok((Some(l), items.iter().map(|i| (i.0, i.3)).collect())),
-            Err(e) => e,
-        };
-        if items.len() == 1 {
-            self.finish(items[0].0, FinishReason::Error(err.to_string()), report)?;
-            return Ok((None, Vec::new()));
-        }
-        let (mut rows, mut ok) = (Vec::new(), Vec::new());
-        for (id, seq, toks, samples) in items {
-            match self.model.forward(self.cache.as_mut(), &[(*seq, toks.as_slice())]) {
-                Ok(l) => {
-                    rows.push(l);
-                    ok.push((*id, *samples));
-                }
-                Err(e) => self.finish(*id, FinishReason::Error(e.to_string()), report)?,
-            }
-        }
-        if rows.is_empty() {
-            return Ok((None, ok));
-        }
-        Ok((Some(Tensor::cat(&rows, 0)?), ok))
-    }
-
-    /// A one-token-per-sequence batch through the padded decode path; `None` when the
-    /// step must run eagerly (other batches, eager mode, no padded shape, or a padded
-    /// step that failed: its error is kept in `last_decode_error` and the cache step was
-    /// aborted, so the eager path runs it again from the same state).
-    fn forward_decode(&mut self, batch: &[(SeqId, &[u32])]) -> Option<Tensor> {
-        if batch.iter().any(|(_, t)| t.len() != 1) {
-            return None;
-        }
-        let toks: Vec<(SeqId, u32)> = batch.iter().map(|(s, t)| (*s, t[0])).collect();
-        match self.decoder.forward(&self.model, self.cache.as_mut(), &toks) {
-            Ok(l) => l,
-            Err(e) => {
-                self.decoder.counters.errors += 1;
-                self.last_decode_error = Some(e.to_string());
-                None
-            }
-        }
-    }
-
-    /// The decode mode in force ([`DecodeMode::Auto`] resolved to `Graphs` or `Eager`).
-    pub fn decode_mode(&self) -> DecodeMode {
-        self.decoder.mode()
-    }
-
-    /// The last error of the padded decode path, if any (that step ran eagerly).
-    pub fn last_decode_error(&self) -> Option<&str> {
-        self.last_decode_error.as_deref()
-    }
-
     /// Records a sampled token: stop token, stop string, length, or stream it.
-    fn on_token(&mut self, id: RequestId, tok: u32, report: &mut StepReport) -> Result<()> {
+    pub(super) fn on_token(&mut self, id: RequestId, tok: u32, report: &mut StepReport) -> Result<()> {
         let tokenizer = self.limits.tokenizer.clone();
         let Some(a) = self.active.iter_mut().find(|a| a.id == id) else {
             return Ok(());
@@ -447,7 +318,7 @@ impl Engine {
 
     /// Ends a request: leaves the scheduler and the cache (pages freed in both tiers)
     /// and sends its completion.
-    fn finish(&mut self, id: RequestId, reason: FinishReason, report: &mut StepReport) -> Result<()> {
+    pub(super) fn finish(&mut self, id: RequestId, reason: FinishReason, report: &mut StepReport) -> Result<()> {
         let Some(i) = self.active.iter().position(|a| a.id == id) else {
             return Ok(());
         };

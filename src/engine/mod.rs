@@ -73,6 +73,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 mod client;
 mod decode;
 #[allow(clippy::module_inception)]
