@@ -2,7 +2,8 @@
 // lru_link (one thread per request: per-bucket request lists, reuse tracking, output
 // initialization, resident-count snapshot) then lru_resolve (one thread per bucket: its
 // requests in request order, exactly as the sequential BucketedLru with the round's
-// snapshot budgets). Plus lru_lookup and lru_invalidate.
+// snapshot budgets), then lru_advance (one thread: the round's clock and number, kept on
+// the device in `state`). Plus lru_lookup and lru_invalidate.
 // Launch glue: src/ops/cuda/lru.rs. CPU reference: src/ops/lru_resolve.rs.
 #include "common.cuh"
 

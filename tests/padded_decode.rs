@@ -5,7 +5,9 @@
 //!   and one joining mid-run, with a fast tier too small for the KV (misses and
 //!   evictions); padding rows (garbage inputs at scale 1000) come out finite and change
 //!   nothing; the counters and the pool accounting agree;
-//! - misuse and bad input are clear errors; an aborted padded step frees its pages.
+//! - misuse and bad input are clear errors; an aborted padded step frees its pages;
+//! - (feature `fault-injection`) a padded step failing on any of its device calls aborts
+//!   cleanly and the rerun equals a twin cache where nothing failed.
 
 mod common;
 
@@ -193,4 +195,106 @@ fn padded_misuse_and_bad_input_are_clear_errors() {
     assert!(inf.padded_shape(&decode_inputs(&[t])).is_none());
     let e = msg(inf.begin_padded_decode(&decode_inputs(&[t]), shape).unwrap_err());
     assert!(e.contains("cannot run padded decode steps"), "{e}");
+}
+
+/// With the `fault-injection` feature: a padded step whose N-th device call fails (for
+/// every N it makes: begin, each layer's store / resolve / fetch, end) is aborted, leaves
+/// lengths, pool usage and accounting as they were, and the step run again gives exactly
+/// the outputs of a twin cache where nothing failed.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_padded_step_that_fails_on_any_device_call_aborts_cleanly() {
+    use spinkv::fault;
+    for name in ["dense", "quest"] {
+        let mut caches = [
+            SpinCache::new_boxed(cfg(), algo(name)).unwrap(),
+            SpinCache::new_boxed(cfg(), algo(name)).unwrap(),
+        ];
+        let mut seqs = [Vec::new(), Vec::new()];
+        for &len in &[29usize, 8, 61] {
+            for (c, s) in caches.iter_mut().zip(seqs.iter_mut()) {
+                let seq = c.add_sequence().unwrap();
+                random_step(c, &[StepInput { seq, new_tokens: len }], &mut rng(len as u64));
+                s.push(seq);
+            }
+        }
+        for step in 0..3u64 {
+            let ia = decode_inputs(&seqs[0]);
+            let ib = decode_inputs(&seqs[1]);
+            let shape = caches[1].padded_shape(&ib).unwrap();
+            padded_step(&mut caches[0], &ia, shape, &mut rng(50 + step), &mut rng(7));
+            let (lens, used) = (
+                seqs[1]
+                    .iter()
+                    .map(|&s| caches[1].sequence_len(s).unwrap())
+                    .collect::<Vec<_>>(),
+                caches[1].pool_usage(),
+            );
+            let mut n = 1;
+            loop {
+                fault::fail_nth_device_call(n);
+                let c = &mut caches[1];
+                let failed = match c.begin_padded_decode(&ib, shape) {
+                    Err(_) => true,
+                    Ok(()) => {
+                        let mut r = rng(50 + step);
+                        let mut pad = rng(7);
+                        let mut bad = false;
+                        for layer in 0..2 {
+                            let cc = c.config().clone();
+                            let t = ib.len();
+                            let q = common::randn(&mut r, &[t, cc.num_q_heads, cc.head_dim], 1.0);
+                            let k = common::randn(&mut r, &[t, cc.num_kv_heads, cc.head_dim], 1.0);
+                            let v = common::randn(&mut r, &[t, cc.num_kv_heads, cc.head_dim], 1.0);
+                            let extra = shape.batch - t;
+                            let full = |x: &candle_core::Tensor, h: usize, p: &mut rand::rngs::StdRng| {
+                                candle_core::Tensor::cat(&[x, &common::randn(p, &[extra, h, cc.head_dim], 1000.0)], 0)
+                                    .unwrap()
+                            };
+                            let (qp, kp, vp) = (
+                                full(&q, cc.num_q_heads, &mut pad),
+                                full(&k, cc.num_kv_heads, &mut pad),
+                                full(&v, cc.num_kv_heads, &mut pad),
+                            );
+                            if c.attend(layer, &qp, &kp, &vp).is_err() {
+                                bad = true;
+                                break;
+                            }
+                        }
+                        bad = bad || c.end_step().is_err();
+                        if bad {
+                            // Aborting may itself hit the armed failure: retry until clean.
+                            while c.abort_step().is_err() {}
+                        }
+                        bad
+                    }
+                };
+                let fired = !fault::armed();
+                fault::clear();
+                if !fired {
+                    // No call failed: this run completed the step.
+                    assert!(!failed);
+                    break;
+                }
+                assert!(failed, "{name} step {step}: call {n} failed but the step went on");
+                let c = &caches[1];
+                let now: Vec<usize> = seqs[1].iter().map(|&s| c.sequence_len(s).unwrap()).collect();
+                assert_eq!(now, lens, "{name} step {step} call {n}: lengths restored");
+                assert_eq!(c.pool_usage().host_used, used.host_used, "{name} step {step} call {n}");
+                c.verify_accounting().unwrap();
+                n += 1;
+            }
+            assert!(n > 5, "{name}: a padded step makes several device calls ({n})");
+            // The completed run above is the step: compare the caches' next step.
+            let a = padded_step(&mut caches[0], &ia, shape, &mut rng(90 + step), &mut rng(8));
+            let b = padded_step(&mut caches[1], &ib, shape, &mut rng(90 + step), &mut rng(8));
+            for (x, y) in a.iter().zip(&b) {
+                let err = max_abs_diff(&x.out, &y.out);
+                assert!(
+                    err <= 1e-6,
+                    "{name} step {step}: after the failures the outputs differ by {err}"
+                );
+            }
+        }
+    }
 }

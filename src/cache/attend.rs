@@ -87,6 +87,8 @@ impl SpinCache {
             BudgetPolicy::Dynamic { reuse_steps, .. } => reuse_steps.min(u32::MAX as u64) as u32,
             _ => 0,
         };
+        // Counted before: a round that fails may have changed the tags (see abort).
+        step.rounds += 1;
         let out = self.lru.resolve(&ResolveRequest {
             host_slots: &r.host_slots.flatten_all()?,
             logical: &r.logical.flatten_all()?,
@@ -94,7 +96,6 @@ impl SpinCache {
             step: self.step_number(),
             reuse_steps,
         })?;
-        step.rounds += 1;
         step.requests += (s * hkv * n) as u64;
         self.host
             .gather_counted(&self.fast_pool, &out.misses, &out.miss_count)?;

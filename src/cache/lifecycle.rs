@@ -227,10 +227,13 @@ impl SparseKvCache for SpinCache {
             msg: "no open step".into(),
         })?;
         let entries = step.entries.clone();
+        // A failed attend after an LRU round may have left pages tagged resident whose
+        // fetch never ran: the fast tier is then emptied (pages are fetched again).
+        let suspect = step.failed.is_some() && step.rounds > 0;
         // The fallible device work first, all of it safe to repeat: on an error the step
         // stays open (poisoned: only abort_step may follow), nothing else changed, and
         // abort_step can be called again.
-        if let Err(e) = self.abort_device_work(&entries) {
+        if let Err(e) = self.abort_device_work(&entries, suspect) {
             if let Some(st) = self.step.as_mut() {
                 st.failed.get_or_insert_with(|| format!("abort_step failed: {e}"));
             }

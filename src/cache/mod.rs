@@ -287,7 +287,7 @@ impl SpinCache {
     }
 
     /// The device side of aborting a step of `entries`, safe to repeat.
-    fn abort_device_work(&mut self, entries: &[StepEntry]) -> Result<()> {
+    fn abort_device_work(&mut self, entries: &[StepEntry], clear_fast_tier: bool) -> Result<()> {
         let mut slots = Vec::new();
         for e in entries {
             slots.extend(self.step_slots(e)?);
@@ -297,8 +297,13 @@ impl SpinCache {
         // The step's counters are dropped; the recency it gave to pages stays (harmless:
         // residency never changes an output).
         self.lru.take_step_counters()?;
-        // Drop the new pages' fast copies (last: the one change `pool_usage` shows).
-        self.lru.invalidate(&slots)
+        // Drop the new pages' fast copies, or all of them (last: the one change
+        // `pool_usage` shows).
+        if clear_fast_tier {
+            self.lru.clear()
+        } else {
+            self.lru.invalidate(&slots)
+        }
     }
 
     /// Host bookkeeping of undoing `entry`'s reservation: its new pages go back to the

@@ -75,7 +75,8 @@ pub(super) struct PaddedBuffers {
 impl SpinCache {
     /// See [`SparseKvCache::padded_shape`].
     pub(super) fn padded_shape_of(&self, inputs: &[StepInput]) -> Option<PaddedShape> {
-        if !self.algo.device_only_decode() || self.trace.is_some() || inputs.is_empty() {
+        // (`reject_non_finite` reads the inputs back: a host synchronization per layer.)
+        if !self.algo.device_only_decode() || self.trace.is_some() || self.cfg.reject_non_finite || inputs.is_empty() {
             return None;
         }
         let batch = *PADDED_BATCHES.iter().find(|&&b| b >= inputs.len())?;
@@ -104,12 +105,12 @@ impl SpinCache {
     /// See [`SparseKvCache::begin_padded_decode`].
     pub(super) fn begin_padded(&mut self, inputs: &[StepInput], shape: PaddedShape) -> Result<()> {
         const OP: &str = "SparseKvCache::begin_padded_decode";
-        if !self.algo.device_only_decode() || self.trace.is_some() {
+        if !self.algo.device_only_decode() || self.trace.is_some() || self.cfg.reject_non_finite {
             crate::invalid!(
                 OP,
-                "{} cannot run padded decode steps (its selection needs the host{})",
-                self.algo.name(),
-                if self.trace.is_some() { ", or tracing is on" } else { "" }
+                "{} cannot run padded decode steps (its selection needs the host, tracing is on, \
+                 or CacheConfig::reject_non_finite reads the inputs back)",
+                self.algo.name()
             );
         }
         if let Some(i) = inputs.iter().position(|i| i.new_tokens != 1) {

@@ -85,6 +85,16 @@ impl SpinCache {
                 Some((t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u32>()?, k))
             }
         };
+        if step.padded.is_some() {
+            // Host lists have a row per real entry only (padding rows have none).
+            crate::invalid!(
+                "SparseKvCache::attend",
+                "{} returned a selection that must cross to the host, in a padded step \
+                 (tracing turned on inside the step, or a selection that is not u32 on the \
+                 cache's device)",
+                self.algo.name()
+            );
+        }
         let step_no = self.total.steps + 1;
         for (bi, &ei) in decode.iter().enumerate() {
             let n = num_pages[bi];

@@ -2,7 +2,7 @@
 //! decode path ([`DecodeRunner`](super::decode)) or [`Llama::forward`](crate::models::Llama::forward)
 //! (per item again when the batch fails), then sampled in one call and streamed.
 
-use super::decode::DecodeMode;
+use super::decode::{DecodeMode, Decoded};
 use super::engine::{Engine, StepReport};
 use super::handle::FinishReason;
 use super::request::RequestId;
@@ -83,7 +83,7 @@ impl Engine {
         report: &mut StepReport,
     ) -> Result<(Option<Tensor>, Vec<(RequestId, bool)>)> {
         let batch: Vec<(SeqId, &[u32])> = items.iter().map(|(_, s, t, _)| (*s, t.as_slice())).collect();
-        if let Some(l) = self.forward_decode(&batch) {
+        if let Some(l) = self.forward_decode(&batch)? {
             return Ok((Some(l), items.iter().map(|i| (i.0, i.3)).collect()));
         }
         let first = self.model.forward(self.cache.as_mut(), &batch);
@@ -114,20 +114,22 @@ impl Engine {
     /// A one-token-per-sequence batch through the padded decode path; `None` when the
     /// step must run eagerly (other batches, eager mode, no padded shape, or a padded
     /// step that failed: its error is kept in `last_decode_error` and the cache step was
-    /// aborted, so the eager path runs it again from the same state).
-    fn forward_decode(&mut self, batch: &[(SeqId, &[u32])]) -> Option<Tensor> {
+    /// aborted, so the eager path runs it again from the same state). `Err` when a
+    /// failed padded step could not even be aborted (the cache can no longer be trusted).
+    fn forward_decode(&mut self, batch: &[(SeqId, &[u32])]) -> Result<Option<Tensor>> {
         if batch.iter().any(|(_, t)| t.len() != 1) {
-            return None;
+            return Ok(None);
         }
         let toks: Vec<(SeqId, u32)> = batch.iter().map(|(s, t)| (*s, t[0])).collect();
-        match self.decoder.forward(&self.model, self.cache.as_mut(), &toks) {
-            Ok(l) => l,
-            Err(e) => {
+        Ok(match self.decoder.forward(&self.model, self.cache.as_mut(), &toks)? {
+            Decoded::Logits(l) => Some(l),
+            Decoded::Eager => None,
+            Decoded::Failed(e) => {
                 self.decoder.counters.errors += 1;
                 self.last_decode_error = Some(e.to_string());
                 None
             }
-        }
+        })
     }
 
     /// The decode mode in force ([`DecodeMode::Auto`] resolved to `Graphs` or `Eager`).

@@ -30,6 +30,16 @@ pub enum DecodeMode {
     Graphs,
 }
 
+/// What [`DecodeRunner::forward`] did with a decode step.
+pub(crate) enum Decoded {
+    /// The step ran padded: `[n, V]` f32 logits.
+    Logits(Tensor),
+    /// The step must run on the ragged eager path (nothing was done).
+    Eager,
+    /// The padded step failed and was aborted (the cache is as before it): run it eagerly.
+    Failed(Error),
+}
+
 /// Steps a padded shape without a graph replays a larger batch's graph before it gets
 /// its own.
 const BORROW_STEPS: u32 = 8;
@@ -108,43 +118,48 @@ impl DecodeRunner {
         self.mode
     }
 
-    /// One decode step of `batch` (one token per sequence): `Ok(Some(logits [n, V]))`,
-    /// or `Ok(None)` when this step must take the ragged eager path (eager mode, or the
-    /// cache has no padded shape for it). On an error the cache's step is aborted.
-    pub fn forward(
-        &mut self,
-        model: &Llama,
-        cache: &mut dyn SparseKvCache,
-        batch: &[(SeqId, u32)],
-    ) -> Result<Option<Tensor>> {
+    /// One decode step of `batch` (one token per sequence) through the padded path: its
+    /// logits `[n, V]`, [`Decoded::Eager`] when this step must take the ragged eager
+    /// path (eager mode, or no padded shape), or [`Decoded::Failed`] when the padded
+    /// step failed and the cache was restored (the step aborted): the caller runs it
+    /// eagerly. `Err` only when the failed step could not be aborted either.
+    pub fn forward(&mut self, model: &Llama, cache: &mut dyn SparseKvCache, batch: &[(SeqId, u32)]) -> Result<Decoded> {
         if self.mode == DecodeMode::Eager {
-            return Ok(None);
+            return Ok(Decoded::Eager);
         }
         let inputs: Vec<StepInput> = batch.iter().map(|&(seq, _)| StepInput { seq, new_tokens: 1 }).collect();
         let Some(need) = cache.padded_shape(&inputs) else {
             self.counters.fallbacks += 1;
-            return Ok(None);
+            return Ok(Decoded::Eager);
         };
         let t0 = std::time::Instant::now();
         let shape = self.choose(need, cache.graph_epoch());
         let vocab = model.config().vocab_size;
         if let Some(&(_, bad)) = batch.iter().find(|&&(_, t)| t as usize >= vocab) {
-            crate::invalid!("Engine::step", "token id {bad} outside the vocabulary ({vocab})");
+            return Ok(Decoded::Failed(Error::Invalid {
+                op: "Engine::step",
+                msg: format!("token id {bad} outside the vocabulary ({vocab})"),
+            }));
         }
-        cache.begin_padded_decode(&inputs, shape)?;
+        // A failed begin changes nothing.
+        if let Err(e) = cache.begin_padded_decode(&inputs, shape) {
+            return Ok(Decoded::Failed(e));
+        }
         let replays = self.counters.replays;
         let ran = self.run(model, cache, shape, batch);
         if self.counters.replays > replays {
             self.counters.replay_host_us += t0.elapsed().as_micros() as u64;
         }
-        match ran {
-            Ok(logits) => {
-                cache.end_step()?;
-                Ok(Some(logits.narrow(0, 0, batch.len())?))
-            }
+        let done = ran
+            .and_then(|logits| Ok(logits.narrow(0, 0, batch.len())?))
+            .and_then(|logits| cache.end_step().map(|_| logits));
+        match done {
+            Ok(logits) => Ok(Decoded::Logits(logits)),
             Err(e) => {
+                // The step (or its end) failed: give its pages back; if even that
+                // fails, the cache needs the caller's attention.
                 cache.abort_step()?;
-                Err(e)
+                Ok(Decoded::Failed(e))
             }
         }
     }
@@ -203,18 +218,21 @@ impl DecodeRunner {
             return model.forward_padded(cache, &ids);
         }
         let epoch = cache.graph_epoch();
-        if let Some(c) = self.graphs.get(&shape).filter(|c| c.epoch == epoch) {
+        // Graphs of an older epoch read replaced buffers: never replayed again.
+        self.graphs.retain(|_, c| c.epoch == epoch);
+        if let Some(c) = self.graphs.get(&shape) {
             c.graph.launch()?;
             cache.padded_step_replayed()?;
             self.counters.replays += 1;
             return Ok(c.logits.clone());
         }
-        if self.warmed.insert(shape) {
+        if !self.warmed.contains(&shape) {
             self.counters.padded_eager += 1;
-            return StepGraph::warm_up(&dev, || model.forward_padded(cache, &ids));
+            let logits = StepGraph::warm_up(&dev, || model.forward_padded(cache, &ids))?;
+            self.warmed.insert(shape);
+            return Ok(logits);
         }
-        // Stale or missing: capture this step (nothing runs), then run it.
-        self.graphs.remove(&shape);
+        // Missing: capture this step (nothing runs), then run it.
         let (graph, logits) = match StepGraph::capture(&dev, || model.forward_padded(cache, &ids)) {
             Ok(c) => c,
             Err(e) => {

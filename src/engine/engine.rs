@@ -228,8 +228,9 @@ impl Engine {
 
     /// Runs one step: drops cancelled requests, admits waiting ones (FIFO, while pages
     /// and sequence slots allow), runs every decode plus prefill chunks up to
-    /// `max_prefill_tokens` as one [`Llama::forward`] batch, samples the batch, and
-    /// streams the new tokens. A request that fails ends with [`FinishReason::Error`]
+    /// `max_prefill_tokens` as one [`Llama::forward`] batch (a batch of decodes only:
+    /// through the padded decode path, replayed as a CUDA graph where
+    /// [`EngineConfig::decode_mode`] allows), samples the batch, and streams the new tokens. A request that fails ends with [`FinishReason::Error`]
     /// and the others go on; `Err` is returned only when the cache itself can no longer
     /// be trusted (a sequence could not be removed).
     pub fn step(&mut self) -> Result<StepReport> {

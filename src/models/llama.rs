@@ -233,7 +233,8 @@ impl Llama {
     /// token per row, for the step the cache opened with
     /// [`SparseKvCache::begin_padded_decode`] (padding rows: any id in the vocabulary).
     /// Returns `[B, vocab]` f32 logits (padding rows unspecified). It uploads nothing
-    /// and reads nothing back, and its device work depends only on the step's shape: a
+    /// and reads nothing back (the cache refuses padded steps where it would, e.g. with
+    /// `CacheConfig::reject_non_finite`), and its device work depends only on the step's shape: a
     /// CUDA graph captured from one call replays any later step of that shape (see
     /// `spinkv::engine`). The caller ends (or aborts) the step.
     pub fn forward_padded(&self, cache: &mut dyn SparseKvCache, ids: &Tensor) -> Result<Tensor> {

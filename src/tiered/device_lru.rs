@@ -5,10 +5,12 @@
 //! resident counts as of the start of the round) — plus the reuse tracking of
 //! [`BudgetTracker::observe`](crate::pool::BudgetTracker::observe), kept per host slot.
 //!
-//! On CUDA a round is two kernels (`kernels/lru_resolve.cu`) enqueued on the device's
+//! On CUDA a round is three kernels (`kernels/lru_resolve.cu`) enqueued on the device's
 //! stream, with no host synchronization and no device-to-host copy: one thread per
-//! request links the requests of each bucket into a list (and counts reuse), then one
-//! thread per bucket resolves its requests in request order. Buckets are independent
+//! request links the requests of each bucket into a list (and counts reuse), one thread
+//! per bucket resolves its requests in request order, and one thread advances the clock
+//! and round number, which live on the device (so that a round captured in a CUDA graph
+//! reads the values of each replay). Buckets are independent
 //! given the round's snapshot, so the parallel result equals the sequential one. On the
 //! CPU, the reference (`crate::ops::lru_resolve`) runs over a host copy of the state
 //! (it copies the state tensors in and out each call: a reference, not a fast path).
@@ -139,7 +141,8 @@ impl DeviceLru {
         &self.device
     }
 
-    /// Sets the per-owner budgets (`[max_owners]`, `u32::MAX` = unlimited): one H2D upload.
+    /// Sets the per-owner budgets (`[max_owners]`, `u32::MAX` = unlimited): one H2D upload
+    /// and a device copy into the existing buffer (in place).
     /// They apply from the next [`resolve`](Self::resolve).
     pub fn set_budgets(&mut self, budgets: &[u32]) -> Result<()> {
         if budgets.len() != self.max_owners {
@@ -186,6 +189,19 @@ impl DeviceLru {
     pub fn count_replayed_rounds(&mut self, rounds: u32, requests: u64) {
         self.round = self.round.saturating_add(rounds);
         self.clock += requests;
+    }
+
+    /// Empties the fast tier, in place: every slot free, no page resident (recency,
+    /// reuse history, budgets and counters stay). For a round whose effects are unknown
+    /// (a failed launch or fetch after the tags changed): the pages are then fetched again.
+    pub fn clear(&mut self) -> Result<()> {
+        crate::fault::device_call("DeviceLru::clear")?;
+        self.tags.const_set(NONE.into())?;
+        self.owners.const_set(NONE.into())?;
+        self.pinned.zero_set()?;
+        self.stamps.zero_set()?;
+        self.resident.zero_set()?;
+        Ok(())
     }
 
     /// Changes whenever a state buffer is replaced instead of written in place (work
@@ -241,6 +257,10 @@ impl DeviceLru {
             crate::invalid!(ROP, "step must be >= 1 (0 marks never-seen host slots)");
         }
         crate::fault::device_call(ROP)?;
+        if req.step != self.device_step {
+            // First: it may restart the round numbers, which the round below then uses.
+            self.set_step(req.step)?;
+        }
         if self.round == u32::MAX {
             // Pins hold round numbers: restart them before the counter wraps.
             self.restart_rounds()?;
@@ -253,9 +273,6 @@ impl DeviceLru {
                 if self.next.dims()[0] < n {
                     self.next = u32s(n.next_power_of_two(), NONE, &self.device)?;
                     self.epoch += 1;
-                }
-                if req.step != self.device_step {
-                    self.set_step(req.step)?;
                 }
                 reference::resolve_cuda(&self.buffers(), req, self.geometry())?
             }
