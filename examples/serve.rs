@@ -12,12 +12,12 @@
 //! It binds 127.0.0.1 unless `--host` says otherwise. See `spinkv::server` for the
 //! endpoints and fields.
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use anyhow::{Context, Result};
+use candle_core::Device;
 use clap::Parser;
 use spinkv::engine::{Engine, EngineConfig};
 use spinkv::models::fetch::ModelSpec;
-use spinkv::models::load_model;
+use spinkv::models::{dtype_by_name, load_model};
 use spinkv::partition::{by_name, ALGORITHMS};
 use spinkv::server::{serve, ServerConfig};
 use spinkv::{SparseKvCache, SpinCache};
@@ -74,13 +74,7 @@ fn main() -> Result<()> {
     } else {
         Device::Cpu
     };
-    let dtype = match args.dtype.as_deref() {
-        None if args.cuda => DType::F16,
-        None | Some("f32") => DType::F32,
-        Some("f16") => DType::F16,
-        Some("bf16") => DType::BF16,
-        Some(other) => bail!("unknown dtype {other} (f32, f16, bf16)"),
-    };
+    let dtype = dtype_by_name(args.dtype.as_deref(), args.cuda)?;
     let spec = ModelSpec::parse(&args.model)?;
     let lm = load_model(&spec, dtype, &device, true)?;
     let model_id = args.served_model_name.clone().unwrap_or_else(|| {

@@ -41,68 +41,45 @@ fn decode_inputs(seqs: &[SeqId]) -> Vec<StepInput> {
     seqs.iter().map(|&seq| StepInput { seq, new_tokens: 1 }).collect()
 }
 
+/// Two caches running `name` with the same configuration.
+fn twins(name: &str) -> [SpinCache; 2] {
+    [
+        SpinCache::new_boxed(cfg(), algo(name)).unwrap(),
+        SpinCache::new_boxed(cfg(), algo(name)).unwrap(),
+    ]
+}
+
+/// A new sequence with a prompt of `len` tokens in both caches (equal random inputs),
+/// its handle in each pushed onto `seqs`.
+fn add_both(caches: &mut [SpinCache; 2], seqs: &mut [Vec<SeqId>; 2], len: usize) {
+    for (c, s) in caches.iter_mut().zip(seqs.iter_mut()) {
+        let seq = c.add_sequence().unwrap();
+        random_step(c, &[StepInput { seq, new_tokens: len }], &mut rng(len as u64));
+        s.push(seq);
+    }
+}
+
 #[test]
 fn padded_decode_equals_ordinary_decode() {
     for name in ["dense", "quest"] {
-        let mut caches = [
-            SpinCache::new_boxed(cfg(), algo(name)).unwrap(),
-            SpinCache::new_boxed(cfg(), algo(name)).unwrap(),
-        ];
-        let mut a_seqs = Vec::new();
-        let mut b_seqs = Vec::new();
+        let mut caches = twins(name);
+        let mut seqs = [Vec::new(), Vec::new()];
         for &len in &[37usize, 9, 70] {
-            let a = caches[0].add_sequence().unwrap();
-            let b = caches[1].add_sequence().unwrap();
-            random_step(
-                &mut caches[0],
-                &[StepInput {
-                    seq: a,
-                    new_tokens: len,
-                }],
-                &mut rng(len as u64),
-            );
-            random_step(
-                &mut caches[1],
-                &[StepInput {
-                    seq: b,
-                    new_tokens: len,
-                }],
-                &mut rng(len as u64),
-            );
-            a_seqs.push(a);
-            b_seqs.push(b);
+            add_both(&mut caches, &mut seqs, len);
         }
         let mut pad = rng(999);
         let mut shapes = Vec::new();
         for step in 0..14u64 {
             if step == 6 {
                 // One sequence leaves, three join (3 rows pad to 4, then 5 rows to 8).
-                caches[0].remove_sequence(a_seqs.remove(1)).unwrap();
-                caches[1].remove_sequence(b_seqs.remove(1)).unwrap();
+                for (c, s) in caches.iter_mut().zip(seqs.iter_mut()) {
+                    c.remove_sequence(s.remove(1)).unwrap();
+                }
                 for &len in &[5usize, 130, 66] {
-                    let a = caches[0].add_sequence().unwrap();
-                    let b = caches[1].add_sequence().unwrap();
-                    random_step(
-                        &mut caches[0],
-                        &[StepInput {
-                            seq: a,
-                            new_tokens: len,
-                        }],
-                        &mut rng(len as u64),
-                    );
-                    random_step(
-                        &mut caches[1],
-                        &[StepInput {
-                            seq: b,
-                            new_tokens: len,
-                        }],
-                        &mut rng(len as u64),
-                    );
-                    a_seqs.push(a);
-                    b_seqs.push(b);
+                    add_both(&mut caches, &mut seqs, len);
                 }
             }
-            let (ia, ib) = (decode_inputs(&a_seqs), decode_inputs(&b_seqs));
+            let (ia, ib) = (decode_inputs(&seqs[0]), decode_inputs(&seqs[1]));
             let shape = caches[1].padded_shape(&ib).expect("dense and Quest run padded");
             assert!(shape.batch >= ib.len() && shape.batch.is_power_of_two(), "{shape:?}");
             assert_eq!(shape.pages % 64, 0, "{shape:?}");
@@ -137,7 +114,7 @@ fn padded_decode_equals_ordinary_decode() {
             sb.misses > 0,
             "{name}: the fast tier should be too small to hold the KV"
         );
-        for (c, seqs) in caches.iter().zip([&a_seqs, &b_seqs]) {
+        for (c, seqs) in caches.iter().zip(&seqs) {
             c.verify_accounting().unwrap();
             let lens: Vec<usize> = seqs.iter().map(|&s| c.sequence_len(s).unwrap()).collect();
             assert_eq!(lens, vec![37 + 14, 70 + 14, 5 + 8, 130 + 8, 66 + 8]);
@@ -204,19 +181,13 @@ fn padded_misuse_and_bad_input_are_clear_errors() {
 #[cfg(feature = "fault-injection")]
 #[test]
 fn a_padded_step_that_fails_on_any_device_call_aborts_cleanly() {
+    use common::harness::try_padded_step;
     use spinkv::fault;
     for name in ["dense", "quest"] {
-        let mut caches = [
-            SpinCache::new_boxed(cfg(), algo(name)).unwrap(),
-            SpinCache::new_boxed(cfg(), algo(name)).unwrap(),
-        ];
+        let mut caches = twins(name);
         let mut seqs = [Vec::new(), Vec::new()];
         for &len in &[29usize, 8, 61] {
-            for (c, s) in caches.iter_mut().zip(seqs.iter_mut()) {
-                let seq = c.add_sequence().unwrap();
-                random_step(c, &[StepInput { seq, new_tokens: len }], &mut rng(len as u64));
-                s.push(seq);
-            }
+            add_both(&mut caches, &mut seqs, len);
         }
         for step in 0..3u64 {
             let ia = decode_inputs(&seqs[0]);
@@ -234,39 +205,18 @@ fn a_padded_step_that_fails_on_any_device_call_aborts_cleanly() {
             loop {
                 fault::fail_nth_device_call(n);
                 let c = &mut caches[1];
-                let failed = match c.begin_padded_decode(&ib, shape) {
-                    Err(_) => true,
-                    Ok(()) => {
-                        let mut r = rng(50 + step);
-                        let mut pad = rng(7);
-                        let mut bad = false;
-                        for layer in 0..2 {
-                            let cc = c.config().clone();
-                            let t = ib.len();
-                            let q = common::randn(&mut r, &[t, cc.num_q_heads, cc.head_dim], 1.0);
-                            let k = common::randn(&mut r, &[t, cc.num_kv_heads, cc.head_dim], 1.0);
-                            let v = common::randn(&mut r, &[t, cc.num_kv_heads, cc.head_dim], 1.0);
-                            let extra = shape.batch - t;
-                            let full = |x: &candle_core::Tensor, h: usize, p: &mut rand::rngs::StdRng| {
-                                candle_core::Tensor::cat(&[x, &common::randn(p, &[extra, h, cc.head_dim], 1000.0)], 0)
-                                    .unwrap()
-                            };
-                            let (qp, kp, vp) = (
-                                full(&q, cc.num_q_heads, &mut pad),
-                                full(&k, cc.num_kv_heads, &mut pad),
-                                full(&v, cc.num_kv_heads, &mut pad),
-                            );
-                            if c.attend(layer, &qp, &kp, &vp).is_err() {
-                                bad = true;
-                                break;
+                let failed = match try_padded_step(c, &ib, shape, &mut rng(50 + step), &mut rng(7)) {
+                    Ok(_) => false,
+                    Err(_) => {
+                        // Abort the step if one is open (`StepMisuse`: the begin failed,
+                        // none is); aborting may itself hit the armed failure: retry.
+                        loop {
+                            match c.abort_step() {
+                                Ok(()) | Err(Error::StepMisuse { .. }) => break,
+                                Err(_) => {}
                             }
                         }
-                        bad = bad || c.end_step().is_err();
-                        if bad {
-                            // Aborting may itself hit the armed failure: retry until clean.
-                            while c.abort_step().is_err() {}
-                        }
-                        bad
+                        true
                     }
                 };
                 let fired = !fault::armed();

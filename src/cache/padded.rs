@@ -73,10 +73,16 @@ pub(super) struct PaddedBuffers {
 }
 
 impl SpinCache {
+    /// Whether this cache can run padded steps at all: the algorithm decodes on the
+    /// device alone, and no tracing or `reject_non_finite` (a read-back per layer) needs
+    /// the host.
+    fn can_pad(&self) -> bool {
+        self.algo.device_only_decode() && self.trace.is_none() && !self.cfg.reject_non_finite
+    }
+
     /// See [`SparseKvCache::padded_shape`].
     pub(super) fn padded_shape_of(&self, inputs: &[StepInput]) -> Option<PaddedShape> {
-        // (`reject_non_finite` reads the inputs back: a host synchronization per layer.)
-        if !self.algo.device_only_decode() || self.trace.is_some() || self.cfg.reject_non_finite || inputs.is_empty() {
+        if !self.can_pad() || inputs.is_empty() {
             return None;
         }
         let batch = *PADDED_BATCHES.iter().find(|&&b| b >= inputs.len())?;
@@ -105,7 +111,7 @@ impl SpinCache {
     /// See [`SparseKvCache::begin_padded_decode`].
     pub(super) fn begin_padded(&mut self, inputs: &[StepInput], shape: PaddedShape) -> Result<()> {
         const OP: &str = "SparseKvCache::begin_padded_decode";
-        if !self.algo.device_only_decode() || self.trace.is_some() || self.cfg.reject_non_finite {
+        if !self.can_pad() {
             crate::invalid!(
                 OP,
                 "{} cannot run padded decode steps (its selection needs the host, tracing is on, \
@@ -121,11 +127,11 @@ impl SpinCache {
             );
         }
         let (entries, rows) = self.step_entries(OP, inputs)?;
-        if shape.batch < rows || shape.pages < self.longest_pages(&entries) {
+        let pages = self.longest_pages(&entries);
+        if shape.batch < rows || shape.pages < pages {
             crate::invalid!(
                 OP,
-                "shape {shape:?} is smaller than the step needs: {rows} rows and {} pages",
-                self.longest_pages(&entries)
+                "shape {shape:?} is smaller than the step needs: {rows} rows and {pages} pages"
             );
         }
         crate::fault::device_call(OP)?;

@@ -132,15 +132,11 @@ impl DecodeRunner {
             self.counters.fallbacks += 1;
             return Ok(Decoded::Eager);
         };
+        if let Err(e) = model.check_token_ids("Engine::step", batch.iter().map(|&(_, t)| t)) {
+            return Ok(Decoded::Failed(e));
+        }
         let t0 = std::time::Instant::now();
         let shape = self.choose(need, cache.graph_epoch());
-        let vocab = model.config().vocab_size;
-        if let Some(&(_, bad)) = batch.iter().find(|&&(_, t)| t as usize >= vocab) {
-            return Ok(Decoded::Failed(Error::Invalid {
-                op: "Engine::step",
-                msg: format!("token id {bad} outside the vocabulary ({vocab})"),
-            }));
-        }
         // A failed begin changes nothing.
         if let Err(e) = cache.begin_padded_decode(&inputs, shape) {
             return Ok(Decoded::Failed(e));

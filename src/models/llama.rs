@@ -210,12 +210,7 @@ impl Llama {
             })
             .collect();
         let ids: Vec<u32> = batch.iter().flat_map(|(_, t)| t.iter().copied()).collect();
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(Error::Invalid {
-                op: "Llama::forward",
-                msg: format!("token id {bad} outside the vocabulary ({})", self.cfg.vocab_size),
-            });
-        }
+        self.check_token_ids("Llama::forward", ids.iter().copied())?;
         cache.begin_step(&inputs)?;
         match self.step(cache, batch, &ids) {
             Ok(l) => {
@@ -229,6 +224,17 @@ impl Llama {
         }
     }
 
+    /// Fails with [`Error::Invalid`] naming `op` when a token id is outside the vocabulary.
+    pub fn check_token_ids(&self, op: &'static str, ids: impl IntoIterator<Item = u32>) -> Result<()> {
+        match ids.into_iter().find(|&i| i as usize >= self.cfg.vocab_size) {
+            Some(bad) => Err(Error::Invalid {
+                op,
+                msg: format!("token id {bad} outside the vocabulary ({})", self.cfg.vocab_size),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The body of a padded decode step: `ids` `[B]` u32 on the model's device, one
     /// token per row, for the step the cache opened with
     /// [`SparseKvCache::begin_padded_decode`] (padding rows: any id in the vocabulary).
@@ -238,8 +244,7 @@ impl Llama {
     /// CUDA graph captured from one call replays any later step of that shape (see
     /// `spinkv::engine`). The caller ends (or aborts) the step.
     pub fn forward_padded(&self, cache: &mut dyn SparseKvCache, ids: &Tensor) -> Result<Tensor> {
-        let b = ids.dims1()?;
-        if ids.dtype() != DType::U32 || !ids.device().same_device(&self.device) {
+        if ids.rank() != 1 || ids.dtype() != DType::U32 || !ids.device().same_device(&self.device) {
             return Err(Error::Invalid {
                 op: "Llama::forward_padded",
                 msg: format!(
@@ -251,14 +256,14 @@ impl Llama {
                 ),
             });
         }
-        let x = self.layers(cache, ids, b)?;
+        let x = self.layers(cache, ids)?;
         self.head(&self.norm.forward(&x)?)
     }
 
     fn step(&self, cache: &mut dyn SparseKvCache, batch: &[(SeqId, &[u32])], ids: &[u32]) -> Result<Tensor> {
         let t = ids.len();
         let ids = Tensor::from_vec(ids.to_vec(), t, &self.device)?;
-        let x = self.layers(cache, &ids, t)?;
+        let x = self.layers(cache, &ids)?;
         let mut last = Vec::with_capacity(batch.len());
         let mut end = 0u32;
         for (_, toks) in batch {
@@ -274,9 +279,9 @@ impl Llama {
         self.head(&self.norm.forward(&x)?)
     }
 
-    /// Embedding and every layer over `t` token ids `[t]` u32; returns the hidden states `[t, hidden]`.
-    fn layers(&self, cache: &mut dyn SparseKvCache, ids: &Tensor, t: usize) -> Result<Tensor> {
-        let c = &self.cfg;
+    /// Embedding and every layer over token ids `[t]` u32; returns the hidden states `[t, hidden]`.
+    fn layers(&self, cache: &mut dyn SparseKvCache, ids: &Tensor) -> Result<Tensor> {
+        let (c, t) = (&self.cfg, ids.dims1()?);
         let mut x = self.embed.forward(ids)?;
         for (layer, b) in self.blocks.iter().enumerate() {
             let h = b.attn_norm.forward(&x)?;

@@ -37,6 +37,23 @@ fn bar(show: bool, len: u64, msg: &'static str) -> ProgressBar {
     b
 }
 
+/// The weight dtype named `f32`, `f16` or `bf16`; `None` picks f16 on CUDA and f32
+/// elsewhere (the examples' `--dtype`).
+pub fn dtype_by_name(name: Option<&str>, cuda: bool) -> Result<DType> {
+    Ok(match name {
+        None if cuda => DType::F16,
+        None | Some("f32") => DType::F32,
+        Some("f16") => DType::F16,
+        Some("bf16") => DType::BF16,
+        Some(other) => {
+            return Err(Error::Invalid {
+                op: "dtype_by_name",
+                msg: format!("unknown dtype {other} (f32, f16, bf16)"),
+            })
+        }
+    })
+}
+
 /// Resolves `spec` (fetching it if needed) and loads weights in `dtype` on `device`.
 pub fn load_model(spec: &ModelSpec, dtype: DType, device: &Device, show_progress: bool) -> Result<LoadedModel> {
     match resolve_model(spec, show_progress)? {

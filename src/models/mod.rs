@@ -15,5 +15,5 @@ pub mod weights;
 
 pub use config::LlamaConfig;
 pub use llama::Llama;
-pub use loader::{load_model, LoadedModel};
+pub use loader::{dtype_by_name, load_model, LoadedModel};
 pub use sampling::{Sampler, SamplingConfig};

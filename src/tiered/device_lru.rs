@@ -176,8 +176,7 @@ impl DeviceLru {
         }
         if self.device.is_cuda() && step != self.device_step {
             crate::fault::device_call("DeviceLru::set_step")?;
-            self.state
-                .slice_set(&Tensor::from_slice(&[step], 1, &self.device)?, 0, 3)?;
+            self.write_state_word(3, step)?;
         }
         self.device_step = step;
         Ok(())
@@ -214,11 +213,17 @@ impl DeviceLru {
     fn restart_rounds(&mut self) -> Result<()> {
         self.pinned.zero_set()?;
         if self.device.is_cuda() {
-            self.state
-                .slice_set(&Tensor::from_slice(&[0u32], 1, &self.device)?, 0, 2)?;
+            self.write_state_word(2, 0)?;
         }
         self.round = 0;
         Ok(())
+    }
+
+    /// Writes `state[i] = v` in place (one small upload and a device copy).
+    fn write_state_word(&self, i: usize, v: u32) -> Result<()> {
+        Ok(self
+            .state
+            .slice_set(&Tensor::from_slice(&[v], 1, &self.device)?, 0, i)?)
     }
 
     /// One round (one layer of one step): see the module doc. Request `i` gets recency

@@ -52,9 +52,21 @@ pub fn padded_step(
     r: &mut StdRng,
     pad: &mut StdRng,
 ) -> Vec<LayerIo> {
+    try_padded_step(cache, inputs, shape, r, pad).unwrap()
+}
+
+/// [`padded_step`] that returns the first error of `begin_padded_decode` (no step is
+/// then open), `attend` or `end_step` (the step is then still open) instead of panicking.
+pub fn try_padded_step(
+    cache: &mut dyn SparseKvCache,
+    inputs: &[StepInput],
+    shape: PaddedShape,
+    r: &mut StdRng,
+    pad: &mut StdRng,
+) -> spinkv::Result<Vec<LayerIo>> {
     let c = cache.config().clone();
     let (t, extra) = (inputs.len(), shape.batch - inputs.len());
-    cache.begin_padded_decode(inputs, shape).unwrap();
+    cache.begin_padded_decode(inputs, shape)?;
     let mut layers = Vec::with_capacity(c.num_layers);
     for layer in 0..c.num_layers {
         let q = randn(r, &[t, c.num_q_heads, c.head_dim], 1.0);
@@ -73,11 +85,11 @@ pub fn padded_step(
             full(&k, c.num_kv_heads, pad),
             full(&v, c.num_kv_heads, pad),
         );
-        let out = cache.attend(layer, &qp, &kp, &vp).unwrap();
+        let out = cache.attend(layer, &qp, &kp, &vp)?;
         layers.push(LayerIo { q, k, v, out });
     }
-    cache.end_step().unwrap();
-    layers
+    cache.end_step()?;
+    Ok(layers)
 }
 
 /// Plain causal attention over everything a sequence has seen, per layer, in f64.
