@@ -104,7 +104,19 @@ struct Cli {
     /// Shorthand for `--decode eager` (no CUDA graphs), for comparison.
     #[arg(long, global = true)]
     no_graphs: bool,
+    /// Profile this many decode-only steps, after the first four (past warm-up and
+    /// capture): the CUDA profiler's collection is on only around them, for
+    /// `ncu --profile-from-start off`. 0: off.
+    #[arg(long, global = true, default_value_t = 0)]
+    profile_steps: usize,
+    /// Print the host time of the engine's steps broken down by part
+    /// (`spinkv::host_timing`), after each configuration.
+    #[arg(long, global = true)]
+    host_timing: bool,
 }
+
+/// Decode-only steps run before `--profile-steps` starts collecting.
+const PROFILE_AFTER: usize = 4;
 
 fn decode_mode(c: &Cli) -> DecodeMode {
     match (c.no_graphs, c.decode.as_str()) {
@@ -405,12 +417,22 @@ fn run_batch(
     let dev = eng.model().device().clone();
     let (mut peak, mut last) = (device_memory_used(&dev), Instant::now());
     let total = handles.len();
-    let (mut full_tokens, mut full_secs) = (0usize, 0f64);
+    let (mut full_tokens, mut full_secs, mut decode_steps) = (0usize, 0f64, 0usize);
     while eng.has_work() {
+        let profiling = c.profile_steps > 0 && (PROFILE_AFTER..PROFILE_AFTER + c.profile_steps).contains(&decode_steps);
+        if profiling && decode_steps == PROFILE_AFTER {
+            spinkv::ops::profiler_range(&dev, true)?;
+        }
         let r = eng.step()?;
+        if r.prefill_tokens == 0 && r.decodes > 0 {
+            decode_steps += 1;
+        }
         if r.prefill_tokens == 0 && r.decodes == total {
             full_tokens += r.sampled;
             full_secs += r.elapsed.as_secs_f64();
+        }
+        if profiling && decode_steps == PROFILE_AFTER + c.profile_steps {
+            spinkv::ops::profiler_range(&dev, false)?;
         }
         peak = peak.max(device_memory_used(&dev));
         if last.elapsed() > Duration::from_secs(5) {
@@ -425,6 +447,14 @@ fn run_batch(
         bail!("{label}: request {:?} failed: {}", c.id, c.finish_reason);
     }
     eprintln!("  decode {:?}: {:?}", eng.decode_mode(), eng.metrics().decode);
+    if c.host_timing {
+        eprintln!("  host time by part (µs total, spans, µs per span):");
+        for (label, d, n) in spinkv::host_timing::report() {
+            let us = d.as_secs_f64() * 1e6;
+            eprintln!("    {label:<28} {us:>12.0} {n:>8} {:>10.1}", us / n.max(1) as f64);
+        }
+        spinkv::host_timing::reset();
+    }
     if let Some(e) = eng.last_decode_error() {
         eprintln!("  last padded-decode error (that step ran eagerly): {e}");
     }
@@ -652,6 +682,7 @@ fn main() -> Result<()> {
         !(c.random_weights && matches!(c.mode, Mode::Accuracy(_))),
         "accuracy needs a real model (--model), not --random-weights"
     );
+    spinkv::host_timing::enable(c.host_timing);
     let b = load(&c)?;
     eprintln!(
         "model: {} on {:?}: {:?}",

@@ -372,3 +372,23 @@ __device__ __forceinline__ void spa_generic_impl(const T* __restrict__ q, const 
 SPA_GENERIC_KERNEL(spa_generic_f32, float)
 SPA_GENERIC_KERNEL(spa_generic_f16, __half)
 SPA_GENERIC_KERNEL(spa_generic_bf16, __nv_bfloat16)
+
+// Merge of two partial attention states (src/ops/merge.rs is the reference): y = the
+// merged out [rows, d], then the merged lse [rows], flat. Grid-stride, one element each.
+extern "C" __global__ void merge_partials_f32(const float* __restrict__ oa, const float* __restrict__ ob,
+                                              const float* __restrict__ la, const float* __restrict__ lb,
+                                              float* __restrict__ y, int rows, int d) {
+  const size_t n = (size_t)rows * d;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n + rows; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t r = i < n ? i / d : i - n;
+    const float a = la[r], b = lb[r];
+    const float m = fmaxf(a, b);
+    const float wa = expf(a - m), wb = expf(b - m);
+    const float s = wa + wb;
+    if (i < n) {
+      y[i] = __fadd_rn(__fmul_rn(oa[i], wa / s), __fmul_rn(ob[i], wb / s));
+    } else {
+      y[i] = m + logf(s);
+    }
+  }
+}

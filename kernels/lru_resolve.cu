@@ -177,6 +177,27 @@ extern "C" __global__ void lru_lookup(const u32* __restrict__ q, u32* __restrict
   }
 }
 
+// Write-through targets of new tokens: out[i] = fast slot of host slot q[i] * page_size
+// + rows[i], NONE if not resident (or a NONE query).
+extern "C" __global__ void lru_fast_destinations(const u32* __restrict__ q, const u32* __restrict__ rows,
+                                                 u32* __restrict__ out, int n, const u32* __restrict__ tags,
+                                                 u32 buckets, u32 ways, u32 page_size) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const u32 hs = q[i];
+    u32 dst = SPIN_NONE;
+    if (hs != SPIN_NONE) {
+      const u32 base = bucket_of(hs, buckets) * ways;
+      for (u32 w = 0; w < ways; ++w) {
+        if (tags[base + w] == hs) {
+          dst = (base + w) * page_size + rows[i];
+          break;
+        }
+      }
+    }
+    out[i] = dst;
+  }
+}
+
 // Frees host slots: their fast copies become empty ways (one thread wins per slot, so
 // duplicates in the list are harmless), their owners' resident counts drop, their reuse
 // history is cleared.

@@ -35,6 +35,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod fault;
+pub mod host_timing;
 pub mod linalg;
 pub mod meta;
 #[cfg(feature = "models")]

@@ -392,6 +392,16 @@ fn check_state(model: &Model, lrus: &[DeviceLru], c: Config, ctx: &str) {
             })
             .collect();
         assert_eq!(got, want, "{ctx}: lru {li} lookup");
+        // Write-through destinations of the same queries (rows in a page of 16).
+        let rows: Vec<u32> = (0..q.len() as u32).map(|i| (i * 5) % 16).collect();
+        let rt = Tensor::from_vec(rows.clone(), rows.len(), l.device()).unwrap();
+        let dst = u32s(&l.fast_destinations(&qt, &rt, 16).unwrap());
+        let want_dst: Vec<u32> = want
+            .iter()
+            .zip(&rows)
+            .map(|(&f, &r)| if f == NONE { NONE } else { f * 16 + r })
+            .collect();
+        assert_eq!(dst, want_dst, "{ctx}: lru {li} fast destinations");
         assert_eq!(
             (tags, owners, stamps),
             first,

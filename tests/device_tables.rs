@@ -74,7 +74,55 @@ fn check(device: &Device) {
             .unwrap();
         // Entries past a sequence's pages but inside its last leaf read NONE (unused).
         assert_eq!(got, want, "seed {seed} on {:?}", device.location());
+        check_grid(&t, &dt, device, seed);
     }
+}
+
+/// `lookup_grid` (implicit pages 0..K, and explicit pages with NONE and out-of-range
+/// entries) against `PageTables::get`, rows including a NONE and an out-of-range row.
+fn check_grid(t: &PageTables, dt: &DeviceTables, device: &Device, seed: u64) {
+    let cpu = |x: Tensor| {
+        x.to_device(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap()
+    };
+    let mut rows = Vec::new();
+    let mut lens = Vec::new();
+    for (seq, dirs, pages) in t.sequences() {
+        for d in 0..dirs.len() {
+            rows.push(dt.row(seq, d).unwrap());
+            lens.push((seq, d, pages));
+        }
+    }
+    rows.extend([NONE, u32::MAX - 1]);
+    let g = rows.len();
+    let k = 37;
+    let slot = |i: usize, p: u32| match lens.get(i) {
+        Some(&(seq, d, pages)) if p != NONE && (p as usize) < pages => t.get(seq, d, p as usize).unwrap(),
+        _ => NONE,
+    };
+    let rt = Tensor::from_vec(rows.clone(), g, device).unwrap();
+    let got = cpu(dt.lookup_grid(&rt, None, k).unwrap());
+    let want: Vec<u32> = (0..g * k).map(|i| slot(i / k, (i % k) as u32)).collect();
+    assert_eq!(got, want, "seed {seed} implicit grid on {:?}", device.location());
+    let pages: Vec<u32> = (0..g * k)
+        .map(|i| match i % 5 {
+            0 => NONE,
+            1 => (LEAF_PAGES * 1000) as u32,
+            _ => ((i * 7919) % 260) as u32,
+        })
+        .collect();
+    let pt = Tensor::from_vec(pages.clone(), (g, k), device).unwrap();
+    let got = cpu(dt.lookup_grid(&rt, Some(&pt), k).unwrap());
+    let want: Vec<u32> = (0..g * k).map(|i| slot(i / k, pages[i])).collect();
+    assert_eq!(got, want, "seed {seed} explicit grid on {:?}", device.location());
+    // A pages tensor of the wrong shape is a clear error naming the op.
+    let bad = Tensor::from_vec(vec![0u32; g], g, device).unwrap();
+    let e = dt.lookup_grid(&rt, Some(&bad), k).unwrap_err().to_string();
+    assert!(e.contains("page_slots_grid"), "{e}");
 }
 
 #[test]

@@ -333,3 +333,70 @@ fn copy_pages_moves_whole_pages() {
     assert_eq!(max_abs_diff(&dst.get(3).unwrap(), &src.get(2).unwrap()), 0.0);
     let _ = DType::F32;
 }
+
+/// `merge_partials` against an f64 evaluation of its formula: random states of odd
+/// sizes, with rows where one side (or both) attended nothing (`EMPTY_LSE`, zeros).
+/// Tolerance 1e-5 relative on out and lse (f32 evaluation).
+#[test]
+fn merge_partials_matches_f64_formula() {
+    let mut r = rng(11);
+    for &(t, h, d) in &[(1, 1, 1), (3, 5, 7), (17, 9, 64)] {
+        let rows = t * h;
+        let out = |r: &mut rand::rngs::StdRng| randn(r, &[t, h, d], 1.0);
+        let lse = |r: &mut rand::rngs::StdRng, empty: usize| {
+            let v: Vec<f32> = (0..rows)
+                .map(|i| {
+                    if i % 4 == empty {
+                        ops::EMPTY_LSE
+                    } else {
+                        r.random_range(-20.0f32..20.0)
+                    }
+                })
+                .collect();
+            Tensor::from_vec(v, (t, h), &Device::Cpu).unwrap()
+        };
+        let a = ops::AttentionPartial {
+            out: out(&mut r),
+            lse: lse(&mut r, 1),
+        };
+        let b = ops::AttentionPartial {
+            out: out(&mut r),
+            lse: lse(&mut r, 2),
+        };
+        let got = ops::merge_partials(&a, &b).unwrap();
+        let v = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (oa, ob, la, lb) = (v(&a.out), v(&b.out), v(&a.lse), v(&b.lse));
+        let (go, gl) = (v(&got.out), v(&got.lse));
+        for i in 0..rows {
+            let (x, y) = (la[i] as f64, lb[i] as f64);
+            let m = x.max(y);
+            let (wa, wb) = ((x - m).exp(), (y - m).exp());
+            let lse = m + (wa + wb).ln();
+            assert!(
+                (gl[i] as f64 - lse).abs() <= 1e-5 * (1.0 + lse.abs()),
+                "lse row {i}: {} vs {lse}",
+                gl[i]
+            );
+            for j in 0..d {
+                let want = (oa[i * d + j] as f64 * wa + ob[i * d + j] as f64 * wb) / (wa + wb);
+                let e = (go[i * d + j] as f64 - want).abs();
+                assert!(
+                    e <= 1e-5 * (1.0 + want.abs()),
+                    "out ({i}, {j}): {} vs {want}",
+                    go[i * d + j]
+                );
+            }
+        }
+    }
+    // Mismatched shapes are a clear error naming the op.
+    let a = ops::AttentionPartial {
+        out: Tensor::zeros((2, 3, 4), DType::F32, &Device::Cpu).unwrap(),
+        lse: Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(),
+    };
+    let b = ops::AttentionPartial {
+        out: Tensor::zeros((2, 3, 5), DType::F32, &Device::Cpu).unwrap(),
+        lse: Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(),
+    };
+    let e = ops::merge_partials(&a, &b).unwrap_err().to_string();
+    assert!(e.contains("merge_partials") && e.contains("[2, 3, 5]"), "{e}");
+}

@@ -117,15 +117,12 @@ impl SpinCache {
     pub(super) fn fast_destinations(&self, step: &StepState, layer: usize) -> Result<Tensor> {
         let plan = &step.plan;
         let shape = plan.none.dims2()?;
-        let fast = self
+        let slots = plan.dst_slots.get(layer)?.flatten_all()?;
+        let rows = plan.dst_rows.get(layer)?.flatten_all()?;
+        Ok(self
             .lru
-            .lookup(&plan.dst_slots.get(layer)?.flatten_all()?)?
-            .reshape(shape)?;
-        let resident = fast.ne(&plan.none)?;
-        // Zero the non-resident entries before scaling (NONE · P would overflow).
-        let fast = resident.where_cond(&fast, &plan.none.zeros_like()?)?;
-        let pos = (fast.affine(self.cfg.page_size as f64, 0.0)? + plan.dst_rows.get(layer)?)?;
-        Ok(resident.where_cond(&pos, &plan.none)?)
+            .fast_destinations(&slots, &rows, self.cfg.page_size)?
+            .reshape(shape)?)
     }
 
     pub(super) fn attend_in_step(
@@ -189,9 +186,9 @@ impl SpinCache {
             }
         }
         let (tiered, rebuilt) = match requests {
-            Requests::Device(sel) => {
+            Requests::Device(sel, slots) => {
                 step.requested.fill(true);
-                let r = self.device_requests(step, layer, &sel)?;
+                let r = self.device_requests(step, layer, &sel, slots)?;
                 (Some(self.tiered_part(step, &q_rot, &r)?), None)
             }
             Requests::Lists(mut req) => {

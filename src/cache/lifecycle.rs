@@ -190,14 +190,15 @@ impl SparseKvCache for SpinCache {
             });
         }
         let mut stats = step.stats;
-        let attended = match &step.padded {
-            Some(shape) => Some(self.padded_buffers(*shape)?.attended.clone()),
-            None => step.attended_pages.clone(),
-        };
-        if let Some(n) = attended {
+        if let Some(n) = &step.attended_pages {
             stats.pages_attended += n.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as u64;
         }
         let (reuse, [hits, misses, spilled]) = self.lru.take_step_counters()?;
+        if step.padded.is_some() {
+            // Every request of a padded step's rounds is a decode page it attends, and
+            // the LRU resolves each one exactly once: a hit, a miss or a spill.
+            stats.pages_attended += hits + misses + spilled;
+        }
         stats.hits += hits;
         stats.misses += misses;
         stats.spilled += spilled;

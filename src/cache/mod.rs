@@ -81,8 +81,9 @@ struct StepState {
 enum Requests {
     /// On the host: per entry, per KV head, logical pages (ascending).
     Lists(Vec<Vec<Vec<u32>>>),
-    /// A decode-only step's selection `[S, Hkv, K]` logical pages, left on the device.
-    Device(Tensor),
+    /// A decode-only step's selection `[S, Hkv, K]` logical pages, left on the device,
+    /// with their host slots when already looked up (every page: the candidates).
+    Device(Tensor, Option<Tensor>),
 }
 
 /// Page requests of one layer laid out `[S, Hkv, N]` (entry, KV head, `NONE`-padded)

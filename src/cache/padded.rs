@@ -65,8 +65,6 @@ pub(super) struct PaddedBuffers {
     /// `[B, D/2]` RoPE tables in the cache's dtype.
     cos: Tensor,
     sin: Tensor,
-    /// `[1]` f32 decode pages attended by the step, summed over layers on the device.
-    pub attended: Tensor,
     /// LRU rounds and requests of the last step of this shape run through `attend`.
     rounds: u32,
     requests: u64,
@@ -126,7 +124,9 @@ impl SpinCache {
                 inputs[i].new_tokens
             );
         }
+        let span = crate::host_timing::span("padded.begin.entries");
         let (entries, rows) = self.step_entries(OP, inputs)?;
+        drop(span);
         let pages = self.longest_pages(&entries);
         if shape.batch < rows || shape.pages < pages {
             crate::invalid!(
@@ -148,7 +148,6 @@ impl SpinCache {
                 words: Tensor::zeros(lay.total, DType::U32, &dev)?,
                 cos: Tensor::zeros((b, half), self.cfg.dtype, &dev)?,
                 sin: Tensor::zeros((b, half), self.cfg.dtype, &dev)?,
-                attended: Tensor::zeros(1, DType::F32, &dev)?,
                 rounds: 0,
                 requests: 0,
             };
@@ -165,9 +164,15 @@ impl SpinCache {
             words[lay.queries + 2 * ei + 1] = e.start as u32;
             words[lay.kv_limit + ei] = (e.start + 1) as u32;
         }
+        let span = crate::host_timing::span("padded.begin.rope");
         let (cos, sin) = rope_tables(&positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.dtype, &dev)?;
+        drop(span);
+        let span = crate::host_timing::span("padded.begin.lru_step");
         self.lru.set_step(self.step_number())?;
+        drop(span);
+        let span = crate::host_timing::span("padded.begin.plan");
         let v = self.reserve_and_plan(&entries, |c, en| c.plan_vectors(en, b, b))?;
+        drop(span);
         for (at, src) in [
             (lay.dst, &v.dst),
             (lay.dst_slots, &v.slots),
@@ -181,7 +186,9 @@ impl SpinCache {
         for (i, w) in words[lay.page_ids..lay.total].iter_mut().enumerate() {
             *w = i as u32;
         }
+        let span = crate::host_timing::span("padded.begin.write");
         let written = self.write_padded(shape, &words, &cos, &sin);
+        drop(span);
         let bufs = match written {
             Ok(bufs) => bufs,
             Err(e) => {
@@ -246,7 +253,6 @@ impl SpinCache {
             .slice_set(&Tensor::from_slice(words, words.len(), dev)?, 0, 0)?;
         bufs.cos.slice_set(cos, 0, 0)?;
         bufs.sin.slice_set(sin, 0, 0)?;
-        bufs.attended.zero_set()?;
         Ok(bufs)
     }
 
@@ -295,12 +301,5 @@ impl SpinCache {
                 bufs.requests = step.requests;
             }
         }
-    }
-
-    /// Accumulates a layer's attended-page count into the padded step's buffer, in place.
-    pub(super) fn add_padded_attended(&self, shape: PaddedShape, n: &Tensor) -> Result<()> {
-        let acc = &self.padded_buffers(shape)?.attended;
-        acc.slice_set(&(acc + n.reshape(1)?)?, 0, 0)?;
-        Ok(())
     }
 }

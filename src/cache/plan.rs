@@ -150,13 +150,12 @@ impl SpinCache {
         if let Some(idx) = &plan.decode_entries {
             rows = rows.index_select(idx, 0)?;
         }
-        let rows = rows.broadcast_as((d, hkv, nmax))?.contiguous()?;
-        let pages = pages
-            .reshape((1, 1, nmax))?
-            .broadcast_as((d, hkv, nmax))?
-            .contiguous()?;
-        let queries = Tensor::stack(&[&rows, &pages], 3)?.reshape((d * hkv * nmax, 2))?;
-        Ok(self.device_tables.lookup(&queries)?.reshape((d, hkv, nmax))?)
+        // Pages 0..Nmax of every (entry, head) row: one grid lookup.
+        let rows = rows.flatten_all()?;
+        Ok(self
+            .device_tables
+            .lookup_grid(&rows, None, nmax)?
+            .reshape((d, hkv, nmax))?)
     }
 }
 
@@ -233,6 +232,7 @@ impl SpinCache {
         entries: &[StepEntry],
         plan: impl FnOnce(&mut Self, &[StepEntry]) -> Result<P>,
     ) -> Result<P> {
+        let span = crate::host_timing::span("plan.reserve");
         for e in entries {
             for _ in 0..e.new_pages {
                 let slots = self.host_alloc.alloc(self.dirs())?;
@@ -240,10 +240,12 @@ impl SpinCache {
             }
             *self.lens.get_mut(&e.seq).ok_or(Error::UnknownSequence(e.seq))? += e.n;
         }
-        let planned = self
-            .device_tables
-            .apply(&mut self.tables)
-            .and_then(|()| plan(self, entries));
+        drop(span);
+        let span = crate::host_timing::span("plan.apply_tables");
+        let applied = self.device_tables.apply(&mut self.tables);
+        drop(span);
+        let _span = crate::host_timing::span("plan.vectors");
+        let planned = applied.and_then(|()| plan(self, entries));
         match planned {
             Ok(p) => Ok(p),
             Err(e) => {

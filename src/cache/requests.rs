@@ -60,7 +60,8 @@ impl SpinCache {
                     Some(ids) => ids.reshape((1, 1, n))?.broadcast_as((d, h, n))?.contiguous()?,
                     None => crate::invalid!("SparseKvCache::attend", "decode step without page ids (internal error)"),
                 };
-                return Ok((Requests::Device(all), false));
+                // Their host slots are the candidates, looked up already.
+                return Ok((Requests::Device(all, Some(candidates)), false));
             }
             Selection::All => None,
             Selection::Pages(t) => {
@@ -78,7 +79,7 @@ impl SpinCache {
                 }
                 let on_device = device_ok && t.dtype() == DType::U32 && t.device().same_device(&self.cfg.device);
                 if on_device {
-                    return Ok((Requests::Device(t), true));
+                    return Ok((Requests::Device(t, None), true));
                 }
                 // Host lists: the selection crosses to the host (mixed prefill/decode
                 // steps, tracing, algorithms that rebuild keys).
@@ -128,25 +129,38 @@ impl SpinCache {
     }
 
     /// Requests of a decode-only step from a selection `[S, Hkv, K]` left on the device:
-    /// logical pages → host slots through the device page tables. No host sync.
-    pub(super) fn device_requests(&self, step: &mut StepState, layer: usize, sel: &Tensor) -> Result<PageRequests> {
+    /// logical pages → host slots through the device page tables (unless `slots` holds
+    /// them already). No host sync.
+    pub(super) fn device_requests(
+        &self,
+        step: &mut StepState,
+        layer: usize,
+        sel: &Tensor,
+        slots: Option<Tensor>,
+    ) -> Result<PageRequests> {
         let hkv = self.cfg.num_kv_heads;
         let (s, _, k) = sel.dims3()?;
         let plan = &step.plan;
-        let rows = plan.table_rows.get(layer)?.broadcast_as((s, hkv, k))?.contiguous()?;
         let logical = sel.contiguous()?;
-        let queries = Tensor::stack(&[&rows, &logical], 3)?.reshape((s * hkv * k, 2))?;
-        let host_slots = self.device_tables.lookup(&queries)?.reshape((s, hkv, k))?;
-        let owners = plan.owners.broadcast_as((s, hkv, k))?.contiguous()?;
-        let attended = host_slots.ne(NONE as f64)?.to_dtype(DType::F32)?.sum_all()?;
-        match step.padded {
-            Some(shape) => self.add_padded_attended(shape, &attended)?,
+        let host_slots = match slots {
+            Some(h) => h,
             None => {
-                step.attended_pages = Some(match step.attended_pages.take() {
-                    None => attended,
-                    Some(a) => (a + attended)?,
-                })
+                let rows = plan.table_rows.get(layer)?.flatten_all()?;
+                let sel2 = logical.reshape((s * hkv, k))?;
+                self.device_tables
+                    .lookup_grid(&rows, Some(&sel2), k)?
+                    .reshape((s, hkv, k))?
             }
+        };
+        let owners = plan.owners.broadcast_as((s, hkv, k))?.contiguous()?;
+        if step.padded.is_none() {
+            // (A padded step's rounds all come from here: its attended pages are the
+            // LRU's resolved requests, counted at `end_step` without a kernel per layer.)
+            let attended = host_slots.ne(NONE as f64)?.to_dtype(DType::F32)?.sum_all()?;
+            step.attended_pages = Some(match step.attended_pages.take() {
+                None => attended,
+                Some(a) => (a + attended)?,
+            });
         }
         Ok(PageRequests {
             host_slots,

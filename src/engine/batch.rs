@@ -57,7 +57,11 @@ impl Engine {
             .filter(|a| ids.contains(&a.id))
             .map(|a| &mut a.sampler)
             .collect();
-        match sample_batch(&logits, &rows, &mut samplers) {
+        let span = crate::host_timing::span("engine.sample");
+        let sampled = sample_batch(&logits, &rows, &mut samplers);
+        drop(span);
+        let _span = crate::host_timing::span("engine.stream");
+        match sampled {
             Ok(tokens) => {
                 for (id, tok) in ids.into_iter().zip(tokens) {
                     report.sampled += 1;

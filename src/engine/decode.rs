@@ -63,6 +63,12 @@ pub struct DecodeCounters {
     /// microseconds, summed: the per-step host overhead the graph leaves (the step's
     /// end, which waits for the device to read its counters, is not included).
     pub replay_host_us: u64,
+    /// The part of `replay_host_us` spent in the cache's `begin_padded_decode` (the
+    /// step's plan, written into the shape's input buffers), microseconds, summed.
+    pub replay_begin_us: u64,
+    /// The part of `replay_host_us` spent writing the token ids and launching the graph,
+    /// microseconds, summed.
+    pub replay_launch_us: u64,
 }
 
 struct Captured {
@@ -141,14 +147,19 @@ impl DecodeRunner {
         if let Err(e) = cache.begin_padded_decode(&inputs, shape) {
             return Ok(Decoded::Failed(e));
         }
-        let replays = self.counters.replays;
+        let (replays, t1) = (self.counters.replays, std::time::Instant::now());
         let ran = self.run(model, cache, shape, batch);
         if self.counters.replays > replays {
-            self.counters.replay_host_us += t0.elapsed().as_micros() as u64;
+            let c = &mut self.counters;
+            c.replay_host_us += t0.elapsed().as_micros() as u64;
+            c.replay_begin_us += (t1 - t0).as_micros() as u64;
+            c.replay_launch_us += t1.elapsed().as_micros() as u64;
         }
+        let span = crate::host_timing::span("decode.end_step");
         let done = ran
             .and_then(|logits| Ok(logits.narrow(0, 0, batch.len())?))
             .and_then(|logits| cache.end_step().map(|_| logits));
+        drop(span);
         match done {
             Ok(logits) => Ok(Decoded::Logits(logits)),
             Err(e) => {
@@ -208,7 +219,9 @@ impl DecodeRunner {
                 ids
             }
         };
+        let span = crate::host_timing::span("decode.ids");
         ids.slice_set(&Tensor::from_vec(toks, shape.batch, &dev)?, 0, 0)?;
+        drop(span);
         if self.mode == DecodeMode::Padded || self.uncapturable.contains(&shape) {
             self.counters.padded_eager += 1;
             return model.forward_padded(cache, &ids);
@@ -217,7 +230,9 @@ impl DecodeRunner {
         // Graphs of an older epoch read replaced buffers: never replayed again.
         self.graphs.retain(|_, c| c.epoch == epoch);
         if let Some(c) = self.graphs.get(&shape) {
+            let span = crate::host_timing::span("decode.launch");
             c.graph.launch()?;
+            drop(span);
             cache.padded_step_replayed()?;
             self.counters.replays += 1;
             return Ok(c.logits.clone());

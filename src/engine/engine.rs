@@ -234,6 +234,7 @@ impl Engine {
     /// and the others go on; `Err` is returned only when the cache itself can no longer
     /// be trusted (a sequence could not be removed).
     pub fn step(&mut self) -> Result<StepReport> {
+        let _span = crate::host_timing::span("engine.step");
         let t0 = Instant::now();
         let mut report = StepReport::default();
         let cancelled: Vec<RequestId> = self

@@ -307,6 +307,12 @@ impl DeviceTables {
     pub fn lookup(&self, queries: &Tensor) -> Result<Tensor> {
         page_slots(&self.directory, &self.leaves, queries)
     }
+
+    /// Slots of the grid `[G, K]` of (row `rows[g]`, page `pages[g, k]` or `k`): see
+    /// [`page_slots_grid`](crate::ops::page_slots_grid).
+    pub fn lookup_grid(&self, rows: &Tensor, pages: Option<&Tensor>, k: usize) -> Result<Tensor> {
+        crate::ops::page_slots_grid(&self.directory, &self.leaves, rows, pages, k)
+    }
 }
 
 /// `items` with only the last item of each key kept (so that the scatter kernel's threads

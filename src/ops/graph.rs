@@ -87,6 +87,18 @@ impl StepGraph {
     }
 }
 
+/// Starts (`on`) or stops the CUDA profiler's collection on `device`, after waiting for
+/// its work: run under `ncu --profile-from-start off`, only the kernels enqueued between
+/// the two calls are profiled (`serve_bench --profile-steps`). Elsewhere a no-op.
+pub fn profiler_range(device: &Device, on: bool) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        super::cuda::graph::profiler_range(d, on)?;
+    }
+    let _ = (device, on);
+    Ok(())
+}
+
 #[cfg(not(feature = "cuda"))]
 fn unsupported(op: &'static str, device: &Device) -> Error {
     Error::Invalid {

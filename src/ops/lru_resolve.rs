@@ -15,7 +15,8 @@ use candle_core::Tensor;
 
 #[cfg(feature = "cuda")]
 pub(crate) use super::cuda::lru::{
-    invalidate as invalidate_cuda, lookup as lookup_cuda, resolve as resolve_cuda, Buffers, Geometry,
+    fast_destinations as fast_destinations_cuda, invalidate as invalidate_cuda, lookup as lookup_cuda,
+    resolve as resolve_cuda, Buffers, Geometry,
 };
 
 /// The bucket of `page` among `buckets` (`>= 1`): [`BucketedLru::bucket_of`](crate::pool::BucketedLru::bucket_of), shared with
@@ -217,6 +218,24 @@ pub(crate) fn lookup(tags: &[u32], buckets: usize, ways: usize, host_slots: &[u3
             let b = bucket_index(hs, buckets) * ways;
             (b..b + ways).find(|&s| tags[s] == hs).map_or(NONE, |s| s as u32)
         })
+        .collect()
+}
+
+/// Fast-tier destinations `fast slot · page_size + rows[i]` of the host slots `slots`
+/// (`NONE` where the page is not resident, or a `NONE` query): the write-through
+/// targets of new tokens.
+pub(crate) fn fast_destinations(
+    tags: &[u32],
+    buckets: usize,
+    ways: usize,
+    slots: &[u32],
+    rows: &[u32],
+    page_size: u32,
+) -> Vec<u32> {
+    lookup(tags, buckets, ways, slots)
+        .into_iter()
+        .zip(rows)
+        .map(|(f, &r)| if f == NONE { NONE } else { f * page_size + r })
         .collect()
 }
 

@@ -23,9 +23,9 @@ pub(crate) mod util;
 
 pub use append::{paged_append, paged_append_with_minmax, quest_meta_update};
 pub use attention::{sparse_paged_attention, AttentionPartial, PageList};
-pub use graph::{cuda_device, StepGraph};
+pub use graph::{cuda_device, profiler_range, StepGraph};
 pub use merge::merge_partials;
-pub use page_table::page_slots;
+pub use page_table::{page_slots, page_slots_grid};
 pub use quest_score::quest_page_scores;
 pub use reference::reference_attention;
 pub use self_attention::causal_self_attention;

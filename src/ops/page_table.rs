@@ -150,3 +150,108 @@ pub fn page_slots(directory: &Tensor, leaves: &Tensor, queries: &Tensor) -> Resu
     let (d, l, q) = (directory.contiguous()?, leaves.contiguous()?, queries.contiguous()?);
     Ok(d.apply_op3_no_bwd(&l, &q, &PageSlots)?)
 }
+
+/// Host slots of a grid of queries `[G, K]`: row `rows[g]` of the directory with logical
+/// page `pages[g, k]`, or page `k` when `pages` is `None` (every page `0..K` of each row),
+/// through `directory` `[rows, max_leaves]` and `leaves` `[leaves, 64]` as in
+/// [`page_slots`]. `rows` is `[G]` u32, `pages` `[G, K]` u32. One kernel on CUDA (no
+/// query tensor is built). `NONE` rows or pages, and pages past a row's leaves, give `NONE`.
+pub fn page_slots_grid(
+    directory: &Tensor,
+    leaves: &Tensor,
+    rows: &Tensor,
+    pages: Option<&Tensor>,
+    k: usize,
+) -> Result<Tensor> {
+    const GOP: &str = "page_slots_grid";
+    let g = rows.dims1().unwrap_or(usize::MAX);
+    let tables_ok = directory.rank() == 2
+        && leaves.rank() == 2
+        && leaves.dims()[1] == LEAF_PAGES
+        && [directory, leaves, rows].iter().all(|t| t.dtype() == DType::U32);
+    let pages_ok = pages.is_none_or(|p| p.dims() == [g, k] && p.dtype() == DType::U32);
+    if !tables_ok || g == usize::MAX || !pages_ok {
+        crate::invalid!(
+            GOP,
+            "directory {:?}, leaves {:?}, rows {:?} {:?}, pages {:?}: expected u32 [rows, L], [n_leaves, \
+             {LEAF_PAGES}], [G], [G, K={k}]",
+            directory.dims(),
+            leaves.dims(),
+            rows.dims(),
+            rows.dtype(),
+            pages.map(|p| p.dims().to_vec())
+        );
+    }
+    let dev = directory.device();
+    if ![leaves, rows]
+        .into_iter()
+        .chain(pages)
+        .all(|t| t.device().same_device(dev))
+    {
+        crate::invalid!(GOP, "directory, leaves, rows and pages must be on one device");
+    }
+    if g == 0 || k == 0 {
+        return Ok(Tensor::zeros((g, k), DType::U32, dev)?);
+    }
+    let op = PageSlotsGrid {
+        pages: pages.map(Tensor::contiguous).transpose()?,
+        k,
+    };
+    let (d, l, r) = (directory.contiguous()?, leaves.contiguous()?, rows.contiguous()?);
+    Ok(d.apply_op3_no_bwd(&l, &r, &op)?.reshape((g, k))?)
+}
+
+struct PageSlotsGrid {
+    /// `[G, K]` u32 logical pages (`None`: page k in column k).
+    pages: Option<Tensor>,
+    k: usize,
+}
+
+impl CustomOp3 for PageSlotsGrid {
+    fn name(&self) -> &'static str {
+        "page_slots_grid"
+    }
+
+    fn cpu_fwd(
+        &self,
+        d: &CpuStorage,
+        dl: &Layout,
+        l: &CpuStorage,
+        ll: &Layout,
+        r: &CpuStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let slice = |s: &CpuStorage, lay: &Layout| -> candle_core::Result<Vec<u32>> {
+            match (s, lay.contiguous_offsets()) {
+                (CpuStorage::U32(v), Some((a, b))) => Ok(v[a..b].to_vec()),
+                _ => candle_core::bail!("page_slots_grid: operands must be contiguous u32"),
+            }
+        };
+        let rows = slice(r, rl)?;
+        let pages = match &self.pages {
+            Some(p) => p.flatten_all()?.to_vec1::<u32>()?,
+            None => (0..rows.len() * self.k).map(|i| (i % self.k) as u32).collect(),
+        };
+        let q: Vec<u32> = pages
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &p)| [rows[i / self.k], p])
+            .collect();
+        let out = lookup_cpu(&slice(d, dl)?, dl.dims()[1], &slice(l, ll)?, &q);
+        let n = out.len();
+        Ok((CpuStorage::U32(out), Shape::from_dims(&[n])))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        d: &candle_core::CudaStorage,
+        dl: &Layout,
+        l: &candle_core::CudaStorage,
+        ll: &Layout,
+        r: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::ops::cuda::page_table::page_slots_grid(d, dl, l, ll, r, rl, self.pages.as_ref(), self.k)
+    }
+}

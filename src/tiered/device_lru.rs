@@ -348,6 +348,57 @@ impl DeviceLru {
         }
     }
 
+    /// Write-through targets of new tokens: `slots` `[n]` u32 host slots and `rows` `[n]`
+    /// u32 rows within their pages → `[n]` u32 `fast slot · page_size + row`, [`NONE`]
+    /// where the page is not resident (or a [`NONE`] slot). One kernel on CUDA.
+    pub fn fast_destinations(&self, slots: &Tensor, rows: &Tensor, page_size: usize) -> Result<Tensor> {
+        const FOP: &str = "DeviceLru::fast_destinations";
+        let n = slots.dims1().unwrap_or(usize::MAX);
+        let ok = |t: &Tensor| t.rank() == 1 && t.dims()[0] == n && t.dtype() == DType::U32;
+        if !ok(slots) || !ok(rows) {
+            crate::invalid!(
+                FOP,
+                "slots and rows must be u32 [n] of one length, got {:?} {:?} and {:?} {:?}",
+                slots.dims(),
+                slots.dtype(),
+                rows.dims(),
+                rows.dtype()
+            );
+        }
+        if ![slots, rows].iter().all(|t| t.device().same_device(&self.device)) {
+            crate::invalid!(
+                FOP,
+                "slots and rows must be on the LRU's device {:?}",
+                self.device.location()
+            );
+        }
+        // Destinations must fit u32 (checked once: fast slots · page size).
+        if (self.tags.elem_count() as u64) * (page_size as u64) >= NONE as u64 {
+            crate::invalid!(
+                FOP,
+                "{} fast slots of {page_size} rows overflow u32 destinations",
+                self.tags.elem_count()
+            );
+        }
+        let (q, r) = (slots.contiguous()?, rows.contiguous()?);
+        match &self.device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => reference::fast_destinations_cuda(&self.tags, &q, &r, self.geometry(), page_size as u32),
+            _ => {
+                let tags = self.tags.to_vec1::<u32>()?;
+                let out = reference::fast_destinations(
+                    &tags,
+                    self.buckets,
+                    self.ways,
+                    &q.to_vec1::<u32>()?,
+                    &r.to_vec1::<u32>()?,
+                    page_size as u32,
+                );
+                Ok(Tensor::from_vec(out, n, &self.device)?)
+            }
+        }
+    }
+
     /// Host slots freed (sequence removed, step aborted): their fast copies become empty
     /// ways, their owners' resident counts drop and their reuse history is cleared.
     /// [`NONE`] entries are ignored; every other entry must be `< host_slots`.

@@ -200,3 +200,36 @@ pub(crate) fn sparse_paged_attention_at(
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
+
+/// One thread per output element: the merged `[rows, D]` out, then the merged lse
+/// `[rows]`, flat (see [`crate::ops::merge_partials`]).
+pub(crate) fn merge_partials(
+    a: &CudaStorage,
+    al: &Layout,
+    b: &CudaStorage,
+    bl: &Layout,
+    lse_a: &candle_core::Tensor,
+    lse_b: &candle_core::Tensor,
+) -> Result<(CudaStorage, Shape)> {
+    const M: &str = "merge_partials";
+    let rows = lse_a.elem_count();
+    let d = al.shape().elem_count() / rows.max(1);
+    let n = rows * (d + 1);
+    let dev = super::device(a).clone();
+    let (out, op) = alloc::<f32>(&dev, n)?;
+    if rows > 0 {
+        let f = func(&dev, &ATTENTION, "merge_partials_f32")?;
+        launch!(
+            f,
+            super::cfg(n.div_ceil(256).min(65535) as u32, 256, 0),
+            ptr(M, a, al)?,
+            ptr(M, b, bl)?,
+            super::field_ptr_of(M, "lse_a", lse_a, DType::F32)?,
+            super::field_ptr_of(M, "lse_b", lse_b, DType::F32)?,
+            op,
+            rows as i32,
+            d as i32
+        )?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from_dims(&[n])))
+}

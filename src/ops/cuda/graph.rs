@@ -43,3 +43,20 @@ pub(crate) fn capture<T>(dev: &CudaDevice, f: impl FnOnce() -> crate::Result<T>)
         .ok_or_else(|| candle_core::Error::Msg("the capture recorded no work".into()))?;
     Ok((Graph(graph), out))
 }
+
+/// Starts (`on`) or stops the CUDA profiler's collection (`cuProfilerStart` / `Stop`):
+/// under `ncu --profile-from-start off`, only the work between the two is profiled.
+pub(crate) fn profiler_range(dev: &CudaDevice, on: bool) -> Result<()> {
+    let stream = dev.cuda_stream();
+    stream.synchronize().w()?;
+    stream.context().bind_to_thread().w()?;
+    // SAFETY: plain driver calls on the context just bound.
+    let r = unsafe {
+        if on {
+            sys::cuProfilerStart()
+        } else {
+            sys::cuProfilerStop()
+        }
+    };
+    r.result().w()
+}

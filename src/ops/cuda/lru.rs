@@ -162,6 +162,35 @@ pub(crate) fn lookup(tags: &Tensor, q: &Tensor, g: Geometry) -> Result<Tensor> {
     Ok(wrap(out, &dev, &[n]))
 }
 
+/// Fast-tier destinations of `q` `[n]` (host slots) with rows `rows` `[n]` (one thread each).
+pub(crate) fn fast_destinations(
+    tags: &Tensor,
+    q: &Tensor,
+    rows: &Tensor,
+    g: Geometry,
+    page_size: u32,
+) -> Result<Tensor> {
+    let n = q.dims()[0];
+    let dev = cuda_device(tags)?;
+    let (out, op) = alloc::<u32>(&dev, n)?;
+    if n > 0 {
+        let f = func(&dev, &LRU_RESOLVE, "lru_fast_destinations")?;
+        launch!(
+            f,
+            cfg(n.div_ceil(256).min(65535) as u32, 256, 0),
+            addr("host_slots", q, DType::U32)?,
+            addr("rows", rows, DType::U32)?,
+            op,
+            n as i32,
+            addr("tags", tags, DType::U32)?,
+            g.buckets as u32,
+            g.ways as u32,
+            page_size
+        )?;
+    }
+    Ok(wrap(out, &dev, &[n]))
+}
+
 /// Frees the host slots of `list` (`[n]` u32, one thread per entry).
 pub(crate) fn invalidate(b: &Buffers<'_>, list: &Tensor, g: Geometry) -> Result<()> {
     let n = list.dims()[0];

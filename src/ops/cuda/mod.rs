@@ -205,8 +205,13 @@ pub(crate) fn ptr_mut(op: &str, s: &mut CudaStorage, l: &Layout) -> Result<u64> 
 /// CUDA device; the op struct keeps the tensor alive while the kernel is enqueued, and
 /// candle frees device memory in stream order).
 pub(crate) fn field_ptr(op: &str, name: &str, t: &Tensor) -> Result<u64> {
-    if t.dtype() != DType::U32 {
-        candle_core::bail!("{op}: {name} must be u32, got {:?}", t.dtype());
+    field_ptr_of(op, name, t, DType::U32)
+}
+
+/// [`field_ptr`] for a tensor of `dtype`.
+pub(crate) fn field_ptr_of(op: &str, name: &str, t: &Tensor, dtype: DType) -> Result<u64> {
+    if t.dtype() != dtype {
+        candle_core::bail!("{op}: {name} must be {dtype:?}, got {:?}", t.dtype());
     }
     let (s, l) = t.storage_and_layout();
     match &*s {

@@ -40,6 +40,52 @@ pub(crate) fn page_slots(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from_dims(&[n])))
 }
 
+/// One thread per (row, column) of the grid: [`crate::ops::page_slots_grid`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn page_slots_grid(
+    d: &CudaStorage,
+    dl: &Layout,
+    l: &CudaStorage,
+    ll: &Layout,
+    r: &CudaStorage,
+    rl: &Layout,
+    pages: Option<&candle_core::Tensor>,
+    k: usize,
+) -> Result<(CudaStorage, Shape)> {
+    const G: &str = "page_slots_grid";
+    let (rows, max_leaves) = dl.shape().dims2()?;
+    let n_leaves = ll.dims()[0];
+    let n = rl.dims()[0] * k;
+    if n > i32::MAX as usize {
+        candle_core::bail!("{G}: {n} queries exceed the launch limit");
+    }
+    let dev = super::device(r).clone();
+    let (out, op) = alloc::<u32>(&dev, n)?;
+    if n > 0 {
+        let pp = match pages {
+            Some(p) => super::field_ptr(G, "pages", p)?,
+            None => 0u64,
+        };
+        let f = func(&dev, &PAGE_TABLE, "page_slots_grid")?;
+        let blocks = n.div_ceil(256).min(65535) as u32;
+        launch!(
+            f,
+            cfg(blocks, 256, 0),
+            ptr(G, d, dl)?,
+            ptr(G, l, ll)?,
+            ptr(G, r, rl)?,
+            pp,
+            op,
+            n as i32,
+            k as i32,
+            rows as u32,
+            max_leaves as u32,
+            n_leaves as u32
+        )?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from_dims(&[n])))
+}
+
 /// `dst[writes[i, 0]] = writes[i, 1]` (u32, distinct indices; out-of-range skipped).
 pub(crate) fn scatter_u32(dst: &mut CudaStorage, dl: &Layout, w: &CudaStorage, wl: &Layout) -> Result<()> {
     let n = wl.dims()[0];

@@ -1,0 +1,68 @@
+//! Host time of a padded decode step's start (`begin_padded_decode`: the step's checks,
+//! page reservation, plan and the one write of its inputs) on the CPU, at SmolLM2-135M's
+//! cache shape (30 layers, 9 query heads, 3 KV heads; D = 8 here: the host work does not
+//! depend on it), B sequences of `CTX` tokens, dense and Quest. This is the host part a
+//! replayed CUDA graph of the decode step leaves (issue 12's target: ≤ 100 µs at B = 64);
+//! on CUDA the same code also pays the driver calls of its uploads.
+//!
+//! `cargo bench --bench padded_begin`
+
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use spinkv::partition::{by_name, SparseAlgorithm};
+use spinkv::{CacheConfig, SeqId, SparseKvCache, SpinCache, StepInput};
+use std::time::{Duration, Instant};
+
+const LAYERS: usize = 30;
+const HQ: usize = 9;
+const HKV: usize = 3;
+const D: usize = 8;
+const CTX: usize = 250;
+
+fn prefilled(b: usize, algo: Box<dyn SparseAlgorithm>) -> (SpinCache, Vec<SeqId>) {
+    let mut cfg = CacheConfig::new(LAYERS, HQ, HKV, D);
+    cfg.max_seq_len = CTX + 64;
+    cfg.max_sequences = b;
+    let cfg = cfg.with_page_size(16).with_token_capacity(b * (CTX + 64), 1.0);
+    let mut cache = SpinCache::new_boxed(cfg, algo).expect("cache");
+    let seqs: Vec<SeqId> = (0..b).map(|_| cache.add_sequence().expect("seq")).collect();
+    let dev = Device::Cpu;
+    let inputs: Vec<StepInput> = seqs.iter().map(|&seq| StepInput { seq, new_tokens: CTX }).collect();
+    let t = b * CTX;
+    let q = Tensor::randn(0f32, 1.0, (t, HQ, D), &dev).expect("q");
+    let k = Tensor::randn(0f32, 1.0, (t, HKV, D), &dev).expect("k");
+    cache.begin_step(&inputs).expect("prefill");
+    for layer in 0..LAYERS {
+        cache.attend(layer, &q, &k, &k).expect("prefill attend");
+    }
+    cache.end_step().expect("end");
+    (cache, seqs)
+}
+
+fn padded_begin(c: &mut Criterion) {
+    let mut group = c.benchmark_group("padded_begin_cpu");
+    group.sample_size(20);
+    for b in [1usize, 16, 64] {
+        for name in ["dense", "quest"] {
+            let (mut cache, seqs) = prefilled(b, by_name(name, 1024).expect("algo"));
+            let inputs: Vec<StepInput> = seqs.iter().map(|&seq| StepInput { seq, new_tokens: 1 }).collect();
+            let shape = cache.padded_shape(&inputs).expect("padded shape");
+            group.bench_with_input(BenchmarkId::new(name, b), &b, |bch, _| {
+                bch.iter_custom(|iters| {
+                    let mut spent = Duration::ZERO;
+                    for _ in 0..iters {
+                        let t0 = Instant::now();
+                        cache.begin_padded_decode(&inputs, shape).expect("begin");
+                        spent += t0.elapsed();
+                        cache.abort_step().expect("abort");
+                    }
+                    spent
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, padded_begin);
+criterion_main!(benches);
