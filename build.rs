@@ -29,6 +29,7 @@ const KERNELS: &[&str] = &[
     "tier_copy",
     "page_table",
     "lru_resolve",
+    "model_ops",
 ];
 /// Headers every kernel includes.
 const HEADERS: &[&str] = &["kernels/common.cuh"];

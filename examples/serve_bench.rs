@@ -79,7 +79,8 @@ struct Cli {
     /// Token budget of the sparse algorithms per decode step and KV head.
     #[arg(long, global = true, default_value_t = 2048, value_parser = at_least_1)]
     budget: usize,
-    /// Fraction of the KV that fits the fast tier, in [0, 1].
+    /// Fraction of the KV that fits the fast tier, in [0, 1] (1: every page has its own
+    /// fast slot, direct-mapped, no replacement).
     #[arg(long, global = true, default_value_t = 1.0, value_parser = fraction)]
     fast_fraction: f64,
     /// Tokens per KV page (default: the algorithm's own, else 16).

@@ -3,7 +3,8 @@
 // initialization, resident-count snapshot) then lru_resolve (one thread per bucket: its
 // requests in request order, exactly as the sequential BucketedLru with the round's
 // snapshot budgets), then lru_advance (one thread: the round's clock and number, kept on
-// the device in `state`). Plus lru_lookup and lru_invalidate.
+// the device in `state`). Plus lru_direct (the round of a direct-mapped fast tier),
+// lru_lookup, lru_fast_destinations and lru_invalidate.
 // Launch glue: src/ops/cuda/lru.rs. CPU reference: src/ops/lru_resolve.rs.
 #include "common.cuh"
 
@@ -155,6 +156,28 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
     if (hits) atomicAdd((unsigned long long*)&counters[0], (unsigned long long)hits);
     if (miss) atomicAdd((unsigned long long*)&counters[1], (unsigned long long)miss);
     if (deferred) atomicAdd((unsigned long long*)&counters[2], (unsigned long long)deferred);
+  }
+}
+
+// Direct mapping (a fast tier with a slot for every host slot, `DeviceLru::direct`): every
+// request whose host slot is < host_cap hits the fast slot of the same number. Writes
+// fast_pairs[i] = (host slot, logical), (NONE, NONE) for NONE or out-of-range slots, and
+// adds the hits to counters[0] (one atomic per warp). No state is read or changed. The
+// loop bound is uniform per warp (every lane of a warp shares `base`) for the ballot.
+extern "C" __global__ void lru_direct(const u32* __restrict__ host_slots, const u32* __restrict__ logical, int n,
+                                      u32 host_cap, u32* __restrict__ fast_pairs, u64* counters) {
+  for (int base = blockIdx.x * blockDim.x; base < n; base += gridDim.x * blockDim.x) {
+    const int i = base + threadIdx.x;
+    bool hit = false;
+    if (i < n) {
+      const u32 hs = host_slots[i];
+      hit = hs != SPIN_NONE && hs < host_cap;
+      fast_pairs[2 * i] = hit ? hs : SPIN_NONE;
+      fast_pairs[2 * i + 1] = hit ? logical[i] : SPIN_NONE;
+    }
+    const unsigned mask = __ballot_sync(0xffffffffu, hit);
+    if ((threadIdx.x & 31) == 0 && mask != 0u)
+      atomicAdd((unsigned long long*)&counters[0], (unsigned long long)__popc(mask));
   }
 }
 

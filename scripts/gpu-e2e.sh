@@ -4,8 +4,9 @@
 #   bash .device/gpu-e2e.sh      (results: $OUT/r5.tgz)
 # The anchor, then the engine with graphs at B=1,16 (64 new tokens) and B=64 (256 new
 # tokens: a steady-state window where all 64 requests decode), with the host time of the
-# steps by part (--host-timing). E2E_EAGER=1 adds eager runs at B=64; E2E_TESTS=1 runs
-# the graph and cache GPU tests first.
+# steps by part (--host-timing). E2E_LRU=1 adds dense B=64 over the LRU at a fast
+# fraction of 0.99; E2E_EAGER=1 adds eager runs at B=64; E2E_TESTS=1 runs the graph and
+# cache GPU tests first.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 export OUT=${OUT:-./gpu-out}
@@ -28,6 +29,11 @@ e2e dense graphs_b1_16 1,16 64 ""
 e2e quest graphs_b1_16 1,16 64 ""
 e2e dense graphs_b64 64 256 ""
 e2e quest graphs_b64 64 256 ""
+if [ "${E2E_LRU:-0}" = 1 ]; then
+  # The same dense B=64 run over the set-associative LRU at 99% of the pages (the
+  # cache's behaviour before direct mapping, for comparison).
+  e2e dense lru99_b64 64 256 "--fast-fraction 0.99"
+fi
 if [ "${E2E_EAGER:-0}" = 1 ]; then
   e2e dense eager_b64 64 256 "--no-graphs"
   e2e quest eager_b64 64 256 "--no-graphs"

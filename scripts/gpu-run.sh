@@ -15,7 +15,7 @@ for f in "$here"/*.xz; do xz -dc "$f" > "$bin/$(basename "$f" .xz)"; chmod +x "$
 what=${1:-all}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  for t in cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_tables cuda_graphs; do
+  for t in cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_lru_direct device_tables model_ops cuda_graphs; do
     "$bin/$t" --nocapture 2>&1 | tee "$OUT/$t.txt" | grep -E "test result|panicked|FAILED|error" 
   done
 fi
@@ -23,11 +23,12 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   "$bin/tiered_step_bench" --csv "$OUT/tiered.csv" 2>&1 | tee "$OUT/tiered.txt"
 fi
 if [ "$what" = sanitize ] || [ "$what" = all ]; then
-  for t in cuda_tiered cuda_pinned device_lru device_tables; do
+  for t in cuda_tiered cuda_pinned device_lru device_lru_direct device_tables model_ops; do
     timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --leak-check no "$bin/$t" > "$OUT/memcheck_$t.txt" 2>&1
     echo "compute-sanitizer $t exit: $?"; grep -E "ERROR SUMMARY|test result" "$OUT/memcheck_$t.txt"
   done
-  # The whole-model decode step captured and replayed (dense, B = 3, quick mode).
+  # The whole-model decode step captured and replayed (B = 3, quick mode: dense over a
+  # direct-mapped fast tier, Quest over the LRU).
   SPINKV_GRAPH_TEST_QUICK=1 timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool memcheck --leak-check no \
     "$bin/cuda_graphs" > "$OUT/memcheck_cuda_graphs.txt" 2>&1
   echo "compute-sanitizer cuda_graphs exit: $?"; grep -E "ERROR SUMMARY|test result" "$OUT/memcheck_cuda_graphs.txt"

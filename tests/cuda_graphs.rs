@@ -2,7 +2,9 @@
 //! the same engine run eagerly (`Eager`: ragged steps) and padded without capture
 //! (`Padded`: the graphs' exact device work). Random f32 weights at SmolLM2-135M's shape
 //! on the GPU, greedy, 64 new tokens per request, batches of 1, 3 and 17 requests where
-//! one request finishes early and one joins mid-run; dense and Quest.
+//! one request finishes early and one joins mid-run; dense and Quest, each over a
+//! direct-mapped fast tier (fast fraction 1) and over the LRU (fraction 0.5: misses,
+//! fetches and spills inside the replayed graph).
 //!
 //! - Graphs give exactly the Padded tokens (same kernels, same shapes).
 //! - Graphs give the Eager tokens (a near-tie of two logits may flip one token where the
@@ -10,7 +12,8 @@
 //!   the eager path saw, and fails the test).
 //! - Graphs were captured and replayed, no step fell back, pages were all freed.
 //!
-//! `SPINKV_GRAPH_TEST_QUICK=1` runs dense at B = 3 only (for `compute-sanitizer`).
+//! `SPINKV_GRAPH_TEST_QUICK=1` runs B = 3 only, dense direct and Quest over the LRU (for
+//! `compute-sanitizer`).
 #![cfg(feature = "cuda")]
 
 use candle_core::DType;
@@ -40,8 +43,14 @@ fn prompt(i: usize, len: usize) -> Vec<u32> {
 
 /// Runs `b` requests (request 0 stops after 9 tokens; the last joins after 5 steps) and
 /// returns each request's tokens and the engine's decode counters.
-fn run(model: &Llama, algo_name: &str, b: usize, mode: DecodeMode) -> (Vec<Vec<u32>>, spinkv::engine::DecodeCounters) {
-    let cc = model.cache_config_for(b, 700 + NEW, 16, 1.0).unwrap();
+fn run(
+    model: &Llama,
+    algo_name: &str,
+    fraction: f64,
+    b: usize,
+    mode: DecodeMode,
+) -> (Vec<Vec<u32>>, spinkv::engine::DecodeCounters) {
+    let cc = model.cache_config_for(b, 700 + NEW, 16, fraction).unwrap();
     let cache = SpinCache::new_boxed(cc, algo(algo_name)).unwrap();
     let cfg = EngineConfig {
         max_prefill_tokens: 4096,
@@ -74,18 +83,23 @@ fn run(model: &Llama, algo_name: &str, b: usize, mode: DecodeMode) -> (Vec<Vec<u
 fn graphs_give_the_eager_tokens() {
     let dev = spinkv::ops::cuda_device(0).expect("a CUDA device");
     let model = random_llama(shape_config("smollm2-135m").unwrap(), DType::F32, &dev, 7).unwrap();
-    // SPINKV_GRAPH_TEST_QUICK=1 (for compute-sanitizer): dense, B = 3 only.
+    // (algorithm, fast fraction): 1.0 is a direct-mapped fast tier, 0.5 the LRU with
+    // misses and spills. SPINKV_GRAPH_TEST_QUICK=1 (for compute-sanitizer): B = 3 only.
     let quick = std::env::var("SPINKV_GRAPH_TEST_QUICK").is_ok_and(|v| v == "1");
-    let (algos, batches): (&[&str], &[usize]) = if quick {
-        (&["dense"], &[3])
+    let (cases, batches): (&[(&str, f64)], &[usize]) = if quick {
+        (&[("dense", 1.0), ("quest", 0.5)], &[3])
     } else {
-        (&["dense", "quest"], &[1, 3, 17])
+        (
+            &[("dense", 1.0), ("quest", 1.0), ("dense", 0.5), ("quest", 0.5)],
+            &[1, 3, 17],
+        )
     };
-    for &name in algos {
+    for &(name, fraction) in cases {
         for &b in batches {
-            let (graph, gc) = run(&model, name, b, DecodeMode::Graphs);
-            let (padded, pc) = run(&model, name, b, DecodeMode::Padded);
-            let (eager, ec) = run(&model, name, b, DecodeMode::Eager);
+            let (graph, gc) = run(&model, name, fraction, b, DecodeMode::Graphs);
+            let (padded, pc) = run(&model, name, fraction, b, DecodeMode::Padded);
+            let (eager, ec) = run(&model, name, fraction, b, DecodeMode::Eager);
+            let name = format!("{name} (fast fraction {fraction})");
             eprintln!("{name} B={b}: graphs {gc:?}, padded {pc:?}, eager {ec:?}");
             assert!(gc.captures >= 1 && gc.replays >= 40, "{name} B={b}: {gc:?}");
             assert_eq!((gc.fallbacks, gc.errors), (0, 0), "{name} B={b}: {gc:?}");

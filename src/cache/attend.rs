@@ -74,7 +74,8 @@ impl SpinCache {
     /// Attends the step's queries over the requested pages: one LRU resolve (hits, misses
     /// into empty or evicted ways, spills where a bucket has no way left), one batched
     /// fetch of the misses, attention over the fast tier plus attention over the spilled
-    /// pages read straight from the host tier, merged by log-sum-exp. Everything is
+    /// pages read straight from the host tier, merged by log-sum-exp. A direct-mapped
+    /// fast tier has only hits: one round kernel and the attention over the fast tier. Everything is
     /// enqueued on the device: no host synchronization, no device-to-host copy.
     pub(super) fn tiered_part(
         &mut self,
@@ -87,18 +88,18 @@ impl SpinCache {
             BudgetPolicy::Dynamic { reuse_steps, .. } => reuse_steps.min(u32::MAX as u64) as u32,
             _ => 0,
         };
-        // Counted before: a round that fails may have changed the tags (see abort).
-        step.rounds += 1;
-        let out = self.lru.resolve(&ResolveRequest {
-            host_slots: &r.host_slots.flatten_all()?,
-            logical: &r.logical.flatten_all()?,
-            owners: &r.owners.flatten_all()?,
+        let (host_slots, logical, owners) = (
+            r.host_slots.flatten_all()?,
+            r.logical.flatten_all()?,
+            r.owners.flatten_all()?,
+        );
+        let req = ResolveRequest {
+            host_slots: &host_slots,
+            logical: &logical,
+            owners: &owners,
             step: self.step_number(),
             reuse_steps,
-        })?;
-        step.requests += (s * hkv * n) as u64;
-        self.host
-            .gather_counted(&self.fast_pool, &out.misses, &out.miss_count)?;
+        };
         let list = |pairs: &Tensor| -> Result<PageList> {
             Ok(PageList {
                 pages: pairs.reshape((s, hkv, n, 2))?,
@@ -106,6 +107,18 @@ impl SpinCache {
                 kv_limit: step.kv_limit.clone(),
             })
         };
+        // Counted before: a round that fails may have changed the tags (see abort).
+        step.rounds += 1;
+        if self.lru.is_direct() {
+            // Every page is in its own fast slot: no fetch, nothing spilled.
+            let pairs = self.lru.resolve_direct(&req)?;
+            step.requests += (s * hkv * n) as u64;
+            return ops::sparse_paged_attention(q_rot, &self.fast_pool, &list(&pairs)?, self.scale);
+        }
+        let out = self.lru.resolve(&req)?;
+        step.requests += (s * hkv * n) as u64;
+        self.host
+            .gather_counted(&self.fast_pool, &out.misses, &out.miss_count)?;
         let fast = ops::sparse_paged_attention(q_rot, &self.fast_pool, &list(&out.fast_pairs)?, self.scale)?;
         let spilled = self.host.attend(q_rot, &list(&out.spill_pairs)?, self.scale)?;
         ops::merge_partials(&fast, &spilled)
@@ -116,6 +129,10 @@ impl SpinCache {
     /// device from the LRU's tags and the step plan; nothing crosses from the host).
     pub(super) fn fast_destinations(&self, step: &StepState, layer: usize) -> Result<Tensor> {
         let plan = &step.plan;
+        if self.lru.is_direct() {
+            // Host slot = fast slot: the host destinations are the fast ones.
+            return Ok(plan.dst.get(layer)?);
+        }
         let shape = plan.none.dims2()?;
         let slots = plan.dst_slots.get(layer)?.flatten_all()?;
         let rows = plan.dst_rows.get(layer)?.flatten_all()?;
@@ -134,9 +151,7 @@ impl SpinCache {
         v: &Tensor,
     ) -> Result<Tensor> {
         let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
-        let q_rot = apply_rope(q, &step.cos, &step.sin)?.contiguous()?;
-        let k_rot = apply_rope(k, &step.cos, &step.sin)?.contiguous()?;
-        let v = v.contiguous()?;
+        let (q_rot, k_rot, v) = ops::rope_qkv(q, k, v, &step.cos, &step.sin)?;
 
         // Store: home pages in the host tier, write-through to resident fast-tier copies.
         let dst_t = step.plan.dst.get(layer)?;

@@ -104,7 +104,7 @@ impl SparseKvCache for SpinCache {
         let n_entries = entries.len();
         let kv_limit = Tensor::from_vec(kv_limit, n_entries, &self.cfg.device)?;
         self.lru.set_step(self.step_number())?;
-        let plan = self.reserve_and_plan(&entries, |c, en| c.step_plan(en, row))?;
+        let plan = self.reserve_and_plan(&entries, false, |c, en| c.step_plan(en, row))?;
         let stats = StepStats {
             steps: 1,
             ..Default::default()
@@ -262,7 +262,11 @@ impl SparseKvCache for SpinCache {
         PoolUsage {
             host_used: self.host_alloc.used_count(),
             host_capacity: self.host_alloc.capacity(),
-            fast_resident: self.lru.resident_count().unwrap_or(0),
+            fast_resident: if self.lru.is_direct() {
+                self.host_alloc.used_count()
+            } else {
+                self.lru.resident_count().unwrap_or(0)
+            },
             fast_capacity: self.lru.capacity(),
             page_table_bytes: self.tables.bytes(),
         }

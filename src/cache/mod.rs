@@ -27,7 +27,7 @@ use crate::partition::{
     IndexInput, MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection, SparseAlgorithm, TokenRun,
 };
 use crate::pool::{BudgetPolicy, BudgetTracker, SlotAllocator};
-use crate::rope::{apply_rope, rope_tables};
+use crate::rope::rope_tables;
 use crate::tiered::{DeviceLru, HostTier, ResolveRequest};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -142,8 +142,14 @@ impl SpinCache {
         cfg.validate()?;
         algo.init(&cfg)?;
         let (p, d) = (cfg.page_size, cfg.head_dim);
-        let buckets = cfg.fast_pages / cfg.lru_ways;
-        let fast_pool = Tensor::zeros((buckets * cfg.lru_ways, 2, p, d), cfg.dtype, &cfg.device)?;
+        // A fast tier with room for every host page is direct-mapped: no replacement.
+        let lru = if cfg.fast_pages >= cfg.host_pages {
+            DeviceLru::direct(cfg.max_sequences, cfg.host_pages, &cfg.device)?
+        } else {
+            let buckets = cfg.fast_pages / cfg.lru_ways;
+            DeviceLru::new(buckets, cfg.lru_ways, cfg.max_sequences, cfg.host_pages, &cfg.device)?
+        };
+        let fast_pool = Tensor::zeros((lru.capacity(), 2, p, d), cfg.dtype, &cfg.device)?;
         let dirs = cfg.num_layers * cfg.num_kv_heads;
         let max_rows = cfg.max_sequences * dirs;
         let leaves_per_row = cfg.max_seq_len.div_ceil(p).div_ceil(LEAF_PAGES);
@@ -152,8 +158,8 @@ impl SpinCache {
             id: types::NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             host: HostTier::new(&cfg)?,
             host_alloc: SlotAllocator::new(Tier::Host, cfg.host_pages),
-            lru: DeviceLru::new(buckets, cfg.lru_ways, cfg.max_sequences, cfg.host_pages, &cfg.device)?,
-            budgets: BudgetTracker::new(cfg.budget_policy, buckets * cfg.lru_ways),
+            budgets: BudgetTracker::new(cfg.budget_policy, lru.capacity()),
+            lru,
             tables: PageTables::new(cfg.num_layers, cfg.num_kv_heads),
             device_tables: DeviceTables::with_capacity(max_rows, leaves_per_row, arena, dirs, &cfg.device)?,
             owners: HashMap::new(),

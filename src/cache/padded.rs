@@ -171,7 +171,7 @@ impl SpinCache {
         self.lru.set_step(self.step_number())?;
         drop(span);
         let span = crate::host_timing::span("padded.begin.plan");
-        let v = self.reserve_and_plan(&entries, |c, en| c.plan_vectors(en, b, b))?;
+        let v = self.reserve_and_plan(&entries, true, |c, en| c.plan_vectors(en, b, b))?;
         drop(span);
         for (at, src) in [
             (lay.dst, &v.dst),

@@ -230,9 +230,16 @@ impl SpinCache {
     pub(super) fn reserve_and_plan<P>(
         &mut self,
         entries: &[StepEntry],
+        padded: bool,
         plan: impl FnOnce(&mut Self, &[StepEntry]) -> Result<P>,
     ) -> Result<P> {
-        let span = crate::host_timing::span("plan.reserve");
+        // Padded (decode-only) steps report their parts apart from ordinary steps'.
+        let names = if padded {
+            ["padded.plan.reserve", "padded.plan.apply_tables", "padded.plan.vectors"]
+        } else {
+            ["plan.reserve", "plan.apply_tables", "plan.vectors"]
+        };
+        let span = crate::host_timing::span(names[0]);
         for e in entries {
             for _ in 0..e.new_pages {
                 let slots = self.host_alloc.alloc(self.dirs())?;
@@ -241,10 +248,10 @@ impl SpinCache {
             *self.lens.get_mut(&e.seq).ok_or(Error::UnknownSequence(e.seq))? += e.n;
         }
         drop(span);
-        let span = crate::host_timing::span("plan.apply_tables");
+        let span = crate::host_timing::span(names[1]);
         let applied = self.device_tables.apply(&mut self.tables);
         drop(span);
-        let _span = crate::host_timing::span("plan.vectors");
+        let _span = crate::host_timing::span(names[2]);
         let planned = applied.and_then(|()| plan(self, entries));
         match planned {
             Ok(p) => Ok(p),

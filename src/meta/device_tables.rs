@@ -144,9 +144,13 @@ impl DeviceTables {
                 self.dirs_per_seq
             );
         }
+        let span = crate::host_timing::span("tables.changes");
         tables.track_changes();
         let changes = tables.take_changes();
-        let applied = self.writes(tables, &changes).and_then(|(dir_writes, leaf_writes)| {
+        let writes = self.writes(tables, &changes);
+        drop(span);
+        let _span = crate::host_timing::span("tables.scatter");
+        let applied = writes.and_then(|(dir_writes, leaf_writes)| {
             scatter(&self.directory, dir_writes)?;
             scatter(&self.leaves, leaf_writes)
         });

@@ -8,18 +8,33 @@
 //! memory.
 
 use super::config::LlamaConfig;
+use crate::ops::{add_rms_norm, rms_norm, silu_mul};
 use crate::{CacheConfig, Error, Result, SeqId, SparseKvCache, StepInput};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm};
+use candle_nn::{Embedding, Linear};
 use std::collections::HashMap;
+
+/// An RMSNorm's weight `[hidden]` and epsilon (applied by the fused ops of
+/// [`crate::ops::model_ops`]).
+#[derive(Clone)]
+struct Norm {
+    alpha: Tensor,
+    eps: f32,
+}
+
+impl Norm {
+    fn new(alpha: Tensor, eps: f64) -> Self {
+        Self { alpha, eps: eps as f32 }
+    }
+}
 
 #[derive(Clone)]
 struct Block {
-    attn_norm: RmsNorm,
+    attn_norm: Norm,
     /// q, k and v projections fused into one GEMM: rows `[Hq·D | Hkv·D | Hkv·D]`.
     qkv: Linear,
     o: Linear,
-    mlp_norm: RmsNorm,
+    mlp_norm: Norm,
     /// gate and up projections fused into one GEMM: rows `[inter | inter]`.
     gate_up: Linear,
     down: Linear,
@@ -42,7 +57,7 @@ pub struct Llama {
     cfg: LlamaConfig,
     embed: Embedding,
     blocks: Vec<Block>,
-    norm: RmsNorm,
+    norm: Norm,
     lm_head: Linear,
     /// The output projection in f32, when the weights are f16/bf16 and f32 logits are on.
     lm_head_f32: Option<Linear>,
@@ -97,8 +112,8 @@ impl Llama {
                 lin("mlp.up_proj", false)?,
                 lin("mlp.down_proj", false)?,
             );
-            let attn_norm = RmsNorm::new(take(&mut t, &format!("{p}.input_layernorm.weight"))?, cfg.rms_norm_eps);
-            let mlp_norm = RmsNorm::new(
+            let attn_norm = Norm::new(take(&mut t, &format!("{p}.input_layernorm.weight"))?, cfg.rms_norm_eps);
+            let mlp_norm = Norm::new(
                 take(&mut t, &format!("{p}.post_attention_layernorm.weight"))?,
                 cfg.rms_norm_eps,
             );
@@ -111,7 +126,7 @@ impl Llama {
                 down,
             });
         }
-        let norm = RmsNorm::new(take(&mut t, "model.norm.weight")?, cfg.rms_norm_eps);
+        let norm = Norm::new(take(&mut t, "model.norm.weight")?, cfg.rms_norm_eps);
         let mut model = Self {
             embed: Embedding::new(embed_w, cfg.hidden_size),
             blocks,
@@ -256,8 +271,7 @@ impl Llama {
                 ),
             });
         }
-        let x = self.layers(cache, ids)?;
-        self.head(&self.norm.forward(&x)?)
+        self.head(&self.layers(cache, ids)?)
     }
 
     fn step(&self, cache: &mut dyn SparseKvCache, batch: &[(SeqId, &[u32])], ids: &[u32]) -> Result<Tensor> {
@@ -276,15 +290,18 @@ impl Llama {
         } else {
             x.index_select(&Tensor::from_vec(last, batch.len(), &self.device)?, 0)?
         };
-        self.head(&self.norm.forward(&x)?)
+        self.head(&x)
     }
 
-    /// Embedding and every layer over token ids `[t]` u32; returns the hidden states `[t, hidden]`.
+    /// Embedding, every layer and the final norm over token ids `[t]` u32; returns the
+    /// normalized hidden states `[t, hidden]`. Each residual add is fused with the norm
+    /// that follows it (the next layer's, or the final one).
     fn layers(&self, cache: &mut dyn SparseKvCache, ids: &Tensor) -> Result<Tensor> {
         let (c, t) = (&self.cfg, ids.dims1()?);
         let mut x = self.embed.forward(ids)?;
+        let first = self.blocks.first().map_or(&self.norm, |b| &b.attn_norm);
+        let mut h = rms_norm(&x, &first.alpha, first.eps)?;
         for (layer, b) in self.blocks.iter().enumerate() {
-            let h = b.attn_norm.forward(&x)?;
             let (hq, hkv) = (c.num_heads, c.num_kv_heads);
             let qkv = b.qkv.forward(&h)?.reshape((t, hq + 2 * hkv, c.head_dim))?;
             let q = qkv.narrow(1, 0, hq)?;
@@ -293,14 +310,12 @@ impl Llama {
             let a = cache
                 .attend(layer, &q, &k, &v)?
                 .reshape((t, c.num_heads * c.head_dim))?;
-            x = (x + b.o.forward(&a)?)?;
-            let h = b.mlp_norm.forward(&x)?;
-            let gu = b.gate_up.forward(&h)?;
-            let inter = c.intermediate_size;
-            let m = (candle_nn::ops::silu(&gu.narrow(1, 0, inter)?)? * gu.narrow(1, inter, inter)?)?;
-            x = (x + b.down.forward(&m)?)?;
+            let (x1, h1) = add_rms_norm(&x, &b.o.forward(&a)?, &b.mlp_norm.alpha, b.mlp_norm.eps)?;
+            let m = silu_mul(&b.gate_up.forward(&h1)?)?;
+            let next = self.blocks.get(layer + 1).map_or(&self.norm, |n| &n.attn_norm);
+            (x, h) = add_rms_norm(&x1, &b.down.forward(&m)?, &next.alpha, next.eps)?;
         }
-        Ok(x)
+        Ok(h)
     }
 
     /// `[n, hidden]` normalized hidden states → `[n, vocab]` f32 logits.

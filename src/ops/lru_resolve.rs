@@ -16,7 +16,7 @@ use candle_core::Tensor;
 #[cfg(feature = "cuda")]
 pub(crate) use super::cuda::lru::{
     fast_destinations as fast_destinations_cuda, invalidate as invalidate_cuda, lookup as lookup_cuda,
-    resolve as resolve_cuda, Buffers, Geometry,
+    resolve as resolve_cuda, resolve_direct as resolve_direct_cuda, Buffers, Geometry,
 };
 
 /// The bucket of `page` among `buckets` (`>= 1`): [`BucketedLru::bucket_of`](crate::pool::BucketedLru::bucket_of), shared with
@@ -205,6 +205,41 @@ pub(crate) fn resolve_round(st: &mut LruState, inp: &RoundInput<'_>) -> RoundOut
         }
     }
     out
+}
+
+/// One round of a direct-mapped fast tier (a fast slot for every host slot): request `i`
+/// hits fast slot `host_slots[i]` when that is `< host_cap`. Returns the `[n * 2]`
+/// (fast slot, logical) pairs, (NONE, NONE) for [`NONE`] and out-of-range slots, and the
+/// number of hits. `kernels/lru_resolve.cu`'s `lru_direct` computes the same.
+pub(crate) fn resolve_direct(host_slots: &[u32], logical: &[u32], host_cap: usize) -> (Vec<u32>, u64) {
+    let mut hits = 0;
+    let pairs = host_slots
+        .iter()
+        .zip(logical)
+        .flat_map(|(&hs, &lp)| {
+            if hs != NONE && (hs as usize) < host_cap {
+                hits += 1;
+                [hs, lp]
+            } else {
+                [NONE, NONE]
+            }
+        })
+        .collect();
+    (pairs, hits)
+}
+
+/// [`lookup`] of a direct-mapped fast tier: a host slot `< host_cap` is its own fast slot.
+pub(crate) fn lookup_direct(host_cap: usize, host_slots: &[u32]) -> Vec<u32> {
+    host_slots
+        .iter()
+        .map(|&hs| {
+            if hs != NONE && (hs as usize) < host_cap {
+                hs
+            } else {
+                NONE
+            }
+        })
+        .collect()
 }
 
 /// Fast slot of each host slot (`[n]`, [`NONE`] if not resident or a [`NONE`] query).

@@ -141,6 +141,29 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
     })
 }
 
+/// One round of a direct-mapped fast tier (`lru_direct`): `[n, 2]` (host slot, logical)
+/// pairs of the requests with a host slot `< host_slots`, (NONE, NONE) for the rest; the
+/// hits are added to `counters[0]` (`[3]` i64, in place).
+pub(crate) fn resolve_direct(counters: &Tensor, req: &ResolveRequest<'_>, host_slots: usize) -> Result<Tensor> {
+    let n = req.host_slots.dims()[0];
+    let dev = cuda_device(counters)?;
+    let (fast, fp) = alloc::<u32>(&dev, 2 * n)?;
+    if n > 0 {
+        let f = func(&dev, &LRU_RESOLVE, "lru_direct")?;
+        launch!(
+            f,
+            cfg(n.div_ceil(256).min(1024) as u32, 256, 0),
+            addr("host_slots", req.host_slots, DType::U32)?,
+            addr("logical", req.logical, DType::U32)?,
+            n as i32,
+            host_slots as u32,
+            fp,
+            addr("counters", counters, DType::I64)?
+        )?;
+    }
+    Ok(wrap(fast, &dev, &[n, 2]))
+}
+
 /// `[n]` fast slot of each host slot (one thread per query).
 pub(crate) fn lookup(tags: &Tensor, q: &Tensor, g: Geometry) -> Result<Tensor> {
     let n = q.dims()[0];

@@ -13,6 +13,7 @@ pub(crate) mod append;
 pub(crate) mod attention;
 pub(crate) mod graph;
 pub(crate) mod lru;
+pub(crate) mod model_ops;
 pub(crate) mod page_table;
 pub(crate) mod quest_score;
 pub(crate) mod tier_copy;
@@ -34,7 +35,7 @@ pub(crate) struct Module {
     pub ptx: &'static str,
 }
 
-// APPEND, QUEST_SCORE, TOPK, ATTENTION, TIER_COPY, PAGE_TABLE, LRU_RESOLVE: one per
+// APPEND, QUEST_SCORE, TOPK, ATTENTION, TIER_COPY, PAGE_TABLE, LRU_RESOLVE, MODEL_OPS: one per
 // entry of build.rs's kernel list.
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
@@ -161,7 +162,20 @@ fn start_of(op: &str, l: &Layout) -> Result<usize> {
 
 /// Device address of the first element of a contiguous CUDA operand.
 pub(crate) fn ptr(op: &str, s: &CudaStorage, l: &Layout) -> Result<u64> {
-    let start = start_of(op, l)?;
+    address_at(op, s, start_of(op, l)?)
+}
+
+/// Device address of the first element of a strided CUDA operand whose last dimension is
+/// dense (stride 1); the kernel is given the other strides.
+pub(crate) fn strided_ptr(op: &str, s: &CudaStorage, l: &Layout) -> Result<u64> {
+    if l.stride().last().is_some_and(|&st| st != 1) {
+        candle_core::bail!("{op}: operand's last dimension must be dense, got layout {l:?}");
+    }
+    address_at(op, s, l.start_offset())
+}
+
+/// Device address of element `start` of a CUDA storage.
+fn address_at(op: &str, s: &CudaStorage, start: usize) -> Result<u64> {
     let stream = s.device.cuda_stream();
     macro_rules! p {
         ($t:ty) => {{

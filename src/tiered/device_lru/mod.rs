@@ -18,12 +18,17 @@
 //! Requests with a host slot `>= host_slots` or an owner `>= max_owners` are rejected
 //! with an error on the CPU and skipped (treated as [`NONE`]) by the CUDA kernels, which
 //! cannot report them without a host synchronization.
+//!
+//! A fast tier with room for every host slot needs no replacement policy: a
+//! [`DeviceLru::direct`] LRU maps host slot `h` to fast slot `h` (see `direct.rs`).
 
 use crate::ops::lru_resolve::{self as reference, LruState, RoundInput};
 pub use crate::ops::lru_resolve::{ResolveOutput, ResolveRequest};
 use crate::ops::NONE;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
+
+mod direct;
 
 const OP: &str = "DeviceLru";
 
@@ -37,6 +42,8 @@ pub struct DeviceLru {
     max_owners: usize,
     host_slots: usize,
     device: Device,
+    /// Direct mapping (see [`DeviceLru::direct`]): the per-slot state below is unused.
+    direct: bool,
     /// `[cap]` u32 host slot per fast slot, NONE = empty.
     tags: Tensor,
     /// `[cap]` u32 owner per fast slot, NONE = empty.
@@ -101,6 +108,7 @@ impl DeviceLru {
             max_owners,
             host_slots,
             device: device.clone(),
+            direct: false,
             tags: u32s(cap, NONE, device)?,
             owners: u32s(cap, NONE, device)?,
             pinned: u32s(cap, 0, device)?,
@@ -195,6 +203,10 @@ impl DeviceLru {
     /// (a failed launch or fetch after the tags changed): the pages are then fetched again.
     pub fn clear(&mut self) -> Result<()> {
         crate::fault::device_call("DeviceLru::clear")?;
+        if self.direct {
+            // Every page stays where it is: there is no residency to forget.
+            return Ok(());
+        }
         self.tags.const_set(NONE.into())?;
         self.owners.const_set(NONE.into())?;
         self.pinned.zero_set()?;
@@ -230,6 +242,31 @@ impl DeviceLru {
     /// stamp `clock + i + 1`, then the clock advances by `n`. No host synchronization and
     /// no device-to-host copy on CUDA.
     pub fn resolve(&mut self, req: &ResolveRequest<'_>) -> Result<ResolveOutput> {
+        let (n, clock, round) = self.begin_round(req)?;
+        if self.direct {
+            let out = self.direct_output(req)?;
+            self.end_round(n, round);
+            return Ok(out);
+        }
+        let out = match &self.device {
+            Device::Cpu => self.resolve_cpu(req, clock, round)?,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => {
+                if self.next.dims()[0] < n {
+                    self.next = u32s(n.next_power_of_two(), NONE, &self.device)?;
+                    self.epoch += 1;
+                }
+                reference::resolve_cuda(&self.buffers(), req, self.geometry())?
+            }
+            d => crate::invalid!("DeviceLru::resolve", "unsupported device {:?}", d.location()),
+        };
+        self.end_round(n, round);
+        Ok(out)
+    }
+
+    /// The round's request checks and step bookkeeping: returns `n`, the clock the round
+    /// stamps from and the round's number.
+    fn begin_round(&mut self, req: &ResolveRequest<'_>) -> Result<(usize, u64, u32)> {
         const ROP: &str = "DeviceLru::resolve";
         let n = req.host_slots.dims1().unwrap_or(usize::MAX);
         for (name, t) in [
@@ -270,22 +307,13 @@ impl DeviceLru {
             // Pins hold round numbers: restart them before the counter wraps.
             self.restart_rounds()?;
         }
-        let (clock, round) = (self.clock, self.round + 1);
-        let out = match &self.device {
-            Device::Cpu => self.resolve_cpu(req, clock, round)?,
-            #[cfg(feature = "cuda")]
-            Device::Cuda(_) => {
-                if self.next.dims()[0] < n {
-                    self.next = u32s(n.next_power_of_two(), NONE, &self.device)?;
-                    self.epoch += 1;
-                }
-                reference::resolve_cuda(&self.buffers(), req, self.geometry())?
-            }
-            d => crate::invalid!(ROP, "unsupported device {:?}", d.location()),
-        };
+        Ok((n, self.clock, self.round + 1))
+    }
+
+    /// After a round of `n` requests numbered `round`.
+    fn end_round(&mut self, n: usize, round: u32) {
         self.round = round;
         self.clock += n as u64;
-        Ok(out)
     }
 
     fn resolve_cpu(&mut self, req: &ResolveRequest<'_>, clock: u64, round: u32) -> Result<ResolveOutput> {
@@ -336,6 +364,9 @@ impl DeviceLru {
             );
         }
         let q = host_slots.contiguous()?;
+        if self.direct {
+            return self.direct_lookup(&q);
+        }
         match &self.device {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => reference::lookup_cuda(&self.tags, &q, self.geometry()),
@@ -381,6 +412,9 @@ impl DeviceLru {
             );
         }
         let (q, r) = (slots.contiguous()?, rows.contiguous()?);
+        if self.direct {
+            return self.direct_destinations(&q, &r, page_size);
+        }
         match &self.device {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => reference::fast_destinations_cuda(&self.tags, &q, &r, self.geometry(), page_size as u32),
@@ -411,7 +445,8 @@ impl DeviceLru {
                 host_slots.len()
             );
         }
-        if host_slots.is_empty() {
+        if host_slots.is_empty() || self.direct {
+            // (Direct: a freed slot's fast copy is simply overwritten by its next owner.)
             return Ok(());
         }
         crate::fault::device_call("DeviceLru::invalidate")?;
@@ -442,8 +477,12 @@ impl DeviceLru {
         Ok((reuse, [c[0] as u64, c[1] as u64, c[2] as u64]))
     }
 
-    /// Fast slots holding a page: a device-to-host copy (diagnostics, pool usage).
+    /// Fast slots holding a page: a device-to-host copy (diagnostics, pool usage). Direct:
+    /// every fast slot stands for its host slot, so this is the capacity.
     pub fn resident_count(&self) -> Result<usize> {
+        if self.direct {
+            return Ok(self.capacity());
+        }
         let tags = self.tags.to_vec1::<u32>()?;
         Ok(tags.iter().filter(|&&t| t != NONE).count())
     }
@@ -454,8 +493,12 @@ impl DeviceLru {
     }
 
     /// Host view of the state, for tests: per fast slot its host slot (tag), owner
-    /// ([`NONE`] for both when empty) and recency stamp (0 when empty).
+    /// ([`NONE`] for both when empty) and recency stamp (0 when empty). Direct: three
+    /// empty vectors (no slot has state of its own).
     pub fn snapshot(&self) -> Result<(Vec<u32>, Vec<u32>, Vec<i64>)> {
+        if self.direct {
+            return Ok((Vec::new(), Vec::new(), Vec::new()));
+        }
         Ok((
             self.tags.to_vec1::<u32>()?,
             self.owners.to_vec1::<u32>()?,

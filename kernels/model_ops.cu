@@ -1,0 +1,116 @@
+// spinkv CUDA kernels: fused model ops of the decoder layers. add_rms_norm (the residual
+// add and the RMSNorm that follows it, one block per row), silu_mul (SwiGLU's
+// silu(gate) * up over a fused [T, 2I] projection) and rope_qkv (RoPE of q and k plus
+// contiguous copies of q, k, v). Launch glue: src/ops/cuda/model_ops.rs. CPU references:
+// src/ops/model_ops.rs and src/ops/rope.rs (the same roundings, in the same order).
+#include "common.cuh"
+
+__device__ __forceinline__ float round_to(float x, float*) { return x; }
+__device__ __forceinline__ float round_to(float x, __half*) { return __half2float(__float2half_rn(x)); }
+__device__ __forceinline__ float round_to(float x, __nv_bfloat16*) { return __bfloat162float(__float2bfloat16_rn(x)); }
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+
+// One block per row of x [rows, cols]: s = x + delta rounded to T (s = x when delta is
+// null), written to sum (when not null); norm = T(s * rsqrt(mean(s^2) + eps) * alpha).
+// Two passes over the row (the second re-reads x and delta, from cache).
+template <typename T>
+__device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ delta, const T* __restrict__ alpha,
+                             T* __restrict__ sum, T* __restrict__ norm, int cols, float eps) {
+  const size_t row = blockIdx.x;
+  const T* xr = x + row * cols;
+  const T* dr = delta ? delta + row * cols : nullptr;
+  T* tag = nullptr;
+  float sq = 0.f;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    float s = to_f32(xr[c]);
+    if (dr) s = round_to(s + to_f32(dr[c]), tag);
+    if (sum) store(sum + row * cols + c, s);
+    sq += s * s;
+  }
+  __shared__ float part[32];
+  for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
+  if (lane == 0) part[warp] = sq;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < warps; ++w) total += part[w];
+  const float scale = rsqrtf(total / (float)cols + eps);
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    float s = to_f32(xr[c]);
+    if (dr) s = round_to(s + to_f32(dr[c]), tag);
+    store(norm + row * cols + c, s * scale * to_f32(alpha[c]));
+  }
+}
+
+// out[t, i] = T(T(silu(gu[t, i])) * gu[t, inter + i]) for gu [rows, 2 * inter].
+template <typename T>
+__device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, int rows, int inter) {
+  T* tag = nullptr;
+  const size_t n = (size_t)rows * inter;
+  for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x) {
+    const size_t t = k / inter, i = k % inter;
+    const float g = to_f32(gu[t * 2 * inter + i]);
+    const float s = round_to(g / (1.f + expf(-g)), tag);
+    store(out + k, s * to_f32(gu[t * 2 * inter + inter + i]));
+  }
+}
+
+// One block per token t: rotate-half RoPE of q's and k's heads and a copy of v's, into
+// out = [q_rot [T, hq, d] | k_rot [T, hkv, d] | v [T, hkv, d]]. Inputs are strided
+// (row stride, head stride; the last dimension is dense). Products and sums are rounded
+// separately (no FMA contraction), as the CPU reference computes them.
+template <typename T>
+__device__ void rope_qkv(const T* __restrict__ q, long long qs0, long long qs1, const T* __restrict__ k,
+                         long long ks0, long long ks1, const T* __restrict__ v, long long vs0, long long vs1,
+                         const T* __restrict__ cos, const T* __restrict__ sin, T* __restrict__ out, int rows,
+                         int hq, int hkv, int d) {
+  const int t = blockIdx.x, half = d / 2, heads = hq + 2 * hkv;
+  const size_t nq = (size_t)rows * hq * d, nk = (size_t)rows * hkv * d;
+  for (int w = threadIdx.x; w < heads * half; w += blockDim.x) {
+    const int h = w / half, i = w % half;
+    const T* src;
+    size_t dst;
+    bool rotate = true;
+    if (h < hq) {
+      src = q + t * qs0 + h * qs1;
+      dst = ((size_t)t * hq + h) * d;
+    } else if (h < hq + hkv) {
+      src = k + t * ks0 + (h - hq) * ks1;
+      dst = nq + ((size_t)t * hkv + (h - hq)) * d;
+    } else {
+      src = v + t * vs0 + (h - hq - hkv) * vs1;
+      dst = nq + nk + ((size_t)t * hkv + (h - hq - hkv)) * d;
+      rotate = false;
+    }
+    const float x1 = to_f32(src[i]), x2 = to_f32(src[i + half]);
+    if (rotate) {
+      const float c = to_f32(cos[(size_t)t * half + i]), s = to_f32(sin[(size_t)t * half + i]);
+      store(out + dst + i, __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+      store(out + dst + i + half, __fadd_rn(__fmul_rn(x1, s), __fmul_rn(x2, c)));
+    } else {
+      store(out + dst + i, x1);
+      store(out + dst + i + half, x2);
+    }
+  }
+}
+
+#define MODEL_OPS(T, SUFFIX)                                                                          \
+  extern "C" __global__ void add_rms_norm_##SUFFIX(const T* x, const T* delta, const T* alpha, T* sum, \
+                                                   T* norm, int cols, float eps) {                     \
+    add_rms_norm<T>(x, delta, alpha, sum, norm, cols, eps);                                            \
+  }                                                                                                    \
+  extern "C" __global__ void silu_mul_##SUFFIX(const T* gu, T* out, int rows, int inter) {            \
+    silu_mul<T>(gu, out, rows, inter);                                                                 \
+  }                                                                                                    \
+  extern "C" __global__ void rope_qkv_##SUFFIX(const T* q, long long qs0, long long qs1, const T* k,  \
+                                               long long ks0, long long ks1, const T* v, long long vs0, \
+                                               long long vs1, const T* cos, const T* sin, T* out,       \
+                                               int rows, int hq, int hkv, int d) {                      \
+    rope_qkv<T>(q, qs0, qs1, k, ks0, ks1, v, vs0, vs1, cos, sin, out, rows, hq, hkv, d);               \
+  }
+
+MODEL_OPS(float, f32)
+MODEL_OPS(__half, f16)
+MODEL_OPS(__nv_bfloat16, bf16)

@@ -1,0 +1,133 @@
+//! Launch glue for `kernels/model_ops.cu`: [`add_rms_norm`](crate::ops::add_rms_norm),
+//! [`rms_norm`](crate::ops::rms_norm), [`silu_mul`](crate::ops::silu_mul) and
+//! [`rope_qkv`](crate::ops::rope_qkv) on CUDA.
+
+use super::{alloc, cfg, func, launch, ptr, strided_ptr, suffix, MODEL_OPS};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{CudaStorage, DType, Layout, Result, Shape};
+
+/// An uninitialized `n`-element buffer of `dt` (f32, f16 or bf16) and its address.
+fn alloc_as(op: &str, dev: &CudaDevice, dt: DType, n: usize) -> Result<(CudaStorage, u64)> {
+    Ok(match dt {
+        DType::F32 => {
+            let (b, p) = alloc::<f32>(dev, n)?;
+            (CudaStorage::wrap_cuda_slice(b, dev.clone()), p)
+        }
+        DType::F16 => {
+            let (b, p) = alloc::<half::f16>(dev, n)?;
+            (CudaStorage::wrap_cuda_slice(b, dev.clone()), p)
+        }
+        DType::BF16 => {
+            let (b, p) = alloc::<half::bf16>(dev, n)?;
+            (CudaStorage::wrap_cuda_slice(b, dev.clone()), p)
+        }
+        dt => candle_core::bail!("{op}: unsupported dtype {dt:?}"),
+    })
+}
+
+/// `x` `[T, H]` (+ `delta` `[T, H]`) → flat `[T·H]` the norm, or `[2·T·H]` the sum then
+/// the norm (one block per row).
+pub(crate) fn add_rms_norm(
+    x: &CudaStorage,
+    xl: &Layout,
+    delta: Option<(&CudaStorage, &Layout)>,
+    alpha: &candle_core::Tensor,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "add_rms_norm";
+    let (t, h) = xl.shape().dims2()?;
+    let dt = x.dtype();
+    let n = t * h;
+    let parts = if delta.is_some() { 2 } else { 1 };
+    let dev = super::device(x).clone();
+    let (out, op) = alloc_as(OP, &dev, dt, parts * n)?;
+    if n > 0 {
+        let f = func(&dev, &MODEL_OPS, &format!("add_rms_norm_{}", suffix(OP, dt)?))?;
+        let esz = dt.size_in_bytes() as u64;
+        let (dp, sum, norm) = match delta {
+            Some((d, dl)) => (ptr(OP, d, dl)?, op, op + n as u64 * esz),
+            None => (0u64, 0u64, op),
+        };
+        let threads = h.div_ceil(32).clamp(1, 8) as u32 * 32;
+        launch!(
+            f,
+            cfg(t as u32, threads, 0),
+            ptr(OP, x, xl)?,
+            dp,
+            super::field_ptr_of(OP, "alpha", alpha, dt)?,
+            sum,
+            norm,
+            h as i32,
+            eps
+        )?;
+    }
+    Ok((out, Shape::from_dims(&[parts * n])))
+}
+
+/// `gu` `[T, 2I]` → flat `[T·I]` `silu(gate) · up`.
+pub(crate) fn silu_mul(gu: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "silu_mul";
+    let (t, two_i) = l.shape().dims2()?;
+    let (dt, i) = (gu.dtype(), two_i / 2);
+    let n = t * i;
+    let dev = super::device(gu).clone();
+    let (out, op) = alloc_as(OP, &dev, dt, n)?;
+    if n > 0 {
+        let f = func(&dev, &MODEL_OPS, &format!("silu_mul_{}", suffix(OP, dt)?))?;
+        launch!(
+            f,
+            cfg(n.div_ceil(256).min(4096) as u32, 256, 0),
+            ptr(OP, gu, l)?,
+            op,
+            t as i32,
+            i as i32
+        )?;
+    }
+    Ok((out, Shape::from_dims(&[n])))
+}
+
+/// `[(q, layout), (k, layout), (v, layout)]` (rank 3, dense last dimension) → flat
+/// `[T·Hq·D + 2·T·Hkv·D]`: rotated q, rotated k, v (one block per token).
+pub(crate) fn rope_qkv(
+    qkv: [(&CudaStorage, &Layout); 3],
+    cos: &candle_core::Tensor,
+    sin: &candle_core::Tensor,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "rope_qkv";
+    let [(q, ql), (k, kl), (v, vl)] = qkv;
+    let (t, hq, d) = ql.shape().dims3()?;
+    let hkv = kl.dims()[1];
+    let dt = q.dtype();
+    let n = t * (hq + 2 * hkv) * d;
+    let dev = super::device(q).clone();
+    let (out, op) = alloc_as(OP, &dev, dt, n)?;
+    if n > 0 {
+        let f = func(&dev, &MODEL_OPS, &format!("rope_qkv_{}", suffix(OP, dt)?))?;
+        let st = |l: &Layout| (l.stride()[0] as i64, l.stride()[1] as i64);
+        let ((qs0, qs1), (ks0, ks1), (vs0, vs1)) = (st(ql), st(kl), st(vl));
+        let work = (hq + 2 * hkv) * d / 2;
+        let threads = work.div_ceil(32).clamp(1, 8) as u32 * 32;
+        launch!(
+            f,
+            cfg(t as u32, threads, 0),
+            strided_ptr(OP, q, ql)?,
+            qs0,
+            qs1,
+            strided_ptr(OP, k, kl)?,
+            ks0,
+            ks1,
+            strided_ptr(OP, v, vl)?,
+            vs0,
+            vs1,
+            super::field_ptr_of(OP, "cos", cos, dt)?,
+            super::field_ptr_of(OP, "sin", sin, dt)?,
+            op,
+            t as i32,
+            hq as i32,
+            hkv as i32,
+            d as i32
+        )?;
+    }
+    Ok((out, Shape::from_dims(&[n])))
+}
