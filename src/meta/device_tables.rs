@@ -12,7 +12,7 @@
 //! synchronization. Sequences get directory rows by [`DeviceTables::add_sequence`] (freed
 //! rows are reused).
 
-use super::page_table::{PageTables, LEAF_PAGES};
+use super::page_table::{LeafChange, PageTables, LEAF_PAGES};
 use crate::ops::page_table::scatter;
 use crate::ops::{page_slots, NONE};
 use crate::{Error, Result};
@@ -219,14 +219,20 @@ impl DeviceTables {
             }
             dir_writes.push(((row * cols + li) as u32, leaf));
         }
-        let leaf_final: Vec<((usize, usize), u32)> = changes
-            .leaves
-            .iter()
-            .map(|c| ((c.leaf as usize, c.offset as usize), c.slot))
-            .collect();
+        // Newest first: an entry keeps its last write unless its whole leaf was emptied
+        // after it; an emptied leaf's entries are written NONE except where a later write
+        // lands (so that no position is written twice: the scatter is unordered).
+        let mut emptied = HashSet::new();
+        let mut written = HashSet::new();
         let mut leaf_writes = Vec::new();
-        for ((leaf, offset), slot) in last_by_key(leaf_final, |x| x.0) {
-            if slot == NONE && leaf >= arena {
+        for c in changes.leaves.iter().rev() {
+            let leaf = c.leaf as usize;
+            if c.offset == LeafChange::WHOLE_LEAF {
+                emptied.insert(leaf);
+                continue;
+            }
+            let offset = c.offset as usize;
+            if emptied.contains(&leaf) || !written.insert((leaf, offset)) || (c.slot == NONE && leaf >= arena) {
                 continue;
             }
             if leaf >= arena || offset >= LEAF_PAGES {
@@ -236,7 +242,15 @@ impl DeviceTables {
                     self.leaves.dims()
                 );
             }
-            leaf_writes.push(((leaf * LEAF_PAGES + offset) as u32, slot));
+            leaf_writes.push(((leaf * LEAF_PAGES + offset) as u32, c.slot));
+        }
+        leaf_writes.reverse();
+        let mut emptied: Vec<usize> = emptied.into_iter().filter(|&l| l < arena).collect();
+        emptied.sort_unstable();
+        for leaf in emptied {
+            for offset in (0..LEAF_PAGES).filter(|&o| !written.contains(&(leaf, o))) {
+                leaf_writes.push(((leaf * LEAF_PAGES + offset) as u32, NONE));
+            }
         }
         Ok((dir_writes, leaf_writes))
     }

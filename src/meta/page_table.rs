@@ -34,12 +34,19 @@ pub struct DirChange {
 }
 
 /// A leaf entry that changed: entry `offset` (< [`LEAF_PAGES`]) of leaf `leaf` now holds
-/// host slot `slot` (or [`NONE`](crate::ops::NONE)).
+/// host slot `slot` (or [`NONE`](crate::ops::NONE)). With `offset` =
+/// [`LeafChange::WHOLE_LEAF`], every entry of the leaf is now `NONE` (a removed
+/// sequence's leaves: one record per leaf instead of one per entry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeafChange {
     pub leaf: u32,
     pub offset: u32,
     pub slot: u32,
+}
+
+impl LeafChange {
+    /// The `offset` of a change that empties the whole leaf.
+    pub const WHOLE_LEAF: u32 = u32::MAX;
 }
 
 /// The entries written since the last [`PageTables::take_changes`], in order (later
@@ -232,6 +239,12 @@ impl PageTables {
 
     /// Removes the last `n` logical pages of `seq` and returns their host slots.
     pub fn pop_pages(&mut self, seq: u64, n: usize) -> Result<Vec<u32>> {
+        self.pop(seq, n, false)
+    }
+
+    /// [`pop_pages`](Self::pop_pages); with `whole_leaves` (all pages go) each leaf is
+    /// logged once, emptied as a whole, when it is freed, instead of once per entry.
+    fn pop(&mut self, seq: u64, n: usize, whole_leaves: bool) -> Result<Vec<u32>> {
         let t = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
         let n = n.min(t.pages);
         let mut out = Vec::with_capacity(n * self.dirs_per_seq);
@@ -243,14 +256,21 @@ impl PageTables {
                 let leaf = &mut self.leaves[id as usize];
                 out.push(leaf[entry]);
                 leaf[entry] = EMPTY;
-                log_leaf(
-                    &mut self.log,
-                    LeafChange {
-                        leaf: id,
-                        offset: entry as u32,
-                        slot: EMPTY,
-                    },
-                );
+                if !whole_leaves || entry == 0 {
+                    let offset = if whole_leaves {
+                        LeafChange::WHOLE_LEAF
+                    } else {
+                        entry as u32
+                    };
+                    log_leaf(
+                        &mut self.log,
+                        LeafChange {
+                            leaf: id,
+                            offset,
+                            slot: EMPTY,
+                        },
+                    );
+                }
                 if entry == 0 {
                     self.free_leaves.push(dir.pop().unwrap_or_default());
                     log_dir(
@@ -334,7 +354,7 @@ impl PageTables {
     /// Forgets `seq` and returns all its host slots (to be freed by the caller).
     pub fn remove_sequence(&mut self, seq: u64) -> Result<Vec<u32>> {
         let pages = self.seq(seq)?.pages;
-        let slots = self.pop_pages(seq, pages)?;
+        let slots = self.pop(seq, pages, true)?;
         self.seqs.remove(&seq);
         Ok(slots)
     }
@@ -408,6 +428,35 @@ mod tests {
         assert_eq!(freed.len(), 2 * (LEAF_PAGES + 3));
         assert_eq!(t.leaves_in_use(), 0);
         assert!(t.get(7, 0, 0).is_err());
+    }
+
+    /// Removing a sequence logs each of its leaves once, emptied as a whole (the change
+    /// log of a long sequence stays small); popping pages logs each entry.
+    #[test]
+    fn removal_logs_whole_leaves() {
+        let mut t = PageTables::new(2, 1);
+        t.add_sequence(7);
+        t.track_changes();
+        for p in 0..(LEAF_PAGES + 3) as u32 {
+            t.push_page(7, &[p, 1000 + p]).unwrap();
+        }
+        t.take_changes();
+        t.pop_pages(7, 2).unwrap();
+        let popped = t.take_changes();
+        assert_eq!(popped.leaves.len(), 2 * 2, "one entry per page and directory");
+        assert!(popped
+            .leaves
+            .iter()
+            .all(|c| c.offset < LEAF_PAGES as u32 && c.slot == EMPTY));
+        t.remove_sequence(7).unwrap();
+        let removed = t.take_changes();
+        let mut whole: Vec<u32> = removed.leaves.iter().map(|c| c.leaf).collect();
+        whole.sort_unstable();
+        assert_eq!(whole, vec![0, 1, 2, 3], "two leaves in each of two directories");
+        assert!(removed
+            .leaves
+            .iter()
+            .all(|c| c.offset == LeafChange::WHOLE_LEAF && c.slot == EMPTY));
     }
 
     /// `page_in_all_dirs` of the last page (served from the kept tail) equals `get` in
