@@ -4,23 +4,11 @@
 //! fused gate/up projection). `cpu_fwd` is the reference; the kernels round in the same
 //! places (the sum and SiLU's output to the storage dtype, as candle's separate ops do).
 
+use super::util::{float_storage as cpu_storage, float_values as cpu_f32};
 use crate::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
-
-/// Values of a contiguous f32/f16/bf16 CPU operand as f32.
-fn cpu_f32(op: &str, s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f32>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: operands must be contiguous");
-    };
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..b].to_vec(),
-        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-        _ => candle_core::bail!("{op}: unsupported dtype {:?}", s.dtype()),
-    })
-}
 
 /// `x` rounded to `dt` (f32, f16 or bf16) and back.
 fn round_to(x: f32, dt: DType) -> f32 {
@@ -28,15 +16,6 @@ fn round_to(x: f32, dt: DType) -> f32 {
         DType::F16 => f16::from_f32(x).to_f32(),
         DType::BF16 => bf16::from_f32(x).to_f32(),
         _ => x,
-    }
-}
-
-/// f32 values stored as `dt`.
-fn cpu_storage(v: Vec<f32>, dt: DType) -> CpuStorage {
-    match dt {
-        DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
-        _ => CpuStorage::F32(v),
     }
 }
 

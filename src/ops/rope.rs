@@ -119,12 +119,7 @@ impl CustomOp3 for RopeQkv {
             }
         }
         let n = out.len();
-        let storage = match qs.dtype() {
-            DType::F16 => CpuStorage::F16(out.into_iter().map(half::f16::from_f32).collect()),
-            DType::BF16 => CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()),
-            _ => CpuStorage::F32(out),
-        };
-        Ok((storage, Shape::from_dims(&[n])))
+        Ok((super::util::float_storage(out, qs.dtype()), Shape::from_dims(&[n])))
     }
 
     #[cfg(feature = "cuda")]

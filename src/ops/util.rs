@@ -160,6 +160,27 @@ pub(crate) fn contiguous_range(op: &str, l: &Layout) -> candle_core::Result<(usi
     }
 }
 
+/// Values of a contiguous f32/f16/bf16 CPU operand as f32.
+pub(crate) fn float_values(op: &str, s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f32>> {
+    let (a, b) = contiguous_range(op, l)?;
+    Ok(match s {
+        CpuStorage::F32(v) => v[a..b].to_vec(),
+        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        _ => candle_core::bail!("{op}: expected f32, f16 or bf16, got another dtype"),
+    })
+}
+
+/// f32 values stored as `dt` (f16 and bf16 rounded to nearest even; any other dtype
+/// keeps f32).
+pub(crate) fn float_storage(v: Vec<f32>, dt: DType) -> CpuStorage {
+    match dt {
+        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        _ => CpuStorage::F32(v),
+    }
+}
+
 /// The u32 slice of a contiguous u32 CPU storage.
 pub(crate) fn u32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
     let (a, b) = contiguous_range(op, l)?;
