@@ -46,3 +46,13 @@ extern "C" __global__ void scatter_u32(u32* __restrict__ dst, const u32* __restr
     if (idx < len) dst[idx] = writes[2 * i + 1];
   }
 }
+
+// In-place fill of whole rows of a [rows, cols] table: dst[r[i], :] = value for i < n
+// (rows >= `rows` skipped). Empties freed directory rows and leaves in DeviceTables::apply.
+extern "C" __global__ void fill_rows_u32(u32* __restrict__ dst, const u32* __restrict__ r, int n, int cols, u32 rows,
+                                         u32 value) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n * cols; i += gridDim.x * blockDim.x) {
+    const u32 row = r[i / cols];
+    if (row < rows) dst[(size_t)row * cols + i % cols] = value;
+  }
+}

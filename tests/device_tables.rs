@@ -294,16 +294,27 @@ fn incremental_device_tables_match_a_fresh_upload_on_cuda() {
     }
 }
 
-/// A scatter that fails on the device (an injected failure of either of the two scatters)
-/// keeps the change log: the next `apply` writes everything, and the mirror matches.
+/// A write that fails on the device (an injected failure of either of the two fills or
+/// the two scatters) keeps the change log: the next `apply` writes everything, and the
+/// mirror matches.
 #[cfg(feature = "fault-injection")]
 #[test]
 fn apply_keeps_its_change_log_when_a_scatter_fails() {
     use spinkv::fault;
-    for nth in [1, 2] {
+    for nth in [1, 2, 3, 4] {
         let mut t = PageTables::new(2, 2);
         let mut dt = DeviceTables::with_capacity(8, 4, 16, 4, &Device::Cpu).unwrap();
+        // A sequence mirrored, then removed: its rows and leaves are filled by the apply
+        // that fails, and their reuse by sequence 3 is scattered after the fills.
+        t.add_sequence(9);
+        dt.add_sequence(9).unwrap();
+        for p in 0..8u32 {
+            t.push_page(9, &[100 + 4 * p, 101 + 4 * p, 102 + 4 * p, 103 + 4 * p])
+                .unwrap();
+        }
         dt.apply(&mut t).unwrap();
+        t.remove_sequence(9).unwrap();
+        dt.remove_sequence(9).unwrap();
         t.add_sequence(3);
         dt.add_sequence(3).unwrap();
         for p in 0..5u32 {
@@ -320,6 +331,9 @@ fn apply_keeps_its_change_log_when_a_scatter_fails() {
                 q.extend([dt.row(3, d).unwrap(), p as u32]);
                 want.push(t.get(3, d, p).unwrap());
             }
+            // Past sequence 3's pages: NONE, although sequence 9 held more there.
+            q.extend([dt.row(3, d).unwrap(), 6]);
+            want.push(spinkv::ops::NONE);
         }
         let n = want.len();
         let got = dt
@@ -327,6 +341,6 @@ fn apply_keeps_its_change_log_when_a_scatter_fails() {
             .unwrap()
             .to_vec1::<u32>()
             .unwrap();
-        assert_eq!(got, want, "failure of scatter {nth}");
+        assert_eq!(got, want, "failure of device write {nth}");
     }
 }

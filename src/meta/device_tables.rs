@@ -8,12 +8,13 @@
 //! [`DeviceTables::with_capacity`] preallocates fixed-size tables that
 //! [`DeviceTables::apply`] keeps in step with a [`PageTables`] by writing only the entries
 //! that changed (its change log, [`PageTables::take_changes`]): one small host-to-device
-//! upload of (flat index, value) pairs and one scatter launch per table, no host
-//! synchronization. Sequences get directory rows by [`DeviceTables::add_sequence`] (freed
+//! upload of (flat index, value) pairs and one scatter launch per table, after one fill
+//! launch per table for whole rows emptied (a removed sequence's directory rows and
+//! leaves), no host synchronization. Sequences get directory rows by [`DeviceTables::add_sequence`] (freed
 //! rows are reused).
 
 use super::page_table::{LeafChange, PageTables, LEAF_PAGES};
-use crate::ops::page_table::scatter;
+use crate::ops::page_table::{fill_rows, scatter};
 use crate::ops::{page_slots, NONE};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -35,9 +36,9 @@ pub struct DeviceTables {
     free_rows: Vec<u32>,
     /// First row never handed out.
     next_row: u32,
-    /// Directory writes queued by [`remove_sequence`](Self::remove_sequence) (clearing
-    /// the freed rows), flushed by the next [`apply`](Self::apply).
-    pending_dir: Vec<(u32, u32)>,
+    /// Directory rows freed by [`remove_sequence`](Self::remove_sequence), cleared by the
+    /// next [`apply`](Self::apply).
+    pending_rows: Vec<u32>,
 }
 
 impl DeviceTables {
@@ -75,7 +76,7 @@ impl DeviceTables {
             dirs_per_seq,
             free_rows: Vec::new(),
             next_row: 0,
-            pending_dir: Vec::new(),
+            pending_rows: Vec::new(),
         })
     }
 
@@ -112,10 +113,8 @@ impl DeviceTables {
     /// are an error.
     pub fn remove_sequence(&mut self, seq: u64) -> Result<()> {
         let first = self.rows.remove(&seq).ok_or(Error::UnknownSequence(seq))?;
-        let cols = self.directory.dims()[1];
-        let start = first as usize * cols;
-        let end = start + self.dirs_per_seq * cols;
-        self.pending_dir.extend((start..end).map(|i| (i as u32, NONE)));
+        self.pending_rows
+            .extend((0..self.dirs_per_seq as u32).map(|d| first + d));
         self.free_rows.push(first);
         Ok(())
     }
@@ -132,9 +131,11 @@ impl DeviceTables {
     /// (and the pending row clears) stay logged too: on any error the next call writes
     /// them all again.
     ///
-    /// The writes are uploaded as `[n, 2]` u32 (flat index, value) tensors (an async
-    /// copy from pageable host memory, staged by the driver) and applied by a scatter
-    /// kernel on the tables' stream: no host synchronization.
+    /// Whole rows emptied (freed directory rows, leaves of removed sequences) are listed
+    /// by row and set to `NONE` by one fill kernel per table; the other writes are
+    /// uploaded as `[n, 2]` u32 (flat index, value) tensors (an async copy from pageable
+    /// host memory, staged by the driver) and applied after the fills by a scatter kernel
+    /// on the tables' stream: no host synchronization.
     pub fn apply(&mut self, tables: &mut PageTables) -> Result<()> {
         if tables.dirs_per_seq() != self.dirs_per_seq {
             crate::invalid!(
@@ -150,13 +151,15 @@ impl DeviceTables {
         let writes = self.writes(tables, &changes);
         drop(span);
         let _span = crate::host_timing::span("tables.scatter");
-        let applied = writes.and_then(|(dir_writes, leaf_writes)| {
-            scatter(&self.directory, dir_writes)?;
-            scatter(&self.leaves, leaf_writes)
+        let applied = writes.and_then(|w| {
+            fill_rows(&self.directory, &self.pending_rows, NONE)?;
+            fill_rows(&self.leaves, &w.emptied_leaves, NONE)?;
+            scatter(&self.directory, w.dir)?;
+            scatter(&self.leaves, w.leaves)
         });
         match applied {
             Ok(()) => {
-                self.pending_dir.clear();
+                self.pending_rows.clear();
                 Ok(())
             }
             Err(e) => {
@@ -168,20 +171,16 @@ impl DeviceTables {
         }
     }
 
-    /// The (flat index, value) writes of `changes`, pending row clears first, reduced to
-    /// the last write per position before checking capacity (so that an entry written and
-    /// cleared again between two applies needs no room). Clearing a position past the
-    /// capacity is a no-op (lookups there give `NONE` anyway).
-    #[allow(clippy::type_complexity)]
-    fn writes(&self, tables: &PageTables, changes: &super::TableChanges) -> Result<(Vec<(u32, u32)>, Vec<(u32, u32)>)> {
+    /// The writes of `changes` that land after the fills (pending directory rows and
+    /// emptied leaves), reduced to the last write per position before checking capacity
+    /// (so that an entry written and cleared again between two applies needs no room).
+    /// Clearing a position past the capacity is a no-op (lookups there give `NONE`
+    /// anyway).
+    fn writes(&self, tables: &PageTables, changes: &super::TableChanges) -> Result<Writes> {
         let cols = self.directory.dims()[1];
         let arena = self.leaves.dims()[0];
         // ((row, leaf index), leaf id, seq, dir) in order.
-        let mut dir_final: Vec<((usize, usize), u32, u64, u32)> = self
-            .pending_dir
-            .iter()
-            .map(|&(i, v)| ((i as usize / cols, i as usize % cols), v, 0, 0))
-            .collect();
+        let mut dir_final: Vec<((usize, usize), u32, u64, u32)> = Vec::new();
         for c in &changes.dirs {
             let Some(&first) = self.rows.get(&c.seq) else {
                 if tables.contains(c.seq) {
@@ -196,7 +195,7 @@ impl DeviceTables {
             let row = first as usize + c.dir as usize;
             dir_final.push(((row, c.leaf_index as usize), c.leaf, c.seq, c.dir));
         }
-        let mut dir_writes = Vec::new();
+        let mut out = Writes::default();
         for ((row, li), leaf, seq, dir) in last_by_key(dir_final, |x| x.0) {
             if leaf == NONE && li >= cols {
                 continue;
@@ -217,18 +216,18 @@ impl DeviceTables {
                     self.leaves.dims()
                 );
             }
-            dir_writes.push(((row * cols + li) as u32, leaf));
+            out.dir.push(((row * cols + li) as u32, leaf));
         }
-        // Newest first: an entry keeps its last write unless its whole leaf was emptied
-        // after it; an emptied leaf's entries are written NONE except where a later write
-        // lands (so that no position is written twice: the scatter is unordered).
+        // Newest first: an entry keeps its last write; writes older than the last time
+        // their leaf was emptied are dropped (the fill runs before the scatter).
         let mut emptied = HashSet::new();
         let mut written = HashSet::new();
-        let mut leaf_writes = Vec::new();
         for c in changes.leaves.iter().rev() {
             let leaf = c.leaf as usize;
             if c.offset == LeafChange::WHOLE_LEAF {
-                emptied.insert(leaf);
+                if emptied.insert(leaf) && leaf < arena {
+                    out.emptied_leaves.push(c.leaf);
+                }
                 continue;
             }
             let offset = c.offset as usize;
@@ -242,17 +241,10 @@ impl DeviceTables {
                     self.leaves.dims()
                 );
             }
-            leaf_writes.push(((leaf * LEAF_PAGES + offset) as u32, c.slot));
+            out.leaves.push(((leaf * LEAF_PAGES + offset) as u32, c.slot));
         }
-        leaf_writes.reverse();
-        let mut emptied: Vec<usize> = emptied.into_iter().filter(|&l| l < arena).collect();
-        emptied.sort_unstable();
-        for leaf in emptied {
-            for offset in (0..LEAF_PAGES).filter(|&o| !written.contains(&(leaf, o))) {
-                leaf_writes.push(((leaf * LEAF_PAGES + offset) as u32, NONE));
-            }
-        }
-        Ok((dir_writes, leaf_writes))
+        out.leaves.reverse();
+        Ok(out)
     }
 
     /// Directory rows `[rows, max_leaves]` and leaf arena rows of these tables.
@@ -298,7 +290,7 @@ impl DeviceTables {
             rows,
             dirs_per_seq: dps,
             free_rows: Vec::new(),
-            pending_dir: Vec::new(),
+            pending_rows: Vec::new(),
         })
     }
 
@@ -331,6 +323,16 @@ impl DeviceTables {
     pub fn lookup_grid(&self, rows: &Tensor, pages: Option<&Tensor>, k: usize) -> Result<Tensor> {
         crate::ops::page_slots_grid(&self.directory, &self.leaves, rows, pages, k)
     }
+}
+
+/// What one [`DeviceTables::apply`] writes besides the pending directory rows.
+#[derive(Debug, Default)]
+struct Writes {
+    /// Leaves set wholly to `NONE` first.
+    emptied_leaves: Vec<u32>,
+    /// (flat index, value) directory writes, then leaf writes, scattered after the fills.
+    dir: Vec<(u32, u32)>,
+    leaves: Vec<(u32, u32)>,
 }
 
 /// `items` with only the last item of each key kept (so that the scatter kernel's threads

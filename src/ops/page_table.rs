@@ -1,7 +1,7 @@
 //! Two-level page-table ops on a device: [`page_slots`] translates (directory row,
 //! logical page) queries into host slots through a directory matrix and a leaf arena (the
-//! layout of [`DeviceTables`](crate::meta::DeviceTables)), and `scatter` updates such a
-//! table in place. `cpu_fwd` is the reference; `cuda_fwd` launches
+//! layout of [`DeviceTables`](crate::meta::DeviceTables)), and `scatter` and `fill_rows`
+//! update such a table in place. `cpu_fwd` is the reference; `cuda_fwd` launches
 //! `kernels/page_table.cu`.
 
 use super::{LEAF_PAGES, NONE};
@@ -56,6 +56,65 @@ impl InplaceOp2 for ScatterU32 {
         wl: &Layout,
     ) -> candle_core::Result<()> {
         crate::ops::cuda::page_table::scatter_u32(d, dl, w, wl)
+    }
+}
+
+/// Sets every entry of rows `rows` of `table` `[R, C]` u32 to `value`, in place on the
+/// table's device (rows `>= R` are skipped). One kernel: this is how whole directory
+/// rows and leaves are emptied without a write per entry.
+pub(crate) fn fill_rows(table: &Tensor, rows: &[u32], value: u32) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    if table.rank() != 2 || table.dtype() != DType::U32 {
+        crate::invalid!(
+            "fill_rows",
+            "table must be u32 [R, C], got {:?} {:?}",
+            table.dims(),
+            table.dtype()
+        );
+    }
+    crate::fault::device_call("DeviceTables::apply")?;
+    let r = Tensor::from_slice(rows, rows.len(), table.device())?;
+    table.inplace_op2(&r, &FillRowsU32 { value })?;
+    Ok(())
+}
+
+struct FillRowsU32 {
+    value: u32,
+}
+
+impl InplaceOp2 for FillRowsU32 {
+    fn name(&self) -> &'static str {
+        "fill_rows_u32"
+    }
+
+    fn cpu_fwd(&self, d: &mut CpuStorage, dl: &Layout, r: &CpuStorage, rl: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::U32(dst), CpuStorage::U32(r)) = (d, r) else {
+            candle_core::bail!("fill_rows_u32: operands must be u32");
+        };
+        let (Some((d0, d1)), Some((r0, r1))) = (dl.contiguous_offsets(), rl.contiguous_offsets()) else {
+            candle_core::bail!("fill_rows_u32: operands must be contiguous");
+        };
+        let cols = dl.dims()[1];
+        let dst = &mut dst[d0..d1];
+        for &row in &r[r0..r1] {
+            if let Some(x) = dst.get_mut(row as usize * cols..(row as usize + 1) * cols) {
+                x.fill(self.value);
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        d: &mut candle_core::CudaStorage,
+        dl: &Layout,
+        r: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::ops::cuda::page_table::fill_rows_u32(d, dl, r, rl, self.value)
     }
 }
 

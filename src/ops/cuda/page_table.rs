@@ -1,6 +1,6 @@
 //! Launch glue for `kernels/page_table.cu`: the device page-table lookup behind
 //! [`page_slots`](crate::meta::page_slots), and the scatter behind
-//! [`DeviceTables::apply`](crate::meta::DeviceTables::apply).
+//! [`DeviceTables::apply`](crate::meta::DeviceTables::apply) and its row fill.
 
 use super::{alloc, cfg, func, launch, ptr, ptr_mut, PAGE_TABLE};
 use candle_core::{CudaStorage, Layout, Result, Shape};
@@ -106,5 +106,38 @@ pub(crate) fn scatter_u32(dst: &mut CudaStorage, dl: &Layout, w: &CudaStorage, w
         ptr("scatter_u32", w, wl)?,
         n as i32,
         len as u32
+    )
+}
+
+/// `dst[rows[i], :] = value` for every listed row (u32 `[R, C]`; rows `>= R` skipped).
+pub(crate) fn fill_rows_u32(
+    dst: &mut CudaStorage,
+    dl: &Layout,
+    r: &CudaStorage,
+    rl: &Layout,
+    value: u32,
+) -> Result<()> {
+    const F: &str = "fill_rows_u32";
+    let n = rl.dims()[0];
+    let (rows, cols) = dl.shape().dims2()?;
+    let total = n * cols;
+    if total == 0 {
+        return Ok(());
+    }
+    if total > i32::MAX as usize {
+        candle_core::bail!("{F}: {n} rows of {cols} exceed the launch limit");
+    }
+    let dev = super::device(r).clone();
+    let f = func(&dev, &PAGE_TABLE, F)?;
+    let blocks = total.div_ceil(256).min(65535) as u32;
+    launch!(
+        f,
+        cfg(blocks, 256, 0),
+        ptr_mut(F, dst, dl)?,
+        ptr(F, r, rl)?,
+        n as i32,
+        cols as i32,
+        rows as u32,
+        value
     )
 }
