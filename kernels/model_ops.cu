@@ -1,7 +1,7 @@
 // spinkv CUDA kernels: fused model ops of the decoder layers. add_rms_norm (the residual
 // add and the RMSNorm that follows it, one block per row), silu_mul (SwiGLU's
 // silu(gate) * up over a fused [T, 2I] projection) and rope_qkv (RoPE of q and k plus
-// contiguous copies of q, k, v). Launch glue: src/ops/cuda/model_ops.rs. CPU references:
+// contiguous copies of q, k, v), and rope_tables (RoPE tables from positions). Launch glue: src/ops/cuda/model_ops.rs. CPU references:
 // src/ops/model_ops.rs and src/ops/rope.rs (the same roundings, in the same order).
 #include "common.cuh"
 
@@ -96,6 +96,22 @@ __device__ void rope_qkv(const T* __restrict__ q, long long qs0, long long qs1, 
   }
 }
 
+// RoPE tables from positions: out [2, b, half] (cosines, then sines) of angle
+// pos[r] * theta^(-2i / (2 half)), computed in f64, rounded to f32, then to T (the CPU
+// reference's roundings: src/ops/rope_tables.rs). One thread per (row, i).
+template <typename T>
+__device__ void rope_tables(const u32* __restrict__ pos, T* __restrict__ out, int b, int half, double theta) {
+  const int n = b * half;
+  for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x) {
+    const int r = j / half, i = j % half;
+    const double inv = 1.0 / pow(theta, 2.0 * i / (double)(2 * half));
+    double s, c;
+    sincos((double)pos[r] * inv, &s, &c);
+    store(out + j, (float)c);
+    store(out + n + j, (float)s);
+  }
+}
+
 #define MODEL_OPS(T, SUFFIX)                                                                          \
   extern "C" __global__ void add_rms_norm_##SUFFIX(const T* x, const T* delta, const T* alpha, T* sum, \
                                                    T* norm, int cols, float eps) {                     \
@@ -109,6 +125,9 @@ __device__ void rope_qkv(const T* __restrict__ q, long long qs0, long long qs1, 
                                                long long vs1, const T* cos, const T* sin, T* out,       \
                                                int rows, int hq, int hkv, int d) {                      \
     rope_qkv<T>(q, qs0, qs1, k, ks0, ks1, v, vs0, vs1, cos, sin, out, rows, hq, hkv, d);               \
+  }                                                                                                    \
+  extern "C" __global__ void rope_tables_##SUFFIX(const u32* pos, T* out, int b, int half, double theta) { \
+    rope_tables<T>(pos, out, b, half, theta);                                                          \
   }
 
 MODEL_OPS(float, f32)

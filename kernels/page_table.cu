@@ -5,18 +5,21 @@
 // Launch glue: src/ops/cuda/page_table.rs. CPU reference: src/ops/page_table.rs.
 #include "common.cuh"
 
+// The slot of (row, page), or NONE (see the rules above).
+__device__ __forceinline__ u32 slot_of(const u32* __restrict__ directory, const u32* __restrict__ leaves, u32 row,
+                                       u32 page, u32 rows, u32 max_leaves, u32 n_leaves) {
+  const u32 li = page / SPIN_LEAF_PAGES;
+  if (row == SPIN_NONE || page == SPIN_NONE || row >= rows || li >= max_leaves) return SPIN_NONE;
+  const u32 leaf = directory[(size_t)row * max_leaves + li];
+  if (leaf == SPIN_NONE || leaf >= n_leaves) return SPIN_NONE;
+  return leaves[(size_t)leaf * SPIN_LEAF_PAGES + page % SPIN_LEAF_PAGES];
+}
+
 extern "C" __global__ void page_slots(const u32* __restrict__ directory, const u32* __restrict__ leaves,
                                       const u32* __restrict__ queries, u32* __restrict__ out, int n,
                                       u32 rows, u32 max_leaves, u32 n_leaves) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    const u32 row = queries[2 * i], page = queries[2 * i + 1];
-    u32 slot = SPIN_NONE;
-    const u32 li = page / SPIN_LEAF_PAGES;
-    if (row != SPIN_NONE && page != SPIN_NONE && row < rows && li < max_leaves) {
-      const u32 leaf = directory[(size_t)row * max_leaves + li];
-      if (leaf != SPIN_NONE && leaf < n_leaves) slot = leaves[(size_t)leaf * SPIN_LEAF_PAGES + page % SPIN_LEAF_PAGES];
-    }
-    out[i] = slot;
+    out[i] = slot_of(directory, leaves, queries[2 * i], queries[2 * i + 1], rows, max_leaves, n_leaves);
   }
 }
 
@@ -27,14 +30,8 @@ extern "C" __global__ void page_slots_grid(const u32* __restrict__ directory, co
                                            u32* __restrict__ out, int n, int k, u32 rows, u32 max_leaves,
                                            u32 n_leaves) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    const u32 row = row_of[i / k], page = pages ? pages[i] : (u32)(i % k);
-    u32 slot = SPIN_NONE;
-    const u32 li = page / SPIN_LEAF_PAGES;
-    if (row != SPIN_NONE && page != SPIN_NONE && row < rows && li < max_leaves) {
-      const u32 leaf = directory[(size_t)row * max_leaves + li];
-      if (leaf != SPIN_NONE && leaf < n_leaves) slot = leaves[(size_t)leaf * SPIN_LEAF_PAGES + page % SPIN_LEAF_PAGES];
-    }
-    out[i] = slot;
+    const u32 page = pages ? pages[i] : (u32)(i % k);
+    out[i] = slot_of(directory, leaves, row_of[i / k], page, rows, max_leaves, n_leaves);
   }
 }
 
@@ -54,5 +51,28 @@ extern "C" __global__ void fill_rows_u32(u32* __restrict__ dst, const u32* __res
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n * cols; i += gridDim.x * blockDim.x) {
     const u32 row = r[i / cols];
     if (row < rows) dst[(size_t)row * cols + i % cols] = value;
+  }
+}
+
+// A padded decode step's plan from its host words (layout: src/ops/decode_plan.rs,
+// PlanWords; CPU reference there): one thread per (layer, row, KV head) of `plane`.
+extern "C" __global__ void padded_plan(u32* __restrict__ w, const u32* __restrict__ directory,
+                                       const u32* __restrict__ leaves, int plane, int b, int hkv, u32 page_size,
+                                       int queries, int row0_at, int dst, int dst_slots, int dst_rows, int table_rows,
+                                       u32 rows, u32 max_leaves, u32 n_leaves) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < plane; i += gridDim.x * blockDim.x) {
+    const int layer = i / (b * hkv), r = (i / hkv) % b, h = i % hkv;
+    const u32 row0 = w[row0_at + r];
+    u32 slot = SPIN_NONE, in_page = 0, trow = SPIN_NONE;
+    if (row0 != SPIN_NONE) {
+      const u32 pos = w[queries + 2 * r + 1];
+      trow = row0 + (u32)(layer * hkv + h);
+      slot = slot_of(directory, leaves, trow, pos / page_size, rows, max_leaves, n_leaves);
+      in_page = pos % page_size;
+    }
+    w[dst_slots + i] = slot;
+    w[dst_rows + i] = in_page;
+    w[dst + i] = slot == SPIN_NONE ? SPIN_NONE : slot * page_size + in_page;
+    w[table_rows + i] = trow;
   }
 }

@@ -14,9 +14,7 @@ pub fn rope_tables(
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    let inv: Vec<f64> = (0..half)
-        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
-        .collect();
+    let inv = crate::ops::rope_inv_freq(head_dim, theta);
     let mut cos = Vec::with_capacity(positions.len() * half);
     let mut sin = Vec::with_capacity(positions.len() * half);
     for &p in positions {

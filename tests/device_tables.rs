@@ -7,10 +7,14 @@
 //! `PageTables`, with `DeviceTables::apply` called at random points, the preallocated
 //! tables must give the same `page_slots` lookups as a fresh `upload` for every live
 //! sequence's rows; capacity overflows are errors.
+//!
+//! The padded decode plan (`expand_decode_plan`) must give each (layer, row, head) the
+//! slot `PageTables::get` holds for the row's position, on every device, over poisoned
+//! words.
 
 use candle_core::{Device, Tensor};
 use spinkv::meta::{DeviceTables, PageTables, LEAF_PAGES};
-use spinkv::ops::NONE;
+use spinkv::ops::{expand_decode_plan, PlanWords, NONE};
 
 fn random_tables(seed: u64) -> PageTables {
     let mut s = seed | 1;
@@ -343,4 +347,72 @@ fn apply_keeps_its_change_log_when_a_scatter_fails() {
             .unwrap();
         assert_eq!(got, want, "failure of device write {nth}");
     }
+}
+
+/// `expand_decode_plan` on `device` against `PageTables::get`: rows of live sequences at
+/// random positions (in and past their pages), padding rows, and words poisoned first.
+fn check_decode_plan(device: &Device) {
+    for seed in [4u64, 13] {
+        let t = random_tables(seed);
+        let dt = DeviceTables::upload(&t, device).unwrap();
+        let (layers, hkv, p) = (3, 2, 16usize);
+        let seqs: Vec<(u64, usize)> = t.sequences().iter().map(|(s, _, n)| (*s, *n)).collect();
+        let b = seqs.len() + 3;
+        let lay = PlanWords::new(b, layers, hkv, 7);
+        let mut w = vec![0xDEAD_BEEFu32; lay.total];
+        w[lay.row0..lay.row0 + b].fill(NONE);
+        let mut want = Vec::new();
+        for (r, &(seq, pages)) in seqs.iter().enumerate() {
+            // Positions in the last page, and one page past the end.
+            let pos = (pages * p).saturating_sub(1 + (seed as usize * r) % 20) + (r % 2) * p;
+            w[lay.queries + 2 * r + 1] = pos as u32;
+            w[lay.row0 + r] = dt.row(seq, 0).unwrap();
+            want.push((seq, pos, dt.row(seq, 0).unwrap()));
+        }
+        let words = Tensor::from_vec(w, lay.total, device).unwrap();
+        expand_decode_plan(&words, &dt.directory, &dt.leaves, &lay, p).unwrap();
+        let got = words.to_device(&Device::Cpu).unwrap().to_vec1::<u32>().unwrap();
+        for layer in 0..layers {
+            for r in 0..b {
+                for h in 0..hkv {
+                    let i = (layer * b + r) * hkv + h;
+                    let (slot, in_page, trow) = match want.get(r) {
+                        Some(&(seq, pos, row0)) => {
+                            let page = pos / p;
+                            let slot = t.get(seq, layer * hkv + h, page).unwrap_or(NONE);
+                            (slot, (pos % p) as u32, row0 + (layer * hkv + h) as u32)
+                        }
+                        None => (NONE, 0, NONE),
+                    };
+                    let dst = if slot == NONE { NONE } else { slot * p as u32 + in_page };
+                    let at = (layer, r, h, seed, device.location());
+                    assert_eq!(got[lay.dst_slots + i], slot, "slot {at:?}");
+                    assert_eq!(got[lay.dst_rows + i], in_page, "row {at:?}");
+                    assert_eq!(got[lay.dst + i], dst, "dst {at:?}");
+                    assert_eq!(got[lay.table_rows + i], trow, "table row {at:?}");
+                }
+            }
+        }
+    }
+    let lay = PlanWords::new(2, 1, 1, 1);
+    let words = Tensor::zeros(lay.total + 1, candle_core::DType::U32, device).unwrap();
+    let dt = DeviceTables::upload(&PageTables::new(1, 1), device).unwrap();
+    let e = expand_decode_plan(&words, &dt.directory, &dt.leaves, &lay, 16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("expand_decode_plan") && e.contains(&format!("[{}]", lay.total + 1)),
+        "{e}"
+    );
+}
+
+#[test]
+fn decode_plan_matches_the_host_tables_on_cpu() {
+    check_decode_plan(&Device::Cpu);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn decode_plan_matches_the_host_tables_on_cuda() {
+    check_decode_plan(&Device::new_cuda(0).expect("a CUDA device"));
 }

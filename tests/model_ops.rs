@@ -6,12 +6,17 @@
 //! since the reference rounds the intermediate sum and SiLU where the ops do. With the
 //! `cuda` feature the same cases run on GPU 0 with poisoned outputs and must match the CPU
 //! op within the same tolerance (the CUDA test returns early without a GPU).
+//!
+//! `rope_tables_into` (tables from positions, on the device) must equal the host tables
+//! of `spinkv::rope::rope_tables` bit for bit on the CPU, and within one unit in the last
+//! place of the dtype on CUDA (both compute the angle in f64 with their own libm), over
+//! NaN-poisoned tables.
 
 mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{f32s, randn, rng, rope_f64};
-use spinkv::ops::{add_rms_norm, rms_norm, rope_qkv, silu_mul};
+use spinkv::ops::{add_rms_norm, rms_norm, rope_qkv, rope_tables_into, silu_mul};
 use spinkv::rope::{apply_rope, rope_tables};
 
 const SHAPES: [(usize, usize); 6] = [(1, 1), (1, 576), (3, 64), (17, 577), (37, 1536), (2, 4100)];
@@ -230,6 +235,39 @@ fn bad_inputs_are_rejected_with_their_shapes() {
     assert_eq!(rms_norm(&empty, &a, 1e-5).unwrap().dims(), [0, 8]);
 }
 
+const POSITIONS: [u32; 9] = [0, 1, 2, 7, 63, 1000, 8191, 32_769, 131_071];
+
+/// `rope_tables_into` over NaN-poisoned `[2, B, D/2]` tables of `dt` on `dev`, as f32.
+fn device_tables(dt: DType, d: usize, theta: f64, dev: &Device) -> Vec<f32> {
+    let b = POSITIONS.len();
+    let t = Tensor::full(f32::NAN, (2, b, d / 2), dev)
+        .unwrap()
+        .to_dtype(dt)
+        .unwrap();
+    let p = Tensor::new(&POSITIONS, dev).unwrap();
+    rope_tables_into(&t, &p, theta).unwrap();
+    f32s(&t)
+}
+
+#[test]
+fn rope_tables_into_matches_the_host_tables() {
+    for (d, theta) in [(64, 100_000.0), (128, 500_000.0), (2, 10_000.0)] {
+        for dt in DTYPES {
+            let got = device_tables(dt, d, theta, &Device::Cpu);
+            let (c, s) = rope_tables(&POSITIONS, d, theta, dt, &Device::Cpu).unwrap();
+            let want = [f32s(&c), f32s(&s)].concat();
+            assert_eq!(got, want, "D {d} {dt:?}");
+        }
+    }
+    let p = Tensor::new(&POSITIONS, &Device::Cpu).unwrap();
+    let bad = Tensor::zeros((2, 3, 32), DType::F32, &Device::Cpu).unwrap();
+    let e = rope_tables_into(&bad, &p, 1e4).unwrap_err().to_string();
+    assert!(
+        e.contains("rope_tables_into") && e.contains("[2, 3, 32]") && e.contains("[9]"),
+        "{e}"
+    );
+}
+
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_model_ops_match_the_cpu_ops() {
@@ -278,6 +316,28 @@ fn cuda_model_ops_match_the_cpu_ops() {
             // Separately rounded products and sums on both: the same bits.
             for (a, b) in [(&cpu.0, &cuda.0), (&cpu.1, &cuda.1), (&cpu.2, &cuda.2)] {
                 assert_eq!(f32s(b), f32s(a), "rope_qkv {c:?} {dt:?}");
+            }
+        }
+    }
+    // RoPE tables: within one ulp of the dtype (f64 sin/cos of two libms, then rounded).
+    for (d, theta) in [(64, 100_000.0), (128, 500_000.0), (2, 10_000.0)] {
+        for dt in DTYPES {
+            let cpu = device_tables(dt, d, theta, &Device::Cpu);
+            let cuda = device_tables(dt, d, theta, &gpu);
+            let ulp = |x: f32| {
+                // The spacing of `dt` at |x|: 2^(exponent - mantissa bits).
+                let bits = match dt {
+                    DType::F32 => 23,
+                    DType::F16 => 10,
+                    _ => 7,
+                };
+                2f32.powi(x.abs().max(1e-4).log2().floor() as i32 - bits)
+            };
+            for (i, (&a, &b)) in cpu.iter().zip(&cuda).enumerate() {
+                assert!(
+                    b.is_finite() && (a - b).abs() <= ulp(a),
+                    "rope tables D {d} {dt:?} [{i}]: {a} vs {b}"
+                );
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Padded decode steps: decode-only steps of a fixed [`PaddedShape`] whose device inputs
-//! live in buffers kept per shape and written in place (one upload of every integer
-//! input, one of the RoPE tables), so that two steps of one shape run the same device
+//! live in buffers kept per shape and written in place (one upload of six words per row;
+//! the per-layer destinations, table rows and RoPE tables are computed from them on the
+//! device), so that two steps of one shape run the same device
 //! work on the same addresses. That is the form a CUDA graph of the whole model's decode
 //! step is captured in and replayed with (`spinkv::engine` does). Rows past the real
 //! sequences are padding: `NONE` destinations and page-table rows, `kv_limit` 0, so they
@@ -8,6 +9,7 @@
 
 use super::plan::StepPlan;
 use super::*;
+use crate::ops::decode_plan::{expand_decode_plan, PlanWords};
 
 /// Batch sizes padded steps round up to (each is one captured graph per page bucket).
 pub const PADDED_BATCHES: [usize; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
@@ -16,55 +18,14 @@ pub const PADDED_BATCHES: [usize; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
 /// `NONE` candidates per row).
 pub const PADDED_PAGE_QUANTUM: usize = 64;
 
-/// Offsets of the u32 inputs of a padded step in one buffer.
-struct WordLayout {
-    queries: usize,
-    kv_limit: usize,
-    dst: usize,
-    dst_slots: usize,
-    dst_rows: usize,
-    none: usize,
-    table_rows: usize,
-    owners: usize,
-    page_ids: usize,
-    total: usize,
-}
-
-impl WordLayout {
-    fn new(b: usize, layers: usize, hkv: usize, pages: usize) -> Self {
-        let plane = layers * b * hkv;
-        let queries = 0;
-        let kv_limit = queries + 2 * b;
-        let dst = kv_limit + b;
-        let dst_slots = dst + plane;
-        let dst_rows = dst_slots + plane;
-        let none = dst_rows + plane;
-        let table_rows = none + b * hkv;
-        let owners = table_rows + plane;
-        let page_ids = owners + b;
-        Self {
-            queries,
-            kv_limit,
-            dst,
-            dst_slots,
-            dst_rows,
-            none,
-            table_rows,
-            owners,
-            page_ids,
-            total: page_ids + pages,
-        }
-    }
-}
-
 /// Device inputs of the padded steps of one shape, written in place every step.
 #[derive(Debug)]
 pub(super) struct PaddedBuffers {
     /// Every u32 input; the step plan's tensors are views of it.
     words: Tensor,
-    /// `[B, D/2]` RoPE tables in the cache's dtype.
-    cos: Tensor,
-    sin: Tensor,
+    /// `[2, B, D/2]` RoPE tables (cosines, sines) in the cache's dtype, written on the
+    /// device from the positions.
+    rope: Tensor,
     /// LRU rounds and requests of the last step of this shape run through `attend`.
     rounds: u32,
     requests: u64,
@@ -142,52 +103,48 @@ impl SpinCache {
             self.cfg.head_dim / 2,
         );
         let (b, dev) = (shape.batch, self.cfg.device.clone());
-        let lay = WordLayout::new(b, layers, hkv, shape.pages);
+        let lay = PlanWords::new(b, layers, hkv, shape.pages);
         if !self.padded.contains_key(&shape) {
+            // The constant words: the NONE plane and the logical pages 0..pages.
+            let mut init = vec![0u32; lay.total];
+            init[lay.none..lay.none + b * hkv].fill(NONE);
+            for (i, w) in init[lay.page_ids..].iter_mut().enumerate() {
+                *w = i as u32;
+            }
             let bufs = PaddedBuffers {
-                words: Tensor::zeros(lay.total, DType::U32, &dev)?,
-                cos: Tensor::zeros((b, half), self.cfg.dtype, &dev)?,
-                sin: Tensor::zeros((b, half), self.cfg.dtype, &dev)?,
+                words: Tensor::from_vec(init, lay.total, &dev)?,
+                rope: Tensor::zeros((2, b, half), self.cfg.dtype, &dev)?,
                 rounds: 0,
                 requests: 0,
             };
             self.padded.insert(shape, bufs);
         }
-        // Positions, queries and limits do not depend on the reservation.
-        let mut positions = vec![0u32; b];
-        let mut words = vec![0u32; lay.total];
+        // The host words: queries, limits, directory rows and owners (padding rows: row
+        // r at position 0, limit 0, no directory row, owner 0).
+        let mut words = vec![0u32; lay.host_words()];
         for r in 0..b {
             words[lay.queries + 2 * r] = r as u32;
         }
+        words[lay.row0..lay.row0 + b].fill(NONE);
         for (ei, e) in entries.iter().enumerate() {
-            positions[ei] = e.start as u32;
+            words[lay.positions + ei] = e.start as u32;
             words[lay.queries + 2 * ei + 1] = e.start as u32;
             words[lay.kv_limit + ei] = (e.start + 1) as u32;
         }
-        let span = crate::host_timing::span("padded.begin.rope");
-        let (cos, sin) = rope_tables(&positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.dtype, &dev)?;
-        drop(span);
         let span = crate::host_timing::span("padded.begin.lru_step");
         self.lru.set_step(self.step_number())?;
         drop(span);
         let span = crate::host_timing::span("padded.begin.plan");
-        let v = self.reserve_and_plan(&entries, true, |c, en| c.plan_vectors(en, b, b))?;
+        let rows = self.reserve_and_plan(&entries, true, |c, en| c.padded_rows(en))?;
         drop(span);
-        for (at, src) in [
-            (lay.dst, &v.dst),
-            (lay.dst_slots, &v.slots),
-            (lay.dst_rows, &v.rows),
-            (lay.table_rows, &v.table_rows),
-            (lay.owners, &v.owners),
-        ] {
-            words[at..at + src.len()].copy_from_slice(src);
-        }
-        words[lay.none..lay.none + b * hkv].fill(NONE);
-        for (i, w) in words[lay.page_ids..lay.total].iter_mut().enumerate() {
-            *w = i as u32;
+        let mut owner_ids = vec![0u32; b];
+        for (ei, (row0, owner)) in rows.into_iter().enumerate() {
+            words[lay.row0 + ei] = row0;
+            words[lay.owners + ei] = owner;
+            owner_ids[ei] = owner;
         }
         let span = crate::host_timing::span("padded.begin.write");
-        let written = self.write_padded(shape, &words, &cos, &sin);
+        let written = self.write_padded(shape, &lay, &words);
         drop(span);
         let bufs = match written {
             Ok(bufs) => bufs,
@@ -210,7 +167,7 @@ impl SpinCache {
             none: view(lay.none, b * hkv)?.reshape((b, hkv))?,
             table_rows: view(lay.table_rows, plane)?.reshape((layers, b, hkv, 1))?,
             owners: view(lay.owners, b)?.reshape((b, 1, 1))?,
-            owner_ids: v.owners,
+            owner_ids,
             page_ids: Some(view(lay.page_ids, shape.pages)?),
             decode_rows: None,
             decode_entries: None,
@@ -228,8 +185,8 @@ impl SpinCache {
         self.step = Some(StepState {
             entries,
             total: b,
-            cos: bufs.cos.clone(),
-            sin: bufs.sin.clone(),
+            cos: bufs.rope.get(0)?,
+            sin: bufs.rope.get(1)?,
             queries: view(lay.queries, 2 * b)?.reshape((b, 2))?,
             kv_limit: view(lay.kv_limit, b)?,
             attended: vec![false; layers],
@@ -245,15 +202,35 @@ impl SpinCache {
         Ok(())
     }
 
-    /// Writes a padded step's inputs in place: one upload and one copy per buffer.
-    fn write_padded(&self, shape: PaddedShape, words: &[u32], cos: &Tensor, sin: &Tensor) -> Result<&PaddedBuffers> {
+    /// Writes a padded step's inputs in place: one upload of the host words, then on the
+    /// device the plan expanded from them ([`expand_decode_plan`]) and the RoPE tables of
+    /// their positions ([`rope_tables_into`](crate::ops::rope_tables_into)).
+    fn write_padded(&self, shape: PaddedShape, lay: &PlanWords, words: &[u32]) -> Result<&PaddedBuffers> {
         let bufs = self.padded_buffers(shape)?;
         let dev = &self.cfg.device;
         bufs.words
             .slice_set(&Tensor::from_slice(words, words.len(), dev)?, 0, 0)?;
-        bufs.cos.slice_set(cos, 0, 0)?;
-        bufs.sin.slice_set(sin, 0, 0)?;
+        let t = &self.device_tables;
+        expand_decode_plan(&bufs.words, &t.directory, &t.leaves, lay, self.cfg.page_size)?;
+        let positions = bufs.words.narrow(0, lay.positions, lay.b)?;
+        crate::ops::rope_tables_into(&bufs.rope, &positions, self.cfg.rope_theta)?;
         Ok(bufs)
+    }
+
+    /// Per entry of a padded step: its device page-table row of (layer 0, head 0) and its
+    /// owner index.
+    fn padded_rows(&self, entries: &[StepEntry]) -> Result<Vec<(u32, u32)>> {
+        entries
+            .iter()
+            .map(|e| {
+                let row0 = self.device_tables.row(e.seq, 0).ok_or(Error::Invalid {
+                    op: "SparseKvCache::begin_padded_decode",
+                    msg: format!("sequence {} has no device page-table row (internal error)", e.seq),
+                })?;
+                let owner = self.owners.get(&e.seq).copied().ok_or(Error::UnknownSequence(e.seq))?;
+                Ok((row0, owner))
+            })
+            .collect()
     }
 
     fn longest_pages(&self, entries: &[StepEntry]) -> usize {

@@ -1,6 +1,6 @@
 //! Launch glue for `kernels/model_ops.cu`: [`add_rms_norm`](crate::ops::add_rms_norm),
 //! [`rms_norm`](crate::ops::rms_norm), [`silu_mul`](crate::ops::silu_mul) and
-//! [`rope_qkv`](crate::ops::rope_qkv) on CUDA.
+//! [`rope_qkv`](crate::ops::rope_qkv) and [`rope_tables_into`](crate::ops::rope_tables_into) on CUDA.
 
 use super::{alloc, cfg, func, launch, ptr, strided_ptr, suffix, MODEL_OPS};
 use candle_core::backend::BackendStorage;
@@ -130,4 +130,29 @@ pub(crate) fn rope_qkv(
         )?;
     }
     Ok((out, Shape::from_dims(&[n])))
+}
+
+/// One thread per (row, frequency): [`crate::ops::rope_tables_into`].
+pub(crate) fn rope_tables(t: &mut CudaStorage, tl: &Layout, p: &CudaStorage, pl: &Layout, theta: f64) -> Result<()> {
+    const OP: &str = "rope_tables_into";
+    let (_, b, half) = tl.shape().dims3()?;
+    let n = b * half;
+    if n == 0 {
+        return Ok(());
+    }
+    if n > i32::MAX as usize {
+        candle_core::bail!("{OP}: [{b}, {half}] tables exceed the launch limit");
+    }
+    let dev = super::device(p).clone();
+    let f = func(&dev, &MODEL_OPS, &format!("rope_tables_{}", suffix(OP, t.dtype())?))?;
+    let blocks = n.div_ceil(256).min(65535) as u32;
+    launch!(
+        f,
+        cfg(blocks, 256, 0),
+        ptr(OP, p, pl)?,
+        super::ptr_mut(OP, t, tl)?,
+        b as i32,
+        half as i32,
+        theta
+    )
 }

@@ -141,3 +141,44 @@ pub(crate) fn fill_rows_u32(
         value
     )
 }
+
+/// One thread per (layer, row, KV head): [`crate::ops::decode_plan::expand_decode_plan`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn padded_plan(
+    w: &mut CudaStorage,
+    wl: &Layout,
+    d: &CudaStorage,
+    dl: &Layout,
+    l: &CudaStorage,
+    ll: &Layout,
+    lay: &crate::ops::decode_plan::PlanWords,
+    page_size: u32,
+) -> Result<()> {
+    const F: &str = "padded_plan";
+    let (rows, max_leaves) = dl.shape().dims2()?;
+    let n_leaves = ll.dims()[0];
+    let plane = lay.plane();
+    let dev = super::device(d).clone();
+    let f = func(&dev, &PAGE_TABLE, F)?;
+    let blocks = plane.div_ceil(256).min(65535) as u32;
+    launch!(
+        f,
+        cfg(blocks, 256, 0),
+        ptr_mut(F, w, wl)?,
+        ptr(F, d, dl)?,
+        ptr(F, l, ll)?,
+        plane as i32,
+        lay.b as i32,
+        lay.hkv as i32,
+        page_size,
+        lay.queries as i32,
+        lay.row0 as i32,
+        lay.dst as i32,
+        lay.dst_slots as i32,
+        lay.dst_rows as i32,
+        lay.table_rows as i32,
+        rows as u32,
+        max_leaves as u32,
+        n_leaves as u32
+    )
+}
