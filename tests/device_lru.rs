@@ -479,17 +479,8 @@ fn bad_requests_are_rejected() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_device_lru_matches_the_cpu_reference() {
-    // Without the driver's device nodes, even probing the (stub) driver may crash.
-    if !std::path::Path::new("/dev/nvidiactl").exists() {
-        eprintln!("skipping cuda_device_lru_matches_the_cpu_reference: no /dev/nvidiactl (no GPU)");
+    let Some(gpu) = common::cuda_or_skip("cuda_device_lru_matches_the_cpu_reference") else {
         return;
-    }
-    let gpu = match Device::new_cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipping cuda_device_lru_matches_the_cpu_reference: no CUDA device ({e})");
-            return;
-        }
     };
     spinkv::ops::set_poison_outputs(true);
     for (ci, &c) in CONFIGS.iter().enumerate() {

@@ -161,17 +161,8 @@ fn a_cache_with_room_for_every_page_is_direct() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_direct_rounds_match_the_reference() {
-    // Without the driver's device nodes, even probing the (stub) driver may crash.
-    if !std::path::Path::new("/dev/nvidiactl").exists() {
-        eprintln!("skipping cuda_direct_rounds_match_the_reference: no /dev/nvidiactl (no GPU)");
+    let Some(gpu) = common::cuda_or_skip("cuda_direct_rounds_match_the_reference") else {
         return;
-    }
-    let gpu = match Device::new_cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipping cuda_direct_rounds_match_the_reference: no CUDA device ({e})");
-            return;
-        }
     };
     spinkv::ops::set_poison_outputs(true);
     let cap = 50_000;

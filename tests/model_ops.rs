@@ -271,16 +271,8 @@ fn rope_tables_into_matches_the_host_tables() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_model_ops_match_the_cpu_ops() {
-    if !std::path::Path::new("/dev/nvidiactl").exists() {
-        eprintln!("skipping cuda_model_ops_match_the_cpu_ops: no /dev/nvidiactl (no GPU)");
+    let Some(gpu) = common::cuda_or_skip("cuda_model_ops_match_the_cpu_ops") else {
         return;
-    }
-    let gpu = match Device::new_cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipping cuda_model_ops_match_the_cpu_ops: no CUDA device ({e})");
-            return;
-        }
     };
     spinkv::ops::set_poison_outputs(true);
     for (i, &(t, h)) in SHAPES.iter().enumerate() {

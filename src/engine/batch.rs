@@ -1,6 +1,7 @@
 //! One engine step's batch: the items of the scheduler's plan run through the padded
-//! decode path ([`DecodeRunner`](super::decode)) or [`Llama::forward`](crate::models::Llama::forward)
-//! (per item again when the batch fails), then sampled in one call and streamed.
+//! decode path ([`DecodeRunner`](super::decode), which samples on the device itself) or
+//! [`Llama::forward`](crate::models::Llama::forward) (per item again when the batch
+//! fails), then sampled in one call, and streamed.
 
 use super::decode::{DecodeMode, Decoded};
 use super::engine::{Engine, StepReport};
@@ -35,6 +36,18 @@ impl Engine {
             items.push((s.id, seq, toks, samples));
         }
         if items.is_empty() {
+            return Ok(());
+        }
+        if let Some(tokens) = self.forward_decode(&items)? {
+            // Padded decode: every item sampled on the device, in item order.
+            let _span = crate::host_timing::span("engine.stream");
+            for ((id, ..), tok) in items.iter().zip(tokens) {
+                if let Some(a) = self.active.iter_mut().find(|a| a.id == *id) {
+                    a.sampler.advance();
+                }
+                report.sampled += 1;
+                self.on_token(*id, tok, report)?;
+            }
             return Ok(());
         }
         let (logits, ok) = self.forward(&items, report)?;
@@ -87,9 +100,6 @@ impl Engine {
         report: &mut StepReport,
     ) -> Result<(Option<Tensor>, Vec<(RequestId, bool)>)> {
         let batch: Vec<(SeqId, &[u32])> = items.iter().map(|(_, s, t, _)| (*s, t.as_slice())).collect();
-        if let Some(l) = self.forward_decode(&batch)? {
-            return Ok((Some(l), items.iter().map(|i| (i.0, i.3)).collect()));
-        }
         let first = self.model.forward(self.cache.as_mut(), &batch);
         let err = match first {
             Ok(l) => return Ok((Some(l), items.iter().map(|i| (i.0, i.3)).collect())),
@@ -115,18 +125,24 @@ impl Engine {
         Ok((Some(Tensor::cat(&rows, 0)?), ok))
     }
 
-    /// A one-token-per-sequence batch through the padded decode path; `None` when the
-    /// step must run eagerly (other batches, eager mode, no padded shape, or a padded
+    /// A one-token-per-sequence batch through the padded decode path, sampled on the
+    /// device: the tokens, in item order; `None` when the step must run eagerly (other batches, eager mode, no padded shape, or a padded
     /// step that failed: its error is kept in `last_decode_error` and the cache step was
     /// aborted, so the eager path runs it again from the same state). `Err` when a
     /// failed padded step could not even be aborted (the cache can no longer be trusted).
-    fn forward_decode(&mut self, batch: &[(SeqId, &[u32])]) -> Result<Option<Tensor>> {
-        if batch.iter().any(|(_, t)| t.len() != 1) {
+    fn forward_decode(&mut self, items: &[(RequestId, SeqId, Vec<u32>, bool)]) -> Result<Option<Vec<u32>>> {
+        if items.iter().any(|(_, _, t, samples)| t.len() != 1 || !samples) {
             return Ok(None);
         }
-        let toks: Vec<(SeqId, u32)> = batch.iter().map(|(s, t)| (*s, t[0])).collect();
+        let mut toks = Vec::with_capacity(items.len());
+        for (id, seq, t, _) in items {
+            let Some(a) = self.active.iter().find(|a| a.id == *id) else {
+                return Ok(None);
+            };
+            toks.push((*seq, t[0], a.sampler.row()));
+        }
         Ok(match self.decoder.forward(&self.model, self.cache.as_mut(), &toks)? {
-            Decoded::Logits(l) => Some(l),
+            Decoded::Sampled(ids) => Some(ids),
             Decoded::Eager => None,
             Decoded::Failed(e) => {
                 self.decoder.counters.errors += 1;

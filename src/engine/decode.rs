@@ -1,7 +1,9 @@
 //! Decode-only steps without per-step host work on the device path: [`DecodeMode`] and
-//! the runner that pads a decode batch to a [`PaddedShape`], writes its token ids into a
-//! buffer kept per batch size, and runs the whole model's step
-//! ([`Llama::forward_padded`]) eagerly, or on CUDA as a captured graph: the first step
+//! the runner that pads a decode batch to a [`PaddedShape`], writes its token ids and
+//! sampling rows into one buffer kept per batch size (one upload), and runs the whole
+//! model's step ([`Llama::forward_padded`]) and the sampling of every row
+//! ([`sample_rows`]) eagerly, or on CUDA as a captured graph: only the `[B]` sampled ids
+//! come back to the host. The first step
 //! of a shape warms candle's capture caches, the second is captured, later ones replay
 //! it (recaptured when the cache's [`graph_epoch`](SparseKvCache::graph_epoch) moves).
 //! A step whose shape has no graph yet replays the smallest captured larger batch of the
@@ -10,7 +12,7 @@
 //! Prefill and mixed steps stay eager ([`Llama::forward`]).
 
 use crate::models::Llama;
-use crate::ops::StepGraph;
+use crate::ops::{sample_rows, SampleRow, StepGraph, SAMPLE_PARAM_WORDS};
 use crate::{Error, PaddedShape, Result, SeqId, SparseKvCache, StepInput};
 use candle_core::{DType, Tensor};
 use std::collections::{HashMap, HashSet};
@@ -32,8 +34,8 @@ pub enum DecodeMode {
 
 /// What [`DecodeRunner::forward`] did with a decode step.
 pub(crate) enum Decoded {
-    /// The step ran padded: `[n, V]` f32 logits.
-    Logits(Tensor),
+    /// The step ran padded: the token sampled for each sequence, in batch order.
+    Sampled(Vec<u32>),
     /// The step must run on the ragged eager path (nothing was done).
     Eager,
     /// The padded step failed and was aborted (the cache is as before it): run it eagerly.
@@ -74,16 +76,17 @@ pub struct DecodeCounters {
 struct Captured {
     // Field order is drop order: the graph goes before the memory it allocated.
     graph: StepGraph,
-    /// The capture's output `[B, vocab]`: holds each replay's logits.
-    logits: Tensor,
+    /// The capture's output `[B]` u32: holds each replay's sampled ids.
+    sampled: Tensor,
     epoch: u64,
 }
 
 /// Runs decode-only steps padded (see the module docs).
 pub(crate) struct DecodeRunner {
     mode: DecodeMode,
-    /// `[B]` u32 token ids per padded batch size.
-    ids: HashMap<usize, Tensor>,
+    /// Per padded batch size: `[B · (1 + 6)]` u32, the token ids `[B]` then the
+    /// sampling rows `[B, 6]` ([`SampleRow::words`]).
+    inputs: HashMap<usize, Tensor>,
     warmed: HashSet<PaddedShape>,
     graphs: HashMap<PaddedShape, Captured>,
     /// Shapes whose capture failed: they run padded and eager from then on.
@@ -110,7 +113,7 @@ impl DecodeRunner {
         };
         Ok(Self {
             mode,
-            ids: HashMap::new(),
+            inputs: HashMap::new(),
             warmed: HashSet::new(),
             graphs: HashMap::new(),
             uncapturable: HashSet::new(),
@@ -124,21 +127,29 @@ impl DecodeRunner {
         self.mode
     }
 
-    /// One decode step of `batch` (one token per sequence) through the padded path: its
-    /// logits `[n, V]`, [`Decoded::Eager`] when this step must take the ragged eager
+    /// One decode step of `batch` (one token per sequence, and how its next token is
+    /// sampled) through the padded path: the sampled tokens, [`Decoded::Eager`] when this step must take the ragged eager
     /// path (eager mode, or no padded shape), or [`Decoded::Failed`] when the padded
     /// step failed and the cache was restored (the step aborted): the caller runs it
     /// eagerly. `Err` only when the failed step could not be aborted either.
-    pub fn forward(&mut self, model: &Llama, cache: &mut dyn SparseKvCache, batch: &[(SeqId, u32)]) -> Result<Decoded> {
+    pub fn forward(
+        &mut self,
+        model: &Llama,
+        cache: &mut dyn SparseKvCache,
+        batch: &[(SeqId, u32, SampleRow)],
+    ) -> Result<Decoded> {
         if self.mode == DecodeMode::Eager {
             return Ok(Decoded::Eager);
         }
-        let inputs: Vec<StepInput> = batch.iter().map(|&(seq, _)| StepInput { seq, new_tokens: 1 }).collect();
+        let inputs: Vec<StepInput> = batch
+            .iter()
+            .map(|&(seq, ..)| StepInput { seq, new_tokens: 1 })
+            .collect();
         let Some(need) = cache.padded_shape(&inputs) else {
             self.counters.fallbacks += 1;
             return Ok(Decoded::Eager);
         };
-        if let Err(e) = model.check_token_ids("Engine::step", batch.iter().map(|&(_, t)| t)) {
+        if let Err(e) = model.check_token_ids("Engine::step", batch.iter().map(|&(_, t, _)| t)) {
             return Ok(Decoded::Failed(e));
         }
         let t0 = std::time::Instant::now();
@@ -157,11 +168,11 @@ impl DecodeRunner {
         }
         let span = crate::host_timing::span("decode.end_step");
         let done = ran
-            .and_then(|logits| Ok(logits.narrow(0, 0, batch.len())?))
-            .and_then(|logits| cache.end_step().map(|_| logits));
+            .and_then(|ids| Ok(ids.narrow(0, 0, batch.len())?.to_vec1::<u32>()?))
+            .and_then(|ids| cache.end_step().map(|_| ids));
         drop(span);
         match done {
-            Ok(logits) => Ok(Decoded::Logits(logits)),
+            Ok(ids) => Ok(Decoded::Sampled(ids)),
             Err(e) => {
                 // The step (or its end) failed: give its pages back; if even that
                 // fails, the cache needs the caller's attention.
@@ -199,32 +210,44 @@ impl DecodeRunner {
         }
     }
 
+    /// Runs the padded step of `shape` and samples every row; returns the `[B]` u32
+    /// sampled ids (padding rows sample greedily, and are ignored).
     fn run(
         &mut self,
         model: &Llama,
         cache: &mut dyn SparseKvCache,
         shape: PaddedShape,
-        batch: &[(SeqId, u32)],
+        batch: &[(SeqId, u32, SampleRow)],
     ) -> Result<Tensor> {
         let dev = model.device().clone();
-        let mut toks = vec![0u32; shape.batch];
-        for (t, &(_, tok)) in toks.iter_mut().zip(batch) {
-            *t = tok;
+        let b = shape.batch;
+        let mut words = vec![0u32; b * (1 + SAMPLE_PARAM_WORDS)];
+        for (r, &(_, tok, row)) in batch.iter().enumerate() {
+            words[r] = tok;
+            words[b + r * SAMPLE_PARAM_WORDS..][..SAMPLE_PARAM_WORDS].copy_from_slice(&row.words());
         }
-        let ids = match self.ids.get(&shape.batch) {
-            Some(ids) => ids.clone(),
+        let buf = match self.inputs.get(&b) {
+            Some(t) => t.clone(),
             None => {
-                let ids = Tensor::zeros(shape.batch, DType::U32, &dev)?;
-                self.ids.insert(shape.batch, ids.clone());
-                ids
+                let t = Tensor::zeros(words.len(), DType::U32, &dev)?;
+                self.inputs.insert(b, t.clone());
+                t
             }
         };
         let span = crate::host_timing::span("decode.ids");
-        ids.slice_set(&Tensor::from_vec(toks, shape.batch, &dev)?, 0, 0)?;
+        buf.slice_set(&Tensor::from_vec(words, buf.dims1()?, &dev)?, 0, 0)?;
         drop(span);
+        let ids = buf.narrow(0, 0, b)?;
+        let params = buf
+            .narrow(0, b, b * SAMPLE_PARAM_WORDS)?
+            .reshape((b, SAMPLE_PARAM_WORDS))?;
+        let step = |cache: &mut dyn SparseKvCache| -> Result<Tensor> {
+            let logits = model.forward_padded(cache, &ids)?;
+            sample_rows(&logits, &params)
+        };
         if self.mode == DecodeMode::Padded || self.uncapturable.contains(&shape) {
             self.counters.padded_eager += 1;
-            return model.forward_padded(cache, &ids);
+            return step(cache);
         }
         let epoch = cache.graph_epoch();
         // Graphs of an older epoch read replaced buffers: never replayed again.
@@ -235,16 +258,16 @@ impl DecodeRunner {
             drop(span);
             cache.padded_step_replayed()?;
             self.counters.replays += 1;
-            return Ok(c.logits.clone());
+            return Ok(c.sampled.clone());
         }
         if !self.warmed.contains(&shape) {
             self.counters.padded_eager += 1;
-            let logits = StepGraph::warm_up(&dev, || model.forward_padded(cache, &ids))?;
+            let sampled = StepGraph::warm_up(&dev, || step(cache))?;
             self.warmed.insert(shape);
-            return Ok(logits);
+            return Ok(sampled);
         }
         // Missing: capture this step (nothing runs), then run it.
-        let (graph, logits) = match StepGraph::capture(&dev, || model.forward_padded(cache, &ids)) {
+        let (graph, sampled) = match StepGraph::capture(&dev, || step(cache)) {
             Ok(c) => c,
             Err(e) => {
                 // Nothing ran: the caller aborts the step and runs it eagerly.
@@ -264,10 +287,10 @@ impl DecodeRunner {
             shape,
             Captured {
                 graph,
-                logits: logits.clone(),
+                sampled: sampled.clone(),
                 epoch,
             },
         );
-        Ok(logits)
+        Ok(sampled)
     }
 }

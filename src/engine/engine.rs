@@ -151,6 +151,8 @@ impl Engine {
             capacity_pages: capacity_pages.max(1),
         })?;
         let decoder = DecodeRunner::new(cfg.decode_mode, &model)?;
+        // The kernels' one-time JIT compilation, here rather than in the first steps.
+        crate::ops::preload_kernels(model.device())?;
         Ok(Self {
             decoder,
             last_decode_error: None,

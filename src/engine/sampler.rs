@@ -1,39 +1,27 @@
-//! Sampling a whole batch in one call ([`sample_batch`]) with one seeded
-//! [`RequestSampler`] per request.
-//!
-//! Greedy rows take the argmax **on the logits' device**: only the `[B]` u32 ids cross
-//! to the host, never the logits. Rows with `temperature > 0` are the known limitation:
-//! their logits rows (`[V]` f32 each, only those rows) are copied to the host, where
-//! top-k, temperature, top-p and the seeded draw run (the draw reuses
-//! [`models::sampling::Sampler`](crate::models::sampling::Sampler)). A device-side
-//! sampler (top-k/top-p over sorted probabilities plus a per-row seeded uniform) would
-//! remove that copy.
+//! Sampling a whole batch in one call ([`sample_batch`]) with one [`RequestSampler`] per
+//! request, through [`ops::sample_rows`](crate::ops::sample_rows) on the logits' device:
+//! only the `[n]` sampled ids cross to the host, never the logits. Every draw is a
+//! function of the request's seed and its draw counter (no generator state), so a
+//! request samples the same tokens in any batch, and the decode step captured in a CUDA
+//! graph (which samples inside the graph from [`RequestSampler::row`]) draws what the
+//! eager path would.
 
 use super::request::SamplingParams;
-use crate::models::sampling::{Sampler, SamplingConfig};
+use crate::ops::{sample_params, sample_rows, SampleRow};
 use crate::{Error, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 
-/// The sampling state of one request: its settings and its random generator, advanced
-/// only by this request's draws (so a seeded request samples the same tokens whatever
-/// runs beside it).
+/// The sampling state of one request: its settings and the number of tokens it drew.
 #[derive(Debug, Clone)]
 pub struct RequestSampler {
     params: SamplingParams,
-    sampler: Sampler,
+    draws: u32,
 }
 
 impl RequestSampler {
     /// A sampler for `params` (validate them first: see [`SamplingParams::validate`]).
     pub fn new(params: SamplingParams) -> Self {
-        Self {
-            params,
-            sampler: Sampler::new(SamplingConfig {
-                temperature: params.temperature,
-                top_p: params.top_p,
-                seed: params.seed,
-            }),
-        }
+        Self { params, draws: 0 }
     }
 
     /// The settings.
@@ -41,20 +29,21 @@ impl RequestSampler {
         &self.params
     }
 
-    /// Draws from one row of logits on the host (non-greedy path): top-k cut, then
-    /// temperature and top-p.
-    fn sample_host(&mut self, mut row: Vec<f32>) -> u32 {
-        let k = self.params.top_k;
-        if k > 0 && k < row.len() {
-            let mut order: Vec<usize> = (0..row.len()).collect();
-            order.select_nth_unstable_by(k - 1, |&a, &b| {
-                row[b].partial_cmp(&row[a]).unwrap_or(std::cmp::Ordering::Equal)
-            });
-            for &i in &order[k..] {
-                row[i] = f32::NEG_INFINITY;
-            }
+    /// The [`SampleRow`] of this request's next draw.
+    pub fn row(&self) -> SampleRow {
+        let p = &self.params;
+        SampleRow {
+            temperature: p.temperature as f32,
+            top_k: p.top_k.min(u32::MAX as usize) as u32,
+            top_p: p.top_p as f32,
+            seed: p.seed,
+            counter: self.draws,
         }
-        self.sampler.sample_slice(&row)
+    }
+
+    /// Counts a draw made from [`row`](Self::row) (the next one uses the next counter).
+    pub fn advance(&mut self) {
+        self.draws = self.draws.wrapping_add(1);
     }
 }
 
@@ -63,9 +52,7 @@ impl RequestSampler {
 /// * `logits` — `[B, V]` f32 (any device), one row per sequence of the step.
 /// * `rows` — the logits row each sampler draws from (`< B`), aligned with `samplers`.
 ///
-/// Returns the sampled ids, aligned with `rows`. Greedy rows are one device argmax over
-/// the selected rows (`[n]` u32 copied back); others go through the host (see the module
-/// docs).
+/// Returns the sampled ids, aligned with `rows`, and advances each sampler.
 pub fn sample_batch(logits: &Tensor, rows: &[usize], samplers: &mut [&mut RequestSampler]) -> Result<Vec<u32>> {
     const OP: &str = "sample_batch";
     let (b, v) = logits.dims2().map_err(|_| Error::Invalid {
@@ -81,31 +68,23 @@ pub fn sample_batch(logits: &Tensor, rows: &[usize], samplers: &mut [&mut Reques
     if v == 0 {
         crate::invalid!(OP, "logits have an empty vocabulary dimension");
     }
-    let mut out = vec![0u32; rows.len()];
-    let greedy: Vec<usize> = (0..rows.len()).filter(|&i| samplers[i].params.is_greedy()).collect();
-    if !greedy.is_empty() {
-        let picked = if greedy.len() == b && greedy.iter().all(|&i| rows[i] == i) {
-            logits.clone()
-        } else {
-            let idx: Vec<u32> = greedy.iter().map(|&i| rows[i] as u32).collect();
-            let idx = Tensor::from_vec(idx, greedy.len(), logits.device())?;
-            logits.index_select(&idx, 0)?
-        };
-        let ids = picked.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-        for (&i, id) in greedy.iter().zip(ids) {
-            out[i] = id;
-        }
+    let dev = logits.device();
+    let picked = if rows.len() == b && rows.iter().enumerate().all(|(i, &r)| r == i) {
+        logits.clone()
+    } else {
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        logits.index_select(&Tensor::from_vec(idx, rows.len(), dev)?, 0)?
+    };
+    let params: Vec<SampleRow> = samplers.iter().map(|s| s.row()).collect();
+    let ids = sample_rows(
+        &picked.to_dtype(candle_core::DType::F32)?,
+        &sample_params(&params, dev)?,
+    )?
+    .to_vec1::<u32>()?;
+    for s in samplers.iter_mut() {
+        s.advance();
     }
-    let random: Vec<usize> = (0..rows.len()).filter(|&i| !samplers[i].params.is_greedy()).collect();
-    if !random.is_empty() {
-        let idx: Vec<u32> = random.iter().map(|&i| rows[i] as u32).collect();
-        let idx = Tensor::from_vec(idx, random.len(), logits.device())?;
-        let host = logits.index_select(&idx, 0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        for (&i, row) in random.iter().zip(host) {
-            out[i] = samplers[i].sample_host(row);
-        }
-    }
-    Ok(out)
+    Ok(ids)
 }
 
 #[cfg(test)]
@@ -114,7 +93,7 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn greedy_rows_on_device_and_seeded_rows_independent_of_the_batch() {
+    fn greedy_rows_and_seeded_rows_independent_of_the_batch() {
         let l = Tensor::new(
             &[[0.0f32, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.2, 0.0]],
             &Device::Cpu,
@@ -151,6 +130,7 @@ mod tests {
             .map(|_| sample_batch(&l, &[1, 0, 2], &mut [&mut g, &mut a, &mut other]).unwrap()[1])
             .collect();
         assert_eq!(alone, batched);
+        assert_eq!(a.row().counter, 40);
         assert!(sample_batch(&l, &[3], &mut [&mut g]).is_err());
         assert!(sample_batch(&l, &[0, 1], &mut [&mut g]).is_err());
     }

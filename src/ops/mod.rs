@@ -6,6 +6,8 @@
 //! `cpu_fwd` of every op is the plain reference; `cuda_fwd` (feature `cuda`) launches the
 //! kernels in `kernels/`.
 
+use crate::Result;
+
 pub mod append;
 pub mod attention;
 #[cfg(feature = "cuda")]
@@ -20,6 +22,7 @@ pub mod quest_score;
 pub mod reference;
 pub mod rope;
 pub mod rope_tables;
+pub mod sample;
 pub mod self_attention;
 pub mod tier_copy;
 pub mod topk;
@@ -36,6 +39,7 @@ pub use quest_score::quest_page_scores;
 pub use reference::reference_attention;
 pub use rope::rope_qkv;
 pub use rope_tables::{rope_inv_freq, rope_tables_into};
+pub use sample::{sample_params, sample_rows, SampleRow, SAMPLE_PARAM_WORDS};
 pub use self_attention::causal_self_attention;
 pub use tier_copy::copy_pages;
 pub use topk::topk_indices;
@@ -44,6 +48,18 @@ pub use topk::topk_indices;
 /// helper that turns a top-k selection into page pairs.
 #[cfg(feature = "cuda")]
 pub use cuda::{selection_to_pages, set_attention_g8, set_attention_waves, set_poison_outputs};
+
+/// Loads every spinkv kernel on `device` (a CUDA device; on others nothing is done),
+/// so that the driver's one-time JIT compilation of the kernels' PTX (seconds) happens
+/// here rather than in the first step that uses each kernel. Returns the number of
+/// kernels loaded. [`Engine::new`](crate::engine::Engine::new) calls it.
+pub fn preload_kernels(device: &candle_core::Device) -> Result<usize> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => Ok(cuda::preload(d)?),
+        _ => Ok(0),
+    }
+}
 
 #[path = "kernel_consts.rs"]
 mod kernel_consts;

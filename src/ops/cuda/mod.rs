@@ -16,6 +16,7 @@ pub(crate) mod lru;
 pub(crate) mod model_ops;
 pub(crate) mod page_table;
 pub(crate) mod quest_score;
+pub(crate) mod sample;
 pub(crate) mod tier_copy;
 pub(crate) mod topk;
 
@@ -33,10 +34,26 @@ use std::sync::{Mutex, OnceLock};
 pub(crate) struct Module {
     pub name: &'static str,
     pub ptx: &'static str,
+    /// The kernels it defines (its PTX's `.entry` names).
+    pub entries: &'static [&'static str],
 }
 
-// APPEND, QUEST_SCORE, TOPK, ATTENTION, TIER_COPY, PAGE_TABLE, LRU_RESOLVE, MODEL_OPS: one per
-// entry of build.rs's kernel list.
+/// Loads every kernel of every module on `dev` (the driver JIT-compiles each module's
+/// PTX on its first load, seconds in all): done once at start, it keeps that cost out
+/// of the first step that uses each kernel. Returns the number of kernels loaded.
+pub(crate) fn preload(dev: &CudaDevice) -> Result<usize> {
+    let mut n = 0;
+    for m in MODULES {
+        for e in m.entries {
+            dev.get_or_load_custom_func(e, m.name, m.ptx)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+// APPEND, QUEST_SCORE, TOPK, ATTENTION, TIER_COPY, PAGE_TABLE, LRU_RESOLVE, MODEL_OPS, SAMPLE (one per
+// entry of build.rs's kernel list) and MODULES, all of them.
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 static POISON: AtomicBool = AtomicBool::new(false);
