@@ -1,7 +1,9 @@
 //! The engine's decode-only steps replayed as CUDA graphs (`DecodeMode::Graphs`) against
 //! the same engine run eagerly (`Eager`: ragged steps) and padded without capture
 //! (`Padded`: the graphs' exact device work). Random f32 weights at SmolLM2-135M's shape
-//! on the GPU, greedy, 64 new tokens per request, batches of 1, 3 and 17 requests where
+//! on the GPU, 64 new tokens per request (even requests greedy, odd ones sampled with a
+//! seed, temperature 0.8, top-k 40 and top-p 0.9: sampling runs inside the graph), batches
+//! of 1, 3 and 17 requests where
 //! one request finishes early and one joins mid-run; dense and Quest, each over a
 //! direct-mapped fast tier (fast fraction 1) and over the LRU (fraction 0.5: misses,
 //! fetches and spills inside the replayed graph).
@@ -13,11 +15,11 @@
 //! - Graphs were captured and replayed, no step fell back, pages were all freed.
 //!
 //! `SPINKV_GRAPH_TEST_QUICK=1` runs B = 3 only, dense direct and Quest over the LRU (for
-//! `compute-sanitizer`).
+//! `compute-sanitizer`); `SPINKV_GRAPH_TEST_GREEDY=1` makes every request greedy.
 #![cfg(feature = "cuda")]
 
 use candle_core::DType;
-use spinkv::engine::{DecodeMode, Engine, EngineConfig, Request};
+use spinkv::engine::{DecodeMode, Engine, EngineConfig, Request, SamplingParams};
 use spinkv::models::random::{random_llama, shape_config};
 use spinkv::models::Llama;
 use spinkv::partition::{Dense, Quest, QuestConfig, SparseAlgorithm};
@@ -61,7 +63,16 @@ fn run(
     assert_eq!(e.decode_mode(), mode);
     let req = |i: usize| {
         let n = if i == 0 && b > 1 { 9 } else { NEW };
-        Request::tokens(prompt(i, 300 + 23 * i), n).with_ignore_eos(true)
+        let r = Request::tokens(prompt(i, 300 + 23 * i), n).with_ignore_eos(true);
+        if i % 2 == 1 && !std::env::var("SPINKV_GRAPH_TEST_GREEDY").is_ok_and(|v| v == "1") {
+            r.with_sampling(SamplingParams {
+                top_k: 40,
+                top_p: 0.9,
+                ..SamplingParams::random(0.8, 1000 + i as u64)
+            })
+        } else {
+            r
+        }
     };
     let mut handles: Vec<_> = (0..b.saturating_sub(1).max(1))
         .map(|i| e.submit(req(i)).unwrap())

@@ -2,7 +2,8 @@
 //! skipped); sampled rows follow the renormalized softmax of the tokens that survive the
 //! top-k and top-p cuts, checked by frequency over 40 000 counters against the plain f64
 //! probabilities written here (every count within 5 standard deviations, no token outside
-//! the cuts); draws are a function of (seed, counter) alone. With the `cuda` feature the
+//! the cuts); draws are a function of (seed, counter) alone; `sample_rows_into` writes
+//! the same ids into a poisoned buffer. With the `cuda` feature the
 //! kernel must pick the same token as the CPU reference for every row of random logits
 //! (odd vocabularies up to 49 152, mixed settings), into poisoned outputs.
 
@@ -10,7 +11,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::{randn, rng, u32s};
-use spinkv::ops::{sample_params, sample_rows, SampleRow};
+use spinkv::ops::{sample_params, sample_rows, sample_rows_into, SampleRow};
 
 fn row(temperature: f32, top_k: u32, top_p: f32, seed: u64, counter: u32) -> SampleRow {
     SampleRow {
@@ -132,6 +133,29 @@ fn draws_depend_on_seed_and_counter_only() {
     assert!(many.len() > 20, "{}", many.len());
 }
 
+/// `sample_rows_into` over a buffer poisoned with `NONE`: the `sample_rows` ids.
+fn check_into(l: &Tensor, rows: &[SampleRow]) {
+    let p = sample_params(rows, l.device()).unwrap();
+    let out = Tensor::full(spinkv::ops::NONE, rows.len(), l.device()).unwrap();
+    sample_rows_into(l, &p, &out).unwrap();
+    assert_eq!(u32s(&out), draw(l, rows));
+}
+
+#[test]
+fn sampling_into_a_buffer_draws_the_same_ids() {
+    let mut r = rng(5);
+    let l = randn(&mut r, &[5, 333], 2.0);
+    let rows: Vec<SampleRow> = (0..5).map(|i| row(0.5 * i as f32, 7 * i, 0.8, 3, i)).collect();
+    check_into(&l, &rows);
+    let p = sample_params(&rows, &Device::Cpu).unwrap();
+    let bad = Tensor::zeros(4, candle_core::DType::U32, &Device::Cpu).unwrap();
+    let e = sample_rows_into(&l, &p, &bad).unwrap_err().to_string();
+    assert!(
+        e.contains("sample_rows") && e.contains("[5]") && e.contains("[4]"),
+        "{e}"
+    );
+}
+
 #[test]
 fn bad_inputs_are_clear_errors() {
     let l = Tensor::zeros((2, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
@@ -169,7 +193,9 @@ fn cuda_sampler_matches_the_cpu_reference() {
             })
             .collect();
         let cpu = draw(&l, &rows);
-        let cuda = draw(&l.to_device(&gpu).unwrap(), &rows);
+        let gl = l.to_device(&gpu).unwrap();
+        let cuda = draw(&gl, &rows);
         assert_eq!(cuda, cpu, "V {v}");
+        check_into(&gl, &rows);
     }
 }

@@ -2,7 +2,7 @@
 //! the runner that pads a decode batch to a [`PaddedShape`], writes its token ids and
 //! sampling rows into one buffer kept per batch size (one upload), and runs the whole
 //! model's step ([`Llama::forward_padded`]) and the sampling of every row
-//! ([`sample_rows`]) eagerly, or on CUDA as a captured graph: only the `[B]` sampled ids
+//! ([`sample_rows_into`]) eagerly, or on CUDA as a captured graph: only the `[B]` sampled ids
 //! come back to the host. The first step
 //! of a shape warms candle's capture caches, the second is captured, later ones replay
 //! it (recaptured when the cache's [`graph_epoch`](SparseKvCache::graph_epoch) moves).
@@ -12,7 +12,7 @@
 //! Prefill and mixed steps stay eager ([`Llama::forward`]).
 
 use crate::models::Llama;
-use crate::ops::{sample_rows, SampleRow, StepGraph, SAMPLE_PARAM_WORDS};
+use crate::ops::{sample_rows_into, SampleRow, StepGraph, SAMPLE_PARAM_WORDS};
 use crate::{Error, PaddedShape, Result, SeqId, SparseKvCache, StepInput};
 use candle_core::{DType, Tensor};
 use std::collections::{HashMap, HashSet};
@@ -78,6 +78,7 @@ struct Captured {
     graph: StepGraph,
     /// The capture's output `[B]` u32: holds each replay's sampled ids.
     sampled: Tensor,
+
     epoch: u64,
 }
 
@@ -85,8 +86,12 @@ struct Captured {
 pub(crate) struct DecodeRunner {
     mode: DecodeMode,
     /// Per padded batch size: `[B · (1 + 6)]` u32, the token ids `[B]` then the
-    /// sampling rows `[B, 6]` ([`SampleRow::words`]).
-    inputs: HashMap<usize, Tensor>,
+    /// sampling rows `[B, 6]` ([`SampleRow::words`]), and the `[B]` u32 sampled ids,
+    /// both allocated before any capture (a capture that allocated its output itself,
+    /// 16 bytes kept alive across replays, replayed right but failed under
+    /// `compute-sanitizer --tool memcheck`: the first kernel's writes were reported out
+    /// of bounds and the process died).
+    inputs: HashMap<usize, (Tensor, Tensor)>,
     warmed: HashSet<PaddedShape>,
     graphs: HashMap<PaddedShape, Captured>,
     /// Shapes whose capture failed: they run padded and eager from then on.
@@ -226,10 +231,13 @@ impl DecodeRunner {
             words[r] = tok;
             words[b + r * SAMPLE_PARAM_WORDS..][..SAMPLE_PARAM_WORDS].copy_from_slice(&row.words());
         }
-        let buf = match self.inputs.get(&b) {
+        let (buf, out) = match self.inputs.get(&b) {
             Some(t) => t.clone(),
             None => {
-                let t = Tensor::zeros(words.len(), DType::U32, &dev)?;
+                let t = (
+                    Tensor::zeros(words.len(), DType::U32, &dev)?,
+                    Tensor::zeros(b, DType::U32, &dev)?,
+                );
                 self.inputs.insert(b, t.clone());
                 t
             }
@@ -243,7 +251,8 @@ impl DecodeRunner {
             .reshape((b, SAMPLE_PARAM_WORDS))?;
         let step = |cache: &mut dyn SparseKvCache| -> Result<Tensor> {
             let logits = model.forward_padded(cache, &ids)?;
-            sample_rows(&logits, &params)
+            sample_rows_into(&logits, &params, &out)?;
+            Ok(out.clone())
         };
         if self.mode == DecodeMode::Padded || self.uncapturable.contains(&shape) {
             self.counters.padded_eager += 1;

@@ -18,7 +18,8 @@ use crate::ops::page_table::{fill_rows, scatter};
 use crate::ops::{page_slots, NONE};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashSet, HashSetExt};
+use std::collections::HashMap;
 
 const APPLY: &str = "DeviceTables::apply";
 const ROWS: &str = "DeviceTables::add_sequence";

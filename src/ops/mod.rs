@@ -39,7 +39,7 @@ pub use quest_score::quest_page_scores;
 pub use reference::reference_attention;
 pub use rope::rope_qkv;
 pub use rope_tables::{rope_inv_freq, rope_tables_into};
-pub use sample::{sample_params, sample_rows, SampleRow, SAMPLE_PARAM_WORDS};
+pub use sample::{sample_params, sample_rows, sample_rows_into, SampleRow, SAMPLE_PARAM_WORDS};
 pub use self_attention::causal_self_attention;
 pub use tier_copy::copy_pages;
 pub use topk::topk_indices;
@@ -52,8 +52,13 @@ pub use cuda::{selection_to_pages, set_attention_g8, set_attention_waves, set_po
 /// Loads every spinkv kernel on `device` (a CUDA device; on others nothing is done),
 /// so that the driver's one-time JIT compilation of the kernels' PTX (seconds) happens
 /// here rather than in the first step that uses each kernel. Returns the number of
-/// kernels loaded. [`Engine::new`](crate::engine::Engine::new) calls it.
+/// kernels loaded. [`Engine::new`](crate::engine::Engine::new) calls it. With the
+/// environment variable `SPINKV_PRELOAD_KERNELS=0` it does nothing (kernels then load
+/// on first use), for diagnosing tools that track module loads.
 pub fn preload_kernels(device: &candle_core::Device) -> Result<usize> {
+    if std::env::var("SPINKV_PRELOAD_KERNELS").is_ok_and(|v| v == "0") {
+        return Ok(0);
+    }
     match device {
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(d) => Ok(cuda::preload(d)?),

@@ -15,7 +15,7 @@
 //! token across a cut or two scores tie to the last bit.
 
 use crate::Result;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, InplaceOp3, Layout, Shape, Tensor};
 
 const OP: &str = "sample_rows";
 
@@ -75,6 +75,40 @@ pub fn sample_params(rows: &[SampleRow], device: &candle_core::Device) -> Result
 /// [`SampleRow`] per row, see [`sample_params`]); returns `[B]` u32. Runs on the logits'
 /// device; nothing is copied to the host.
 pub fn sample_rows(logits: &Tensor, params: &Tensor) -> Result<Tensor> {
+    let b = check(logits, params)?;
+    if b == 0 {
+        return Ok(Tensor::zeros(0, DType::U32, logits.device())?);
+    }
+    Ok(logits
+        .contiguous()?
+        .apply_op2_no_bwd(&params.contiguous()?, &SampleRows)?)
+}
+
+/// [`sample_rows`] written into `out` `[B]` u32 (contiguous, on the logits' device) in
+/// place: a step captured in a CUDA graph samples into a buffer allocated before the
+/// capture, so that the graph keeps no allocation of its own alive across replays.
+pub fn sample_rows_into(logits: &Tensor, params: &Tensor, out: &Tensor) -> Result<()> {
+    let b = check(logits, params)?;
+    if out.dims() != [b] || out.dtype() != DType::U32 || !out.is_contiguous() {
+        crate::invalid!(
+            OP,
+            "out must be contiguous u32 [{b}] for logits {:?}, got {:?} {:?}",
+            logits.dims(),
+            out.dims(),
+            out.dtype()
+        );
+    }
+    if !out.device().same_device(logits.device()) {
+        crate::invalid!(OP, "out must be on the logits' device");
+    }
+    if b > 0 {
+        out.inplace_op3(&logits.contiguous()?, &params.contiguous()?, &SampleRows)?;
+    }
+    Ok(())
+}
+
+/// Validates [`sample_rows`]' operands; returns B.
+fn check(logits: &Tensor, params: &Tensor) -> Result<usize> {
     let (b, v) = logits.dims2().unwrap_or((usize::MAX, 0));
     let ok = b != usize::MAX
         && v > 0
@@ -96,12 +130,7 @@ pub fn sample_rows(logits: &Tensor, params: &Tensor) -> Result<Tensor> {
     if !logits.device().same_device(params.device()) {
         crate::invalid!(OP, "logits and params must be on one device");
     }
-    if b == 0 {
-        return Ok(Tensor::zeros(0, DType::U32, logits.device())?);
-    }
-    Ok(logits
-        .contiguous()?
-        .apply_op2_no_bwd(&params.contiguous()?, &SampleRows)?)
+    Ok(b)
 }
 
 struct SampleRows;
@@ -168,6 +197,55 @@ fn sample_one(l: &[f32], p: &SampleRow) -> u32 {
     best.map_or(0, |(_, i)| i as u32)
 }
 
+/// The reference draws of every row.
+fn sample_cpu(l: &CpuStorage, ll: &Layout, p: &CpuStorage, pl: &Layout) -> candle_core::Result<Vec<u32>> {
+    let logits = super::util::float_values(OP, l, ll)?;
+    let params = super::util::u32_slice(OP, p, pl)?;
+    let (b, v) = ll.shape().dims2()?;
+    Ok((0..b)
+        .map(|r| {
+            let row = SampleRow::from_words(&params[r * SAMPLE_PARAM_WORDS..][..SAMPLE_PARAM_WORDS]);
+            sample_one(&logits[r * v..][..v], &row)
+        })
+        .collect())
+}
+
+impl InplaceOp3 for SampleRows {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cpu_fwd(
+        &self,
+        o: &mut CpuStorage,
+        ol: &Layout,
+        l: &CpuStorage,
+        ll: &Layout,
+        p: &CpuStorage,
+        pl: &Layout,
+    ) -> candle_core::Result<()> {
+        let ids = sample_cpu(l, ll, p, pl)?;
+        match (o, ol.contiguous_offsets()) {
+            (CpuStorage::U32(o), Some((a, _))) => o[a..a + ids.len()].copy_from_slice(&ids),
+            _ => candle_core::bail!("{OP}: out must be contiguous u32"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        o: &mut candle_core::CudaStorage,
+        ol: &Layout,
+        l: &candle_core::CudaStorage,
+        ll: &Layout,
+        p: &candle_core::CudaStorage,
+        pl: &Layout,
+    ) -> candle_core::Result<()> {
+        super::cuda::sample::sample_rows_into(o, ol, l, ll, p, pl)
+    }
+}
+
 impl CustomOp2 for SampleRows {
     fn name(&self) -> &'static str {
         OP
@@ -180,15 +258,8 @@ impl CustomOp2 for SampleRows {
         p: &CpuStorage,
         pl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let logits = super::util::float_values(OP, l, ll)?;
-        let params = super::util::u32_slice(OP, p, pl)?;
-        let (b, v) = ll.shape().dims2()?;
-        let out: Vec<u32> = (0..b)
-            .map(|r| {
-                let row = SampleRow::from_words(&params[r * SAMPLE_PARAM_WORDS..][..SAMPLE_PARAM_WORDS]);
-                sample_one(&logits[r * v..][..v], &row)
-            })
-            .collect();
+        let out = sample_cpu(l, ll, p, pl)?;
+        let b = out.len();
         Ok((CpuStorage::U32(out), Shape::from_dims(&[b])))
     }
 
