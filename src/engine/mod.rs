@@ -24,9 +24,10 @@
 //!   multiples of 64) and replayed as a CUDA graph captured once per shape, for caches
 //!   whose algorithm decodes on the device alone (dense, Quest); other steps run eagerly.
 //!   A capture that fails leaves that shape eager, and the step runs again eagerly.
-//! * Sampling ([`sample_batch`]) — one call per step for the whole batch; greedy rows
-//!   are an argmax on the device (only ids cross to the host); rows with a temperature
-//!   are sampled on the host (their logits rows are copied: a known limitation).
+//! * Sampling ([`sample_batch`], and inside the captured decode step) — every row on
+//!   the logits' device ([`ops::sample_rows`](crate::ops::sample_rows): greedy, or
+//!   temperature / top-k / top-p as a Gumbel-max draw keyed by the request's seed and
+//!   draw counter); only the sampled ids cross to the host.
 //! * Metrics ([`EngineMetrics`], [`Timings`]) — prefill and decode tokens/s, waiting
 //!   and running counts, cache usage and counters; per request TTFT, TPOT, ITL.
 //!

@@ -32,9 +32,12 @@ pub enum Prompt {
 ///
 /// `temperature == 0` is greedy (argmax; `top_k`, `top_p` and `seed` are then unused).
 /// Otherwise the logits are divided by `temperature`, cut to the `top_k` largest
-/// (`0` = no cut), then to the smallest set whose probability reaches `top_p`, and a
-/// token is drawn with a generator seeded by `seed`: the same request with the same seed
-/// gives the same tokens, whatever else runs in the batch.
+/// (`0` = no cut; ties at the cut kept), then to the smallest set whose probability
+/// reaches `top_p`, and a token is drawn from what is left by a Gumbel-max draw keyed by
+/// `seed` and the request's draw counter ([`ops::sample_rows`](crate::ops::sample_rows)):
+/// the same request with the same seed gives the same tokens, whatever else runs in the
+/// batch and whether the step ran eagerly or as a CUDA graph (up to float rounding that
+/// moves a token across a cut).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
     /// `0` = greedy; otherwise `> 0`, finite.
@@ -43,7 +46,7 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Nucleus mass in `(0, 1]`; `1` disables it.
     pub top_p: f64,
-    /// Seed of this request's random generator.
+    /// Seed of this request's draws.
     pub seed: u64,
 }
 
