@@ -222,7 +222,8 @@ impl DeviceTables {
         // Newest first: an entry keeps its last write; writes older than the last time
         // their leaf was emptied are dropped (the fill runs before the scatter).
         let mut emptied = HashSet::new();
-        let mut written = HashSet::new();
+        let mut written = HashSet::with_capacity(changes.leaves.len());
+        out.leaves.reserve(changes.leaves.len());
         for c in changes.leaves.iter().rev() {
             let leaf = c.leaf as usize;
             if c.offset == LeafChange::WHOLE_LEAF {
@@ -232,7 +233,11 @@ impl DeviceTables {
                 continue;
             }
             let offset = c.offset as usize;
-            if emptied.contains(&leaf) || !written.insert((leaf, offset)) || (c.slot == NONE && leaf >= arena) {
+            let flat = (c.leaf as u64) * LEAF_PAGES as u64 + c.offset as u64;
+            if (!emptied.is_empty() && emptied.contains(&leaf))
+                || !written.insert(flat)
+                || (c.slot == NONE && leaf >= arena)
+            {
                 continue;
             }
             if leaf >= arena || offset >= LEAF_PAGES {

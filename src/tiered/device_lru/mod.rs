@@ -182,7 +182,8 @@ impl DeviceLru {
         if self.round >= u32::MAX / 2 {
             self.restart_rounds()?;
         }
-        if self.device.is_cuda() && step != self.device_step {
+        // A direct-mapped round reads no state: nothing to write.
+        if self.device.is_cuda() && !self.direct && step != self.device_step {
             crate::fault::device_call("DeviceLru::set_step")?;
             self.write_state_word(3, step)?;
         }
