@@ -1,7 +1,8 @@
 //! The serving engine with the real SmolLM2 model on the CPU: batching and chunked
 //! prefill change no token, back-pressure admits FIFO and loses nothing, cancellation
 //! frees pages, bad requests are rejected at submit while the engine keeps serving, and
-//! the threaded client serves several submitting threads.
+//! the threaded client serves several submitting threads. The engine gives the tokens of
+//! `models::generation::generate`, greedy and seeded (both sample with `ops::sample_rows`).
 
 mod common;
 
@@ -99,6 +100,43 @@ fn engine_matches_plain_generation() {
     )
     .unwrap();
     assert_eq!(alone("dense", std::slice::from_ref(p), N)[0], rep.tokens);
+}
+
+#[test]
+fn seeded_engine_matches_seeded_generation() {
+    let lm = smollm2();
+    let p = &prompts()[2];
+    let (temperature, top_p, seed) = (0.9, 0.95, 4242);
+    let mut cache = SpinCache::new_boxed(lm.model.cache_config(256, 1.0), algo("dense")).unwrap();
+    let mut sampler = Sampler::new(SamplingConfig {
+        temperature,
+        top_p,
+        seed,
+    });
+    let rep = generate(
+        &lm.model,
+        &mut cache,
+        &lm.tokenizer,
+        p,
+        N,
+        &[],
+        &mut sampler,
+        false,
+        |_| {},
+    )
+    .unwrap();
+    let mut e = engine("dense", 1024, EngineConfig::default());
+    let h = e
+        .submit(fixed(p, N).with_sampling(SamplingParams {
+            top_p,
+            ..SamplingParams::random(temperature, seed)
+        }))
+        .unwrap();
+    e.run_until_idle().unwrap();
+    let tokens = drain(h).0.tokens;
+    assert_eq!(tokens, rep.tokens);
+    // Sampled, not greedy: some token differs from the greedy run.
+    assert_ne!(tokens, alone("dense", std::slice::from_ref(p), N)[0]);
 }
 
 #[test]

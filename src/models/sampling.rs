@@ -1,4 +1,5 @@
-//! Next-token sampling: greedy (default), or temperature with optional top-p, seeded.
+//! Next-token sampling: greedy (default), or temperature with optional top-p, seeded;
+//! the draw itself is [`ops::sample_rows`](crate::ops::sample_rows).
 
 use crate::Result;
 use candle_core::Tensor;
@@ -24,76 +25,55 @@ impl Default for SamplingConfig {
     }
 }
 
-/// A seeded sampler (xorshift64*), deterministic across runs and platforms.
+/// A seeded sampler: each draw is [`ops::sample_rows`](crate::ops::sample_rows) on the
+/// logits' device, keyed by the seed and this sampler's draw counter (no generator
+/// state), so it draws what the serving engine draws for a request with the same
+/// settings (`top_k` 0), deterministic across runs and platforms up to float rounding at
+/// a cut.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     cfg: SamplingConfig,
-    state: u64,
+    draws: u32,
 }
 
 impl Sampler {
     /// A sampler with `cfg`.
     pub fn new(cfg: SamplingConfig) -> Self {
-        Self {
-            cfg,
-            state: cfg.seed.max(1),
+        Self { cfg, draws: 0 }
+    }
+
+    /// The [`SampleRow`](crate::ops::SampleRow) of the next draw.
+    fn row(&self) -> crate::ops::SampleRow {
+        crate::ops::SampleRow {
+            temperature: self.cfg.temperature as f32,
+            top_k: 0,
+            top_p: self.cfg.top_p as f32,
+            seed: self.cfg.seed,
+            counter: self.draws,
         }
     }
 
-    fn next_f64(&mut self) -> f64 {
-        self.state ^= self.state >> 12;
-        self.state ^= self.state << 25;
-        self.state ^= self.state >> 27;
-        (self.state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Picks a token from `logits` `[vocab]` f32.
+    /// Picks a token from `logits` `[vocab]` (any float dtype, any device): one kernel
+    /// on CUDA, and only the id comes back to the host.
     pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
-        let l = logits.flatten_all()?.to_vec1::<f32>()?;
-        Ok(self.sample_slice(&l))
+        let l = logits.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+        let n = l.dims1()?;
+        let params = crate::ops::sample_params(&[self.row()], l.device())?;
+        let id = crate::ops::sample_rows(&l.reshape((1, n))?, &params)?.to_vec1::<u32>()?[0];
+        self.draws = self.draws.wrapping_add(1);
+        Ok(id)
     }
 
-    /// Picks a token from raw logits.
+    /// Picks a token from raw logits (0 for an empty slice).
     pub fn sample_slice(&mut self, logits: &[f32]) -> u32 {
-        let argmax = || {
-            logits
-                .iter()
-                .enumerate()
-                .fold(
-                    (0usize, f32::NEG_INFINITY),
-                    |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-                )
-                .0 as u32
-        };
-        if self.cfg.temperature <= 0.0 || logits.is_empty() {
-            return argmax();
+        if logits.is_empty() {
+            return 0;
         }
-        let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let mut p: Vec<(usize, f64)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &x)| (i, ((x as f64 - m) / self.cfg.temperature).exp()))
-            .collect();
-        let z: f64 = p.iter().map(|x| x.1).sum();
-        p.iter_mut().for_each(|x| x.1 /= z);
-        if self.cfg.top_p < 1.0 {
-            p.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
-            let mut acc = 0.0;
-            let keep = p.iter().position(|x| {
-                acc += x.1;
-                acc >= self.cfg.top_p
-            });
-            p.truncate(keep.map_or(p.len(), |k| k + 1));
+        // Neither step can fail on a non-empty CPU slice.
+        match Tensor::from_slice(logits, logits.len(), &candle_core::Device::Cpu) {
+            Ok(t) => self.sample(&t).unwrap_or(0),
+            Err(_) => 0,
         }
-        let total: f64 = p.iter().map(|x| x.1).sum();
-        let mut r = self.next_f64() * total;
-        for (i, w) in &p {
-            r -= w;
-            if r <= 0.0 {
-                return *i as u32;
-            }
-        }
-        p.last().map_or_else(argmax, |x| x.0 as u32)
     }
 }
 
