@@ -80,14 +80,13 @@ fn batching_changes_nothing_quest() {
     batching_changes_nothing("quest");
 }
 
-#[test]
-fn engine_matches_plain_generation() {
-    // An independent path: models::generation::generate on its own cache.
+/// `N` tokens of prompt `p` through `models::generation::generate` (an independent path
+/// from the engine) on its own dense cache, sampled by `cfg`.
+fn generated(p: &[u32], cfg: SamplingConfig) -> Vec<u32> {
     let lm = smollm2();
-    let p = &prompts()[1];
     let mut cache = SpinCache::new_boxed(lm.model.cache_config(256, 1.0), algo("dense")).unwrap();
-    let mut sampler = Sampler::new(SamplingConfig::default());
-    let rep = generate(
+    let mut sampler = Sampler::new(cfg);
+    generate(
         &lm.model,
         &mut cache,
         &lm.tokenizer,
@@ -98,33 +97,31 @@ fn engine_matches_plain_generation() {
         false,
         |_| {},
     )
-    .unwrap();
-    assert_eq!(alone("dense", std::slice::from_ref(p), N)[0], rep.tokens);
+    .unwrap()
+    .tokens
+}
+
+#[test]
+fn engine_matches_plain_generation() {
+    let p = &prompts()[1];
+    assert_eq!(
+        alone("dense", std::slice::from_ref(p), N)[0],
+        generated(p, SamplingConfig::default())
+    );
 }
 
 #[test]
 fn seeded_engine_matches_seeded_generation() {
-    let lm = smollm2();
     let p = &prompts()[2];
     let (temperature, top_p, seed) = (0.9, 0.95, 4242);
-    let mut cache = SpinCache::new_boxed(lm.model.cache_config(256, 1.0), algo("dense")).unwrap();
-    let mut sampler = Sampler::new(SamplingConfig {
-        temperature,
-        top_p,
-        seed,
-    });
-    let rep = generate(
-        &lm.model,
-        &mut cache,
-        &lm.tokenizer,
+    let want = generated(
         p,
-        N,
-        &[],
-        &mut sampler,
-        false,
-        |_| {},
-    )
-    .unwrap();
+        SamplingConfig {
+            temperature,
+            top_p,
+            seed,
+        },
+    );
     let mut e = engine("dense", 1024, EngineConfig::default());
     let h = e
         .submit(fixed(p, N).with_sampling(SamplingParams {
@@ -134,7 +131,7 @@ fn seeded_engine_matches_seeded_generation() {
         .unwrap();
     e.run_until_idle().unwrap();
     let tokens = drain(h).0.tokens;
-    assert_eq!(tokens, rep.tokens);
+    assert_eq!(tokens, want);
     // Sampled, not greedy: some token differs from the greedy run.
     assert_ne!(tokens, alone("dense", std::slice::from_ref(p), N)[0]);
 }
