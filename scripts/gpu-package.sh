@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=target}"
 export CARGO_TARGET_DIR
 git check-ignore -q .device 2>/dev/null || echo '/.device/' >> .git/info/exclude
-TESTS="cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_lru_direct device_tables model_ops sample_rows cuda_graphs"
-EXAMPLES="tiered_step_bench generate serve_bench"
+TESTS="cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_lru_direct device_tables model_ops sample_rows prefill_attention cuda_graphs"
+EXAMPLES="tiered_step_bench generate serve_bench prefill_bench"
 cargo build --release --features cuda $(for e in $EXAMPLES; do echo --example $e; done)
 cargo test --release --features cuda --no-run $(for t in $TESTS; do echo --test $t; done) 2>&1 | tee /tmp/spinkv-testbins.txt
 rm -rf .device && mkdir -p .device
@@ -24,7 +24,7 @@ done
 for e in $EXAMPLES; do
   xz -T0 -6 -c "$CARGO_TARGET_DIR/release/examples/$e" > ".device/$e.xz"
 done
-cp scripts/device-env.sh scripts/gpu-run.sh scripts/gpu-e2e.sh scripts/gpu-profile.sh .device/
+cp scripts/device-env.sh scripts/gpu-run.sh scripts/gpu-e2e.sh scripts/gpu-profile.sh scripts/sdpa_prefill.py .device/
 anchor=${SPINKV_ANCHOR:-../shared/anchors/torch_e2e_decode.py}
 if [ -f "$anchor" ]; then cp "$anchor" .device/; else echo "note: no anchor at $anchor (set SPINKV_ANCHOR)"; fi
 ls -la .device

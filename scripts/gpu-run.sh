@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # spinkv: runs the packed CUDA tests, compute-sanitizer and the bench on a GPU machine
 # (see scripts/gpu-package.sh). Results go to $OUT (default ./gpu-out).
-# Usage: bash .device/gpu-run.sh [tests|sanitize|bench|e2e|all]
+# Usage: bash .device/gpu-run.sh [tests|sanitize|bench|e2e|prefill|all]
 # e2e: the engine's offline decode (serve_bench, random weights at SmolLM2's shape, 8K
 # context) next to the PyTorch anchor at the same points, in the same session.
 # E2E_BATCHES (default 1,16,64) and E2E_ALGOS (default dense quest) choose the points;
 # E2E_FLAGS adds serve_bench flags (e.g. --no-graphs), E2E_TAG suffixes the output files.
+# prefill: the prefill attention kernel alone (prefill_bench) next to PyTorch SDPA
+# (sdpa_prefill.py), then TTFT through the engine (serve_bench, random weights, batch 1)
+# next to the anchor's TTFT, at SmolLM2 8K and Llama-3.1-8B 8K/32K (PREFILL_8B=0 skips 8B).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/device-env.sh"
@@ -15,7 +18,7 @@ for f in "$here"/*.xz; do xz -dc "$f" > "$bin/$(basename "$f" .xz)"; chmod +x "$
 what=${1:-all}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  for t in cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_lru_direct device_tables model_ops sample_rows cuda_graphs; do
+  for t in cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_lru_direct device_tables model_ops sample_rows prefill_attention cuda_graphs; do
     "$bin/$t" --nocapture 2>&1 | tee "$OUT/$t.txt" | grep -E "test result|panicked|FAILED|error" 
   done
 fi
@@ -23,7 +26,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   "$bin/tiered_step_bench" --csv "$OUT/tiered.csv" 2>&1 | tee "$OUT/tiered.txt"
 fi
 if [ "$what" = sanitize ] || [ "$what" = all ]; then
-  for t in cuda_tiered cuda_pinned device_lru device_lru_direct device_tables model_ops sample_rows; do
+  for t in cuda_tiered cuda_pinned device_lru device_lru_direct device_tables model_ops sample_rows prefill_attention; do
     timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --leak-check no "$bin/$t" > "$OUT/memcheck_$t.txt" 2>&1
     echo "compute-sanitizer $t exit: $?"; grep -E "ERROR SUMMARY|test result" "$OUT/memcheck_$t.txt"
   done
@@ -44,4 +47,25 @@ if [ "$what" = e2e ] || [ "$what" = all ]; then
       --budget 1024 --max-prefill-tokens 4096 ${E2E_FLAGS:-} \
       --csv "$OUT/e2e_$algo${E2E_TAG:-}.csv" 2>&1 | tee "$OUT/e2e_$algo${E2E_TAG:-}.txt"
   done
+fi
+if [ "$what" = prefill ] || [ "$what" = all ]; then
+  "$bin/prefill_bench" --csv "$OUT/prefill_kernel.csv" 2>&1 | tee "$OUT/prefill_kernel.txt"
+  python3 "$here/sdpa_prefill.py" 2>&1 | tee "$OUT/sdpa_prefill.jsonl"
+  if [ -f "$here/torch_e2e_decode.py" ]; then
+    python3 "$here/torch_e2e_decode.py" --shape smollm2 --prefill 8192 2>&1 | tee "$OUT/anchor_prefill_smollm2.jsonl"
+    [ "${PREFILL_8B:-1}" = 1 ] && PREFILL_CHUNK=131072 python3 "$here/torch_e2e_decode.py" --shape llama8b \
+      --prefill 8192,32768 2>&1 | tee "$OUT/anchor_prefill_llama8b.jsonl"
+  fi
+  for algo in dense quest; do
+    timeout ${E2E_TIMEOUT:-240} "$bin/serve_bench" offline --cuda --shape smollm2-135m --random-weights \
+      --context 8192 --new-tokens 8 --batch 1 --algo "$algo" --budget 1024 --max-prefill-tokens ${PREFILL_CHUNK_TOKENS:-8192} \
+      --csv "$OUT/ttft_smollm2_$algo.csv" 2>&1 | tee "$OUT/ttft_smollm2_$algo.txt"
+  done
+  if [ "${PREFILL_8B:-1}" = 1 ]; then
+    for L in 8192 32768; do
+      timeout ${E2E_TIMEOUT:-240} "$bin/serve_bench" offline --cuda --shape llama3-8b --random-weights \
+        --context $L --new-tokens 4 --batch 1 --algo quest --budget 2048 --max-prefill-tokens 8192 \
+        --csv "$OUT/ttft_llama8b_$L.csv" 2>&1 | tee "$OUT/ttft_llama8b_$L.txt"
+    done
+  fi
 fi

@@ -77,12 +77,17 @@ impl SpinCache {
     /// pages read straight from the host tier, merged by log-sum-exp. A direct-mapped
     /// fast tier has only hits: one round kernel and the attention over the fast tier. Everything is
     /// enqueued on the device: no host synchronization, no device-to-host copy.
+    ///
+    /// In a step with prefill chunks on the tensor-core path (`step.prefill`), the
+    /// chunks' rows attend only their spilled pages here; their fast-tier pages are
+    /// attended by [`ops::prefill_attention`] from the returned fast-tier pairs
+    /// `[S, Hkv, N, 2]`.
     pub(super) fn tiered_part(
         &mut self,
         step: &mut StepState,
         q_rot: &Tensor,
         r: &PageRequests,
-    ) -> Result<AttentionPartial> {
+    ) -> Result<(AttentionPartial, Tensor)> {
         let (s, hkv, n) = r.host_slots.dims3()?;
         let reuse_steps = match self.cfg.budget_policy {
             BudgetPolicy::Dynamic { reuse_steps, .. } => reuse_steps.min(u32::MAX as u64) as u32,
@@ -100,10 +105,15 @@ impl SpinCache {
             step: self.step_number(),
             reuse_steps,
         };
-        let list = |pairs: &Tensor| -> Result<PageList> {
+        let fast_queries = step
+            .prefill
+            .as_ref()
+            .map_or(&step.queries, |pf| &pf.decode_queries)
+            .clone();
+        let list = |pairs: &Tensor, queries: &Tensor| -> Result<PageList> {
             Ok(PageList {
                 pages: pairs.reshape((s, hkv, n, 2))?,
-                queries: step.queries.clone(),
+                queries: queries.clone(),
                 kv_limit: step.kv_limit.clone(),
             })
         };
@@ -113,15 +123,20 @@ impl SpinCache {
             // Every page is in its own fast slot: no fetch, nothing spilled.
             let pairs = self.lru.resolve_direct(&req)?;
             step.requests += (s * hkv * n) as u64;
-            return ops::sparse_paged_attention(q_rot, &self.fast_pool, &list(&pairs)?, self.scale);
+            let fast = list(&pairs, &fast_queries)?;
+            let part = ops::sparse_paged_attention(q_rot, &self.fast_pool, &fast, self.scale)?;
+            return Ok((part, fast.pages));
         }
         let out = self.lru.resolve(&req)?;
         step.requests += (s * hkv * n) as u64;
         self.host
             .gather_counted(&self.fast_pool, &out.misses, &out.miss_count)?;
-        let fast = ops::sparse_paged_attention(q_rot, &self.fast_pool, &list(&out.fast_pairs)?, self.scale)?;
-        let spilled = self.host.attend(q_rot, &list(&out.spill_pairs)?, self.scale)?;
-        ops::merge_partials(&fast, &spilled)
+        let fast_list = list(&out.fast_pairs, &fast_queries)?;
+        let fast = ops::sparse_paged_attention(q_rot, &self.fast_pool, &fast_list, self.scale)?;
+        let spilled = self
+            .host
+            .attend(q_rot, &list(&out.spill_pairs, &step.queries)?, self.scale)?;
+        Ok((ops::merge_partials(&fast, &spilled)?, fast_list.pages))
     }
 
     /// `[T, Hkv]` fast-tier destinations of the step's tokens in `layer`: where the home
@@ -244,10 +259,34 @@ impl SpinCache {
                 (tiered, rebuilt)
             }
         };
+        let (tiered, fast_pages) = match tiered {
+            Some((part, pages)) => (Some(part), Some(pages)),
+            None => (None, None),
+        };
         let paged = match (tiered, rebuilt) {
             (Some(a), Some(b)) => Some(ops::merge_partials(&a, &b)?),
             (a, b) => a.or(b),
         };
+        if let Some(pf) = &step.prefill {
+            // Prefill rows: their fast-tier pages and their own tokens, in one kernel.
+            let pages = fast_pages.as_ref().unwrap_or(&pf.no_pages);
+            let own = ops::prefill_attention(
+                &q_rot,
+                &k_rot,
+                &v,
+                &self.fast_pool,
+                pages,
+                &step.kv_limit,
+                &pf.tiles,
+                self.scale,
+            )?;
+            let all = match paged {
+                Some(a) => ops::merge_partials(&a, &own)?,
+                None => own,
+            };
+            step.attended[layer] = true;
+            return Ok(all.out.to_dtype(self.cfg.dtype)?);
+        }
         if step.padded.is_some() {
             // Every row decodes, in row order (padding rows attended nothing: zeros).
             step.attended[layer] = true;

@@ -103,6 +103,7 @@ impl SparseKvCache for SpinCache {
             .collect();
         let n_entries = entries.len();
         let kv_limit = Tensor::from_vec(kv_limit, n_entries, &self.cfg.device)?;
+        let prefill = self.prefill_plan(&entries, row)?;
         self.lru.set_step(self.step_number())?;
         let plan = self.reserve_and_plan(&entries, false, |c, en| c.step_plan(en, row))?;
         let stats = StepStats {
@@ -125,6 +126,7 @@ impl SparseKvCache for SpinCache {
             padded: None,
             rounds: 0,
             requests: 0,
+            prefill,
         });
         Ok(())
     }

@@ -75,6 +75,19 @@ struct StepState {
     /// step of the same shape runs as many).
     rounds: u32,
     requests: u64,
+    /// Set when the step's prefill chunks take the tensor-core prefill attention.
+    prefill: Option<PrefillPlan>,
+}
+
+/// The prefill chunks of a step on the tensor-core path, computed once in `begin_step`.
+#[derive(Debug)]
+struct PrefillPlan {
+    tiles: ops::PrefillTiles,
+    /// `[T, 2]` like `StepState::queries`, with the chunks' rows naming no sequence
+    /// (`NONE`): the paged decode kernel leaves them empty.
+    decode_queries: Tensor,
+    /// `[S, Hkv, 0, 2]`: the page lists of a layer that requested no page.
+    no_pages: Tensor,
 }
 
 /// Where a layer's page requests were built.

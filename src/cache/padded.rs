@@ -198,6 +198,7 @@ impl SpinCache {
             padded: Some(shape),
             rounds: 0,
             requests: 0,
+            prefill: None,
         });
         Ok(())
     }

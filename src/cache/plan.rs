@@ -160,6 +160,44 @@ impl SpinCache {
 }
 
 impl SpinCache {
+    /// The tensor-core prefill plan of a step (`None` when the step has no prefill chunk,
+    /// or the cache's device, dtype or head dim has no such kernel: CUDA, f16/bf16, head
+    /// dim 64/96/128). A chunk walks the page list of its earlier pages, `0..⌈start/P⌉`,
+    /// in the order the requests lay them out.
+    pub(super) fn prefill_plan(&self, entries: &[StepEntry], rows: usize) -> Result<Option<PrefillPlan>> {
+        let c = &self.cfg;
+        let on = c.device.is_cuda() && ops::prefill_attention_supported(c.dtype, c.head_dim, &c.device);
+        if !on || entries.iter().all(|e| e.n <= 1) {
+            return Ok(None);
+        }
+        let chunks: Vec<ops::PrefillChunk> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.n > 1)
+            .map(|(ei, e)| ops::PrefillChunk {
+                seq: ei as u32,
+                row: e.row as u32,
+                start: e.start as u32,
+                n: e.n as u32,
+                list_len: e.start.div_ceil(c.page_size) as u32,
+            })
+            .collect();
+        let group = c.num_q_heads / c.num_kv_heads;
+        let tiles = ops::PrefillTiles::new(&chunks, group, c.page_size, &c.device)?;
+        let mut queries = Vec::with_capacity(2 * rows);
+        for (ei, e) in entries.iter().enumerate() {
+            let seq = if e.n > 1 { NONE } else { ei as u32 };
+            for i in 0..e.n {
+                queries.extend([seq, (e.start + i) as u32]);
+            }
+        }
+        Ok(Some(PrefillPlan {
+            tiles,
+            decode_queries: Tensor::from_vec(queries, (rows, 2), &c.device)?,
+            no_pages: Tensor::zeros((entries.len(), c.num_kv_heads, 0, 2), DType::U32, &c.device)?,
+        }))
+    }
+
     /// The number the next step gets (1-based), as the LRU records it.
     pub(super) fn step_number(&self) -> u32 {
         (self.total.steps + 1).min(u32::MAX as u64) as u32

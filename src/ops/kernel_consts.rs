@@ -12,3 +12,10 @@ pub const EMPTY_LSE: f32 = -1.0e30;
 
 /// Logical pages per leaf block of the two-level page tables.
 pub const LEAF_PAGES: usize = 64;
+
+/// Query rows of one prefill-attention tile: the (token, head-in-group) pairs of up to
+/// `PREFILL_ROWS / g` tokens of one chunk, `g` query heads per KV head.
+pub const PREFILL_ROWS: usize = 128;
+
+/// u32 words describing one prefill-attention tile (see `ops::PrefillTiles`).
+pub const PREFILL_TILE_WORDS: usize = 6;

@@ -18,6 +18,7 @@ pub(crate) mod lru_resolve;
 pub mod merge;
 pub mod model_ops;
 pub mod page_table;
+pub mod prefill;
 pub mod quest_score;
 pub mod reference;
 pub mod rope;
@@ -35,6 +36,7 @@ pub use graph::{cuda_device, profiler_range, StepGraph};
 pub use merge::merge_partials;
 pub use model_ops::{add_rms_norm, rms_norm, silu_mul};
 pub use page_table::{page_slots, page_slots_grid};
+pub use prefill::{prefill_attention, prefill_attention_supported, PrefillChunk, PrefillTiles};
 pub use quest_score::quest_page_scores;
 pub use reference::reference_attention;
 pub use rope::rope_qkv;
@@ -68,4 +70,4 @@ pub fn preload_kernels(device: &candle_core::Device) -> Result<usize> {
 
 #[path = "kernel_consts.rs"]
 mod kernel_consts;
-pub use kernel_consts::{EMPTY_LSE, LEAF_PAGES, NONE};
+pub use kernel_consts::{EMPTY_LSE, LEAF_PAGES, NONE, PREFILL_ROWS};

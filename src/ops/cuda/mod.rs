@@ -15,6 +15,7 @@ pub(crate) mod graph;
 pub(crate) mod lru;
 pub(crate) mod model_ops;
 pub(crate) mod page_table;
+pub(crate) mod prefill;
 pub(crate) mod quest_score;
 pub(crate) mod sample;
 pub(crate) mod tier_copy;

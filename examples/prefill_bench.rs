@@ -1,0 +1,170 @@
+//! Prefill attention kernel alone on CUDA (`ops::prefill_attention`): causal attention of
+//! a whole prompt in one chunk, and of the same prompt in chunks whose earlier tokens
+//! are read through a page list, at the Llama-3.1-8B and SmolLM2 attention shapes
+//! (bf16). Prints ms and TFLOP/s (causal FLOPs, 4·Hq·L²·D/2, the count PyTorch's anchor
+//! uses) and, at 8K, the old path (`causal_self_attention`, f32 matmuls) for comparison.
+//! `scripts/sdpa_prefill.py` times PyTorch's SDPA at the same points.
+//!
+//! `cargo run --release --features cuda --example prefill_bench [-- --csv FILE]`
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!("prefill_bench needs the `cuda` feature: cargo run --release --features cuda --example prefill_bench");
+}
+
+#[cfg(feature = "cuda")]
+fn main() -> anyhow::Result<()> {
+    bench::main()
+}
+
+#[cfg(feature = "cuda")]
+mod bench {
+    use anyhow::Result;
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::{DType, Device, Tensor};
+    use clap::Parser;
+    use rand::rngs::StdRng;
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    use spinkv::ops::{self, PrefillChunk, PrefillTiles};
+    use std::io::Write;
+
+    #[derive(Parser)]
+    struct Args {
+        /// Write the rows as CSV here too.
+        #[arg(long)]
+        csv: Option<String>,
+        /// Prompt lengths.
+        #[arg(long, value_delimiter = ',', default_values_t = [8192usize, 32768])]
+        lengths: Vec<usize>,
+        /// Chunk length of the chunked runs.
+        #[arg(long, default_value_t = 8192)]
+        chunk: usize,
+    }
+
+    const P: usize = 16;
+
+    /// Median over 7 repetitions of `f`'s device time, ms (after 2 warm-up calls).
+    fn time(dev: &Device, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let Device::Cuda(c) = dev else {
+            anyhow::bail!("not a CUDA device")
+        };
+        let stream = c.cuda_stream();
+        f()?;
+        f()?;
+        stream.synchronize()?;
+        let ctx = stream.context();
+        let mut v = Vec::new();
+        for _ in 0..7 {
+            let e0 = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            let e1 = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            e0.record(&stream)?;
+            f()?;
+            e1.record(&stream)?;
+            e1.synchronize()?;
+            v.push(e0.elapsed_ms(&e1)? as f64);
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        Ok(v[v.len() / 2])
+    }
+
+    pub fn main() -> Result<()> {
+        let args = Args::parse();
+        let dev = Device::new_cuda(0)?;
+        ops::preload_kernels(&dev)?;
+        let mut r = StdRng::seed_from_u64(3);
+        let mut rows: Vec<String> = Vec::new();
+        println!("| shape | L | mode | ms | TFLOP/s |\n|---|---|---|---|---|");
+        for (shape, hq, hkv, d) in [("llama3-8b", 32usize, 8usize, 128usize), ("smollm2-135m", 9, 3, 64)] {
+            for &l in &args.lengths {
+                let scale = 1.0 / (d as f32).sqrt();
+                let flops = 4.0 * hq as f64 * (l as f64) * (l as f64) * d as f64 / 2.0;
+                let q = Tensor::randn(0f32, 1.0, (l, hq, d), &dev)?.to_dtype(DType::BF16)?;
+                let k = Tensor::randn(0f32, 1.0, (l, hkv, d), &dev)?.to_dtype(DType::BF16)?;
+                let v = Tensor::randn(0f32, 1.0, (l, hkv, d), &dev)?.to_dtype(DType::BF16)?;
+                // The prompt's K/V also in pages (each (head, page) in a shuffled slot).
+                let np = l.div_ceil(P);
+                let mut slots: Vec<u32> = (0..(hkv * np) as u32).collect();
+                slots.shuffle(&mut r);
+                let pool = Tensor::zeros((hkv * np, 2, P, d), DType::BF16, &dev)?;
+                let list: Vec<u32> = (0..hkv)
+                    .flat_map(|h| (0..np).flat_map(move |lp| [h * np + lp, lp]))
+                    .map(|i| i as u32)
+                    .collect();
+                let list: Vec<u32> = list.chunks(2).flat_map(|w| [slots[w[0] as usize], w[1]]).collect();
+                let pages = Tensor::from_vec(list, (1, hkv, np, 2), &dev)?;
+                let group = hq / hkv;
+                let mut report = |mode: &str, ms: f64| {
+                    let tf = flops / (ms * 1e9);
+                    println!("| {shape} | {l} | {mode} | {ms:.3} | {tf:.1} |");
+                    rows.push(format!("{shape},{l},{mode},{ms:.4},{tf:.2}"));
+                };
+                // One chunk: the whole prompt, causal over itself.
+                let one = PrefillTiles::new(
+                    &[PrefillChunk {
+                        seq: 0,
+                        row: 0,
+                        start: 0,
+                        n: l as u32,
+                        list_len: 0,
+                    }],
+                    group,
+                    P,
+                    &dev,
+                )?;
+                let zero = Tensor::zeros(1, DType::U32, &dev)?;
+                let ms = time(&dev, &mut || {
+                    ops::prefill_attention(&q, &k, &v, &pool, &pages, &zero, &one, scale)?;
+                    Ok(())
+                })?;
+                report("one chunk", ms);
+                // Chunks of `chunk` tokens: each over its earlier pages, then itself.
+                if args.chunk < l {
+                    let mut calls = Vec::new();
+                    let mut start = 0;
+                    while start < l {
+                        let n = args.chunk.min(l - start);
+                        let tiles = PrefillTiles::new(
+                            &[PrefillChunk {
+                                seq: 0,
+                                row: 0,
+                                start: start as u32,
+                                n: n as u32,
+                                list_len: start.div_ceil(P) as u32,
+                            }],
+                            group,
+                            P,
+                            &dev,
+                        )?;
+                        let limit = Tensor::from_vec(vec![start as u32], 1, &dev)?;
+                        let rows = |x: &Tensor| x.narrow(0, start, n).and_then(|x| x.contiguous());
+                        calls.push((rows(&q)?, rows(&k)?, rows(&v)?, tiles, limit));
+                        start += n;
+                    }
+                    let ms = time(&dev, &mut || {
+                        for (q, k, v, tiles, limit) in &calls {
+                            ops::prefill_attention(q, k, v, &pool, &pages, limit, tiles, scale)?;
+                        }
+                        Ok(())
+                    })?;
+                    report(&format!("chunks of {}", args.chunk), ms);
+                }
+                if l <= 8192 {
+                    let ms = time(&dev, &mut || {
+                        ops::causal_self_attention(&q, &k, &v, scale)?;
+                        Ok(())
+                    })?;
+                    report("old path (f32 matmuls)", ms);
+                }
+            }
+        }
+        if let Some(path) = args.csv {
+            let mut f = std::fs::File::create(path)?;
+            writeln!(f, "shape,L,mode,ms,tflops")?;
+            for row in rows {
+                writeln!(f, "{row}")?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,315 @@
+// spinkv CUDA kernels: flash-style prefill attention. A tile of a prefill chunk's query
+// rows attends, in one pass with an online softmax, its sequence's earlier pages through
+// a page list and then the chunk's own tokens causally.
+// Launch glue: src/ops/cuda/prefill.rs. CPU reference: src/ops/prefill.rs.
+//
+// Block = (tile, KV head), 8 warps. Its SPIN_PREFILL_ROWS = 128 query rows are the
+// (token, head-in-group) pairs of up to 128 / g tokens of one chunk, so every query head of
+// the KV group shares each K/V tile loaded into shared memory (GQA). Each warp owns 16
+// rows and runs tensor-core mma.m16n8k16 (bf16/f16 in, f32 accumulate):
+// S = Q·Kᵀ with K fragments from ldmatrix, then O += P·V with P taken from S's
+// accumulator registers and V fragments from ldmatrix.trans (FlashAttention-2 layout).
+//
+// Keys are walked as one sequence of "virtual rows": the list's entries (P rows each:
+// key position lp·P + r, visible iff the slot is not NONE and the position is below
+// kv_limit[seq]), then the chunk's own tokens up to the tile's last one (position
+// start + i, visible iff <= the query's position). Tiles of 64 virtual rows are copied
+// into two stages of shared memory with cp.async: the next tile's K and V load while
+// this one is computed. Masks are applied only to tiles that need them. Dynamic shared
+// memory: 4 · 64 · (D + 8) elements (70 KB at D = 128, opted in by the launch glue).
+//
+// Tile words (SPIN_PREFILL_TILE_WORDS = 6 u32): seq (index into pages / kv_limit), row0
+// (step row of the chunk's first token), start (its position), tok0 (first token of the
+// tile, relative to the chunk), ntok (tokens in the tile), nlist (list entries to walk).
+//
+// Output: one flat f32 buffer, out [T, Hq, D] then lse [T, Hq] at lse_off; rows no tile
+// covers are written by prefill_init (zeros, SPIN_EMPTY_LSE).
+#include "common.cuh"
+
+#define PF_WARPS (SPIN_PREFILL_ROWS / 16)
+#define PF_THREADS (32 * PF_WARPS)
+#define PF_BC 64
+#define PF_PER_ROW (PF_THREADS / PF_BC)
+#define PF_INVALID 0xffffffffu
+#define PF_LN2 0.69314718055994530942f
+
+extern "C" __global__ void prefill_init(float* __restrict__ out, u64 out_elems, u64 lse_elems) {
+  const u64 n = out_elems + lse_elems;
+  for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+    out[i] = i < out_elems ? 0.f : SPIN_EMPTY_LSE;
+}
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(u32* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// Where one virtual key row lives, and its position (PF_INVALID: masked, zero-filled).
+template <typename T>
+struct KeyRow {
+  const T* k;
+  const T* v;
+  u32 pos;
+};
+
+template <typename T, int D>
+__device__ __forceinline__ KeyRow<T> key_row(int vk, int npre, int nown, const u32* __restrict__ list,
+                                             const T* __restrict__ pool, const T* __restrict__ kown,
+                                             const T* __restrict__ vown, int p, u32 slots, u64 limit, u32 start,
+                                             size_t own_stride) {
+  KeyRow<T> kr{nullptr, nullptr, PF_INVALID};
+  if (vk < npre) {
+    const int e = vk / p, r = vk - e * p;
+    const u32 slot = list[2 * e], lp = list[2 * e + 1];
+    const u64 pos = (u64)lp * (u64)p + (u64)r;
+    if (slot != SPIN_NONE && slot < slots && pos < limit) {
+      kr.k = pool + ((size_t)slot * 2 * p + r) * D;
+      kr.v = kr.k + (size_t)p * D;
+      kr.pos = (u32)pos;
+    }
+  } else if (vk - npre < nown) {
+    const int i = vk - npre;
+    kr.k = kown + (size_t)i * own_stride;
+    kr.v = vown + (size_t)i * own_stride;
+    kr.pos = start + (u32)i;
+  }
+  return kr;
+}
+
+// Copies this thread's share (1/PF_PER_ROW) of one K (or V) row into shared memory;
+// a masked row is zero-filled so that its zero weight never meets a NaN.
+template <typename T, int D>
+__device__ __forceinline__ void load_part(T* dst_row, const T* src, int part) {
+  constexpr int CH = D / 8 / PF_PER_ROW;  // 16-byte chunks per thread
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const int col = (part * CH + c) * 8;
+    if (src != nullptr)
+      cp_async16(dst_row + col, src + col);
+    else
+      *reinterpret_cast<uint4*>(dst_row + col) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ u32 pack2(float a, float b);
+template <>
+__device__ __forceinline__ u32 pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<u32*>(&h);
+}
+template <>
+__device__ __forceinline__ u32 pack2<__half>(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<u32*>(&h);
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void prefill_impl(const T* __restrict__ q, const T* __restrict__ k,
+                                             const T* __restrict__ v, const T* __restrict__ pool,
+                                             const u32* __restrict__ pages, const u32* __restrict__ kv_limit,
+                                             const u32* __restrict__ tiles, float* __restrict__ out, int hq, int hkv,
+                                             int s_count, int n, int p, u32 slots, float scale_log2, u64 lse_off) {
+  constexpr int KS = D / 16;  // k-steps of Q·Kᵀ
+  constexpr int NT = D / 8;   // n-tiles of O
+  constexpr int ST = PF_BC / 8;  // n-tiles of S
+  // Two stages of K and V tiles (dynamic shared memory, row stride D + 8 elements so
+  // that ldmatrix rows fall in distinct banks) and their key positions.
+  extern __shared__ __align__(16) unsigned char pf_smem[];
+  typedef T Tile[PF_BC][D + 8];
+  Tile* kbuf = reinterpret_cast<Tile*>(pf_smem);  // kbuf[0], kbuf[1]
+  Tile* vbuf = kbuf + 2;                          // vbuf[0], vbuf[1]
+  __shared__ u32 kpos[2][PF_BC];
+
+  const int h = blockIdx.x % hkv;
+  const u32* tw = tiles + (size_t)(blockIdx.x / hkv) * SPIN_PREFILL_TILE_WORDS;
+  const u32 seq = tw[0], row0 = tw[1], start = tw[2], tok0 = tw[3], ntok = tw[4];
+  const int g = hq / hkv;
+  if (ntok == 0 || (int)ntok * g > SPIN_PREFILL_ROWS) return;
+  const bool seq_ok = seq < (u32)s_count;
+  const int nlist = seq_ok ? min((int)tw[5], n) : 0;
+  const u64 limit = seq_ok ? (u64)kv_limit[seq] : 0;
+  const u32* list = pages + ((size_t)(seq_ok ? seq : 0) * hkv + h) * (size_t)n * 2;
+  const int npre = nlist * p;
+  const int nown = (int)(tok0 + ntok);
+  const int nkeys = npre + nown;
+  const size_t own_stride = (size_t)hkv * D;
+  const T* kown = k + (size_t)row0 * own_stride + (size_t)h * D;
+  const T* vown = v + (size_t)row0 * own_stride + (size_t)h * D;
+  const u32 qmin = start + tok0;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int r = lane >> 2, tig = lane & 3;
+  // This thread's two query rows (r and r + 8 of its warp's 16).
+  int rows[2];
+  u32 qpos[2];
+  bool live[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    rows[i] = warp * 16 + r + 8 * i;
+    const int tok = rows[i] / g;
+    live[i] = tok < (int)ntok;
+    qpos[i] = live[i] ? qmin + (u32)tok : 0u;
+  }
+  // A fragments of Q, straight from global memory (zeros for dead rows).
+  u32 qa[KS][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int tok = rows[i] / g, j = rows[i] % g;
+    const T* qrow = q + (((size_t)row0 + tok0 + tok) * hq + (size_t)h * g + j) * D;
+#pragma unroll
+    for (int s = 0; s < KS; ++s) {
+      const int d0 = s * 16 + 2 * tig;
+      qa[s][i] = live[i] ? *reinterpret_cast<const u32*>(qrow + d0) : 0u;
+      qa[s][2 + i] = live[i] ? *reinterpret_cast<const u32*>(qrow + d0 + 8) : 0u;
+    }
+  }
+
+  float o[NT][4];
+#pragma unroll
+  for (int i = 0; i < NT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  // Loader role: thread tid copies part (tid % PF_PER_ROW) of virtual row tid / PF_PER_ROW
+  // of each tile, K and V together; `bad` says whether that row needs a mask.
+  const int lrow = tid / PF_PER_ROW, lpart = tid % PF_PER_ROW;
+  const int ntiles = (nkeys + PF_BC - 1) / PF_BC;
+  auto issue = [&](int t, int st) -> int {
+    const KeyRow<T> kr =
+        key_row<T, D>(t * PF_BC + lrow, npre, nown, list, pool, kown, vown, p, slots, limit, start, own_stride);
+    load_part<T, D>(&kbuf[st][lrow][0], kr.k, lpart);
+    load_part<T, D>(&vbuf[st][lrow][0], kr.v, lpart);
+    if (lpart == 0) kpos[st][lrow] = kr.pos;
+    return kr.pos == PF_INVALID || kr.pos > qmin;
+  };
+  int bad = issue(0, 0);
+  cp_async_commit();
+
+  for (int t = 0; t < ntiles; ++t) {
+    const int st = t & 1;
+    // The next tile loads into the other stage while this one is computed.
+    int bad_next = 0;
+    if (t + 1 < ntiles) bad_next = issue(t + 1, st ^ 1);
+    cp_async_commit();
+    cp_async_wait_one();
+    const bool masked = __syncthreads_or(bad);
+    bad = bad_next;
+
+    // S = Q·Kᵀ over this tile's 64 keys.
+    float sc[ST][4];
+#pragma unroll
+    for (int nt = 0; nt < ST; ++nt) {
+      sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+      for (int s = 0; s < KS; s += 2) {
+        u32 b[4];
+        ldsm_x4(b, &kbuf[st][nt * 8 + (lane & 7)][s * 16 + (lane >> 3) * 8]);
+        Mma<T>::run(sc[nt], qa[s], b[0], b[1]);
+        if (s + 1 < KS) Mma<T>::run(sc[nt], qa[s + 1], b[2], b[3]);
+      }
+    }
+    if (masked) {
+#pragma unroll
+      for (int nt = 0; nt < ST; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const u32 kp = kpos[st][nt * 8 + 2 * tig + (c & 1)];
+          if (kp == PF_INVALID || kp > qpos[c >> 1]) sc[nt][c] = -INFINITY;
+        }
+    }
+    // Online softmax (log2 units), per thread's two rows; l stays per-thread partial.
+    float corr[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < ST; ++nt) mx = fmaxf(mx, fmaxf(sc[nt][2 * i], sc[nt][2 * i + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[i], mx * scale_log2);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      corr[i] = fast_exp2(m[i] - m_use);
+      m[i] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < ST; ++nt) {
+        sc[nt][2 * i] = fast_exp2(fmaf(sc[nt][2 * i], scale_log2, -m_use));
+        sc[nt][2 * i + 1] = fast_exp2(fmaf(sc[nt][2 * i + 1], scale_log2, -m_use));
+        sum += sc[nt][2 * i] + sc[nt][2 * i + 1];
+      }
+      l[i] = l[i] * corr[i] + sum;
+    }
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+      o[i][0] *= corr[0];
+      o[i][1] *= corr[0];
+      o[i][2] *= corr[1];
+      o[i][3] *= corr[1];
+    }
+    // O += P·V: P's A fragments come from S's accumulators.
+#pragma unroll
+    for (int kk = 0; kk < PF_BC / 16; ++kk) {
+      u32 pa[4];
+      pa[0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+      pa[1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+      pa[2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+      pa[3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+      for (int dn = 0; dn < NT / 2; ++dn) {
+        u32 b[4];
+        ldsm_x4_t(b, &vbuf[st][kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][dn * 16 + (lane >> 4) * 8]);
+        Mma<T>::run(o[2 * dn], pa, b[0], b[1]);
+        Mma<T>::run(o[2 * dn + 1], pa, b[2], b[3]);
+      }
+    }
+    // Every warp is done with this stage before the next iteration refills it.
+    __syncthreads();
+  }
+
+  // Normalize and store this thread's rows.
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float lt = l[i];
+    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+    if (!live[i]) continue;
+    const int tok = rows[i] / g, j = rows[i] % g;
+    const size_t qrow = ((size_t)row0 + tok0 + tok) * hq + (size_t)h * g + j;
+    const float inv = lt > 0.f ? 1.f / lt : 0.f;
+    float* orow = out + qrow * D;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      *reinterpret_cast<float2*>(orow + nt * 8 + 2 * tig) = make_float2(o[nt][2 * i] * inv, o[nt][2 * i + 1] * inv);
+    if (tig == 0) out[lse_off + qrow] = lt > 0.f ? (m[i] + log2f(lt)) * PF_LN2 : SPIN_EMPTY_LSE;
+  }
+}
+
+#define PREFILL_KERNEL(NAME, T, D)                                                                          \
+  extern "C" __global__ void __launch_bounds__(PF_THREADS, 1) NAME(                                            \
+      const T* q, const T* k, const T* v, const T* pool, const u32* pages, const u32* kv_limit,             \
+      const u32* tiles, float* out, int hq, int hkv, int s_count, int n, int p, u32 slots, float scale_log2, \
+      u64 lse_off) {                                                                                        \
+    prefill_impl<T, D>(q, k, v, pool, pages, kv_limit, tiles, out, hq, hkv, s_count, n, p, slots,           \
+                       scale_log2, lse_off);                                                                \
+  }
+
+PREFILL_KERNEL(prefill_bf16_d64, __nv_bfloat16, 64)
+PREFILL_KERNEL(prefill_bf16_d96, __nv_bfloat16, 96)
+PREFILL_KERNEL(prefill_bf16_d128, __nv_bfloat16, 128)
+PREFILL_KERNEL(prefill_f16_d64, __half, 64)
+PREFILL_KERNEL(prefill_f16_d96, __half, 96)
+PREFILL_KERNEL(prefill_f16_d128, __half, 128)

@@ -1,0 +1,101 @@
+//! Launch glue for `kernels/prefill.cu`: the tensor-core prefill attention (used by
+//! [`prefill_attention`](crate::ops::prefill_attention)). One `prefill_init` launch
+//! writes the empty state into every row, then one block per (tile, KV head) overwrites
+//! the rows of its tile (8 warps, 4 · 64 · (D + 8) · 2 bytes of dynamic shared memory).
+
+use super::{alloc, func, launch, ptr, PREFILL};
+use crate::ops::kernel_consts::{PREFILL_ROWS, PREFILL_TILE_WORDS};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
+
+const OP: &str = "prefill_attention";
+/// One warp per 16 query rows.
+const THREADS: u32 = (PREFILL_ROWS / 16 * 32) as u32;
+/// Keys per shared-memory tile (`PF_BC` in the kernel).
+const KEYS: usize = 64;
+
+/// The op's tensors other than `q`, `k` and `v` (all on the CUDA device, contiguous).
+pub(crate) struct Fields<'a> {
+    pub pool: &'a Tensor,
+    pub pages: &'a Tensor,
+    pub kv_limit: &'a Tensor,
+    pub tiles: &'a Tensor,
+}
+
+/// Flat `[T·Hq·D + T·Hq]` f32: the output `[T, Hq, D]`, then the lse `[T, Hq]`.
+pub(crate) fn prefill_attention(
+    (q, ql): (&CudaStorage, &Layout),
+    (k, kl): (&CudaStorage, &Layout),
+    (v, vl): (&CudaStorage, &Layout),
+    f: Fields<'_>,
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let (t, hq, d) = ql.shape().dims3()?;
+    let hkv = kl.shape().dims3()?.1;
+    let (slots, _, p, _) = f.pool.dims4()?;
+    let (s, _, n, _) = f.pages.dims4()?;
+    let nt = f.tiles.dims2()?.0;
+    let dev = super::device(q).clone();
+    let (out, outp) = alloc::<f32>(&dev, t * hq * (d + 1))?;
+    let shape = Shape::from_dims(&[t * hq * (d + 1)]);
+    let (out_elems, lse_elems) = ((t * hq * d) as u64, (t * hq) as u64);
+    let init = func(&dev, &PREFILL, "prefill_init")?;
+    let blocks = ((out_elems + lse_elems).div_ceil(4 * 256)).clamp(1, 4096) as u32;
+    launch!(init, super::cfg(blocks, 256, 0), outp, out_elems, lse_elems)?;
+    if nt == 0 || t == 0 {
+        return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
+    }
+    let (qp, kp, vp) = (ptr(OP, q, ql)?, ptr(OP, k, kl)?, ptr(OP, v, vl)?);
+    let pp = super::field_ptr_of(OP, "pool", f.pool, q.dtype())?;
+    if [qp, kp, vp, pp].iter().any(|a| a % 16 != 0) {
+        candle_core::bail!("{OP}: q, k, v and pool must start 16-byte aligned on CUDA");
+    }
+    let name = match (q.dtype(), d) {
+        (DType::BF16, 64) => "prefill_bf16_d64",
+        (DType::BF16, 96) => "prefill_bf16_d96",
+        (DType::BF16, 128) => "prefill_bf16_d128",
+        (DType::F16, 64) => "prefill_f16_d64",
+        (DType::F16, 96) => "prefill_f16_d96",
+        (DType::F16, 128) => "prefill_f16_d128",
+        (dt, d) => candle_core::bail!("{OP}: {dt:?} with head dim {d} has no CUDA kernel (f16/bf16, 64/96/128)"),
+    };
+    let blocks = nt * hkv;
+    if blocks > i32::MAX as usize || f.tiles.dims2()?.1 != PREFILL_TILE_WORDS {
+        candle_core::bail!("{OP}: {nt} tiles × {hkv} KV heads exceed the launch limit");
+    }
+    let kernel = func(&dev, &PREFILL, name)?;
+    // Two stages of K and V tiles, rows padded by 8 elements.
+    let smem = 4 * KEYS * (d + 8) * 2;
+    if smem > 48 * 1024 {
+        kernel
+            .f
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .w()?;
+    }
+    launch!(
+        kernel,
+        super::cfg(blocks as u32, THREADS, smem as u32),
+        qp,
+        kp,
+        vp,
+        pp,
+        super::field_ptr(OP, "pages", f.pages)?,
+        super::field_ptr(OP, "kv_limit", f.kv_limit)?,
+        super::field_ptr(OP, "tiles", f.tiles)?,
+        outp,
+        hq as i32,
+        hkv as i32,
+        s as i32,
+        n as i32,
+        p as i32,
+        slots as u32,
+        scale * std::f32::consts::LOG2_E,
+        out_elems
+    )?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
