@@ -1,7 +1,8 @@
 //! Launch glue for `kernels/prefill.cu`: the tensor-core prefill attention (used by
 //! [`prefill_attention`](crate::ops::prefill_attention)). One `prefill_init` launch
 //! writes the empty state into every row, then one block per (tile, KV head) overwrites
-//! the rows of its tile (8 warps, 4 · 64 · (D + 8) · 2 bytes of dynamic shared memory).
+//! the rows of its tile (4 warps, (128 + 4 · 64) · (D + 8) · 2 bytes of dynamic shared
+//! memory).
 
 use super::{alloc, func, launch, ptr, PREFILL};
 use crate::ops::kernel_consts::{PREFILL_ROWS, PREFILL_TILE_WORDS};
@@ -11,8 +12,8 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 
 const OP: &str = "prefill_attention";
-/// One warp per 16 query rows.
-const THREADS: u32 = (PREFILL_ROWS / 16 * 32) as u32;
+/// One warp per 32 query rows.
+const THREADS: u32 = (PREFILL_ROWS / 32 * 32) as u32;
 /// Keys per shared-memory tile (`PF_BC` in the kernel).
 const KEYS: usize = 64;
 
@@ -66,8 +67,8 @@ pub(crate) fn prefill_attention(
         candle_core::bail!("{OP}: {nt} tiles × {hkv} KV heads exceed the launch limit");
     }
     let kernel = func(&dev, &PREFILL, name)?;
-    // Two stages of K and V tiles, rows padded by 8 elements.
-    let smem = 4 * KEYS * (d + 8) * 2;
+    // The block's Q rows and two stages of K and V tiles, rows padded by 8 elements.
+    let smem = (PREFILL_ROWS + 4 * KEYS) * (d + 8) * 2;
     if smem > 48 * 1024 {
         kernel
             .f
