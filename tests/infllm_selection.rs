@@ -1,0 +1,203 @@
+//! InfLLM against its paper's criterion, written from scratch here in f64 (issue 17,
+//! item 2): a key's attention mass is the softmax weight it gets from every query whose
+//! local window (`window_tokens` keys ending at the query) holds it, summed over the query
+//! heads of its KV head; a block's representative keys are its `repr_topk` keys of most
+//! mass per KV head; a block's score is the mean over its representatives of the decode
+//! query's dot product with them, summed over all heads; the top `topk_blocks` blocks
+//! outside the sink and the window are attended, with the sink and the window.
+//!
+//! The algorithm is driven directly (post-RoPE inputs), with the prompt indexed in chunks
+//! of several sizes, on random inputs: the selected pages must equal the reference's.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use spinkv::ops::NONE;
+use spinkv::partition::{IndexInput, InfLlm, InfLlmConfig, SelectInput, Selection, SparseAlgorithm, TokenRun};
+use spinkv::CacheConfig;
+
+struct Shape {
+    hkv: usize,
+    g: usize,
+    d: usize,
+    page: usize,
+    cfg: InfLlmConfig,
+}
+
+/// The reference selection (pages, ascending) of the decode token at position `len`.
+fn reference(s: &Shape, q: &[f64], k: &[f64], len: usize) -> Vec<u32> {
+    let (hkv, g, d, p) = (s.hkv, s.g, s.d, s.page);
+    let hq = hkv * g;
+    let c = &s.cfg;
+    let (bt, w, r) = (c.block_tokens, c.window_tokens, c.repr_topk);
+    let scale = 1.0 / (d as f64).sqrt();
+    let dot = |qi: usize, qh: usize, ki: usize, kh: usize| -> f64 {
+        (0..d)
+            .map(|x| q[(qi * hq + qh) * d + x] * k[(ki * hkv + kh) * d + x])
+            .sum()
+    };
+    // Blocks finalized when the decode token is indexed: their last token left every
+    // later window, (b + 1)·bt + w <= len + 1.
+    let blocks = (len + 1).saturating_sub(w) / bt;
+    // Mass of every key of those blocks, from the prompt's queries.
+    let mut mass = vec![0f64; blocks * bt * hkv];
+    for qi in 0..len {
+        let lo = (qi + 1).saturating_sub(w);
+        for h in 0..hkv {
+            for j in 0..g {
+                let sc: Vec<f64> = (lo..=qi).map(|t| dot(qi, h * g + j, t, h) * scale).collect();
+                let m = sc.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+                let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                for (t, x) in (lo..=qi).zip(&sc) {
+                    if t < blocks * bt {
+                        mass[t * hkv + h] += (x - m).exp() / z;
+                    }
+                }
+            }
+        }
+    }
+    // Block scores: the decode query (position len) against each block's representatives.
+    let mut scores = Vec::with_capacity(blocks);
+    for b in 0..blocks {
+        let mut total = 0.0;
+        for h in 0..hkv {
+            let mut order: Vec<usize> = (b * bt..(b + 1) * bt).collect();
+            order.sort_by(|&x, &y| mass[y * hkv + h].total_cmp(&mass[x * hkv + h]).then(x.cmp(&y)));
+            for &t in &order[..r] {
+                total += (0..g).map(|j| dot(len, h * g + j, t, h)).sum::<f64>();
+            }
+        }
+        scores.push(total / r as f64);
+    }
+    let (nt, np) = (len + 1, (len + 1).div_ceil(p));
+    let sink_pages = c.sink_tokens.div_ceil(p);
+    let forced_from = (blocks * bt).min(nt.saturating_sub(w)) / p;
+    let bp = bt / p;
+    let mut pages: Vec<u32> = (0..np as u32)
+        .filter(|&j| (j as usize) < sink_pages || j as usize >= forced_from)
+        .collect();
+    let mut eligible: Vec<usize> = (0..blocks)
+        .filter(|&j| (j + 1) * bp > sink_pages && j * bp < forced_from)
+        .collect();
+    eligible.sort_by(|&x, &y| scores[y].total_cmp(&scores[x]).then(x.cmp(&y)));
+    for &j in eligible.iter().take(c.topk_blocks) {
+        pages.extend((j * bp..((j + 1) * bp).min(np)).map(|x| x as u32));
+    }
+    pages.sort_unstable();
+    pages.dedup();
+    pages
+}
+
+/// Runs InfLLM over the prompt in `chunks`, then indexes and selects for the decode token.
+fn selected(s: &Shape, q: &Tensor, k: &Tensor, chunks: &[usize]) -> Vec<Vec<u32>> {
+    let (hkv, g, d) = (s.hkv, s.g, s.d);
+    let mut cc = CacheConfig::new(1, hkv * g, hkv, d);
+    cc.page_size = s.page;
+    let mut inf = InfLlm::new(s.cfg.clone()).unwrap();
+    inf.init(&cc).unwrap();
+    let len: usize = chunks.iter().sum();
+    let mut start = 0;
+    for &n in chunks.iter().chain(std::iter::once(&1)) {
+        let rows = |x: &Tensor| x.narrow(0, start, n).unwrap().contiguous().unwrap();
+        let (qc, kc) = (rows(q), rows(k));
+        let dst = Tensor::zeros((n, hkv), DType::U32, &Device::Cpu).unwrap();
+        inf.index(&IndexInput {
+            layer: 0,
+            runs: &[TokenRun {
+                seq: 7,
+                start,
+                n,
+                row: 0,
+            }],
+            q: &qc,
+            k: &kc,
+            k_pre_rope: &kc,
+            v: &kc,
+            dst: &dst,
+            minmax_updated: false,
+        })
+        .unwrap();
+        start += n;
+    }
+    let np = (len + 1).div_ceil(s.page);
+    let qd = q.narrow(0, len, 1).unwrap().contiguous().unwrap();
+    let candidates = Tensor::zeros((1, hkv, np), DType::U32, &Device::Cpu).unwrap();
+    let sel = inf
+        .select(&SelectInput {
+            layer: 0,
+            seqs: &[7],
+            q: &qd,
+            candidates: &candidates,
+            num_pages: &[np],
+            num_tokens: &[len + 1],
+            page_size: s.page,
+        })
+        .unwrap();
+    let Selection::Pages(t) = sel else {
+        panic!("InfLLM must select pages")
+    };
+    let (_, h, kk) = t.dims3().unwrap();
+    let v = u32s(&t);
+    (0..h)
+        .map(|hi| {
+            v[hi * kk..(hi + 1) * kk]
+                .iter()
+                .copied()
+                .filter(|&x| x != NONE)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn infllm_matches_the_paper_criterion_in_f64() {
+    let shapes = [
+        Shape {
+            hkv: 2,
+            g: 2,
+            d: 16,
+            page: 8,
+            cfg: InfLlmConfig {
+                block_tokens: 16,
+                sink_tokens: 16,
+                window_tokens: 40,
+                topk_blocks: 3,
+                repr_topk: 2,
+            },
+        },
+        Shape {
+            hkv: 3,
+            g: 3,
+            d: 8,
+            page: 4,
+            cfg: InfLlmConfig {
+                block_tokens: 8,
+                sink_tokens: 5,
+                window_tokens: 21,
+                topk_blocks: 4,
+                repr_topk: 3,
+            },
+        },
+    ];
+    let chunkings: [&[usize]; 4] = [&[301], &[64, 1, 100, 136], &[37, 37, 37, 190], &[200, 1, 1, 1, 98]];
+    for (si, s) in shapes.iter().enumerate() {
+        for (ci, chunks) in chunkings.iter().enumerate() {
+            let len: usize = chunks.iter().sum();
+            let mut r = rng(40 + (si * 10 + ci) as u64);
+            let q = randn(&mut r, &[len + 1, s.hkv * s.g, s.d], 1.0);
+            let k = randn(&mut r, &[len + 1, s.hkv, s.d], 1.0);
+            let want = reference(
+                s,
+                &f32s(&q).iter().map(|&x| x as f64).collect::<Vec<_>>(),
+                &f32s(&k).iter().map(|&x| x as f64).collect::<Vec<_>>(),
+                len,
+            );
+            let got = selected(s, &q, &k, chunks);
+            assert_eq!(got.len(), s.hkv);
+            for (h, pages) in got.iter().enumerate() {
+                assert_eq!(pages, &want, "shape {si}, chunks {chunks:?}, head {h}");
+            }
+        }
+    }
+}
