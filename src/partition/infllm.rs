@@ -100,8 +100,8 @@ pub struct InfLlm {
     seqs: SeqStates<SeqState>,
 }
 
-/// Queries per chunk when accumulating attention mass.
-const MASS_CHUNK: usize = 64;
+/// Largest `[Hq, queries, keys]` f32 score buffer of one mass chunk, in elements (64 MiB).
+const MASS_ELEMS: usize = 1 << 24;
 
 impl InfLlm {
     /// An InfLLM selector; checks the configuration (the page size is checked by the
@@ -147,9 +147,13 @@ impl InfLlm {
         self.seqs.get(&(layer, seq)).map_or(0, |s| s.blocks)
     }
 
-    /// Finalizes the oldest pending block: its representative keys are the `repr_topk`
-    /// keys per head with the most accumulated mass.
-    fn finalize_block(&self, st: &mut SeqState) -> Result<()> {
+    /// Finalizes the `nb` oldest pending blocks at once: each block's representative keys
+    /// are the `repr_topk` keys per head with the most accumulated mass (ties: the earlier
+    /// token), gathered with one `index_select`.
+    fn finalize_blocks(&self, st: &mut SeqState, nb: usize) -> Result<()> {
+        if nb == 0 {
+            return Ok(());
+        }
         let (bt, hkv, r) = (self.cfg.block_tokens, self.kv_heads, self.cfg.repr_topk);
         let pk = st
             .pending_k
@@ -157,76 +161,112 @@ impl InfLlm {
             .ok_or_else(|| Error::Config("infllm: finalizing a block without keys".into()))?;
         let rows = pk.dim(0)?;
         let d = pk.dim(2)?;
-        let mut idx = Vec::with_capacity(hkv * r);
-        for h in 0..hkv {
-            let mut order: Vec<usize> = (0..bt).collect();
-            order.sort_by(|&a, &b| st.mass[b * hkv + h].total_cmp(&st.mass[a * hkv + h]).then(a.cmp(&b)));
-            idx.extend(order[..r].iter().map(|&t| (t * hkv + h) as u32));
+        if rows < nb * bt || st.mass.len() < nb * bt * hkv {
+            return Err(Error::Config(format!(
+                "infllm: finalizing {nb} blocks of {bt} tokens with {rows} pending keys"
+            )));
         }
-        let idx = Tensor::from_vec(idx, hkv * r, pk.device())?;
+        let mut idx = Vec::with_capacity(nb * hkv * r);
+        let mut order: Vec<usize> = Vec::with_capacity(bt);
+        for b in 0..nb {
+            for h in 0..hkv {
+                order.clear();
+                order.extend(b * bt..(b + 1) * bt);
+                order.sort_by(|&x, &y| st.mass[y * hkv + h].total_cmp(&st.mass[x * hkv + h]).then(x.cmp(&y)));
+                idx.extend(order[..r].iter().map(|&t| (t * hkv + h) as u32));
+            }
+        }
+        let idx = Tensor::from_vec(idx, nb * hkv * r, pk.device())?;
+        // [nb, Hkv, R, D] → [Hkv, nb · R, D] (block-major within each head).
         let new = pk
-            .narrow(0, 0, bt)?
-            .reshape((bt * hkv, d))?
+            .narrow(0, 0, nb * bt)?
+            .reshape((nb * bt * hkv, d))?
             .index_select(&idx, 0)?
-            .reshape((hkv, r, d))?;
+            .reshape((nb, hkv, r, d))?
+            .transpose(0, 1)?
+            .reshape((hkv, nb * r, d))?;
         st.repr = Some(match st.repr.take() {
             None => new,
             Some(old) => Tensor::cat(&[&old, &new], 1)?,
         });
-        st.pending_k = Some(pk.narrow(0, bt, rows - bt)?);
-        st.mass.drain(..bt * hkv);
-        st.pending_start += bt;
-        st.blocks += 1;
+        st.pending_k = Some(pk.narrow(0, nb * bt, rows - nb * bt)?);
+        st.mass.drain(..nb * bt * hkv);
+        st.pending_start += nb * bt;
+        st.blocks += nb;
         Ok(())
+    }
+
+    /// Query rows per mass chunk: the most (a power of two, 64 to 1024) whose `[Hq, rows,
+    /// rows + window]` f32 scores stay within [`MASS_ELEMS`].
+    fn mass_chunk(&self) -> usize {
+        let (hq, w) = (self.q_heads.max(1), self.cfg.window_tokens);
+        let mut c = 1024;
+        while c > 64 && hq * c * (c + w) > MASS_ELEMS {
+            c /= 2;
+        }
+        c
     }
 
     /// Adds to the pending keys the attention mass of the run's queries, each over its
     /// local window `[p - window + 1, p]` (softmax normalized over that window, summed
-    /// over the query heads of each KV head).
+    /// over the query heads of each KV head). The window mask is built on the device and
+    /// the chunks' masses cross to the host in one read.
     fn accumulate_mass(&self, st: &mut SeqState, run: &TokenRun, q: &Tensor) -> Result<()> {
         let (hkv, hq, w) = (self.kv_heads, self.q_heads, self.cfg.window_tokens);
         let g = hq / hkv;
         let pk = match st.pending_k.as_ref() {
-            Some(pk) => pk,
+            Some(pk) => pk.to_dtype(DType::F32)?,
             None => return Ok(()),
         };
         let d = pk.dim(2)?;
+        let dev = q.device();
         let ps = st.pending_start;
+        let chunk = self.mass_chunk();
+        // Per chunk: first key, keys, and the `[Hkv, Lk]` mass it adds.
+        let mut parts: Vec<(usize, usize, Tensor)> = Vec::new();
         let mut a = run.start;
         while a < run.start + run.n {
-            let c = MASS_CHUNK.min(run.start + run.n - a);
+            let c = chunk.min(run.start + run.n - a);
             let lo = ps.max((a + 1).saturating_sub(w));
             let lk = a + c - lo;
-            let keys = pk.narrow(0, lo - ps, lk)?.to_dtype(DType::F32)?.permute((1, 2, 0))?; // [Hkv, D, Lk]
+            let keys = pk.narrow(0, lo - ps, lk)?.permute((1, 2, 0))?; // [Hkv, D, Lk]
             let qs = q
                 .narrow(0, run.row + (a - run.start), c)?
                 .to_dtype(DType::F32)?
                 .reshape((c, hkv, g, d))?
                 .permute((1, 2, 0, 3))?
                 .reshape((hkv, g * c, d))?;
-            let mut mask = vec![f32::NEG_INFINITY; c * lk];
-            for i in 0..c {
-                let p = a + i;
-                for j in 0..lk {
-                    let kp = lo + j;
-                    if kp <= p && kp + w > p {
-                        mask[i * lk + j] = 0.0;
-                    }
-                }
-            }
-            let mask = Tensor::from_vec(mask, (1, 1, c, lk), q.device())?;
+            // Query a + i sees key lo + j iff lo + j <= a + i < lo + j + w.
+            let qpos = Tensor::arange(a as u32, (a + c) as u32, dev)?.reshape((c, 1))?;
+            let kpos = Tensor::arange(lo as u32, (lo + lk) as u32, dev)?.reshape((1, lk))?;
+            let kend = Tensor::arange((lo + w) as u32, (lo + lk + w) as u32, dev)?.reshape((1, lk))?;
+            let visible = kpos.broadcast_le(&qpos)?.mul(&kend.broadcast_gt(&qpos)?)?;
+            let mask = visible.where_cond(
+                &Tensor::zeros((c, lk), DType::F32, dev)?,
+                &Tensor::full(f32::NEG_INFINITY, (c, lk), dev)?,
+            )?;
             let logits = (qs.contiguous()?.matmul(&keys.contiguous()?)? * self.scale)?
                 .reshape((hkv, g, c, lk))?
-                .broadcast_add(&mask)?;
+                .broadcast_add(&mask.reshape((1, 1, c, lk))?)?;
             let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-            let m = probs.sum(2)?.sum(1)?.to_device(&candle_core::Device::Cpu)?; // [Hkv, Lk]
-            let m = m.to_vec2::<f32>()?;
-            for (h, row) in m.iter().enumerate() {
-                for (j, &x) in row.iter().enumerate() {
+            parts.push((lo, lk, probs.sum(2)?.sum(1)?.flatten_all()?)); // [Hkv · Lk]
+            a += c;
+        }
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let flat: Vec<&Tensor> = parts.iter().map(|p| &p.2).collect();
+        let all = Tensor::cat(&flat, 0)?
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec1::<f32>()?;
+        let mut off = 0;
+        for (lo, lk, _) in &parts {
+            for h in 0..hkv {
+                for (j, &x) in all[off + h * lk..off + (h + 1) * lk].iter().enumerate() {
                     st.mass[(lo - ps + j) * hkv + h] += x;
                 }
             }
-            a += c;
+            off += hkv * lk;
         }
         Ok(())
     }
@@ -274,9 +314,8 @@ impl SparseAlgorithm for InfLlm {
                 });
             }
             // Blocks whose last token is outside the window of every query from now on.
-            while st.pending_start + bt + w <= run.start + 1 {
-                self.finalize_block(&mut st)?;
-            }
+            let ready = (run.start + 1).saturating_sub(w + st.pending_start) / bt;
+            self.finalize_blocks(&mut st, ready)?;
             st.undo = Some((run.start, st.mass.clone()));
             let k_new = input.k.narrow(0, run.row, run.n)?;
             st.pending_k = Some(match st.pending_k.take() {
