@@ -15,8 +15,7 @@ use spinkv::models::generation::prefill;
 use spinkv::models::passkey::{build_prompt, is_correct, KeyGen};
 use spinkv::models::{load_model, LoadedModel, Sampler, SamplingConfig};
 use spinkv::partition::by_name;
-use spinkv::{SparseKvCache, SpinCache};
-use std::collections::HashMap;
+use spinkv::{FanOut, SparseKvCache, SpinCache};
 use std::io::Write;
 
 #[derive(Parser, Debug)]
@@ -63,89 +62,6 @@ struct Args {
 /// taken from the first cache (the others compute the same dense prefill). A `SeqId`
 /// belongs to the cache that issued it: the fan-out hands out the first cache's id and
 /// maps it to each cache's own (`ids`).
-struct FanOut<'a>(Vec<&'a mut SpinCache>, HashMap<spinkv::SeqId, Vec<spinkv::SeqId>>);
-
-impl FanOut<'_> {
-    fn ids(&self, seq: spinkv::SeqId) -> spinkv::Result<&[spinkv::SeqId]> {
-        self.1
-            .get(&seq)
-            .map(Vec::as_slice)
-            .ok_or(spinkv::Error::UnknownSequence(seq.id()))
-    }
-}
-
-impl SparseKvCache for FanOut<'_> {
-    fn config(&self) -> &spinkv::CacheConfig {
-        self.0[0].config()
-    }
-    fn algorithm_name(&self) -> String {
-        self.0
-            .iter()
-            .map(|c| c.algorithm_name())
-            .collect::<Vec<_>>()
-            .join(" + ")
-    }
-    fn add_sequence(&mut self) -> spinkv::Result<spinkv::SeqId> {
-        let ids = self
-            .0
-            .iter_mut()
-            .map(|c| c.add_sequence())
-            .collect::<spinkv::Result<Vec<_>>>()?;
-        self.1.insert(ids[0], ids.clone());
-        Ok(ids[0])
-    }
-    fn remove_sequence(&mut self, seq: spinkv::SeqId) -> spinkv::Result<()> {
-        let ids = self.ids(seq)?.to_vec();
-        self.0.iter_mut().zip(ids).try_for_each(|(c, s)| c.remove_sequence(s))?;
-        self.1.remove(&seq);
-        Ok(())
-    }
-    fn sequence_len(&self, seq: spinkv::SeqId) -> spinkv::Result<usize> {
-        self.0[0].sequence_len(seq)
-    }
-    fn begin_step(&mut self, inputs: &[spinkv::StepInput]) -> spinkv::Result<()> {
-        for i in 0..self.0.len() {
-            let mine = inputs
-                .iter()
-                .map(|x| {
-                    Ok(spinkv::StepInput {
-                        seq: self.ids(x.seq)?[i],
-                        new_tokens: x.new_tokens,
-                    })
-                })
-                .collect::<spinkv::Result<Vec<_>>>()?;
-            self.0[i].begin_step(&mine)?;
-        }
-        Ok(())
-    }
-    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> spinkv::Result<Tensor> {
-        let mut out = None;
-        for c in self.0.iter_mut() {
-            let o = c.attend(layer, q, k, v)?;
-            out.get_or_insert(o);
-        }
-        Ok(out.expect("at least one cache"))
-    }
-    fn end_step(&mut self) -> spinkv::Result<spinkv::StepStats> {
-        let stats = self
-            .0
-            .iter_mut()
-            .map(|c| c.end_step())
-            .collect::<spinkv::Result<Vec<_>>>()?;
-        Ok(stats[0])
-    }
-    fn abort_step(&mut self) -> spinkv::Result<()> {
-        self.0.iter_mut().try_for_each(|c| c.abort_step())
-    }
-    fn stats(&self) -> spinkv::StepStats {
-        self.0[0].stats()
-    }
-    fn pool_usage(&self) -> spinkv::PoolUsage {
-        self.0[0].pool_usage()
-    }
-}
-
-/// Prefills the haystack into one cache per configuration, then lets each answer.
 fn run_trial(
     lm: &LoadedModel,
     configs: &[(String, usize)],
@@ -163,7 +79,7 @@ fn run_trial(
     }
     let (head, question) = prompt.split_at(prompt.len() - tail);
     let seqs = {
-        let mut fan = FanOut(caches.iter_mut().collect(), HashMap::new());
+        let mut fan = FanOut::new(caches.iter_mut().map(|c| c as &mut dyn SparseKvCache).collect())?;
         let seq = fan.add_sequence()?;
         prefill(&lm.model, &mut fan, seq, head, 1024, false)?;
         fan.ids(seq)?.to_vec()

@@ -50,6 +50,8 @@ pub mod sim;
 pub mod tiered;
 pub mod trace;
 
-pub use cache::{PaddedShape, PoolUsage, SelectionRecord, SeqId, SparseKvCache, SpinCache, StepInput, StepStats};
+pub use cache::{
+    FanOut, PaddedShape, PoolUsage, SelectionRecord, SeqId, SparseKvCache, SpinCache, StepInput, StepStats,
+};
 pub use config::CacheConfig;
 pub use error::{Error, Result, Tier};

@@ -10,6 +10,7 @@
 //! construction.
 
 mod attend;
+mod fanout;
 mod lifecycle;
 mod padded;
 mod plan;
@@ -17,6 +18,7 @@ mod rebuilt;
 mod requests;
 mod types;
 
+pub use fanout::{AttendTap, FanOut};
 pub use types::{PaddedShape, PoolUsage, SelectionRecord, SeqId, SparseKvCache, StepInput, StepStats};
 
 use crate::config::CacheConfig;

@@ -1,0 +1,328 @@
+//! Oracle recall of the sparse algorithms' page selections on a real model (issue 17).
+//!
+//! `cargo run --release --example recall -- --contexts 1024,2048 --decode-steps 8`
+//!
+//! A dense cache leads a [`FanOut`]: the model runs on dense attention, and every sparse
+//! cache (each algorithm at each budget) sees exactly the same queries, keys and values
+//! (teacher forcing), so all selections are made on the same states. For each decode
+//! step, layer and KV head, a page's *true mass* is the dense softmax weight of its keys,
+//! summed over the group's query heads; an algorithm's *mass recall* is the share of the
+//! total mass that its selected pages hold. *Top-10 recall* (the only figure the Quest
+//! paper reports, Fig. 4) is the share of each query head's 10 highest-weight tokens that
+//! lie in the selected pages. Prompt kinds: `haystack` (the passkey filler with a key at
+//! half depth and its question), `prose` (this repository's docs) and `code` (its Rust
+//! sources). Prints a table, writes one CSV row per (kind, context, algorithm, budget,
+//! layer) and, with `--plot`, an SVG of recall against budget.
+
+#[path = "common/plot.rs"]
+mod plot;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use clap::Parser;
+use spinkv::models::fetch::ModelSpec;
+use spinkv::models::passkey::{build_prompt, KeyGen};
+use spinkv::models::{load_model, LoadedModel};
+use spinkv::partition::by_name;
+use spinkv::rope::{apply_rope, rope_tables};
+use spinkv::{FanOut, SelectionRecord, SparseKvCache, SpinCache};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+#[derive(Parser, Debug)]
+#[command(about = "Oracle recall (attention mass covered) of each sparse algorithm's pages")]
+struct Args {
+    /// `default` (SmolLM2-135M-Instruct), a GGUF path or HF folder, or a Hub id.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// Prompt lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096")]
+    contexts: Vec<usize>,
+    /// Prompt kinds: haystack, prose, code.
+    #[arg(long, value_delimiter = ',', default_value = "haystack,prose,code")]
+    kinds: Vec<String>,
+    /// Sparse algorithms.
+    #[arg(long, value_delimiter = ',', default_value = "quest,infllm,shadowkv,streaming")]
+    algos: Vec<String>,
+    /// Budgets as fractions of the prompt.
+    #[arg(long, value_delimiter = ',', default_value = "0.0625,0.125,0.25")]
+    budgets: Vec<f64>,
+    /// Greedy decode steps measured after the prompt.
+    #[arg(long, default_value_t = 8)]
+    decode_steps: usize,
+    /// Page size (algorithms with their own, like ShadowKV's 8-token chunks, use it).
+    #[arg(long, default_value_t = 16)]
+    page_size: usize,
+    /// CSV output (one row per kind, context, algorithm, budget and layer).
+    #[arg(long, default_value = "recall.csv")]
+    csv: PathBuf,
+    /// Write an SVG of mean mass recall against budget here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// Text of the `prose` and `code` prompts (this repository's own files).
+const PROSE: &[&str] = &[
+    include_str!("../docs/ARCHITECTURE.md"),
+    include_str!("../README.md"),
+    include_str!("../docs/BENCHMARKS.md"),
+];
+const CODE: &[&str] = &[
+    include_str!("../src/cache/attend.rs"),
+    include_str!("../src/partition/infllm.rs"),
+    include_str!("../src/partition/quest.rs"),
+    include_str!("../src/partition/shadowkv.rs"),
+    include_str!("../src/engine/engine.rs"),
+    include_str!("../src/ops/attention.rs"),
+    include_str!("../src/tiered/host_tier.rs"),
+];
+
+fn prompt(lm: &LoadedModel, kind: &str, context: usize, keys: &mut KeyGen) -> Result<Vec<u32>> {
+    let text = match kind {
+        "haystack" => return Ok(build_prompt(&lm.tokenizer, context, 0.5, keys.next_key())?.0),
+        "prose" => PROSE.concat(),
+        "code" => CODE.concat(),
+        k => bail!("unknown prompt kind {k:?} (haystack, prose, code)"),
+    };
+    let ids = lm
+        .tokenizer
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?
+        .get_ids()
+        .to_vec();
+    if ids.len() < context {
+        bail!(
+            "the {kind} text has {} tokens, fewer than the context {context}",
+            ids.len()
+        );
+    }
+    Ok(ids[..context].to_vec())
+}
+
+/// One summary cell: (algorithm, budget fraction) and the sums over runs of the
+/// per-run mean mass recall and top-10 recall, with the number of runs.
+type Cell = ((String, f64), (f64, f64, usize));
+
+/// What the tap records: each layer's pre-RoPE keys of every step, and the decode
+/// steps' queries (`queries[step][layer]`).
+#[derive(Default)]
+struct Recorded {
+    keys: Vec<Vec<Tensor>>,
+    queries: Vec<Vec<Tensor>>,
+    decoding: bool,
+}
+
+/// Per (decode step, layer): `[Hkv, n]` token mass (summed over the group's query heads)
+/// and, per query head, its 10 highest-weight tokens.
+struct Oracle {
+    mass: Vec<Vec<Vec<Vec<f32>>>>,
+    top10: Vec<Vec<Vec<Vec<usize>>>>,
+}
+
+fn oracle(lm: &LoadedModel, rec: &Recorded, prompt_len: usize) -> Result<Oracle> {
+    let c = lm.model.cache_config(prompt_len + 1, 1.0);
+    let (hq, hkv, d) = (c.num_q_heads, c.num_kv_heads, c.head_dim);
+    let g = hq / hkv;
+    let scale = 1.0 / (d as f64).sqrt();
+    let (mut mass, mut top10) = (Vec::new(), Vec::new());
+    for (step, qs) in rec.queries.iter().enumerate() {
+        let n = prompt_len + step + 1; // keys seen by the decode token, itself included
+        let positions: Vec<u32> = (0..n as u32).collect();
+        let (cos, sin) = rope_tables(&positions, d, c.rope_theta, DType::F32, &Device::Cpu)?;
+        let (mut m_step, mut t_step) = (Vec::new(), Vec::new());
+        for (layer, q) in qs.iter().enumerate() {
+            let k = Tensor::cat(&rec.keys[layer], 0)?
+                .narrow(0, 0, n)?
+                .to_dtype(DType::F32)?;
+            let k = apply_rope(&k.to_device(&Device::Cpu)?, &cos, &sin)?; // [n, Hkv, D]
+            let q = q.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            let q = apply_rope(&q, &cos.narrow(0, n - 1, 1)?, &sin.narrow(0, n - 1, 1)?)?;
+            let scores = (q.reshape((hkv, g, d))?.matmul(&k.permute((1, 2, 0))?.contiguous()?)? * scale)?;
+            let w = candle_nn::ops::softmax_last_dim(&scores)?; // [Hkv, g, n]
+            m_step.push(w.sum(1)?.to_vec2::<f32>()?);
+            let w = w.reshape((hq, n))?.to_vec2::<f32>()?;
+            let tops = w
+                .iter()
+                .map(|row| {
+                    let mut idx: Vec<usize> = (0..n).collect();
+                    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                    idx.truncate(10);
+                    idx
+                })
+                .collect();
+            t_step.push(tops);
+        }
+        mass.push(m_step);
+        top10.push(t_step);
+    }
+    Ok(Oracle { mass, top10 })
+}
+
+/// Mean (mass recall, top-10 recall) per layer of one cache's decode selections.
+fn recall(o: &Oracle, trace: &[SelectionRecord], page: usize, g: usize, layers: usize) -> Vec<(f64, f64, usize)> {
+    let mut acc = vec![(0.0, 0.0, 0usize); layers];
+    for r in trace {
+        // Step 1 is the prompt; decode step i is cache step i + 2.
+        let Some(step) = (r.step as usize).checked_sub(2) else {
+            continue;
+        };
+        let (l, h) = (r.layer as usize, r.kv_head as usize);
+        let (Some(m), Some(t)) = (
+            o.mass.get(step).and_then(|s| s.get(l)),
+            o.top10.get(step).and_then(|s| s.get(l)),
+        ) else {
+            continue;
+        };
+        let row = &m[h];
+        let in_sel = |tok: usize| r.pages.binary_search(&((tok / page) as u32)).is_ok();
+        let total: f64 = row.iter().map(|&x| x as f64).sum();
+        let got: f64 = row
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| in_sel(*i))
+            .map(|(_, &x)| x as f64)
+            .sum();
+        let hits: usize = (0..g)
+            .map(|j| t[h * g + j].iter().filter(|&&tok| in_sel(tok)).count())
+            .sum();
+        let n_top: usize = (0..g).map(|j| t[h * g + j].len()).sum();
+        acc[l].0 += got / total.max(1e-30);
+        acc[l].1 += hits as f64 / n_top.max(1) as f64;
+        acc[l].2 += 1;
+    }
+    acc.into_iter()
+        .map(|(a, b, n)| (a / n.max(1) as f64, b / n.max(1) as f64, n))
+        .collect()
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let lm = load_model(&ModelSpec::parse(&args.model)?, DType::F32, &Device::Cpu, true)?;
+    let layers = lm.model.cache_config(1, 1.0).num_layers;
+    let g = {
+        let c = lm.model.cache_config(1, 1.0);
+        c.num_q_heads / c.num_kv_heads
+    };
+    let mut csv =
+        std::io::BufWriter::new(std::fs::File::create(&args.csv).with_context(|| args.csv.display().to_string())?);
+    writeln!(
+        csv,
+        "kind,context,algorithm,budget_fraction,budget_tokens,page_size,layer,mass_recall,top10_recall,samples"
+    )?;
+    let mut keys = KeyGen::new(1234);
+    // (algorithm, budget fraction) -> (sum of per-layer mass recall, of top-10 recall, count)
+    let mut summary: Vec<Cell> = Vec::new();
+    for kind in &args.kinds {
+        for &context in &args.contexts {
+            let ids = prompt(&lm, kind, context, &mut keys)?;
+            let t0 = std::time::Instant::now();
+            let mut configs = Vec::new();
+            let mut caches = Vec::new();
+            let total = ids.len() + args.decode_steps + 16;
+            caches.push(SpinCache::new_boxed(
+                lm.model.cache_config(total, 1.0).with_page_size(args.page_size),
+                by_name("dense", 1)?,
+            )?);
+            for algo in &args.algos {
+                for &f in &args.budgets {
+                    let budget = ((ids.len() as f64 * f) as usize).max(4 * args.page_size);
+                    let a = match by_name(algo, budget) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            eprintln!("skipping {algo} at budget {budget} tokens: {e}");
+                            continue;
+                        }
+                    };
+                    let page = a.page_size_hint().unwrap_or(args.page_size);
+                    let mut c = SpinCache::new_boxed(lm.model.cache_config(total, 1.0).with_page_size(page), a)?;
+                    c.set_trace(true);
+                    caches.push(c);
+                    configs.push((algo.clone(), f, budget, page));
+                }
+            }
+            let rec = Mutex::new(Recorded {
+                keys: vec![Vec::new(); layers],
+                ..Default::default()
+            });
+            {
+                let mut fan = FanOut::new(caches.iter_mut().map(|c| c as &mut dyn SparseKvCache).collect())?;
+                fan.set_tap(Some(Box::new(|layer: usize, q: &Tensor, k: &Tensor, _v: &Tensor| {
+                    let mut r = rec.lock().unwrap();
+                    r.keys[layer].push(k.clone());
+                    if r.decoding {
+                        if layer == 0 {
+                            r.queries.push(Vec::new());
+                        }
+                        if let Some(last) = r.queries.last_mut() {
+                            last.push(q.clone());
+                        }
+                    }
+                })));
+                let seq = fan.add_sequence()?;
+                let mut logits = lm.model.forward(&mut fan, &[(seq, &ids)])?;
+                rec.lock().unwrap().decoding = true;
+                for _ in 0..args.decode_steps {
+                    let next = logits.get(0)?.argmax(D::Minus1)?.to_scalar::<u32>()?;
+                    logits = lm.model.forward(&mut fan, &[(seq, &[next])])?;
+                }
+            }
+            let o = oracle(&lm, &rec.lock().unwrap(), ids.len())?;
+            for ((algo, f, budget, page), cache) in configs.iter().zip(caches.iter_mut().skip(1)) {
+                let per_layer = recall(&o, &cache.take_trace(), *page, g, layers);
+                let (mut sm, mut st) = (0.0, 0.0);
+                for (l, (m, t, n)) in per_layer.iter().enumerate() {
+                    writeln!(csv, "{kind},{context},{algo},{f},{budget},{page},{l},{m:.5},{t:.5},{n}")?;
+                    sm += m;
+                    st += t;
+                }
+                let (m, t) = (sm / layers as f64, st / layers as f64);
+                match summary.iter_mut().find(|(k, _)| k.0 == *algo && k.1 == *f) {
+                    Some((_, s)) => {
+                        s.0 += m;
+                        s.1 += t;
+                        s.2 += 1;
+                    }
+                    None => summary.push(((algo.clone(), *f), (m, t, 1))),
+                }
+                eprintln!(
+                    "{kind:<8} ctx {context:>5} {algo:<9} budget {f:<6}: mass recall {m:.3}, top-10 recall {t:.3}"
+                );
+            }
+            csv.flush()?;
+            eprintln!("  ({kind}, {context}: {:.1} s)", t0.elapsed().as_secs_f64());
+        }
+    }
+    println!(
+        "\nmean over layers, decode steps, KV heads, {} kinds × {} contexts ({} decode steps each):\n",
+        args.kinds.len(),
+        args.contexts.len(),
+        args.decode_steps
+    );
+    println!("| algorithm | budget | mass recall | top-10 recall |\n|---|---|---|---|");
+    for ((algo, f), (m, t, n)) in &summary {
+        println!("| {algo} | {f} | {:.3} | {:.3} |", m / *n as f64, t / *n as f64);
+    }
+    if let Some(path) = &args.plot {
+        let series: Vec<(String, Vec<(f64, f64)>)> = args
+            .algos
+            .iter()
+            .map(|a| {
+                let pts = summary
+                    .iter()
+                    .filter(|(k, _)| &k.0 == a)
+                    .map(|((_, f), (m, _, n))| (*f, m / *n as f64))
+                    .collect();
+                (a.clone(), pts)
+            })
+            .collect();
+        plot::plot(
+            path,
+            "mass recall against budget (SmolLM2, mean over layers)",
+            ("budget (fraction of the prompt)", "attention mass covered"),
+            &series,
+            true,
+        )?;
+    }
+    Ok(())
+}
