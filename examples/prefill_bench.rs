@@ -3,7 +3,9 @@
 //! are read through a page list, at the Llama-3.1-8B and SmolLM2 attention shapes
 //! (bf16). Prints ms and TFLOP/s (causal FLOPs, 4·Hq·L²·D/2, the count PyTorch's anchor
 //! uses) and, at 8K, the old path (`causal_self_attention`, f32 matmuls) for comparison.
-//! `scripts/sdpa_prefill.py` times PyTorch's SDPA at the same points.
+//! `scripts/sdpa_prefill.py` times PyTorch's SDPA at the same points. Then ShadowKV's
+//! factorization of one layer's prefill keys (`linalg::randomized_low_rank`, rank 160,
+//! `[L, Hkv·D]`), the work its first decode step does per layer.
 //!
 //! `cargo run --release --features cuda --example prefill_bench [-- --csv FILE]`
 
@@ -26,6 +28,7 @@ mod bench {
     use rand::rngs::StdRng;
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
+    use spinkv::linalg::{randomized_low_rank, LowRankOptions};
     use spinkv::ops::{self, PrefillChunk, PrefillTiles};
     use std::io::Write;
 
@@ -156,6 +159,23 @@ mod bench {
                     })?;
                     report("old path (f32 matmuls)", ms);
                 }
+            }
+        }
+        // ShadowKV's low-rank factorization of one layer's keys (median of 3).
+        println!("\n| shape | L | ShadowKV factorization, one layer (ms) |\n|---|---|---|");
+        for (shape, hkv, d) in [("llama3-8b", 8usize, 128usize), ("smollm2-135m", 3, 64)] {
+            for l in [8192usize, 32768, 131072] {
+                let x = Tensor::randn(0f32, 1.0, (l, hkv * d), &dev)?;
+                let mut v = Vec::new();
+                for _ in 0..3 {
+                    let t0 = std::time::Instant::now();
+                    let lr = randomized_low_rank(&x, 160, LowRankOptions::default())?;
+                    lr.left.sum_all()?.to_scalar::<f32>()?;
+                    v.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+                v.sort_by(|a, b| a.total_cmp(b));
+                println!("| {shape} | {l} | {:.1} |", v[1]);
+                rows.push(format!("{shape},{l},shadowkv factorization,{:.4},", v[1]));
             }
         }
         if let Some(path) = args.csv {
