@@ -146,13 +146,6 @@ struct ExpandPlan {
     page_size: u32,
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::U32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{OP}: operands must be contiguous u32"),
-    }
-}
-
 impl InplaceOp3 for ExpandPlan {
     fn name(&self) -> &'static str {
         OP
@@ -167,25 +160,14 @@ impl InplaceOp3 for ExpandPlan {
         l: &CpuStorage,
         ll: &Layout,
     ) -> candle_core::Result<()> {
-        let (dir, leaves) = (slice(d, dl)?, slice(l, ll)?);
-        let (rows, max_leaves) = (dl.dims()[0], dl.dims()[1]);
-        let n_leaves = ll.dims()[0];
+        let (dir, leaves) = (super::util::u32_slice(OP, d, dl)?, super::util::u32_slice(OP, l, ll)?);
+        let max_leaves = dl.dims()[1];
         let (CpuStorage::U32(w), Some((w0, w1))) = (w, wl.contiguous_offsets()) else {
             candle_core::bail!("{OP}: words must be contiguous u32");
         };
         let w = &mut w[w0..w1];
         let (lay, p) = (&self.lay, self.page_size);
-        let lookup = |row: u32, page: u32| -> u32 {
-            let li = (page / LEAF_PAGES as u32) as usize;
-            if row == NONE || row as usize >= rows || li >= max_leaves {
-                return NONE;
-            }
-            let leaf = dir[row as usize * max_leaves + li];
-            if leaf == NONE || leaf as usize >= n_leaves {
-                return NONE;
-            }
-            leaves[leaf as usize * LEAF_PAGES + page as usize % LEAF_PAGES]
-        };
+        let lookup = |row: u32, page: u32| super::page_table::lookup_one(dir, max_leaves, leaves, row, page);
         for i in 0..lay.plane() {
             let (layer, r, h) = (i / (lay.b * lay.hkv), i / lay.hkv % lay.b, i % lay.hkv);
             let row0 = w[lay.row0 + r];

@@ -120,20 +120,24 @@ impl InplaceOp2 for FillRowsU32 {
 
 struct PageSlots;
 
+/// The slot of logical `page` in directory row `row` of the tables `dir`
+/// `[rows, max_leaves]` and `leaves` `[n, LEAF_PAGES]`; `NONE` where either is `NONE`, out
+/// of range, or not mapped (the CPU reference of the kernels' `slot_of`).
+pub(super) fn lookup_one(dir: &[u32], max_leaves: usize, leaves: &[u32], row: u32, page: u32) -> u32 {
+    let li = page as usize / LEAF_PAGES;
+    if row == NONE || page == NONE || li >= max_leaves || row as usize >= dir.len() / max_leaves {
+        return NONE;
+    }
+    let leaf = dir[row as usize * max_leaves + li];
+    if leaf == NONE || (leaf as usize) >= leaves.len() / LEAF_PAGES {
+        return NONE;
+    }
+    leaves[leaf as usize * LEAF_PAGES + page as usize % LEAF_PAGES]
+}
+
 fn lookup_cpu(dir: &[u32], max_leaves: usize, leaves: &[u32], q: &[u32]) -> Vec<u32> {
     q.chunks_exact(2)
-        .map(|rq| {
-            let (row, page) = (rq[0] as usize, rq[1] as usize);
-            let li = page / LEAF_PAGES;
-            if rq[0] == NONE || rq[1] == NONE || li >= max_leaves || row >= dir.len() / max_leaves {
-                return NONE;
-            }
-            let leaf = dir[row * max_leaves + li];
-            if leaf == NONE || (leaf as usize) >= leaves.len() / LEAF_PAGES {
-                return NONE;
-            }
-            leaves[leaf as usize * LEAF_PAGES + page % LEAF_PAGES]
-        })
+        .map(|rq| lookup_one(dir, max_leaves, leaves, rq[0], rq[1]))
         .collect()
 }
 
