@@ -60,6 +60,9 @@ struct Args {
     /// Write an SVG of mean mass recall against budget here.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Only summarize (table and `--plot`) the rows of these earlier `--csv` files.
+    #[arg(long, value_delimiter = ',')]
+    from_csv: Vec<PathBuf>,
 }
 
 /// Text of the `prose` and `code` prompts (this repository's own files).
@@ -196,8 +199,82 @@ fn recall(o: &Oracle, trace: &[SelectionRecord], page: usize, g: usize, layers: 
         .collect()
 }
 
+/// The summary cells of earlier CSV files (each run's per-layer rows averaged).
+fn summary_of(paths: &[PathBuf]) -> Result<Vec<Cell>> {
+    // (kind, context, algorithm, fraction) -> (mass sum, top-10 sum, layers)
+    let mut runs: Vec<((String, String, String, f64), (f64, f64, usize))> = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p).with_context(|| p.display().to_string())?;
+        for line in text.lines().skip(1).filter(|l| !l.is_empty()) {
+            let f: Vec<&str> = line.split(',').collect();
+            if f.len() < 10 {
+                bail!("{}: not a recall CSV row: {line:?}", p.display());
+            }
+            let key = (
+                f[0].to_string(),
+                f[1].to_string(),
+                f[2].to_string(),
+                f[3].parse::<f64>()?,
+            );
+            let (m, t) = (f[7].parse::<f64>()?, f[8].parse::<f64>()?);
+            match runs.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => {
+                    v.0 += m;
+                    v.1 += t;
+                    v.2 += 1;
+                }
+                None => runs.push((key, (m, t, 1))),
+            }
+        }
+    }
+    let mut cells: Vec<Cell> = Vec::new();
+    for ((_, _, algo, f), (m, t, n)) in runs {
+        let (m, t) = (m / n as f64, t / n as f64);
+        match cells.iter_mut().find(|(k, _)| k.0 == algo && k.1 == f) {
+            Some((_, s)) => {
+                s.0 += m;
+                s.1 += t;
+                s.2 += 1;
+            }
+            None => cells.push(((algo, f), (m, t, 1))),
+        }
+    }
+    Ok(cells)
+}
+
+fn report(summary: &[Cell], algos: &[String], plot_path: Option<&PathBuf>) -> Result<()> {
+    println!("| algorithm | budget | mass recall | top-10 recall |\n|---|---|---|---|");
+    for ((algo, f), (m, t, n)) in summary {
+        println!("| {algo} | {f} | {:.3} | {:.3} |", m / *n as f64, t / *n as f64);
+    }
+    if let Some(path) = plot_path {
+        let series: Vec<(String, Vec<(f64, f64)>)> = algos
+            .iter()
+            .map(|a| {
+                let pts = summary
+                    .iter()
+                    .filter(|(k, _)| &k.0 == a)
+                    .map(|((_, f), (m, _, n))| (*f, m / *n as f64))
+                    .collect();
+                (a.clone(), pts)
+            })
+            .collect();
+        plot::plot(
+            path,
+            "mass recall against budget (SmolLM2, mean over layers)",
+            ("budget (fraction of the prompt)", "attention mass covered"),
+            &series,
+            true,
+        )?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if !args.from_csv.is_empty() {
+        return report(&summary_of(&args.from_csv)?, &args.algos, args.plot.as_ref());
+    }
     let lm = load_model(&ModelSpec::parse(&args.model)?, DType::F32, &Device::Cpu, true)?;
     let layers = lm.model.cache_config(1, 1.0).num_layers;
     let g = {
@@ -299,30 +376,5 @@ fn main() -> Result<()> {
         args.contexts.len(),
         args.decode_steps
     );
-    println!("| algorithm | budget | mass recall | top-10 recall |\n|---|---|---|---|");
-    for ((algo, f), (m, t, n)) in &summary {
-        println!("| {algo} | {f} | {:.3} | {:.3} |", m / *n as f64, t / *n as f64);
-    }
-    if let Some(path) = &args.plot {
-        let series: Vec<(String, Vec<(f64, f64)>)> = args
-            .algos
-            .iter()
-            .map(|a| {
-                let pts = summary
-                    .iter()
-                    .filter(|(k, _)| &k.0 == a)
-                    .map(|((_, f), (m, _, n))| (*f, m / *n as f64))
-                    .collect();
-                (a.clone(), pts)
-            })
-            .collect();
-        plot::plot(
-            path,
-            "mass recall against budget (SmolLM2, mean over layers)",
-            ("budget (fraction of the prompt)", "attention mass covered"),
-            &series,
-            true,
-        )?;
-    }
-    Ok(())
+    report(&summary, &args.algos, args.plot.as_ref())
 }
