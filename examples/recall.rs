@@ -199,10 +199,13 @@ fn recall(o: &Oracle, trace: &[SelectionRecord], page: usize, g: usize, layers: 
         .collect()
 }
 
+/// One earlier run, (kind, context, algorithm, fraction), with its per-layer sums.
+type RunSums = ((String, String, String, f64), (f64, f64, usize));
+
 /// The summary cells of earlier CSV files (each run's per-layer rows averaged).
 fn summary_of(paths: &[PathBuf]) -> Result<Vec<Cell>> {
     // (kind, context, algorithm, fraction) -> (mass sum, top-10 sum, layers)
-    let mut runs: Vec<((String, String, String, f64), (f64, f64, usize))> = Vec::new();
+    let mut runs: Vec<RunSums> = Vec::new();
     for p in paths {
         let text = std::fs::read_to_string(p).with_context(|| p.display().to_string())?;
         for line in text.lines().skip(1).filter(|l| !l.is_empty()) {
