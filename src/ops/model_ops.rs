@@ -100,11 +100,7 @@ struct AddRmsNorm {
 
 impl AddRmsNorm {
     fn cpu(&self, x: Vec<f32>, delta: Option<Vec<f32>>, dt: DType, cols: usize) -> candle_core::Result<CpuStorage> {
-        let (s, l) = self.alpha.storage_and_layout();
-        let candle_core::Storage::Cpu(s) = &*s else {
-            candle_core::bail!("add_rms_norm: alpha must be on the CPU with x");
-        };
-        let alpha = cpu_f32("add_rms_norm", s, l)?;
+        let alpha = super::util::float_field("add_rms_norm", "alpha", &self.alpha)?;
         let n = x.len();
         let sum: Vec<f32> = match &delta {
             Some(d) => x.iter().zip(d).map(|(&a, &b)| round_to(a + b, dt)).collect(),

@@ -12,7 +12,7 @@ use super::kernel_consts::{PREFILL_ROWS, PREFILL_TILE_WORDS};
 use super::util;
 use super::{EMPTY_LSE, NONE};
 use crate::Result;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 const OP: &str = "prefill_attention";
 
@@ -119,14 +119,6 @@ struct PrefillAttention {
     scale: f32,
 }
 
-fn f32_field(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        Storage::Cpu(c) => util::float_values(OP, c, l),
-        _ => candle_core::bail!("{OP}: pool {:?} must be on the CPU with the queries", t.dims()),
-    }
-}
-
 impl PrefillAttention {
     /// The reference: per tile row, the scores of every visible key in f64, then the
     /// normalized output and the lse. Rows no tile covers get zeros and `EMPTY_LSE`.
@@ -138,7 +130,7 @@ impl PrefillAttention {
         dims: (usize, usize, usize, usize),
     ) -> candle_core::Result<Vec<f32>> {
         let (t, hq, hkv, d) = dims;
-        let pool = f32_field(&self.pool)?;
+        let pool = util::float_field(OP, "pool", &self.pool)?;
         let (slots, _, p, _) = self.pool.dims4()?;
         let (s, _, n, _) = self.pages.dims4()?;
         let pages = util::u32_field(OP, &self.pages)?;

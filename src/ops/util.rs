@@ -199,6 +199,16 @@ pub(crate) fn u32_field(op: &str, t: &Tensor) -> candle_core::Result<Vec<u32>> {
     }
 }
 
+/// The values of a contiguous float tensor field of an op struct (f32, f16 or bf16),
+/// as f32, read on the CPU.
+pub(crate) fn float_field(op: &str, name: &str, t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(cpu) => float_values(op, cpu, l),
+        _ => candle_core::bail!("{op}: {name} {:?} must be on the CPU with the op's inputs", t.dims()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::pool_bytes;
