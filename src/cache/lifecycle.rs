@@ -96,6 +96,7 @@ impl SparseKvCache for SpinCache {
             self.cfg.dtype,
             &self.cfg.device,
         )?;
+        let prefill = self.prefill_plan(&entries, &queries)?;
         let queries = Tensor::from_vec(queries, (row, 2), &self.cfg.device)?;
         let kv_limit: Vec<u32> = entries
             .iter()
@@ -103,7 +104,6 @@ impl SparseKvCache for SpinCache {
             .collect();
         let n_entries = entries.len();
         let kv_limit = Tensor::from_vec(kv_limit, n_entries, &self.cfg.device)?;
-        let prefill = self.prefill_plan(&entries, row)?;
         self.lru.set_step(self.step_number())?;
         let plan = self.reserve_and_plan(&entries, false, |c, en| c.step_plan(en, row))?;
         let stats = StepStats {

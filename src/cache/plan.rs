@@ -163,8 +163,9 @@ impl SpinCache {
     /// The tensor-core prefill plan of a step (`None` when the step has no prefill chunk,
     /// or the cache's device, dtype or head dim has no such kernel: CUDA, f16/bf16, head
     /// dim 64/96/128). A chunk walks the page list of its earlier pages, `0..⌈start/P⌉`,
-    /// in the order the requests lay them out.
-    pub(super) fn prefill_plan(&self, entries: &[StepEntry], rows: usize) -> Result<Option<PrefillPlan>> {
+    /// in the order the requests lay them out. `queries` is the step's host query
+    /// placement, `(entry, position)` per row.
+    pub(super) fn prefill_plan(&self, entries: &[StepEntry], queries: &[u32]) -> Result<Option<PrefillPlan>> {
         let c = &self.cfg;
         let on = c.device.is_cuda() && ops::prefill_attention_supported(c.dtype, c.head_dim, &c.device);
         if !on || entries.iter().all(|e| e.n <= 1) {
@@ -184,16 +185,17 @@ impl SpinCache {
             .collect();
         let group = c.num_q_heads / c.num_kv_heads;
         let tiles = ops::PrefillTiles::new(&chunks, group, c.page_size, &c.device)?;
-        let mut queries = Vec::with_capacity(2 * rows);
-        for (ei, e) in entries.iter().enumerate() {
-            let seq = if e.n > 1 { NONE } else { ei as u32 };
-            for i in 0..e.n {
-                queries.extend([seq, (e.start + i) as u32]);
+        // The chunks' rows name no sequence.
+        let mut decode_queries = queries.to_vec();
+        for e in entries.iter().filter(|e| e.n > 1) {
+            for r in e.row..e.row + e.n {
+                decode_queries[2 * r] = NONE;
             }
         }
+        let rows = decode_queries.len() / 2;
         Ok(Some(PrefillPlan {
             tiles,
-            decode_queries: Tensor::from_vec(queries, (rows, 2), &c.device)?,
+            decode_queries: Tensor::from_vec(decode_queries, (rows, 2), &c.device)?,
             no_pages: Tensor::zeros((entries.len(), c.num_kv_heads, 0, 2), DType::U32, &c.device)?,
         }))
     }
