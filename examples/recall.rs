@@ -291,8 +291,6 @@ fn main() -> Result<()> {
         "kind,context,algorithm,budget_fraction,budget_tokens,page_size,layer,mass_recall,top10_recall,samples"
     )?;
     let mut keys = KeyGen::new(1234);
-    // (algorithm, budget fraction) -> (sum of per-layer mass recall, of top-10 recall, count)
-    let mut summary: Vec<Cell> = Vec::new();
     for kind in &args.kinds {
         for &context in &args.contexts {
             let ids = prompt(&lm, kind, context, &mut keys)?;
@@ -357,14 +355,6 @@ fn main() -> Result<()> {
                     st += t;
                 }
                 let (m, t) = (sm / layers as f64, st / layers as f64);
-                match summary.iter_mut().find(|(k, _)| k.0 == *algo && k.1 == *f) {
-                    Some((_, s)) => {
-                        s.0 += m;
-                        s.1 += t;
-                        s.2 += 1;
-                    }
-                    None => summary.push(((algo.clone(), *f), (m, t, 1))),
-                }
                 eprintln!(
                     "{kind:<8} ctx {context:>5} {algo:<9} budget {f:<6}: mass recall {m:.3}, top-10 recall {t:.3}"
                 );
@@ -379,5 +369,12 @@ fn main() -> Result<()> {
         args.contexts.len(),
         args.decode_steps
     );
-    report(&summary, &args.algos, args.plot.as_ref())
+    drop(csv);
+    // The summary is read back from the rows just written: one path for it, as with
+    // `--from-csv`.
+    report(
+        &summary_of(std::slice::from_ref(&args.csv))?,
+        &args.algos,
+        args.plot.as_ref(),
+    )
 }
