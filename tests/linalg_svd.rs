@@ -77,6 +77,16 @@ fn rank_r_error_matches_the_svd_tail() {
             );
             assert_eq!(lr.left.dims(), &[m, got]);
             assert_eq!(lr.right.dims(), &[got, n]);
+            // The left factor has orthonormal columns whichever orthonormalization ran
+            // (CholQR2 at decay 0.95, where the blocks are well conditioned; SVQB at 0.7).
+            let l = lr.left.to_dtype(DType::F64).unwrap();
+            let gram = l.t().unwrap().matmul(&l).unwrap().to_vec2::<f64>().unwrap();
+            for (i, row) in gram.iter().enumerate() {
+                for (j, g) in row.iter().enumerate() {
+                    let want = if i == j { 1.0 } else { 0.0 };
+                    assert!((g - want).abs() < 1e-5, "decay {decay} rank {rank}: LᵀL[{i},{j}] = {g}");
+                }
+            }
             let tail: f64 = sigma[rank..].iter().map(|s| s * s).sum::<f64>().sqrt();
             let err = frob_err(&x, &lr.left, &lr.right);
             if tail < 1e-4 * sigma[0] {

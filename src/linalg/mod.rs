@@ -6,4 +6,4 @@ mod randomized_svd;
 mod small;
 
 pub use randomized_svd::{randomized_low_rank, LowRank, LowRankOptions};
-pub use small::symmetric_eigen;
+pub use small::{cholesky_upper, symmetric_eigen, upper_inverse};
