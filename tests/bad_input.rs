@@ -344,11 +344,21 @@ fn ops_reject_a_page_size_or_head_dim_of_zero() {
 
 #[test]
 fn by_name_rejects_a_budget_of_zero_for_every_algorithm() {
-    for &name in spinkv::partition::ALGORITHMS {
+    for &name in spinkv::partition::ALGORITHMS.iter().chain(spinkv::partition::VARIANTS) {
         let e = spinkv::partition::by_name(name, 0)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains(name) && e.contains("budget"), "{name}: {e:?}");
     }
+    // The variants are what their names say.
+    let quest = |name: &str| spinkv::partition::by_name(name, 512).unwrap();
+    assert_eq!(quest("quest-p8").page_size_hint(), Some(8));
+    assert!(
+        quest("quest-softmax").name().contains("softmax"),
+        "{}",
+        quest("quest-softmax").name()
+    );
+    let e = spinkv::partition::by_name("quest-nope", 512).err().unwrap().to_string();
+    assert!(e.contains("quest-nope") && e.contains("quest-softmax"), "{e}");
 }

@@ -26,6 +26,7 @@ fn replaying_a_recorded_trace_reproduces_the_cache_counts() {
         window_tokens: 32,
         dense_layers: 0,
         shared_across_heads: false,
+        ..Default::default()
     });
     let mut cache = SpinCache::new(cfg, quest).unwrap();
     let mut r = rng(3);

@@ -60,6 +60,7 @@ fn algorithms() -> Vec<(&'static str, Make)> {
                     window_tokens: 8,
                     dense_layers: 0,
                     shared_across_heads: false,
+                    ..Default::default()
                 })) as Box<dyn SparseAlgorithm>
             }),
         ),
@@ -236,6 +237,7 @@ fn quest_bounds_roll_back_on_abort() {
             window_tokens: 8,
             dense_layers: 0,
             shared_across_heads: false,
+            ..Default::default()
         })) as Box<dyn SparseAlgorithm>
     };
     let run = |abort: bool| -> Vec<Tensor> {

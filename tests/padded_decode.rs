@@ -33,6 +33,7 @@ fn algo(name: &str) -> Box<dyn SparseAlgorithm> {
             window_tokens: 8,
             dense_layers: 1,
             shared_across_heads: false,
+            ..Default::default()
         })),
     }
 }

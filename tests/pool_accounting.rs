@@ -43,6 +43,7 @@ fn random_workloads_never_leak_or_double_own() {
                     window_tokens: 8,
                     dense_layers: 0,
                     shared_across_heads: false,
+                    ..Default::default()
                 }),
             )
             .unwrap()

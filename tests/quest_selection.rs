@@ -19,7 +19,7 @@ mod common;
 
 use candle_core::Tensor;
 use common::*;
-use spinkv::partition::{Dense, Quest, QuestConfig, SparseAlgorithm};
+use spinkv::partition::{Dense, GroupScore, Quest, QuestConfig, SparseAlgorithm};
 use spinkv::{CacheConfig, SparseKvCache, SpinCache, StepInput};
 
 const THETA: f64 = 10_000.0;
@@ -82,6 +82,7 @@ fn quest_selects_planted_pages_and_tracks_dense() {
         window_tokens: 32,
         dense_layers: 1,
         shared_across_heads: false,
+        ..Default::default()
     });
     let (q_out, q_pages) = run(Box::new(quest), 5, &planted);
     let (d_out, d_pages) = run(Box::new(Dense::new()), 5, &planted);
@@ -125,7 +126,7 @@ type PaperSelection = (Vec<u32>, Vec<f64>, f64);
 
 /// One decode step of Quest (every layer sparse) over `ctx` random tokens; returns the
 /// traced pages of layer 0 per KV head, and each head's reference selection.
-fn paper_case(seed: u64, ctx: usize, budget: usize) -> (Vec<Vec<u32>>, Vec<PaperSelection>) {
+fn paper_case(seed: u64, ctx: usize, budget: usize, group: GroupScore) -> (Vec<Vec<u32>>, Vec<PaperSelection>) {
     let (hq, hkv, d, p) = (6, 2, 64, 16);
     let (sink_t, window_t) = (16, 32);
     let mut r = rng(seed);
@@ -137,6 +138,8 @@ fn paper_case(seed: u64, ctx: usize, budget: usize) -> (Vec<Vec<u32>>, Vec<Paper
         window_tokens: window_t,
         dense_layers: 0,
         shared_across_heads: false,
+        group_score: group,
+        ..Default::default()
     });
     let mut cache = SpinCache::new_boxed(cfg, Box::new(quest)).unwrap();
     cache.set_trace(true);
@@ -173,28 +176,47 @@ fn paper_case(seed: u64, ctx: usize, budget: usize) -> (Vec<Vec<u32>>, Vec<Paper
         .unwrap();
     let n = (ctx + 1).div_ceil(p);
     let (sink, window) = (sink_t.div_ceil(p), window_t.div_ceil(p).max(1));
+    // Quest's bound Σ_i max(q_i · max_i, q_i · min_i) of one page of KV head h.
+    let page_bound = |kr: &[f64], qh: &[f64], page: usize, h: usize| {
+        let rows = page * p..((page + 1) * p).min(ctx + 1);
+        let (mut lo, mut hi) = (vec![f64::INFINITY; d], vec![f64::NEG_INFINITY; d]);
+        for t in rows {
+            for i in 0..d {
+                let x = kr[(t * hkv + h) * d + i];
+                lo[i] = lo[i].min(x);
+                hi[i] = hi[i].max(x);
+            }
+        }
+        (0..d).map(|i| (qh[i] * hi[i]).max(qh[i] * lo[i])).sum::<f64>()
+    };
     let want = (0..hkv)
         .map(|h| {
-            let bound: Vec<f64> = (0..n)
-                .map(|page| {
-                    let rows = page * p..((page + 1) * p).min(ctx + 1);
-                    let (mut lo, mut hi) = (vec![f64::INFINITY; d], vec![f64::NEG_INFINITY; d]);
-                    for t in rows {
-                        for i in 0..d {
-                            let x = kr[(t * hkv + h) * d + i];
-                            lo[i] = lo[i].min(x);
-                            hi[i] = hi[i].max(x);
-                        }
-                    }
-                    (0..hq / hkv)
-                        .map(|g| {
-                            let qh = &qr[(h * (hq / hkv) + g) * d..][..d];
-                            (0..d).map(|i| (qh[i] * hi[i]).max(qh[i] * lo[i])).sum::<f64>()
-                        })
-                        .fold(f64::NEG_INFINITY, f64::max)
+            let forced = |page: usize| page < sink || page + window >= n;
+            // Each query head's bound of every page, [group][page].
+            let heads: Vec<Vec<f64>> = (0..hq / hkv)
+                .map(|g| {
+                    let qh = &qr[(h * (hq / hkv) + g) * d..][..d];
+                    (0..n).map(|page| page_bound(&kr, qh, page, h)).collect()
                 })
                 .collect();
-            let forced = |page: usize| page < sink || page + window >= n;
+            let bound: Vec<f64> = match group {
+                GroupScore::Max => (0..n)
+                    .map(|page| heads.iter().map(|b| b[page]).fold(f64::NEG_INFINITY, f64::max))
+                    .collect(),
+                // Σ over heads of softmax over the open pages of bound / √D.
+                GroupScore::SoftmaxSum => {
+                    let mut sum = vec![0.0; n];
+                    for b in &heads {
+                        let open = || (0..n).filter(|&p| !forced(p));
+                        let m = open().map(|p| b[p]).fold(f64::NEG_INFINITY, f64::max);
+                        let z: f64 = open().map(|p| ((b[p] - m) / (d as f64).sqrt()).exp()).sum();
+                        for p in open() {
+                            sum[p] += ((b[p] - m) / (d as f64).sqrt()).exp() / z;
+                        }
+                    }
+                    sum
+                }
+            };
             let mut order: Vec<usize> = (0..n).collect();
             order.sort_by(|&a, &b| {
                 (forced(b), bound[b])
@@ -218,8 +240,25 @@ fn paper_case(seed: u64, ctx: usize, budget: usize) -> (Vec<Vec<u32>>, Vec<Paper
 
 #[test]
 fn quest_matches_the_paper_criterion_in_f64() {
+    check_criterion(GroupScore::Max, 1e-4);
+}
+
+/// The softmax-sum option against the same f64 bounds combined as
+/// [`GroupScore::SoftmaxSum`] documents (its scores are probabilities computed in f32:
+/// ties within 1e-3 relative).
+#[test]
+fn quest_softmax_sum_matches_its_criterion_in_f64() {
+    check_criterion(GroupScore::SoftmaxSum, 1e-3);
+    // The option changes the selection (else the check above could not tell it from Max).
+    let differs = [(1u64, 1000, 256), (3, 1503, 512)].iter().any(|&(seed, ctx, budget)| {
+        paper_case(seed, ctx, budget, GroupScore::SoftmaxSum).0 != paper_case(seed, ctx, budget, GroupScore::Max).0
+    });
+    assert!(differs, "softmax-sum selected exactly what max selects");
+}
+
+fn check_criterion(group: GroupScore, tie: f64) {
     for (seed, ctx, budget) in [(1u64, 1000, 256), (2, 777, 160), (3, 1503, 512), (4, 333, 96)] {
-        let (got, want) = paper_case(seed, ctx, budget);
+        let (got, want) = paper_case(seed, ctx, budget, group);
         assert_eq!(got.len(), want.len(), "one selection per KV head");
         for (h, (g, (w, bound, cut))) in got.iter().zip(&want).enumerate() {
             assert_eq!(g.len(), w.len(), "seed {seed} head {h}: {g:?} vs {w:?}");
@@ -232,7 +271,7 @@ fn quest_matches_the_paper_criterion_in_f64() {
             {
                 let b = bound[x as usize];
                 assert!(
-                    (b - cut).abs() <= 1e-4 * cut.abs().max(1.0),
+                    (b - cut).abs() <= tie * cut.abs().max(if group == GroupScore::Max { 1.0 } else { 0.0 }),
                     "seed {seed} ctx {ctx} budget {budget} head {h}: page {x} (bound {b}) differs, cut {cut}: \
                      got {g:?}, paper {w:?}"
                 );

@@ -19,7 +19,7 @@ pub mod streaming;
 
 pub use dense::Dense;
 pub use infllm::{InfLlm, InfLlmConfig};
-pub use quest::{Quest, QuestConfig};
+pub use quest::{GroupScore, Quest, QuestConfig};
 pub use shadowkv::{ShadowKv, ShadowKvConfig};
 pub use streaming::{Streaming, StreamingConfig};
 
@@ -254,6 +254,12 @@ pub(crate) fn forced_pages(sink_tokens: usize, window_tokens: usize, page_size: 
 /// Names accepted by [`by_name`].
 pub const ALGORITHMS: &[&str] = &["dense", "streaming", "quest", "infllm", "shadowkv"];
 
+/// Variants of an algorithm that [`by_name`] also accepts, for comparisons (issue 17's
+/// Quest options): `quest-softmax` ([`GroupScore::SoftmaxSum`]), `quest-p8` (8-token
+/// pages, [`QuestConfig::page_tokens`]) and `quest-lean` (one sink and one window page of
+/// 16 tokens instead of one and two, leaving a page more to retrieval).
+pub const VARIANTS: &[&str] = &["quest-softmax", "quest-p8", "quest-lean"];
+
 /// Builds an algorithm from its name with a token budget per decode step and KV head
 /// (ignored by `dense`): `streaming` keeps a 64-token sink and the rest of the budget as
 /// window; `quest` uses its defaults otherwise; `infllm` and `shadowkv` scale their
@@ -263,7 +269,7 @@ pub const ALGORITHMS: &[&str] = &["dense", "streaming", "quest", "infllm", "shad
 /// A budget of 0 is an error for every name (`dense` included: a caller asking for no
 /// tokens made a mistake, whatever the algorithm).
 pub fn by_name(name: &str, budget_tokens: usize) -> Result<Box<dyn SparseAlgorithm>> {
-    if ALGORITHMS.contains(&name) && budget_tokens == 0 {
+    if (ALGORITHMS.contains(&name) || VARIANTS.contains(&name)) && budget_tokens == 0 {
         return Err(crate::Error::Config(format!(
             "{name}: budget_tokens must be >= 1, got 0 (partition::by_name)"
         )));
@@ -281,12 +287,28 @@ pub fn by_name(name: &str, budget_tokens: usize) -> Result<Box<dyn SparseAlgorit
             budget_tokens,
             ..Default::default()
         })),
+        "quest-softmax" => Box::new(Quest::new(QuestConfig {
+            budget_tokens,
+            group_score: GroupScore::SoftmaxSum,
+            ..Default::default()
+        })),
+        "quest-p8" => Box::new(Quest::new(QuestConfig {
+            budget_tokens,
+            page_tokens: Some(8),
+            ..Default::default()
+        })),
+        "quest-lean" => Box::new(Quest::new(QuestConfig {
+            budget_tokens,
+            window_tokens: 16,
+            ..Default::default()
+        })),
         "infllm" => Box::new(InfLlm::new(InfLlmConfig::for_budget(budget_tokens))?),
         "shadowkv" => Box::new(ShadowKv::new(ShadowKvConfig::for_budget(budget_tokens))?),
         other => {
             return Err(crate::Error::Config(format!(
-                "unknown algorithm `{other}` (known: {})",
-                ALGORITHMS.join(", ")
+                "unknown algorithm `{other}` (known: {}; variants: {})",
+                ALGORITHMS.join(", "),
+                VARIANTS.join(", ")
             )))
         }
     })

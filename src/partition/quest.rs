@@ -21,6 +21,29 @@ pub struct QuestConfig {
     pub dense_layers: usize,
     /// One selection shared by all KV heads (max of their scores) instead of one per head.
     pub shared_across_heads: bool,
+    /// How a GQA group's query heads combine into one score per page (default: the max
+    /// of their bounds).
+    pub group_score: GroupScore,
+    /// The page size Quest asks of the cache ([`SparseAlgorithm::page_size_hint`]);
+    /// default `None`: the cache's own. Smaller pages give finer bounds (and more
+    /// metadata: `2 · D` values per page).
+    pub page_tokens: Option<usize>,
+}
+
+/// How the upper bounds of a GQA group's query heads become one score per page and KV
+/// head (issue 17's options for small budgets).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GroupScore {
+    /// The largest of the heads' bounds `Σ_i max(q_i · max_i, q_i · min_i)`: Quest's
+    /// criterion (one query head per selection in the paper), taken as a max over the group.
+    #[default]
+    Max,
+    /// The sum over the group's heads of each head's softmax (over the candidate pages
+    /// that are not sink or window, at `1/√D`) of its bounds: an estimate of the page's
+    /// share of each head's attention, summed over the heads as the attention mass is. A
+    /// head whose bounds peak on one page keeps that page even when another head's bounds
+    /// are larger everywhere.
+    SoftmaxSum,
 }
 
 impl Default for QuestConfig {
@@ -31,6 +54,8 @@ impl Default for QuestConfig {
             window_tokens: 32,
             dense_layers: 2,
             shared_across_heads: false,
+            group_score: GroupScore::Max,
+            page_tokens: None,
         }
     }
 }
@@ -62,7 +87,12 @@ impl Quest {
 
 impl SparseAlgorithm for Quest {
     fn name(&self) -> String {
-        format!("quest(budget={})", self.cfg.budget_tokens)
+        let group = match self.cfg.group_score {
+            GroupScore::Max => "",
+            GroupScore::SoftmaxSum => ", group=softmax-sum",
+        };
+        let page = self.cfg.page_tokens.map(|p| format!(", page={p}")).unwrap_or_default();
+        format!("quest(budget={}{group}{page})", self.cfg.budget_tokens)
     }
 
     fn init(&mut self, cfg: &CacheConfig) -> Result<()> {
@@ -81,6 +111,10 @@ impl SparseAlgorithm for Quest {
             &cfg.device,
         )?);
         Ok(())
+    }
+
+    fn page_size_hint(&self) -> Option<usize> {
+        self.cfg.page_tokens
     }
 
     fn page_minmax(&self) -> Option<&Tensor> {
@@ -114,7 +148,10 @@ impl SparseAlgorithm for Quest {
             .ok_or_else(|| Error::Config("quest: used before init".into()))?;
         let (sink, window) = forced_pages(self.cfg.sink_tokens, self.cfg.window_tokens, self.page_size);
         let k = self.cfg.budget_tokens / self.page_size;
-        let scores = quest_page_scores(input.q, meta, input.candidates, sink, window)?; // [B, Hkv, N]
+        let scores = match self.cfg.group_score {
+            GroupScore::Max => quest_page_scores(input.q, meta, input.candidates, sink, window)?, // [B, Hkv, N]
+            GroupScore::SoftmaxSum => softmax_sum_scores(input.q, meta, input.candidates, sink, window)?,
+        };
         let (b, hkv, n) = scores.dims3()?;
         let sel = if self.cfg.shared_across_heads {
             let shared = scores.max_keepdim(1)?.reshape((b, n))?;
@@ -127,4 +164,41 @@ impl SparseAlgorithm for Quest {
         };
         Ok(Selection::Pages(sel))
     }
+}
+
+/// [`GroupScore::SoftmaxSum`] scores `[B, Hkv, N]` f32 for `q` `[B, Hq, D]` and
+/// `candidates` `[B, Hkv, N]`: every query head scored alone (the candidates repeated per
+/// head of the group), softmax over each head's non-forced pages, summed over the group;
+/// sink and window pages stay `+inf`, padding `-inf`.
+fn softmax_sum_scores(q: &Tensor, meta: &Tensor, candidates: &Tensor, sink: usize, window: usize) -> Result<Tensor> {
+    let (b, hq, d) = q.dims3()?;
+    let (_, hkv, n) = candidates.dims3()?;
+    if hkv == 0 || hq % hkv != 0 {
+        return quest_page_scores(q, meta, candidates, sink, window); // its error names the shapes
+    }
+    let g = hq / hkv;
+    let per_head = candidates
+        .unsqueeze(2)?
+        .expand((b, hkv, g, n))?
+        .reshape((b, hq, n))?
+        .contiguous()?;
+    let s = quest_page_scores(q, meta, &per_head, sink, window)?; // [B, Hq, N]
+                                                                  // Forced and padding pages are the same for every head of a group: read them off the
+                                                                  // group's first head.
+    let first = s.reshape((b, hkv, g, n))?.narrow(2, 0, 1)?.reshape((b, hkv, n))?;
+    let (forced, padding) = (first.ge(f64::INFINITY)?, first.le(f64::NEG_INFINITY)?);
+    let open = forced
+        .unsqueeze(2)?
+        .expand((b, hkv, g, n))?
+        .reshape((b, hq, n))?
+        .where_cond(&Tensor::full(f32::NEG_INFINITY, (b, hq, n), s.device())?, &s)?
+        .affine(1.0 / (d as f64).sqrt(), 0.0)?;
+    // A row with no open page has max -inf: clamp so that exp gives 0, not NaN.
+    let max = open.max_keepdim(2)?.maximum(-1e30)?;
+    let e = open.broadcast_sub(&max)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(2)?.maximum(1e-30)?)?;
+    let summed = p.reshape((b, hkv, g, n))?.sum(2)?;
+    let full = |v: f32| Tensor::full(v, (b, hkv, n), s.device());
+    let summed = padding.where_cond(&full(f32::NEG_INFINITY)?, &summed)?;
+    Ok(forced.where_cond(&full(f32::INFINITY)?, &summed)?)
 }

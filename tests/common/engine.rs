@@ -35,6 +35,7 @@ pub fn algo(name: &str) -> Box<dyn SparseAlgorithm> {
             window_tokens: 16,
             dense_layers: 0,
             shared_across_heads: false,
+            ..Default::default()
         })),
         other => panic!("unknown test algorithm {other}"),
     }
