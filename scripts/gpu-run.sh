@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # spinkv: runs the packed CUDA tests, compute-sanitizer and the bench on a GPU machine
 # (see scripts/gpu-package.sh). Results go to $OUT (default ./gpu-out).
-# Usage: bash .device/gpu-run.sh [tests|sanitize|bench|e2e|prefill|all]
+# Usage: bash .device/gpu-run.sh [tests|sanitize|bench|e2e|prefill|needles|decode8b|all]
 # e2e: the engine's offline decode (serve_bench, random weights at SmolLM2's shape, 8K
 # context) next to the PyTorch anchor at the same points, in the same session.
 # E2E_BATCHES (default 1,16,64) and E2E_ALGOS (default dense quest) choose the points;
@@ -9,6 +9,10 @@
 # prefill: the prefill attention kernel alone (prefill_bench) next to PyTorch SDPA
 # (sdpa_prefill.py), then TTFT through the engine (serve_bench, random weights, batch 1)
 # next to the anchor's TTFT, at SmolLM2 8K and Llama-3.1-8B 8K/32K (PREFILL_8B=0 skips 8B).
+# needles: the needle suite (needle_suite) through the engine with the real SmolLM2 at
+# $SPINKV_MODEL (a GGUF path), NEEDLE_ALGOS / NEEDLE_CONTEXTS / NEEDLE_FLAGS to narrow it.
+# decode8b: decode through the engine at the Llama-3.1-8B shape (random weights) next to
+# the anchor: dense at 32K/B8 and 128K/B4, Quest/InfLLM/ShadowKV at 128K/B7 (DECODE8B_ALGOS).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/device-env.sh"
@@ -68,4 +72,22 @@ if [ "$what" = prefill ] || [ "$what" = all ]; then
         --csv "$OUT/ttft_llama8b_$L.csv" 2>&1 | tee "$OUT/ttft_llama8b_$L.txt"
     done
   fi
+fi
+if [ "$what" = needles ]; then
+  timeout ${NEEDLE_TIMEOUT:-540} "$bin/needle_suite" --cuda --model "${SPINKV_MODEL:?set SPINKV_MODEL}" \
+    --contexts "${NEEDLE_CONTEXTS:-1024,2048,4096,8192}" --algos "${NEEDLE_ALGOS:-dense,quest,infllm,shadowkv,streaming}" \
+    ${NEEDLE_FLAGS:-} --csv "$OUT/needles${NEEDLE_TAG:-}.csv" --plot-dir "$OUT/plots" 2>&1 | tee "$OUT/needles${NEEDLE_TAG:-}.txt"
+fi
+if [ "$what" = decode8b ]; then
+  if [ -f "$here/torch_e2e_decode.py" ]; then
+    python3 "$here/torch_e2e_decode.py" --shape llama8b --runs "${DECODE8B_ANCHOR:-32768:8,131072:4,131072:7}" 2>&1 | tee "$OUT/anchor_llama8b.jsonl"
+  fi
+  d8() { # algo context batch tag
+    timeout ${E2E_TIMEOUT:-400} "$bin/serve_bench" offline --cuda --shape llama3-8b --random-weights \
+      --context $2 --new-tokens ${DECODE8B_NEW:-64} --batch $3 --algo $1 --budget 2048 --max-prefill-tokens 8192 \
+      --csv "$OUT/d8_$4.csv" 2>&1 | tee "$OUT/d8_$4.txt" | grep -vE "prompt \+ .* output tokens"
+  }
+  for spec in ${DECODE8B_RUNS:-dense:32768:8 dense:131072:4 quest:131072:7}; do
+    IFS=: read -r a l b <<< "$spec"; d8 "$a" "$l" "$b" "${a}_${l}_b$b"
+  done
 fi

@@ -7,6 +7,7 @@ pub mod fetch;
 pub mod generation;
 pub mod llama;
 pub mod loader;
+pub mod needle;
 pub mod passkey;
 pub mod random;
 pub mod sampling;
