@@ -6,9 +6,10 @@
 //! some inputs); then the small `k × k` eigen problem of `B Bᵀ` solved on the host. The
 //! products with the input matrix run as candle f64 matmuls on its device.
 //!
-//! Cost of the host part: one eigen solve per call when every block takes the Cholesky
-//! path (a Cholesky factor and its inverse cost ~1/25 of an eigen solve), against eleven
-//! with SVQB everywhere at the default two power iterations.
+//! Cost of the host part at the default two power iterations: one eigen solve and six
+//! Cholesky factors with their inverses (one pass for each intermediate basis, two for the
+//! final one) when every block is well conditioned, against eleven eigen solves with
+//! SVQB everywhere.
 
 use super::small::{cholesky_upper, symmetric_eigen, upper_inverse};
 use crate::{Error, Result};
@@ -71,10 +72,12 @@ pub fn randomized_low_rank(x: &Tensor, rank: usize, opts: LowRankOptions) -> Res
     let x = x.to_dtype(DType::F64)?;
     let xt = x.t()?.contiguous()?;
     let omega = gaussian(n, k, opts.seed, dev)?;
-    let mut q = orthonormalize(&x.matmul(&omega)?)?;
-    for _ in 0..opts.power_iters {
-        let z = orthonormalize(&xt.matmul(&q)?)?;
-        q = orthonormalize(&x.matmul(&z)?)?;
+    // The power iterations only need well-conditioned bases (one CholQR pass each); the
+    // final basis must be orthonormal to rounding (two).
+    let mut q = orthonormalize(&x.matmul(&omega)?, if opts.power_iters == 0 { 2 } else { 1 })?;
+    for it in 0..opts.power_iters {
+        let z = orthonormalize(&xt.matmul(&q)?, 1)?;
+        q = orthonormalize(&x.matmul(&z)?, if it + 1 == opts.power_iters { 2 } else { 1 })?;
     }
     let k = q.dim(1)?; // may have shrunk: rank-deficient input
     let r = r.min(k);
@@ -98,13 +101,14 @@ pub fn randomized_low_rank(x: &Tensor, rank: usize, opts: LowRankOptions) -> Res
 /// the second pass removes it.
 const CHOLQR_MAX_COND: f64 = 1e5;
 
-/// Orthonormal columns spanning the range of `y` `[m, k]` (f64): CholQR2 when `y` is well
-/// conditioned (checked on the factors: the first one's diagonal ratio, the second one's
-/// diagonal within 10% of 1), else [`svqb`].
-fn orthonormalize(y: &Tensor) -> Result<Tensor> {
+/// Columns spanning the range of `y` `[m, k]` (f64): `passes` rounds of Cholesky QR when
+/// `y` is well conditioned (checked on the factors: the first one's diagonal ratio, a
+/// later one's diagonal within 10% of 1), else [`svqb`]. One pass leaves an orthogonality
+/// error of about `cond(y)² · ε`; two are orthonormal to rounding (CholQR2).
+fn orthonormalize(y: &Tensor, passes: usize) -> Result<Tensor> {
     let k = y.dim(1)?;
     let mut q = y.clone();
-    for pass in 0..2 {
+    for pass in 0..passes {
         let g = host_square(&q.t()?.contiguous()?.matmul(&q)?, k)?;
         let r = match cholesky_upper(&g, k, CHOLQR_MAX_COND) {
             Some(r) if pass == 0 || (0..k).all(|i| (r[i * k + i] - 1.0).abs() < 0.1) => r,

@@ -8,17 +8,27 @@
 /// diagonal spans more than `max_ratio` (`max rᵢᵢ / min rᵢᵢ`, a lower bound on the
 /// condition number of any `Y` with `A = YᵀY`).
 pub fn cholesky_upper(a: &[f64], k: usize, max_ratio: f64) -> Option<Vec<f64>> {
-    let mut r = vec![0.0; k * k];
+    // Right-looking, row by row: row j of R is the trailing matrix's row j over its pivot,
+    // then the trailing matrix loses r_jᵀ r_j (contiguous rows; the upper triangle only).
+    let mut r = a.to_vec();
     for j in 0..k {
-        let pivot = a[j * k + j] - (0..j).map(|p| r[p * k + j] * r[p * k + j]).sum::<f64>();
+        let pivot = r[j * k + j];
         if pivot.is_nan() || pivot <= 0.0 {
             return None;
         }
         let rjj = pivot.sqrt();
+        r[j * k..j * k + j].fill(0.0);
         r[j * k + j] = rjj;
+        for x in &mut r[j * k + j + 1..(j + 1) * k] {
+            *x /= rjj;
+        }
+        let (done, rest) = r.split_at_mut((j + 1) * k);
+        let rj = &done[j * k..];
         for i in j + 1..k {
-            let dot: f64 = (0..j).map(|p| r[p * k + j] * r[p * k + i]).sum();
-            r[j * k + i] = (a[j * k + i] - dot) / rjj;
+            let f = rj[i];
+            for (x, &y) in rest[(i - j - 1) * k + i..(i - j) * k].iter_mut().zip(&rj[i..]) {
+                *x -= f * y;
+            }
         }
     }
     let diag = (0..k).map(|i| r[i * k + i]);
@@ -26,15 +36,23 @@ pub fn cholesky_upper(a: &[f64], k: usize, max_ratio: f64) -> Option<Vec<f64>> {
     (k == 0 || hi <= max_ratio * lo).then_some(r)
 }
 
-/// Inverse of a non-singular upper-triangular `k × k` matrix (row-major), by back
-/// substitution one column at a time.
+/// Inverse of a non-singular upper-triangular `k × k` matrix (row-major), row by row from
+/// the bottom: `inv[i, :] = (e_i − Σ_{p>i} r[i, p] · inv[p, :]) / r[i, i]` (contiguous rows).
 pub fn upper_inverse(r: &[f64], k: usize) -> Vec<f64> {
     let mut inv = vec![0.0; k * k];
-    for col in 0..k {
-        inv[col * k + col] = 1.0 / r[col * k + col];
-        for row in (0..col).rev() {
-            let s: f64 = (row + 1..=col).map(|p| r[row * k + p] * inv[p * k + col]).sum();
-            inv[row * k + col] = -s / r[row * k + row];
+    for i in (0..k).rev() {
+        let (head, below) = inv.split_at_mut((i + 1) * k);
+        let row = &mut head[i * k..];
+        row[i] = 1.0;
+        for p in i + 1..k {
+            let f = r[i * k + p];
+            for (x, &y) in row[p..].iter_mut().zip(&below[(p - i - 1) * k + p..(p - i) * k]) {
+                *x -= f * y;
+            }
+        }
+        let d = r[i * k + i];
+        for x in &mut row[i..] {
+            *x /= d;
         }
     }
     inv
