@@ -224,7 +224,9 @@ fn run_cell(
     Ok(out)
 }
 
-fn run(a: &Args) -> Result<Vec<Trial>> {
+/// Runs every cell, appending each cell's trials to `csv` as soon as it is done (so a
+/// run cut short keeps what it finished).
+fn run(a: &Args, csv: &mut impl Write) -> Result<Vec<Trial>> {
     let device = if !a.cuda {
         Device::Cpu
     } else if cfg!(feature = "cuda") {
@@ -242,7 +244,12 @@ fn run(a: &Args) -> Result<Vec<Trial>> {
         for algo in &a.algos {
             let budgets: &[f64] = if algo == "dense" { &[1.0] } else { &a.budgets };
             for &b in budgets {
-                trials.extend(run_cell(&lm, a, algo, b, context, &needles)?);
+                let cell = run_cell(&lm, a, algo, b, context, &needles)?;
+                for t in &cell {
+                    writeln!(csv, "{}", t.csv())?;
+                }
+                csv.flush()?;
+                trials.extend(cell);
             }
         }
     }
@@ -258,9 +265,12 @@ fn order(algo: &str) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-/// `k/n` and the 95% Wilson interval, as `acc [lo, hi] (k/n)` in percent.
+/// `k/n` and the 95% Wilson interval, as `acc [lo, hi] (k/n)` in percent (`—`: no trials).
 fn cell(trials: &[&Trial]) -> String {
     let (k, n) = (trials.iter().filter(|t| t.correct).count(), trials.len());
+    if n == 0 {
+        return "—".into();
+    }
     let (lo, hi) = wilson_interval(k, n, 1.96);
     let pct = |x: f64| (100.0 * x).round();
     format!(
@@ -367,15 +377,11 @@ fn main() -> Result<()> {
             .map(|(i, l)| Trial::parse(l).with_context(|| format!("{}: row {}", path.display(), i + 1)))
             .collect::<Result<Vec<_>>>()?
     } else {
-        let trials = run(&a)?;
         let mut f = std::io::BufWriter::new(
             std::fs::File::create(&a.csv).with_context(|| format!("--csv {}", a.csv.display()))?,
         );
         writeln!(f, "{COLUMNS}")?;
-        for t in &trials {
-            writeln!(f, "{}", t.csv())?;
-        }
-        f.flush()?;
+        let trials = run(&a, &mut f)?;
         eprintln!("CSV: {}", a.csv.display());
         trials
     };

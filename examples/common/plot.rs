@@ -12,7 +12,16 @@ pub fn plot(
     dots: bool,
 ) -> Result<()> {
     use plotters::prelude::*;
-    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+    let colors = [
+        RED,
+        BLUE,
+        GREEN,
+        MAGENTA,
+        CYAN,
+        BLACK,
+        RGBColor(255, 140, 0),
+        RGBColor(128, 128, 128),
+    ];
     let pts = || series.iter().flat_map(|s| s.1.iter());
     let xmax = pts().map(|p| p.0).fold(1e-9, f64::max) * 1.05;
     let ymax = pts().map(|p| p.1).fold(1e-9, f64::max) * 1.1;
