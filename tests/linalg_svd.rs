@@ -9,7 +9,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use spinkv::linalg::{randomized_low_rank, LowRankOptions};
+use spinkv::linalg::{randomized_low_rank, randomized_low_rank_batch, LowRankOptions};
 
 /// `[m, k]` matrix with orthonormal columns (Gram–Schmidt twice, f64).
 fn orthonormal(r: &mut rand::rngs::StdRng, m: usize, k: usize) -> Vec<f64> {
@@ -162,4 +162,41 @@ fn bad_inputs_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("non-finite"), "{e}");
+}
+
+#[test]
+fn a_batch_equals_its_matrices_one_by_one() {
+    // Well conditioned (the CholQR path), rank deficient (SVQB), and other shapes.
+    let mut sigma = vec![0.0; 40];
+    for (i, s) in sigma.iter_mut().take(5).enumerate() {
+        *s = 5.0 - i as f64;
+    }
+    let xs = [
+        randn(&mut rng(21), &[150, 48], 1.0),
+        with_spectrum(4, 120, 40, &sigma),
+        randn(&mut rng(22), &[33, 70], 1.0),
+        with_spectrum(5, 200, 64, &(0..64).map(|i| 0.8f64.powi(i)).collect::<Vec<_>>()),
+    ];
+    let refs: Vec<&Tensor> = xs.iter().collect();
+    let batch = randomized_low_rank_batch(&refs, 16, LowRankOptions::default()).unwrap();
+    assert_eq!(batch.len(), xs.len());
+    for (x, b) in xs.iter().zip(&batch) {
+        let one = randomized_low_rank(x, 16, LowRankOptions::default()).unwrap();
+        assert_eq!(one.singular_values, b.singular_values);
+        let same = |a: &Tensor, b: &Tensor| {
+            a.dims() == b.dims()
+                && a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                    == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert!(same(&one.left, &b.left) && same(&one.right, &b.right));
+    }
+    // An empty batch is empty; one bad matrix fails the batch with its shape named.
+    assert!(randomized_low_rank_batch(&[], 4, LowRankOptions::default())
+        .unwrap()
+        .is_empty());
+    let bad = Tensor::zeros((3, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let e = randomized_low_rank_batch(&[&xs[0], &bad], 4, LowRankOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[3, 3, 3]"), "{e}");
 }

@@ -14,6 +14,7 @@
 use super::small::{cholesky_upper, symmetric_eigen, upper_inverse};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 /// Options of [`randomized_low_rank`].
 #[derive(Debug, Clone, Copy)]
@@ -58,42 +59,81 @@ impl LowRank {
 /// `min(m, n)` and by the numerical rank of `x`). At `rank = min(m, n)` the factorization reproduces `x` to float
 /// rounding; below it the error is close to the SVD's tail `sqrt(Σ_{i>r} σᵢ²)`.
 pub fn randomized_low_rank(x: &Tensor, rank: usize, opts: LowRankOptions) -> Result<LowRank> {
+    let mut out = randomized_low_rank_batch(&[x], rank, opts)?;
+    Ok(out.remove(0))
+}
+
+/// [`randomized_low_rank`] of several matrices at once (each `[mᵢ, nᵢ]`, on one device),
+/// equal to calling it on each: the device work of all matrices is issued phase by phase,
+/// and the small host factorizations of a phase (Cholesky, eigen) run in parallel
+/// (rayon), so a batch costs about one matrix's host round trips instead of one per
+/// matrix. ShadowKV factorizes every sequence of a step that needs it in one batch.
+pub fn randomized_low_rank_batch(xs: &[&Tensor], rank: usize, opts: LowRankOptions) -> Result<Vec<LowRank>> {
     const OP: &str = "randomized_low_rank";
-    let (m, n) = match x.dims() {
-        [m, n] => (*m, *n),
-        d => crate::invalid!(OP, "x must be a matrix [m, n], got {d:?}"),
-    };
-    if rank == 0 || m == 0 || n == 0 {
-        crate::invalid!(OP, "rank ({rank}) and x {:?} must be non-empty", x.dims());
+    let mut shapes = Vec::with_capacity(xs.len());
+    for x in xs {
+        let (m, n) = match x.dims() {
+            [m, n] => (*m, *n),
+            d => crate::invalid!(OP, "x must be a matrix [m, n], got {d:?}"),
+        };
+        if rank == 0 || m == 0 || n == 0 {
+            crate::invalid!(OP, "rank ({rank}) and x {:?} must be non-empty", x.dims());
+        }
+        shapes.push((m, n));
     }
-    let r = rank.min(m).min(n);
-    let k = (r + opts.oversample).min(m).min(n);
-    let dev = x.device();
-    let x = x.to_dtype(DType::F64)?;
-    let xt = x.t()?.contiguous()?;
-    let omega = gaussian(n, k, opts.seed, dev)?;
+    let x: Vec<Tensor> = xs
+        .iter()
+        .map(|x| x.to_dtype(DType::F64))
+        .collect::<candle_core::Result<_>>()?;
+    let xt: Vec<Tensor> = x
+        .iter()
+        .map(|x| x.t()?.contiguous())
+        .collect::<candle_core::Result<_>>()?;
+    let mut y = Vec::with_capacity(x.len());
+    for (x, &(m, n)) in x.iter().zip(&shapes) {
+        let k = (rank.min(m).min(n) + opts.oversample).min(m).min(n);
+        y.push(x.matmul(&gaussian(n, k, opts.seed, x.device())?)?);
+    }
     // The power iterations only need well-conditioned bases (one CholQR pass each); the
     // final basis must be orthonormal to rounding (two).
-    let mut q = orthonormalize(&x.matmul(&omega)?, if opts.power_iters == 0 { 2 } else { 1 })?;
+    let mut q = orthonormalize(&y, if opts.power_iters == 0 { 2 } else { 1 })?;
     for it in 0..opts.power_iters {
-        let z = orthonormalize(&xt.matmul(&q)?, 1)?;
-        q = orthonormalize(&x.matmul(&z)?, if it + 1 == opts.power_iters { 2 } else { 1 })?;
+        let z = orthonormalize(&products(&xt, &q)?, 1)?;
+        q = orthonormalize(&products(&x, &z)?, if it + 1 == opts.power_iters { 2 } else { 1 })?;
     }
-    let k = q.dim(1)?; // may have shrunk: rank-deficient input
-    let r = r.min(k);
-    let b = q.t()?.contiguous()?.matmul(&x)?; // [k, n]
-    let g = host_square(&b.matmul(&b.t()?)?, k)?;
-    let (values, vectors) = symmetric_eigen(&g, k);
-    let w: Vec<f64> = (0..k).flat_map(|row| vectors[row * k..][..r].to_vec()).collect();
-    let w = Tensor::from_vec(w, (k, r), dev)?;
-    let left = q.matmul(&w)?.to_dtype(DType::F32)?;
-    let right = w.t()?.contiguous()?.matmul(&b)?.to_dtype(DType::F32)?;
-    let singular_values = values[..r].iter().map(|&l| l.max(0.0).sqrt()).collect();
-    Ok(LowRank {
-        left,
-        right,
-        singular_values,
-    })
+    let mut b = Vec::with_capacity(x.len());
+    let mut grams = Vec::with_capacity(x.len());
+    for (q, x) in q.iter().zip(&x) {
+        let bi = q.t()?.contiguous()?.matmul(x)?; // [k, n]
+        grams.push(host_square(&bi.matmul(&bi.t()?)?, q.dim(1)?)?);
+        b.push(bi);
+    }
+    let eigens: Vec<(Vec<f64>, Vec<f64>)> = grams
+        .par_iter()
+        .zip(&q)
+        .map(|(g, q)| symmetric_eigen(g, q.dim(1).unwrap_or(0)))
+        .collect();
+    let mut out = Vec::with_capacity(x.len());
+    for (((q, b), (values, vectors)), &(m, n)) in q.iter().zip(&b).zip(eigens).zip(&shapes) {
+        let k = q.dim(1)?; // may have shrunk: rank-deficient input
+        let r = rank.min(m).min(n).min(k);
+        let w: Vec<f64> = (0..k).flat_map(|row| vectors[row * k..][..r].to_vec()).collect();
+        let w = Tensor::from_vec(w, (k, r), q.device())?;
+        out.push(LowRank {
+            left: q.matmul(&w)?.to_dtype(DType::F32)?,
+            right: w.t()?.contiguous()?.matmul(b)?.to_dtype(DType::F32)?,
+            singular_values: values[..r].iter().map(|&l| l.max(0.0).sqrt()).collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// `a[i] · b[i]` for every i.
+fn products(a: &[Tensor], b: &[Tensor]) -> Result<Vec<Tensor>> {
+    Ok(a.iter()
+        .zip(b)
+        .map(|(a, b)| a.matmul(b))
+        .collect::<candle_core::Result<_>>()?)
 }
 
 /// The largest `max rᵢᵢ / min rᵢᵢ` of the first Cholesky factor for which CholQR2 is
@@ -101,22 +141,51 @@ pub fn randomized_low_rank(x: &Tensor, rank: usize, opts: LowRankOptions) -> Res
 /// the second pass removes it.
 const CHOLQR_MAX_COND: f64 = 1e5;
 
-/// Columns spanning the range of `y` `[m, k]` (f64): `passes` rounds of Cholesky QR when
-/// `y` is well conditioned (checked on the factors: the first one's diagonal ratio, a
-/// later one's diagonal within 10% of 1), else [`svqb`]. One pass leaves an orthogonality
-/// error of about `cond(y)² · ε`; two are orthonormal to rounding (CholQR2).
-fn orthonormalize(y: &Tensor, passes: usize) -> Result<Tensor> {
-    let k = y.dim(1)?;
-    let mut q = y.clone();
+/// Columns spanning the range of each `y[i]` `[m, k]` (f64): `passes` rounds of Cholesky
+/// QR while `y[i]` is well conditioned (checked on the factors: the first one's diagonal
+/// ratio, a later one's diagonal within 10% of 1), else [`svqb`]. One pass leaves an
+/// orthogonality error of about `cond(y)² · ε`; two are orthonormal to rounding (CholQR2).
+/// The Gram matrices of a pass are read back together and factorized in parallel.
+fn orthonormalize(y: &[Tensor], passes: usize) -> Result<Vec<Tensor>> {
+    let mut q: Vec<Option<Tensor>> = y.iter().cloned().map(Some).collect();
     for pass in 0..passes {
-        let g = host_square(&q.t()?.contiguous()?.matmul(&q)?, k)?;
-        let r = match cholesky_upper(&g, k, CHOLQR_MAX_COND) {
-            Some(r) if pass == 0 || (0..k).all(|i| (r[i * k + i] - 1.0).abs() < 0.1) => r,
-            _ => return svqb(y),
-        };
-        q = q.matmul(&Tensor::from_vec(upper_inverse(&r, k), (k, k), y.device())?)?;
+        let mut grams = Vec::with_capacity(q.len());
+        for qi in &q {
+            grams.push(match qi {
+                Some(qi) => {
+                    let k = qi.dim(1)?;
+                    Some((host_square(&qi.t()?.contiguous()?.matmul(qi)?, k)?, k))
+                }
+                None => None,
+            });
+        }
+        let inverses: Vec<Option<Vec<f64>>> = grams
+            .par_iter()
+            .map(|g| {
+                let (g, k) = g.as_ref()?;
+                let k = *k;
+                let r = cholesky_upper(g, k, CHOLQR_MAX_COND)?;
+                let close = pass == 0 || (0..k).all(|i| (r[i * k + i] - 1.0).abs() < 0.1);
+                close.then(|| upper_inverse(&r, k))
+            })
+            .collect();
+        for (qi, inv) in q.iter_mut().zip(inverses) {
+            *qi = match (qi.take(), inv) {
+                (Some(t), Some(inv)) => {
+                    let k = t.dim(1)?;
+                    Some(t.matmul(&Tensor::from_vec(inv, (k, k), t.device())?)?)
+                }
+                _ => None, // ill-conditioned: SVQB below
+            };
+        }
     }
-    Ok(q)
+    q.into_iter()
+        .zip(y)
+        .map(|(q, y)| match q {
+            Some(q) => Ok(q),
+            None => svqb(y),
+        })
+        .collect()
 }
 
 /// Orthonormal columns spanning the numerically significant range of `y` `[m, k]` (f64):

@@ -15,7 +15,7 @@ use super::{
     forget_seq, truncate_seq, IndexInput, MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection,
     SeqStates, SparseAlgorithm,
 };
-use crate::linalg::{randomized_low_rank, LowRankOptions};
+use crate::linalg::{randomized_low_rank_batch, LowRank, LowRankOptions};
 use crate::rope::{apply_rope, rope_tables};
 use crate::{CacheConfig, Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -152,24 +152,57 @@ impl ShadowKv {
         Some(&self.seqs.get(&(layer, seq))?.comp.as_ref()?.outlier)
     }
 
-    /// Compresses the first `chunks` chunks of the buffered pre-RoPE keys.
-    fn compress(&self, prefill_k: &Tensor, chunks: usize) -> Result<Compressed> {
+    /// Compresses, for each `(keys, chunks)`, the first `chunks` chunks of the buffered
+    /// pre-RoPE keys `[L, Hkv, D]` (no keys or no chunks: nothing compressed); the
+    /// factorizations run as one batch.
+    fn compress_batch(&self, items: &[(Option<&Tensor>, usize)]) -> Result<Vec<Compressed>> {
         let (p, hkv, d) = (self.page_size, self.kv_heads, self.head_dim);
-        if chunks == 0 {
-            return Ok(Compressed {
-                chunks,
-                left: None,
-                right: None,
-                landmarks: None,
-                outlier: vec![Vec::new(); hkv],
+        let mut k_pre = Vec::with_capacity(items.len());
+        for &(k, chunks) in items {
+            k_pre.push(match k {
+                Some(k) if chunks > 0 => {
+                    Some(k.narrow(0, 0, chunks * p)?.to_dtype(DType::F32)?.contiguous()?)
+                    // [L, Hkv, D]
+                }
+                _ => None,
             });
         }
+        let flat: Vec<Tensor> = k_pre
+            .iter()
+            .flatten()
+            .map(|k| k.reshape((k.dim(0)?, hkv * d)))
+            .collect::<candle_core::Result<_>>()?;
+        let refs: Vec<&Tensor> = flat.iter().collect();
+        let mut factors = randomized_low_rank_batch(&refs, self.cfg.rank, LowRankOptions::default())?.into_iter();
+        let mut out = Vec::with_capacity(items.len());
+        for (k, &(_, chunks)) in k_pre.iter().zip(items) {
+            out.push(match k {
+                Some(k) => {
+                    let lr = factors
+                        .next()
+                        .ok_or_else(|| Error::Config("shadowkv: a factor is missing".into()))?;
+                    self.compress(k, chunks, lr)?
+                }
+                None => Compressed {
+                    chunks: 0,
+                    left: None,
+                    right: None,
+                    landmarks: None,
+                    outlier: vec![Vec::new(); hkv],
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// The compressed state of `chunks` chunks of pre-RoPE keys `k_pre` `[L, Hkv, D]`
+    /// with their low-rank factor `lr`: landmarks and outlier flags.
+    fn compress(&self, k_pre: &Tensor, chunks: usize, lr: LowRank) -> Result<Compressed> {
+        let (p, hkv, d) = (self.page_size, self.kv_heads, self.head_dim);
         let l = chunks * p;
-        let k_pre = prefill_k.narrow(0, 0, l)?.to_dtype(DType::F32)?.contiguous()?; // [L, Hkv, D]
-        let lr = randomized_low_rank(&k_pre.reshape((l, hkv * d))?, self.cfg.rank, LowRankOptions::default())?;
         let positions: Vec<u32> = (0..l as u32).collect();
         let (cos, sin) = rope_tables(&positions, d, self.rope_theta, DType::F32, k_pre.device())?;
-        let k_post = apply_rope(&k_pre, &cos, &sin)?.reshape((chunks, p, hkv, d))?;
+        let k_post = apply_rope(k_pre, &cos, &sin)?.reshape((chunks, p, hkv, d))?;
         let landmarks = k_post.mean(1)?; // [C, Hkv, D]
         let unit = |x: &Tensor| -> Result<Tensor> {
             let norm = x.sqr()?.sum_keepdim(candle_core::D::Minus1)?.sqrt()?;
@@ -288,22 +321,29 @@ impl SparseAlgorithm for ShadowKv {
         let (p, hkv) = (self.page_size, self.kv_heads);
         let g = self.q_heads / hkv;
         let per_head = self.cfg.sparse_budget_tokens / p;
+        // Every sequence at its first decode step in this layer is compressed, in one batch.
+        let mut todo = Vec::new();
+        for (b, &seq) in input.seqs.iter().enumerate() {
+            let st = self.seqs.get(&(input.layer, seq)).ok_or(Error::UnknownSequence(seq))?;
+            if st.comp.is_none() {
+                todo.push((seq, st.prefill_k.as_ref(), input.num_tokens[b].saturating_sub(1) / p));
+            }
+        }
+        let items: Vec<(Option<&Tensor>, usize)> = todo.iter().map(|&(_, k, c)| (k, c)).collect();
+        let done = self.compress_batch(&items)?;
+        let seqs: Vec<u64> = todo.iter().map(|t| t.0).collect();
+        for (seq, comp) in seqs.into_iter().zip(done) {
+            let st = self
+                .seqs
+                .get_mut(&(input.layer, seq))
+                .ok_or(Error::UnknownSequence(seq))?;
+            st.comp = Some(comp);
+            st.prefill_k = None;
+        }
         let mut lists = Vec::with_capacity(input.seqs.len());
         for (b, &seq) in input.seqs.iter().enumerate() {
             let (nt, np) = (input.num_tokens[b], input.num_pages[b]);
             let key = (input.layer, seq);
-            let needs = self.seqs.get(&key).ok_or(Error::UnknownSequence(seq))?.comp.is_none();
-            if needs {
-                let st = self.seqs.get(&key).ok_or(Error::UnknownSequence(seq))?;
-                let chunks = nt.saturating_sub(1) / p;
-                let comp = match st.prefill_k.as_ref() {
-                    Some(k) => self.compress(k, chunks)?,
-                    None => self.compress(&Tensor::zeros((0, hkv, self.head_dim), DType::F32, &Device::Cpu)?, 0)?,
-                };
-                let st = self.seqs.get_mut(&key).ok_or(Error::UnknownSequence(seq))?;
-                st.comp = Some(comp);
-                st.prefill_k = None;
-            }
             let comp = self
                 .seqs
                 .get(&key)
