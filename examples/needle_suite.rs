@@ -299,25 +299,23 @@ fn summary(trials: &[Trial]) {
         let key = (order(&t.algo), t.algo.clone(), (1e6 * t.budget) as u64);
         groups.entry(key).or_default().push(t);
     }
-    println!("\naccuracy % [95% Wilson interval] (right/trials)\n");
-    let head: Vec<String> = contexts.iter().map(|c| c.to_string()).collect();
-    println!("| algorithm | budget | {} |", head.join(" | "));
-    println!("|---|---|{}", "---|".repeat(contexts.len()));
-    for ((_, algo, b), ts) in &groups {
-        let cells: Vec<String> = contexts
+    println!("\naccuracy % [95% Wilson interval] (right/trials)");
+    let cols: Vec<String> = contexts.iter().map(|c| c.to_string()).collect();
+    table(&groups, &cols, |t, c| t.context.to_string() == c);
+    println!("\nby kind, all contexts pooled");
+    let kinds = ["number", "word", "uuid", "multikey"].map(String::from);
+    table(&groups, &kinds, |t, k| t.kind == k);
+}
+
+/// One markdown table: a row per (algorithm, budget) group, a column per `cols` entry,
+/// each cell over the group's trials that `in_col` puts in that column.
+fn table(groups: &BTreeMap<(usize, String, u64), Vec<&Trial>>, cols: &[String], in_col: impl Fn(&Trial, &str) -> bool) {
+    println!("\n| algorithm | budget | {} |", cols.join(" | "));
+    println!("|---|---|{}", "---|".repeat(cols.len()));
+    for ((_, algo, b), ts) in groups {
+        let cells: Vec<String> = cols
             .iter()
-            .map(|&c| cell(&ts.iter().copied().filter(|t| t.context == c).collect::<Vec<_>>()))
-            .collect();
-        println!("| {algo} | {} | {} |", budget_label(*b as f64 / 1e6), cells.join(" | "));
-    }
-    let kinds = ["number", "word", "uuid", "multikey"];
-    println!("\nby kind, all contexts pooled\n");
-    println!("| algorithm | budget | {} |", kinds.join(" | "));
-    println!("|---|---|{}", "---|".repeat(kinds.len()));
-    for ((_, algo, b), ts) in &groups {
-        let cells: Vec<String> = kinds
-            .iter()
-            .map(|&k| cell(&ts.iter().copied().filter(|t| t.kind == k).collect::<Vec<_>>()))
+            .map(|c| cell(&ts.iter().copied().filter(|t| in_col(t, c)).collect::<Vec<_>>()))
             .collect();
         println!("| {algo} | {} | {} |", budget_label(*b as f64 / 1e6), cells.join(" | "));
     }

@@ -142,6 +142,15 @@ impl NeedleRng {
     }
 }
 
+/// `text`'s token ids without special tokens; a tokenizer error names `what`.
+pub(crate) fn encode_plain(tok: &Tokenizer, text: &str, what: &str) -> Result<Vec<u32>> {
+    Ok(tok
+        .encode(text, false)
+        .map_err(|e| Error::Model(format!("{what}: tokenizer: {e}")))?
+        .get_ids()
+        .to_vec())
+}
+
 /// Builds a prompt of at most `tokens` tokens with tokenizer `tok` (see [`build_needle_with`]).
 pub fn build_needle(
     tok: &Tokenizer,
@@ -150,14 +159,7 @@ pub fn build_needle(
     depth: f64,
     rng: &mut NeedleRng,
 ) -> Result<Needle> {
-    let enc = |s: &str| -> Result<Vec<u32>> {
-        Ok(tok
-            .encode(s, false)
-            .map_err(|e| Error::Model(format!("needle prompt: tokenizer: {e}")))?
-            .get_ids()
-            .to_vec())
-    };
-    build_needle_with(enc, kind, tokens, depth, rng)
+    build_needle_with(|s| encode_plain(tok, s, "needle prompt"), kind, tokens, depth, rng)
 }
 
 /// Builds a prompt of at most `tokens` tokens: the opening, filler sentences up to the

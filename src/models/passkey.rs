@@ -4,7 +4,8 @@
 //! A 5-digit key is hidden at a depth (a fraction of the haystack) of repeated filler
 //! text; the prompt ends with a question whose answer is the key.
 
-use crate::{Error, Result};
+use super::needle::encode_plain;
+use crate::Result;
 use tokenizers::Tokenizer;
 
 /// The instruction that opens every prompt.
@@ -18,13 +19,7 @@ pub const QUESTION: &str = "\n\nWhat is the pass key? The pass key is";
 /// at `depth` (0 = first unit, 1 = after the last). Returns the token ids and the number
 /// of trailing tokens that form the question.
 pub fn build_prompt(tokenizer: &Tokenizer, context: usize, depth: f64, key: u32) -> Result<(Vec<u32>, usize)> {
-    let enc = |s: &str| -> Result<Vec<u32>> {
-        Ok(tokenizer
-            .encode(s, false)
-            .map_err(|e| Error::Model(format!("passkey prompt: tokenizer: {e}")))?
-            .get_ids()
-            .to_vec())
-    };
+    let enc = |s: &str| encode_plain(tokenizer, s, "passkey prompt");
     let intro = enc(INTRO)?;
     let needle = enc(&format!(" The pass key is {key}. Remember it. {key} is the pass key. "))?;
     let question = enc(QUESTION)?;
