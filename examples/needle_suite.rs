@@ -14,11 +14,13 @@
 //! accuracy with 95% Wilson intervals per cell and per kind, and one SVG per budget of
 //! accuracy against context. `--from-csv` redraws the table and plots from a CSV.
 
+#[path = "common/device.rs"]
+mod device;
 #[path = "common/plot.rs"]
 mod plot;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::builder::PossibleValuesParser;
 use clap::Parser;
 use spinkv::engine::{DecodeMode, Engine, EngineConfig, FinishReason, Request};
@@ -227,13 +229,7 @@ fn run_cell(
 /// Runs every cell, appending each cell's trials to `csv` as soon as it is done (so a
 /// run cut short keeps what it finished).
 fn run(a: &Args, csv: &mut impl Write) -> Result<Vec<Trial>> {
-    let device = if !a.cuda {
-        Device::Cpu
-    } else if cfg!(feature = "cuda") {
-        spinkv::ops::cuda_device(0).context("--cuda: no usable CUDA device 0")?
-    } else {
-        bail!("--cuda needs a build with `--features cuda` (this binary was built without it)")
-    };
+    let device = device::device(a.cuda)?;
     let dtype = if a.cuda { DType::F16 } else { DType::F32 };
     let lm = load_model(&ModelSpec::parse(&a.model)?, dtype, &device, true)?;
     eprintln!("model: {} ({dtype:?} on {:?})", lm.source, device.location());

@@ -31,11 +31,13 @@
 //! * random weights: prompts are random token ids and EOS is ignored, so every request
 //!   generates exactly `--new-tokens`.
 
+#[path = "common/device.rs"]
+mod device;
 #[path = "common/plot.rs"]
 mod plot;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::builder::PossibleValuesParser;
 use clap::{Parser, Subcommand};
 use plot::plot;
@@ -233,13 +235,7 @@ struct Bench {
 }
 
 fn load(c: &Cli) -> Result<Bench> {
-    let device = if !c.cuda {
-        Device::Cpu
-    } else if cfg!(feature = "cuda") {
-        spinkv::ops::cuda_device(0).context("--cuda: no usable CUDA device 0")?
-    } else {
-        bail!("--cuda needs a build with `--features cuda` (this binary was built without it)")
-    };
+    let device = device::device(c.cuda)?;
     let dtype = match c.dtype.as_deref() {
         Some("f16") => DType::F16,
         Some("bf16") => DType::BF16,
