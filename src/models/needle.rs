@@ -13,6 +13,7 @@
 //! The builder takes an encoding closure, so it works with any tokenizer (and is tested
 //! with a byte-level one); [`build_needle`] is the convenience for a `tokenizers` one.
 
+use super::tokenizer::encode_plain;
 use crate::{Error, Result};
 use tokenizers::Tokenizer;
 
@@ -140,15 +141,6 @@ impl NeedleRng {
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize
     }
-}
-
-/// `text`'s token ids without special tokens; a tokenizer error names `what`.
-pub(crate) fn encode_plain(tok: &Tokenizer, text: &str, what: &str) -> Result<Vec<u32>> {
-    Ok(tok
-        .encode(text, false)
-        .map_err(|e| Error::Model(format!("{what}: tokenizer: {e}")))?
-        .get_ids()
-        .to_vec())
 }
 
 /// Builds a prompt of at most `tokens` tokens with tokenizer `tok` (see [`build_needle_with`]).

@@ -4,7 +4,7 @@
 //! A 5-digit key is hidden at a depth (a fraction of the haystack) of repeated filler
 //! text; the prompt ends with a question whose answer is the key.
 
-use super::needle::encode_plain;
+use super::tokenizer::encode_plain;
 use crate::Result;
 use tokenizers::Tokenizer;
 

@@ -28,6 +28,16 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 const QWEN2_SPLIT: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// `text`'s token ids without special tokens (the prompt builders' pieces); a tokenizer
+/// error names `what`.
+pub(crate) fn encode_plain(tok: &Tokenizer, text: &str, what: &str) -> Result<Vec<u32>> {
+    Ok(tok
+        .encode(text, false)
+        .map_err(|e| Error::Model(format!("{what}: tokenizer: {e}")))?
+        .get_ids()
+        .to_vec())
+}
+
 /// Loads a Hugging Face `tokenizer.json`.
 pub fn tokenizer_from_file(path: &Path) -> Result<Tokenizer> {
     if !path.is_file() {
