@@ -105,14 +105,11 @@ pub fn randomized_low_rank_batch(xs: &[&Tensor], rank: usize, opts: LowRankOptio
     let mut grams = Vec::with_capacity(x.len());
     for (q, x) in q.iter().zip(&x) {
         let bi = q.t()?.contiguous()?.matmul(x)?; // [k, n]
-        grams.push(host_square(&bi.matmul(&bi.t()?)?, q.dim(1)?)?);
+        let k = q.dim(1)?;
+        grams.push((host_square(&bi.matmul(&bi.t()?)?, k)?, k));
         b.push(bi);
     }
-    let eigens: Vec<(Vec<f64>, Vec<f64>)> = grams
-        .par_iter()
-        .zip(&q)
-        .map(|(g, q)| symmetric_eigen(g, q.dim(1).unwrap_or(0)))
-        .collect();
+    let eigens: Vec<(Vec<f64>, Vec<f64>)> = grams.par_iter().map(|(g, k)| symmetric_eigen(g, *k)).collect();
     let mut out = Vec::with_capacity(x.len());
     for (((q, b), (values, vectors)), &(m, n)) in q.iter().zip(&b).zip(eigens).zip(&shapes) {
         let k = q.dim(1)?; // may have shrunk: rank-deficient input

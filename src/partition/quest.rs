@@ -182,9 +182,9 @@ fn softmax_sum_scores(q: &Tensor, meta: &Tensor, candidates: &Tensor, sink: usiz
         .expand((b, hkv, g, n))?
         .reshape((b, hq, n))?
         .contiguous()?;
-    let s = quest_page_scores(q, meta, &per_head, sink, window)?; // [B, Hq, N]
-                                                                  // Forced and padding pages are the same for every head of a group: read them off the
-                                                                  // group's first head.
+    // [B, Hq, N]. Forced and padding pages are the same for every head of a group: read
+    // them off the group's first head.
+    let s = quest_page_scores(q, meta, &per_head, sink, window)?;
     let first = s.reshape((b, hkv, g, n))?.narrow(2, 0, 1)?.reshape((b, hkv, n))?;
     let (forced, padding) = (first.ge(f64::INFINITY)?, first.le(f64::NEG_INFINITY)?);
     let open = forced

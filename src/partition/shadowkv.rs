@@ -160,10 +160,8 @@ impl ShadowKv {
         let mut k_pre = Vec::with_capacity(items.len());
         for &(k, chunks) in items {
             k_pre.push(match k {
-                Some(k) if chunks > 0 => {
-                    Some(k.narrow(0, 0, chunks * p)?.to_dtype(DType::F32)?.contiguous()?)
-                    // [L, Hkv, D]
-                }
+                // [L, Hkv, D]
+                Some(k) if chunks > 0 => Some(k.narrow(0, 0, chunks * p)?.to_dtype(DType::F32)?.contiguous()?),
                 _ => None,
             });
         }
