@@ -16,17 +16,32 @@ __device__ __forceinline__ u32 bucket_of(u32 page, u32 buckets) {
   return (u32)((frac * (u64)buckets) >> 32);
 }
 
+// FastHomes::slot (src/ops/lru_resolve.rs): ids home_base..home_base+home_count live in
+// fast slots home_fast.. for as long as they are allocated (NONE for any other id).
+__device__ __forceinline__ u32 fast_home(u32 hs, u32 home_base, u32 home_count, u32 home_fast) {
+  return (hs != SPIN_NONE && hs >= home_base && hs - home_base < home_count) ? home_fast + (hs - home_base)
+                                                                            : SPIN_NONE;
+}
+
+// Adds one per calling thread to *counter with one atomic per group of converged lanes.
+__device__ __forceinline__ void count_lanes(unsigned long long* counter) {
+  const unsigned m = __activemask();
+  if ((int)(threadIdx.x & 31) == __ffs(m) - 1) atomicAdd(counter, (unsigned long long)__popc(m));
+}
+
 // Grid-stride over max(n, max_owners). Writes every output row (NONE) and miss_count = 0,
 // copies resident -> snapshot, links valid requests into head[bucket] / next[i] and
 // counts reuse (atomicExch on last_seen: of duplicate requests in a round, only the
-// first sees the previous step, as in the sequential order).
-extern "C" __global__ void lru_link(const u32* __restrict__ host_slots, const u32* __restrict__ owners, int n,
-                                    u32 host_cap, u32 max_owners, u32 buckets, u32* head, u32* next,
-                                    u32* last_seen, u32* reuse, const u32* __restrict__ resident,
-                                    u32* __restrict__ snapshot, u32* __restrict__ fast_pairs,
-                                    u32* __restrict__ spill_pairs, u32* __restrict__ misses,
-                                    u32* __restrict__ miss_count, const u32* __restrict__ state,
-                                    u32 reuse_steps) {
+// first sees the previous step, as in the sequential order). A request for an id with a
+// fast home is resolved here: its pair, a hit, no link and no reuse tracking.
+extern "C" __global__ void lru_link(const u32* __restrict__ host_slots, const u32* __restrict__ logical,
+                                    const u32* __restrict__ owners, int n, u32 host_cap, u32 max_owners,
+                                    u32 buckets, u32* head, u32* next, u32* last_seen, u32* reuse,
+                                    const u32* __restrict__ resident, u32* __restrict__ snapshot,
+                                    u32* __restrict__ fast_pairs, u32* __restrict__ spill_pairs,
+                                    u32* __restrict__ misses, u32* __restrict__ miss_count,
+                                    const u32* __restrict__ state, u32 reuse_steps, u32 home_base,
+                                    u32 home_count, u32 home_fast, u64* counters) {
   const u32 step = state[3];
   const int total = max(n, (int)max_owners);
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
@@ -40,7 +55,15 @@ extern "C" __global__ void lru_link(const u32* __restrict__ host_slots, const u3
     misses[2 * i] = SPIN_NONE;
     misses[2 * i + 1] = SPIN_NONE;
     const u32 hs = host_slots[i], o = owners[i];
-    if (hs == SPIN_NONE || hs >= host_cap || o >= max_owners) continue;  // the CPU fails here
+    if (hs == SPIN_NONE || o >= max_owners) continue;  // the CPU fails on a bad owner
+    const u32 home = fast_home(hs, home_base, home_count, home_fast);
+    if (home != SPIN_NONE) {
+      fast_pairs[2 * i] = home;
+      fast_pairs[2 * i + 1] = logical[i];
+      count_lanes((unsigned long long*)&counters[0]);
+      continue;
+    }
+    if (hs >= host_cap) continue;  // the CPU fails here
     if (reuse_steps != 0) {
       const u32 prev = atomicExch(&last_seen[hs], step);
       if (prev != 0 && prev != step && step - prev <= reuse_steps) atomicAdd(&reuse[o], 1u);
@@ -183,11 +206,12 @@ extern "C" __global__ void lru_direct(const u32* __restrict__ host_slots, const 
 
 // out[i] = fast slot holding host slot q[i], NONE if not resident (or a NONE query).
 extern "C" __global__ void lru_lookup(const u32* __restrict__ q, u32* __restrict__ out, int n,
-                                      const u32* __restrict__ tags, u32 buckets, u32 ways) {
+                                      const u32* __restrict__ tags, u32 buckets, u32 ways, u32 home_base,
+                                      u32 home_count, u32 home_fast) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     const u32 hs = q[i];
-    u32 slot = SPIN_NONE;
-    if (hs != SPIN_NONE) {
+    u32 slot = fast_home(hs, home_base, home_count, home_fast);
+    if (hs != SPIN_NONE && slot == SPIN_NONE) {
       const u32 base = bucket_of(hs, buckets) * ways;
       for (u32 w = 0; w < ways; ++w) {
         if (tags[base + w] == hs) {
@@ -204,11 +228,13 @@ extern "C" __global__ void lru_lookup(const u32* __restrict__ q, u32* __restrict
 // + rows[i], NONE if not resident (or a NONE query).
 extern "C" __global__ void lru_fast_destinations(const u32* __restrict__ q, const u32* __restrict__ rows,
                                                  u32* __restrict__ out, int n, const u32* __restrict__ tags,
-                                                 u32 buckets, u32 ways, u32 page_size) {
+                                                 u32 buckets, u32 ways, u32 page_size, u32 home_base,
+                                                 u32 home_count, u32 home_fast) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     const u32 hs = q[i];
-    u32 dst = SPIN_NONE;
-    if (hs != SPIN_NONE) {
+    const u32 home = fast_home(hs, home_base, home_count, home_fast);
+    u32 dst = home == SPIN_NONE ? SPIN_NONE : home * page_size + rows[i];
+    if (hs != SPIN_NONE && home == SPIN_NONE) {
       const u32 base = bucket_of(hs, buckets) * ways;
       for (u32 w = 0; w < ways; ++w) {
         if (tags[base + w] == hs) {
@@ -223,7 +249,7 @@ extern "C" __global__ void lru_fast_destinations(const u32* __restrict__ q, cons
 
 // Frees host slots: their fast copies become empty ways (one thread wins per slot, so
 // duplicates in the list are harmless), their owners' resident counts drop, their reuse
-// history is cleared.
+// history is cleared. Ids >= host_cap (fast homes among them) have nothing to forget.
 extern "C" __global__ void lru_invalidate(const u32* __restrict__ list, int n, u32* tags, u32* slot_owner,
                                           i64* stamps, u32* resident, u32* last_seen, u32 host_cap,
                                           u32 buckets, u32 ways) {

@@ -19,6 +19,28 @@ pub(crate) use super::cuda::lru::{
     resolve as resolve_cuda, resolve_direct as resolve_direct_cuda, Buffers, Geometry,
 };
 
+/// Host-slot ids whose home is the fast tier ([`DeviceLru::with_fast_homes`](crate::tiered::DeviceLru::with_fast_homes)):
+/// ids `base..base + count` live in fast slots `fast_base..fast_base + count` for as long
+/// as they are allocated. They have no copy in the host tier and are never looked up in
+/// the buckets, fetched, evicted or spilled: every request for one is a hit. `count = 0`
+/// (the default) means none. `kernels/lru_resolve.cu`'s `fast_home` is the same function.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FastHomes {
+    /// First id with a fast home (the number of ids whose home is the host tier).
+    pub base: u32,
+    /// Ids with a fast home.
+    pub count: u32,
+    /// Fast slot of id `base` (the bucketed slots come first: `buckets × ways`).
+    pub fast_base: u32,
+}
+
+impl FastHomes {
+    /// The fast slot of `id` when its home is the fast tier.
+    pub fn slot(&self, id: u32) -> Option<u32> {
+        (id != NONE && id >= self.base && id - self.base < self.count).then(|| self.fast_base + (id - self.base))
+    }
+}
+
 /// The bucket of `page` among `buckets` (`>= 1`): [`BucketedLru::bucket_of`](crate::pool::BucketedLru::bucket_of), shared with
 /// the device LRU (`kernels/lru_resolve.cu` computes the same function).
 pub fn bucket_index(page: u32, buckets: usize) -> usize {
@@ -65,6 +87,8 @@ const OP: &str = "DeviceLru::resolve";
 pub(crate) struct LruState {
     pub buckets: usize,
     pub ways: usize,
+    /// Ids whose home is the fast tier (hits, never in the buckets).
+    pub homes: FastHomes,
     /// `[buckets * ways]` host slot held by each fast slot, [`NONE`] = empty way.
     pub tags: Vec<u32>,
     /// `[buckets * ways]` owner of each fast slot's page, [`NONE`] = empty way.
@@ -118,11 +142,13 @@ pub(crate) fn check_round(st: &LruState, inp: &RoundInput<'_>) -> Result<()> {
         if hs == NONE {
             continue;
         }
-        if hs as usize >= st.last_seen.len() || o as usize >= st.resident.len() {
+        let out_of_range = hs as usize >= st.last_seen.len() && st.homes.slot(hs).is_none();
+        if out_of_range || o as usize >= st.resident.len() {
             crate::invalid!(
                 OP,
-                "request {i}: host slot {hs} (of {}) or owner {o} (of {}) out of range",
+                "request {i}: host slot {hs} (of {} in the host tier, {} with a fast home) or owner {o} (of {}) out of range",
                 st.last_seen.len(),
+                st.homes.count,
                 st.resident.len()
             );
         }
@@ -145,6 +171,12 @@ pub(crate) fn resolve_round(st: &mut LruState, inp: &RoundInput<'_>) -> RoundOut
     for i in 0..n {
         let (hs, lp) = (inp.host_slots[i], inp.logical[i]);
         if hs == NONE {
+            continue;
+        }
+        if let Some(f) = st.homes.slot(hs) {
+            out.fast_pairs[2 * i] = f;
+            out.fast_pairs[2 * i + 1] = lp;
+            st.counters[0] += 1;
             continue;
         }
         let o = inp.owners[i];
@@ -243,12 +275,15 @@ pub(crate) fn lookup_direct(host_cap: usize, host_slots: &[u32]) -> Vec<u32> {
 }
 
 /// Fast slot of each host slot (`[n]`, [`NONE`] if not resident or a [`NONE`] query).
-pub(crate) fn lookup(tags: &[u32], buckets: usize, ways: usize, host_slots: &[u32]) -> Vec<u32> {
+pub(crate) fn lookup(tags: &[u32], buckets: usize, ways: usize, homes: FastHomes, host_slots: &[u32]) -> Vec<u32> {
     host_slots
         .iter()
         .map(|&hs| {
             if hs == NONE {
                 return NONE;
+            }
+            if let Some(f) = homes.slot(hs) {
+                return f;
             }
             let b = bucket_index(hs, buckets) * ways;
             (b..b + ways).find(|&s| tags[s] == hs).map_or(NONE, |s| s as u32)
@@ -263,22 +298,24 @@ pub(crate) fn fast_destinations(
     tags: &[u32],
     buckets: usize,
     ways: usize,
+    homes: FastHomes,
     slots: &[u32],
     rows: &[u32],
     page_size: u32,
 ) -> Vec<u32> {
-    lookup(tags, buckets, ways, slots)
+    lookup(tags, buckets, ways, homes, slots)
         .into_iter()
         .zip(rows)
         .map(|(f, &r)| if f == NONE { NONE } else { f * page_size + r })
         .collect()
 }
 
-/// Forgets host slots (already checked `< host_slots` or [`NONE`]): their fast copies
-/// become empty ways, their owners' resident counts drop, their reuse history is cleared.
+/// Forgets host slots (already checked `< host_slots`, with a fast home, or [`NONE`]):
+/// their fast copies become empty ways, their owners' resident counts drop, their reuse
+/// history is cleared. Ids with a fast home have nothing to forget.
 pub(crate) fn invalidate(st: &mut LruState, host_slots: &[u32]) {
     for &hs in host_slots {
-        if hs == NONE {
+        if hs == NONE || hs as usize >= st.last_seen.len() {
             continue;
         }
         st.last_seen[hs as usize] = 0;

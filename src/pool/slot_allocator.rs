@@ -1,4 +1,5 @@
-//! A free list of page slots with ownership tracking (no double frees, no leaks).
+//! A free list of page slots with ownership tracking (no double frees, no leaks), which
+//! can hand out a preferred range of ids first (the cache's fast homes).
 
 use crate::error::Tier;
 use crate::{Error, Result};
@@ -7,18 +8,30 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct SlotAllocator {
     tier: Tier,
+    /// Free ids `< preferred_from`.
     free: Vec<u32>,
+    /// Free ids `>= preferred_from`, handed out first.
+    free_preferred: Vec<u32>,
+    preferred_from: usize,
     owned: Vec<bool>,
 }
 
 impl SlotAllocator {
     /// A tier of `capacity` slots, all free.
     pub fn new(tier: Tier, capacity: usize) -> Self {
+        Self::with_preferred(tier, capacity, capacity)
+    }
+
+    /// A tier of `capacity` slots, all free, that hands out ids `preferred_from..capacity`
+    /// before any lower id (ascending within each range in a fresh allocator).
+    pub fn with_preferred(tier: Tier, capacity: usize, preferred_from: usize) -> Self {
+        let preferred_from = preferred_from.min(capacity);
         // Pop order = ascending slot ids, which keeps a fresh pool's layout predictable.
-        let free = (0..capacity as u32).rev().collect();
         Self {
             tier,
-            free,
+            free: (0..preferred_from as u32).rev().collect(),
+            free_preferred: (preferred_from as u32..capacity as u32).rev().collect(),
+            preferred_from,
             owned: vec![false; capacity],
         }
     }
@@ -30,7 +43,12 @@ impl SlotAllocator {
 
     /// Free slots.
     pub fn free_count(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.free_preferred.len()
+    }
+
+    /// Slots in use among the preferred ids (`preferred_from..capacity`).
+    pub fn preferred_used(&self) -> usize {
+        self.capacity() - self.preferred_from - self.free_preferred.len()
     }
 
     /// Slots in use.
@@ -41,16 +59,20 @@ impl SlotAllocator {
     /// Takes `n` slots, all or nothing: [`Error::PoolExhausted`] (back-pressure) when fewer
     /// than `n` are free, with the allocator unchanged.
     pub fn alloc(&mut self, n: usize) -> Result<Vec<u32>> {
-        if n > self.free.len() {
+        if n > self.free_count() {
             return Err(Error::PoolExhausted {
                 tier: self.tier,
                 needed: n,
-                free: self.free.len(),
+                free: self.free_count(),
             });
         }
-        // In pop order (a fresh allocator hands out 0, 1, 2, ...).
-        let mut taken = self.free.split_off(self.free.len() - n);
+        // In pop order (a fresh allocator hands out 0, 1, 2, ... of each range).
+        let pref = n.min(self.free_preferred.len());
+        let mut taken = self.free_preferred.split_off(self.free_preferred.len() - pref);
         taken.reverse();
+        let mut rest = self.free.split_off(self.free.len() - (n - pref));
+        rest.reverse();
+        taken.extend(rest);
         for &s in &taken {
             self.owned[s as usize] = true;
         }
@@ -62,7 +84,11 @@ impl SlotAllocator {
         match self.owned.get_mut(slot as usize) {
             Some(o) if *o => {
                 *o = false;
-                self.free.push(slot);
+                if slot as usize >= self.preferred_from {
+                    self.free_preferred.push(slot);
+                } else {
+                    self.free.push(slot);
+                }
                 Ok(())
             }
             _ => Err(Error::Invalid {
@@ -101,5 +127,25 @@ mod tests {
         }
         assert!(a.free(0).is_err(), "double free must be rejected");
         assert_eq!(a.free_count(), 4);
+    }
+
+    #[test]
+    fn preferred_ids_go_first_and_come_back_to_their_range() {
+        let mut a = SlotAllocator::with_preferred(Tier::Host, 6, 4);
+        assert_eq!(a.alloc(3).unwrap(), vec![4, 5, 0]);
+        assert_eq!(a.preferred_used(), 2);
+        a.free(5).unwrap();
+        assert_eq!(a.preferred_used(), 1);
+        // The freed preferred id is handed out again before the lower ones.
+        assert_eq!(a.alloc(2).unwrap(), vec![5, 1]);
+        assert!(matches!(
+            a.alloc(3),
+            Err(Error::PoolExhausted { needed: 3, free: 2, .. })
+        ));
+        assert_eq!(a.alloc(2).unwrap(), vec![2, 3]);
+        assert_eq!(a.free_count(), 0);
+        for s in 0..6 {
+            assert!(a.is_owned(s));
+        }
     }
 }

@@ -10,7 +10,7 @@ pub(crate) mod host_tier;
 #[cfg(feature = "cuda")]
 pub mod pinned;
 
-pub use device_lru::{DeviceLru, ResolveOutput, ResolveRequest};
+pub use device_lru::{DeviceLru, FastHomes, ResolveOutput, ResolveRequest};
 pub(crate) use host_tier::HostTier;
 #[cfg(feature = "cuda")]
 pub use pinned::PinnedPagePool;

@@ -5,7 +5,7 @@
 //! synchronization, and the launch grids depend only on host-known sizes.
 
 use super::{alloc, cfg, func, launch, ptr, LRU_RESOLVE};
-use crate::ops::lru_resolve::{ResolveOutput, ResolveRequest};
+use crate::ops::lru_resolve::{FastHomes, ResolveOutput, ResolveRequest};
 use crate::Result;
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::op::BackpropOp;
@@ -20,6 +20,7 @@ pub(crate) struct Geometry {
     pub ways: usize,
     pub max_owners: usize,
     pub host_slots: usize,
+    pub homes: FastHomes,
 }
 
 /// The state tensors of a device LRU (see `DeviceLru`'s fields for shapes and dtypes).
@@ -86,6 +87,7 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
         link,
         cfg(total.div_ceil(256).min(65535) as u32, 256, 0),
         hs,
+        lp,
         ow,
         n as i32,
         g.host_slots as u32,
@@ -102,7 +104,11 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
         mp,
         cp,
         addr("state", b.state, u)?,
-        req.reuse_steps
+        req.reuse_steps,
+        g.homes.base,
+        g.homes.count,
+        g.homes.fast_base,
+        addr("counters", b.counters, DType::I64)?
     )?;
     if n > 0 {
         let res = func(&dev, &LRU_RESOLVE, "lru_resolve")?;
@@ -179,7 +185,10 @@ pub(crate) fn lookup(tags: &Tensor, q: &Tensor, g: Geometry) -> Result<Tensor> {
             n as i32,
             addr("tags", tags, DType::U32)?,
             g.buckets as u32,
-            g.ways as u32
+            g.ways as u32,
+            g.homes.base,
+            g.homes.count,
+            g.homes.fast_base
         )?;
     }
     Ok(wrap(out, &dev, &[n]))
@@ -208,7 +217,10 @@ pub(crate) fn fast_destinations(
             addr("tags", tags, DType::U32)?,
             g.buckets as u32,
             g.ways as u32,
-            page_size
+            page_size,
+            g.homes.base,
+            g.homes.count,
+            g.homes.fast_base
         )?;
     }
     Ok(wrap(out, &dev, &[n]))

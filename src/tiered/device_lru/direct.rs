@@ -33,6 +33,11 @@ impl DeviceLru {
             host_slots,
             device: device.clone(),
             direct: true,
+            homes: super::FastHomes {
+                base: host_slots as u32,
+                count: 0,
+                fast_base: host_slots as u32,
+            },
             tags: u32s(1, NONE, device)?,
             owners: u32s(1, NONE, device)?,
             pinned: u32s(1, 0, device)?,

@@ -21,14 +21,21 @@
 //!
 //! A fast tier with room for every host slot needs no replacement policy: a
 //! [`DeviceLru::direct`] LRU maps host slot `h` to fast slot `h` (see `direct.rs`).
+//!
+//! Ids past the host tier can have their home in the fast tier
+//! ([`DeviceLru::with_fast_homes`]): fast slots after the buckets' hold them for as long
+//! as they are allocated, so the capacity is the host tier plus those slots. A request
+//! for one is a hit without a bucket lookup; nothing of theirs is fetched, evicted or
+//! spilled, and they take no part in budgets or reuse tracking.
 
 use crate::ops::lru_resolve::{self as reference, LruState, RoundInput};
-pub use crate::ops::lru_resolve::{ResolveOutput, ResolveRequest};
+pub use crate::ops::lru_resolve::{FastHomes, ResolveOutput, ResolveRequest};
 use crate::ops::NONE;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 
 mod direct;
+mod homes;
 
 const OP: &str = "DeviceLru";
 
@@ -44,6 +51,8 @@ pub struct DeviceLru {
     device: Device,
     /// Direct mapping (see [`DeviceLru::direct`]): the per-slot state below is unused.
     direct: bool,
+    /// Ids `host_slots..` whose home is the fast tier ([`DeviceLru::with_fast_homes`]).
+    homes: FastHomes,
     /// `[cap]` u32 host slot per fast slot, NONE = empty.
     tags: Tensor,
     /// `[cap]` u32 owner per fast slot, NONE = empty.
@@ -109,6 +118,11 @@ impl DeviceLru {
             host_slots,
             device: device.clone(),
             direct: false,
+            homes: FastHomes {
+                base: host_slots as u32,
+                count: 0,
+                fast_base: cap as u32,
+            },
             tags: u32s(cap, NONE, device)?,
             owners: u32s(cap, NONE, device)?,
             pinned: u32s(cap, 0, device)?,
@@ -129,7 +143,7 @@ impl DeviceLru {
         })
     }
 
-    /// Total fast slots (`buckets × ways`).
+    /// Fast slots managed by replacement (`buckets × ways`): what budgets share.
     pub fn capacity(&self) -> usize {
         self.buckets * self.ways
     }
@@ -373,7 +387,7 @@ impl DeviceLru {
             Device::Cuda(_) => reference::lookup_cuda(&self.tags, &q, self.geometry()),
             _ => {
                 let tags = self.tags.to_vec1::<u32>()?;
-                let out = reference::lookup(&tags, self.buckets, self.ways, &q.to_vec1::<u32>()?);
+                let out = reference::lookup(&tags, self.buckets, self.ways, self.homes, &q.to_vec1::<u32>()?);
                 let n = out.len();
                 Ok(Tensor::from_vec(out, n, &self.device)?)
             }
@@ -405,11 +419,11 @@ impl DeviceLru {
             );
         }
         // Destinations must fit u32 (checked once: fast slots · page size).
-        if (self.tags.elem_count() as u64) * (page_size as u64) >= NONE as u64 {
+        if (self.fast_slots() as u64) * (page_size as u64) >= NONE as u64 {
             crate::invalid!(
                 FOP,
                 "{} fast slots of {page_size} rows overflow u32 destinations",
-                self.tags.elem_count()
+                self.fast_slots()
             );
         }
         let (q, r) = (slots.contiguous()?, rows.contiguous()?);
@@ -425,6 +439,7 @@ impl DeviceLru {
                     &tags,
                     self.buckets,
                     self.ways,
+                    self.homes,
                     &q.to_vec1::<u32>()?,
                     &r.to_vec1::<u32>()?,
                     page_size as u32,
@@ -436,13 +451,16 @@ impl DeviceLru {
 
     /// Host slots freed (sequence removed, step aborted): their fast copies become empty
     /// ways, their owners' resident counts drop and their reuse history is cleared.
-    /// [`NONE`] entries are ignored; every other entry must be `< host_slots`.
+    /// [`NONE`] entries and ids with a fast home are ignored; every other entry must be
+    /// `< host_slots`.
     pub fn invalidate(&mut self, host_slots: &[u32]) -> Result<()> {
-        if let Some(&bad) = host_slots.iter().find(|&&h| h != NONE && h as usize >= self.host_slots) {
+        let bad = |h: u32| h != NONE && h as usize >= self.host_slots && self.homes.slot(h).is_none();
+        if let Some(&bad) = host_slots.iter().find(|&&h| bad(h)) {
             crate::invalid!(
                 "DeviceLru::invalidate",
-                "host slot {bad} out of range (host_slots = {}, list of {})",
+                "host slot {bad} out of range (host_slots = {}, fast homes {}, list of {})",
                 self.host_slots,
+                self.homes.count,
                 host_slots.len()
             );
         }
@@ -512,6 +530,7 @@ impl DeviceLru {
         Ok(LruState {
             buckets: self.buckets,
             ways: self.ways,
+            homes: self.homes,
             tags: self.tags.to_vec1()?,
             owners: self.owners.to_vec1()?,
             pinned: self.pinned.to_vec1()?,
@@ -549,6 +568,7 @@ impl DeviceLru {
             ways: self.ways,
             max_owners: self.max_owners,
             host_slots: self.host_slots,
+            homes: self.homes,
         }
     }
 
