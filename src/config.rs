@@ -21,10 +21,16 @@ pub struct CacheConfig {
     pub rope_theta: f64,
     /// Tokens per page: a power of two in `8..=128` (default 16).
     pub page_size: usize,
-    /// Pages in the capacity (host) tier: the home of every page.
+    /// Pages whose home is the capacity (host) tier.
     pub host_pages: usize,
-    /// Pages in the fast (HBM) tier; may be far smaller than `host_pages`.
+    /// Pages of the fast (HBM) tier that cache host-tier pages; may be far smaller than
+    /// `host_pages`.
     pub fast_pages: usize,
+    /// Pages whose home is the fast tier (default 0): HBM slots beyond `fast_pages` that
+    /// hold pages of their own, with no copy in the host tier, so the cache holds
+    /// `host_pages + fast_home_pages` pages in all ([`total_pages`](Self::total_pages)).
+    /// New pages take these slots first. See "Storage" in `docs/ARCHITECTURE.md`.
+    pub fast_home_pages: usize,
     /// Ways per bucket of the fast tier's bucketed LRU (default 8).
     pub lru_ways: usize,
     /// How fast-tier slots are shared among sequences (default:
@@ -60,6 +66,7 @@ impl CacheConfig {
             page_size: 16,
             host_pages: 0,
             fast_pages: 0,
+            fast_home_pages: 0,
             lru_ways: 8,
             budget_policy: BudgetPolicy::DYNAMIC,
             max_seq_len: 8192,
@@ -70,6 +77,28 @@ impl CacheConfig {
         };
         c = c.with_token_capacity(8192, 1.0);
         c
+    }
+
+    /// Pages the cache holds in all: `host_pages + fast_home_pages`.
+    pub fn total_pages(&self) -> usize {
+        self.host_pages + self.fast_home_pages
+    }
+
+    /// Moves `fraction` of the pages (of [`total_pages`](Self::total_pages), rounded
+    /// down) to homes in the fast tier, keeping the total, and sizes the fast tier's
+    /// cache of the rest to `cache_fraction` of the pages left in the host tier (at least
+    /// one LRU bucket). For example, `with_fast_homes(0.5, 0.1)` on a cache of 1000 pages
+    /// gives 500 pages homed in HBM, 500 in pinned host memory and 50 HBM pages caching
+    /// those.
+    pub fn with_fast_homes(mut self, fraction: f64, cache_fraction: f64) -> Self {
+        let total = self.total_pages();
+        self.fast_home_pages = (total as f64 * fraction.clamp(0.0, 1.0)).floor() as usize;
+        // At least one host page: the host tier is never empty.
+        self.fast_home_pages = self.fast_home_pages.min(total.saturating_sub(1));
+        self.host_pages = total - self.fast_home_pages;
+        let fast = (self.host_pages as f64 * cache_fraction.clamp(0.0, 1.0)).ceil() as usize;
+        self.fast_pages = fast.max(self.lru_ways);
+        self
     }
 
     /// Pages needed to hold `tokens` tokens of one sequence (all layers and KV heads).
@@ -99,8 +128,11 @@ impl CacheConfig {
         } else {
             self.fast_pages as f64 / self.host_pages as f64
         };
+        let home_tokens = self.fast_home_pages.div_ceil(dirs) * self.page_size;
         self.page_size = page_size;
-        self.with_token_capacity(tokens, fraction)
+        let mut c = self.with_token_capacity(tokens, fraction);
+        c.fast_home_pages = c.pages_for_tokens(home_tokens);
+        c
     }
 
     /// Bytes of one page (K and V) in `dtype`.
@@ -142,6 +174,17 @@ impl CacheConfig {
                 u32::MAX as usize / self.page_size
             ));
         }
+        if self.total_pages() >= u32::MAX as usize / self.page_size
+            || self.fast_pages + self.fast_home_pages >= u32::MAX as usize / self.page_size
+        {
+            return bad(format!(
+                "host_pages ({}) + fast_home_pages ({}) and fast_pages ({}) + fast_home_pages must each be < {}",
+                self.host_pages,
+                self.fast_home_pages,
+                self.fast_pages,
+                u32::MAX as usize / self.page_size
+            ));
+        }
         if self.fast_pages < self.lru_ways || self.fast_pages >= u32::MAX as usize / self.page_size {
             return bad(format!(
                 "fast_pages ({}) must be >= lru_ways ({})",
@@ -157,7 +200,10 @@ impl CacheConfig {
         if !matches!(self.dtype, DType::F32 | DType::F16 | DType::BF16) {
             return bad(format!("dtype {:?} unsupported: use f32, f16 or bf16", self.dtype));
         }
-        for (name, pages) in [("host_pages", self.host_pages), ("fast_pages", self.fast_pages)] {
+        for (name, pages) in [
+            ("host_pages", self.host_pages),
+            ("fast_pages + fast_home_pages", self.fast_pages + self.fast_home_pages),
+        ] {
             let (p, d, e) = (self.page_size, self.head_dim, self.dtype.size_in_bytes());
             if crate::ops::util::pool_bytes(pages, p, d, e).is_none() {
                 return bad(format!(

@@ -261,15 +261,18 @@ impl SparseKvCache for SpinCache {
     }
 
     fn pool_usage(&self) -> PoolUsage {
+        let homed = self.host_alloc.preferred_used();
         PoolUsage {
-            host_used: self.host_alloc.used_count(),
-            host_capacity: self.host_alloc.capacity(),
+            host_used: self.host_alloc.used_count() - homed,
+            host_capacity: self.cfg.host_pages,
             fast_resident: if self.lru.is_direct() {
                 self.host_alloc.used_count()
             } else {
-                self.lru.resident_count().unwrap_or(0)
+                self.lru.resident_count().unwrap_or(0) + homed
             },
-            fast_capacity: self.lru.capacity(),
+            fast_capacity: self.lru.fast_slots(),
+            fast_home_used: homed,
+            fast_home_capacity: self.cfg.fast_home_pages,
             page_table_bytes: self.tables.bytes(),
         }
     }

@@ -157,22 +157,26 @@ impl SpinCache {
         cfg.validate()?;
         algo.init(&cfg)?;
         let (p, d) = (cfg.page_size, cfg.head_dim);
-        // A fast tier with room for every host page is direct-mapped: no replacement.
+        // A fast tier with room for every host page is direct-mapped: no replacement
+        // (the fast homes then are direct-mapped ids too). Otherwise ids past the host
+        // tier's have their homes in fast slots after the buckets'.
         let lru = if cfg.fast_pages >= cfg.host_pages {
-            DeviceLru::direct(cfg.max_sequences, cfg.host_pages, &cfg.device)?
+            DeviceLru::direct(cfg.max_sequences, cfg.total_pages(), &cfg.device)?
         } else {
             let buckets = cfg.fast_pages / cfg.lru_ways;
             DeviceLru::new(buckets, cfg.lru_ways, cfg.max_sequences, cfg.host_pages, &cfg.device)?
+                .with_fast_homes(cfg.fast_home_pages)?
         };
-        let fast_pool = Tensor::zeros((lru.capacity(), 2, p, d), cfg.dtype, &cfg.device)?;
+        let fast_pool = Tensor::zeros((lru.fast_slots(), 2, p, d), cfg.dtype, &cfg.device)?;
         let dirs = cfg.num_layers * cfg.num_kv_heads;
         let max_rows = cfg.max_sequences * dirs;
         let leaves_per_row = cfg.max_seq_len.div_ceil(p).div_ceil(LEAF_PAGES);
-        let arena = cfg.host_pages.div_ceil(LEAF_PAGES) + max_rows;
+        let arena = cfg.total_pages().div_ceil(LEAF_PAGES) + max_rows;
         let mut cache = Self {
             id: types::NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             host: HostTier::new(&cfg)?,
-            host_alloc: SlotAllocator::new(Tier::Host, cfg.host_pages),
+            // Pages take fast homes (ids from host_pages on) first.
+            host_alloc: SlotAllocator::with_preferred(Tier::Host, cfg.total_pages(), cfg.host_pages),
             budgets: BudgetTracker::new(cfg.budget_policy, lru.capacity()),
             lru,
             tables: PageTables::new(cfg.num_layers, cfg.num_kv_heads),
@@ -340,9 +344,33 @@ impl SpinCache {
         Ok(())
     }
 
+    /// Copies whole pages into `dst` `[n, 2, P, D]`: `pairs` holds (page id, destination
+    /// slot) pairs, flattened. Each page is read where it always lives: its fixed fast
+    /// slot ([`DeviceLru::fixed_slot`]: a fast home, or any id of a direct-mapped tier),
+    /// else its home in the host tier. Returns how many pages came from the host tier.
+    pub(super) fn gather_homes(&self, dst: &Tensor, pairs: &[u32]) -> Result<usize> {
+        let (mut host, mut fast) = (Vec::new(), Vec::new());
+        for pair in pairs.chunks_exact(2) {
+            match self.lru.fixed_slot(pair[0]) {
+                Some(f) => fast.extend([f, pair[1]]),
+                None => host.extend_from_slice(pair),
+            }
+        }
+        let dev = dst.device();
+        let from_host = host.len() / 2;
+        if from_host > 0 {
+            self.host.gather(dst, &Tensor::from_vec(host, (from_host, 2), dev)?)?;
+        }
+        if !fast.is_empty() {
+            let n = fast.len() / 2;
+            ops::copy_pages(dst, &self.fast_pool, &Tensor::from_vec(fast, (n, 2), dev)?)?;
+        }
+        Ok(from_host)
+    }
+
     /// Recomputes the per-page key bounds ([`SparseAlgorithm::page_minmax`], Quest's
     /// min/max) of every page that held tokens before the step and received the step's
-    /// tokens too: from the keys the host tier holds for its first `start % P` rows, in
+    /// tokens too: from the keys its home holds for its first `start % P` rows, in
     /// row order, exactly as [`ops::quest_meta_update`] built them. Pages the step
     /// allocated are freed instead (their bounds reset when a token lands in row 0).
     fn restore_page_minmax(&mut self, entries: &[StepEntry]) -> Result<()> {
@@ -360,7 +388,7 @@ impl SpinCache {
             }
             let pairs: Vec<u32> = slots.iter().enumerate().flat_map(|(i, &s)| [s, i as u32]).collect();
             let pages = Tensor::zeros((dirs, 2, p, d), self.cfg.dtype, &dev)?;
-            self.host.gather(&pages, &Tensor::from_vec(pairs, (dirs, 2), &dev)?)?;
+            self.gather_homes(&pages, &pairs)?;
             // [rows, dirs, D]: row r of every page is "token" r, each page a "head".
             let keys = pages
                 .narrow(1, 0, 1)?

@@ -1,12 +1,12 @@
 //! The rebuilt part of a decode step: attention over pages whose keys the algorithm
-//! rebuilt (ShadowKV rebuilds keys from a low-rank factor), with values gathered from the
-//! host tier.
+//! rebuilt (ShadowKV rebuilds keys from a low-rank factor), with values gathered from
+//! their homes.
 
 use super::*;
 
 impl SpinCache {
     /// Attends the decode queries over pages whose keys the algorithm rebuilt: a
-    /// step-local pool of those keys plus values gathered from the host tier.
+    /// step-local pool of those keys plus values gathered from their homes.
     pub(super) fn rebuilt_part(
         &self,
         step: &mut StepState,
@@ -59,12 +59,12 @@ impl SpinCache {
         }
         let dev = &self.cfg.device;
         let gathered = Tensor::zeros((total, 2, p, d), self.cfg.dtype, dev)?;
-        self.host
-            .gather(&gathered, &Tensor::from_vec(pairs, (total, 2), dev)?)?;
+        let from_host = self.gather_homes(&gathered, &pairs)?;
         let values = gathered.narrow(1, 1, 1)?;
         let pool = Tensor::cat(&[&rk.keys.unsqueeze(1)?, &values], 1)?.contiguous()?;
         step.stats.rebuilt_pages += total as u64;
-        step.stats.bytes_moved += (total * self.cfg.page_bytes() / 2) as u64;
+        // Values read from the host tier (pages with a fixed fast slot are read in HBM).
+        step.stats.bytes_moved += (from_host * self.cfg.page_bytes() / 2) as u64;
         let list = PageList {
             pages: Tensor::from_vec(list, (s, hkv, nmax, 2), dev)?,
             queries: step.queries.clone(),

@@ -68,14 +68,16 @@ pub struct StepStats {
     pub hits: u64,
     /// Page requests fetched from the host tier into the fast tier.
     pub misses: u64,
-    /// Bytes read from the host tier (misses, spilled pages, rebuilt pages' values).
+    /// Bytes read from the host tier (misses, spilled pages, rebuilt pages' values whose
+    /// home is the host tier).
     pub bytes_moved: u64,
     /// Page requests the fast tier could not place in their step (every way of their
     /// bucket already held a page of that layer's step): attended straight from the host
     /// tier, not cached.
     pub spilled: u64,
-    /// Pages attended with keys rebuilt by the algorithm (ShadowKV), values fetched from
-    /// the host tier (counted in `bytes_moved`, not in `hits`/`misses`).
+    /// Pages attended with keys rebuilt by the algorithm (ShadowKV), values read from
+    /// their homes (those read from the host tier count in `bytes_moved`; none count in
+    /// `hits`/`misses`).
     pub rebuilt_pages: u64,
 }
 
@@ -133,14 +135,19 @@ pub struct SelectionRecord {
 /// Page-slot usage of both tiers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolUsage {
-    /// Host-tier slots in use / total.
+    /// Pages in use whose home is the host tier.
     pub host_used: usize,
-    /// Host-tier capacity.
+    /// Host-tier capacity ([`CacheConfig::host_pages`](crate::CacheConfig::host_pages)).
     pub host_capacity: usize,
-    /// Fast-tier slots holding a page / total.
+    /// Fast-tier slots holding a page: cached copies plus pages homed there.
     pub fast_resident: usize,
-    /// Fast-tier capacity.
+    /// Fast-tier slots in all (cache slots plus fast homes).
     pub fast_capacity: usize,
+    /// Pages in use whose home is the fast tier.
+    pub fast_home_used: usize,
+    /// Pages that can have their home in the fast tier
+    /// ([`CacheConfig::fast_home_pages`](crate::CacheConfig::fast_home_pages)).
+    pub fast_home_capacity: usize,
     /// Bytes of the two-level page tables.
     pub page_table_bytes: usize,
 }

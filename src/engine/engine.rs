@@ -135,7 +135,9 @@ impl Engine {
             )));
         }
         let usage = cache.pool_usage();
-        let capacity_pages = usage.host_capacity.saturating_sub(usage.host_used);
+        // Pages of either home (host tier or fast homes) that are free.
+        let capacity_pages =
+            (usage.host_capacity + usage.fast_home_capacity).saturating_sub(usage.host_used + usage.fast_home_used);
         let limits = Limits {
             tokenizer: tokenizer.map(Arc::new),
             vocab_size: m.vocab_size,

@@ -169,7 +169,7 @@ pub trait SparseAlgorithm: Send {
         Ok(())
     }
 
-    /// Per-page key bounds `[host_pages, 2, D]` (min at 0, max at 1 of dim 1; the
+    /// Per-page key bounds `[total_pages, 2, D]` (min at 0, max at 1 of dim 1; the
     /// semantics of [`quest_meta_update`](crate::ops::quest_meta_update)) that the cache
     /// may update itself in the kernel that stores the keys
     /// ([`paged_append_with_minmax`](crate::ops::paged_append_with_minmax)), then telling

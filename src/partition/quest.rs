@@ -60,7 +60,7 @@ impl Default for QuestConfig {
     }
 }
 
-/// Quest page selection. Metadata: `[host_pages, 2, D]` (min, max) in the KV dtype on
+/// Quest page selection. Metadata: `[total_pages, 2, D]` (min, max) in the KV dtype on
 /// the fast tier's device — `1/page_size` of the KV bytes.
 #[derive(Debug)]
 pub struct Quest {
@@ -79,7 +79,7 @@ impl Quest {
         }
     }
 
-    /// The metadata tensor `[host_pages, 2, D]` (after `init`).
+    /// The metadata tensor `[total_pages, 2, D]` (after `init`).
     pub fn metadata(&self) -> Option<&Tensor> {
         self.meta.as_ref()
     }
@@ -106,7 +106,7 @@ impl SparseAlgorithm for Quest {
         }
         self.page_size = cfg.page_size;
         self.meta = Some(Tensor::zeros(
-            (cfg.host_pages, 2, cfg.head_dim),
+            (cfg.total_pages(), 2, cfg.head_dim),
             cfg.dtype,
             &cfg.device,
         )?);

@@ -1,4 +1,5 @@
-//! The capacity tier as the cache sees it: the home of every page, `[slots, 2, P, D]`.
+//! The capacity tier as the cache sees it: the home of every page with an id below
+//! `host_pages`, `[slots, 2, P, D]` (ids past it have their homes in the fast tier).
 //! On the CPU it is a tensor on the fast tier's device; with a CUDA fast tier it is a
 //! [`PinnedPagePool`](crate::tiered::PinnedPagePool) in mapped page-locked host memory,
 //! which kernels write (appends), gather from (misses) and attend over (pages the fast
@@ -20,11 +21,25 @@ pub(crate) enum HostTier {
 
 impl HostTier {
     /// Writes `k`, `v` `[T, Hkv, D]` rows to token destinations `dst` `[T, Hkv]` u32
-    /// (`slot·P + offset`, `NONE` skips), all on the fast tier's device.
+    /// (`slot·P + offset`, `NONE` skips), all on the fast tier's device. Destinations in
+    /// slots past this tier's (pages homed in the fast tier) are skipped.
     pub fn append(&mut self, k: &Tensor, v: &Tensor, dst: &Tensor) -> Result<()> {
         crate::fault::device_call("HostTier::append")?;
         match self {
-            Self::Tensor(pool) => ops::paged_append(pool, k, v, dst),
+            Self::Tensor(pool) => {
+                // Ids past this tier's pages have their homes in the fast tier: nothing
+                // of theirs is written here (the pinned pool's kernel skips them too).
+                let limit = (pool.dims()[0] * pool.dims()[2]) as u32;
+                let codes = dst.flatten_all()?.to_vec1::<u32>()?;
+                if codes.iter().all(|&c| c == ops::NONE || c < limit) {
+                    return ops::paged_append(pool, k, v, dst);
+                }
+                let own: Vec<u32> = codes
+                    .into_iter()
+                    .map(|c| if c < limit { c } else { ops::NONE })
+                    .collect();
+                ops::paged_append(pool, k, v, &Tensor::from_vec(own, dst.dims(), dst.device())?)
+            }
             #[cfg(feature = "cuda")]
             Self::Pinned(pool) => pool.append_rows(k, v, dst),
         }
