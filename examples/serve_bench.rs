@@ -89,6 +89,11 @@ struct Cli {
     /// fast slot, direct-mapped, no replacement).
     #[arg(long, global = true, default_value_t = 1.0, value_parser = fraction)]
     fast_fraction: f64,
+    /// Fraction of the KV pages whose home is the fast tier (HBM), in [0, 1): the rest
+    /// live in pinned host memory, cached by a fast tier of --fast-fraction of them.
+    /// The capacity is then HBM plus host.
+    #[arg(long, global = true, default_value_t = 0.0, value_parser = fraction)]
+    fast_home_fraction: f64,
     /// Tokens per KV page (default: the algorithm's own, else 16).
     #[arg(long, global = true)]
     page_size: Option<usize>,
@@ -286,10 +291,13 @@ fn load(c: &Cli) -> Result<Bench> {
 fn engine(b: &Bench, c: &Cli, algo: &str, seqs: usize, seq_tokens: usize) -> Result<(Engine, u64)> {
     let a = by_name(algo, c.budget).with_context(|| format!("--algo {algo} --budget {}", c.budget))?;
     let page = c.page_size.or(a.page_size_hint()).unwrap_or(16);
-    let cc = (b.model)
+    let mut cc = (b.model)
         .cache_config_for(seqs, seq_tokens, page, c.fast_fraction)
         .context("batch × (prompt + new tokens) overflows")?;
-    let bytes = ((cc.host_pages + cc.fast_pages) * cc.page_bytes()) as u64;
+    if c.fast_home_fraction > 0.0 {
+        cc = cc.with_fast_homes(c.fast_home_fraction, c.fast_fraction);
+    }
+    let bytes = ((cc.host_pages + cc.fast_pages + cc.fast_home_pages) * cc.page_bytes()) as u64;
     let cache = SpinCache::new_boxed(cc, a)?;
     let cfg = EngineConfig {
         max_running: seqs.max(1),
@@ -684,8 +692,8 @@ fn main() -> Result<()> {
         plots(dir, &rows, &c.algo)?;
     }
     println!(
-        "\n{} · budget {} · fast fraction {} · prefill chunk {} tokens",
-        b.name, c.budget, c.fast_fraction, c.max_prefill_tokens
+        "\n{} · budget {} · fast fraction {} · fast homes {} · prefill chunk {} tokens",
+        b.name, c.budget, c.fast_fraction, c.fast_home_fraction, c.max_prefill_tokens
     );
     println!("decode tok/s = tokens of decode-only steps / their wall time; latencies in ms; memory in GB\n");
     println!("| {} |", Row::COLUMNS.replace(',', " | "));

@@ -3,7 +3,11 @@
 //! tokens = 128 pages per KV head): score → select → resolve → fetch → attend, with the
 //! KV's home in mapped pinned host memory and an HBM tier holding 5–50% of it, against
 //! the same step with all of the KV in HBM (same kernels, same selections) in the same
-//! run.
+//! run. Two layouts of the HBM share: `cache` (every page's home is the host, HBM caches
+//! them) and, for shares above 10%, `homes` (part of the pages have their home in HBM,
+//! `DeviceLru::with_fast_homes`, and a cache of 10% of the rest takes the remainder:
+//! `CacheConfig::with_fast_homes(h, 0.1)` with `h + 0.1·(1 − h)` = the share). In the
+//! `homes` layout the first sequences' pages are homed in HBM, as allocation order gives.
 //!
 //! `cargo run --release --features cuda --example tiered_step_bench [-- --quick] [-- --csv FILE]`
 //!
@@ -53,6 +57,7 @@ mod bench {
         l: usize,
         b: usize,
         fraction: f64,
+        layout: &'static str,
         phases_us: [f64; 5],
         total_us: f64,
         hbm_us: f64,
@@ -140,10 +145,28 @@ mod bench {
                     }
                 }
 
-                for &fraction in fractions {
-                    let buckets = ((slots as f64 * fraction) as usize / WAYS).max(1);
-                    let fast = Tensor::zeros((buckets * WAYS, 2, P, D), DType::BF16, &dev)?;
-                    let mut lru = DeviceLru::new(buckets, WAYS, b, slots, &dev)?;
+                let layouts = fractions.iter().flat_map(|&f| {
+                    let homes = (f > 0.1).then_some((f, "homes"));
+                    std::iter::once((f, "cache")).chain(homes)
+                });
+                for (fraction, layout) in layouts {
+                    // Pages homed in HBM: the first sequences' ids (pages are seq-major).
+                    let homed = if layout == "homes" {
+                        (slots as f64 * (fraction - 0.1) / 0.9) as usize
+                    } else {
+                        0
+                    };
+                    let cached = if layout == "homes" {
+                        0.1 * (slots - homed) as f64
+                    } else {
+                        slots as f64 * fraction
+                    };
+                    let buckets = (cached as usize / WAYS).max(1);
+                    let mut lru = DeviceLru::new(buckets, WAYS, b, slots - homed, &dev)?.with_fast_homes(homed)?;
+                    let fast = Tensor::zeros((lru.fast_slots(), 2, P, D), DType::BF16, &dev)?;
+                    // Ids rotated so that homes (ids >= slots - homed) are the first sequences'.
+                    let rotated: Vec<u32> = (0..slots).map(|i| ((i + slots - homed) % slots) as u32).collect();
+                    let cand = Tensor::from_vec(rotated, (b, HKV, np), &dev)?;
                     lru.set_budgets(&vec![u32::MAX; b])?;
                     let mut q = Tensor::randn(0f32, 1.0, (b, HQ, D), &dev)?;
                     let mut phases = [0f64; 5];
@@ -193,6 +216,7 @@ mod bench {
                         l,
                         b,
                         fraction,
+                        layout,
                         phases_us: phases,
                         total_us: total,
                         hbm_us: hbm_total,
@@ -202,7 +226,7 @@ mod bench {
                     });
                     let r = rows.last().unwrap_or_else(|| unreachable!());
                     eprintln!(
-                        "  {:>4.0}% HBM: {:.0} µs (all in HBM {:.0} µs), hit {:.1}%, {:.1} MB over PCIe",
+                        "  {:>4.0}% HBM ({layout}): {:.0} µs (all in HBM {:.0} µs), hit {:.1}%, {:.1} MB over PCIe",
                         fraction * 100.0,
                         r.total_us,
                         r.hbm_us,
@@ -214,16 +238,17 @@ mod bench {
             }
         }
         println!(
-            "\n| L | B | HBM % | {} | step µs | all-in-HBM µs | hit rate | PCIe MB/step | fetch GB/s |",
+            "\n| L | B | HBM % | layout | {} | step µs | all-in-HBM µs | hit rate | PCIe MB/step | fetch GB/s |",
             PHASES.join(" µs | ") + " µs"
         );
-        println!("|{}", "---|".repeat(14));
+        println!("|{}", "---|".repeat(15));
         for r in &rows {
             println!(
-                "| {}K | {} | {:.0} | {} | {:.0} | {:.0} | {:.1}% | {:.1} | {:.1} |",
+                "| {}K | {} | {:.0} | {} | {} | {:.0} | {:.0} | {:.1}% | {:.1} | {:.1} |",
                 r.l / 1024,
                 r.b,
                 r.fraction * 100.0,
+                r.layout,
                 r.phases_us
                     .iter()
                     .map(|x| format!("{x:.0}"))
@@ -240,15 +265,16 @@ mod bench {
             let mut f = std::fs::File::create(&path)?;
             writeln!(
                 f,
-                "context,batch,hbm_fraction,score_us,select_us,resolve_us,fetch_us,attend_us,step_us,all_in_hbm_us,hit_rate,pcie_mb_per_step,fetch_gbs"
+                "context,batch,hbm_fraction,layout,score_us,select_us,resolve_us,fetch_us,attend_us,step_us,all_in_hbm_us,hit_rate,pcie_mb_per_step,fetch_gbs"
             )?;
             for r in &rows {
                 writeln!(
                     f,
-                    "{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                     r.l,
                     r.b,
                     r.fraction,
+                    r.layout,
                     r.phases_us[0],
                     r.phases_us[1],
                     r.phases_us[2],

@@ -13,6 +13,10 @@
 # $SPINKV_MODEL (a GGUF path), NEEDLE_ALGOS / NEEDLE_CONTEXTS / NEEDLE_FLAGS to narrow it.
 # decode8b: decode through the engine at the Llama-3.1-8B shape (random weights) next to
 # the anchor: dense at 32K/B8 and 128K/B4, Quest/InfLLM/ShadowKV at 128K/B7 (DECODE8B_ALGOS).
+# capacity: decode through the engine at the Llama-3.1-8B shape at each configuration's
+# largest batch, CAPACITY_RUNS = "algo:context:batch:fast_home_fraction:fast_fraction ..."
+# (fast_home_fraction 0 and fast_fraction 1: all in HBM), next to the anchor at
+# CAPACITY_ANCHOR (context:batch list).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/device-env.sh"
@@ -22,7 +26,7 @@ for f in "$here"/*.xz; do xz -dc "$f" > "$bin/$(basename "$f" .xz)"; chmod +x "$
 what=${1:-all}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  for t in cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_lru_direct device_tables model_ops sample_rows prefill_attention cuda_graphs; do
+  for t in cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_lru_direct fast_homes device_tables model_ops sample_rows prefill_attention cuda_graphs; do
     "$bin/$t" --nocapture 2>&1 | tee "$OUT/$t.txt" | grep -E "test result|panicked|FAILED|error" 
   done
 fi
@@ -30,7 +34,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   "$bin/tiered_step_bench" --csv "$OUT/tiered.csv" 2>&1 | tee "$OUT/tiered.txt"
 fi
 if [ "$what" = sanitize ] || [ "$what" = all ]; then
-  for t in cuda_tiered cuda_pinned device_lru device_lru_direct device_tables model_ops sample_rows prefill_attention; do
+  for t in cuda_tiered cuda_pinned device_lru device_lru_direct fast_homes device_tables model_ops sample_rows prefill_attention; do
     timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --leak-check no "$bin/$t" > "$OUT/memcheck_$t.txt" 2>&1
     echo "compute-sanitizer $t exit: $?"; grep -E "ERROR SUMMARY|test result" "$OUT/memcheck_$t.txt"
   done
@@ -89,5 +93,19 @@ if [ "$what" = decode8b ]; then
   }
   for spec in ${DECODE8B_RUNS:-dense:32768:8 dense:131072:4 quest:131072:7}; do
     IFS=: read -r a l b <<< "$spec"; d8 "$a" "$l" "$b" "${a}_${l}_b$b"
+  done
+fi
+if [ "$what" = capacity ]; then
+  if [ -f "$here/torch_e2e_decode.py" ] && [ -n "${CAPACITY_ANCHOR:-}" ]; then
+    python3 "$here/torch_e2e_decode.py" --shape llama8b --runs "$CAPACITY_ANCHOR" 2>&1 | tee "$OUT/anchor_capacity.jsonl"
+  fi
+  for spec in ${CAPACITY_RUNS:?set CAPACITY_RUNS}; do
+    IFS=: read -r a l b h f <<< "$spec"
+    tag="cap_${a}_${l}_b${b}_h${h}_f${f}"
+    timeout ${E2E_TIMEOUT:-500} "$bin/serve_bench" offline --cuda --shape llama3-8b --random-weights \
+      --context $l --new-tokens ${CAPACITY_NEW:-32} --batch $b --algo $a --budget 2048 --max-prefill-tokens 8192 \
+      --fast-home-fraction $h --fast-fraction $f --csv "$OUT/$tag.csv" 2> >(tee "$OUT/$tag.err" | grep -vE "prompt \+ .* output tokens" >&2) \
+      | tee "$OUT/$tag.txt"
+    nvidia-smi --query-gpu=memory.used --format=csv >> "$OUT/$tag.txt" 2>&1
   done
 fi
