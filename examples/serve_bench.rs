@@ -109,6 +109,15 @@ struct Cli {
     /// Write SVG plots (throughput against batch, TTFT distribution) into this folder.
     #[arg(long, global = true)]
     plot_dir: Option<PathBuf>,
+    /// Record every decode selection (step, layer, request, KV head, pages) of each run
+    /// and write it here as `MODE_ALGO_CONTEXT_bBATCH.csv`, the trace format
+    /// `cache_sim --traces` replays. Decode steps then run eagerly.
+    #[arg(long, global = true)]
+    trace_dir: Option<PathBuf>,
+    /// Keep decoding past end-of-sequence tokens, to --new-tokens (e.g. for longer
+    /// selection traces of a real model).
+    #[arg(long, global = true)]
+    ignore_eos: bool,
     /// How decode-only steps run: `auto` (CUDA graphs on CUDA, else eager), `eager`,
     /// `padded` (the graphs' padded work, run eagerly) or `graphs`.
     #[arg(long, global = true, default_value = "auto", value_parser = ["auto", "eager", "padded", "graphs"])]
@@ -302,7 +311,7 @@ fn engine(b: &Bench, c: &Cli, algo: &str, seqs: usize, seq_tokens: usize) -> Res
     let cfg = EngineConfig {
         max_running: seqs.max(1),
         max_prefill_tokens: c.max_prefill_tokens,
-        eos_token_ids: b.eos.clone(),
+        eos_token_ids: if c.ignore_eos { Vec::new() } else { b.eos.clone() },
         decode_mode: decode_mode(c),
     };
     Ok((
@@ -419,6 +428,10 @@ fn run_batch(
     );
     eprintln!("{label}...");
     let (mut eng, bytes) = engine(b, c, algo, reqs.len(), longest + n)?;
+    let batch = reqs.len();
+    if c.trace_dir.is_some() {
+        eng.record_selections(true)?;
+    }
     let handles = reqs
         .into_iter()
         .map(|r| eng.submit(r))
@@ -466,6 +479,14 @@ fn run_batch(
     }
     if let Some(e) = eng.last_decode_error() {
         eprintln!("  last padded-decode error (that step ran eagerly): {e}");
+    }
+    if let Some(dir) = &c.trace_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("--trace-dir {}", dir.display()))?;
+        let path = dir.join(format!("{mode}_{algo}_{ctx}_b{batch}.csv"));
+        let records = eng.take_selections();
+        let f = std::io::BufWriter::new(std::fs::File::create(&path).with_context(|| path.display().to_string())?);
+        spinkv::trace::write_csv(f, &records)?;
+        eprintln!("  {} selection records: {}", records.len(), path.display());
     }
     let mut row = Row::new(mode, algo, ctx, n, &done, &eng.metrics(), peak, bytes);
     if full_tokens > 0 {

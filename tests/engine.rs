@@ -441,3 +441,35 @@ fn graph_decode_mode_is_refused_without_cuda() {
         "{err}"
     );
 }
+
+/// Recording the selections through the engine changes no token and covers every
+/// (decode step, layer, request, KV head) once, with pages inside each request.
+#[test]
+fn selections_recorded_through_the_engine_cover_every_decode() {
+    let ps = &prompts()[..2];
+    let solo = alone("quest", ps, N);
+    let mut e = engine("quest", 2048, EngineConfig::default());
+    e.record_selections(true).unwrap();
+    let handles: Vec<_> = ps.iter().map(|p| e.submit(fixed(p, N)).unwrap()).collect();
+    e.run_until_idle().unwrap();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(drain(h).0.tokens, solo[i], "prompt {i}: recording changed the tokens");
+    }
+    let recs = e.take_selections();
+    let c = e.cache().config().clone();
+    let mut per: std::collections::HashMap<(u64, u32, u32), usize> = Default::default();
+    for r in &recs {
+        assert!(
+            !r.pages.is_empty() && r.pages.iter().all(|&p| p < r.num_pages),
+            "pages inside the request: {r:?}"
+        );
+        assert!(r.pages.windows(2).all(|w| w[0] < w[1]), "ascending: {r:?}");
+        *per.entry((r.seq, r.layer, r.kv_head)).or_default() += 1;
+    }
+    let seqs: HashSet<u64> = recs.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs.len(), 2, "both requests recorded");
+    assert_eq!(per.len(), 2 * c.num_layers * c.num_kv_heads, "every layer and KV head");
+    // The first token is sampled from the prefill step; the other N − 1 from decodes.
+    assert!(per.values().all(|&n| n == N - 1), "{per:?}");
+    assert!(e.take_selections().is_empty(), "taking empties the record");
+}

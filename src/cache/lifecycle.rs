@@ -260,6 +260,15 @@ impl SparseKvCache for SpinCache {
         self.total
     }
 
+    fn record_selections(&mut self, on: bool) -> Result<()> {
+        self.set_trace(on);
+        Ok(())
+    }
+
+    fn take_selections(&mut self) -> Vec<SelectionRecord> {
+        self.take_trace()
+    }
+
     fn pool_usage(&self) -> PoolUsage {
         let homed = self.host_alloc.preferred_used();
         PoolUsage {

@@ -236,4 +236,21 @@ pub trait SparseKvCache: Send {
     fn graph_epoch(&self) -> u64 {
         0
     }
+
+    /// Starts (`true`) or stops recording every decode selection, as
+    /// [`SpinCache::set_trace`](crate::SpinCache::set_trace) does, through the trait
+    /// (e.g. from an [`Engine`](crate::engine::Engine)). Recording turns padded decode
+    /// steps off. [`Error::Invalid`](crate::Error::Invalid) for a cache that records no
+    /// selections (the default).
+    fn record_selections(&mut self, _on: bool) -> Result<()> {
+        Err(crate::Error::Invalid {
+            op: "SparseKvCache::record_selections",
+            msg: format!("{} records no selections", self.algorithm_name()),
+        })
+    }
+
+    /// The selections recorded since the last call (empty when nothing was recorded).
+    fn take_selections(&mut self) -> Vec<SelectionRecord> {
+        Vec::new()
+    }
 }

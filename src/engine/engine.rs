@@ -400,6 +400,19 @@ impl Engine {
         self.cache.as_ref()
     }
 
+    /// Starts (`true`) or stops recording the cache's decode selections
+    /// ([`SparseKvCache::record_selections`]): every (step, layer, sequence, KV head)'s
+    /// selected pages, for trace-driven cache studies (`examples/cache_sim`). Decode
+    /// steps run eagerly while recording.
+    pub fn record_selections(&mut self, on: bool) -> Result<()> {
+        self.cache.record_selections(on)
+    }
+
+    /// The selections recorded since the last call.
+    pub fn take_selections(&mut self) -> Vec<crate::SelectionRecord> {
+        self.cache.take_selections()
+    }
+
     /// The model.
     pub fn model(&self) -> &Llama {
         &self.model
