@@ -306,6 +306,19 @@ fn engine(b: &Bench, c: &Cli, algo: &str, seqs: usize, seq_tokens: usize) -> Res
     if c.fast_home_fraction > 0.0 {
         cc = cc.with_fast_homes(c.fast_home_fraction, c.fast_fraction);
     }
+    // A sparse step selects about budget / context of each request's pages, and the
+    // next step re-selects ~90% of them: a cache smaller than that share thrashes
+    // (docs/BENCHMARKS.md, "A real model's selections through the engine").
+    let share = c.budget as f64 / seq_tokens.max(1) as f64;
+    if algo != "dense" && c.fast_fraction < 1.0 && c.fast_fraction < 2.0 * share {
+        eprintln!(
+            "warning: --fast-fraction {} caches less than twice the share of pages a step selects \
+             (budget {} of {seq_tokens} tokens = {:.1}%): expect most requests to miss",
+            c.fast_fraction,
+            c.budget,
+            share * 100.0
+        );
+    }
     let bytes = ((cc.host_pages + cc.fast_pages + cc.fast_home_pages) * cc.page_bytes()) as u64;
     let cache = SpinCache::new_boxed(cc, a)?;
     let cfg = EngineConfig {

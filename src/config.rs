@@ -89,7 +89,9 @@ impl CacheConfig {
     /// cache of the rest to `cache_fraction` of the pages left in the host tier (at least
     /// one LRU bucket). For example, `with_fast_homes(0.5, 0.1)` on a cache of 1000 pages
     /// gives 500 pages homed in HBM, 500 in pinned host memory and 50 HBM pages caching
-    /// those.
+    /// those. Give the cache more than the share of pages one decode step selects (a
+    /// sparse budget of 2048 tokens at 32K context is 1/16): below it every step misses
+    /// most of its pages (see `docs/BENCHMARKS.md`).
     pub fn with_fast_homes(mut self, fraction: f64, cache_fraction: f64) -> Self {
         let total = self.total_pages();
         self.fast_home_pages = (total as f64 * fraction.clamp(0.0, 1.0)).floor() as usize;
