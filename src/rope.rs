@@ -14,16 +14,7 @@ pub fn rope_tables(
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    let inv = crate::ops::rope_inv_freq(head_dim, theta);
-    let mut cos = Vec::with_capacity(positions.len() * half);
-    let mut sin = Vec::with_capacity(positions.len() * half);
-    for &p in positions {
-        for &f in &inv {
-            let a = p as f64 * f;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
-        }
-    }
+    let (cos, sin) = crate::ops::rope_cos_sin(positions, head_dim, theta);
     let n = positions.len();
     // Rounded to `dtype` on the host (round to nearest even, as candle's casts do), so
     // that each table is one upload and no cast kernel.

@@ -40,7 +40,7 @@ pub use prefill::{prefill_attention, prefill_attention_supported, PrefillChunk, 
 pub use quest_score::quest_page_scores;
 pub use reference::reference_attention;
 pub use rope::rope_qkv;
-pub use rope_tables::{rope_inv_freq, rope_tables_into};
+pub use rope_tables::{rope_cos_sin, rope_inv_freq, rope_tables_into};
 pub use sample::{sample_params, sample_rows, sample_rows_into, SampleRow, SAMPLE_PARAM_WORDS};
 pub use self_attention::causal_self_attention;
 pub use tier_copy::copy_pages;

@@ -16,6 +16,23 @@ pub fn rope_inv_freq(head_dim: usize, theta: f64) -> Vec<f64> {
         .collect()
 }
 
+/// `cos(p · f_i)` and `sin(p · f_i)` for every position `p` of `positions` (rows) and
+/// frequency `f_i` of [`rope_inv_freq`] (columns): two row-major `[n, D/2]` tables,
+/// computed in f64 and rounded to f32. The CPU side of every RoPE table in the crate.
+pub fn rope_cos_sin(positions: &[u32], head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+    let inv = rope_inv_freq(head_dim, theta);
+    let mut cos = Vec::with_capacity(positions.len() * inv.len());
+    let mut sin = Vec::with_capacity(positions.len() * inv.len());
+    for &p in positions {
+        for &f in &inv {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
 /// Writes the RoPE tables of `positions` `[B]` u32 into `tables` `[2, B, D/2]` in place
 /// (row 0 the cosines, row 1 the sines: `cos(p · f_i)`, `sin(p · f_i)` with the
 /// frequencies of [`rope_inv_freq`] for head dim `D` and base `theta`), on their device.
@@ -66,16 +83,9 @@ impl InplaceOp2 for RopeTables {
     fn cpu_fwd(&self, t: &mut CpuStorage, tl: &Layout, p: &CpuStorage, pl: &Layout) -> candle_core::Result<()> {
         let pos = super::util::u32_slice(OP, p, pl)?;
         let half = tl.dims()[2];
-        let inv = rope_inv_freq(2 * half, self.theta);
-        let b = pos.len();
-        let mut v = vec![0f32; 2 * b * half];
-        for (r, &p) in pos.iter().enumerate() {
-            for (i, &f) in inv.iter().enumerate() {
-                let a = p as f64 * f;
-                v[r * half + i] = a.cos() as f32;
-                v[(b + r) * half + i] = a.sin() as f32;
-            }
-        }
+        // Row 0 the cosines, row 1 the sines.
+        let (mut v, sin) = rope_cos_sin(pos, 2 * half, self.theta);
+        v.extend(sin);
         let Some((a, _)) = tl.contiguous_offsets() else {
             candle_core::bail!("{OP}: tables must be contiguous");
         };
