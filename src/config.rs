@@ -89,7 +89,7 @@ impl CacheConfig {
     /// cache of the rest to `cache_fraction` of the pages left in the host tier (at least
     /// one LRU bucket). For example, `with_fast_homes(0.5, 0.1)` on a cache of 1000 pages
     /// gives 500 pages homed in HBM, 500 in pinned host memory and 50 HBM pages caching
-    /// those. Give the cache more than the share of pages one decode step selects (a
+    /// those (48 in use: the cache is whole buckets of `lru_ways`). Give the cache more than the share of pages one decode step selects (a
     /// sparse budget of 2048 tokens at 32K context is 1/16): below it every step misses
     /// most of its pages (see `docs/BENCHMARKS.md`).
     pub fn with_fast_homes(mut self, fraction: f64, cache_fraction: f64) -> Self {
@@ -110,9 +110,11 @@ impl CacheConfig {
 
     /// Sizes the host tier for `tokens` tokens (summed over sequences, rounded up to whole
     /// pages per sequence) and the fast tier to `fast_fraction` of it (at least one LRU
-    /// bucket).
+    /// bucket). Every page's home is then the host tier (`fast_home_pages` = 0; see
+    /// [`with_fast_homes`](Self::with_fast_homes)).
     pub fn with_token_capacity(mut self, tokens: usize, fast_fraction: f64) -> Self {
         self.host_pages = self.pages_for_tokens(tokens);
+        self.fast_home_pages = 0;
         let fast = (self.host_pages as f64 * fast_fraction.clamp(0.0, 1.0)).ceil() as usize;
         self.fast_pages = fast.max(self.lru_ways);
         self
@@ -267,5 +269,27 @@ mod tests {
         );
         let back = c8.with_page_size(16);
         assert_eq!(back.host_pages, c.host_pages);
+    }
+
+    #[test]
+    fn with_fast_homes_splits_the_total_and_survives_a_page_size_change() {
+        // 1 layer × 1 KV head, 1000 tokens = 63 pages of 16.
+        let c = CacheConfig::new(1, 2, 1, 64).with_token_capacity(1000, 1.0);
+        let h = c.clone().with_fast_homes(0.5, 0.25);
+        assert_eq!((h.fast_home_pages, h.host_pages, h.total_pages()), (31, 32, 63));
+        assert_eq!(h.fast_pages, 8, "a quarter of 32 host pages");
+        h.validate().unwrap();
+        // All homes asked for: one page stays in the host tier.
+        let all = c.clone().with_fast_homes(1.0, 0.1);
+        assert_eq!((all.fast_home_pages, all.host_pages), (62, 1));
+        // 31 pages of 16 = 496 tokens of homes = 62 pages of 8.
+        let h8 = h.clone().with_page_size(8);
+        assert_eq!((h8.fast_home_pages, h8.host_pages), (62, 64));
+        // with_token_capacity sizes the host tier alone again.
+        assert_eq!(h8.with_token_capacity(1000, 1.0).fast_home_pages, 0);
+        let mut big = h;
+        big.fast_home_pages = u32::MAX as usize / 16;
+        let err = big.validate().unwrap_err().to_string();
+        assert!(err.contains("fast_home_pages"), "{err}");
     }
 }

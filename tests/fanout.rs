@@ -31,6 +31,8 @@ fn followers_see_the_lead_inputs_and_failures_leave_no_open_step() {
         })));
         let seq = fan.add_sequence().unwrap();
         assert_eq!(fan.ids(seq).unwrap().len(), 2);
+        // The lead's selections are recorded through the fan-out.
+        fan.record_selections(true).unwrap();
         for n in [7usize, 1, 1] {
             fan.begin_step(&[StepInput { seq, new_tokens: n }]).unwrap();
             lone.begin_step(&[StepInput {
@@ -50,6 +52,8 @@ fn followers_see_the_lead_inputs_and_failures_leave_no_open_step() {
             lone.end_step().unwrap();
         }
         assert_eq!(fan.sequence_len(seq).unwrap(), 9);
+        // Two decode steps × 2 layers × 2 KV heads.
+        assert_eq!(fan.take_selections().len(), 8);
         // A step the lead holds but the follower does not: back-pressure from the
         // follower, and the lead's begun step is aborted (none stays open).
         assert!(fan.begin_step(&[StepInput { seq, new_tokens: 8 }]).is_err());

@@ -4,7 +4,7 @@
 //! same queries, keys and values (e.g. the sparse algorithms' selections measured on a
 //! dense run's states). An optional tap sees each layer's inputs first.
 
-use super::{PoolUsage, SeqId, SparseKvCache, StepInput, StepStats};
+use super::{PoolUsage, SelectionRecord, SeqId, SparseKvCache, StepInput, StepStats};
 use crate::{CacheConfig, Error, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -143,5 +143,15 @@ impl SparseKvCache for FanOut<'_> {
 
     fn pool_usage(&self) -> PoolUsage {
         self.caches[0].pool_usage()
+    }
+
+    /// Records the first cache's selections (the one whose output and stats the fan-out
+    /// reports).
+    fn record_selections(&mut self, on: bool) -> Result<()> {
+        self.caches[0].record_selections(on)
+    }
+
+    fn take_selections(&mut self) -> Vec<SelectionRecord> {
+        self.caches[0].take_selections()
     }
 }
