@@ -473,3 +473,42 @@ fn selections_recorded_through_the_engine_cover_every_decode() {
     assert!(per.values().all(|&n| n == N - 1), "{per:?}");
     assert!(e.take_selections().is_empty(), "taking empties the record");
 }
+
+/// Requests that fit only with pages homed in the fast tier are admitted together and
+/// decode the tokens each gives alone; removal frees both homes.
+#[test]
+fn fast_homes_serve_what_the_host_tier_alone_cannot_hold() {
+    use spinkv::engine::Engine;
+    let ps = &prompts()[..2];
+    let solo = alone("quest", ps, N);
+    let lm = smollm2();
+    let need: usize = ps.iter().map(|p| p.len() + N).sum();
+    // Room for both (plus a page of rounding each), half of it homed in the fast tier.
+    let ccfg = lm.model.cache_config(need + 64, 0.25).with_fast_homes(0.5, 0.25);
+    let dirs = ccfg.num_layers * ccfg.num_kv_heads;
+    assert!(
+        ccfg.host_pages < need.div_ceil(ccfg.page_size) * dirs,
+        "the host tier alone holds {} pages, the requests need about {}",
+        ccfg.host_pages,
+        need.div_ceil(ccfg.page_size) * dirs
+    );
+    let cache = SpinCache::new_boxed(ccfg, algo("quest")).unwrap();
+    let cfg = EngineConfig {
+        eos_token_ids: lm.info.eos.clone(),
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(lm.model.clone(), Box::new(cache), Some(lm.tokenizer.clone()), cfg).unwrap();
+    let handles: Vec<_> = ps.iter().map(|p| e.submit(fixed(p, N)).unwrap()).collect();
+    assert_eq!(e.step().unwrap().admitted, 2, "both admitted at once");
+    let usage = e.cache().pool_usage();
+    assert!(
+        usage.fast_home_used > 0 && usage.host_used > 0,
+        "pages in both homes: {usage:?}"
+    );
+    e.run_until_idle().unwrap();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(drain(h).0.tokens, solo[i], "prompt {i} with fast homes");
+    }
+    let u = e.cache().pool_usage();
+    assert_eq!((u.host_used, u.fast_home_used), (0, 0), "{u:?}");
+}
