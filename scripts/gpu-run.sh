@@ -17,6 +17,9 @@
 # largest batch, CAPACITY_RUNS = "algo:context:batch:fast_home_fraction:fast_fraction ..."
 # (fast_home_fraction 0 and fast_fraction 1: all in HBM), next to the anchor at
 # CAPACITY_ANCHOR (context:batch list).
+# trace: records the real SmolLM2's Quest selections through the engine (serve_bench
+# accuracy --trace-dir, 5 depths × TRACE_TRIALS requests in one batch at TRACE_CONTEXT
+# tokens, budget TRACE_BUDGET) for cache_sim --traces; the CSVs come back xz-compressed.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/device-env.sh"
@@ -108,4 +111,11 @@ if [ "$what" = capacity ]; then
       | tee "$OUT/$tag.txt"
     nvidia-smi --query-gpu=memory.used --format=csv >> "$OUT/$tag.txt" 2>&1
   done
+fi
+if [ "$what" = trace ]; then
+  timeout ${TRACE_TIMEOUT:-500} "$bin/serve_bench" accuracy --cuda --model "${SPINKV_MODEL:?set SPINKV_MODEL}" \
+    --context ${TRACE_CONTEXT:-8192} --depths 0.1,0.3,0.5,0.7,0.9 --trials ${TRACE_TRIALS:-7} \
+    --new-tokens ${TRACE_NEW:-64} --ignore-eos --algo quest --budget ${TRACE_BUDGET:-1024} \
+    --trace-dir "$OUT/traces" 2>&1 | grep -vE "prompt \+ .* output" | tee "$OUT/trace.txt"
+  xz -T0 "$OUT"/traces/*.csv
 fi
