@@ -52,6 +52,8 @@ mod bench {
     const WARMUP: usize = 30;
     const MEASURED: usize = 20;
     const PHASES: [&str; 5] = ["score", "select", "resolve", "fetch", "attend"];
+    /// The `homes` layout's cache, as a share of the pages left in the host tier.
+    const HOMES_CACHE: f64 = 0.1;
 
     struct Row {
         l: usize,
@@ -146,18 +148,18 @@ mod bench {
                 }
 
                 let layouts = fractions.iter().flat_map(|&f| {
-                    let homes = (f > 0.1).then_some((f, "homes"));
+                    let homes = (f > HOMES_CACHE).then_some((f, "homes"));
                     std::iter::once((f, "cache")).chain(homes)
                 });
                 for (fraction, layout) in layouts {
                     // Pages homed in HBM: the first sequences' ids (pages are seq-major).
                     let homed = if layout == "homes" {
-                        (slots as f64 * (fraction - 0.1) / 0.9) as usize
+                        (slots as f64 * (fraction - HOMES_CACHE) / (1.0 - HOMES_CACHE)) as usize
                     } else {
                         0
                     };
                     let cached = if layout == "homes" {
-                        0.1 * (slots - homed) as f64
+                        HOMES_CACHE * (slots - homed) as f64
                     } else {
                         slots as f64 * fraction
                     };

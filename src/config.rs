@@ -89,18 +89,25 @@ impl CacheConfig {
     /// cache of the rest to `cache_fraction` of the pages left in the host tier (at least
     /// one LRU bucket). For example, `with_fast_homes(0.5, 0.1)` on a cache of 1000 pages
     /// gives 500 pages homed in HBM, 500 in pinned host memory and 50 HBM pages caching
-    /// those (48 in use: the cache is whole buckets of `lru_ways`). Give the cache more than the share of pages one decode step selects (a
-    /// sparse budget of 2048 tokens at 32K context is 1/16): below it every step misses
-    /// most of its pages (see `docs/BENCHMARKS.md`).
+    /// those (48 in use: the cache is whole buckets of `lru_ways`). Give the cache more
+    /// than the share of pages one decode step selects (a sparse budget of 2048 tokens at
+    /// 32K context is 1/16): below it every step misses most of its pages (see
+    /// `docs/BENCHMARKS.md`).
     pub fn with_fast_homes(mut self, fraction: f64, cache_fraction: f64) -> Self {
         let total = self.total_pages();
         self.fast_home_pages = (total as f64 * fraction.clamp(0.0, 1.0)).floor() as usize;
         // At least one host page: the host tier is never empty.
         self.fast_home_pages = self.fast_home_pages.min(total.saturating_sub(1));
         self.host_pages = total - self.fast_home_pages;
-        let fast = (self.host_pages as f64 * cache_fraction.clamp(0.0, 1.0)).ceil() as usize;
-        self.fast_pages = fast.max(self.lru_ways);
+        self.fast_pages = self.cache_pages(cache_fraction);
         self
+    }
+
+    /// Fast-tier cache pages for `fraction` of the host tier: rounded up, at least one
+    /// LRU bucket.
+    fn cache_pages(&self, fraction: f64) -> usize {
+        let fast = (self.host_pages as f64 * fraction.clamp(0.0, 1.0)).ceil() as usize;
+        fast.max(self.lru_ways)
     }
 
     /// Pages needed to hold `tokens` tokens of one sequence (all layers and KV heads).
@@ -115,8 +122,7 @@ impl CacheConfig {
     pub fn with_token_capacity(mut self, tokens: usize, fast_fraction: f64) -> Self {
         self.host_pages = self.pages_for_tokens(tokens);
         self.fast_home_pages = 0;
-        let fast = (self.host_pages as f64 * fast_fraction.clamp(0.0, 1.0)).ceil() as usize;
-        self.fast_pages = fast.max(self.lru_ways);
+        self.fast_pages = self.cache_pages(fast_fraction);
         self
     }
 

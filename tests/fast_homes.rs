@@ -235,9 +235,10 @@ fn config(homes: Option<f64>, device: &Device) -> CacheConfig {
     }
 }
 
-/// Prefills the three prompts, decodes `STEPS - 1` steps and returns every layer's output,
-/// the totals and the pool usage after the sequences were removed. With `abort_at`, that
-/// decode step is begun, attended in layer 0 and aborted, then run again.
+/// Prefills the three prompts, decodes `STEPS - 1` steps and returns every layer's output
+/// and the totals; checks the accounting after each step and that removing the sequences
+/// empties both homes. With `abort_at`, that decode step is begun, attended in layer 0
+/// and aborted, then run again.
 fn run(cfg: CacheConfig, algo: Box<dyn SparseAlgorithm>, abort_at: Option<usize>) -> (Vec<Tensor>, StepStats) {
     let mut r = rng(11);
     let mut cache = SpinCache::new_boxed(cfg, algo).unwrap();
