@@ -10,6 +10,7 @@
 mod common;
 
 use candle_core::Tensor;
+use common::harness::random_step;
 use common::*;
 use spinkv::partition::{Dense, Quest, QuestConfig, SparseAlgorithm};
 use spinkv::{CacheConfig, SparseKvCache, SpinCache, StepInput, StepStats};
@@ -32,15 +33,7 @@ fn run(algo: Box<dyn SparseAlgorithm>, fast_fraction: f64, seed: u64) -> (Vec<Te
                 new_tokens: if step == 0 { p } else { 1 },
             })
             .collect();
-        let t: usize = inputs.iter().map(|i| i.new_tokens).sum();
-        cache.begin_step(&inputs).unwrap();
-        for layer in 0..layers {
-            let q = randn(&mut r, &[t, hq, d], 1.0);
-            let k = randn(&mut r, &[t, hkv, d], 1.0);
-            let v = randn(&mut r, &[t, hkv, d], 1.0);
-            outs.push(cache.attend(layer, &q, &k, &v).unwrap());
-        }
-        cache.end_step().unwrap();
+        outs.extend(random_step(&mut cache, &inputs, &mut r).into_iter().map(|l| l.out));
         cache.verify_accounting().unwrap();
     }
     (outs, cache.stats(), page_bytes)
