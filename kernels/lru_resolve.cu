@@ -38,7 +38,8 @@ extern "C" __global__ void lru_link(const u32* __restrict__ host_slots, const u3
                                     const u32* __restrict__ owners, int n, u32 host_cap, u32 max_owners,
                                     u32 buckets, u32* head, u32* next, u32* last_seen, u32* reuse,
                                     const u32* __restrict__ resident, u32* __restrict__ snapshot,
-                                    u32* __restrict__ fast_pairs, u32* __restrict__ spill_pairs,
+                                    u32* __restrict__ fast_pairs, u32* __restrict__ ready_pairs,
+                                    u32* __restrict__ fetched_pairs, u32* __restrict__ spill_pairs,
                                     u32* __restrict__ misses, u32* __restrict__ miss_count,
                                     const u32* __restrict__ state, u32 reuse_steps, u32 home_base,
                                     u32 home_count, u32 home_fast, u64* counters) {
@@ -50,6 +51,10 @@ extern "C" __global__ void lru_link(const u32* __restrict__ host_slots, const u3
     if (i >= n) continue;
     fast_pairs[2 * i] = SPIN_NONE;
     fast_pairs[2 * i + 1] = SPIN_NONE;
+    ready_pairs[2 * i] = SPIN_NONE;
+    ready_pairs[2 * i + 1] = SPIN_NONE;
+    fetched_pairs[2 * i] = SPIN_NONE;
+    fetched_pairs[2 * i + 1] = SPIN_NONE;
     spill_pairs[2 * i] = SPIN_NONE;
     spill_pairs[2 * i + 1] = SPIN_NONE;
     misses[2 * i] = SPIN_NONE;
@@ -60,6 +65,8 @@ extern "C" __global__ void lru_link(const u32* __restrict__ host_slots, const u3
     if (home != SPIN_NONE) {
       fast_pairs[2 * i] = home;
       fast_pairs[2 * i + 1] = logical[i];
+      ready_pairs[2 * i] = home;
+      ready_pairs[2 * i + 1] = logical[i];
       count_lanes((unsigned long long*)&counters[0]);
       continue;
     }
@@ -93,8 +100,9 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
                                        const u32* __restrict__ owners, u32* head, u32* next, u32* tags,
                                        u32* slot_owner, u32* pinned, i64* stamps, u32* resident,
                                        const u32* __restrict__ snapshot, const u32* __restrict__ budgets,
-                                       u32* fast_pairs, u32* spill_pairs, u32* misses, u32* miss_count,
-                                       u64* counters, u32 buckets, u32 ways, const u32* __restrict__ state) {
+                                       u32* fast_pairs, u32* ready_pairs, u32* fetched_pairs, u32* spill_pairs,
+                                       u32* misses, u32* miss_count, u64* counters, u32 buckets, u32 ways,
+                                       const u32* __restrict__ state) {
   const i64 clock = (i64)(((u64)state[1] << 32) | (u64)state[0]);
   const u32 round = state[2] + 1u;  // state[2] = the last round's number (0: none yet)
   for (u32 b = blockIdx.x * blockDim.x + threadIdx.x; b < buckets; b += gridDim.x * blockDim.x) {
@@ -130,6 +138,10 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
         }
       }
       if (hit != SPIN_NONE) {
+        // A slot an earlier request of this round pinned may be fetched in this round.
+        u32* split = pinned[hit] == round ? fetched_pairs : ready_pairs;
+        split[2 * i] = hit;
+        split[2 * i + 1] = lp;
         stamps[hit] = stamp;
         pinned[hit] = round;
         fast_pairs[2 * i] = hit;
@@ -171,6 +183,8 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
       pinned[best] = round;
       fast_pairs[2 * i] = best;
       fast_pairs[2 * i + 1] = lp;
+      fetched_pairs[2 * i] = best;
+      fetched_pairs[2 * i + 1] = lp;
       const u32 k = atomicAdd(miss_count, 1u);
       misses[2 * k] = hs;
       misses[2 * k + 1] = best;

@@ -114,11 +114,25 @@ fn random_budgets(r: &mut StdRng, cap: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Host view of one round's output: (fast pairs, spill pairs, misses as a set, count).
-type Round = (Vec<u32>, Vec<u32>, BTreeSet<(u32, u32)>, u32);
+/// Host view of one round's output: (fast pairs, spill pairs, misses as a set, count,
+/// per request whether its fast pair is in `ready_pairs`).
+type Round = (Vec<u32>, Vec<u32>, BTreeSet<(u32, u32)>, u32, Vec<bool>);
 
 fn host_round(out: &ResolveOutput) -> Round {
     let (fast, spill, misses) = (u32s(&out.fast_pairs), u32s(&out.spill_pairs), u32s(&out.misses));
+    let (ready, fetched) = (u32s(&out.ready_pairs), u32s(&out.fetched_pairs));
+    let mut is_ready = Vec::with_capacity(fast.len() / 2);
+    for (i, f) in fast.chunks(2).enumerate() {
+        let (r, x) = (&ready[2 * i..2 * i + 2], &fetched[2 * i..2 * i + 2]);
+        let none = [NONE, NONE];
+        // ready_pairs and fetched_pairs split fast_pairs: each row is in exactly one.
+        let ok = (r == f && x == none) || (x == f && r == none);
+        assert!(
+            ok || (f == none && r == none && x == none),
+            "row {i}: fast {f:?}, ready {r:?}, fetched {x:?}"
+        );
+        is_ready.push(f != none && r == f);
+    }
     let count = u32s(&out.miss_count)[0];
     let set: BTreeSet<(u32, u32)> = misses.chunks(2).take(count as usize).map(|p| (p[0], p[1])).collect();
     assert_eq!(set.len(), count as usize, "misses are distinct");
@@ -126,7 +140,7 @@ fn host_round(out: &ResolveOutput) -> Round {
         misses[2 * count as usize..].iter().all(|&x| x == NONE),
         "rows after miss_count are NONE"
     );
-    (fast, spill, set, count)
+    (fast, spill, set, count, is_ready)
 }
 
 /// Replays a random schedule on every LRU of `lrus` (all fresh, same geometry) and on the
@@ -228,17 +242,22 @@ fn run_schedule(seed: u64, c: Config, lrus: &mut [DeviceLru]) {
                 }
                 let mut next = Vec::new();
                 let mut miss_set = BTreeSet::new();
+                // Slots pinned by earlier requests of the round: a hit on one is not ready.
+                let mut pinned = HashSet::new();
                 for (i, e) in expect.iter().enumerate() {
                     let (hs, lp, _) = pending[i];
+                    let mut ready = false;
                     let (fast, spill) = match e {
                         None => ([NONE, NONE], [NONE, NONE]),
                         Some(Resolve::Hit(s)) => {
                             hits += 1;
+                            ready = pinned.insert(*s);
                             ([*s, lp], [NONE, NONE])
                         }
                         Some(Resolve::Miss { slot, .. }) => {
                             misses += 1;
                             miss_set.insert((hs, *slot));
+                            pinned.insert(*slot);
                             ([*slot, lp], [NONE, NONE])
                         }
                         Some(Resolve::Deferred) => {
@@ -253,6 +272,10 @@ fn run_schedule(seed: u64, c: Config, lrus: &mut [DeviceLru]) {
                             (&fast[..], &spill[..]),
                             "seed {seed} {c:?} lru {li} step {step} round {rounds} request {i} ({hs}, owner {}): host says {e:?}",
                             pending[i].2
+                        );
+                        assert_eq!(
+                            res.4[i], ready,
+                            "lru {li} step {step} request {i}: ready before the fetch"
                         );
                     }
                 }
@@ -447,6 +470,51 @@ fn stamps_follow_request_order_and_the_clock() {
     let (reuse, counters) = l.take_step_counters().unwrap();
     assert_eq!(reuse, vec![0, 0], "same step: no reuse");
     assert_eq!(counters, [2, 2, 0]);
+}
+
+/// A round that requests the same host slot twice: the second request hits a slot the
+/// first pinned (fetched in this round for a miss), so only hits on slots no earlier
+/// request pinned are ready before the fetch.
+fn repeats_are_not_ready(d: &Device) {
+    let mut l = DeviceLru::new(1, 4, 2, 16, d).unwrap();
+    let t = |v: &[u32]| Tensor::from_slice(v, v.len(), d).unwrap();
+    let round = |l: &mut DeviceLru, hs: &[u32], step: u32| {
+        let lp: Vec<u32> = (0..hs.len() as u32).map(|i| 100 + i).collect();
+        let (a, b, c) = (t(hs), t(&lp), t(&vec![0; hs.len()]));
+        host_round(
+            &l.resolve(&ResolveRequest {
+                host_slots: &a,
+                logical: &b,
+                owners: &c,
+                step,
+                reuse_steps: 0,
+            })
+            .unwrap(),
+        )
+    };
+    // 3 misses then hits it (fetched), 5 misses, 3 again (still this round: fetched).
+    let r = round(&mut l, &[3, 3, 5, NONE, 3], 1);
+    assert_eq!(r.4, vec![false; 5], "{:?}: a miss and repeats of it", d.location());
+    assert_eq!(r.3, 2);
+    // Next round: 3 and 5 are resident. First requests are ready, the repeat is not.
+    let r = round(&mut l, &[5, 3, 5, 7], 2);
+    assert_eq!(
+        r.4,
+        vec![true, true, false, false],
+        "{:?}: hits, a repeat, a miss",
+        d.location()
+    );
+    assert_eq!(r.0[..6], [1, 100, 0, 101, 1, 102], "fast pairs still hold every hit");
+}
+
+#[test]
+fn hits_on_slots_pinned_earlier_in_the_round_are_not_ready() {
+    repeats_are_not_ready(&Device::Cpu);
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = common::cuda_or_skip("hits_on_slots_pinned_earlier_in_the_round_are_not_ready") {
+        spinkv::ops::set_poison_outputs(true);
+        repeats_are_not_ready(&gpu);
+    }
 }
 
 #[test]

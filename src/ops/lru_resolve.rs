@@ -70,6 +70,14 @@ pub struct ResolveOutput {
     /// `[n, 2]` u32 (fast slot, logical) for hits and misses; (NONE, NONE) for skipped
     /// and deferred requests.
     pub fast_pairs: Tensor,
+    /// `[n, 2]` u32: the rows of `fast_pairs` whose slot holds its page before the round's
+    /// fetch (hits on slots no earlier request of the round pinned, and fast homes);
+    /// (NONE, NONE) elsewhere. Attention over these may run while the misses are copied.
+    pub ready_pairs: Tensor,
+    /// `[n, 2]` u32: the other rows of `fast_pairs` (misses, and hits on a slot an
+    /// earlier request of the round pinned, which may be a miss being fetched); (NONE,
+    /// NONE) elsewhere. `ready_pairs` and `fetched_pairs` split `fast_pairs`.
+    pub fetched_pairs: Tensor,
     /// `[n, 2]` u32 (host slot, logical) for deferred requests (every way of their bucket
     /// was pinned by this round: retry next round); (NONE, NONE) otherwise.
     pub spill_pairs: Tensor,
@@ -114,12 +122,33 @@ pub(crate) struct LruState {
 pub(crate) struct RoundOutput {
     /// `[n * 2]` (fast slot, logical).
     pub fast_pairs: Vec<u32>,
+    /// `[n * 2]` the rows of `fast_pairs` ready before the fetch (see [`ResolveOutput`]).
+    pub ready_pairs: Vec<u32>,
+    /// `[n * 2]` the other rows of `fast_pairs`.
+    pub fetched_pairs: Vec<u32>,
     /// `[n * 2]` (host slot, logical).
     pub spill_pairs: Vec<u32>,
     /// `[n * 2]` (host slot, fast slot), compacted to the front, [`NONE`] after.
     pub misses: Vec<u32>,
     /// Valid rows of `misses`.
     pub miss_count: u32,
+}
+
+impl RoundOutput {
+    /// Request `i`'s fast pair: in `fast_pairs`, and in `ready_pairs` or `fetched_pairs`.
+    fn set(&mut self, i: usize, slot: u32, logical: u32, ready: bool) {
+        for v in [
+            &mut self.fast_pairs,
+            if ready {
+                &mut self.ready_pairs
+            } else {
+                &mut self.fetched_pairs
+            },
+        ] {
+            v[2 * i] = slot;
+            v[2 * i + 1] = logical;
+        }
+    }
 }
 
 /// The inputs of one round (all `[n]`).
@@ -162,6 +191,8 @@ pub(crate) fn resolve_round(st: &mut LruState, inp: &RoundInput<'_>) -> RoundOut
     let n = inp.host_slots.len();
     let mut out = RoundOutput {
         fast_pairs: vec![NONE; 2 * n],
+        ready_pairs: vec![NONE; 2 * n],
+        fetched_pairs: vec![NONE; 2 * n],
         spill_pairs: vec![NONE; 2 * n],
         misses: vec![NONE; 2 * n],
         miss_count: 0,
@@ -174,8 +205,7 @@ pub(crate) fn resolve_round(st: &mut LruState, inp: &RoundInput<'_>) -> RoundOut
             continue;
         }
         if let Some(f) = st.homes.slot(hs) {
-            out.fast_pairs[2 * i] = f;
-            out.fast_pairs[2 * i + 1] = lp;
+            out.set(i, f, lp, true);
             st.counters[0] += 1;
             continue;
         }
@@ -189,10 +219,10 @@ pub(crate) fn resolve_round(st: &mut LruState, inp: &RoundInput<'_>) -> RoundOut
         let stamp = (inp.clock + i as u64 + 1) as i64;
         let b = bucket_index(hs, st.buckets) * ways;
         if let Some(s) = (b..b + ways).find(|&s| st.tags[s] == hs) {
+            // A slot an earlier request of this round pinned may be fetched in this round.
+            out.set(i, s as u32, lp, st.pinned[s] != inp.round);
             st.stamps[s] = stamp;
             st.pinned[s] = inp.round;
-            out.fast_pairs[2 * i] = s as u32;
-            out.fast_pairs[2 * i + 1] = lp;
             st.counters[0] += 1;
             continue;
         }
@@ -226,8 +256,7 @@ pub(crate) fn resolve_round(st: &mut LruState, inp: &RoundInput<'_>) -> RoundOut
                 st.resident[o as usize] += 1;
                 st.stamps[s] = stamp;
                 st.pinned[s] = inp.round;
-                out.fast_pairs[2 * i] = s as u32;
-                out.fast_pairs[2 * i + 1] = lp;
+                out.set(i, s as u32, lp, false);
                 let k = out.miss_count as usize;
                 out.misses[2 * k] = hs;
                 out.misses[2 * k + 1] = s as u32;

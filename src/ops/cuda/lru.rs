@@ -72,6 +72,8 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
     let n = req.host_slots.dims()[0];
     let dev = cuda_device(b.tags)?;
     let (fast, fp) = alloc::<u32>(&dev, 2 * n)?;
+    let (ready, rp) = alloc::<u32>(&dev, 2 * n)?;
+    let (fetched, xp) = alloc::<u32>(&dev, 2 * n)?;
     let (spill, sp) = alloc::<u32>(&dev, 2 * n)?;
     let (miss, mp) = alloc::<u32>(&dev, 2 * n)?;
     let (count, cp) = alloc::<u32>(&dev, 1)?;
@@ -100,6 +102,8 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
         addr("resident", b.resident, u)?,
         addr("resident_snapshot", b.resident_snapshot, u)?,
         fp,
+        rp,
+        xp,
         sp,
         mp,
         cp,
@@ -128,6 +132,8 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
             addr("resident_snapshot", b.resident_snapshot, u)?,
             addr("budgets", b.budgets, u)?,
             fp,
+            rp,
+            xp,
             sp,
             mp,
             cp,
@@ -141,6 +147,8 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
     launch!(adv, cfg(1, 32, 0), addr("state", b.state, u)?, n as u32)?;
     Ok(ResolveOutput {
         fast_pairs: wrap(fast, &dev, &[n, 2]),
+        ready_pairs: wrap(ready, &dev, &[n, 2]),
+        fetched_pairs: wrap(fetched, &dev, &[n, 2]),
         spill_pairs: wrap(spill, &dev, &[n, 2]),
         misses: wrap(miss, &dev, &[n, 2]),
         miss_count: wrap(count, &dev, &[1]),

@@ -89,7 +89,9 @@ impl DeviceLru {
         let fast_pairs = self.direct_pairs(req)?;
         let none = Tensor::from_vec(vec![NONE; 2 * n.max(1)], (n.max(1), 2), &self.device)?.narrow(0, 0, n)?;
         Ok(ResolveOutput {
+            ready_pairs: fast_pairs.clone(),
             fast_pairs,
+            fetched_pairs: none.clone(),
             spill_pairs: none.clone(),
             misses: none,
             miss_count: Tensor::zeros(1, DType::U32, &self.device)?,

@@ -351,6 +351,8 @@ impl DeviceLru {
         let n = hs.len();
         Ok(ResolveOutput {
             fast_pairs: Tensor::from_vec(out.fast_pairs, (n, 2), &self.device)?,
+            ready_pairs: Tensor::from_vec(out.ready_pairs, (n, 2), &self.device)?,
+            fetched_pairs: Tensor::from_vec(out.fetched_pairs, (n, 2), &self.device)?,
             spill_pairs: Tensor::from_vec(out.spill_pairs, (n, 2), &self.device)?,
             misses: Tensor::from_vec(out.misses, (n, 2), &self.device)?,
             miss_count: Tensor::from_vec(vec![out.miss_count], 1, &self.device)?,
