@@ -51,6 +51,13 @@ pub struct CacheConfig {
     /// non-finite key or value turns into NaN outputs; see "Non-finite inputs" in
     /// `docs/ARCHITECTURE.md` for how Dense and Quest differ then.
     pub reject_non_finite: bool,
+    /// On (the default), a tiered step copies its misses on a side stream while the
+    /// attention over the pages already resident runs, and attends the fetched pages
+    /// after (merged by log-sum-exp). It needs a device from
+    /// [`ops::cuda_device`](crate::ops::cuda_device) (a device from candle's
+    /// `Device::new_cuda` tracks buffer uses with events; there, and on the CPU, steps run
+    /// in order). Off: resolve, fetch, attend, in order. The outputs are the same.
+    pub overlap_fetch: bool,
 }
 
 impl CacheConfig {
@@ -74,6 +81,7 @@ impl CacheConfig {
             dtype: DType::F32,
             device: Device::Cpu,
             reject_non_finite: false,
+            overlap_fetch: true,
         };
         c = c.with_token_capacity(8192, 1.0);
         c

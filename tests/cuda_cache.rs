@@ -1,5 +1,7 @@
-//! `SpinCache` with its fast tier on CUDA (`device = Device::new_cuda(0)`) against the
-//! same cache on the CPU: identical inputs (ragged batches, chunked prefill, decode),
+//! `SpinCache` with its fast tier on CUDA against the same cache on the CPU, twice: on
+//! candle's `Device::new_cuda(0)` (every step in order) and on `ops::cuda_device(0)`
+//! (misses fetched on a side stream while resident pages are attended, where the fast
+//! tier caches: `CacheConfig::overlap_fetch`). Identical inputs (ragged batches, chunked prefill, decode),
 //! Dense and Quest (budget below and over the context), a fast tier smaller than the
 //! working set (misses and spills every step); InfLLM and ShadowKV (budget 128). On the
 //! GPU the host tier is mapped pinned memory and the LRU resolves on the device; the
@@ -19,9 +21,10 @@ use spinkv::{CacheConfig, SparseKvCache, SpinCache, StepInput};
 fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_fraction: f64, tol: f64, what: &str) {
     spinkv::ops::set_poison_outputs(true);
     let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let own_stream = spinkv::ops::cuda_device(0).expect("a CUDA device");
     let (layers, hq, hkv, d) = (3, 6, 2, 64);
     let mut caches = Vec::new();
-    for dev in [Device::Cpu, gpu.clone()] {
+    for dev in [Device::Cpu, gpu, own_stream] {
         let mut cfg = CacheConfig::new(layers, hq, hkv, d);
         cfg.dtype = dtype;
         cfg.device = dev;
@@ -32,6 +35,12 @@ fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_frac
             .with_page_size(algo.page_size_hint().unwrap_or(16));
         caches.push(SpinCache::new_boxed(cfg, algo).unwrap());
     }
+    let caching = fast_fraction < 1.0;
+    assert_eq!(
+        caches.iter().map(|c| c.fetch_overlapped()).collect::<Vec<_>>(),
+        [false, false, caching],
+        "{what}: only a caching fast tier on a device of its own stream overlaps"
+    );
     let seqs: Vec<Vec<_>> = caches
         .iter_mut()
         .map(|c| (0..3).map(|_| c.add_sequence().unwrap()).collect())
@@ -57,28 +66,30 @@ fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_frac
             let k = randn(&mut r, &[t, hkv, d], 1.0).to_dtype(dtype).unwrap();
             let v = randn(&mut r, &[t, hkv, d], 1.0).to_dtype(dtype).unwrap();
             let want = caches[0].attend(layer, &q, &k, &v).unwrap();
-            let got = caches[1]
-                .attend(
-                    layer,
-                    &q.to_device(&gpu).unwrap(),
-                    &k.to_device(&gpu).unwrap(),
-                    &v.to_device(&gpu).unwrap(),
-                )
-                .unwrap();
-            let got = got.to_device(&Device::Cpu).unwrap();
-            let err = max_abs_diff(&got, &want);
-            assert!(err <= tol, "{what}: step {si} {step:?} layer {layer}: max err {err}");
+            for (ci, cache) in caches.iter_mut().enumerate().skip(1) {
+                let dev = cache.config().device.clone();
+                let on = |x: &Tensor| x.to_device(&dev).unwrap();
+                let got = cache.attend(layer, &on(&q), &on(&k), &on(&v)).unwrap();
+                let got = got.to_device(&Device::Cpu).unwrap();
+                let err = max_abs_diff(&got, &want);
+                assert!(
+                    err <= tol,
+                    "{what}: cache {ci} step {si} {step:?} layer {layer}: max err {err}"
+                );
+            }
         }
         for cache in caches.iter_mut() {
             cache.end_step().unwrap();
         }
     }
-    let (a, b) = (caches[0].stats(), caches[1].stats());
-    assert_eq!(
-        (a.hits, a.misses, a.pages_attended),
-        (b.hits, b.misses, b.pages_attended),
-        "{what}: same selections and traffic"
-    );
+    let a = caches[0].stats();
+    for b in caches[1..].iter().map(|c| c.stats()) {
+        assert_eq!(
+            (a.hits, a.misses, a.pages_attended),
+            (b.hits, b.misses, b.pages_attended),
+            "{what}: same selections and traffic"
+        );
+    }
     let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
 }
 
@@ -101,6 +112,14 @@ fn quest_on_cuda_matches_cpu() {
     };
     run_both(&quest(96), DType::F32, 1.0, 2e-4, "quest budget 96 f32");
     run_both(&quest(4096), DType::BF16, 1.0, 3e-2, "quest budget over context bf16");
+    // A fast tier of a quarter of the pages: hits and misses in most steps.
+    run_both(
+        &quest(128),
+        DType::BF16,
+        0.25,
+        3e-2,
+        "quest budget 128 quarter fast tier bf16",
+    );
     // A fast tier far smaller than the working set: batched misses and spills.
     run_both(
         &quest(128),

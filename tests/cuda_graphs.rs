@@ -6,7 +6,8 @@
 //! of 1, 3 and 17 requests where
 //! one request finishes early and one joins mid-run; dense and Quest, each over a
 //! direct-mapped fast tier (fast fraction 1) and over the LRU (fraction 0.5: misses,
-//! fetches and spills inside the replayed graph).
+//! fetches and spills inside the replayed graph; the fetches run on a side stream while
+//! the resident pages are attended, so the graph forks and joins two streams).
 //!
 //! - Graphs give exactly the Padded tokens (same kernels, same shapes).
 //! - Graphs give the Eager tokens (a near-tie of two logits may flip one token where the
@@ -54,6 +55,12 @@ fn run(
 ) -> (Vec<Vec<u32>>, spinkv::engine::DecodeCounters) {
     let cc = model.cache_config_for(b, 700 + NEW, 16, fraction).unwrap();
     let cache = SpinCache::new_boxed(cc, algo(algo_name)).unwrap();
+    // The LRU's misses are fetched on a side stream (two streams inside the graph).
+    assert_eq!(
+        cache.fetch_overlapped(),
+        fraction < 1.0,
+        "{algo_name} fraction {fraction}"
+    );
     let cfg = EngineConfig {
         max_prefill_tokens: 4096,
         decode_mode: mode,

@@ -129,14 +129,43 @@ impl SpinCache {
         }
         let out = self.lru.resolve(&req)?;
         step.requests += (s * hkv * n) as u64;
-        self.host
-            .gather_counted(&self.fast_pool, &out.misses, &out.miss_count)?;
         let fast_list = list(&out.fast_pairs, &fast_queries)?;
-        let fast = ops::sparse_paged_attention(q_rot, &self.fast_pool, &fast_list, self.scale)?;
-        let spilled = self
+        let spill_list = list(&out.spill_pairs, &step.queries)?;
+        let Some(side) = self.side.as_ref() else {
+            // In order: fetch the misses, then attend every fast-tier page.
+            self.host
+                .gather_counted(&self.fast_pool, &out.misses, &out.miss_count, None)?;
+            let fast = ops::sparse_paged_attention(q_rot, &self.fast_pool, &fast_list, self.scale)?;
+            let spilled = self.host.attend(q_rot, &spill_list, self.scale)?;
+            return Ok((ops::merge_partials(&fast, &spilled)?, fast_list.pages));
+        };
+        // Overlapped: the misses are copied on the side stream while the pages resident
+        // before this round (and the spilled ones, from the host tier) are attended; the
+        // fetched pages are attended after the join. The copy writes only slots this round
+        // evicted, which no ready pair names (a ready slot was pinned by its request).
+        side.fork()?;
+        let ahead = self
             .host
-            .attend(q_rot, &list(&out.spill_pairs, &step.queries)?, self.scale)?;
-        Ok((ops::merge_partials(&fast, &spilled)?, fast_list.pages))
+            .gather_counted(&self.fast_pool, &out.misses, &out.miss_count, Some(side))
+            .and_then(|()| {
+                let ready = ops::sparse_paged_attention(
+                    q_rot,
+                    &self.fast_pool,
+                    &list(&out.ready_pairs, &fast_queries)?,
+                    self.scale,
+                )?;
+                let spilled = self.host.attend(q_rot, &spill_list, self.scale)?;
+                ops::merge_partials(&ready, &spilled)
+            });
+        // Joined even after an error: nothing may touch the fetched slots before the copy ends.
+        side.join()?;
+        let fetched = ops::sparse_paged_attention(
+            q_rot,
+            &self.fast_pool,
+            &list(&out.fetched_pairs, &fast_queries)?,
+            self.scale,
+        )?;
+        Ok((ops::merge_partials(&ahead?, &fetched)?, fast_list.pages))
     }
 
     /// `[T, Hkv]` fast-tier destinations of the step's tokens in `layer`: where the home

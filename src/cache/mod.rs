@@ -119,6 +119,9 @@ pub struct SpinCache {
     fast_pool: Tensor,
     host_alloc: SlotAllocator,
     lru: DeviceLru,
+    /// The stream misses are fetched on while resident pages are attended
+    /// (`CacheConfig::overlap_fetch` on a device that allows it; see [`ops::SideStream`]).
+    side: Option<ops::SideStream>,
     budgets: BudgetTracker,
     tables: PageTables,
     device_tables: DeviceTables,
@@ -178,6 +181,12 @@ impl SpinCache {
             // Pages take fast homes (ids from host_pages on) first.
             host_alloc: SlotAllocator::with_preferred(Tier::Host, cfg.total_pages(), cfg.host_pages),
             budgets: BudgetTracker::new(cfg.budget_policy, lru.capacity()),
+            // A direct-mapped fast tier never fetches.
+            side: if cfg.overlap_fetch && !lru.is_direct() {
+                ops::SideStream::new(&cfg.device)?
+            } else {
+                None
+            },
             lru,
             tables: PageTables::new(cfg.num_layers, cfg.num_kv_heads),
             device_tables: DeviceTables::with_capacity(max_rows, leaves_per_row, arena, dirs, &cfg.device)?,
@@ -229,6 +238,13 @@ impl SpinCache {
     /// Takes the selections recorded since the last call.
     pub fn take_trace(&mut self) -> Vec<SelectionRecord> {
         self.trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Whether this cache's tiered steps fetch misses on a side stream while the pages
+    /// already resident are attended ([`CacheConfig::overlap_fetch`], on a CUDA device of
+    /// its own stream, with a fast tier that caches rather than holds every page).
+    pub fn fetch_overlapped(&self) -> bool {
+        self.side.is_some()
     }
 
     /// Checks pool accounting: every page of every sequence has exactly one host slot,

@@ -25,6 +25,7 @@ pub mod rope;
 pub mod rope_tables;
 pub mod sample;
 pub mod self_attention;
+pub mod side_stream;
 pub mod tier_copy;
 pub mod topk;
 pub(crate) mod util;
@@ -43,13 +44,14 @@ pub use rope::rope_qkv;
 pub use rope_tables::{rope_cos_sin, rope_inv_freq, rope_tables_into};
 pub use sample::{sample_params, sample_rows, sample_rows_into, SampleRow, SAMPLE_PARAM_WORDS};
 pub use self_attention::causal_self_attention;
+pub use side_stream::SideStream;
 pub use tier_copy::copy_pages;
 pub use topk::topk_indices;
 
 /// Tuning and test knobs of the CUDA backend (feature `cuda`), and the device-only
 /// helper that turns a top-k selection into page pairs.
 #[cfg(feature = "cuda")]
-pub use cuda::{selection_to_pages, set_attention_g8, set_attention_waves, set_poison_outputs};
+pub use cuda::{selection_to_pages, set_attention_g8, set_attention_waves, set_poison_outputs, set_side_copy_blocks};
 
 /// Loads every spinkv kernel on `device` (a CUDA device; on others nothing is done),
 /// so that the driver's one-time JIT compilation of the kernels' PTX (seconds) happens

@@ -46,9 +46,19 @@ impl HostTier {
     }
 
     /// Copies the first `count[0]` rows of `pairs` `[cap, 2]` u32 (host slot, fast slot)
-    /// into `fast` `[fast_slots, 2, P, D]`.
-    pub fn gather_counted(&self, fast: &Tensor, pairs: &Tensor, count: &Tensor) -> Result<()> {
+    /// into `fast` `[fast_slots, 2, P, D]`. With `side` (a forked side stream of the
+    /// pinned tier's device), the copy is enqueued there
+    /// (`PinnedPagePool::gather_counted_on` (feature `cuda`));
+    /// the CPU tier copies in order and ignores it.
+    pub fn gather_counted(
+        &self,
+        fast: &Tensor,
+        pairs: &Tensor,
+        count: &Tensor,
+        side: Option<&crate::ops::SideStream>,
+    ) -> Result<()> {
         crate::fault::device_call("HostTier::gather_counted")?;
+        let _ = side;
         match self {
             Self::Tensor(pool) => {
                 // CPU reference: the count is read where it lives (no device round trip).
@@ -56,7 +66,10 @@ impl HostTier {
                 ops::copy_pages(fast, pool, &pairs.narrow(0, 0, n.min(pairs.dims()[0]))?.contiguous()?)
             }
             #[cfg(feature = "cuda")]
-            Self::Pinned(pool) => pool.gather_counted(fast, pairs, count),
+            Self::Pinned(pool) => match side {
+                Some(side) => pool.gather_counted_on(fast, pairs, count, side),
+                None => pool.gather_counted(fast, pairs, count),
+            },
         }
     }
 

@@ -13,7 +13,7 @@
 
 use crate::ops::cuda::attention::{sparse_paged_attention_at, PoolRef};
 use crate::ops::cuda::tier_copy::{copy_pages_counted_from, copy_pages_from};
-use crate::ops::{util, AttentionPartial, PageList};
+use crate::ops::{util, AttentionPartial, PageList, SideStream};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{self as drv, sys};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
@@ -244,6 +244,16 @@ impl PinnedPagePool {
     /// The launch grid depends on `cap` only; the kernel reads the count, so nothing is
     /// read back to the host.
     pub fn gather_counted(&self, fast: &Tensor, pairs: &Tensor, count: &Tensor) -> Result<()> {
+        self.gather_counted_impl(fast, pairs, count, None)
+    }
+
+    fn gather_counted_impl(
+        &self,
+        fast: &Tensor,
+        pairs: &Tensor,
+        count: &Tensor,
+        side: Option<&SideStream>,
+    ) -> Result<()> {
         const GC: &str = "PinnedPagePool::gather_counted";
         self.check_fast(GC, fast)?;
         util::check_shape(GC, "pairs", pairs, &[None, Some(2)], "[cap, 2]")?;
@@ -260,8 +270,25 @@ impl PinnedPagePool {
             slots: self.slots,
             pairs: pairs.clone(),
             count: count.clone(),
+            stream: side.map(|s| s.inner.stream().clone()),
         })?;
         Ok(())
+    }
+
+    /// [`gather_counted`](Self::gather_counted) enqueued on `side` (a side stream of this
+    /// pool's device, already [forked](SideStream::fork)): the copy runs concurrently with
+    /// the device's stream until the caller [joins](SideStream::join) `side`. Until then
+    /// the caller must not touch the destination slots of `pairs` on the device's stream,
+    /// nor free `fast`, `pairs` or `count`.
+    pub fn gather_counted_on(&self, fast: &Tensor, pairs: &Tensor, count: &Tensor, side: &SideStream) -> Result<()> {
+        if !Device::Cuda(side.inner.device().clone()).same_device(&self.cuda()) {
+            crate::invalid!(
+                "PinnedPagePool::gather_counted_on",
+                "the side stream belongs to another device than the pool's {:?}",
+                self.cuda().location()
+            );
+        }
+        self.gather_counted_impl(fast, pairs, count, Some(side))
     }
 
     /// Writes new K/V rows into the host pages by a kernel (the paged append of
@@ -410,6 +437,8 @@ struct GatherCounted {
     slots: usize,
     pairs: Tensor,
     count: Tensor,
+    /// A side stream to launch on (else the device's stream).
+    stream: Option<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>>,
 }
 
 impl InplaceOp1 for GatherCounted {
@@ -422,7 +451,15 @@ impl InplaceOp1 for GatherCounted {
     }
 
     fn cuda_fwd(&self, dst: &mut CudaStorage, dl: &Layout) -> candle_core::Result<()> {
-        copy_pages_counted_from(dst, dl, self.src, self.slots, &self.pairs, &self.count)
+        copy_pages_counted_from(
+            dst,
+            dl,
+            self.src,
+            self.slots,
+            &self.pairs,
+            &self.count,
+            self.stream.as_ref(),
+        )
     }
 }
 

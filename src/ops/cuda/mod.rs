@@ -18,6 +18,7 @@ pub(crate) mod page_table;
 pub(crate) mod prefill;
 pub(crate) mod quest_score;
 pub(crate) mod sample;
+pub(crate) mod side;
 pub(crate) mod tier_copy;
 pub(crate) mod topk;
 
@@ -65,6 +66,20 @@ static ATTENTION_WAVES: std::sync::atomic::AtomicU32 = std::sync::atomic::Atomic
 /// warp but more partial states to merge).
 pub fn set_attention_waves(waves: u32) {
     ATTENTION_WAVES.store(waves.max(1), Ordering::Relaxed);
+}
+
+static SIDE_COPY_BLOCKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(32);
+
+/// Tuning knob of the overlapped miss fetch: the most blocks the page copy on a
+/// [`SideStream`](crate::ops::SideStream) launches (default 32; at least 1). The copy
+/// streams over PCIe while the attention runs on the device's stream: a copy with as
+/// many blocks as the SMs hold would keep the attention from starting.
+pub fn set_side_copy_blocks(blocks: u32) {
+    SIDE_COPY_BLOCKS.store(blocks.max(1), Ordering::Relaxed);
+}
+
+pub(crate) fn side_copy_blocks() -> u32 {
+    SIDE_COPY_BLOCKS.load(Ordering::Relaxed)
 }
 
 static ATTENTION_G8: AtomicBool = AtomicBool::new(true);

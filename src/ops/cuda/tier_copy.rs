@@ -66,12 +66,13 @@ pub(crate) fn copy_pages_from(
     )
 }
 
-/// Most blocks of a counted copy (they stride over the pairs).
+/// Most blocks of a counted copy on the device's stream (they stride over the pairs).
 const COUNTED_MAX_BLOCKS: u32 = 1024;
 
 /// [`copy_pages_from`] over the first `*count` rows of `pairs` `[cap, 2]`, the count read
 /// by the kernel from `count` `[1]` u32 on the device (the grid depends on `cap` only, so
-/// nothing is read back to the host).
+/// nothing is read back to the host). Launched on `stream` when given (a side stream of
+/// the device, see [`crate::ops::SideStream`]), else on the device's stream.
 pub(crate) fn copy_pages_counted_from(
     dst: &mut CudaStorage,
     dl: &Layout,
@@ -79,6 +80,7 @@ pub(crate) fn copy_pages_counted_from(
     src_slots: usize,
     pairs: &Tensor,
     count: &Tensor,
+    stream: Option<&std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>>,
 ) -> candle_core::Result<()> {
     let cap = pairs.dims().first().copied().unwrap_or(0);
     if cap == 0 {
@@ -100,14 +102,21 @@ pub(crate) fn copy_pages_counted_from(
         4 => "copy_pages_counted_w4",
         _ => "copy_pages_counted_w2",
     };
-    let f = func(&dev, &TIER_COPY, name)?;
+    let mut f = func(&dev, &TIER_COPY, name)?;
+    let mut max_blocks = COUNTED_MAX_BLOCKS;
+    if let Some(s) = stream {
+        // Beside other work: few blocks, so that they leave the SMs to it (PCIe needs
+        // only ~100 KB in flight, a few dozen blocks of 256 threads).
+        f.stream = s.clone();
+        max_blocks = super::side_copy_blocks();
+    }
     let words = row_bytes / w;
     let threads = (words.next_power_of_two().clamp(32, 256)) as u32;
     // Blocks stride over the pairs: a grid as large as `cap` would cost ~130 µs of
     // blocks that exit at once when few pages miss (the common case).
     launch!(
         f,
-        cfg((cap as u32).min(COUNTED_MAX_BLOCKS), threads, 0),
+        cfg((cap as u32).min(max_blocks), threads, 0),
         dp,
         sp,
         pp,
