@@ -16,7 +16,8 @@
 # capacity: decode through the engine at the Llama-3.1-8B shape at each configuration's
 # largest batch, CAPACITY_RUNS = "algo:context:batch:fast_home_fraction:fast_fraction ..."
 # (fast_home_fraction 0 and fast_fraction 1: all in HBM), next to the anchor at
-# CAPACITY_ANCHOR (context:batch list).
+# CAPACITY_ANCHOR (context:batch list); CAPACITY_FLAGS adds serve_bench flags (e.g.
+# --no-overlap), CAPACITY_TAG suffixes the output files.
 # trace: records the real SmolLM2's Quest selections through the engine (serve_bench
 # accuracy --trace-dir, 5 depths × TRACE_TRIALS requests in one batch at TRACE_CONTEXT
 # tokens, budget TRACE_BUDGET) for cache_sim --traces; the CSVs come back xz-compressed.
@@ -104,10 +105,10 @@ if [ "$what" = capacity ]; then
   fi
   for spec in ${CAPACITY_RUNS:?set CAPACITY_RUNS}; do
     IFS=: read -r a l b h f <<< "$spec"
-    tag="cap_${a}_${l}_b${b}_h${h}_f${f}"
+    tag="cap_${a}_${l}_b${b}_h${h}_f${f}${CAPACITY_TAG:-}"
     timeout ${E2E_TIMEOUT:-500} "$bin/serve_bench" offline --cuda --shape llama3-8b --random-weights \
       --context $l --new-tokens ${CAPACITY_NEW:-32} --batch $b --algo $a --budget 2048 --max-prefill-tokens 8192 \
-      --fast-home-fraction $h --fast-fraction $f --csv "$OUT/$tag.csv" 2> >(tee "$OUT/$tag.err" | grep -vE "prompt \+ .* output tokens" >&2) \
+      --fast-home-fraction $h --fast-fraction $f ${CAPACITY_FLAGS:-} --csv "$OUT/$tag.csv" 2> >(tee "$OUT/$tag.err" | grep -vE "prompt \+ .* output tokens" >&2) \
       | tee "$OUT/$tag.txt"
     nvidia-smi --query-gpu=memory.used --format=csv >> "$OUT/$tag.txt" 2>&1
   done
