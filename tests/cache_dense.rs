@@ -137,3 +137,37 @@ fn half_precision_dtypes_run_and_stay_close() {
         cache.end_step().unwrap();
     }
 }
+
+/// Where no side stream exists (the CPU), `CacheConfig::overlap_fetch` leaves the step in
+/// order: no side stream is made, and a cache with a small fast tier (misses every step)
+/// still matches the reference with the flag on and off.
+#[test]
+fn overlap_fetch_falls_back_to_order_on_the_cpu() {
+    assert!(spinkv::ops::SideStream::new(&candle_core::Device::Cpu)
+        .unwrap()
+        .is_none());
+    for overlap in [true, false] {
+        let mut cfg = CacheConfig::new(2, 4, 2, 32);
+        cfg.overlap_fetch = overlap;
+        let cfg = cfg.with_token_capacity(400, 0.1);
+        let mut cache = SpinCache::new(cfg, Dense::new()).unwrap();
+        assert!(
+            !cache.fetch_overlapped(),
+            "overlap {overlap}: no side stream on the CPU"
+        );
+        let seq = cache.add_sequence().unwrap();
+        let mut reference = Reference::new(THETA, 32);
+        let mut r = rng(5);
+        let mut worst = 0f64;
+        for step in 0..6 {
+            let inputs = [StepInput {
+                seq,
+                new_tokens: if step == 0 { 150 } else { 1 },
+            }];
+            let io = random_step(&mut cache, &inputs, &mut r);
+            worst = reference.check_step(&inputs, &io).into_iter().fold(worst, f64::max);
+        }
+        assert!(worst < 1e-4, "overlap {overlap}: max err {worst}");
+        assert!(cache.stats().misses > 0, "the fast tier of 10% missed");
+    }
+}
