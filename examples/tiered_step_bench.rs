@@ -30,7 +30,8 @@
 //! the previous one (`q ← 0.95·q + 0.31·noise`), so consecutive selections overlap as
 //! they do in decoding; the first 30 steps warm the cache, the next 20 are measured.
 //! Phases are timed with CUDA events between them in one eager step (launch gaps
-//! included); "PCIe" is the bytes read from the host tier per step (misses fetched +
+//! included); the whole step is also captured as a CUDA graph and replayed (the way the
+//! engine's decode runs it), next to the all-in-HBM step replayed the same way; "PCIe" is the bytes read from the host tier per step (misses fetched +
 //! spilled pages attended in place).
 
 #[cfg(not(feature = "cuda"))]
@@ -51,7 +52,7 @@ mod bench {
     use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent, CudaStream};
     use candle_core::{DType, Device, Tensor};
     use spinkv::ops::selection_to_pages;
-    use spinkv::ops::{self, PageList, SideStream};
+    use spinkv::ops::{self, PageList, SideStream, StepGraph};
     use spinkv::tiered::PinnedPagePool;
     use spinkv::tiered::{DeviceLru, ResolveRequest};
     use std::io::Write;
@@ -84,6 +85,9 @@ mod bench {
         phases_us: [f64; 5],
         total_us: f64,
         hbm_us: f64,
+        /// The step and the all-in-HBM step replayed as CUDA graphs.
+        graph_us: f64,
+        hbm_graph_us: f64,
         hit_rate: f64,
         pcie_mb: f64,
         fetch_gbs: f64,
@@ -146,6 +150,31 @@ mod bench {
             .map(|v| Tensor::from_vec(v, (b, HKV, k), dev))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Replay { b, np, k, sel })
+    }
+
+    /// Mean µs of `MEASURED` replays of `work` captured as a CUDA graph (after a warm-up
+    /// run and the capture), `before(state, i)` writing step i's inputs outside the graph.
+    fn graph_us<S>(
+        dev: &Device,
+        stream: &Arc<CudaStream>,
+        state: &mut S,
+        mut before: impl FnMut(&mut S, usize) -> Result<()>,
+        mut work: impl FnMut(&mut S) -> spinkv::Result<()>,
+    ) -> Result<f64> {
+        before(state, 0)?;
+        StepGraph::warm_up(dev, || work(state))?;
+        before(state, 1)?;
+        let (graph, ()) = StepGraph::capture(dev, || work(state))?;
+        let mut us = 0.0;
+        for i in 0..MEASURED {
+            before(state, 2 + i)?;
+            let e0 = event(stream)?;
+            graph.launch()?;
+            let e1 = event(stream)?;
+            e1.synchronize()?;
+            us += e0.elapsed_ms(&e1)? as f64 * 1e3 / MEASURED as f64;
+        }
+        Ok(us)
     }
 
     fn event(stream: &Arc<CudaStream>) -> Result<CudaEvent> {
@@ -217,7 +246,7 @@ mod bench {
                 let queries: Vec<u32> = (0..b).flat_map(|i| [i as u32, (l - 1) as u32]).collect();
                 let queries = Tensor::from_vec(queries, (b, 2), &dev)?;
                 let kv_limit = Tensor::from_vec(vec![l as u32; b], b, &dev)?;
-                let list = |pairs: &Tensor| -> Result<PageList> {
+                let list = |pairs: &Tensor| -> spinkv::Result<PageList> {
                     Ok(PageList {
                         pages: pairs.reshape((b, HKV, kpages, 2))?.contiguous()?,
                         queries: queries.clone(),
@@ -228,30 +257,58 @@ mod bench {
                     let noise = Tensor::randn(0f32, 1.0, (b, HQ, D), &dev)?;
                     Ok(((q * 0.95)? + (noise * 0.31)?)?)
                 };
-                // Step i of `total`: a drifting query's top-k, or the trace's pages.
-                let select = |q: &Tensor, cand: &Tensor, i: usize, total: usize| -> Result<Tensor> {
-                    let s = ops::quest_page_scores(&q.to_dtype(DType::BF16)?, &meta, cand, 1, 2)?;
-                    let mut sel = ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?.reshape((b, HKV, kpages))?;
+                // A step's inputs live in buffers written in place before the step, so that a
+                // captured step (CUDA graph) reads each step's own at replay.
+                let q_buf = Tensor::zeros((b, HQ, D), DType::BF16, &dev)?;
+                let sel_buf = Tensor::zeros((b, HKV, kpages), DType::U32, &dev)?;
+                // Step i of `total`: the query drifted from the last, and the trace's pages.
+                let next_inputs = |q: &mut Tensor, i: usize, total: usize| -> Result<()> {
+                    *q = drift(q)?;
+                    q_buf.slice_set(&q.to_dtype(DType::BF16)?, 0, 0)?;
                     if let Some(r) = &replay {
-                        sel = r.sel[(r.sel.len().saturating_sub(total) + i) % r.sel.len()].clone();
+                        sel_buf.slice_set(&r.sel[(r.sel.len().saturating_sub(total) + i) % r.sel.len()], 0, 0)?;
                     }
-                    Ok(selection_to_pages(cand, &sel)?)
+                    Ok(())
+                };
+                // The page pairs of q_buf's top-k (of the trace's pages when replaying).
+                let pages_of = |top: Tensor, cand: &Tensor| -> spinkv::Result<Tensor> {
+                    let top = top.reshape((b, HKV, kpages))?;
+                    selection_to_pages(cand, if replay.is_some() { &sel_buf } else { &top })
+                };
+                let topk = |scores: &Tensor| -> spinkv::Result<Tensor> {
+                    ops::topk_indices(&scores.reshape((b * HKV, np))?, kpages)
                 };
 
-                // Reference: all of the KV in HBM.
+                // Reference: all of the KV in HBM, eager and as a graph.
+                let hbm_work = || -> spinkv::Result<()> {
+                    let s = ops::quest_page_scores(&q_buf, &meta, &cand, 1, 2)?;
+                    let pairs = pages_of(topk(&s)?, &cand)?;
+                    ops::sparse_paged_attention(&q_buf, &hbm, &list(&pairs)?, scale)?;
+                    Ok(())
+                };
                 let mut q = Tensor::randn(0f32, 1.0, (b, HQ, D), &dev)?;
                 let mut hbm_total = 0.0;
                 for i in 0..WARMUP.min(5) + MEASURED {
-                    q = drift(&q)?;
+                    next_inputs(&mut q, i, WARMUP.min(5) + MEASURED)?;
                     let e0 = event(&stream)?;
-                    let pairs = select(&q, &cand, i, WARMUP.min(5) + MEASURED)?;
-                    ops::sparse_paged_attention(&q.to_dtype(DType::BF16)?, &hbm, &list(&pairs)?, scale)?;
+                    hbm_work()?;
                     let e1 = event(&stream)?;
                     e1.synchronize()?;
                     if i >= WARMUP.min(5) {
                         hbm_total += e0.elapsed_ms(&e1)? as f64 * 1e3 / MEASURED as f64;
                     }
                 }
+                let hbm_graph = graph_us(
+                    &dev,
+                    &stream,
+                    &mut (),
+                    |_, i| next_inputs(&mut q, i, MEASURED + 2),
+                    |_| hbm_work(),
+                )
+                .unwrap_or_else(|e| {
+                    eprintln!("all in HBM: the graph failed: {e:#}");
+                    f64::NAN
+                });
 
                 let layouts = fractions.iter().flat_map(|&f| {
                     let homes = (f > HOMES_CACHE).then_some((f, "homes", true));
@@ -284,70 +341,88 @@ mod bench {
                     let rotated: Vec<u32> = (0..slots).map(|i| ((i + slots - homed) % slots) as u32).collect();
                     let cand = Tensor::from_vec(rotated, (b, HKV, np), &dev)?;
                     lru.set_budgets(&vec![u32::MAX; b])?;
+                    // One tiered step over q_buf; `mark` runs after each phase but the last.
+                    let work = |lru: &mut DeviceLru, step: u32, mark: &mut dyn FnMut() -> spinkv::Result<()>| {
+                        let s = ops::quest_page_scores(&q_buf, &meta, &cand, 1, 2)?;
+                        mark()?;
+                        let pairs = pages_of(topk(&s)?, &cand)?;
+                        let host_slots = pairs.narrow(3, 0, 1)?.flatten_all()?.contiguous()?;
+                        let logical = pairs.narrow(3, 1, 1)?.flatten_all()?.contiguous()?;
+                        mark()?;
+                        let out = lru.resolve(&ResolveRequest {
+                            host_slots: &host_slots,
+                            logical: &logical,
+                            owners: &owners,
+                            step,
+                            reuse_steps: 2,
+                        })?;
+                        mark()?;
+                        if overlap {
+                            side.fork()?;
+                            host.gather_counted_on(&fast, &out.misses, &out.miss_count, &side)?;
+                            mark()?;
+                            let a = ops::sparse_paged_attention(&q_buf, &fast, &list(&out.ready_pairs)?, scale)?;
+                            let sp = host.attend(&q_buf, &list(&out.spill_pairs)?, scale)?;
+                            let ahead = ops::merge_partials(&a, &sp)?;
+                            side.join()?;
+                            let f = ops::sparse_paged_attention(&q_buf, &fast, &list(&out.fetched_pairs)?, scale)?;
+                            ops::merge_partials(&ahead, &f)?;
+                        } else {
+                            host.gather_counted(&fast, &out.misses, &out.miss_count)?;
+                            mark()?;
+                            let a = ops::sparse_paged_attention(&q_buf, &fast, &list(&out.fast_pairs)?, scale)?;
+                            let sp = host.attend(&q_buf, &list(&out.spill_pairs)?, scale)?;
+                            ops::merge_partials(&a, &sp)?;
+                        }
+                        spinkv::Result::Ok(())
+                    };
                     let mut q = Tensor::randn(0f32, 1.0, (b, HQ, D), &dev)?;
                     let mut phases = [0f64; 5];
                     let mut total = 0.0;
                     let (mut hits, mut misses, mut spilled) = (0u64, 0u64, 0u64);
                     for i in 0..WARMUP + MEASURED {
-                        q = drift(&q)?;
-                        let qb = q.to_dtype(DType::BF16)?;
-                        let e0 = event(&stream)?;
-                        let s = ops::quest_page_scores(&qb, &meta, &cand, 1, 2)?;
-                        let e1 = event(&stream)?;
-                        let mut sel =
-                            ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?.reshape((b, HKV, kpages))?;
-                        if let Some(r) = &replay {
-                            sel = r.sel[(r.sel.len().saturating_sub(WARMUP + MEASURED) + i) % r.sel.len()].clone();
-                        }
-                        let pairs = selection_to_pages(&cand, &sel)?;
-                        let host_slots = pairs.narrow(3, 0, 1)?.flatten_all()?.contiguous()?;
-                        let logical = pairs.narrow(3, 1, 1)?.flatten_all()?.contiguous()?;
-                        let e2 = event(&stream)?;
-                        let out = lru.resolve(&ResolveRequest {
-                            host_slots: &host_slots,
-                            logical: &logical,
-                            owners: &owners,
-                            step: (i + 1) as u32,
-                            reuse_steps: 2,
-                        })?;
-                        let e3 = event(&stream)?;
-                        let e4;
-                        if overlap {
-                            side.fork()?;
-                            host.gather_counted_on(&fast, &out.misses, &out.miss_count, &side)?;
-                            e4 = event(&stream)?;
-                            let a = ops::sparse_paged_attention(&qb, &fast, &list(&out.ready_pairs)?, scale)?;
-                            let sp = host.attend(&qb, &list(&out.spill_pairs)?, scale)?;
-                            let ahead = ops::merge_partials(&a, &sp)?;
-                            side.join()?;
-                            let f = ops::sparse_paged_attention(&qb, &fast, &list(&out.fetched_pairs)?, scale)?;
-                            ops::merge_partials(&ahead, &f)?;
-                        } else {
-                            host.gather_counted(&fast, &out.misses, &out.miss_count)?;
-                            e4 = event(&stream)?;
-                            let a = ops::sparse_paged_attention(&qb, &fast, &list(&out.fast_pairs)?, scale)?;
-                            let sp = host.attend(&qb, &list(&out.spill_pairs)?, scale)?;
-                            ops::merge_partials(&a, &sp)?;
-                        }
-                        let e5 = event(&stream)?;
-                        e5.synchronize()?;
+                        next_inputs(&mut q, i, WARMUP + MEASURED)?;
+                        let mut ev = vec![event(&stream)?];
+                        let mut mark = || -> spinkv::Result<()> {
+                            ev.push(event(&stream).map_err(|e| spinkv::Error::Config(e.to_string()))?);
+                            Ok(())
+                        };
+                        work(&mut lru, (i + 1) as u32, &mut mark)?;
+                        ev.push(event(&stream)?);
+                        ev[5].synchronize()?;
                         let (_, [h, m, sp]) = lru.take_step_counters()?;
                         if i >= WARMUP {
-                            let ev = [&e0, &e1, &e2, &e3, &e4, &e5];
                             for k in 0..5 {
-                                phases[k] += ev[k].elapsed_ms(ev[k + 1])? as f64 * 1e3 / MEASURED as f64;
+                                phases[k] += ev[k].elapsed_ms(&ev[k + 1])? as f64 * 1e3 / MEASURED as f64;
                             }
                             if overlap {
                                 // Fetch and attend overlap: one phase, in the attend column.
                                 phases[4] += phases[3];
                                 phases[3] = 0.0;
                             }
-                            total += e0.elapsed_ms(&e5)? as f64 * 1e3 / MEASURED as f64;
+                            total += ev[0].elapsed_ms(&ev[5])? as f64 * 1e3 / MEASURED as f64;
                             hits += h;
                             misses += m;
                             spilled += sp;
                         }
                     }
+                    // The same steps captured once and replayed (as the engine's decode runs).
+                    let first = (WARMUP + MEASURED + 1) as u32;
+                    let graph = graph_us(
+                        &dev,
+                        &stream,
+                        &mut (lru, first),
+                        |(lru, step), i| {
+                            next_inputs(&mut q, i, MEASURED + 2)?;
+                            *step = first + i as u32;
+                            Ok(lru.set_step(*step)?)
+                        },
+                        |(lru, step)| work(lru, *step, &mut || Ok(())),
+                    )
+                    .unwrap_or_else(|e| {
+                        eprintln!("{layout}: the graph failed: {e:#}");
+                        f64::NAN
+                    });
                     let per_step = (misses + spilled) as f64 / MEASURED as f64;
                     let fetch_bytes = misses as f64 / MEASURED as f64 * PAGE_BYTES as f64;
                     rows.push(Row {
@@ -360,6 +435,8 @@ mod bench {
                         phases_us: phases,
                         total_us: total,
                         hbm_us: hbm_total,
+                        graph_us: graph,
+                        hbm_graph_us: hbm_graph,
                         hit_rate: hits as f64 / (hits + misses + spilled).max(1) as f64,
                         pcie_mb: per_step * PAGE_BYTES as f64 / 1e6,
                         fetch_gbs: if overlap {
@@ -370,11 +447,13 @@ mod bench {
                     });
                     let r = rows.last().unwrap_or_else(|| unreachable!());
                     eprintln!(
-                        "  {:>4.0}% HBM ({layout}{}, side blocks {sb}): {:.0} µs (all in HBM {:.0} µs), hit {:.1}%, {:.1} MB over PCIe",
+                        "  {:>4.0}% HBM ({layout}{}, side blocks {sb}): {:.0} µs (all in HBM {:.0} µs; graphs {:.0} / {:.0} µs), hit {:.1}%, {:.1} MB over PCIe",
                         fraction * 100.0,
                         if overlap { ", overlap" } else { "" },
                         r.total_us,
                         r.hbm_us,
+                        r.graph_us,
+                        r.hbm_graph_us,
                         r.hit_rate * 100.0,
                         r.pcie_mb
                     );
@@ -383,13 +462,13 @@ mod bench {
             }
         }
         println!(
-            "\n| L | B | HBM % | layout | overlap (copy blocks) | {} | step µs | all-in-HBM µs | ratio | hit rate | PCIe MB/step | fetch GB/s |",
+            "\n| L | B | HBM % | layout | overlap (copy blocks) | {} | step µs | all-in-HBM µs | ratio | graph step µs | graph all-in-HBM µs | graph ratio | hit rate | PCIe MB/step | fetch GB/s |",
             PHASES.join(" µs | ") + " µs"
         );
-        println!("|{}", "---|".repeat(17));
+        println!("|{}", "---|".repeat(20));
         for r in &rows {
             println!(
-                "| {}K | {} | {:.0} | {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.1}% | {:.1} | {:.1} |",
+                "| {}K | {} | {:.0} | {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {:.2}× | {:.1}% | {:.1} | {:.1} |",
                 r.l / 1024,
                 r.b,
                 r.fraction * 100.0,
@@ -407,6 +486,9 @@ mod bench {
                 r.total_us,
                 r.hbm_us,
                 r.hbm_us / r.total_us,
+                r.graph_us,
+                r.hbm_graph_us,
+                r.hbm_graph_us / r.graph_us,
                 r.hit_rate * 100.0,
                 r.pcie_mb,
                 r.fetch_gbs
@@ -416,12 +498,12 @@ mod bench {
             let mut f = std::fs::File::create(&path)?;
             writeln!(
                 f,
-                "context,batch,hbm_fraction,layout,overlap,side_copy_blocks,score_us,select_us,resolve_us,fetch_us,attend_us,step_us,all_in_hbm_us,hit_rate,pcie_mb_per_step,fetch_gbs"
+                "context,batch,hbm_fraction,layout,overlap,side_copy_blocks,score_us,select_us,resolve_us,fetch_us,attend_us,step_us,all_in_hbm_us,graph_step_us,graph_all_in_hbm_us,hit_rate,pcie_mb_per_step,fetch_gbs"
             )?;
             for r in &rows {
                 writeln!(
                     f,
-                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                     r.l,
                     r.b,
                     r.fraction,
@@ -435,6 +517,8 @@ mod bench {
                     r.phases_us[4],
                     r.total_us,
                     r.hbm_us,
+                    r.graph_us,
+                    r.hbm_graph_us,
                     r.hit_rate,
                     r.pcie_mb,
                     r.fetch_gbs
