@@ -94,10 +94,10 @@ struct Cli {
     /// The capacity is then HBM plus host.
     #[arg(long, global = true, default_value_t = 0.0, value_parser = fraction)]
     fast_home_fraction: f64,
-    /// Turn off the overlap of a tiered step's miss fetch with the attention over
-    /// resident pages (`CacheConfig::overlap_fetch`; on by default on `--cuda`).
+    /// Overlap a tiered step's miss fetch with the attention over resident pages
+    /// (`CacheConfig::overlap_fetch`, off by default; `--cuda` only).
     #[arg(long, global = true)]
-    no_overlap: bool,
+    overlap: bool,
     /// Tokens per KV page (default: the algorithm's own, else 16).
     #[arg(long, global = true)]
     page_size: Option<usize>,
@@ -310,7 +310,7 @@ fn engine(b: &Bench, c: &Cli, algo: &str, seqs: usize, seq_tokens: usize) -> Res
     if c.fast_home_fraction > 0.0 {
         cc = cc.with_fast_homes(c.fast_home_fraction, c.fast_fraction);
     }
-    cc.overlap_fetch = !c.no_overlap;
+    cc.overlap_fetch = c.overlap;
     // A sparse step selects about budget / context of each request's pages, and the
     // next step re-selects ~90% of them: a cache smaller than that share thrashes
     // (docs/BENCHMARKS.md, "A real model's selections through the engine").
@@ -736,7 +736,7 @@ fn main() -> Result<()> {
         c.budget,
         c.fast_fraction,
         c.fast_home_fraction,
-        if c.no_overlap { "off" } else { "on" },
+        if c.overlap { "on" } else { "off" },
         c.max_prefill_tokens
     );
     println!("decode tok/s = tokens of decode-only steps / their wall time; latencies in ms; memory in GB\n");

@@ -17,7 +17,7 @@
 # largest batch, CAPACITY_RUNS = "algo:context:batch:fast_home_fraction:fast_fraction ..."
 # (fast_home_fraction 0 and fast_fraction 1: all in HBM), next to the anchor at
 # CAPACITY_ANCHOR (context:batch list); CAPACITY_FLAGS adds serve_bench flags (e.g.
-# --no-overlap), CAPACITY_TAG suffixes the output files.
+# --overlap), CAPACITY_TAG suffixes the output files.
 # trace: records the real SmolLM2's Quest selections through the engine (serve_bench
 # accuracy --trace-dir, 5 depths × TRACE_TRIALS requests in one batch at TRACE_CONTEXT
 # tokens, budget TRACE_BUDGET) for cache_sim --traces; the CSVs come back xz-compressed.

@@ -51,12 +51,15 @@ pub struct CacheConfig {
     /// non-finite key or value turns into NaN outputs; see "Non-finite inputs" in
     /// `docs/ARCHITECTURE.md` for how Dense and Quest differ then.
     pub reject_non_finite: bool,
-    /// On (the default), a tiered step copies its misses on a side stream while the
-    /// attention over the pages already resident runs, and attends the fetched pages
-    /// after (merged by log-sum-exp). It needs a device from
-    /// [`ops::cuda_device`](crate::ops::cuda_device) (a device from candle's
-    /// `Device::new_cuda` tracks buffer uses with events; there, and on the CPU, steps run
-    /// in order). Off: resolve, fetch, attend, in order. The outputs are the same.
+    /// On, a tiered step copies its misses on a side stream while the attention over the
+    /// pages already resident runs, and attends the fetched pages after (merged by
+    /// log-sum-exp). It needs a device from [`ops::cuda_device`](crate::ops::cuda_device)
+    /// (a device from candle's `Device::new_cuda` tracks buffer uses with events; there,
+    /// and on the CPU, steps run in order). Off (the default): resolve, fetch, attend, in
+    /// order. The outputs agree up to rounding. Off is the default because, measured
+    /// through the engine with a real model (whose hit rates are 88–98%), the overlap's
+    /// extra attention launch and merge cost more than the copy it hides; it pays where
+    /// misses are many (`docs/BENCHMARKS.md`, "Overlapped miss fetch").
     pub overlap_fetch: bool,
 }
 
@@ -81,7 +84,7 @@ impl CacheConfig {
             dtype: DType::F32,
             device: Device::Cpu,
             reject_non_finite: false,
-            overlap_fetch: true,
+            overlap_fetch: false,
         };
         c = c.with_token_capacity(8192, 1.0);
         c

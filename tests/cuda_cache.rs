@@ -1,7 +1,8 @@
 //! `SpinCache` with its fast tier on CUDA against the same cache on the CPU, twice: on
 //! candle's `Device::new_cuda(0)` (every step in order) and on `ops::cuda_device(0)`
 //! (misses fetched on a side stream while resident pages are attended, where the fast
-//! tier caches: `CacheConfig::overlap_fetch`). Identical inputs (ragged batches, chunked prefill, decode),
+//! tier caches: `CacheConfig::overlap_fetch`, asked of all three caches; on the CPU and
+//! on a device with event tracking on the step stays in order). Identical inputs (ragged batches, chunked prefill, decode),
 //! Dense and Quest (budget below and over the context), a fast tier smaller than the
 //! working set (misses and spills every step); InfLLM and ShadowKV (budget 128). On the
 //! GPU the host tier is mapped pinned memory and the LRU resolves on the device; the
@@ -29,6 +30,8 @@ fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_frac
         cfg.dtype = dtype;
         cfg.device = dev;
         cfg.max_seq_len = 1024;
+        // Asked of all three; only a CUDA device of its own stream can overlap.
+        cfg.overlap_fetch = true;
         let algo = make();
         let cfg = cfg
             .with_token_capacity(1024, fast_fraction)
