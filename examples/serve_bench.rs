@@ -299,6 +299,19 @@ fn load(c: &Cli) -> Result<Bench> {
     }
 }
 
+/// The fast tier's page requests over the whole run (prefill and decode steps): hits,
+/// misses (fetched), spilled (attended from the host tier) and the hit rate.
+fn print_tier_stats(eng: &Engine) {
+    let st = eng.cache().stats();
+    eprintln!(
+        "  fast tier: {} hits, {} misses, {} spilled ({:.1}% hit)",
+        st.hits,
+        st.misses,
+        st.spilled,
+        st.hit_rate() * 100.0
+    );
+}
+
 /// An engine over a fresh cache with room for `seqs` sequences of `seq_tokens` tokens;
 /// also returns the cache's configured bytes (both tiers).
 fn engine(b: &Bench, c: &Cli, algo: &str, seqs: usize, seq_tokens: usize) -> Result<(Engine, u64)> {
@@ -487,6 +500,7 @@ fn run_batch(
         bail!("{label}: request {:?} failed: {}", c.id, c.finish_reason);
     }
     eprintln!("  decode {:?}: {:?}", eng.decode_mode(), eng.metrics().decode);
+    print_tier_stats(&eng);
     if c.host_timing {
         eprintln!("  host time by part (µs total, spans, µs per span):");
         for (label, d, n) in spinkv::host_timing::report() {
@@ -601,6 +615,7 @@ fn online(b: &Bench, c: &Cli, algo: &str, o: &OnlineArgs) -> Result<Row> {
         bail!("online {algo}: request {:?} failed: {}", c.id, c.finish_reason);
     }
     let eng = client.shutdown()?;
+    print_tier_stats(&eng);
     let mut row = Row::new(
         "online",
         algo,
