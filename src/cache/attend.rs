@@ -143,28 +143,21 @@ impl SpinCache {
         // before this round (and the spilled ones, from the host tier) are attended; the
         // fetched pages are attended after the join. The copy writes only slots this round
         // evicted, which no ready pair names (a ready slot was pinned by its request).
+        let attend_fast = |pairs: &Tensor| -> Result<AttentionPartial> {
+            ops::sparse_paged_attention(q_rot, &self.fast_pool, &list(pairs, &fast_queries)?, self.scale)
+        };
         side.fork()?;
         let ahead = self
             .host
             .gather_counted(&self.fast_pool, &out.misses, &out.miss_count, Some(side))
             .and_then(|()| {
-                let ready = ops::sparse_paged_attention(
-                    q_rot,
-                    &self.fast_pool,
-                    &list(&out.ready_pairs, &fast_queries)?,
-                    self.scale,
-                )?;
+                let ready = attend_fast(&out.ready_pairs)?;
                 let spilled = self.host.attend(q_rot, &spill_list, self.scale)?;
                 ops::merge_partials(&ready, &spilled)
             });
         // Joined even after an error: nothing may touch the fetched slots before the copy ends.
         side.join()?;
-        let fetched = ops::sparse_paged_attention(
-            q_rot,
-            &self.fast_pool,
-            &list(&out.fetched_pairs, &fast_queries)?,
-            self.scale,
-        )?;
+        let fetched = attend_fast(&out.fetched_pairs)?;
         Ok((ops::merge_partials(&ahead?, &fetched)?, fast_list.pages))
     }
 
