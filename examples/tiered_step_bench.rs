@@ -186,11 +186,8 @@ mod bench {
     pub fn main() -> Result<()> {
         let args: Vec<String> = std::env::args().collect();
         let quick = args.iter().any(|a| a == "--quick");
-        let csv = args
-            .iter()
-            .position(|a| a == "--csv")
-            .and_then(|i| args.get(i + 1))
-            .cloned();
+        let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1));
+        let csv = arg("--csv").cloned();
         let side_blocks: Vec<u32> = match args.iter().position(|a| a == "--side-blocks") {
             Some(i) => args
                 .get(i + 1)
@@ -200,7 +197,6 @@ mod bench {
                 .collect::<std::result::Result<_, _>>()?,
             None => vec![0],
         };
-        let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1));
         // A device of its own stream with event tracking off: the kind a side stream needs.
         let dev = ops::cuda_device(0)?;
         let replay = match arg("--trace") {
