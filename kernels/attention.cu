@@ -45,13 +45,20 @@ __device__ __forceinline__ void spa_store(float* __restrict__ out, float* __rest
 
 // G16: the GQA group may exceed 8 heads (rows 8-15 of the mma tiles are live). Without
 // it those rows are compile-time zeros and their accumulators and softmax are skipped.
-template <typename T, int D, bool G16>
+// TIER: the fused tiered variant (see tiered_attention.rs). Entry e of a list may also
+// name a host page src[e] (a second pool, `host`, of host_slots pages: mapped pinned
+// memory): its K/V are read from there, and when its slot is a fast slot the warp writes
+// every row it loaded (and the rows past the query's limit) into that slot (the miss's
+// fill). A filled slot is never read in the same launch (the LRU pins it for its one
+// request), so the pools' non-coherent loads stay valid.
+template <typename T, int D, bool G16, bool TIER>
 __device__ __forceinline__ void spa_mma_impl(const T* __restrict__ q, const T* __restrict__ pool,
                                              const u32* __restrict__ pages, const u32* __restrict__ queries,
                                              const u32* __restrict__ kv_limit, float* __restrict__ out,
                                              float* __restrict__ part, int hq, int hkv, int s_count, int n,
                                              int p, u32 slots, int splits, int per_split, float scale_log2,
-                                             u64 lse_off) {
+                                             u64 lse_off, const u32* __restrict__ src, const T* __restrict__ host,
+                                             u32 host_slots, T* fill) {
   constexpr int KS = D / 16;  // k-steps of Q·Kᵀ
   constexpr int S2 = D / 32;  // 16-byte chunks of a key row per lane
   constexpr int HF = D / 64;  // 64-dim halves of a value row
@@ -96,24 +103,45 @@ __device__ __forceinline__ void spa_mma_impl(const T* __restrict__ q, const T* _
   const int e_begin = split * per_split;
   const int e_end = min(n, e_begin + per_split);
   if (seq_ok) {
-    const u32* list = pages + ((size_t)seq * hkv + h) * (size_t)n * 2;
+    const size_t row_off = ((size_t)seq * hkv + h) * (size_t)n;
+    const u32* list = pages + row_off * 2;
     const size_t page_elems = (size_t)2 * p * D;
     for (int base = e_begin + warp; base < e_end; base += SPA_WARPS * 32) {
       const int my_e = base + lane * SPA_WARPS;
-      u32 ent_slot = SPIN_NONE, ent_lp = 0;
+      u32 ent_slot = SPIN_NONE, ent_lp = 0, ent_src = SPIN_NONE;
       if (my_e < e_end) {
         ent_slot = list[2 * my_e];
         ent_lp = list[2 * my_e + 1];
+        if (TIER) ent_src = src[row_off + my_e];
       }
       const int cnt = min(32, (e_end - base + SPA_WARPS - 1) / SPA_WARPS);
       for (int j = 0; j < cnt; ++j) {
         const u32 slot = __shfl_sync(FULL_MASK, ent_slot, j);
         const u32 lp = __shfl_sync(FULL_MASK, ent_lp, j);
-        if (slot == SPIN_NONE || slot >= slots) continue;
+        const u32 hsrc = TIER ? __shfl_sync(FULL_MASK, ent_src, j) : SPIN_NONE;
+        const T* kpage;
+        T* fpage = nullptr;  // the fast slot a host page is filled into
+        if (TIER && hsrc != SPIN_NONE) {
+          if (hsrc >= host_slots) continue;
+          kpage = host + (size_t)hsrc * page_elems;
+          if (slot != SPIN_NONE && slot < slots) fpage = fill + (size_t)slot * page_elems;
+        } else {
+          if (slot == SPIN_NONE || slot >= slots) continue;
+          kpage = pool + (size_t)slot * page_elems;
+        }
         const u64 first = (u64)lp * (u64)p;
-        if (first >= limit) continue;
-        const int rows = (int)min(limit - first, (u64)p);
-        const T* kpage = pool + (size_t)slot * page_elems;
+        const int rows = first >= limit ? 0 : (int)min(limit - first, (u64)p);
+        if (TIER && fpage != nullptr && rows < p) {
+          // The rows this query does not see are copied here; the tile loop stores the rest.
+          constexpr int CPR = D / 8;  // 16-byte chunks per row
+          const int total = 2 * (p - rows) * CPR;
+          for (int c = lane; c < total; c += 32) {
+            const int half = c / ((p - rows) * CPR), rem = c % ((p - rows) * CPR);
+            const size_t off = (size_t)half * p * D + (size_t)(rows + rem / CPR) * D + 8 * (rem % CPR);
+            *reinterpret_cast<uint4*>(fpage + off) = ld_stream16(kpage + off);
+          }
+        }
+        if (rows == 0) continue;
         for (int t0 = 0; t0 < rows; t0 += 16) {
           const int tr = min(rows - t0, 16);
           const T* kt = kpage + (size_t)t0 * D;
@@ -133,6 +161,23 @@ __device__ __forceinline__ void spa_mma_impl(const T* __restrict__ q, const T* _
 #pragma unroll
             for (int hf = 0; hf < HF; ++hf)
               vv[i][hf] = vr < tr ? ld_stream16(vt + (size_t)vr * D + 64 * hf + 8 * r) : zero;
+          }
+          if (TIER && fpage != nullptr) {
+            // The fill: every chunk loaded above, stored once, at the same place.
+            T* fk = fpage + (size_t)t0 * D;
+            T* fv = fk + (size_t)p * D;
+#pragma unroll
+            for (int s2 = 0; s2 < S2; ++s2) {
+              if (r < tr) *reinterpret_cast<uint4*>(fk + (size_t)r * D + 32 * s2 + 8 * tig) = k0[s2];
+              if (r + 8 < tr) *reinterpret_cast<uint4*>(fk + (size_t)(r + 8) * D + 32 * s2 + 8 * tig) = k1[s2];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int vr = 2 * tig + (i & 1) + 8 * (i >> 1);
+#pragma unroll
+              for (int hf = 0; hf < HF; ++hf)
+                if (vr < tr) *reinterpret_cast<uint4*>(fv + (size_t)vr * D + 64 * hf + 8 * r) = vv[i][hf];
+            }
           }
           // S = Q·Kᵀ for keys 0-7 (sa) and 8-15 (sb).
           float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f};
@@ -241,8 +286,9 @@ __device__ __forceinline__ void spa_mma_impl(const T* __restrict__ q, const T* _
       NAME(const T* q, const T* pool, const u32* pages, const u32* queries, const u32* kv_limit,        \
            float* out, float* part, int hq, int hkv, int s_count, int n, int p, u32 slots, int splits,   \
            int per_split, float scale_log2, u64 lse_off) {                                               \
-    spa_mma_impl<T, D, G16>(q, pool, pages, queries, kv_limit, out, part, hq, hkv, s_count, n, p, slots, \
-                            splits, per_split, scale_log2, lse_off);                                     \
+    spa_mma_impl<T, D, G16, false>(q, pool, pages, queries, kv_limit, out, part, hq, hkv, s_count, n, p, \
+                                   slots, splits, per_split, scale_log2, lse_off, nullptr, nullptr, 0u,  \
+                                   nullptr);                                                             \
   }
 SPA_MMA_KERNEL(spa_mma_bf16_d128_g16, __nv_bfloat16, 128, true, 2)
 SPA_MMA_KERNEL(spa_mma_bf16_d64_g16, __nv_bfloat16, 64, true, 2)
@@ -252,6 +298,26 @@ SPA_MMA_KERNEL(spa_mma_bf16_d128_g8, __nv_bfloat16, 128, false, 2)
 SPA_MMA_KERNEL(spa_mma_bf16_d64_g8, __nv_bfloat16, 64, false, 2)
 SPA_MMA_KERNEL(spa_mma_f16_d128_g8, __half, 128, false, 2)
 SPA_MMA_KERNEL(spa_mma_f16_d64_g8, __half, 64, false, 2)
+
+// The fused tiered kernels: the same, plus each entry's host page src[S, Hkv, N] (NONE:
+// read the fast slot) in `host`, filled into its fast slot of `pool` (now written).
+#define SPA_TIER_KERNEL(NAME, T, D, G16, MINB)                                                          \
+  extern "C" __global__ void __launch_bounds__(128, MINB)                                               \
+      NAME(const T* q, T* pool, const u32* pages, const u32* queries, const u32* kv_limit, float* out,  \
+           float* part, int hq, int hkv, int s_count, int n, int p, u32 slots, int splits, int per_split, \
+           float scale_log2, u64 lse_off, const u32* src, const T* host, u32 host_slots) {               \
+    spa_mma_impl<T, D, G16, true>(q, pool, pages, queries, kv_limit, out, part, hq, hkv, s_count, n, p,  \
+                                  slots, splits, per_split, scale_log2, lse_off, src, host, host_slots,  \
+                                  pool);                                                                 \
+  }
+SPA_TIER_KERNEL(spa_tier_bf16_d128_g16, __nv_bfloat16, 128, true, 2)
+SPA_TIER_KERNEL(spa_tier_bf16_d64_g16, __nv_bfloat16, 64, true, 2)
+SPA_TIER_KERNEL(spa_tier_f16_d128_g16, __half, 128, true, 2)
+SPA_TIER_KERNEL(spa_tier_f16_d64_g16, __half, 64, true, 2)
+SPA_TIER_KERNEL(spa_tier_bf16_d128_g8, __nv_bfloat16, 128, false, 2)
+SPA_TIER_KERNEL(spa_tier_bf16_d64_g8, __nv_bfloat16, 64, false, 2)
+SPA_TIER_KERNEL(spa_tier_f16_d128_g8, __half, 128, false, 2)
+SPA_TIER_KERNEL(spa_tier_f16_d64_g8, __half, 64, false, 2)
 
 // Merges the splits of each (token, query head) row: one warp per row.
 extern "C" __global__ void spa_merge(const float* __restrict__ part, float* __restrict__ out, int rows,

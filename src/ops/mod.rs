@@ -27,6 +27,7 @@ pub mod sample;
 pub mod self_attention;
 pub mod side_stream;
 pub mod tier_copy;
+pub mod tiered_attention;
 pub mod topk;
 pub(crate) mod util;
 
@@ -46,6 +47,7 @@ pub use sample::{sample_params, sample_rows, sample_rows_into, SampleRow, SAMPLE
 pub use self_attention::causal_self_attention;
 pub use side_stream::SideStream;
 pub use tier_copy::copy_pages;
+pub use tiered_attention::{tiered_attention_fused, tiered_paged_attention};
 pub use topk::topk_indices;
 
 /// Tuning and test knobs of the CUDA backend (feature `cuda`), and the device-only

@@ -381,6 +381,43 @@ impl PinnedPagePool {
         crate::ops::attention::unpack(&packed, t, hq, d)
     }
 
+    /// [`ops::tiered_paged_attention`](crate::ops::tiered_paged_attention) with this pool
+    /// as the host tier: one fused launch that attends each entry from `fast`
+    /// `[fast_slots, 2, P, D]` or from these pages (`src` `[S, Hkv, N]` u32, NONE: the
+    /// fast slot) and fills the entries that name both into `fast` (written).
+    /// Fails where no fused kernel fits (see
+    /// [`ops::tiered_attention_fused`](crate::ops::tiered_attention_fused)).
+    pub fn attend_tiered(
+        &self,
+        q: &Tensor,
+        fast: &Tensor,
+        list: &PageList,
+        src: &Tensor,
+        scale: f32,
+    ) -> Result<AttentionPartial> {
+        const TOP: &str = "PinnedPagePool::attend_tiered";
+        crate::ops::tiered_attention::check(q, fast, list, src)?;
+        self.check_fast(TOP, fast)?;
+        if !crate::ops::tiered_attention::fused_fits(q, list.pages.dims()[1]) {
+            crate::invalid!(
+                TOP,
+                "no fused kernel for q {:?} {:?} (bf16/f16, head dim 64 or 128, at most 16 query heads per KV head)",
+                q.dims(),
+                q.dtype()
+            );
+        }
+        if q.dims()[0] == 0 {
+            return crate::ops::attention::empty_partial(q);
+        }
+        let host = PoolRef {
+            ptr: self.dev_ptr,
+            slots: self.slots,
+            page_size: self.page_size,
+            head_dim: self.head_dim,
+        };
+        crate::ops::tiered_attention::fused(q, fast, host, list, src, scale)
+    }
+
     fn cuda(&self) -> Device {
         Device::Cuda(self.device.clone())
     }

@@ -71,8 +71,8 @@ pub(crate) fn sparse_paged_attention_at(
     let dev = super::device(q).clone();
     let shape = Shape::from_dims(&[t * hq * (d + 1)]);
     let lse_off = (t * hq * d) as u64;
-    let (out, outp) = alloc::<f32>(&dev, t * hq * (d + 1))?;
     if t == 0 {
+        let (out, _) = alloc::<f32>(&dev, 1)?;
         return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
     }
     let qp = ptr(OP, q, ql)?;
@@ -87,6 +87,7 @@ pub(crate) fn sparse_paged_attention_at(
         if d > 512 {
             candle_core::bail!("{OP}: head_dim {d} > 512 is not supported on CUDA");
         }
+        let (out, outp) = alloc::<f32>(&dev, t * hq * (d + 1))?;
         let name = format!("spa_generic_{}", suffix(OP, dt)?);
         let f = func(&dev, &ATTENTION, &name)?;
         launch!(
@@ -110,95 +111,222 @@ pub(crate) fn sparse_paged_attention_at(
         )?;
         return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
     }
-    let small = g <= 8 && super::attention_g8();
-    let name: &'static str = match (dt, d, small) {
-        (DType::BF16, 128, true) => "spa_mma_bf16_d128_g8",
-        (DType::BF16, 128, false) => "spa_mma_bf16_d128_g16",
-        (DType::BF16, _, true) => "spa_mma_bf16_d64_g8",
-        (DType::BF16, _, false) => "spa_mma_bf16_d64_g16",
-        (_, 128, true) => "spa_mma_f16_d128_g8",
-        (_, 128, false) => "spa_mma_f16_d128_g16",
-        (_, _, true) => "spa_mma_f16_d64_g8",
-        (_, _, false) => "spa_mma_f16_d64_g16",
+    let geo = MmaLaunch {
+        dev: &dev,
+        qp,
+        pp,
+        pages,
+        queries,
+        kv_limit,
+        t,
+        hq,
+        hkv,
+        s,
+        n,
+        p,
+        d,
+        slots,
+        scale,
+        dtype: dt,
     };
-    let f = func(&dev, &ATTENTION, name)?;
-    let resident = (sm_count(&dev)? * super::occupancy(&f, name, THREADS)?) as usize * super::attention_waves();
-    let units = t * hkv;
-    let max_splits = n.div_ceil(MIN_PER_SPLIT).max(1);
-    let splits = if units >= resident {
-        1
-    } else {
-        (resident / units).clamp(1, max_splits)
-    };
-    let per_split = n.div_ceil(splits);
-    let splits = n.div_ceil(per_split);
-    let blocks = units * splits;
-    if blocks > i32::MAX as usize {
-        candle_core::bail!("{OP}: {blocks} blocks exceed the launch limit");
-    }
-    let scale_log2 = scale * std::f32::consts::LOG2_E;
-    if splits == 1 {
-        launch!(
-            f,
-            super::cfg(blocks as u32, THREADS, 0),
-            qp,
-            pp,
-            pages,
-            queries,
-            kv_limit,
-            outp,
-            0u64,
-            hq as i32,
-            hkv as i32,
-            s as i32,
-            n as i32,
-            p as i32,
-            slots as u32,
-            1i32,
-            per_split as i32,
-            scale_log2,
-            lse_off
-        )?;
-    } else {
-        let rows = t * hq;
-        let (part, partp) = alloc::<f32>(&dev, rows * splits * (d + 2))?;
-        launch!(
-            f,
-            super::cfg(blocks as u32, THREADS, 0),
-            qp,
-            pp,
-            pages,
-            queries,
-            kv_limit,
-            outp,
-            partp,
-            hq as i32,
-            hkv as i32,
-            s as i32,
-            n as i32,
-            p as i32,
-            slots as u32,
-            splits as i32,
-            per_split as i32,
-            scale_log2,
-            lse_off
-        )?;
-        let merge = func(&dev, &ATTENTION, "spa_merge")?;
-        let rows_per_block = 4usize;
-        launch!(
-            merge,
-            super::cfg(rows.div_ceil(rows_per_block) as u32, 32 * rows_per_block as u32, 0),
-            partp,
-            outp,
-            rows as i32,
-            splits as i32,
-            d as i32,
-            lse_off
-        )?;
-        // Freed in stream order, after the merge has read it.
-        drop(part);
-    }
+    let (out, shape) = geo.launch(None)?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
+
+/// Whether the fused tiered kernel (`spa_tier_*`) takes queries of `dtype`, head dim
+/// `d` and GQA group `g`: the tensor-core kernel's cases. Elsewhere
+/// [`crate::ops::tiered_paged_attention`] composes fill, two attentions and a merge.
+pub(crate) fn tier_kernel_fits(dtype: DType, d: usize, g: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && (d == 64 || d == 128) && (1..=16).contains(&g)
+}
+
+/// The fused tiered attention: `sparse_paged_attention` over the fast pool `fast`
+/// (written: the fills) where each entry may instead name a host page
+/// `src` `[S, Hkv, N]` u32 of `host`. Only for [`tier_kernel_fits`] cases.
+pub(crate) fn tiered_paged_attention(
+    q: &CudaStorage,
+    ql: &Layout,
+    fast: PoolRef,
+    host: PoolRef,
+    list: &PageList,
+    src: &candle_core::Tensor,
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "tiered_paged_attention";
+    let (t, hq, d) = ql.shape().dims3()?;
+    let (s, hkv, n, _) = list.pages.dims4()?;
+    let qp = ptr(OP, q, ql)?;
+    let (fp, fast_slots) = (fast.ptr, fast.slots);
+    if fast.page_size != host.page_size || fast.head_dim != host.head_dim {
+        candle_core::bail!("{OP}: fast pool pages {fast:?} and host pool pages {host:?} differ");
+    }
+    if !tier_kernel_fits(q.dtype(), d, hq / hkv)
+        || host.head_dim != d
+        || qp % 16 != 0
+        || fp % 16 != 0
+        || host.ptr % 16 != 0
+    {
+        candle_core::bail!(
+            "{OP}: no fused kernel for q {:?} {:?} over pages of head dim {} (bf16/f16, D 64 or 128, at most 16 query heads per KV head, 16-byte aligned pools)",
+            ql.dims(),
+            q.dtype(),
+            host.head_dim
+        );
+    }
+    let dev = super::device(q).clone();
+    let geo = MmaLaunch {
+        dev: &dev,
+        qp,
+        pp: fp,
+        pages: super::field_ptr(OP, "pages", &list.pages)?,
+        queries: super::field_ptr(OP, "queries", &list.queries)?,
+        kv_limit: super::field_ptr(OP, "kv_limit", &list.kv_limit)?,
+        t,
+        hq,
+        hkv,
+        s,
+        n,
+        p: host.page_size,
+        d,
+        slots: fast_slots,
+        scale,
+        dtype: q.dtype(),
+    };
+    let tier = (super::field_ptr(OP, "src", src)?, host.ptr, host.slots as u32);
+    let (out, shape) = geo.launch(Some(tier))?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
+
+/// The tensor-core kernel for a case (`kernels/attention.cu`'s instantiations).
+fn kernel_name(tier: bool, dt: DType, d: usize, small: bool) -> &'static str {
+    let bf16 = dt == DType::BF16;
+    match (tier, bf16, d == 128, small) {
+        (false, true, true, true) => "spa_mma_bf16_d128_g8",
+        (false, true, true, false) => "spa_mma_bf16_d128_g16",
+        (false, true, false, true) => "spa_mma_bf16_d64_g8",
+        (false, true, false, false) => "spa_mma_bf16_d64_g16",
+        (false, false, true, true) => "spa_mma_f16_d128_g8",
+        (false, false, true, false) => "spa_mma_f16_d128_g16",
+        (false, false, false, true) => "spa_mma_f16_d64_g8",
+        (false, false, false, false) => "spa_mma_f16_d64_g16",
+        (true, true, true, true) => "spa_tier_bf16_d128_g8",
+        (true, true, true, false) => "spa_tier_bf16_d128_g16",
+        (true, true, false, true) => "spa_tier_bf16_d64_g8",
+        (true, true, false, false) => "spa_tier_bf16_d64_g16",
+        (true, false, true, true) => "spa_tier_f16_d128_g8",
+        (true, false, true, false) => "spa_tier_f16_d128_g16",
+        (true, false, false, true) => "spa_tier_f16_d64_g8",
+        (true, false, false, false) => "spa_tier_f16_d64_g16",
+    }
+}
+
+/// One launch of the tensor-core kernel (plain, or fused tiered with `(src, host pool,
+/// host slots)`) and, when it splits, the merge of its splits.
+struct MmaLaunch<'a> {
+    dev: &'a candle_core::cuda_backend::CudaDevice,
+    qp: u64,
+    pp: u64,
+    pages: u64,
+    queries: u64,
+    kv_limit: u64,
+    t: usize,
+    hq: usize,
+    hkv: usize,
+    s: usize,
+    n: usize,
+    p: usize,
+    d: usize,
+    slots: usize,
+    scale: f32,
+    dtype: DType,
+}
+
+impl MmaLaunch<'_> {
+    fn launch(
+        &self,
+        tier: Option<(u64, u64, u32)>,
+    ) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, Shape)> {
+        let &Self {
+            dev,
+            qp,
+            pp,
+            pages,
+            queries,
+            kv_limit,
+            t,
+            hq,
+            hkv,
+            s,
+            n,
+            p,
+            d,
+            slots,
+            scale,
+            ..
+        } = self;
+        let shape = Shape::from_dims(&[t * hq * (d + 1)]);
+        let lse_off = (t * hq * d) as u64;
+        let (out, outp) = alloc::<f32>(dev, t * hq * (d + 1))?;
+        if t == 0 {
+            return Ok((out, shape));
+        }
+        let small = hq / hkv <= 8 && super::attention_g8();
+        let name = kernel_name(tier.is_some(), self.dtype, d, small);
+        let f = func(dev, &ATTENTION, name)?;
+        let resident = (sm_count(dev)? * super::occupancy(&f, name, THREADS)?) as usize * super::attention_waves();
+        let units = t * hkv;
+        let max_splits = n.div_ceil(MIN_PER_SPLIT).max(1);
+        let splits = if units >= resident {
+            1
+        } else {
+            (resident / units).clamp(1, max_splits)
+        };
+        let per_split = n.div_ceil(splits).max(1);
+        let splits = n.div_ceil(per_split).max(1);
+        let blocks = units * splits;
+        if blocks > i32::MAX as usize {
+            candle_core::bail!("{OP}: {blocks} blocks exceed the launch limit");
+        }
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let rows = t * hq;
+        let part = if splits > 1 {
+            Some(alloc::<f32>(dev, rows * splits * (d + 2))?)
+        } else {
+            None
+        };
+        let partp = part.as_ref().map_or(0u64, |(_, p)| *p);
+        let c = super::cfg(blocks as u32, THREADS, 0);
+        let (hq, hkv, s, n, p) = (hq as i32, hkv as i32, s as i32, n as i32, p as i32);
+        let (splits_i, per_split) = (splits as i32, per_split as i32);
+        let slots = slots as u32;
+        match tier {
+            None => launch!(
+                f, c, qp, pp, pages, queries, kv_limit, outp, partp, hq, hkv, s, n, p, slots, splits_i, per_split,
+                scale_log2, lse_off
+            )?,
+            Some((src, host, host_slots)) => launch!(
+                f, c, qp, pp, pages, queries, kv_limit, outp, partp, hq, hkv, s, n, p, slots, splits_i, per_split,
+                scale_log2, lse_off, src, host, host_slots
+            )?,
+        }
+        if let Some((part, partp)) = part {
+            let merge = func(dev, &ATTENTION, "spa_merge")?;
+            let rows_per_block = 4usize;
+            launch!(
+                merge,
+                super::cfg(rows.div_ceil(rows_per_block) as u32, 32 * rows_per_block as u32, 0),
+                partp,
+                outp,
+                rows as i32,
+                splits as i32,
+                d as i32,
+                lse_off
+            )?;
+            // Freed in stream order, after the merge has read it.
+            drop(part);
+        }
+        Ok((out, shape))
+    }
 }
 
 /// One thread per output element: the merged `[rows, D]` out, then the merged lse
