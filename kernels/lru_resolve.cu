@@ -40,6 +40,7 @@ extern "C" __global__ void lru_link(const u32* __restrict__ host_slots, const u3
                                     const u32* __restrict__ resident, u32* __restrict__ snapshot,
                                     u32* __restrict__ fast_pairs, u32* __restrict__ ready_pairs,
                                     u32* __restrict__ fetched_pairs, u32* __restrict__ spill_pairs,
+                                    u32* __restrict__ tiered_pairs, u32* __restrict__ tiered_src,
                                     u32* __restrict__ misses, u32* __restrict__ miss_count,
                                     const u32* __restrict__ state, u32 reuse_steps, u32 home_base,
                                     u32 home_count, u32 home_fast, u64* counters) {
@@ -57,6 +58,9 @@ extern "C" __global__ void lru_link(const u32* __restrict__ host_slots, const u3
     fetched_pairs[2 * i + 1] = SPIN_NONE;
     spill_pairs[2 * i] = SPIN_NONE;
     spill_pairs[2 * i + 1] = SPIN_NONE;
+    tiered_pairs[2 * i] = SPIN_NONE;
+    tiered_pairs[2 * i + 1] = SPIN_NONE;
+    tiered_src[i] = SPIN_NONE;
     misses[2 * i] = SPIN_NONE;
     misses[2 * i + 1] = SPIN_NONE;
     const u32 hs = host_slots[i], o = owners[i];
@@ -67,6 +71,8 @@ extern "C" __global__ void lru_link(const u32* __restrict__ host_slots, const u3
       fast_pairs[2 * i + 1] = logical[i];
       ready_pairs[2 * i] = home;
       ready_pairs[2 * i + 1] = logical[i];
+      tiered_pairs[2 * i] = home;
+      tiered_pairs[2 * i + 1] = logical[i];
       count_lanes((unsigned long long*)&counters[0]);
       continue;
     }
@@ -101,7 +107,7 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
                                        u32* slot_owner, u32* pinned, i64* stamps, u32* resident,
                                        const u32* __restrict__ snapshot, const u32* __restrict__ budgets,
                                        u32* fast_pairs, u32* ready_pairs, u32* fetched_pairs, u32* spill_pairs,
-                                       u32* misses, u32* miss_count, u64* counters, u32 buckets, u32 ways,
+                                       u32* tiered_pairs, u32* tiered_src, u32* misses, u32* miss_count, u64* counters, u32 buckets, u32 ways,
                                        const u32* __restrict__ state) {
   const i64 clock = (i64)(((u64)state[1] << 32) | (u64)state[0]);
   const u32 round = state[2] + 1u;  // state[2] = the last round's number (0: none yet)
@@ -138,10 +144,15 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
         }
       }
       if (hit != SPIN_NONE) {
-        // A slot an earlier request of this round pinned may be fetched in this round.
-        u32* split = pinned[hit] == round ? fetched_pairs : ready_pairs;
+        // A slot an earlier request of this round pinned may be fetched in this round:
+        // the fused attention reads such a repeat from the host tier.
+        const bool repeat = pinned[hit] == round;
+        u32* split = repeat ? fetched_pairs : ready_pairs;
         split[2 * i] = hit;
         split[2 * i + 1] = lp;
+        tiered_pairs[2 * i] = repeat ? SPIN_NONE : hit;
+        tiered_pairs[2 * i + 1] = lp;
+        tiered_src[i] = repeat ? hs : SPIN_NONE;
         stamps[hit] = stamp;
         pinned[hit] = round;
         fast_pairs[2 * i] = hit;
@@ -172,6 +183,8 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
       if (best == SPIN_NONE) {
         spill_pairs[2 * i] = hs;
         spill_pairs[2 * i + 1] = lp;
+        tiered_pairs[2 * i + 1] = lp;
+        tiered_src[i] = hs;
         ++deferred;
         continue;
       }
@@ -185,6 +198,9 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
       fast_pairs[2 * i + 1] = lp;
       fetched_pairs[2 * i] = best;
       fetched_pairs[2 * i + 1] = lp;
+      tiered_pairs[2 * i] = best;
+      tiered_pairs[2 * i + 1] = lp;
+      tiered_src[i] = hs;
       const u32 k = atomicAdd(miss_count, 1u);
       misses[2 * k] = hs;
       misses[2 * k + 1] = best;

@@ -118,10 +118,16 @@ fn random_budgets(r: &mut StdRng, cap: usize) -> Vec<u32> {
 /// per request whether its fast pair is in `ready_pairs`).
 type Round = (Vec<u32>, Vec<u32>, BTreeSet<(u32, u32)>, u32, Vec<bool>);
 
-fn host_round(out: &ResolveOutput) -> Round {
+/// Also checks the fused attention's list against the other outputs and the requests'
+/// host slots `hs`: ready rows read their fast slot; a miss (the first row of the round
+/// naming its slot) reads its host slot and fills the fast one; repeats and deferred
+/// rows read their host slot only.
+fn host_round(out: &ResolveOutput, hs: &Tensor) -> Round {
     let (fast, spill, misses) = (u32s(&out.fast_pairs), u32s(&out.spill_pairs), u32s(&out.misses));
     let (ready, fetched) = (u32s(&out.ready_pairs), u32s(&out.fetched_pairs));
+    let (tiered, src, hs) = (u32s(&out.tiered_pairs), u32s(&out.tiered_src), u32s(hs));
     let mut is_ready = Vec::with_capacity(fast.len() / 2);
+    let mut named = HashSet::new();
     for (i, f) in fast.chunks(2).enumerate() {
         let (r, x) = (&ready[2 * i..2 * i + 2], &fetched[2 * i..2 * i + 2]);
         let none = [NONE, NONE];
@@ -130,6 +136,25 @@ fn host_round(out: &ResolveOutput) -> Round {
         let ok = (r == f && x == none) || (x == f && r == none);
         assert!(ok, "row {i}: fast {f:?}, ready {r:?}, fetched {x:?}");
         is_ready.push(f != none && r == f);
+        let first = f[0] != NONE && named.insert(f[0]);
+        let sp = &spill[2 * i..2 * i + 2];
+        let want: ([u32; 2], u32) = if f[0] != NONE && r == f {
+            ([f[0], f[1]], NONE)
+        } else if f[0] != NONE && first {
+            ([f[0], f[1]], hs[i])
+        } else if f[0] != NONE {
+            ([NONE, f[1]], hs[i])
+        } else if sp[0] != NONE {
+            ([NONE, sp[1]], sp[0])
+        } else {
+            ([NONE, NONE], NONE)
+        };
+        assert_eq!(
+            (&tiered[2 * i..2 * i + 2], src[i]),
+            (&want.0[..], want.1),
+            "row {i}: tiered entry (fast {f:?}, ready {r:?}, spill {sp:?}, host slot {})",
+            hs[i]
+        );
     }
     let count = u32s(&out.miss_count)[0];
     let set: BTreeSet<(u32, u32)> = misses.chunks(2).take(count as usize).map(|p| (p[0], p[1])).collect();
@@ -236,7 +261,7 @@ fn run_schedule(seed: u64, c: Config, lrus: &mut [DeviceLru]) {
                         })
                         .unwrap();
                     assert_eq!(out.fast_pairs.dims(), &[n, 2]);
-                    results.push(host_round(&out));
+                    results.push(host_round(&out, &hs_t));
                 }
                 let mut next = Vec::new();
                 let mut miss_set = BTreeSet::new();
@@ -488,6 +513,7 @@ fn repeats_are_not_ready(d: &Device) {
                 reuse_steps: 0,
             })
             .unwrap(),
+            &a,
         )
     };
     // 3 misses then hits it (fetched), 5 misses, 3 again (still this round: fetched).
@@ -591,7 +617,7 @@ fn cuda_device_lru_matches_the_cpu_reference() {
                     reuse_steps: 2,
                 })
                 .unwrap();
-            rounds.push(host_round(&out));
+            rounds.push(host_round(&out, &a));
         }
         assert_eq!(rounds[0], rounds[1], "large round, step {step}");
         assert_eq!(

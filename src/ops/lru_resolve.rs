@@ -81,6 +81,14 @@ pub struct ResolveOutput {
     /// `[n, 2]` u32 (host slot, logical) for deferred requests (every way of their bucket
     /// was pinned by this round: retry next round); (NONE, NONE) otherwise.
     pub spill_pairs: Tensor,
+    /// `[n, 2]` u32: the page list of [`ops::tiered_paged_attention`](crate::ops::tiered_paged_attention)
+    /// (fast slot or NONE, logical): the ready rows' fast slots, the misses' fast slots
+    /// (filled by that call), NONE with the logical page for repeats of a slot pinned
+    /// earlier in the round and for deferred requests; (NONE, NONE) for skipped requests.
+    pub tiered_pairs: Tensor,
+    /// `[n]` u32: its `src`, the host slot of misses, repeats and deferred requests
+    /// (read from the host tier), NONE elsewhere.
+    pub tiered_src: Tensor,
     /// `[n, 2]` u32 (host slot, fast slot) of the misses (the pages to copy in), compacted
     /// to the front in unspecified order (request order on the CPU); (NONE, NONE) after.
     pub misses: Tensor,
@@ -128,6 +136,10 @@ pub(crate) struct RoundOutput {
     pub fetched_pairs: Vec<u32>,
     /// `[n * 2]` (host slot, logical).
     pub spill_pairs: Vec<u32>,
+    /// `[n * 2]` (fast slot or NONE, logical) for the fused tiered attention.
+    pub tiered_pairs: Vec<u32>,
+    /// `[n]` host slot read by the fused tiered attention, or NONE.
+    pub tiered_src: Vec<u32>,
     /// `[n * 2]` (host slot, fast slot), compacted to the front, [`NONE`] after.
     pub misses: Vec<u32>,
     /// Valid rows of `misses`.
@@ -135,6 +147,14 @@ pub(crate) struct RoundOutput {
 }
 
 impl RoundOutput {
+    /// Request `i`'s entry of the fused tiered list: `slot` (a ready slot, a miss's fill
+    /// target, or NONE) and the host slot it is read from (NONE: the fast slot).
+    fn set_tiered(&mut self, i: usize, slot: u32, logical: u32, src: u32) {
+        self.tiered_pairs[2 * i] = slot;
+        self.tiered_pairs[2 * i + 1] = logical;
+        self.tiered_src[i] = src;
+    }
+
     /// Request `i`'s fast pair: in `fast_pairs`, and in `ready_pairs` or `fetched_pairs`.
     fn set(&mut self, i: usize, slot: u32, logical: u32, ready: bool) {
         for v in [
@@ -194,6 +214,8 @@ pub(crate) fn resolve_round(st: &mut LruState, inp: &RoundInput<'_>) -> RoundOut
         ready_pairs: vec![NONE; 2 * n],
         fetched_pairs: vec![NONE; 2 * n],
         spill_pairs: vec![NONE; 2 * n],
+        tiered_pairs: vec![NONE; 2 * n],
+        tiered_src: vec![NONE; n],
         misses: vec![NONE; 2 * n],
         miss_count: 0,
     };
@@ -206,6 +228,7 @@ pub(crate) fn resolve_round(st: &mut LruState, inp: &RoundInput<'_>) -> RoundOut
         }
         if let Some(f) = st.homes.slot(hs) {
             out.set(i, f, lp, true);
+            out.set_tiered(i, f, lp, NONE);
             st.counters[0] += 1;
             continue;
         }
@@ -220,7 +243,14 @@ pub(crate) fn resolve_round(st: &mut LruState, inp: &RoundInput<'_>) -> RoundOut
         let b = bucket_index(hs, st.buckets) * ways;
         if let Some(s) = (b..b + ways).find(|&s| st.tags[s] == hs) {
             // A slot an earlier request of this round pinned may be fetched in this round.
-            out.set(i, s as u32, lp, st.pinned[s] != inp.round);
+            let ready = st.pinned[s] != inp.round;
+            out.set(i, s as u32, lp, ready);
+            if ready {
+                out.set_tiered(i, s as u32, lp, NONE);
+            } else {
+                // Possibly a miss still being filled: read from the host tier.
+                out.set_tiered(i, NONE, lp, hs);
+            }
             st.stamps[s] = stamp;
             st.pinned[s] = inp.round;
             st.counters[0] += 1;
@@ -245,6 +275,7 @@ pub(crate) fn resolve_round(st: &mut LruState, inp: &RoundInput<'_>) -> RoundOut
             None => {
                 out.spill_pairs[2 * i] = hs;
                 out.spill_pairs[2 * i + 1] = lp;
+                out.set_tiered(i, NONE, lp, hs);
                 st.counters[2] += 1;
             }
             Some(s) => {
@@ -257,6 +288,7 @@ pub(crate) fn resolve_round(st: &mut LruState, inp: &RoundInput<'_>) -> RoundOut
                 st.stamps[s] = stamp;
                 st.pinned[s] = inp.round;
                 out.set(i, s as u32, lp, false);
+                out.set_tiered(i, s as u32, lp, hs);
                 let k = out.miss_count as usize;
                 out.misses[2 * k] = hs;
                 out.misses[2 * k + 1] = s as u32;

@@ -75,6 +75,8 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
     let (ready, rp) = alloc::<u32>(&dev, 2 * n)?;
     let (fetched, xp) = alloc::<u32>(&dev, 2 * n)?;
     let (spill, sp) = alloc::<u32>(&dev, 2 * n)?;
+    let (tiered, tp) = alloc::<u32>(&dev, 2 * n)?;
+    let (tsrc, tsp) = alloc::<u32>(&dev, n)?;
     let (miss, mp) = alloc::<u32>(&dev, 2 * n)?;
     let (count, cp) = alloc::<u32>(&dev, 1)?;
     let u = DType::U32;
@@ -105,6 +107,8 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
         rp,
         xp,
         sp,
+        tp,
+        tsp,
         mp,
         cp,
         addr("state", b.state, u)?,
@@ -135,6 +139,8 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
             rp,
             xp,
             sp,
+            tp,
+            tsp,
             mp,
             cp,
             addr("counters", b.counters, DType::I64)?,
@@ -150,6 +156,8 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
         ready_pairs: wrap(ready, &dev, &[n, 2]),
         fetched_pairs: wrap(fetched, &dev, &[n, 2]),
         spill_pairs: wrap(spill, &dev, &[n, 2]),
+        tiered_pairs: wrap(tiered, &dev, &[n, 2]),
+        tiered_src: wrap(tsrc, &dev, &[n]),
         misses: wrap(miss, &dev, &[n, 2]),
         miss_count: wrap(count, &dev, &[1]),
     })

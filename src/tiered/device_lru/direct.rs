@@ -90,6 +90,8 @@ impl DeviceLru {
         let none = Tensor::from_vec(vec![NONE; 2 * n.max(1)], (n.max(1), 2), &self.device)?.narrow(0, 0, n)?;
         Ok(ResolveOutput {
             ready_pairs: fast_pairs.clone(),
+            tiered_pairs: fast_pairs.clone(),
+            tiered_src: Tensor::from_vec(vec![NONE; n.max(1)], n.max(1), &self.device)?.narrow(0, 0, n)?,
             fast_pairs,
             fetched_pairs: none.clone(),
             spill_pairs: none.clone(),

@@ -354,6 +354,8 @@ impl DeviceLru {
             ready_pairs: Tensor::from_vec(out.ready_pairs, (n, 2), &self.device)?,
             fetched_pairs: Tensor::from_vec(out.fetched_pairs, (n, 2), &self.device)?,
             spill_pairs: Tensor::from_vec(out.spill_pairs, (n, 2), &self.device)?,
+            tiered_pairs: Tensor::from_vec(out.tiered_pairs, (n, 2), &self.device)?,
+            tiered_src: Tensor::from_vec(out.tiered_src, n, &self.device)?,
             misses: Tensor::from_vec(out.misses, (n, 2), &self.device)?,
             miss_count: Tensor::from_vec(vec![out.miss_count], 1, &self.device)?,
         })
