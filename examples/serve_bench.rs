@@ -51,7 +51,7 @@ use spinkv::models::passkey::{build_prompt, is_correct, KeyGen};
 use spinkv::models::random::{random_llama, shape_config, SHAPES};
 use spinkv::models::{load_model, Llama};
 use spinkv::partition::{by_name, ALGORITHMS};
-use spinkv::SpinCache;
+use spinkv::{FetchMode, SpinCache};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -94,10 +94,11 @@ struct Cli {
     /// The capacity is then HBM plus host.
     #[arg(long, global = true, default_value_t = 0.0, value_parser = fraction)]
     fast_home_fraction: f64,
-    /// Overlap a tiered step's miss fetch with the attention over resident pages
-    /// (`CacheConfig::overlap_fetch`, off by default; `--cuda` only).
-    #[arg(long, global = true)]
-    overlap: bool,
+    /// How a tiered step reads the pages its fast tier misses (`CacheConfig::fetch_mode`):
+    /// in-kernel (the default: inside the attention launch), side-stream (copied on a
+    /// second stream while resident pages are attended; `--cuda` only) or in-order.
+    #[arg(long, global = true, value_enum, default_value_t = Fetch::InKernel)]
+    fetch: Fetch,
     /// Tokens per KV page (default: the algorithm's own, else 16).
     #[arg(long, global = true)]
     page_size: Option<usize>,
@@ -150,6 +151,14 @@ fn decode_mode(c: &Cli) -> DecodeMode {
         (_, "graphs") => DecodeMode::Graphs,
         _ => DecodeMode::Auto,
     }
+}
+
+/// `--fetch`: a tiered step's miss path (`spinkv::FetchMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Fetch {
+    InKernel,
+    SideStream,
+    InOrder,
 }
 
 #[derive(Subcommand, Debug)]
@@ -323,7 +332,11 @@ fn engine(b: &Bench, c: &Cli, algo: &str, seqs: usize, seq_tokens: usize) -> Res
     if c.fast_home_fraction > 0.0 {
         cc = cc.with_fast_homes(c.fast_home_fraction, c.fast_fraction);
     }
-    cc.overlap_fetch = c.overlap;
+    cc.fetch_mode = match c.fetch {
+        Fetch::InKernel => FetchMode::InKernel,
+        Fetch::SideStream => FetchMode::SideStream,
+        Fetch::InOrder => FetchMode::InOrder,
+    };
     // A sparse step selects about budget / context of each request's pages, and the
     // next step re-selects ~90% of them: a cache smaller than that share thrashes
     // (docs/BENCHMARKS.md, "A real model's selections through the engine").
@@ -746,13 +759,8 @@ fn main() -> Result<()> {
         plots(dir, &rows, &c.algo)?;
     }
     println!(
-        "\n{} · budget {} · fast fraction {} · fast homes {} · overlapped fetch {} · prefill chunk {} tokens",
-        b.name,
-        c.budget,
-        c.fast_fraction,
-        c.fast_home_fraction,
-        if c.overlap { "on" } else { "off" },
-        c.max_prefill_tokens
+        "\n{} · budget {} · fast fraction {} · fast homes {} · fetch {:?} · prefill chunk {} tokens",
+        b.name, c.budget, c.fast_fraction, c.fast_home_fraction, c.fetch, c.max_prefill_tokens
     );
     println!("decode tok/s = tokens of decode-only steps / their wall time; latencies in ms; memory in GB\n");
     println!("| {} |", Row::COLUMNS.replace(',', " | "));

@@ -8,12 +8,14 @@
 //! `DeviceLru::with_fast_homes`, and a cache of 10% of the rest takes the remainder:
 //! `CacheConfig::with_fast_homes(h, 0.1)` with `h + 0.1·(1 − h)` = the share). In the
 //! `homes` layout the first sequences' pages are homed in HBM, as allocation order gives.
-//! Each layout runs in order (resolve → fetch → attend) and overlapped (`overlap`: the
-//! misses are copied on a side stream, `ops::SideStream`, while the pages resident before
-//! the round are attended; the fetched pages are attended after the join and merged, as
-//! `SpinCache` does with `CacheConfig::overlap_fetch`). Overlapped rows time fetch and
-//! attend as one phase (in the attend column). `--side-blocks 16,32,64` runs each
-//! overlapped layout once per most-blocks value of the side stream's copy
+//! Each layout runs in each of `SpinCache`'s fetch modes (`spinkv::FetchMode`): in order
+//! (resolve → fetch → attend the fast tier → attend the unplaced pages from the host →
+//! merge), side stream (the misses are copied on a side stream, `ops::SideStream`, while
+//! the pages resident before the round are attended; the fetched pages are attended after
+//! the join and merged) and in kernel (`PinnedPagePool::attend_tiered`: one attention
+//! launch reads misses from the host tier and fills them). Side-stream and in-kernel rows
+//! time fetch and attend as one phase (in the attend column). `--side-blocks 16,32,64`
+//! runs each side-stream layout once per most-blocks value of the side stream's copy
 //! (`ops::set_side_copy_blocks`; default: the library's default).
 //!
 //! `cargo run --release --features cuda --example tiered_step_bench [-- --quick] [-- --csv FILE] [-- --side-blocks LIST]`
@@ -74,12 +76,30 @@ mod bench {
     /// `--side-blocks`).
     const DEFAULT_SIDE_BLOCKS: u32 = 32;
 
+    /// A tiered step's miss path (`spinkv::FetchMode`'s three).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Fetch {
+        InOrder,
+        SideStream,
+        InKernel,
+    }
+
+    impl Fetch {
+        fn name(self) -> &'static str {
+            match self {
+                Self::InOrder => "in-order",
+                Self::SideStream => "side-stream",
+                Self::InKernel => "in-kernel",
+            }
+        }
+    }
+
     struct Row {
         l: usize,
         b: usize,
         fraction: f64,
         layout: &'static str,
-        overlap: bool,
+        fetch: Fetch,
         /// Most blocks of the side stream's copy (0: in order).
         side_blocks: u32,
         phases_us: [f64; 5],
@@ -307,15 +327,21 @@ mod bench {
                 });
 
                 let layouts = fractions.iter().flat_map(|&f| {
-                    let homes = (f > HOMES_CACHE).then_some((f, "homes", true));
-                    [(f, "cache", false), (f, "cache", true)].into_iter().chain(homes)
+                    let modes = [Fetch::InOrder, Fetch::SideStream, Fetch::InKernel];
+                    let homes = (f > HOMES_CACHE).then_some((f, "homes", Fetch::InKernel));
+                    modes.map(|m| (f, "cache", m)).into_iter().chain(homes)
                 });
-                // Overlapped layouts once per --side-blocks value (0: the default).
-                let runs = layouts.flat_map(|(f, layout, overlap)| {
-                    let blocks = if overlap { side_blocks.clone() } else { vec![0] };
-                    blocks.into_iter().map(move |sb| (f, layout, overlap, sb))
+                // Side-stream layouts once per --side-blocks value (0: the default).
+                let runs = layouts.flat_map(|(f, layout, fetch)| {
+                    let blocks = if fetch == Fetch::SideStream {
+                        side_blocks.clone()
+                    } else {
+                        vec![0]
+                    };
+                    blocks.into_iter().map(move |sb| (f, layout, fetch, sb))
                 });
-                for (fraction, layout, overlap, sb) in runs {
+                for (fraction, layout, fetch, sb) in runs {
+                    let overlap = fetch != Fetch::InOrder;
                     if sb > 0 {
                         ops::set_side_copy_blocks(sb);
                     }
@@ -353,7 +379,12 @@ mod bench {
                             reuse_steps: 2,
                         })?;
                         mark()?;
-                        if overlap {
+                        if fetch == Fetch::InKernel {
+                            // No fetch phase: the attention reads and fills the misses.
+                            mark()?;
+                            let src = out.tiered_src.reshape((b, HKV, kpages))?;
+                            host.attend_tiered(&q_buf, &fast, &list(&out.tiered_pairs)?, &src, scale)?;
+                        } else if overlap {
                             side.fork()?;
                             host.gather_counted_on(&fast, &out.misses, &out.miss_count, &side)?;
                             mark()?;
@@ -426,8 +457,12 @@ mod bench {
                         b,
                         fraction,
                         layout,
-                        overlap,
-                        side_blocks: if overlap && sb == 0 { DEFAULT_SIDE_BLOCKS } else { sb },
+                        fetch,
+                        side_blocks: match (fetch, sb) {
+                            (Fetch::SideStream, 0) => DEFAULT_SIDE_BLOCKS,
+                            (Fetch::SideStream, sb) => sb,
+                            _ => 0,
+                        },
                         phases_us: phases,
                         total_us: total,
                         hbm_us: hbm_total,
@@ -443,9 +478,9 @@ mod bench {
                     });
                     let r = rows.last().unwrap_or_else(|| unreachable!());
                     eprintln!(
-                        "  {:>4.0}% HBM ({layout}{}, side blocks {sb}): {:.0} µs (all in HBM {:.0} µs; graphs {:.0} / {:.0} µs), hit {:.1}%, {:.1} MB over PCIe",
+                        "  {:>4.0}% HBM ({layout}, {}, side blocks {sb}): {:.0} µs (all in HBM {:.0} µs; graphs {:.0} / {:.0} µs), hit {:.1}%, {:.1} MB over PCIe",
                         fraction * 100.0,
-                        if overlap { ", overlap" } else { "" },
+                        fetch.name(),
                         r.total_us,
                         r.hbm_us,
                         r.graph_us,
@@ -458,7 +493,7 @@ mod bench {
             }
         }
         println!(
-            "\n| L | B | HBM % | layout | overlap (copy blocks) | {} | step µs | all-in-HBM µs | ratio | graph step µs | graph all-in-HBM µs | graph ratio | hit rate | PCIe MB/step | fetch GB/s |",
+            "\n| L | B | HBM % | layout | fetch (copy blocks) | {} | step µs | all-in-HBM µs | ratio | graph step µs | graph all-in-HBM µs | graph ratio | hit rate | PCIe MB/step | fetch GB/s |",
             PHASES.join(" µs | ") + " µs"
         );
         println!("|{}", "---|".repeat(20));
@@ -469,10 +504,10 @@ mod bench {
                 r.b,
                 r.fraction * 100.0,
                 r.layout,
-                if r.overlap {
-                    format!("yes ({})", r.side_blocks)
+                if r.side_blocks > 0 {
+                    format!("{} ({})", r.fetch.name(), r.side_blocks)
                 } else {
-                    "no".into()
+                    r.fetch.name().into()
                 },
                 r.phases_us
                     .iter()
@@ -494,7 +529,7 @@ mod bench {
             let mut f = std::fs::File::create(&path)?;
             writeln!(
                 f,
-                "context,batch,hbm_fraction,layout,overlap,side_copy_blocks,score_us,select_us,resolve_us,fetch_us,attend_us,step_us,all_in_hbm_us,graph_step_us,graph_all_in_hbm_us,hit_rate,pcie_mb_per_step,fetch_gbs"
+                "context,batch,hbm_fraction,layout,fetch,side_copy_blocks,score_us,select_us,resolve_us,fetch_us,attend_us,step_us,all_in_hbm_us,graph_step_us,graph_all_in_hbm_us,hit_rate,pcie_mb_per_step,fetch_gbs"
             )?;
             for r in &rows {
                 writeln!(
@@ -504,7 +539,7 @@ mod bench {
                     r.b,
                     r.fraction,
                     r.layout,
-                    r.overlap,
+                    r.fetch.name(),
                     r.side_blocks,
                     r.phases_us[0],
                     r.phases_us[1],

@@ -51,16 +51,35 @@ pub struct CacheConfig {
     /// non-finite key or value turns into NaN outputs; see "Non-finite inputs" in
     /// `docs/ARCHITECTURE.md` for how Dense and Quest differ then.
     pub reject_non_finite: bool,
-    /// On, a tiered step copies its misses on a side stream while the attention over the
-    /// pages already resident runs, and attends the fetched pages after (merged by
-    /// log-sum-exp). It needs a device from [`ops::cuda_device`](crate::ops::cuda_device)
-    /// (a device from candle's `Device::new_cuda` tracks buffer uses with events; there,
-    /// and on the CPU, steps run in order). Off (the default): resolve, fetch, attend, in
-    /// order. The outputs agree up to rounding. Off is the default because, measured
-    /// through the engine with a real model (whose hit rates are 88–98%), the overlap's
-    /// extra attention launch and merge cost more than the copy it hides; it pays where
-    /// misses are many (`docs/BENCHMARKS.md`, "Overlapped miss fetch").
-    pub overlap_fetch: bool,
+    /// How a tiered step brings in the pages its fast tier misses ([`FetchMode`]).
+    pub fetch_mode: FetchMode,
+}
+
+/// How a tiered decode step reads the pages that are not in the fast tier
+/// ([`CacheConfig::fetch_mode`]). Every mode gives the same outputs up to rounding and
+/// leaves the same pages resident; `docs/BENCHMARKS.md` ("Fused miss fetch") measures
+/// them against each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FetchMode {
+    /// Resolve, copy the misses into their fast slots (one gather launch), attend the
+    /// fast tier, attend the pages that found no slot from the host tier, merge.
+    InOrder,
+    /// As `InOrder`, but the copy runs on a side stream while the pages resident before
+    /// the round are attended; the fetched pages are attended after the join, and merged.
+    /// It needs a device from [`ops::cuda_device`](crate::ops::cuda_device) (candle's
+    /// `Device::new_cuda` tracks buffer uses with events; there, and on the CPU, steps
+    /// run in order).
+    SideStream,
+    /// One attention launch reads every page where it is: hits from the fast tier,
+    /// misses and pages with no slot from the host tier (mapped pinned memory), and writes
+    /// each miss into its fast slot as it goes
+    /// ([`ops::tiered_paged_attention`](crate::ops::tiered_paged_attention)). PCIe reads
+    /// overlap HBM reads inside the kernel, with no copy launch, second attention or
+    /// merge. Decode-only steps on CUDA with bf16/f16, head dim 64 or 128 and at most 16
+    /// query heads per KV head use the fused kernel; steps with prefill chunks, and
+    /// other shapes on CUDA, run `InOrder`; on the CPU the composed reference runs.
+    #[default]
+    InKernel,
 }
 
 impl CacheConfig {
@@ -84,7 +103,7 @@ impl CacheConfig {
             dtype: DType::F32,
             device: Device::Cpu,
             reject_non_finite: false,
-            overlap_fetch: false,
+            fetch_mode: FetchMode::default(),
         };
         c = c.with_token_capacity(8192, 1.0);
         c

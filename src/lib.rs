@@ -53,5 +53,5 @@ pub mod trace;
 pub use cache::{
     FanOut, PaddedShape, PoolUsage, SelectionRecord, SeqId, SparseKvCache, SpinCache, StepInput, StepStats,
 };
-pub use config::CacheConfig;
+pub use config::{CacheConfig, FetchMode};
 pub use error::{Error, Result, Tier};

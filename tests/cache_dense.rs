@@ -12,7 +12,7 @@ use common::harness::{random_step, Reference};
 use common::*;
 use spinkv::ops::reference_attention;
 use spinkv::partition::{Dense, Quest, QuestConfig, SparseAlgorithm};
-use spinkv::{CacheConfig, SparseKvCache, SpinCache, StepInput};
+use spinkv::{CacheConfig, FetchMode, SparseKvCache, SpinCache, StepInput};
 
 const THETA: f64 = 10_000.0;
 
@@ -138,23 +138,25 @@ fn half_precision_dtypes_run_and_stay_close() {
     }
 }
 
-/// Where no side stream exists (the CPU), `CacheConfig::overlap_fetch` leaves the step in
-/// order: no side stream is made, and a cache with a small fast tier (misses every step)
-/// still matches the reference with the flag on and off.
+/// Every fetch mode on the CPU: `SideStream` finds no side stream and runs in order,
+/// `InKernel` runs the composed reference of the fused attention (misses read from the
+/// host tier and filled into their slots by the attention call). A cache with a small
+/// fast tier (misses every step) matches the reference model in each.
 #[test]
-fn overlap_fetch_falls_back_to_order_on_the_cpu() {
+fn every_fetch_mode_matches_the_reference_on_the_cpu() {
     assert!(spinkv::ops::SideStream::new(&candle_core::Device::Cpu)
         .unwrap()
         .is_none());
-    for overlap in [true, false] {
+    for (mode, runs) in [
+        (FetchMode::InOrder, FetchMode::InOrder),
+        (FetchMode::SideStream, FetchMode::InOrder),
+        (FetchMode::InKernel, FetchMode::InKernel),
+    ] {
         let mut cfg = CacheConfig::new(2, 4, 2, 32);
-        cfg.overlap_fetch = overlap;
+        cfg.fetch_mode = mode;
         let cfg = cfg.with_token_capacity(400, 0.1);
         let mut cache = SpinCache::new(cfg, Dense::new()).unwrap();
-        assert!(
-            !cache.fetch_overlapped(),
-            "overlap {overlap}: no side stream on the CPU"
-        );
+        assert_eq!(cache.fetch_mode(), runs, "{mode:?} on the CPU");
         let seq = cache.add_sequence().unwrap();
         let mut reference = Reference::new(THETA, 32);
         let mut r = rng(5);
@@ -167,7 +169,7 @@ fn overlap_fetch_falls_back_to_order_on_the_cpu() {
             let io = random_step(&mut cache, &inputs, &mut r);
             worst = reference.check_step(&inputs, &io).into_iter().fold(worst, f64::max);
         }
-        assert!(worst < 1e-4, "overlap {overlap}: max err {worst}");
+        assert!(worst < 1e-4, "{mode:?}: max err {worst}");
         assert!(cache.stats().misses > 0, "the fast tier of 10% missed");
     }
 }

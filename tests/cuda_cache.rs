@@ -1,8 +1,10 @@
-//! `SpinCache` with its fast tier on CUDA against the same cache on the CPU, twice: on
-//! candle's `Device::new_cuda(0)` (every step in order) and on `ops::cuda_device(0)`
-//! (misses fetched on a side stream while resident pages are attended, where the fast
-//! tier caches: `CacheConfig::overlap_fetch`, asked of all three caches; on the CPU and
-//! on a device with event tracking on the step stays in order). Identical inputs (ragged batches, chunked prefill, decode),
+//! `SpinCache` with its fast tier on CUDA against the same cache on the CPU, in every
+//! fetch mode: on candle's `Device::new_cuda(0)` in order (`FetchMode::InOrder`) and with
+//! the fused kernel (`FetchMode::InKernel`: misses read and filled inside the attention
+//! launch), and on `ops::cuda_device(0)` with misses fetched on a side stream while
+//! resident pages are attended (`FetchMode::SideStream`). The CPU cache runs
+//! `InKernel` as its composed reference. Where the fast tier holds every page, or no fused
+//! kernel fits (f32), the step runs in order. Identical inputs (ragged batches, chunked prefill, decode),
 //! Dense and Quest (budget below and over the context), a fast tier smaller than the
 //! working set (misses and spills every step); InfLLM and ShadowKV (budget 128). On the
 //! GPU the host tier is mapped pinned memory and the LRU resolves on the device; the
@@ -17,7 +19,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use spinkv::partition::{by_name, Dense, Quest, QuestConfig, ShadowKv, ShadowKvConfig, SparseAlgorithm};
-use spinkv::{CacheConfig, SparseKvCache, SpinCache, StepInput};
+use spinkv::{CacheConfig, FetchMode, SparseKvCache, SpinCache, StepInput};
 
 fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_fraction: f64, tol: f64, what: &str) {
     spinkv::ops::set_poison_outputs(true);
@@ -25,13 +27,18 @@ fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_frac
     let own_stream = spinkv::ops::cuda_device(0).expect("a CUDA device");
     let (layers, hq, hkv, d) = (3, 6, 2, 64);
     let mut caches = Vec::new();
-    for dev in [Device::Cpu, gpu, own_stream] {
+    let modes = [
+        (Device::Cpu, FetchMode::InKernel),
+        (gpu.clone(), FetchMode::InOrder),
+        (own_stream, FetchMode::SideStream),
+        (gpu, FetchMode::InKernel),
+    ];
+    for (dev, mode) in modes.iter().cloned() {
         let mut cfg = CacheConfig::new(layers, hq, hkv, d);
         cfg.dtype = dtype;
         cfg.device = dev;
         cfg.max_seq_len = 1024;
-        // Asked of all three; only a CUDA device of its own stream can overlap.
-        cfg.overlap_fetch = true;
+        cfg.fetch_mode = mode;
         let algo = make();
         let cfg = cfg
             .with_token_capacity(1024, fast_fraction)
@@ -39,10 +46,22 @@ fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_frac
         caches.push(SpinCache::new_boxed(cfg, algo).unwrap());
     }
     let caching = fast_fraction < 1.0;
+    let fused = dtype != DType::F32;
+    let want_modes: Vec<FetchMode> = modes
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, m))| {
+            if caching && (i != 3 || fused) {
+                m
+            } else {
+                FetchMode::InOrder
+            }
+        })
+        .collect();
     assert_eq!(
-        caches.iter().map(|c| c.fetch_overlapped()).collect::<Vec<_>>(),
-        [false, false, caching],
-        "{what}: only a caching fast tier on a device of its own stream overlaps"
+        caches.iter().map(|c| c.fetch_mode()).collect::<Vec<_>>(),
+        want_modes,
+        "{what}: the modes a caching fast tier takes (no fused kernel for f32)"
     );
     let seqs: Vec<Vec<_>> = caches
         .iter_mut()

@@ -24,7 +24,7 @@ use spinkv::engine::{DecodeMode, Engine, EngineConfig, Request, SamplingParams};
 use spinkv::models::random::{random_llama, shape_config};
 use spinkv::models::Llama;
 use spinkv::partition::{Dense, Quest, QuestConfig, SparseAlgorithm};
-use spinkv::SpinCache;
+use spinkv::{FetchMode, SpinCache};
 
 const NEW: usize = 64;
 
@@ -54,13 +54,18 @@ fn run(
     mode: DecodeMode,
 ) -> (Vec<Vec<u32>>, spinkv::engine::DecodeCounters) {
     let mut cc = model.cache_config_for(b, 700 + NEW, 16, fraction).unwrap();
-    // Quest over the LRU fetches its misses on a side stream (two streams inside the
-    // graph); dense over the LRU fetches them in order (the default).
-    cc.overlap_fetch = algo_name == "quest";
+    // Quest over the LRU reads its misses inside the attention kernel (the default);
+    // dense over the LRU fetches them on a side stream (two streams inside the graph).
+    let fetch = if algo_name == "quest" {
+        FetchMode::InKernel
+    } else {
+        FetchMode::SideStream
+    };
+    cc.fetch_mode = fetch;
     let cache = SpinCache::new_boxed(cc, algo(algo_name)).unwrap();
     assert_eq!(
-        cache.fetch_overlapped(),
-        fraction < 1.0 && algo_name == "quest",
+        cache.fetch_mode(),
+        if fraction < 1.0 { fetch } else { FetchMode::InOrder },
         "{algo_name} fraction {fraction}"
     );
     let cfg = EngineConfig {

@@ -129,6 +129,16 @@ impl SpinCache {
         }
         let out = self.lru.resolve(&req)?;
         step.requests += (s * hkv * n) as u64;
+        if self.in_kernel && step.prefill.is_none() {
+            // One launch: hits from the fast tier, misses (filled on the way) and deferred
+            // pages from the host tier.
+            let tiered = list(&out.tiered_pairs, &step.queries)?;
+            let src = out.tiered_src.reshape((s, hkv, n))?;
+            let part = self
+                .host
+                .attend_tiered(q_rot, &self.fast_pool, &tiered, &src, self.scale)?;
+            return Ok((part, tiered.pages));
+        }
         let fast_list = list(&out.fast_pairs, &fast_queries)?;
         let spill_list = list(&out.spill_pairs, &step.queries)?;
         let Some(side) = self.side.as_ref() else {

@@ -21,7 +21,7 @@ mod types;
 pub use fanout::{AttendTap, FanOut};
 pub use types::{PaddedShape, PoolUsage, SelectionRecord, SeqId, SparseKvCache, StepInput, StepStats};
 
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, FetchMode};
 use crate::error::Tier;
 use crate::meta::{DeviceTables, PageTables, LEAF_PAGES};
 use crate::ops::{self, AttentionPartial, PageList, NONE};
@@ -120,8 +120,11 @@ pub struct SpinCache {
     host_alloc: SlotAllocator,
     lru: DeviceLru,
     /// The stream misses are fetched on while resident pages are attended
-    /// (`CacheConfig::overlap_fetch` on a device that allows it; see [`ops::SideStream`]).
+    /// (`FetchMode::SideStream` on a device that allows it; see [`ops::SideStream`]).
     side: Option<ops::SideStream>,
+    /// Decode-only tiered steps read misses inside the attention kernel
+    /// (`FetchMode::InKernel` where the host tier takes it).
+    in_kernel: bool,
     budgets: BudgetTracker,
     tables: PageTables,
     device_tables: DeviceTables,
@@ -175,18 +178,21 @@ impl SpinCache {
         let max_rows = cfg.max_sequences * dirs;
         let leaves_per_row = cfg.max_seq_len.div_ceil(p).div_ceil(LEAF_PAGES);
         let arena = cfg.total_pages().div_ceil(LEAF_PAGES) + max_rows;
+        let host = HostTier::new(&cfg)?;
+        let in_kernel = cfg.fetch_mode == FetchMode::InKernel && !lru.is_direct() && host.tiered_fits(&cfg);
         let mut cache = Self {
             id: types::NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            host: HostTier::new(&cfg)?,
+            host,
             // Pages take fast homes (ids from host_pages on) first.
             host_alloc: SlotAllocator::with_preferred(Tier::Host, cfg.total_pages(), cfg.host_pages),
             budgets: BudgetTracker::new(cfg.budget_policy, lru.capacity()),
             // A direct-mapped fast tier never fetches.
-            side: if cfg.overlap_fetch && !lru.is_direct() {
+            side: if cfg.fetch_mode == FetchMode::SideStream && !lru.is_direct() {
                 ops::SideStream::new(&cfg.device)?
             } else {
                 None
             },
+            in_kernel,
             lru,
             tables: PageTables::new(cfg.num_layers, cfg.num_kv_heads),
             device_tables: DeviceTables::with_capacity(max_rows, leaves_per_row, arena, dirs, &cfg.device)?,
@@ -240,11 +246,18 @@ impl SpinCache {
         self.trace.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
-    /// Whether this cache's tiered steps fetch misses on a side stream while the pages
-    /// already resident are attended ([`CacheConfig::overlap_fetch`], on a CUDA device of
-    /// its own stream, with a fast tier that caches rather than holds every page).
-    pub fn fetch_overlapped(&self) -> bool {
-        self.side.is_some()
+    /// How this cache's tiered decode steps read their misses: the configured
+    /// [`CacheConfig::fetch_mode`] where the device and shapes allow it, else
+    /// [`FetchMode::InOrder`] (also for a fast tier that holds every page: it never
+    /// fetches).
+    pub fn fetch_mode(&self) -> FetchMode {
+        if self.side.is_some() {
+            FetchMode::SideStream
+        } else if self.in_kernel {
+            FetchMode::InKernel
+        } else {
+            FetchMode::InOrder
+        }
     }
 
     /// Checks pool accounting: every page of every sequence has exactly one host slot,

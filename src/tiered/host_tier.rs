@@ -95,6 +95,39 @@ impl HostTier {
         }
     }
 
+    /// Whether [`attend_tiered`](Self::attend_tiered) takes the queries of `cfg`: always
+    /// for a tensor tier (the fused kernel or its composed reference), for the pinned
+    /// tier where a fused kernel fits.
+    pub fn tiered_fits(&self, cfg: &crate::CacheConfig) -> bool {
+        let _ = cfg;
+        match self {
+            Self::Tensor(_) => true,
+            #[cfg(feature = "cuda")]
+            Self::Pinned(_) => {
+                ops::tiered_attention_fused(&cfg.device, cfg.dtype, cfg.head_dim, cfg.num_q_heads, cfg.num_kv_heads)
+            }
+        }
+    }
+
+    /// [`ops::tiered_paged_attention`] with this tier as the host pool: attends each entry
+    /// of `list` from `fast` or (where `src` `[S, Hkv, N]` names a host slot) from this
+    /// tier, and fills the entries that name both into `fast`.
+    pub fn attend_tiered(
+        &self,
+        q: &Tensor,
+        fast: &Tensor,
+        list: &PageList,
+        src: &Tensor,
+        scale: f32,
+    ) -> Result<AttentionPartial> {
+        crate::fault::device_call("HostTier::attend_tiered")?;
+        match self {
+            Self::Tensor(pool) => ops::tiered_paged_attention(q, fast, pool, list, src, scale),
+            #[cfg(feature = "cuda")]
+            Self::Pinned(pool) => pool.attend_tiered(q, fast, list, src, scale),
+        }
+    }
+
     /// Allocates `slots` zeroed pages for `cfg` on the fast tier's device: pinned host
     /// memory when that device is a GPU.
     pub fn new(cfg: &crate::CacheConfig) -> Result<Self> {
