@@ -31,7 +31,8 @@ pub struct CacheConfig {
     /// `host_pages + fast_home_pages` pages in all ([`total_pages`](Self::total_pages)).
     /// New pages take these slots first. See "Storage" in `docs/ARCHITECTURE.md`.
     pub fast_home_pages: usize,
-    /// Ways per bucket of the fast tier's bucketed LRU (default 8).
+    /// Ways per bucket of the fast tier's bucketed LRU (default 8, at most
+    /// [`MAX_WAYS`](crate::tiered::device_lru::MAX_WAYS) = 32).
     pub lru_ways: usize,
     /// How fast-tier slots are shared among sequences (default:
     /// [`BudgetPolicy::DYNAMIC`], budgets that follow each sequence's reuse).
@@ -204,8 +205,12 @@ impl CacheConfig {
                 self.page_size
             ));
         }
-        if self.lru_ways == 0 {
-            return bad("lru_ways must be >= 1".into());
+        if self.lru_ways == 0 || self.lru_ways > crate::tiered::device_lru::MAX_WAYS {
+            return bad(format!(
+                "lru_ways ({}) must be in 1..={}",
+                self.lru_ways,
+                crate::tiered::device_lru::MAX_WAYS
+            ));
         }
         if self.host_pages == 0 || self.host_pages >= u32::MAX as usize / self.page_size {
             return bad(format!(

@@ -629,3 +629,21 @@ fn cuda_device_lru_matches_the_cpu_reference() {
         assert_eq!(cpu.take_step_counters().unwrap(), gl.take_step_counters().unwrap());
     }
 }
+
+/// A bucket holds at most `MAX_WAYS` ways (the CUDA round keeps a bucket's ways in one
+/// warp's lanes): more is an error naming the ways, as is a cache configured with more.
+#[test]
+fn more_ways_than_a_warp_holds_are_rejected() {
+    use spinkv::tiered::device_lru::MAX_WAYS;
+    assert!(DeviceLru::new(2, MAX_WAYS, 1, 8, &Device::Cpu).is_ok());
+    let e = DeviceLru::new(2, MAX_WAYS + 1, 1, 8, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("DeviceLru") && e.contains("ways 33"), "{e}");
+    let mut cfg = spinkv::CacheConfig::new(1, 2, 1, 8);
+    cfg.lru_ways = MAX_WAYS + 1;
+    let e = spinkv::SpinCache::new(cfg, spinkv::partition::Dense::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lru_ways (33)"), "{e}");
+}

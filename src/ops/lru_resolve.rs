@@ -2,7 +2,7 @@
 //! one round of [`BucketedLru`](crate::pool::BucketedLru) (with its snapshot budget rule)
 //! plus the per-slot reuse tracking of [`BudgetTracker::observe`](crate::pool::BudgetTracker::observe),
 //! over a host copy of the LRU's state. `kernels/lru_resolve.cu` computes the same thing
-//! on the GPU, one thread per bucket; this sequential version defines the result.
+//! on the GPU, one warp per bucket with requests; this sequential version defines the result.
 //!
 //! Unlike the other ops this is not a candle `CustomOp`: a round updates several state
 //! tensors at once (tags, owners, pins, stamps, resident counts, reuse history), while a

@@ -65,9 +65,9 @@ fn wrap(buf: candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>, dev: &Cu
     Tensor::from_storage(Storage::Cuda(s), dims, BackpropOp::none(), false)
 }
 
-/// One round: `lru_link` (one thread per request or owner), `lru_resolve` (one thread
-/// per bucket), then `lru_advance` (the round's clock and number, kept on the device in
-/// `b.state`, advance by `n` and 1).
+/// One round: `lru_link` (one thread per request or owner), then `lru_resolve` (one
+/// warp per bucket, its lanes holding the ways; its last block advances the round's clock and number, kept on the
+/// device in `b.state`, by `n` and 1), or `lru_advance` for a round of no requests.
 pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) -> Result<ResolveOutput> {
     let n = req.host_slots.dims()[0];
     let dev = cuda_device(b.tags)?;
@@ -122,7 +122,8 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
         let res = func(&dev, &LRU_RESOLVE, "lru_resolve")?;
         launch!(
             res,
-            cfg(g.buckets.div_ceil(128).min(65535) as u32, 128, 0),
+            // One warp per bucket with requests (at most n), 4 warps a block (LRU_WARPS).
+            cfg(n.min(g.buckets).div_ceil(4).min(65535) as u32, 128, 0),
             hs,
             lp,
             ow,
@@ -146,11 +147,13 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
             addr("counters", b.counters, DType::I64)?,
             g.buckets as u32,
             g.ways as u32,
-            addr("state", b.state, u)?
+            addr("state", b.state, u)?,
+            n as u32
         )?;
+    } else {
+        let adv = func(&dev, &LRU_RESOLVE, "lru_advance")?;
+        launch!(adv, cfg(1, 32, 0), addr("state", b.state, u)?, n as u32)?;
     }
-    let adv = func(&dev, &LRU_RESOLVE, "lru_advance")?;
-    launch!(adv, cfg(1, 32, 0), addr("state", b.state, u)?, n as u32)?;
     Ok(ResolveOutput {
         fast_pairs: wrap(fast, &dev, &[n, 2]),
         ready_pairs: wrap(ready, &dev, &[n, 2]),

@@ -39,6 +39,9 @@ mod homes;
 
 const OP: &str = "DeviceLru";
 
+/// Most ways a bucket may have: `lru_resolve` holds a bucket's ways in one warp's lanes.
+pub const MAX_WAYS: usize = 32;
+
 /// Fast-tier residency of `buckets × ways` slots with per-owner budgets, on one device.
 /// Slot id = `bucket * ways + way`; bucket = [`bucket_index`](crate::ops::lru_resolve::bucket_index)
 /// of the host slot (the function of [`BucketedLru::bucket_of`](crate::pool::BucketedLru::bucket_of)).
@@ -77,11 +80,13 @@ pub struct DeviceLru {
     /// `[buckets]` u32 per-bucket request list heads, NONE between rounds (CUDA scratch).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     head: Tensor,
-    /// `[>= n]` u32 request list links (CUDA scratch, grown as needed).
+    /// `[>= 2n]` u32 request list links, then the round's active buckets (CUDA scratch,
+    /// grown as needed).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     next: Tensor,
-    /// `[4]` u32 clock (low, high), round and step of the CUDA kernels: kept on the
-    /// device so that a captured round reads them at replay (the host's `clock` and
+    /// `[6]` u32 clock (low, high), round, step, blocks done (of the running
+    /// `lru_resolve`) and active buckets (listed by `lru_link`; both 0 between rounds) of the CUDA kernels: kept on the device so that a
+    /// captured round reads them at replay (the host's `clock` and
     /// `round` drive the CPU reference and count rounds for the wrap-around reset).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     state: Tensor,
@@ -102,10 +107,15 @@ impl DeviceLru {
     /// slots `0..host_slots`, every budget unlimited, on `device`.
     pub fn new(buckets: usize, ways: usize, max_owners: usize, host_slots: usize, device: &Device) -> Result<Self> {
         let cap = buckets.saturating_mul(ways);
-        if buckets == 0 || ways == 0 || cap >= NONE as usize || max_owners == 0 || max_owners >= NONE as usize {
+        if buckets == 0
+            || !(1..=MAX_WAYS).contains(&ways)
+            || cap >= NONE as usize
+            || max_owners == 0
+            || max_owners >= NONE as usize
+        {
             crate::invalid!(
                 OP,
-                "buckets {buckets} × ways {ways} must be >= 1 and < 2^32 slots; max_owners {max_owners} must be in 1..2^32-1"
+                "buckets {buckets} × ways {ways} must be >= 1 and < 2^32 slots, ways at most {MAX_WAYS}; max_owners {max_owners} must be in 1..2^32-1"
             );
         }
         if host_slots == 0 || host_slots >= NONE as usize {
@@ -135,7 +145,7 @@ impl DeviceLru {
             counters: Tensor::zeros(3, DType::I64, device)?,
             head: u32s(buckets, NONE, device)?,
             next: u32s(1, NONE, device)?,
-            state: u32s(4, 0, device)?,
+            state: u32s(6, 0, device)?,
             device_step: 0,
             epoch: 0,
             clock: 0,
@@ -267,8 +277,9 @@ impl DeviceLru {
             Device::Cpu => self.resolve_cpu(req, clock, round)?,
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => {
-                if self.next.dims()[0] < n {
-                    self.next = u32s(n.next_power_of_two(), NONE, &self.device)?;
+                // Links of the n requests, then the round's active buckets.
+                if self.next.dims()[0] < 2 * n {
+                    self.next = u32s((2 * n).next_power_of_two(), NONE, &self.device)?;
                     self.epoch += 1;
                 }
                 reference::resolve_cuda(&self.buffers(), req, self.geometry())?
