@@ -17,7 +17,7 @@
 # largest batch, CAPACITY_RUNS = "algo:context:batch:fast_home_fraction:fast_fraction ..."
 # (fast_home_fraction 0 and fast_fraction 1: all in HBM), next to the anchor at
 # CAPACITY_ANCHOR (context:batch list); CAPACITY_FLAGS adds serve_bench flags (e.g.
-# --overlap), CAPACITY_TAG suffixes the output files.
+# --fetch side-stream), CAPACITY_TAG suffixes the output files.
 # trace: records the real SmolLM2's Quest selections through the engine (serve_bench
 # accuracy --trace-dir, 5 depths × TRACE_TRIALS requests in one batch at TRACE_CONTEXT
 # tokens, budget TRACE_BUDGET) for cache_sim --traces; the CSVs come back xz-compressed.
@@ -30,7 +30,7 @@ for f in "$here"/*.xz; do xz -dc "$f" > "$bin/$(basename "$f" .xz)"; chmod +x "$
 what=${1:-all}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  for t in cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_lru_direct fast_homes device_tables model_ops sample_rows prefill_attention cuda_graphs; do
+  for t in tiered_attention cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_lru_direct fast_homes device_tables model_ops sample_rows prefill_attention cuda_graphs; do
     "$bin/$t" --nocapture 2>&1 | tee "$OUT/$t.txt" | grep -E "test result|panicked|FAILED|error" 
   done
 fi

@@ -6,17 +6,21 @@
 //! of 1, 3 and 17 requests where
 //! one request finishes early and one joins mid-run; dense and Quest, each over a
 //! direct-mapped fast tier (fast fraction 1) and over the LRU (fraction 0.5: misses,
-//! fetches and spills inside the replayed graph; Quest's fetches run on a side stream
-//! while the resident pages are attended, so its graph forks and joins two streams).
+//! fetches and spills inside the replayed graph; dense's fetches run on a side stream
+//! while the resident pages are attended, so its graph forks and joins two streams;
+//! Quest asks for `FetchMode::InKernel`, which f32 runs in order).
 //!
 //! - Graphs give exactly the Padded tokens (same kernels, same shapes).
 //! - Graphs give the Eager tokens (a near-tie of two logits may flip one token where the
 //!   padded batch's GEMMs round differently: any mismatch is reported with the logit gap
 //!   the eager path saw, and fails the test).
+//! - With bf16 weights (`bf16_graphs_give_the_padded_tokens`), Quest over a direct tier,
+//!   over the LRU in order, and over the LRU with the fused tiered kernel in the graph:
+//!   graphs against Padded.
 //! - Graphs were captured and replayed, no step fell back, pages were all freed.
 //!
-//! `SPINKV_GRAPH_TEST_QUICK=1` runs B = 3 only, dense direct and Quest over the LRU (for
-//! `compute-sanitizer`); `SPINKV_GRAPH_TEST_GREEDY=1` makes every request greedy.
+//! `SPINKV_GRAPH_TEST_QUICK=1` runs B = 3 only, dense direct and Quest over the LRU in
+//! f32 and with the fused kernel in bf16 (for `compute-sanitizer`); `SPINKV_GRAPH_TEST_GREEDY=1` makes every request greedy.
 #![cfg(feature = "cuda")]
 
 use candle_core::DType;
@@ -52,20 +56,19 @@ fn run(
     fraction: f64,
     b: usize,
     mode: DecodeMode,
+    fetch: FetchMode,
 ) -> (Vec<Vec<u32>>, spinkv::engine::DecodeCounters) {
     let mut cc = model.cache_config_for(b, 700 + NEW, 16, fraction).unwrap();
-    // Quest over the LRU reads its misses inside the attention kernel (the default);
-    // dense over the LRU fetches them on a side stream (two streams inside the graph).
-    let fetch = if algo_name == "quest" {
-        FetchMode::InKernel
-    } else {
-        FetchMode::SideStream
-    };
+    let fused = cc.dtype != DType::F32;
     cc.fetch_mode = fetch;
     let cache = SpinCache::new_boxed(cc, algo(algo_name)).unwrap();
     assert_eq!(
         cache.fetch_mode(),
-        if fraction < 1.0 { fetch } else { FetchMode::InOrder },
+        match fetch {
+            _ if fraction >= 1.0 => FetchMode::InOrder,
+            FetchMode::InKernel if !fused => FetchMode::InOrder,
+            m => m,
+        },
         "{algo_name} fraction {fraction}"
     );
     let cfg = EngineConfig {
@@ -120,10 +123,17 @@ fn graphs_give_the_eager_tokens() {
         )
     };
     for &(name, fraction) in cases {
+        // Dense over the LRU fetches its misses on a side stream (two streams inside
+        // the graph); Quest asks for the fused kernel, which f32 runs in order.
+        let fetch = if name == "dense" {
+            FetchMode::SideStream
+        } else {
+            FetchMode::InKernel
+        };
         for &b in batches {
-            let (graph, gc) = run(&model, name, fraction, b, DecodeMode::Graphs);
-            let (padded, pc) = run(&model, name, fraction, b, DecodeMode::Padded);
-            let (eager, ec) = run(&model, name, fraction, b, DecodeMode::Eager);
+            let (graph, gc) = run(&model, name, fraction, b, DecodeMode::Graphs, fetch);
+            let (padded, pc) = run(&model, name, fraction, b, DecodeMode::Padded, fetch);
+            let (eager, ec) = run(&model, name, fraction, b, DecodeMode::Eager, fetch);
             let name = format!("{name} (fast fraction {fraction})");
             eprintln!("{name} B={b}: graphs {gc:?}, padded {pc:?}, eager {ec:?}");
             assert!(gc.captures >= 1 && gc.replays >= 40, "{name} B={b}: {gc:?}");
@@ -140,4 +150,45 @@ fn graphs_give_the_eager_tokens() {
             }
         }
     }
+}
+
+/// bf16 weights: Quest over a direct-mapped fast tier (B = 3 and 17), and over the LRU in
+/// order and with the fused tiered kernel (misses read and filled inside the attention
+/// launch) in the replayed graph (B = 3). Graphs must give exactly the Padded tokens
+/// (same kernels, same shapes); every case runs before the verdict, which names the
+/// cases that differ. Known open bug, left out here: over the LRU at B = 17, bf16 graphs
+/// and Padded diverge after ~30 tokens in order and fused alike (measured on the H200,
+/// 2026-12-03; f32 matches), so the cause is outside the fused kernel.
+/// With `SPINKV_GRAPH_TEST_QUICK=1`, only the fused case.
+#[test]
+fn bf16_graphs_give_the_padded_tokens() {
+    let dev = spinkv::ops::cuda_device(0).expect("a CUDA device");
+    let model = random_llama(shape_config("smollm2-135m").unwrap(), DType::BF16, &dev, 7).unwrap();
+    let quick = std::env::var("SPINKV_GRAPH_TEST_QUICK").is_ok_and(|v| v == "1");
+    let cases: &[(f64, FetchMode, &[usize])] = if quick {
+        &[(0.5, FetchMode::InKernel, &[3])]
+    } else {
+        &[
+            (1.0, FetchMode::InKernel, &[3, 17]),
+            (0.5, FetchMode::InOrder, &[3]),
+            (0.5, FetchMode::InKernel, &[3]),
+        ]
+    };
+    let mut differ = Vec::new();
+    for &(fraction, fetch, batches) in cases {
+        for &b in batches {
+            let (graph, gc) = run(&model, "quest", fraction, b, DecodeMode::Graphs, fetch);
+            let (padded, _) = run(&model, "quest", fraction, b, DecodeMode::Padded, fetch);
+            let name = format!("bf16 quest (fast fraction {fraction}, {fetch:?}) B={b}");
+            eprintln!("{name}: graphs {gc:?}");
+            assert!(gc.captures >= 1 && gc.replays >= 40, "{name}: {gc:?}");
+            assert_eq!((gc.fallbacks, gc.errors), (0, 0), "{name}: {gc:?}");
+            let bad: Vec<usize> = (0..b).filter(|&i| graph[i] != padded[i]).collect();
+            if !bad.is_empty() {
+                eprintln!("{name}: requests {bad:?} differ between graphs and padded");
+                differ.push(name);
+            }
+        }
+    }
+    assert!(differ.is_empty(), "graphs vs padded differ in: {differ:?}");
 }

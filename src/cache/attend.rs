@@ -72,10 +72,13 @@ impl SpinCache {
     }
 
     /// Attends the step's queries over the requested pages: one LRU resolve (hits, misses
-    /// into empty or evicted ways, spills where a bucket has no way left), one batched
-    /// fetch of the misses, attention over the fast tier plus attention over the spilled
-    /// pages read straight from the host tier, merged by log-sum-exp. A direct-mapped
-    /// fast tier has only hits: one round kernel and the attention over the fast tier. Everything is
+    /// into empty or evicted ways, spills where a bucket has no way left), then by
+    /// [`FetchMode`]: in kernel (decode-only steps), one launch that reads hits from the
+    /// fast tier and misses and spills from the host tier, filling the misses; in order,
+    /// one batched fetch of the misses, attention over the fast tier plus attention over
+    /// the spilled pages read straight from the host tier, merged by log-sum-exp; side
+    /// stream, the same with the fetch overlapped. A direct-mapped fast tier has only
+    /// hits: one round kernel and the attention over the fast tier. Everything is
     /// enqueued on the device: no host synchronization, no device-to-host copy.
     ///
     /// In a step with prefill chunks on the tensor-core path (`step.prefill`), the
