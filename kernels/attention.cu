@@ -18,7 +18,6 @@
 #include "common.cuh"
 
 #define SPA_WARPS 4
-#define FULL_MASK 0xffffffffu
 #define LN2_F 0.69314718055994530942f
 
 __device__ __forceinline__ u32 word_of(const uint4& v, int w) {

@@ -8,6 +8,9 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// Every lane of a warp (the mask of full-warp shuffles, ballots and reductions).
+#define FULL_MASK 0xffffffffu
+
 // SPIN_NONE (sentinel of every u32 index tensor), SPIN_EMPTY_LSE (log-sum-exp of an
 // empty attention row) and SPIN_LEAF_PAGES (pages per page-table leaf): written by
 // build.rs from src/ops/kernel_consts.rs, their one source.

@@ -129,12 +129,10 @@ __device__ __forceinline__ u32 class_of(u32 owner, const u32* __restrict__ budge
   return (bud != 0xffffffffu && snapshot[owner] >= bud) ? 1u : 2u;
 }
 
-#define FULL_WARP 0xffffffffu
-#define LRU_WARPS 4  // warps per lru_resolve block (128 threads; src/ops/cuda/lru.rs)
 
 __device__ __forceinline__ i64 warp_min_i64(i64 v) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = min(v, (i64)__shfl_xor_sync(FULL_WARP, (long long)v, off));
+  for (int off = 16; off > 0; off >>= 1) v = min(v, (i64)__shfl_xor_sync(FULL_MASK, (long long)v, off));
   return v;
 }
 
@@ -151,7 +149,7 @@ struct RoundOut {
 // way, else deferred.
 __device__ __forceinline__ void resolve_one(WayState& w, RoundOut& o, u32 i, u32 hs, u32 own, u32 lp, i64 stamp,
                                             u32 base, int lane) {
-  const unsigned hit_mask = __ballot_sync(FULL_WARP, w.active && w.tag == hs);
+  const unsigned hit_mask = __ballot_sync(FULL_MASK, w.active && w.tag == hs);
   if (hit_mask) {
     if (lane == __ffs(hit_mask) - 1) {
       const u32 slot = base + lane;
@@ -175,7 +173,7 @@ __device__ __forceinline__ void resolve_one(WayState& w, RoundOut& o, u32 i, u32
   const bool eligible = w.active && !w.pinned_now;
   u32 cmin = eligible ? w.cls : 3u;
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) cmin = min(cmin, __shfl_xor_sync(FULL_WARP, cmin, off));
+  for (int off = 16; off > 0; off >>= 1) cmin = min(cmin, __shfl_xor_sync(FULL_MASK, cmin, off));
   if (cmin == 3u) {
     if (lane == 0) {
       o.spill_pairs[2 * i] = hs;
@@ -188,7 +186,7 @@ __device__ __forceinline__ void resolve_one(WayState& w, RoundOut& o, u32 i, u32
   }
   const bool in_class = eligible && w.cls == cmin;
   const i64 smin = warp_min_i64(in_class ? w.stamp : (i64)0x7fffffffffffffffll);
-  const unsigned vm = __ballot_sync(FULL_WARP, in_class && w.stamp == smin);
+  const unsigned vm = __ballot_sync(FULL_MASK, in_class && w.stamp == smin);
   if (lane == __ffs(vm) - 1) {
     const u32 slot = base + lane;
     if (w.tag != SPIN_NONE) atomicSub(&o.resident[w.owner], 1u);
@@ -224,14 +222,14 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
                                        const u32* __restrict__ snapshot, const u32* __restrict__ budgets,
                                        u32* fast_pairs, u32* ready_pairs, u32* fetched_pairs, u32* spill_pairs,
                                        u32* tiered_pairs, u32* tiered_src, u32* misses, u32* miss_count,
-                                       u64* counters, u32 buckets, u32 ways, u32* state, u32 n) {
+                                       u64* counters, u32 ways, u32* state, u32 n) {
   const i64 clock = (i64)(((u64)state[1] << 32) | (u64)state[0]);
   const u32 round = state[2] + 1u;  // state[2] = the last round's number (0: none yet)
   const int lane = threadIdx.x & 31;
   const u32 warps = (gridDim.x * blockDim.x) >> 5;
   const u32 active = state[5];        // buckets with requests, listed by lru_link
   const u32* __restrict__ list = next + n;
-  __shared__ u32 order[LRU_WARPS][32];
+  __shared__ u32 order[SPIN_LRU_RESOLVE_WARPS][32];
   u32* my_order = order[threadIdx.x >> 5];
   RoundOut o{fast_pairs, ready_pairs, fetched_pairs, spill_pairs, tiered_pairs, tiered_src, misses, miss_count,
              resident, budgets, snapshot, 0, 0, 0};
@@ -262,7 +260,7 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
       // Rank the collected requests by index: the lane of rank r resolves r-th.
       u32 rank = 0;
       for (int j = 0; j < count; ++j) {
-        const u32 other = __shfl_sync(FULL_WARP, mine, j);
+        const u32 other = __shfl_sync(FULL_MASK, mine, j);
         if (lane < count && other < mine) ++rank;
       }
       if (lane < count) my_order[rank] = mine;
@@ -272,9 +270,9 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
       const u32 rown = lane < count ? owners[ri] : 0u;
       const u32 rlp = lane < count ? logical[ri] : 0u;
       for (int r = 0; r < count; ++r) {
-        const u32 i = __shfl_sync(FULL_WARP, ri, r);
-        resolve_one(w, o, i, __shfl_sync(FULL_WARP, rhs, r), __shfl_sync(FULL_WARP, rown, r),
-                    __shfl_sync(FULL_WARP, rlp, r), clock + (i64)i + 1, base, lane);
+        const u32 i = __shfl_sync(FULL_MASK, ri, r);
+        resolve_one(w, o, i, __shfl_sync(FULL_MASK, rhs, r), __shfl_sync(FULL_MASK, rown, r),
+                    __shfl_sync(FULL_MASK, rlp, r), clock + (i64)i + 1, base, lane);
       }
       __syncwarp();
     } else {
@@ -297,7 +295,7 @@ extern "C" __global__ void lru_resolve(const u32* __restrict__ host_slots, const
           hh = nx;
         }
       }
-      sorted = __shfl_sync(FULL_WARP, sorted, 0);
+      sorted = __shfl_sync(FULL_MASK, sorted, 0);
       __syncwarp();
       for (u32 i = sorted; i != SPIN_NONE; i = next[i]) {
         resolve_one(w, o, i, host_slots[i], owners[i], logical[i], clock + (i64)i + 1, base, lane);

@@ -203,20 +203,8 @@ impl CustomOp2 for SparsePagedAttention {
 /// Returns the partial state: `out` `[T, Hq, D]` f32 and `lse` `[T, Hq]` f32. A row with no
 /// visible key gets `out = 0`, `lse = EMPTY_LSE`.
 pub fn sparse_paged_attention(q: &Tensor, pool: &Tensor, list: &PageList, scale: f32) -> Result<AttentionPartial> {
-    util::check_shape(OP, "q", q, &[None, None, None], "[T, Hq, D]")?;
+    check_pool_and_list(OP, q, ("pool", pool), list)?;
     let (t, hq, d) = q.dims3()?;
-    util::check_dtype(OP, "q", q, util::FLOAT_DTYPES)?;
-    util::check_shape(
-        OP,
-        "pool",
-        pool,
-        &[None, Some(2), None, Some(d)],
-        &format!("[slots, 2, page_size, {d}]"),
-    )?;
-    util::check_nonzero(OP, "page_size", pool.dims()[2], ("pool", pool))?;
-    util::check_same_dtype(OP, ("q", q), ("pool", pool))?;
-    check_query_and_list(q, list, pool.device())?;
-    util::check_contiguous(OP, &[("pool", pool)])?;
     if t == 0 {
         return empty_partial(q);
     }
@@ -228,6 +216,32 @@ pub fn sparse_paged_attention(q: &Tensor, pool: &Tensor, list: &PageList, scale:
         },
     )?;
     unpack(&packed, t, hq, d)
+}
+
+/// Validates `q` `[T, Hq, D]` (a float dtype), the page pool `name` `[slots, 2,
+/// page_size, D]` (same dtype, page_size > 0, contiguous) and the page list against them,
+/// for `op`; shared with the tiered attention, whose fast pool is checked here.
+pub(crate) fn check_pool_and_list(
+    op: &'static str,
+    q: &Tensor,
+    (name, pool): (&str, &Tensor),
+    list: &PageList,
+) -> Result<()> {
+    util::check_shape(op, "q", q, &[None, None, None], "[T, Hq, D]")?;
+    let d = q.dims()[2];
+    util::check_dtype(op, "q", q, util::FLOAT_DTYPES)?;
+    util::check_shape(
+        op,
+        name,
+        pool,
+        &[None, Some(2), None, Some(d)],
+        &format!("[slots, 2, page_size, {d}]"),
+    )?;
+    util::check_nonzero(op, "page_size", pool.dims()[2], (name, pool))?;
+    util::check_same_dtype(op, ("q", q), (name, pool))?;
+    check_query_and_list(q, list, pool.device())?;
+    util::check_contiguous(op, &[(name, pool)])?;
+    Ok(())
 }
 
 /// Validates `q` `[T, Hq, D]` and the page list against it (shapes, u32 dtypes, all on

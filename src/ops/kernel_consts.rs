@@ -19,3 +19,8 @@ pub const PREFILL_ROWS: usize = 128;
 
 /// u32 words describing one prefill-attention tile (see `ops::PrefillTiles`).
 pub const PREFILL_TILE_WORDS: usize = 6;
+
+/// Warps per block of `lru_resolve` (one warp per bucket with requests; the kernel
+/// sizes a shared array by it). Used by the CUDA glue only.
+#[allow(dead_code)]
+pub const LRU_RESOLVE_WARPS: usize = 4;

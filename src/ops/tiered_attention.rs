@@ -9,7 +9,7 @@
 //! [`sparse_paged_attention`]: that composition is the reference the fused kernel is
 //! tested against.
 
-use super::attention::{check_query_and_list, empty_partial};
+use super::attention::{check_pool_and_list, empty_partial};
 use super::{sparse_paged_attention, util, AttentionPartial, PageList, NONE};
 use crate::Result;
 use candle_core::{DType, Tensor};
@@ -29,7 +29,7 @@ pub fn tiered_attention_fused(
 ) -> bool {
     #[cfg(feature = "cuda")]
     if device.is_cuda() && kv_heads > 0 && q_heads % kv_heads == 0 {
-        return super::cuda::attention::tier_kernel_fits(dtype, head_dim, q_heads / kv_heads);
+        return super::cuda::attention::mma_kernel_fits(dtype, head_dim, q_heads / kv_heads);
     }
     let _ = (device, dtype, head_dim, q_heads, kv_heads);
     false
@@ -102,18 +102,8 @@ pub fn tiered_paged_attention(
 
 /// Validates everything but the host pool; returns the head dim.
 pub(crate) fn check(q: &Tensor, fast: &Tensor, list: &PageList, src: &Tensor) -> Result<usize> {
-    util::check_shape(OP, "q", q, &[None, None, None], "[T, Hq, D]")?;
+    check_pool_and_list(OP, q, ("fast", fast), list)?;
     let d = q.dims()[2];
-    util::check_shape(
-        OP,
-        "fast",
-        fast,
-        &[None, Some(2), None, Some(d)],
-        &format!("[fast_slots, 2, page_size, {d}]"),
-    )?;
-    util::check_nonzero(OP, "page_size", fast.dims()[2], ("fast", fast))?;
-    util::check_same_dtype(OP, ("q", q), ("fast", fast))?;
-    check_query_and_list(q, list, fast.device())?;
     let (s, hkv, n, _) = list.pages.dims4()?;
     util::check_shape(
         OP,
@@ -124,7 +114,7 @@ pub(crate) fn check(q: &Tensor, fast: &Tensor, list: &PageList, src: &Tensor) ->
     )?;
     util::check_dtype(OP, "src", src, &[DType::U32])?;
     util::check_device(OP, fast.device(), &[("src", src)])?;
-    util::check_contiguous(OP, &[("fast", fast), ("src", src)])?;
+    util::check_contiguous(OP, &[("src", src)])?;
     Ok(d)
 }
 

@@ -81,8 +81,7 @@ pub(crate) fn sparse_paged_attention_at(
     let kv_limit = super::field_ptr(OP, "kv_limit", &list.kv_limit)?;
     let g = hq / hkv;
     let dt = q.dtype();
-    let fast =
-        matches!(dt, DType::BF16 | DType::F16) && (d == 64 || d == 128) && g <= 16 && qp % 16 == 0 && pp % 16 == 0;
+    let fast = mma_kernel_fits(dt, d, g) && qp % 16 == 0 && pp % 16 == 0;
     if !fast || n == 0 {
         if d > 512 {
             candle_core::bail!("{OP}: head_dim {d} > 512 is not supported on CUDA");
@@ -133,16 +132,17 @@ pub(crate) fn sparse_paged_attention_at(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
 
-/// Whether the fused tiered kernel (`spa_tier_*`) takes queries of `dtype`, head dim
-/// `d` and GQA group `g`: the tensor-core kernel's cases. Elsewhere
-/// [`crate::ops::tiered_paged_attention`] composes fill, two attentions and a merge.
-pub(crate) fn tier_kernel_fits(dtype: DType, d: usize, g: usize) -> bool {
+/// Whether the tensor-core kernels (`spa_mma_*`, and the fused tiered `spa_tier_*`) take
+/// queries of `dtype`, head dim `d` and GQA group `g` (16-byte aligned pools aside).
+/// Elsewhere `sparse_paged_attention` takes the generic kernel and
+/// [`crate::ops::tiered_paged_attention`] its composition of page copies and one attention.
+pub(crate) fn mma_kernel_fits(dtype: DType, d: usize, g: usize) -> bool {
     matches!(dtype, DType::BF16 | DType::F16) && (d == 64 || d == 128) && (1..=16).contains(&g)
 }
 
 /// The fused tiered attention: `sparse_paged_attention` over the fast pool `fast`
 /// (written: the fills) where each entry may instead name a host page
-/// `src` `[S, Hkv, N]` u32 of `host`. Only for [`tier_kernel_fits`] cases.
+/// `src` `[S, Hkv, N]` u32 of `host`. Only for [`mma_kernel_fits`] cases.
 pub(crate) fn tiered_paged_attention(
     q: &CudaStorage,
     ql: &Layout,
@@ -160,7 +160,7 @@ pub(crate) fn tiered_paged_attention(
     if fast.page_size != host.page_size || fast.head_dim != host.head_dim {
         candle_core::bail!("{OP}: fast pool pages {fast:?} and host pool pages {host:?} differ");
     }
-    if !tier_kernel_fits(q.dtype(), d, hq / hkv)
+    if !mma_kernel_fits(q.dtype(), d, hq / hkv)
         || host.head_dim != d
         || qp % 16 != 0
         || fp % 16 != 0

@@ -5,6 +5,7 @@
 //! synchronization, and the launch grids depend only on host-known sizes.
 
 use super::{alloc, cfg, func, launch, ptr, LRU_RESOLVE};
+use crate::ops::kernel_consts::LRU_RESOLVE_WARPS;
 use crate::ops::lru_resolve::{FastHomes, ResolveOutput, ResolveRequest};
 use crate::Result;
 use candle_core::cuda_backend::CudaDevice;
@@ -122,8 +123,12 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
         let res = func(&dev, &LRU_RESOLVE, "lru_resolve")?;
         launch!(
             res,
-            // One warp per bucket with requests (at most n), 4 warps a block (LRU_WARPS).
-            cfg(n.min(g.buckets).div_ceil(4).min(65535) as u32, 128, 0),
+            // One warp per bucket with requests (at most n).
+            cfg(
+                n.min(g.buckets).div_ceil(LRU_RESOLVE_WARPS).min(65535) as u32,
+                32 * LRU_RESOLVE_WARPS as u32,
+                0
+            ),
             hs,
             lp,
             ow,
@@ -145,7 +150,6 @@ pub(crate) fn resolve(b: &Buffers<'_>, req: &ResolveRequest<'_>, g: Geometry) ->
             mp,
             cp,
             addr("counters", b.counters, DType::I64)?,
-            g.buckets as u32,
             g.ways as u32,
             addr("state", b.state, u)?,
             n as u32
