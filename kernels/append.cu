@@ -1,6 +1,7 @@
 // spinkv CUDA kernels: paged append (K/V rows into pool pages), the Quest metadata
-// update (per-page element-wise min/max of keys), and the fused form of the two
-// (paged_append_minmax_*: one launch, each key row read once for both).
+// update (per-page element-wise min/max of keys, in the key dtype or as int8 bounds), and
+// the fused form of the two (paged_append_minmax_*: one launch, each key row read once
+// for both).
 // Launch glue: src/ops/cuda/append.rs. CPU reference: src/ops/append.rs.
 #include "common.cuh"
 
@@ -80,6 +81,103 @@ __device__ __forceinline__ void meta_run(T* __restrict__ meta, const T* __restri
   }
 }
 
+// Quest's int8 page bounds (src/ops/quest_q8.rs has the format and the CPU reference):
+// a row is 2*d int8 (mins, then maxes) and the page's scale 2^e as f32, padded to
+// 2*d + SPIN_Q8_TAIL_BYTES bytes. Outward rounding with a power-of-two scale makes a row a
+// function of the page's keys alone, so widening it run by run here gives the bytes the
+// CPU op gives token by token.
+__device__ __forceinline__ int q8_exponent_for(float m) {
+  const u32 bits = __float_as_uint(m);
+  const int biased = (bits >> 23) & 0xff;
+  if (biased == 0) return SPIN_Q8_EXP_MIN;
+  const int e = biased - 127 - 6 + ((bits & 0x7fffffu) > 0x7e0000u ? 1 : 0);
+  return min(max(e, SPIN_Q8_EXP_MIN), SPIN_Q8_EXP_MAX);
+}
+
+__device__ __forceinline__ float q8_pow2(int e) { return __uint_as_float((u32)(e + 127) << 23); }
+
+__device__ __forceinline__ int q8_clamp(float x) { return min(max((int)x, -127), 127); }
+
+// Max of v over the block (every thread gets it); s holds one float per warp.
+__device__ __forceinline__ float block_max(float v, float* s) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, off));
+  const int nw = (blockDim.x + 31) >> 5;
+  if ((threadIdx.x & 31) == 0) s[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = s[0];
+  for (int i = 1; i < nw; ++i) v = fmaxf(v, s[i]);
+  __syncthreads();
+  return v;
+}
+
+// meta_run for int8 bounds: the run's keys (from its last row-0 token, which resets the
+// page) widen the row; the exponent grows to fit them and the old integers shift right
+// by the growth (floor for mins, ceil for maxes). Block-uniform control flow.
+template <typename T>
+__device__ __forceinline__ void meta_run_q8(unsigned char* __restrict__ meta, const T* __restrict__ k,
+                                            const u32* __restrict__ dst, int t, int h, int tokens,
+                                            int heads, int d, u32 page_size, u32 slots) {
+  __shared__ float s_red[32];
+  const u32 code = dst[t * heads + h];
+  if (code == SPIN_NONE) return;
+  const u32 slot = code / page_size;
+  for (int tp = t - 1; tp >= 0; --tp) {
+    const u32 c = dst[tp * heads + h];
+    if (c == SPIN_NONE) continue;
+    if (c / page_size == slot) return;  // not the start of the run
+    break;
+  }
+  if (slot >= slots) return;
+  int start = t, end = t;
+  bool reset = false;
+  for (int tt = t; tt < tokens; ++tt) {
+    const u32 c = dst[tt * heads + h];
+    if (c == SPIN_NONE) continue;
+    if (c / page_size != slot) break;
+    if (c % page_size == 0) {
+      start = tt;
+      reset = true;
+    }
+    end = tt + 1;
+  }
+  unsigned char* row = meta + (size_t)slot * (2 * d + SPIN_Q8_TAIL_BYTES);
+  float* scale = reinterpret_cast<float*>(row + 2 * d);
+  const float old_scale = *scale;
+  float m = 0.f;
+  for (int tt = start; tt < end; ++tt) {
+    if (dst[tt * heads + h] == SPIN_NONE) continue;
+    const T* kr = k + ((size_t)tt * heads + h) * d;
+    for (int x = threadIdx.x; x < d; x += blockDim.x) m = fmaxf(m, fabsf(to_f32(kr[x])));
+  }
+  m = block_max(m, s_red);  // also orders every thread's read of old_scale before the write
+  int e = q8_exponent_for(m), shift = 0;
+  if (!reset) {
+    const int biased = (__float_as_uint(old_scale) >> 23) & 0xff;
+    const int e_old = min(max(biased - 127, SPIN_Q8_EXP_MIN), SPIN_Q8_EXP_MAX);
+    const int e_new = max(e_old, e);
+    shift = min(e_new - e_old, 31);
+    e = e_new;
+  }
+  const float inv = q8_pow2(-e);
+  for (int x = threadIdx.x; x < d; x += blockDim.x) {
+    int lo = 128, hi = -128;
+    if (!reset) {
+      lo = (int)(signed char)row[x] >> shift;
+      hi = -((-(int)(signed char)row[d + x]) >> shift);
+    }
+    for (int tt = start; tt < end; ++tt) {
+      if (dst[tt * heads + h] == SPIN_NONE) continue;
+      const float y = to_f32(k[((size_t)tt * heads + h) * d + x]) * inv;
+      lo = min(lo, q8_clamp(floorf(y)));
+      hi = max(hi, q8_clamp(ceilf(y)));
+    }
+    row[x] = (unsigned char)(signed char)lo;
+    row[d + x] = (unsigned char)(signed char)hi;
+  }
+  if (threadIdx.x == 0) *scale = q8_pow2(e);
+  if (threadIdx.x < SPIN_Q8_TAIL_BYTES - 4) row[2 * d + 4 + threadIdx.x] = 0;
+}
+
 template <typename T>
 __device__ __forceinline__ void meta_impl(T* __restrict__ meta, const T* __restrict__ k,
                                           const u32* __restrict__ dst, int tokens, int heads,
@@ -97,14 +195,24 @@ META_KERNEL(quest_meta_update_f32, float)
 META_KERNEL(quest_meta_update_f16, __half)
 META_KERNEL(quest_meta_update_bf16, __nv_bfloat16)
 
+#define META_Q8_KERNEL(NAME, T)                                                                    \
+  extern "C" __global__ void NAME(unsigned char* meta, const T* k, const u32* dst, int tokens,     \
+                                  int heads, int d, u32 page_size, u32 slots) {                    \
+    const int e = blockIdx.x;                                                                      \
+    meta_run_q8<T>(meta, k, dst, e / heads, e % heads, tokens, heads, d, page_size, slots);        \
+  }
+META_Q8_KERNEL(quest_meta_update_q8_f32, float)
+META_Q8_KERNEL(quest_meta_update_q8_f16, __half)
+META_Q8_KERNEL(quest_meta_update_q8_bf16, __nv_bfloat16)
+
 // Fused paged append + Quest min/max update: one block per (token t, head h) entry
 // (grid-stride). The block copies the entry's K and V rows to `pool_dst[e]` (NONE: the
 // page is not in this pool; skipped) in words of `word_bytes` (16, 4 or 2; rows and
 // pointers aligned to it), then, if the entry starts a run of `meta_dst` (see meta_impl),
 // applies that run's min/max. `pool_dst` and `meta_dst` index different slot spaces (the
 // fast tier's slots and the host slots that key the metadata) with one page size.
-template <typename T>
-__device__ __forceinline__ void append_minmax_impl(T* __restrict__ pool, T* __restrict__ meta,
+template <typename T, bool Q8>
+__device__ __forceinline__ void append_minmax_impl(T* __restrict__ pool, void* __restrict__ meta,
                                                    const T* __restrict__ k, const T* __restrict__ v,
                                                    const u32* __restrict__ pool_dst,
                                                    const u32* __restrict__ meta_dst, int tokens,
@@ -137,18 +245,27 @@ __device__ __forceinline__ void append_minmax_impl(T* __restrict__ pool, T* __re
         }
       }
     }
-    meta_run<T>(meta, k, meta_dst, e / heads, e % heads, tokens, heads, d, page_size, meta_slots);
+    if (Q8) {
+      meta_run_q8<T>((unsigned char*)meta, k, meta_dst, e / heads, e % heads, tokens, heads, d,
+                     page_size, meta_slots);
+    } else {
+      meta_run<T>((T*)meta, k, meta_dst, e / heads, e % heads, tokens, heads, d, page_size,
+                  meta_slots);
+    }
   }
 }
 
-#define APPEND_MINMAX_KERNEL(NAME, T)                                                        \
-  extern "C" __global__ void NAME(T* pool, T* meta, const T* k, const T* v,                  \
+#define APPEND_MINMAX_KERNEL(NAME, T, Q8)                                                    \
+  extern "C" __global__ void NAME(T* pool, void* meta, const T* k, const T* v,               \
                                   const u32* pool_dst, const u32* meta_dst, int tokens,      \
                                   int heads, int d, u32 page_size, u32 pool_slots,           \
                                   u32 meta_slots, int word_bytes) {                          \
-    append_minmax_impl<T>(pool, meta, k, v, pool_dst, meta_dst, tokens, heads, d, page_size, \
-                          pool_slots, meta_slots, word_bytes);                               \
+    append_minmax_impl<T, Q8>(pool, meta, k, v, pool_dst, meta_dst, tokens, heads, d,        \
+                              page_size, pool_slots, meta_slots, word_bytes);                \
   }
-APPEND_MINMAX_KERNEL(paged_append_minmax_f32, float)
-APPEND_MINMAX_KERNEL(paged_append_minmax_f16, __half)
-APPEND_MINMAX_KERNEL(paged_append_minmax_bf16, __nv_bfloat16)
+APPEND_MINMAX_KERNEL(paged_append_minmax_f32, float, false)
+APPEND_MINMAX_KERNEL(paged_append_minmax_f16, __half, false)
+APPEND_MINMAX_KERNEL(paged_append_minmax_bf16, __nv_bfloat16, false)
+APPEND_MINMAX_KERNEL(paged_append_minmax_q8_f32, float, true)
+APPEND_MINMAX_KERNEL(paged_append_minmax_q8_f16, __half, true)
+APPEND_MINMAX_KERNEL(paged_append_minmax_q8_bf16, __nv_bfloat16, true)

@@ -252,6 +252,219 @@ SCORE_MMA_KERNEL(quest_scores_mma_f16_d128_g16, __half, 128, true)
 SCORE_MMA_KERNEL(quest_scores_mma_f16_d64_g8, __half, 64, false)
 SCORE_MMA_KERNEL(quest_scores_mma_f16_d64_g16, __half, 64, true)
 
+// Int8 bounds (format: src/ops/quest_q8.rs; rows of 2D int8 + the page's f32 scale,
+// RB = 2D + SPIN_Q8_TAIL_BYTES bytes). Tensor-core path as above with f16 operands: a
+// lane's 16-byte load holds 16 bounds, so k-step ks covers bytes
+// x0 = 64*(ks>>2) + 16*tig + 4*(ks&3) (the A fragments use the same order); int8 becomes
+// f16 exactly (0x6400 | (x + 128) is 1152 + x as f16, minus 1152); the query is cast to
+// f16 (clamped to its range); each candidate's column is scaled by its page's 2^e after
+// the max over heads (2^e > 0).
+__device__ __forceinline__ void i8x4_to_f16x4(u32 w, u32& lo, u32& hi) {
+  const u32 u = w ^ 0x80808080u;
+  const __half2 bias = __halves2half2(__ushort_as_half(0x6480), __ushort_as_half(0x6480));
+  u32 a = __byte_perm(u, 0x64646464u, 0x4140), b = __byte_perm(u, 0x64646464u, 0x4342);
+  __half2 ha = __hsub2(*reinterpret_cast<__half2*>(&a), bias);
+  __half2 hb = __hsub2(*reinterpret_cast<__half2*>(&b), bias);
+  lo = *reinterpret_cast<u32*>(&ha);
+  hi = *reinterpret_cast<u32*>(&hb);
+}
+
+__device__ __forceinline__ u32 q8_word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <typename T, int D, bool G16>
+__device__ __forceinline__ void scores_mma_q8(const T* __restrict__ q, const unsigned char* __restrict__ meta,
+                                              const u32* __restrict__ cand, float* __restrict__ out,
+                                              int hq, int hkv, int n, int sink, int window, u32 slots,
+                                              int cpb) {
+  constexpr int DK = 2 * D;
+  constexpr int KS = DK / 16;
+  constexpr int S4 = DK / 64;  // 16-byte chunks per lane per candidate row
+  constexpr int RB = DK + SPIN_Q8_TAIL_BYTES;
+  __shared__ u32 s_slot[QS_MAX_CPB];
+  const int row = blockIdx.y;
+  const int b = row / hkv, h = row % hkv, g = hq / hkv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const int r = lane >> 2, tig = lane & 3;
+  const int j0 = blockIdx.x * cpb;
+  const int cnt = min(n, j0 + cpb) - j0;
+  const u32* crow = cand + (size_t)row * n;
+  float* orow = out + (size_t)row * n;
+  for (int i = threadIdx.x; i < cnt; i += blockDim.x) {
+    const int j = j0 + i;
+    const u32 c = crow[j];
+    u32 code = SPIN_NONE;
+    if (c == SPIN_NONE || c >= slots) {
+      orow[j] = -INFINITY;
+    } else if (qs_forced(crow, j, n, sink, window)) {
+      orow[j] = INFINITY;
+    } else {
+      code = c;
+    }
+    s_slot[i] = code;
+  }
+  u32 qa[KS][4];
+  const T* qbase = q + ((size_t)b * hq + (size_t)h * g) * D;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int x0 = 64 * (ks >> 2) + 16 * tig + 4 * (ks & 3);
+    const bool neg = x0 < D;
+    const int xd = neg ? x0 : x0 - D;
+    u32 lo[2] = {0u, 0u}, hi[2] = {0u, 0u};
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int rr = r + 8 * half;
+      if (rr < g && (half == 0 || G16)) {
+        const T* qr = qbase + (size_t)rr * D + xd;
+        float v[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float x = fminf(fmaxf(to_f32(qr[e]), -65504.f), 65504.f);
+          v[e] = neg ? fminf(x, 0.f) : fmaxf(x, 0.f);
+        }
+        const u32 w01 = Mma<__half>::pack(v[0], v[1]), w23 = Mma<__half>::pack(v[2], v[3]);
+        if (half == 0) {
+          lo[0] = w01;
+          lo[1] = w23;
+        } else {
+          hi[0] = w01;
+          hi[1] = w23;
+        }
+      }
+    }
+    qa[ks][0] = lo[0];
+    qa[ks][1] = hi[0];
+    qa[ks][2] = lo[1];
+    qa[ks][3] = hi[1];
+  }
+  __syncthreads();
+  const int tiles = (cnt + 15) / 16;
+  // Two register buffers: tile tt + warps is loaded while tile tt is computed.
+  uint4 k0[S4], k1[S4], n0[S4], n1[S4];
+  float sc0, sc1, nsc0, nsc1;
+  auto load = [&](int t, uint4 (&a)[S4], uint4 (&b)[S4], float& sa_, float& sb_) {
+    const int i0 = t * 16 + r, i1 = i0 + 8;
+    const u32 c0 = t < tiles && i0 < cnt ? s_slot[i0] : SPIN_NONE;
+    const u32 c1 = t < tiles && i1 < cnt ? s_slot[i1] : SPIN_NONE;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int s4 = 0; s4 < S4; ++s4) {
+      a[s4] = c0 != SPIN_NONE ? ld_stream16(meta + (size_t)c0 * RB + 64 * s4 + 16 * tig) : zero;
+      b[s4] = c1 != SPIN_NONE ? ld_stream16(meta + (size_t)c1 * RB + 64 * s4 + 16 * tig) : zero;
+    }
+    sa_ = c0 != SPIN_NONE ? *reinterpret_cast<const float*>(meta + (size_t)c0 * RB + DK) : 0.f;
+    sb_ = c1 != SPIN_NONE ? *reinterpret_cast<const float*>(meta + (size_t)c1 * RB + DK) : 0.f;
+  };
+  load(warp, k0, k1, sc0, sc1);
+  for (int tt = warp; tt < tiles; tt += warps) {
+    load(tt + warps, n0, n1, nsc0, nsc1);
+    float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      u32 b0, b1;
+      i8x4_to_f16x4(q8_word(k0[ks >> 2], ks & 3), b0, b1);
+      Mma<__half>::run(sa, qa[ks], b0, b1);
+      i8x4_to_f16x4(q8_word(k1[ks >> 2], ks & 3), b0, b1);
+      Mma<__half>::run(sb, qa[ks], b0, b1);
+    }
+    const bool ok0 = r < g, ok1 = G16 && r + 8 < g;
+    float v[4];
+    v[0] = fmaxf(ok0 ? sa[0] : -INFINITY, ok1 ? sa[2] : -INFINITY);
+    v[1] = fmaxf(ok0 ? sa[1] : -INFINITY, ok1 ? sa[3] : -INFINITY);
+    v[2] = fmaxf(ok0 ? sb[0] : -INFINITY, ok1 ? sb[2] : -INFINITY);
+    v[3] = fmaxf(ok0 ? sb[1] : -INFINITY, ok1 ? sb[3] : -INFINITY);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      v[e] = fmaxf(v[e], __shfl_xor_sync(0xffffffffu, v[e], 4));
+      v[e] = fmaxf(v[e], __shfl_xor_sync(0xffffffffu, v[e], 8));
+      v[e] = fmaxf(v[e], __shfl_xor_sync(0xffffffffu, v[e], 16));
+    }
+    // Column 2tig + c of a tile is the candidate that lane (2tig + c) * 4 loaded.
+    const float s_e[4] = {__shfl_sync(0xffffffffu, sc0, 8 * tig), __shfl_sync(0xffffffffu, sc0, 8 * tig + 4),
+                          __shfl_sync(0xffffffffu, sc1, 8 * tig), __shfl_sync(0xffffffffu, sc1, 8 * tig + 4)};
+    if (r == 0) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = tt * 16 + 2 * tig + (e & 1) + 8 * (e >> 1);
+        if (i < cnt && s_slot[i] != SPIN_NONE) orow[j0 + i] = v[e] * s_e[e];
+      }
+    }
+#pragma unroll
+    for (int s4 = 0; s4 < S4; ++s4) {
+      k0[s4] = n0[s4];
+      k1[s4] = n1[s4];
+    }
+    sc0 = nsc0;
+    sc1 = nsc1;
+  }
+}
+
+#define SCORE_MMA_Q8_KERNEL(NAME, T, D, G16)                                                      \
+  extern "C" __global__ void __launch_bounds__(128) NAME(                                        \
+      const T* q, const unsigned char* meta, const u32* cand, float* out, int hq, int hkv, int n, \
+      int d, int sink, int window, u32 slots, int cpb) {                                           \
+    scores_mma_q8<T, D, G16>(q, meta, cand, out, hq, hkv, n, sink, window, slots, cpb);           \
+  }
+SCORE_MMA_Q8_KERNEL(quest_scores_q8_mma_bf16_d128_g8, __nv_bfloat16, 128, false)
+SCORE_MMA_Q8_KERNEL(quest_scores_q8_mma_bf16_d128_g16, __nv_bfloat16, 128, true)
+SCORE_MMA_Q8_KERNEL(quest_scores_q8_mma_bf16_d64_g8, __nv_bfloat16, 64, false)
+SCORE_MMA_Q8_KERNEL(quest_scores_q8_mma_bf16_d64_g16, __nv_bfloat16, 64, true)
+SCORE_MMA_Q8_KERNEL(quest_scores_q8_mma_f16_d128_g8, __half, 128, false)
+SCORE_MMA_Q8_KERNEL(quest_scores_q8_mma_f16_d128_g16, __half, 128, true)
+SCORE_MMA_Q8_KERNEL(quest_scores_q8_mma_f16_d64_g8, __half, 64, false)
+SCORE_MMA_Q8_KERNEL(quest_scores_q8_mma_f16_d64_g16, __half, 64, true)
+
+// Generic int8 path (any D and query dtype): one warp per candidate, lanes over dims.
+template <typename T>
+__device__ __forceinline__ void scores_generic_q8(const T* __restrict__ q, const unsigned char* __restrict__ meta,
+                                                  const u32* __restrict__ cand, float* __restrict__ out,
+                                                  int hq, int hkv, int n, int d, int sink, int window,
+                                                  u32 slots, int cpb) {
+  const int row = blockIdx.y;
+  const int b = row / hkv, h = row % hkv, g = hq / hkv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const int j0 = blockIdx.x * cpb;
+  const int j1 = min(n, j0 + cpb);
+  const size_t rb = 2 * (size_t)d + SPIN_Q8_TAIL_BYTES;
+  const u32* crow = cand + (size_t)row * n;
+  for (int j = j0 + warp; j < j1; j += warps) {
+    const u32 c = crow[j];
+    float v;
+    if (c == SPIN_NONE || c >= slots) {
+      v = -INFINITY;
+    } else if (qs_forced(crow, j, n, sink, window)) {
+      v = INFINITY;
+    } else {
+      const signed char* mins = reinterpret_cast<const signed char*>(meta + (size_t)c * rb);
+      const signed char* maxs = mins + d;
+      v = -INFINITY;
+      for (int r = 0; r < g; ++r) {
+        const T* qv = q + ((size_t)b * hq + h * g + r) * d;
+        float s = 0.f;
+        for (int x = lane; x < d; x += 32) {
+          const float qx = to_f32(qv[x]);
+          s += qx * (float)(qx >= 0.f ? maxs[x] : mins[x]);
+        }
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        v = fmaxf(v, s);
+      }
+      v *= *reinterpret_cast<const float*>(meta + (size_t)c * rb + 2 * d);
+    }
+    if (lane == 0) out[(size_t)row * n + j] = v;
+  }
+}
+
+#define SCORE_GENERIC_Q8_KERNEL(NAME, T)                                                          \
+  extern "C" __global__ void NAME(const T* q, const unsigned char* meta, const u32* cand,         \
+                                  float* out, int hq, int hkv, int n, int d, int sink, int window, \
+                                  u32 slots, int cpb) {                                            \
+    scores_generic_q8<T>(q, meta, cand, out, hq, hkv, n, d, sink, window, slots, cpb);             \
+  }
+SCORE_GENERIC_Q8_KERNEL(quest_scores_q8_generic_f32, float)
+SCORE_GENERIC_Q8_KERNEL(quest_scores_q8_generic_f16, __half)
+SCORE_GENERIC_Q8_KERNEL(quest_scores_q8_generic_bf16, __nv_bfloat16)
+
 // Generic path (any D, dtype): one warp per candidate, lanes stride over dims.
 template <typename T>
 __device__ __forceinline__ void scores_generic(const T* __restrict__ q, const T* __restrict__ meta,

@@ -8,7 +8,7 @@
 //! write-through into the fast tier when the page is not resident there).
 
 use super::util::{self, Elem};
-use super::NONE;
+use super::{quest_q8, NONE};
 use crate::Result;
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor};
 
@@ -186,6 +186,15 @@ impl InplaceOp2 for QuestMetaUpdate {
         let d = *kl.dims().last().unwrap_or(&1);
         let (m0, m1) = util::contiguous_range(META, ml)?;
         let (k0, k1) = util::contiguous_range(META, kl)?;
+        if let CpuStorage::U8(m) = meta {
+            let m = &mut m[m0..m1];
+            return match k {
+                CpuStorage::F32(k) => quest_q8::update_cpu(m, &k[k0..k1], &dst, self.page_size, d),
+                CpuStorage::F16(k) => quest_q8::update_cpu(m, &k[k0..k1], &dst, self.page_size, d),
+                CpuStorage::BF16(k) => quest_q8::update_cpu(m, &k[k0..k1], &dst, self.page_size, d),
+                _ => candle_core::bail!("{META}: k must be f32, f16 or bf16"),
+            };
+        }
         util::with_float_storages!(META, (meta, k) => |m, k| meta_cpu(&mut m[m0..m1], &k[k0..k1], &dst, self.page_size, d))
     }
 
@@ -207,19 +216,19 @@ impl InplaceOp2 for QuestMetaUpdate {
 /// Tokens must arrive in order within a page (row 0 first), as the cache guarantees.
 ///
 /// # Arguments
-/// * `meta` — `[slots, 2, D]`: `meta[s, 0]` = min, `meta[s, 1]` = max of page slot `s`.
-/// * `k` — `[T, Hkv, D]` post-RoPE keys, same dtype as `meta`.
+/// * `meta` — `[slots, 2, D]` in `k`'s dtype: `meta[s, 0]` = min, `meta[s, 1]` = max of
+///   page slot `s`; or int8 bounds `[slots, 2·D + 16]` u8 ([`quest_q8`]: widened with
+///   outward rounding, exactly the quantized exact bounds).
+/// * `k` — `[T, Hkv, D]` post-RoPE keys (f32, f16 or bf16).
 /// * `dst` — `[T, Hkv]` u32: `slot * page_size + row`, or [`NONE`] to skip.
 /// * `page_size` — tokens per page.
 pub fn quest_meta_update(meta: &Tensor, k: &Tensor, dst: &Tensor, page_size: usize) -> Result<()> {
-    util::check_shape(META, "meta", meta, &[None, Some(2), None], "[slots, 2, D]")?;
-    let (_, _, d) = meta.dims3()?;
-    util::check_nonzero(META, "head dim D", d, ("meta", meta))?;
-    util::check_dtype(META, "meta", meta, util::FLOAT_DTYPES)?;
-    util::check_shape(META, "k", k, &[None, None, Some(d)], &format!("[T, Hkv, {d}]"))?;
-    let (t, h, _) = k.dims3()?;
+    util::check_shape(META, "k", k, &[None, None, None], "[T, Hkv, D]")?;
+    let (t, h, d) = k.dims3()?;
+    util::check_nonzero(META, "head dim D", d, ("k", k))?;
+    util::check_dtype(META, "k", k, util::FLOAT_DTYPES)?;
+    quest_q8::check_bounds(META, meta, d, ("k", k))?;
     util::check_shape(META, "dst", dst, &[Some(t), Some(h)], &format!("[{t}, {h}]"))?;
-    util::check_same_dtype(META, ("meta", meta), ("k", k))?;
     util::check_dtype(META, "dst", dst, &[candle_core::DType::U32])?;
     util::check_device(META, meta.device(), &[("k", k), ("dst", dst)])?;
     util::check_contiguous(META, &[("meta", meta), ("k", k), ("dst", dst)])?;
@@ -310,7 +319,8 @@ impl InplaceOp3 for PagedAppendMinMax {
 /// * `pool` — `[slots, 2, page_size, D]`; its `page_size` is also the metadata's.
 /// * `k`, `v` — `[T, Hkv, D]` (post-RoPE keys), same dtype as `pool`.
 /// * `pool_dst` — `[T, Hkv]` u32: `slot * page_size + row` in `pool`, or [`NONE`].
-/// * `meta` — `[meta_slots, 2, D]` min/max per page slot, same dtype and device as `pool`,
+/// * `meta` — `[meta_slots, 2, D]` min/max per page slot in `pool`'s dtype, or int8
+///   bounds `[meta_slots, 2·D + 16]` u8 ([`quest_q8`]); on `pool`'s device,
 ///   sharing no buffer with `pool`, `k` or `v`; tokens of one metadata slot arrive in
 ///   order (row 0 first), as for [`quest_meta_update`].
 /// * `meta_dst` — `[T, Hkv]` u32: `meta_slot * page_size + row`, or [`NONE`].
@@ -324,15 +334,8 @@ pub fn paged_append_with_minmax(
 ) -> Result<()> {
     let (page_size, t) = check_pool_rows(FUSED, pool, k, v, ("pool_dst", pool_dst))?;
     let (h, d) = (k.dims()[1], k.dims()[2]);
-    util::check_shape(
-        FUSED,
-        "meta",
-        meta,
-        &[None, Some(2), Some(d)],
-        &format!("[meta_slots, 2, {d}]"),
-    )?;
+    quest_q8::check_bounds(FUSED, meta, d, ("pool", pool))?;
     util::check_shape(FUSED, "meta_dst", meta_dst, &[Some(t), Some(h)], &format!("[{t}, {h}]"))?;
-    util::check_same_dtype(FUSED, ("pool", pool), ("meta", meta))?;
     util::check_dtype(FUSED, "meta_dst", meta_dst, &[candle_core::DType::U32])?;
     util::check_device(
         FUSED,

@@ -24,3 +24,13 @@ pub const PREFILL_TILE_WORDS: usize = 6;
 /// sizes a shared array by it). Used by the CUDA glue only.
 #[allow(dead_code)]
 pub const LRU_RESOLVE_WARPS: usize = 4;
+
+/// Bytes after the `2·D` int8 bounds of a row of Quest's int8 page bounds
+/// (`ops::quest_q8`): the page's f32 scale, then zeros, so rows stay 16-byte aligned.
+pub const QUEST_Q8_TAIL_BYTES: usize = 16;
+
+/// Range of the power-of-two exponent `e` of an int8 bounds row's scale `2^e` (keeps
+/// `2^e` and `2^-e` normal f32 values).
+pub const QUEST_Q8_EXP_MIN: i32 = -126;
+/// See [`QUEST_Q8_EXP_MIN`].
+pub const QUEST_Q8_EXP_MAX: i32 = 120;

@@ -19,6 +19,7 @@ pub mod merge;
 pub mod model_ops;
 pub mod page_table;
 pub mod prefill;
+pub mod quest_q8;
 pub mod quest_score;
 pub mod reference;
 pub mod rope;
@@ -39,6 +40,7 @@ pub use merge::merge_partials;
 pub use model_ops::{add_rms_norm, rms_norm, silu_mul};
 pub use page_table::{page_slots, page_slots_grid};
 pub use prefill::{prefill_attention, prefill_attention_supported, PrefillChunk, PrefillTiles};
+pub use quest_q8::{dequantize_quest_q8, quest_q8_bounds, quest_q8_row_bytes};
 pub use quest_score::quest_page_scores;
 pub use reference::reference_attention;
 pub use rope::rope_qkv;
@@ -74,4 +76,6 @@ pub fn preload_kernels(device: &candle_core::Device) -> Result<usize> {
 
 #[path = "kernel_consts.rs"]
 mod kernel_consts;
-pub use kernel_consts::{EMPTY_LSE, LEAF_PAGES, NONE, PREFILL_ROWS};
+pub use kernel_consts::{
+    EMPTY_LSE, LEAF_PAGES, NONE, PREFILL_ROWS, QUEST_Q8_EXP_MAX, QUEST_Q8_EXP_MIN, QUEST_Q8_TAIL_BYTES,
+};

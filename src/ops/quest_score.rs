@@ -3,7 +3,7 @@
 //! a GQA group.
 
 use super::util::{self, Elem};
-use super::NONE;
+use super::{quest_q8, NONE};
 use crate::Result;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -78,6 +78,17 @@ impl CustomOp2 for QuestScores {
         let (q0, q1) = util::contiguous_range(OP, ql)?;
         let (m0, m1) = util::contiguous_range(OP, ml)?;
         let dims = (b, hq, hkv, n, d);
+        let (sink, window) = (self.sink_pages, self.window_pages);
+        if let CpuStorage::U8(m) = meta {
+            let m = &m[m0..m1];
+            let out = match q {
+                CpuStorage::F32(q) => quest_q8::scores_cpu(&q[q0..q1], m, &cand, dims, sink, window)?,
+                CpuStorage::F16(q) => quest_q8::scores_cpu(&q[q0..q1], m, &cand, dims, sink, window)?,
+                CpuStorage::BF16(q) => quest_q8::scores_cpu(&q[q0..q1], m, &cand, dims, sink, window)?,
+                _ => candle_core::bail!("{OP}: q must be f32, f16 or bf16"),
+            };
+            return Ok((CpuStorage::F32(out), Shape::from_dims(&[b, hkv, n])));
+        }
         let out = util::with_float_storages!(OP, (q, meta) => |q, m| scores_cpu(&q[q0..q1], &m[m0..m1], &cand, dims, self.sink_pages, self.window_pages)?);
         Ok((CpuStorage::F32(out), Shape::from_dims(&[b, hkv, n])))
     }
@@ -106,7 +117,9 @@ impl CustomOp2 for QuestScores {
 ///
 /// # Arguments
 /// * `q` — `[B, Hq, D]` post-RoPE decode queries, one per sequence.
-/// * `meta` — `[slots, 2, D]` page bounds (min, max), same dtype as `q`.
+/// * `meta` — `[slots, 2, D]` page bounds (min, max), same dtype as `q`; or int8 bounds
+///   `[slots, 2·D + 16]` u8 ([`quest_q8`](crate::ops::quest_q8): the score is then
+///   `2^e · Σᵢ max(qᵢ·maxᵢ, qᵢ·minᵢ)` over the stored integers, `2^e` the page's scale).
 /// * `candidates` — `[B, Hkv, N]` u32 metadata slots in logical page order, padded at the
 ///   end with [`NONE`].
 /// * `sink_pages`, `window_pages` — the first `sink_pages` and last `window_pages` valid
@@ -125,8 +138,7 @@ pub fn quest_page_scores(
     util::check_nonzero(OP, "head dim D", d, ("q", q))?;
     util::check_nonzero(OP, "query heads Hq", hq, ("q", q))?;
     util::check_dtype(OP, "q", q, util::FLOAT_DTYPES)?;
-    util::check_shape(OP, "meta", meta, &[None, Some(2), Some(d)], &format!("[slots, 2, {d}]"))?;
-    util::check_same_dtype(OP, ("q", q), ("meta", meta))?;
+    quest_q8::check_bounds(OP, meta, d, ("q", q))?;
     util::check_shape(
         OP,
         "candidates",

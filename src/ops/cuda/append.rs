@@ -77,7 +77,8 @@ pub(crate) fn paged_append_to(
     )
 }
 
-/// Widens (or, at row 0, resets) each page's element-wise key bounds.
+/// Widens (or, at row 0, resets) each page's element-wise key bounds (`[slots, 2, d]` in
+/// k's dtype, or int8 bounds `[slots, 2·d + 16]` u8).
 pub(crate) fn quest_meta_update(
     meta: &mut CudaStorage,
     ml: &Layout,
@@ -86,12 +87,13 @@ pub(crate) fn quest_meta_update(
     dst: &Tensor,
     page_size: usize,
 ) -> Result<()> {
-    let (slots, _, d) = ml.shape().dims3()?;
-    let (t, h, _) = kl.shape().dims3()?;
+    let slots = ml.dims()[0];
+    let (t, h, d) = kl.shape().dims3()?;
     if t * h == 0 {
         return Ok(());
     }
-    let name = format!("quest_meta_update_{}", suffix(OP_META, meta.dtype())?);
+    let q8 = if meta.dtype() == DType::U8 { "q8_" } else { "" };
+    let name = format!("quest_meta_update_{q8}{}", suffix(OP_META, k.dtype())?);
     let mp = ptr_mut(OP_META, meta, ml)?;
     let kp = ptr(OP_META, k, kl)?;
     let dp = super::field_ptr(OP_META, "dst", dst)?;
@@ -134,11 +136,12 @@ pub(crate) fn paged_append_minmax(
 ) -> Result<()> {
     let (pool_slots, _, page_size, d) = pl.shape().dims4()?;
     let (t, h, _) = kl.shape().dims3()?;
-    let (meta_slots, _, _) = meta.dims3()?;
+    let meta_slots = meta.dims()[0];
     if t * h == 0 {
         return Ok(());
     }
-    let name = format!("paged_append_minmax_{}", suffix(OP_FUSED, pool.dtype())?);
+    let q8 = if meta.dtype() == DType::U8 { "q8_" } else { "" };
+    let name = format!("paged_append_minmax_{q8}{}", suffix(OP_FUSED, pool.dtype())?);
     let es = pool.dtype().size_in_bytes();
     let pp = ptr_mut(OP_FUSED, pool, pl)?;
     let kp = ptr(OP_FUSED, k, kl)?;
@@ -169,7 +172,7 @@ pub(crate) fn paged_append_minmax(
     )
 }
 
-/// Device address of the metadata tensor (float, contiguous, on the op's GPU).
+/// Device address of the metadata tensor (float or int8 bounds, contiguous, on the op's GPU).
 fn meta_ptr(meta: &Tensor) -> Result<u64> {
     let (s, l) = meta.storage_and_layout();
     match &*s {
@@ -200,6 +203,7 @@ pub(crate) fn buffer_range(op: &str, t: &Tensor) -> Result<(u64, u64)> {
         DType::F16 => r!(half::f16),
         DType::BF16 => r!(half::bf16),
         DType::U32 => r!(u32),
+        DType::U8 => r!(u8),
         dt => candle_core::bail!("{op}: unsupported dtype {dt:?} on CUDA"),
     })
 }

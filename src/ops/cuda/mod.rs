@@ -223,6 +223,7 @@ fn address_at(op: &str, s: &CudaStorage, start: usize) -> Result<u64> {
         DType::BF16 => p!(half::bf16),
         DType::U32 => p!(u32),
         DType::I64 => p!(i64),
+        DType::U8 => p!(u8),
         dt => candle_core::bail!("{op}: unsupported dtype {dt:?} on CUDA"),
     })
 }
@@ -244,6 +245,7 @@ pub(crate) fn ptr_mut(op: &str, s: &mut CudaStorage, l: &Layout) -> Result<u64> 
         DType::BF16 => p!(half::bf16),
         DType::U32 => p!(u32),
         DType::I64 => p!(i64),
+        DType::U8 => p!(u8),
         dt => candle_core::bail!("{op}: unsupported dtype {dt:?} on CUDA"),
     })
 }

@@ -13,7 +13,8 @@ const MAX_CPB: usize = 2048;
 /// Candidates each lane group keeps in flight (QS_UNROLL in the kernel).
 const UNROLL: usize = 4;
 
-/// Scores `[B, Hkv, N]` f32 of every candidate page.
+/// Scores `[B, Hkv, N]` f32 of every candidate page, from bounds in q's dtype or int8
+/// bounds (`meta` u8 `[slots, 2·d + 16]`).
 pub(crate) fn quest_page_scores(
     q: &CudaStorage,
     ql: &Layout,
@@ -24,7 +25,7 @@ pub(crate) fn quest_page_scores(
     window_pages: usize,
 ) -> Result<(CudaStorage, Shape)> {
     let (b, hq, d) = ql.shape().dims3()?;
-    let (slots, _, _) = ml.shape().dims3()?;
+    let slots = ml.dims()[0];
     let (_, hkv, n) = candidates.dims3()?;
     let rows = b * hkv;
     let dev = super::device(q).clone();
@@ -58,7 +59,22 @@ pub(crate) fn quest_page_scores(
         (_, _, true) => "quest_scores_mma_f16_d64_g8",
         (_, _, false) => "quest_scores_mma_f16_d64_g16",
     };
-    let name: &'static str = if mma {
+    let q8 = meta.dtype() == candle_core::DType::U8;
+    let name: &'static str = if q8 {
+        match (mma, sfx, d, g <= 8) {
+            (false, "bf16", ..) => "quest_scores_q8_generic_bf16",
+            (false, "f16", ..) => "quest_scores_q8_generic_f16",
+            (false, ..) => "quest_scores_q8_generic_f32",
+            (_, "bf16", 128, true) => "quest_scores_q8_mma_bf16_d128_g8",
+            (_, "bf16", 128, false) => "quest_scores_q8_mma_bf16_d128_g16",
+            (_, "bf16", _, true) => "quest_scores_q8_mma_bf16_d64_g8",
+            (_, "bf16", _, false) => "quest_scores_q8_mma_bf16_d64_g16",
+            (_, _, 128, true) => "quest_scores_q8_mma_f16_d128_g8",
+            (_, _, 128, false) => "quest_scores_q8_mma_f16_d128_g16",
+            (_, _, _, true) => "quest_scores_q8_mma_f16_d64_g8",
+            (_, _, _, false) => "quest_scores_q8_mma_f16_d64_g16",
+        }
+    } else if mma {
         name
     } else {
         match (vec_ok, g <= 4, sfx) {
@@ -76,6 +92,7 @@ pub(crate) fn quest_page_scores(
     let f = func(&dev, &QUEST_SCORE, name)?;
     // Candidates per block: one wave of resident blocks over the whole launch, in whole
     // rounds of the block's lane groups.
+    let vec_ok = vec_ok && !q8;
     let per_round = if mma {
         (THREADS / 32) as usize * 16
     } else if vec_ok {
