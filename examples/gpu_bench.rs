@@ -8,7 +8,8 @@
 //! Each figure is printed next to its floor (bytes / measured HBM copy bandwidth) and
 //! the PyTorch anchors measured on the same kind of GPU (`shared/anchors/`).
 //!
-//! `cargo run --release --features cuda --example gpu_bench [-- --quick] [-- --csv FILE]`
+//! `cargo run --release --features cuda --example gpu_bench [-- --quick] [-- --csv FILE]
+//! [--contexts 32768,131072] [--batches 8]`
 //!
 //! Timing: CUDA events around `iters` back-to-back calls after warm-up, the median of
 //! several repetitions; "graph" rows replay the step captured in a CUDA graph (no host
@@ -207,8 +208,24 @@ mod bench {
             bw / 1e9
         );
 
-        let contexts: &[usize] = if quick { &[32768] } else { &[8192, 32768, 131072] };
-        let batches: &[usize] = if quick { &[8] } else { &[1, 8, 32] };
+        // `--contexts L,L,..` / `--batches B,B,..` override the sweep.
+        let list = |flag: &str| -> Result<Option<Vec<usize>>> {
+            match args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)) {
+                None => Ok(None),
+                Some(v) => Ok(Some(
+                    v.split(',')
+                        .map(|x| {
+                            x.trim()
+                                .parse::<usize>()
+                                .map_err(|e| anyhow::anyhow!("{flag} {v}: {e}"))
+                        })
+                        .collect::<Result<_>>()?,
+                )),
+            }
+        };
+        let contexts = list("--contexts")?.unwrap_or(if quick { vec![32768] } else { vec![8192, 32768, 131072] });
+        let batches = list("--batches")?.unwrap_or(if quick { vec![8] } else { vec![1, 8, 32] });
+        let (contexts, batches) = (&contexts[..], &batches[..]);
         let mut rows = Vec::new();
         let scale = 1.0 / (D as f32).sqrt();
         for &l in contexts {
@@ -220,6 +237,16 @@ mod bench {
                 fill_random(&pool, &mut r)?;
                 let meta = Tensor::zeros((slots, 2, D), DType::BF16, &dev)?;
                 fill_random(&meta, &mut r)?;
+                // int8 bounds (QuestConfig::bounds = Int8): random integers, scale 1.0.
+                let meta8 = {
+                    let ints = Tensor::rand(0f32, 255.0, (slots, 2 * D), &dev)?.to_dtype(DType::U8)?;
+                    let mut tail = vec![0u8; ops::QUEST_Q8_TAIL_BYTES];
+                    tail[..4].copy_from_slice(&1f32.to_le_bytes());
+                    let tail = Tensor::from_vec(tail, (1, ops::QUEST_Q8_TAIL_BYTES), &dev)?
+                        .broadcast_as((slots, ops::QUEST_Q8_TAIL_BYTES))?
+                        .contiguous()?;
+                    Tensor::cat(&[&ints, &tail], 1)?
+                };
                 let mut perm: Vec<u32> = (0..slots as u32).collect();
                 perm.shuffle(&mut r);
                 // table[(b, h, lp)] = slot
@@ -260,6 +287,7 @@ mod bench {
                 let sel_bytes = (b * HKV * kpages * PAGE_BYTES) as f64;
                 let all_bytes = (b * HKV * np * PAGE_BYTES) as f64;
                 let meta_bytes = (b * HKV * np * META_BYTES) as f64;
+                let meta8_bytes = (b * HKV * np * ops::quest_q8_row_bytes(D)) as f64;
                 let big = all_bytes > 4e9;
                 let iters = if big { 5 } else { 20 };
 
@@ -419,6 +447,20 @@ mod bench {
                     ops::sparse_paged_attention(&q, &pool, &list, scale)?;
                     Ok(())
                 };
+                // The fused step with int8 bounds.
+                let step_q8 = || -> Result<()> {
+                    ops::paged_append_with_minmax(&pool, &knew, &vnew, &dst, &meta8, &dst)?;
+                    let s = ops::quest_page_scores(&q, &meta8, &cand, 1, 2)?;
+                    let sel = ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?.reshape((b, HKV, kpages))?;
+                    let pages = spinkv::ops::selection_to_pages(&cand, &sel)?;
+                    let list = PageList {
+                        pages,
+                        queries: queries.clone(),
+                        kv_limit: kv_limit.clone(),
+                    };
+                    ops::sparse_paged_attention(&q, &pool, &list, scale)?;
+                    Ok(())
+                };
                 // Append bytes: K/V rows read and written, metadata rows read and written.
                 let append_bytes = (b * HKV * (4 * D * 2 + 2 * META_BYTES)) as f64;
                 let step_bytes = meta_bytes + sel_bytes;
@@ -437,7 +479,7 @@ mod bench {
                     },
                 );
                 // Replays from CUDA graphs: the GPU time without host launch overhead.
-                let graphs: [GraphCase; 7] = [
+                let graphs: [GraphCase; 11] = [
                     ("append + min/max, two kernels (graph)", None, append_bytes, &|| {
                         ops::paged_append(&pool, &knew, &vnew, &dst)?;
                         ops::quest_meta_update(&meta, &knew, &dst, P)?;
@@ -456,10 +498,32 @@ mod bench {
                         ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?;
                         Ok(())
                     }),
+                    ("quest score only (graph)", None, meta_bytes, &|| {
+                        ops::quest_page_scores(&q, &meta, &cand, 1, 2)?;
+                        Ok(())
+                    }),
+                    ("quest score only, int8 bounds (graph)", None, meta8_bytes, &|| {
+                        ops::quest_page_scores(&q, &meta8, &cand, 1, 2)?;
+                        Ok(())
+                    }),
+                    ("quest score + top-k, int8 bounds (graph)", None, meta8_bytes, &|| {
+                        let s = ops::quest_page_scores(&q, &meta8, &cand, 1, 2)?;
+                        ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?;
+                        Ok(())
+                    }),
                     ("quest step (graph)", Some("step"), step_bytes, &|| {
                         step()?;
                         Ok(())
                     }),
+                    (
+                        "quest step (graph), fused append, int8 bounds",
+                        Some("step"),
+                        meta8_bytes + sel_bytes,
+                        &|| {
+                            step_q8()?;
+                            Ok(())
+                        },
+                    ),
                     ("quest step (graph), fused append", Some("step"), step_bytes, &|| {
                         step_fused()?;
                         Ok(())

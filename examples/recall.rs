@@ -273,6 +273,39 @@ fn report(summary: &[Cell], algos: &[String], plot_path: Option<&PathBuf>) -> Re
     Ok(())
 }
 
+/// For every `quest-q8` configuration, how often its selection equals that of `quest` at
+/// the same budget (issue 12: int8 page bounds against bounds in the KV dtype): the
+/// share of selected pages the two have in common, and of (step, layer, head) rows
+/// where the sets are equal. Rows where either selects every page are left out.
+fn agreement(configs: &[(String, f64, usize, usize)], traces: &[Vec<SelectionRecord>], kind: &str, context: usize) {
+    for (i, (algo, f, ..)) in configs.iter().enumerate() {
+        let Some(j) = configs.iter().position(|c| c.0 == "quest" && c.1 == *f) else {
+            continue;
+        };
+        if algo != "quest-q8" {
+            continue;
+        }
+        let key = |r: &SelectionRecord| (r.step, r.layer, r.seq, r.kv_head);
+        let base: std::collections::HashMap<_, _> = traces[j].iter().map(|r| (key(r), r)).collect();
+        let (mut common, mut total, mut same, mut rows) = (0usize, 0usize, 0usize, 0usize);
+        for r in &traces[i] {
+            let Some(b) = base.get(&key(r)) else { continue };
+            if r.pages.len() as u32 >= r.num_pages || b.pages.len() as u32 >= b.num_pages {
+                continue;
+            }
+            let set: std::collections::HashSet<u32> = b.pages.iter().copied().collect();
+            common += r.pages.iter().filter(|p| set.contains(p)).count();
+            total += b.pages.len();
+            same += usize::from(r.pages == b.pages);
+            rows += 1;
+        }
+        eprintln!(
+            "{kind:<8} ctx {context:>5} quest-q8 vs quest, budget {f:<6}: {:.4} of pages in common, identical sets in {same}/{rows} rows",
+            common as f64 / total.max(1) as f64
+        );
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if !args.from_csv.is_empty() {
@@ -346,8 +379,10 @@ fn main() -> Result<()> {
                 }
             }
             let o = oracle(&lm, &rec.lock().unwrap(), ids.len())?;
-            for ((algo, f, budget, page), cache) in configs.iter().zip(caches.iter_mut().skip(1)) {
-                let per_layer = recall(&o, &cache.take_trace(), *page, g, layers);
+            let traces: Vec<Vec<SelectionRecord>> = caches.iter_mut().skip(1).map(|c| c.take_trace()).collect();
+            agreement(&configs, &traces, kind, context);
+            for ((algo, f, budget, page), trace) in configs.iter().zip(&traces) {
+                let per_layer = recall(&o, trace, *page, g, layers);
                 let (mut sm, mut st) = (0.0, 0.0);
                 for (l, (m, t, n)) in per_layer.iter().enumerate() {
                     writeln!(csv, "{kind},{context},{algo},{f},{budget},{page},{l},{m:.5},{t:.5},{n}")?;

@@ -50,7 +50,7 @@ use spinkv::models::fetch::ModelSpec;
 use spinkv::models::passkey::{build_prompt, is_correct, KeyGen};
 use spinkv::models::random::{random_llama, shape_config, SHAPES};
 use spinkv::models::{load_model, Llama};
-use spinkv::partition::{by_name, ALGORITHMS};
+use spinkv::partition::{by_name, ALGORITHMS, VARIANTS};
 use spinkv::{FetchMode, SpinCache};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -80,7 +80,7 @@ struct Cli {
     cuda: bool,
     /// Algorithms to compare (comma-separated).
     #[arg(long, global = true, value_delimiter = ',', default_value = "dense",
-          value_parser = PossibleValuesParser::new(ALGORITHMS))]
+          value_parser = PossibleValuesParser::new(ALGORITHMS.iter().chain(VARIANTS)))]
     algo: Vec<String>,
     /// Token budget of the sparse algorithms per decode step and KV head.
     #[arg(long, global = true, default_value_t = 2048, value_parser = at_least_1)]

@@ -18,7 +18,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use spinkv::partition::{by_name, Dense, Quest, QuestConfig, ShadowKv, ShadowKvConfig, SparseAlgorithm};
+use spinkv::partition::{by_name, BoundsFormat, Dense, Quest, QuestConfig, ShadowKv, ShadowKvConfig, SparseAlgorithm};
 use spinkv::{CacheConfig, FetchMode, SparseKvCache, SpinCache, StepInput};
 
 fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_fraction: f64, tol: f64, what: &str) {
@@ -150,6 +150,23 @@ fn quest_on_cuda_matches_cpu() {
         2e-4,
         "quest budget 128 small fast tier f32",
     );
+    // int8 page bounds: the fused append's int8 update and the int8 scoring kernels.
+    let quest_q8 = || -> Box<dyn SparseAlgorithm> {
+        Box::new(Quest::new(QuestConfig {
+            budget_tokens: 128,
+            dense_layers: 1,
+            bounds: BoundsFormat::Int8,
+            ..Default::default()
+        }))
+    };
+    run_both(
+        &quest_q8,
+        DType::BF16,
+        0.25,
+        3e-2,
+        "quest int8 bounds quarter fast tier bf16",
+    );
+    run_both(&quest_q8, DType::F32, 1.0, 2e-4, "quest int8 bounds f32");
 }
 
 #[test]

@@ -17,8 +17,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use spinkv::partition::{
-    Dense, InfLlm, InfLlmConfig, Quest, QuestConfig, ShadowKv, ShadowKvConfig, SparseAlgorithm, Streaming,
-    StreamingConfig,
+    BoundsFormat, Dense, InfLlm, InfLlmConfig, Quest, QuestConfig, ShadowKv, ShadowKvConfig, SparseAlgorithm,
+    Streaming, StreamingConfig,
 };
 use spinkv::{CacheConfig, Error, SparseKvCache, SpinCache, StepInput};
 
@@ -35,7 +35,8 @@ fn config() -> CacheConfig {
 
 type Make = Box<dyn Fn() -> Box<dyn SparseAlgorithm>>;
 
-/// The five algorithms with budgets small enough that the sparse ones really select.
+/// The five algorithms (and Quest with int8 bounds) with budgets small enough that the
+/// sparse ones really select.
 fn algorithms() -> Vec<(&'static str, Make)> {
     vec![
         (
@@ -60,6 +61,19 @@ fn algorithms() -> Vec<(&'static str, Make)> {
                     window_tokens: 8,
                     dense_layers: 0,
                     shared_across_heads: false,
+                    ..Default::default()
+                })) as Box<dyn SparseAlgorithm>
+            }),
+        ),
+        (
+            "quest-q8",
+            Box::new(|| {
+                Box::new(Quest::new(QuestConfig {
+                    budget_tokens: 32,
+                    sink_tokens: 8,
+                    window_tokens: 8,
+                    dense_layers: 0,
+                    bounds: BoundsFormat::Int8,
                     ..Default::default()
                 })) as Box<dyn SparseAlgorithm>
             }),

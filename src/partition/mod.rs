@@ -19,7 +19,7 @@ pub mod streaming;
 
 pub use dense::Dense;
 pub use infllm::{InfLlm, InfLlmConfig};
-pub use quest::{GroupScore, Quest, QuestConfig};
+pub use quest::{BoundsFormat, GroupScore, Quest, QuestConfig};
 pub use shadowkv::{ShadowKv, ShadowKvConfig};
 pub use streaming::{Streaming, StreamingConfig};
 
@@ -257,8 +257,9 @@ pub const ALGORITHMS: &[&str] = &["dense", "streaming", "quest", "infllm", "shad
 /// Variants of an algorithm that [`by_name`] also accepts, for comparisons (issue 17's
 /// Quest options): `quest-softmax` ([`GroupScore::SoftmaxSum`]), `quest-p8` (8-token
 /// pages, [`QuestConfig::page_tokens`]) and `quest-lean` (one sink and one window page of
-/// 16 tokens instead of one and two, leaving a page more to retrieval).
-pub const VARIANTS: &[&str] = &["quest-softmax", "quest-p8", "quest-lean"];
+/// 16 tokens instead of one and two, leaving a page more to retrieval) and `quest-q8`
+/// (issue 12's int8 page bounds, [`BoundsFormat::Int8`]).
+pub const VARIANTS: &[&str] = &["quest-softmax", "quest-p8", "quest-lean", "quest-q8"];
 
 /// Builds an algorithm from its name with a token budget per decode step and KV head
 /// (ignored by `dense`): `streaming` keeps a 64-token sink and the rest of the budget as
@@ -300,6 +301,11 @@ pub fn by_name(name: &str, budget_tokens: usize) -> Result<Box<dyn SparseAlgorit
         "quest-lean" => Box::new(Quest::new(QuestConfig {
             budget_tokens,
             window_tokens: 16,
+            ..Default::default()
+        })),
+        "quest-q8" => Box::new(Quest::new(QuestConfig {
+            budget_tokens,
+            bounds: BoundsFormat::Int8,
             ..Default::default()
         })),
         "infllm" => Box::new(InfLlm::new(InfLlmConfig::for_budget(budget_tokens))?),

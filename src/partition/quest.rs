@@ -3,7 +3,7 @@
 //! logit; the top pages per KV head fill the token budget.
 
 use super::{forced_pages, IndexInput, SelectInput, Selection, SparseAlgorithm};
-use crate::ops::{quest_meta_update, quest_page_scores, topk_indices};
+use crate::ops::{quest_meta_update, quest_page_scores, quest_q8_bounds, topk_indices};
 use crate::{CacheConfig, Error, Result};
 use candle_core::Tensor;
 
@@ -28,6 +28,20 @@ pub struct QuestConfig {
     /// default `None`: the cache's own. Smaller pages give finer bounds (and more
     /// metadata: `2 · D` values per page).
     pub page_tokens: Option<usize>,
+    /// How the page bounds are stored (default: in the KV dtype, as in the paper).
+    pub bounds: BoundsFormat,
+}
+
+/// The storage of Quest's page bounds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BoundsFormat {
+    /// `[pages, 2, D]` in the KV dtype: `4·D` bytes a page in bf16.
+    #[default]
+    KvDtype,
+    /// int8 with a power-of-two scale per page, rounded outward so that the score stays
+    /// an upper bound ([`ops::quest_q8`](crate::ops::quest_q8)): `2·D + 16` bytes a page,
+    /// 0.53× of bf16 at D = 128, and as many fewer bytes for scoring to read.
+    Int8,
 }
 
 /// How the upper bounds of a GQA group's query heads become one score per page and KV
@@ -56,12 +70,14 @@ impl Default for QuestConfig {
             shared_across_heads: false,
             group_score: GroupScore::Max,
             page_tokens: None,
+            bounds: BoundsFormat::KvDtype,
         }
     }
 }
 
-/// Quest page selection. Metadata: `[total_pages, 2, D]` (min, max) in the KV dtype on
-/// the fast tier's device — `1/page_size` of the KV bytes.
+/// Quest page selection. Metadata on the fast tier's device: `[total_pages, 2, D]` (min,
+/// max) in the KV dtype — `1/page_size` of the KV bytes — or, with
+/// [`BoundsFormat::Int8`], `[total_pages, 2·D + 16]` u8.
 #[derive(Debug)]
 pub struct Quest {
     cfg: QuestConfig,
@@ -79,7 +95,8 @@ impl Quest {
         }
     }
 
-    /// The metadata tensor `[total_pages, 2, D]` (after `init`).
+    /// The metadata tensor (after `init`): `[total_pages, 2, D]` in the KV dtype, or
+    /// `[total_pages, 2·D + 16]` u8 with [`BoundsFormat::Int8`].
     pub fn metadata(&self) -> Option<&Tensor> {
         self.meta.as_ref()
     }
@@ -92,7 +109,11 @@ impl SparseAlgorithm for Quest {
             GroupScore::SoftmaxSum => ", group=softmax-sum",
         };
         let page = self.cfg.page_tokens.map(|p| format!(", page={p}")).unwrap_or_default();
-        format!("quest(budget={}{group}{page})", self.cfg.budget_tokens)
+        let bounds = match self.cfg.bounds {
+            BoundsFormat::KvDtype => "",
+            BoundsFormat::Int8 => ", bounds=int8",
+        };
+        format!("quest(budget={}{group}{page}{bounds})", self.cfg.budget_tokens)
     }
 
     fn init(&mut self, cfg: &CacheConfig) -> Result<()> {
@@ -105,11 +126,10 @@ impl SparseAlgorithm for Quest {
             )));
         }
         self.page_size = cfg.page_size;
-        self.meta = Some(Tensor::zeros(
-            (cfg.total_pages(), 2, cfg.head_dim),
-            cfg.dtype,
-            &cfg.device,
-        )?);
+        self.meta = Some(match self.cfg.bounds {
+            BoundsFormat::KvDtype => Tensor::zeros((cfg.total_pages(), 2, cfg.head_dim), cfg.dtype, &cfg.device)?,
+            BoundsFormat::Int8 => quest_q8_bounds(cfg.total_pages(), cfg.head_dim, &cfg.device)?,
+        });
         Ok(())
     }
 
