@@ -382,7 +382,8 @@ fn drain_rest(h: spinkv::engine::RequestHandle) -> FinishReason {
 
 /// Decode-only steps run padded (the device work CUDA graphs replay) give exactly the
 /// tokens of the ragged eager path, while requests finish (different lengths) and one
-/// joins mid-run, so the padded batch changes size (3 → 4, 4 → 4, 2 → 2, 1 → 1).
+/// joins mid-run, so the needed padded batch changes size (3 → 4, 4 → 4, 2 → 2, 1 → 1;
+/// the smaller ones borrow the batch of 4, as graph replays would).
 fn padded_decode_changes_no_token(algo_name: &str) {
     use spinkv::engine::DecodeMode;
     let ps = prompts();

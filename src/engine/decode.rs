@@ -25,7 +25,8 @@ pub enum DecodeMode {
     Auto,
     /// Always the ragged eager step ([`Llama::forward`]), as prefill.
     Eager,
-    /// Padded steps run eagerly (the graphs' exact device work, without capture): for
+    /// Padded steps run eagerly (the graphs' exact device work, without capture: the same
+    /// shapes, including a larger batch's where `Graphs` would replay its graph): for
     /// comparisons and for checking the padded path on any device.
     Padded,
     /// Padded steps replayed as CUDA graphs; an error on devices without graphs.
@@ -98,6 +99,9 @@ pub(crate) struct DecodeRunner {
     uncapturable: HashSet<PaddedShape>,
     /// Steps of each needed shape that replayed a larger captured batch instead.
     borrowed: HashMap<PaddedShape, u32>,
+    /// `Padded` mode: the shapes `Graphs` would hold a graph of, and its epoch, so that
+    /// padded steps borrow larger shapes exactly as replays do.
+    shadow: HashMap<PaddedShape, u64>,
     pub counters: DecodeCounters,
 }
 
@@ -123,6 +127,7 @@ impl DecodeRunner {
             graphs: HashMap::new(),
             uncapturable: HashSet::new(),
             borrowed: HashMap::new(),
+            shadow: HashMap::new(),
             counters: DecodeCounters::default(),
         })
     }
@@ -192,13 +197,17 @@ impl DecodeRunner {
     /// has borrowed one [`BORROW_STEPS`] times (a batch that shrinks for a step or two,
     /// as requests finish, then costs no capture).
     fn choose(&mut self, need: PaddedShape, epoch: u64) -> PaddedShape {
-        if self.mode != DecodeMode::Graphs || self.graphs.get(&need).is_some_and(|c| c.epoch == epoch) {
+        let held: HashMap<PaddedShape, u64> = match self.mode {
+            DecodeMode::Graphs => self.graphs.iter().map(|(s, c)| (*s, c.epoch)).collect(),
+            DecodeMode::Padded => self.shadow.clone(),
+            _ => return need,
+        };
+        if held.get(&need) == Some(&epoch) {
             return need;
         }
-        let larger = self
-            .graphs
+        let larger = held
             .iter()
-            .filter(|(s, c)| s.pages == need.pages && s.batch > need.batch && c.epoch == epoch)
+            .filter(|(s, e)| s.pages == need.pages && s.batch > need.batch && **e == epoch)
             .map(|(s, _)| *s)
             .min_by_key(|s| s.batch);
         match larger {
@@ -254,6 +263,15 @@ impl DecodeRunner {
             sample_rows_into(&logits, &params, &out)?;
             Ok(out.clone())
         };
+        if self.mode == DecodeMode::Padded {
+            // What `Graphs` would hold after this step: a shape warmed once is captured
+            // by its next step; graphs of an older epoch are dropped.
+            let epoch = cache.graph_epoch();
+            self.shadow.retain(|_, e| *e == epoch);
+            if !self.warmed.insert(shape) {
+                self.shadow.insert(shape, epoch);
+            }
+        }
         if self.mode == DecodeMode::Padded || self.uncapturable.contains(&shape) {
             self.counters.padded_eager += 1;
             return step(cache);
