@@ -419,10 +419,9 @@ mod bench {
                     .map(|row| perm[row * np + np - 1] * P as u32 + (P - 1) as u32)
                     .collect();
                 let dst = Tensor::from_vec(dst, (b, HKV), &dev)?;
-                let step = || -> Result<()> {
-                    ops::paged_append(&pool, &knew, &vnew, &dst)?;
-                    ops::quest_meta_update(&meta, &knew, &dst, P)?;
-                    let s = ops::quest_page_scores(&q, &meta, &cand, 1, 2)?;
+                // Score, top-k, page list and attention over bounds `m` (either format).
+                let select_and_attend = |m: &Tensor| -> Result<()> {
+                    let s = ops::quest_page_scores(&q, m, &cand, 1, 2)?;
                     let sel = ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?.reshape((b, HKV, kpages))?;
                     let pages = spinkv::ops::selection_to_pages(&cand, &sel)?;
                     let list = PageList {
@@ -432,34 +431,21 @@ mod bench {
                     };
                     ops::sparse_paged_attention(&q, &pool, &list, scale)?;
                     Ok(())
+                };
+                let step = || -> Result<()> {
+                    ops::paged_append(&pool, &knew, &vnew, &dst)?;
+                    ops::quest_meta_update(&meta, &knew, &dst, P)?;
+                    select_and_attend(&meta)
                 };
                 // The same step with the fused append + min/max kernel (what SpinCache runs).
                 let step_fused = || -> Result<()> {
                     ops::paged_append_with_minmax(&pool, &knew, &vnew, &dst, &meta, &dst)?;
-                    let s = ops::quest_page_scores(&q, &meta, &cand, 1, 2)?;
-                    let sel = ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?.reshape((b, HKV, kpages))?;
-                    let pages = spinkv::ops::selection_to_pages(&cand, &sel)?;
-                    let list = PageList {
-                        pages,
-                        queries: queries.clone(),
-                        kv_limit: kv_limit.clone(),
-                    };
-                    ops::sparse_paged_attention(&q, &pool, &list, scale)?;
-                    Ok(())
+                    select_and_attend(&meta)
                 };
                 // The fused step with int8 bounds.
                 let step_q8 = || -> Result<()> {
                     ops::paged_append_with_minmax(&pool, &knew, &vnew, &dst, &meta8, &dst)?;
-                    let s = ops::quest_page_scores(&q, &meta8, &cand, 1, 2)?;
-                    let sel = ops::topk_indices(&s.reshape((b * HKV, np))?, kpages)?.reshape((b, HKV, kpages))?;
-                    let pages = spinkv::ops::selection_to_pages(&cand, &sel)?;
-                    let list = PageList {
-                        pages,
-                        queries: queries.clone(),
-                        kv_limit: kv_limit.clone(),
-                    };
-                    ops::sparse_paged_attention(&q, &pool, &list, scale)?;
-                    Ok(())
+                    select_and_attend(&meta8)
                 };
                 // Append bytes: K/V rows read and written, metadata rows read and written.
                 let append_bytes = (b * HKV * (4 * D * 2 + 2 * META_BYTES)) as f64;

@@ -35,6 +35,18 @@ fn config() -> CacheConfig {
 
 type Make = Box<dyn Fn() -> Box<dyn SparseAlgorithm>>;
 
+fn quest(bounds: BoundsFormat) -> Box<dyn SparseAlgorithm> {
+    Box::new(Quest::new(QuestConfig {
+        budget_tokens: 32,
+        sink_tokens: 8,
+        window_tokens: 8,
+        dense_layers: 0,
+        shared_across_heads: false,
+        bounds,
+        ..Default::default()
+    }))
+}
+
 /// The five algorithms (and Quest with int8 bounds) with budgets small enough that the
 /// sparse ones really select.
 fn algorithms() -> Vec<(&'static str, Make)> {
@@ -52,32 +64,8 @@ fn algorithms() -> Vec<(&'static str, Make)> {
                 })) as Box<dyn SparseAlgorithm>
             }),
         ),
-        (
-            "quest",
-            Box::new(|| {
-                Box::new(Quest::new(QuestConfig {
-                    budget_tokens: 32,
-                    sink_tokens: 8,
-                    window_tokens: 8,
-                    dense_layers: 0,
-                    shared_across_heads: false,
-                    ..Default::default()
-                })) as Box<dyn SparseAlgorithm>
-            }),
-        ),
-        (
-            "quest-q8",
-            Box::new(|| {
-                Box::new(Quest::new(QuestConfig {
-                    budget_tokens: 32,
-                    sink_tokens: 8,
-                    window_tokens: 8,
-                    dense_layers: 0,
-                    bounds: BoundsFormat::Int8,
-                    ..Default::default()
-                })) as Box<dyn SparseAlgorithm>
-            }),
-        ),
+        ("quest", Box::new(|| quest(BoundsFormat::KvDtype))),
+        ("quest-q8", Box::new(|| quest(BoundsFormat::Int8))),
         (
             "infllm",
             Box::new(|| {

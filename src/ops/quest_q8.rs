@@ -22,7 +22,6 @@ use super::util::{self, Elem};
 use super::NONE;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 
 /// Largest magnitude of a stored bound.
 const QMAX: i32 = 127;
@@ -162,46 +161,26 @@ pub(crate) fn scores_cpu<T: Elem>(
     q: &[T],
     meta: &[u8],
     cand: &[u32],
-    (b, hq, hkv, n, d): (usize, usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize, usize),
     sink: usize,
     window: usize,
 ) -> candle_core::Result<Vec<f32>> {
-    let g = hq / hkv;
+    let d = dims.4;
     let rb = quest_q8_row_bytes(d);
-    let slots = meta.len() / rb;
-    let mut out = vec![f32::NEG_INFINITY; b * hkv * n];
-    out.par_chunks_mut(n)
-        .enumerate()
-        .try_for_each(|(row, dst)| -> candle_core::Result<()> {
-            let (bi, h) = (row / hkv, row % hkv);
-            let list = &cand[row * n..(row + 1) * n];
-            let valid = list.iter().position(|&c| c == NONE).unwrap_or(n);
-            for (j, &slot) in list[..valid].iter().enumerate() {
-                if j < sink || j + window >= valid {
-                    dst[j] = f32::INFINITY;
-                    continue;
-                }
-                let slot = slot as usize;
-                if slot >= slots {
-                    candle_core::bail!("quest_page_scores: candidate slot {slot} out of range (metadata has {slots})");
-                }
-                let r = &meta[slot * rb..(slot + 1) * rb];
-                let mut best = f32::NEG_INFINITY;
-                for qi in 0..g {
-                    let qv = &q[((bi * hq) + h * g + qi) * d..][..d];
-                    let mut s = 0f32;
-                    for x in 0..d {
-                        let qx = qv[x].to_f32();
-                        let bound = if qx >= 0.0 { r[d + x] } else { r[x] };
-                        s += qx * f32::from(bound as i8);
-                    }
-                    best = best.max(s);
-                }
-                dst[j] = best * scale_of(r, d);
+    super::quest_score::score_lists(q, cand, dims, (sink, window, meta.len() / rb), |slot, group| {
+        let r = &meta[slot * rb..(slot + 1) * rb];
+        let mut best = f32::NEG_INFINITY;
+        for qv in group.chunks_exact(d) {
+            let mut s = 0f32;
+            for x in 0..d {
+                let qx = qv[x].to_f32();
+                let bound = if qx >= 0.0 { r[d + x] } else { r[x] };
+                s += qx * f32::from(bound as i8);
             }
-            Ok(())
-        })?;
-    Ok(out)
+            best = best.max(s);
+        }
+        best * scale_of(r, d)
+    })
 }
 
 /// The bounds of int8 `meta` `[slots, 2·d + 16]` (on any device) as f32 `[slots, 2, d]`

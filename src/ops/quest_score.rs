@@ -16,21 +16,25 @@ struct QuestScores {
     window_pages: usize,
 }
 
-fn scores_cpu<T: Elem>(
+/// The CPU walk over candidate lists that both bound formats share: per `(b, KV head)`
+/// row of `cand` (`[B·Hkv, n]`), the first `sink` and last `window` valid candidates
+/// score +∞, `NONE` and what follows it -∞, and every other candidate
+/// `page(slot, group)`, where `group` is the row's `[g, D]` query heads. Returns the
+/// `[B·Hkv·n]` scores; a slot past `slots` is an error.
+pub(super) fn score_lists<T: Elem>(
     q: &[T],
-    meta: &[T],
     cand: &[u32],
     (b, hq, hkv, n, d): (usize, usize, usize, usize, usize),
-    sink: usize,
-    window: usize,
+    (sink, window, slots): (usize, usize, usize),
+    page: impl Fn(usize, &[T]) -> f32 + Sync,
 ) -> candle_core::Result<Vec<f32>> {
     let g = hq / hkv;
-    let slots = meta.len() / (2 * d);
     let mut out = vec![f32::NEG_INFINITY; b * hkv * n];
     out.par_chunks_mut(n)
         .enumerate()
         .try_for_each(|(row, dst)| -> candle_core::Result<()> {
             let (bi, h) = (row / hkv, row % hkv);
+            let group = &q[(bi * hq + h * g) * d..][..g * d];
             let list = &cand[row * n..(row + 1) * n];
             let valid = list.iter().position(|&c| c == NONE).unwrap_or(n);
             for (j, &slot) in list[..valid].iter().enumerate() {
@@ -42,22 +46,35 @@ fn scores_cpu<T: Elem>(
                 if slot >= slots {
                     candle_core::bail!("{OP}: candidate slot {slot} out of range (metadata has {slots})");
                 }
-                let (mins, maxs) = meta[slot * 2 * d..(slot + 1) * 2 * d].split_at(d);
-                let mut best = f32::NEG_INFINITY;
-                for qi in 0..g {
-                    let qv = &q[((bi * hq) + h * g + qi) * d..][..d];
-                    let mut s = 0f32;
-                    for x in 0..d {
-                        let qx = qv[x].to_f32();
-                        s += (qx * maxs[x].to_f32()).max(qx * mins[x].to_f32());
-                    }
-                    best = best.max(s);
-                }
-                dst[j] = best;
+                dst[j] = page(slot, group);
             }
             Ok(())
         })?;
     Ok(out)
+}
+
+fn scores_cpu<T: Elem>(
+    q: &[T],
+    meta: &[T],
+    cand: &[u32],
+    dims: (usize, usize, usize, usize, usize),
+    sink: usize,
+    window: usize,
+) -> candle_core::Result<Vec<f32>> {
+    let d = dims.4;
+    score_lists(q, cand, dims, (sink, window, meta.len() / (2 * d)), |slot, group| {
+        let (mins, maxs) = meta[slot * 2 * d..(slot + 1) * 2 * d].split_at(d);
+        let mut best = f32::NEG_INFINITY;
+        for qv in group.chunks_exact(d) {
+            let mut s = 0f32;
+            for x in 0..d {
+                let qx = qv[x].to_f32();
+                s += (qx * maxs[x].to_f32()).max(qx * mins[x].to_f32());
+            }
+            best = best.max(s);
+        }
+        best
+    })
 }
 
 impl CustomOp2 for QuestScores {
@@ -118,7 +135,7 @@ impl CustomOp2 for QuestScores {
 /// # Arguments
 /// * `q` — `[B, Hq, D]` post-RoPE decode queries, one per sequence.
 /// * `meta` — `[slots, 2, D]` page bounds (min, max), same dtype as `q`; or int8 bounds
-///   `[slots, 2·D + 16]` u8 ([`quest_q8`](crate::ops::quest_q8): the score is then
+///   `[slots, 2·D + 16]` u8 ([`quest_q8`]: the score is then
 ///   `2^e · Σᵢ max(qᵢ·maxᵢ, qᵢ·minᵢ)` over the stored integers, `2^e` the page's scale).
 /// * `candidates` — `[B, Hkv, N]` u32 metadata slots in logical page order, padded at the
 ///   end with [`NONE`].
