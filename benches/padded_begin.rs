@@ -24,17 +24,18 @@ const HQ: usize = 9;
 const HKV: usize = 3;
 const D: usize = 8;
 const CTX: usize = 250;
+const CROSSING: usize = 256;
 
-fn prefilled(b: usize, algo: Box<dyn SparseAlgorithm>) -> (SpinCache, Vec<SeqId>) {
+fn prefilled(b: usize, ctx: usize, algo: Box<dyn SparseAlgorithm>) -> (SpinCache, Vec<SeqId>) {
     let mut cfg = CacheConfig::new(LAYERS, HQ, HKV, D);
-    cfg.max_seq_len = CTX + 64;
+    cfg.max_seq_len = ctx + 64;
     cfg.max_sequences = b;
-    let cfg = cfg.with_page_size(16).with_token_capacity(b * (CTX + 64), 1.0);
+    let cfg = cfg.with_page_size(16).with_token_capacity(b * (ctx + 64), 1.0);
     let mut cache = SpinCache::new_boxed(cfg, algo).expect("cache");
     let seqs: Vec<SeqId> = (0..b).map(|_| cache.add_sequence().expect("seq")).collect();
     let dev = Device::Cpu;
-    let inputs: Vec<StepInput> = seqs.iter().map(|&seq| StepInput { seq, new_tokens: CTX }).collect();
-    let t = b * CTX;
+    let inputs: Vec<StepInput> = seqs.iter().map(|&seq| StepInput { seq, new_tokens: ctx }).collect();
+    let t = b * ctx;
     let q = Tensor::randn(0f32, 1.0, (t, HQ, D), &dev).expect("q");
     let k = Tensor::randn(0f32, 1.0, (t, HKV, D), &dev).expect("k");
     cache.begin_step(&inputs).expect("prefill");
@@ -48,24 +49,27 @@ fn prefilled(b: usize, algo: Box<dyn SparseAlgorithm>) -> (SpinCache, Vec<SeqId>
 fn padded_begin(c: &mut Criterion) {
     let mut group = c.benchmark_group("padded_begin_cpu");
     group.sample_size(20);
-    for b in [1usize, 16, 64] {
-        for name in ["dense", "quest"] {
-            let (mut cache, seqs) = prefilled(b, by_name(name, 1024).expect("algo"));
-            let inputs: Vec<StepInput> = seqs.iter().map(|&seq| StepInput { seq, new_tokens: 1 }).collect();
-            let shape = cache.padded_shape(&inputs).expect("padded shape");
-            group.bench_with_input(BenchmarkId::new(name, b), &b, |bch, _| {
-                bch.iter_custom(|iters| {
-                    let mut spent = Duration::ZERO;
-                    for _ in 0..iters {
-                        let t0 = Instant::now();
-                        cache.begin_padded_decode(&inputs, shape).expect("begin");
-                        spent += t0.elapsed();
-                        cache.abort_step().expect("abort");
-                    }
-                    spent
-                })
-            });
-        }
+    let points = [1usize, 16, 64]
+        .into_iter()
+        .flat_map(|b| [(b, CTX, "dense"), (b, CTX, "quest")]);
+    let crossing = [(64, CROSSING, "dense_crossing"), (64, CROSSING, "quest_crossing")];
+    for (b, ctx, id) in points.chain(crossing) {
+        let name = id.trim_end_matches("_crossing");
+        let (mut cache, seqs) = prefilled(b, ctx, by_name(name, 1024).expect("algo"));
+        let inputs: Vec<StepInput> = seqs.iter().map(|&seq| StepInput { seq, new_tokens: 1 }).collect();
+        let shape = cache.padded_shape(&inputs).expect("padded shape");
+        group.bench_with_input(BenchmarkId::new(id, b), &b, |bch, _| {
+            bch.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let t0 = Instant::now();
+                    cache.begin_padded_decode(&inputs, shape).expect("begin");
+                    spent += t0.elapsed();
+                    cache.abort_step().expect("abort");
+                }
+                spent
+            })
+        });
     }
     group.finish();
 }
@@ -100,5 +104,49 @@ fn tail_lookup(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, padded_begin, tail_lookup);
+/// One decode step's table work when all B = 64 sequences of 8K tokens start a new page
+/// together: a page pushed to each sequence's 90 directories, then the change log
+/// mirrored to device tables (on the CPU: the host side of `DeviceTables::apply`), at a
+/// leaf boundary (page 512: 5760 new leaves) and inside a leaf (page 513).
+fn table_crossing(c: &mut Criterion) {
+    use spinkv::meta::DeviceTables;
+    let (b, dirs) = (64u64, LAYERS * HKV);
+    let mut group = c.benchmark_group("table_crossing_b64_8k");
+    group.sample_size(10);
+    for (name, pages) in [("leaf_boundary", 512usize), ("inside_leaf", 513)] {
+        let mut t = PageTables::new(LAYERS, HKV);
+        let mut dev = DeviceTables::with_capacity(b as usize * dirs, 16, b as usize * dirs * 16, dirs, &Device::Cpu)
+            .expect("device tables");
+        let mut slot = 0u32;
+        for seq in 0..b {
+            t.add_sequence(seq);
+            dev.add_sequence(seq).expect("row");
+        }
+        for _ in 0..pages {
+            for seq in 0..b {
+                let slots: Vec<u32> = (slot..slot + dirs as u32).collect();
+                slot += dirs as u32;
+                t.push_page(seq, &slots).expect("push");
+            }
+        }
+        dev.apply(&mut t).expect("apply");
+        group.bench_function(name, |bch| {
+            bch.iter_batched(
+                || (t.clone(), dev.clone()),
+                |(mut t, mut dev)| {
+                    for seq in 0..b {
+                        let slots: Vec<u32> = (0..dirs as u32).collect();
+                        t.push_page(seq, &slots).expect("push");
+                    }
+                    dev.apply(&mut t).expect("apply");
+                    (t, dev)
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, padded_begin, tail_lookup, table_crossing);
 criterion_main!(benches);

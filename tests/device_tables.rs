@@ -272,6 +272,17 @@ fn incremental_device_tables_capacity_errors() {
     t.push_page(2, &[5, 6]).unwrap();
     let e = dt.apply(&mut t).unwrap_err().to_string();
     assert!(e.contains("leaf arena"), "{e}");
+    // Undone (the log now ends with a clear past the arena, a no-op), the next apply
+    // succeeds and leaves every entry of sequence 1 as it was.
+    t.pop_pages(2, 1).unwrap();
+    dt.apply(&mut t).unwrap();
+    let q: Vec<u32> = (0..LEAF_PAGES as u32).flat_map(|p| [1, p]).collect();
+    let got = dt
+        .lookup(&Tensor::from_vec(q, (LEAF_PAGES, 2), &dev).unwrap())
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    assert_eq!(got, (0..LEAF_PAGES as u32).collect::<Vec<_>>());
     // A sequence with pages but no rows.
     let mut t2 = PageTables::new(1, 2);
     t2.add_sequence(9);

@@ -194,7 +194,11 @@ impl SpinCache {
             },
             in_kernel,
             lru,
-            tables: PageTables::new(cfg.num_layers, cfg.num_kv_heads),
+            tables: {
+                let mut t = PageTables::new(cfg.num_layers, cfg.num_kv_heads);
+                t.reserve_leaves(arena);
+                t
+            },
             device_tables: DeviceTables::with_capacity(max_rows, leaves_per_row, arena, dirs, &cfg.device)?,
             owners: HashMap::new(),
             free_owners: (0..cfg.max_sequences as u32).rev().collect(),

@@ -40,6 +40,10 @@ pub struct DeviceTables {
     /// Directory rows freed by [`remove_sequence`](Self::remove_sequence), cleared by the
     /// next [`apply`](Self::apply).
     pending_rows: Vec<u32>,
+    /// One bit per leaf-arena entry, all clear between applies: the entries an apply has
+    /// already taken its (newest) write of (a hash set cost half of a step where 64
+    /// sequences start a page together).
+    taken: Vec<u64>,
 }
 
 impl DeviceTables {
@@ -78,6 +82,7 @@ impl DeviceTables {
             free_rows: Vec::new(),
             next_row: 0,
             pending_rows: Vec::new(),
+            taken: Vec::new(),
         })
     }
 
@@ -149,7 +154,9 @@ impl DeviceTables {
         let span = crate::host_timing::span("tables.changes");
         tables.track_changes();
         let changes = tables.take_changes();
-        let writes = self.writes(tables, &changes);
+        let mut taken = std::mem::take(&mut self.taken);
+        let writes = self.writes(tables, &changes, &mut taken);
+        self.taken = taken;
         drop(span);
         let _span = crate::host_timing::span("tables.scatter");
         let applied = writes.and_then(|w| {
@@ -177,7 +184,7 @@ impl DeviceTables {
     /// (so that an entry written and cleared again between two applies needs no room).
     /// Clearing a position past the capacity is a no-op (lookups there give `NONE`
     /// anyway).
-    fn writes(&self, tables: &PageTables, changes: &super::TableChanges) -> Result<Writes> {
+    fn writes(&self, tables: &PageTables, changes: &super::TableChanges, taken: &mut Vec<u64>) -> Result<Writes> {
         let cols = self.directory.dims()[1];
         let arena = self.leaves.dims()[0];
         // ((row, leaf index), leaf id, seq, dir) in order.
@@ -222,8 +229,11 @@ impl DeviceTables {
         // Newest first: an entry keeps its last write; writes older than the last time
         // their leaf was emptied are dropped (the fill runs before the scatter).
         let mut emptied = HashSet::new();
-        let mut written = HashSet::with_capacity(changes.leaves.len());
+        // Entries past the arena (only clears of them are allowed) are rare: a set.
+        let mut outside = HashSet::new();
+        taken.resize((arena * LEAF_PAGES).div_ceil(64), 0);
         out.leaves.reserve(changes.leaves.len());
+        let mut failed = None;
         for c in changes.leaves.iter().rev() {
             let leaf = c.leaf as usize;
             if c.offset == LeafChange::WHOLE_LEAF {
@@ -232,22 +242,35 @@ impl DeviceTables {
                 }
                 continue;
             }
-            let offset = c.offset as usize;
-            let flat = (c.leaf as u64) * LEAF_PAGES as u64 + c.offset as u64;
-            if (!emptied.is_empty() && emptied.contains(&leaf))
-                || !written.insert(flat)
-                || (c.slot == NONE && leaf >= arena)
-            {
+            if !emptied.is_empty() && emptied.contains(&leaf) {
                 continue;
             }
+            let offset = c.offset as usize;
             if leaf >= arena || offset >= LEAF_PAGES {
-                crate::invalid!(
-                    APPLY,
-                    "leaf entry ({leaf}, {offset}) past the device leaf arena {:?}",
-                    self.leaves.dims()
-                );
+                let flat = (c.leaf as u64) * LEAF_PAGES as u64 + c.offset as u64;
+                if !outside.insert(flat) || (c.slot == NONE && leaf >= arena) {
+                    continue;
+                }
+                failed = Some((leaf, offset));
+                break;
             }
-            out.leaves.push(((leaf * LEAF_PAGES + offset) as u32, c.slot));
+            let flat = leaf * LEAF_PAGES + offset;
+            let (word, bit) = (flat / 64, 1u64 << (flat % 64));
+            if taken[word] & bit != 0 {
+                continue;
+            }
+            taken[word] |= bit;
+            out.leaves.push((flat as u32, c.slot));
+        }
+        for &(flat, _) in &out.leaves {
+            taken[flat as usize / 64] = 0;
+        }
+        if let Some((leaf, offset)) = failed {
+            crate::invalid!(
+                APPLY,
+                "leaf entry ({leaf}, {offset}) past the device leaf arena {:?}",
+                self.leaves.dims()
+            );
         }
         out.leaves.reverse();
         Ok(out)
@@ -297,6 +320,7 @@ impl DeviceTables {
             dirs_per_seq: dps,
             free_rows: Vec::new(),
             pending_rows: Vec::new(),
+            taken: Vec::new(),
         })
     }
 

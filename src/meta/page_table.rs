@@ -101,6 +101,13 @@ impl PageTables {
         }
     }
 
+    /// Reserves room for `leaves` leaves in the arena (address space only: no page of it
+    /// is touched), so that a step whose sequences all start new leaves never moves the
+    /// whole arena on the host.
+    pub fn reserve_leaves(&mut self, leaves: usize) {
+        self.leaves.reserve(leaves.saturating_sub(self.leaves.len()));
+    }
+
     /// Starts logging every directory and leaf entry written, for mirroring the tables
     /// incrementally ([`DeviceTables::apply`](super::DeviceTables::apply)). The log starts
     /// with the current contents (every directory entry and every non-empty leaf entry),
