@@ -44,20 +44,29 @@ APPEND_KERNEL(paged_append_w2, unsigned short)
 // page's tokens in order, one sequence per page), as the CPU op's semantics assume.
 // meta_run applies the run of entry (t, h), if it starts one; meta_impl is one block
 // per entry.
-template <typename T>
-__device__ __forceinline__ void meta_run(T* __restrict__ meta, const T* __restrict__ k,
-                                         const u32* __restrict__ dst, int t, int h, int tokens,
-                                         int heads, int d, u32 page_size, u32 slots) {
+// The slot whose run entry (t, h) starts, or SPIN_NONE: the entry is NONE, the nearest
+// earlier non-NONE entry of head h has the same slot (not a run start), or the slot is
+// past `slots`.
+__device__ __forceinline__ u32 run_start_slot(const u32* __restrict__ dst, int t, int h, int heads, u32 page_size,
+                                              u32 slots) {
   const u32 code = dst[t * heads + h];
-  if (code == SPIN_NONE) return;
+  if (code == SPIN_NONE) return SPIN_NONE;
   const u32 slot = code / page_size;
   for (int tp = t - 1; tp >= 0; --tp) {
     const u32 c = dst[tp * heads + h];
     if (c == SPIN_NONE) continue;
-    if (c / page_size == slot) return;  // not the start of the run
+    if (c / page_size == slot) return SPIN_NONE;
     break;
   }
-  if (slot >= slots) return;
+  return slot < slots ? slot : SPIN_NONE;
+}
+
+template <typename T>
+__device__ __forceinline__ void meta_run(T* __restrict__ meta, const T* __restrict__ k,
+                                         const u32* __restrict__ dst, int t, int h, int tokens,
+                                         int heads, int d, u32 page_size, u32 slots) {
+  const u32 slot = run_start_slot(dst, t, h, heads, page_size, slots);
+  if (slot == SPIN_NONE) return;
   T* mins = meta + (size_t)slot * 2 * d;
   T* maxs = mins + d;
   for (int x = threadIdx.x; x < d; x += blockDim.x) {
@@ -118,16 +127,8 @@ __device__ __forceinline__ void meta_run_q8(unsigned char* __restrict__ meta, co
                                             const u32* __restrict__ dst, int t, int h, int tokens,
                                             int heads, int d, u32 page_size, u32 slots) {
   __shared__ float s_red[32];
-  const u32 code = dst[t * heads + h];
-  if (code == SPIN_NONE) return;
-  const u32 slot = code / page_size;
-  for (int tp = t - 1; tp >= 0; --tp) {
-    const u32 c = dst[tp * heads + h];
-    if (c == SPIN_NONE) continue;
-    if (c / page_size == slot) return;  // not the start of the run
-    break;
-  }
-  if (slot >= slots) return;
+  const u32 slot = run_start_slot(dst, t, h, heads, page_size, slots);
+  if (slot == SPIN_NONE) return;
   int start = t, end = t;
   bool reset = false;
   for (int tt = t; tt < tokens; ++tt) {

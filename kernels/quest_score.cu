@@ -13,6 +13,26 @@ __device__ __forceinline__ bool qs_forced(const u32* row, int j, int n, int sink
   return j < sink || window >= n - j || row[j + window] == SPIN_NONE;
 }
 
+// Stages a block's candidates j0 + i (i < cnt) of one list in shared memory: s_slot[i] is
+// the slot to score, or SPIN_NONE where the score is written here already (-inf for NONE
+// and out-of-range slots, +inf for forced sink and window pages). The caller syncs.
+__device__ __forceinline__ void qs_stage(const u32* crow, float* orow, u32* s_slot, int j0, int cnt, int n,
+                                         int sink, int window, u32 slots) {
+  for (int i = threadIdx.x; i < cnt; i += blockDim.x) {
+    const int j = j0 + i;
+    const u32 c = crow[j];
+    u32 code = SPIN_NONE;
+    if (c == SPIN_NONE || c >= slots) {
+      orow[j] = -INFINITY;
+    } else if (qs_forced(crow, j, n, sink, window)) {
+      orow[j] = INFINITY;
+    } else {
+      code = c;
+    }
+    s_slot[i] = code;
+  }
+}
+
 // Fast path: a group of L = D / V lanes scores one candidate, each lane holding one
 // 16-byte chunk (V elements) of the page's min and max rows (L a power of two <= 32).
 // The block first stages its candidates' slots in shared memory (writing the scores of
@@ -40,19 +60,7 @@ __device__ __forceinline__ void scores_vec(const T* __restrict__ q, const T* __r
   const int cnt = min(n, j0 + cpb) - j0;
   const u32* crow = cand + (size_t)row * n;
   float* orow = out + (size_t)row * n;
-  for (int i = threadIdx.x; i < cnt; i += blockDim.x) {
-    const int j = j0 + i;
-    const u32 c = crow[j];
-    u32 code = SPIN_NONE;
-    if (c == SPIN_NONE || c >= slots) {
-      orow[j] = -INFINITY;
-    } else if (qs_forced(crow, j, n, sink, window)) {
-      orow[j] = INFINITY;
-    } else {
-      code = c;
-    }
-    s_slot[i] = code;
-  }
+  qs_stage(crow, orow, s_slot, j0, cnt, n, sink, window, slots);
   __syncthreads();
   const int rounds = (cnt + per_round - 1) / per_round;
   for (int r0 = 0; r0 < g; r0 += QS_MAXG) {
@@ -145,19 +153,7 @@ __device__ __forceinline__ void scores_mma(const T* __restrict__ q, const T* __r
   const int cnt = min(n, j0 + cpb) - j0;
   const u32* crow = cand + (size_t)row * n;
   float* orow = out + (size_t)row * n;
-  for (int i = threadIdx.x; i < cnt; i += blockDim.x) {
-    const int j = j0 + i;
-    const u32 c = crow[j];
-    u32 code = SPIN_NONE;
-    if (c == SPIN_NONE || c >= slots) {
-      orow[j] = -INFINITY;
-    } else if (qs_forced(crow, j, n, sink, window)) {
-      orow[j] = INFINITY;
-    } else {
-      code = c;
-    }
-    s_slot[i] = code;
-  }
+  qs_stage(crow, orow, s_slot, j0, cnt, n, sink, window, slots);
   // A fragments of Q' (rows = heads of the group, zero beyond g).
   u32 qa[KS][4];
   const T* qbase = q + ((size_t)b * hq + (size_t)h * g) * D;
@@ -291,19 +287,7 @@ __device__ __forceinline__ void scores_mma_q8(const T* __restrict__ q, const uns
   const int cnt = min(n, j0 + cpb) - j0;
   const u32* crow = cand + (size_t)row * n;
   float* orow = out + (size_t)row * n;
-  for (int i = threadIdx.x; i < cnt; i += blockDim.x) {
-    const int j = j0 + i;
-    const u32 c = crow[j];
-    u32 code = SPIN_NONE;
-    if (c == SPIN_NONE || c >= slots) {
-      orow[j] = -INFINITY;
-    } else if (qs_forced(crow, j, n, sink, window)) {
-      orow[j] = INFINITY;
-    } else {
-      code = c;
-    }
-    s_slot[i] = code;
-  }
+  qs_stage(crow, orow, s_slot, j0, cnt, n, sink, window, slots);
   u32 qa[KS][4];
   const T* qbase = q + ((size_t)b * hq + (size_t)h * g) * D;
 #pragma unroll
