@@ -2,9 +2,11 @@
 //! decoder (Llama 2/3, SmolLM2, Mistral-style, Qwen2 with q/k/v bias), weights from GGUF
 //! or a Hugging Face folder, tokenizers, chat templates, sampling and model fetching.
 
+pub mod chat_template;
 pub mod config;
 pub mod fetch;
 pub mod generation;
+mod gguf_meta;
 pub mod llama;
 pub mod loader;
 pub mod needle;

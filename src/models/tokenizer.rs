@@ -4,10 +4,12 @@
 //! building the equivalent byte-level BPE tokenizer from a GGUF file's
 //! `tokenizer.ggml.*` metadata ([`tokenizer_from_gguf`]), reading the special
 //! token ids and chat template ([`TokenizerInfo`]), and rendering a
-//! single-turn chat prompt ([`ChatTemplate`]).
+//! single-turn chat prompt ([`ChatTemplate`], in `chat_template`).
 
+pub use super::chat_template::ChatTemplate;
+use super::gguf_meta::{meta_bool, meta_int_array, meta_str, meta_str_array, meta_u32};
 use crate::error::{Error, Result};
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Content;
 use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel;
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -375,216 +377,10 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
         .map_err(|e| Error::Model(format!("invalid JSON in {}: {e}", path.display())))
 }
 
-/// The prompt format of a chat model, for one system + one user message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChatTemplate {
-    /// `<|im_start|>role\n...<|im_end|>\n` (SmolLM2, Qwen, ...).
-    ChatMl {
-        /// System prompt the template inserts when none is given (SmolLM2's
-        /// "You are a helpful AI assistant named SmolLM, trained by Hugging Face").
-        default_system: Option<String>,
-    },
-    /// `<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>` (Llama 3).
-    Llama3,
-    /// No template: the text as is.
-    Plain,
-}
-
-impl ChatTemplate {
-    /// Picks the format from a Jinja template's text: `<|im_start|>` means
-    /// ChatML (with the default system prompt the template hard-codes, if
-    /// any), `<|start_header_id|>` means Llama 3, anything else (or none) Plain.
-    pub fn detect(template: Option<&str>) -> Self {
-        match template {
-            Some(t) if t.contains("<|im_start|>") => ChatTemplate::ChatMl {
-                default_system: chatml_default_system(t),
-            },
-            Some(t) if t.contains("<|start_header_id|>") => ChatTemplate::Llama3,
-            _ => ChatTemplate::Plain,
-        }
-    }
-
-    /// The prompt up to and including the opening of the assistant turn, as
-    /// the model's template renders `[system?, user]` with
-    /// `add_generation_prompt=true`. Special tokens appear as text: encode the
-    /// result with `add_special_tokens = false` (the Llama 3 form already
-    /// starts with `<|begin_of_text|>`).
-    pub fn render(&self, system: Option<&str>, user: &str) -> String {
-        match self {
-            ChatTemplate::ChatMl { default_system } => {
-                let mut s = String::new();
-                if let Some(sys) = system.or(default_system.as_deref()) {
-                    s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
-                }
-                s.push_str(&format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"));
-                s
-            }
-            ChatTemplate::Llama3 => {
-                // Llama 3's template trims message contents.
-                let mut s = String::from("<|begin_of_text|>");
-                if let Some(sys) = system {
-                    s.push_str(&format!(
-                        "<|start_header_id|>system<|end_header_id|>\n\n{}<|eot_id|>",
-                        sys.trim()
-                    ));
-                }
-                s.push_str(&format!(
-                    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>\
-                     <|start_header_id|>assistant<|end_header_id|>\n\n",
-                    user.trim()
-                ));
-                s
-            }
-            ChatTemplate::Plain => match system {
-                Some(sys) => format!("{sys}\n\n{user}"),
-                None => user.to_string(),
-            },
-        }
-    }
-}
-
-/// A literal system prompt hard-coded in a ChatML template, i.e. text between
-/// `<|im_start|>system\n` and `<|im_end|>` inside one Jinja string literal.
-fn chatml_default_system(t: &str) -> Option<String> {
-    for (open, escaped) in [("<|im_start|>system\n", false), ("<|im_start|>system\\n", true)] {
-        let mut rest = t;
-        while let Some(pos) = rest.find(open) {
-            let after = &rest[pos + open.len()..];
-            if let Some(end) = after.find("<|im_end|>") {
-                let text = &after[..end];
-                let literal = !text.is_empty() && !text.contains(['\'', '"', '{', '}', '+', '\n']);
-                if literal {
-                    let text = if escaped {
-                        text.replace("\\n", "\n")
-                    } else {
-                        text.to_string()
-                    };
-                    return Some(text);
-                }
-            }
-            rest = after;
-        }
-    }
-    None
-}
-
-fn value_type_name(v: &Value) -> &'static str {
-    match v {
-        Value::U8(_) => "u8",
-        Value::I8(_) => "i8",
-        Value::U16(_) => "u16",
-        Value::I16(_) => "i16",
-        Value::U32(_) => "u32",
-        Value::I32(_) => "i32",
-        Value::U64(_) => "u64",
-        Value::I64(_) => "i64",
-        Value::F32(_) => "f32",
-        Value::F64(_) => "f64",
-        Value::Bool(_) => "bool",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-    }
-}
-
-fn value_as_i64(v: &Value) -> Option<i64> {
-    match v {
-        Value::U8(x) => Some(i64::from(*x)),
-        Value::I8(x) => Some(i64::from(*x)),
-        Value::U16(x) => Some(i64::from(*x)),
-        Value::I16(x) => Some(i64::from(*x)),
-        Value::U32(x) => Some(i64::from(*x)),
-        Value::I32(x) => Some(i64::from(*x)),
-        Value::U64(x) => i64::try_from(*x).ok(),
-        Value::I64(x) => Some(*x),
-        _ => None,
-    }
-}
-
-fn wrong_type(key: &str, want: &str, v: &Value) -> Error {
-    Error::Model(format!(
-        "GGUF metadata {key} should be {want}, found {}",
-        value_type_name(v)
-    ))
-}
-
-fn meta_str<'a>(c: &'a Content, key: &str) -> Result<Option<&'a str>> {
-    match c.metadata.get(key) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.as_str())),
-        Some(v) => Err(wrong_type(key, "a string", v)),
-    }
-}
-
-fn meta_bool(c: &Content, key: &str) -> Result<Option<bool>> {
-    match c.metadata.get(key) {
-        None => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(v) => value_as_i64(v)
-            .map(|x| Some(x != 0))
-            .ok_or_else(|| wrong_type(key, "a bool", v)),
-    }
-}
-
-fn meta_u32(c: &Content, key: &str) -> Result<Option<u32>> {
-    match c.metadata.get(key) {
-        None => Ok(None),
-        Some(v) => {
-            let x = value_as_i64(v).ok_or_else(|| wrong_type(key, "an integer", v))?;
-            u32::try_from(x)
-                .map(Some)
-                .map_err(|_| Error::Model(format!("GGUF metadata {key} = {x} is not a valid id")))
-        }
-    }
-}
-
-fn meta_str_array<'a>(c: &'a Content, key: &str) -> Result<Vec<&'a str>> {
-    let v = c.metadata.get(key).ok_or_else(|| {
-        Error::Model(format!(
-            "GGUF has no {key}: its tokenizer is incomplete; pass a tokenizer.json"
-        ))
-    })?;
-    let Value::Array(items) = v else {
-        return Err(wrong_type(key, "an array of strings", v));
-    };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, x)| match x {
-            Value::String(s) => Ok(s.as_str()),
-            other => Err(Error::Model(format!(
-                "GGUF metadata {key}[{i}] should be a string, found {}",
-                value_type_name(other)
-            ))),
-        })
-        .collect()
-}
-
-fn meta_int_array(c: &Content, key: &str) -> Result<Option<Vec<i64>>> {
-    let Some(v) = c.metadata.get(key) else {
-        return Ok(None);
-    };
-    let Value::Array(items) = v else {
-        return Err(wrong_type(key, "an array of integers", v));
-    };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, x)| {
-            value_as_i64(x).ok_or_else(|| {
-                Error::Model(format!(
-                    "GGUF metadata {key}[{i}] should be an integer, found {}",
-                    value_type_name(x)
-                ))
-            })
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::gguf_file::VersionedMagic;
+    use candle_core::quantized::gguf_file::{Value, VersionedMagic};
     use std::collections::HashMap;
 
     fn strs(v: &[&str]) -> Value {
@@ -758,56 +554,5 @@ mod tests {
         let msg = TokenizerInfo::from_hf_dir(&dir, &tok).unwrap_err().to_string();
         assert!(msg.contains("tokenizer_config.json"), "{msg}");
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn detect_templates() {
-        assert_eq!(ChatTemplate::detect(None), ChatTemplate::Plain);
-        assert_eq!(ChatTemplate::detect(Some("{{ x }}")), ChatTemplate::Plain);
-        assert_eq!(ChatTemplate::detect(Some("<|start_header_id|>")), ChatTemplate::Llama3);
-        // Qwen2.5-style: a concatenation first, then a literal default.
-        let qwen = "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + \
-                    messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- \
-                    '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}{%- endif %}";
-        assert_eq!(
-            ChatTemplate::detect(Some(qwen)),
-            ChatTemplate::ChatMl {
-                default_system: Some("You are Qwen.".into())
-            }
-        );
-        // No literal default.
-        let plain_chatml = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + \
-                            m['content'] + '<|im_end|>' + '\n'}}{% endfor %}";
-        assert_eq!(
-            ChatTemplate::detect(Some(plain_chatml)),
-            ChatTemplate::ChatMl { default_system: None }
-        );
-    }
-
-    #[test]
-    fn render_templates() {
-        let chatml = ChatTemplate::ChatMl { default_system: None };
-        assert_eq!(
-            chatml.render(Some("S"), "U"),
-            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
-        );
-        assert_eq!(
-            chatml.render(None, "U"),
-            "<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
-        );
-        let with_default = ChatTemplate::ChatMl {
-            default_system: Some("D".into()),
-        };
-        assert!(with_default
-            .render(None, "U")
-            .starts_with("<|im_start|>system\nD<|im_end|>\n"));
-        assert_eq!(
-            ChatTemplate::Llama3.render(Some(" S "), "U"),
-            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>\
-             <|start_header_id|>user<|end_header_id|>\n\nU<|eot_id|>\
-             <|start_header_id|>assistant<|end_header_id|>\n\n"
-        );
-        assert_eq!(ChatTemplate::Plain.render(None, "U"), "U");
-        assert_eq!(ChatTemplate::Plain.render(Some("S"), "U"), "S\n\nU");
     }
 }
