@@ -229,21 +229,18 @@ fn input_validation_errors_do_not_poison_the_step() {
 
 /// Item 10: an aborted step that wrote other keys into a page the sequence already held
 /// leaves Quest's bounds of that page as they were, so selections after the rerun equal
-/// those of a run that never aborted (Quest with no dense layers).
+/// those of a run that never aborted (Quest with no dense layers, bounds in the KV dtype
+/// and as int8 rows).
 #[test]
 fn quest_bounds_roll_back_on_abort() {
-    let make = || {
-        Box::new(Quest::new(QuestConfig {
-            budget_tokens: 32,
-            sink_tokens: 8,
-            window_tokens: 8,
-            dense_layers: 0,
-            shared_across_heads: false,
-            ..Default::default()
-        })) as Box<dyn SparseAlgorithm>
-    };
+    for bounds in [BoundsFormat::KvDtype, BoundsFormat::Int8] {
+        quest_bounds_roll_back(bounds);
+    }
+}
+
+fn quest_bounds_roll_back(bounds: BoundsFormat) {
     let run = |abort: bool| -> Vec<Tensor> {
-        let mut cache = SpinCache::new_boxed(config(), make()).unwrap();
+        let mut cache = SpinCache::new_boxed(config(), quest(bounds)).unwrap();
         let seq = cache.add_sequence().unwrap();
         let mut r = rng(9);
         let mut outs = Vec::new();
@@ -278,7 +275,7 @@ fn quest_bounds_roll_back_on_abort() {
         }
         outs
     };
-    assert_same("quest", &run(false), &run(true));
+    assert_same(&format!("quest, {bounds:?} bounds"), &run(false), &run(true));
 }
 
 #[test]
