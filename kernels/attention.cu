@@ -42,6 +42,124 @@ __device__ __forceinline__ void spa_store(float* __restrict__ out, float* __rest
   }
 }
 
+// One 16-row tile of a page held in registers: K rows r and r + 8 (chunks 32*s2 + 8*tig),
+// V rows 2tig, 2tig+1, 2tig+8, 2tig+9 (chunks 64*hf + 8*r).
+template <int D>
+struct KvTile {
+  uint4 k0[D / 32], k1[D / 32], vv[4][D / 64];
+};
+
+// Loads the tile whose first key row is kt (its value rows start p * D further on); rows
+// at or past tr read as zero.
+template <typename T, int D>
+__device__ __forceinline__ void kv_load(KvTile<D>& x, const T* kt, int p, int tr, int r, int tig) {
+  const T* vt = kt + (size_t)p * D;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int s2 = 0; s2 < D / 32; ++s2) {
+    x.k0[s2] = r < tr ? ld_stream16(kt + (size_t)r * D + 32 * s2 + 8 * tig) : zero;
+    x.k1[s2] = r + 8 < tr ? ld_stream16(kt + (size_t)(r + 8) * D + 32 * s2 + 8 * tig) : zero;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int vr = 2 * tig + (i & 1) + 8 * (i >> 1);
+#pragma unroll
+    for (int hf = 0; hf < D / 64; ++hf) x.vv[i][hf] = vr < tr ? ld_stream16(vt + (size_t)vr * D + 64 * hf + 8 * r) : zero;
+  }
+}
+
+// Stores the rows [0, tr) of a loaded tile at fk (values p * D further on): the miss's fill.
+template <typename T, int D>
+__device__ __forceinline__ void kv_store(const KvTile<D>& x, T* fk, int p, int tr, int r, int tig) {
+  T* fv = fk + (size_t)p * D;
+#pragma unroll
+  for (int s2 = 0; s2 < D / 32; ++s2) {
+    if (r < tr) *reinterpret_cast<uint4*>(fk + (size_t)r * D + 32 * s2 + 8 * tig) = x.k0[s2];
+    if (r + 8 < tr) *reinterpret_cast<uint4*>(fk + (size_t)(r + 8) * D + 32 * s2 + 8 * tig) = x.k1[s2];
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int vr = 2 * tig + (i & 1) + 8 * (i >> 1);
+#pragma unroll
+    for (int hf = 0; hf < D / 64; ++hf)
+      if (vr < tr) *reinterpret_cast<uint4*>(fv + (size_t)vr * D + 64 * hf + 8 * r) = x.vv[i][hf];
+  }
+}
+
+// The running state of one warp: row maxima m (log2 units) and sums l of the query
+// heads r and r + 8, and O's accumulators (OC per n-tile).
+template <int D, bool G16>
+struct SpaState {
+  static constexpr int OC = G16 ? 4 : 2;
+  float m0, m1, l0, l1;
+  float o[D / 8][OC];
+};
+
+// One loaded tile of tr valid rows: S = Q·Kᵀ (keys 0-7 in sa, 8-15 in sb), the online
+// softmax, and O += P·V with P taken from S's accumulators.
+template <typename T, int D, bool G16>
+__device__ __forceinline__ void kv_tile(const KvTile<D>& x, int tr, const u32 (&qa)[D / 16][4], float scale_log2,
+                                        int tig, SpaState<D, G16>& st) {
+  constexpr int KS = D / 16, NT = D / 8, OC = SpaState<D, G16>::OC;
+  float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int s2 = ks >> 1;
+    const bool up = ks & 1;
+    Mma<T>::run(sa, qa[ks], up ? x.k0[s2].z : x.k0[s2].x, up ? x.k0[s2].w : x.k0[s2].y);
+    Mma<T>::run(sb, qa[ks], up ? x.k1[s2].z : x.k1[s2].x, up ? x.k1[s2].w : x.k1[s2].y);
+  }
+  const int c0 = 2 * tig;
+  const float x0 = c0 < tr ? sa[0] * scale_log2 : -INFINITY;
+  const float x1 = c0 + 1 < tr ? sa[1] * scale_log2 : -INFINITY;
+  const float x2 = c0 + 8 < tr ? sb[0] * scale_log2 : -INFINITY;
+  const float x3 = c0 + 9 < tr ? sb[1] * scale_log2 : -INFINITY;
+  float mx0 = fmaxf(fmaxf(x0, x1), fmaxf(x2, x3));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
+  const float n0 = fmaxf(st.m0, mx0);
+  const float cr0 = fast_exp2(st.m0 - n0);
+  const float px0 = fast_exp2(x0 - n0), px1 = fast_exp2(x1 - n0);
+  const float px2 = fast_exp2(x2 - n0), px3 = fast_exp2(x3 - n0);
+  st.l0 = st.l0 * cr0 + ((px0 + px1) + (px2 + px3));
+  st.m0 = n0;
+  float cr1 = 1.f, py0 = 0.f, py1 = 0.f, py2 = 0.f, py3 = 0.f;
+  if (G16) {
+    const float y0 = c0 < tr ? sa[2] * scale_log2 : -INFINITY;
+    const float y1 = c0 + 1 < tr ? sa[3] * scale_log2 : -INFINITY;
+    const float y2 = c0 + 8 < tr ? sb[2] * scale_log2 : -INFINITY;
+    const float y3 = c0 + 9 < tr ? sb[3] * scale_log2 : -INFINITY;
+    float mx1 = fmaxf(fmaxf(y0, y1), fmaxf(y2, y3));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
+    const float n1 = fmaxf(st.m1, mx1);
+    cr1 = fast_exp2(st.m1 - n1);
+    py0 = fast_exp2(y0 - n1);
+    py1 = fast_exp2(y1 - n1);
+    py2 = fast_exp2(y2 - n1);
+    py3 = fast_exp2(y3 - n1);
+    st.l1 = st.l1 * cr1 + ((py0 + py1) + (py2 + py3));
+    st.m1 = n1;
+  }
+  const u32 pa[4] = {Mma<T>::pack(px0, px1), G16 ? Mma<T>::pack(py0, py1) : 0u, Mma<T>::pack(px2, px3),
+                     G16 ? Mma<T>::pack(py2, py3) : 0u};
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int hf = nt >> 3, jj = nt & 7, w = jj >> 1;
+    const u32 sel = (jj & 1) ? 0x7632u : 0x5410u;
+    const u32 b0 = __byte_perm(word_of(x.vv[0][hf], w), word_of(x.vv[1][hf], w), sel);
+    const u32 b1 = __byte_perm(word_of(x.vv[2][hf], w), word_of(x.vv[3][hf], w), sel);
+    float c[4] = {st.o[nt][0] * cr0, st.o[nt][1] * cr0, 0.f, 0.f};
+    if (G16) {
+      c[2] = st.o[nt][OC - 2] * cr1;
+      c[3] = st.o[nt][OC - 1] * cr1;
+    }
+    Mma<T>::run(c, pa, b0, b1);
+#pragma unroll
+    for (int i = 0; i < OC; ++i) st.o[nt][i] = c[i];
+  }
+}
+
 // G16: the GQA group may exceed 8 heads (rows 8-15 of the mma tiles are live). Without
 // it those rows are compile-time zeros and their accumulators and softmax are skipped.
 // TIER: the fused tiered variant (see tiered_attention.rs). Entry e of a list may also
@@ -50,6 +168,10 @@ __device__ __forceinline__ void spa_store(float* __restrict__ out, float* __rest
 // every row it loaded (and the rows past the query's limit) into that slot (the miss's
 // fill). A filled slot is never read in the same launch (the LRU pins it for its one
 // request), so the pools' non-coherent loads stay valid.
+//
+// Each warp takes every 4th entry of its split. The list is read 32 entries at a time
+// (one per lane, then shuffled). Without TIER the loads of a warp's next tile are issued
+// before the current tile is computed, so two tiles per warp are in flight.
 template <typename T, int D, bool G16, bool TIER>
 __device__ __forceinline__ void spa_mma_impl(const T* __restrict__ q, const T* __restrict__ pool,
                                              const u32* __restrict__ pages, const u32* __restrict__ queries,
@@ -59,9 +181,8 @@ __device__ __forceinline__ void spa_mma_impl(const T* __restrict__ q, const T* _
                                              u64 lse_off, const u32* __restrict__ src, const T* __restrict__ host,
                                              u32 host_slots, T* fill) {
   constexpr int KS = D / 16;  // k-steps of Q·Kᵀ
-  constexpr int S2 = D / 32;  // 16-byte chunks of a key row per lane
-  constexpr int HF = D / 64;  // 64-dim halves of a value row
   constexpr int NT = D / 8;   // n-tiles of P·V
+  constexpr int OC = SpaState<D, G16>::OC;
   __shared__ float sm_m[SPA_WARPS][16];
   __shared__ float sm_l[SPA_WARPS][16];
   __shared__ float sm_o[SPA_WARPS][16][D];
@@ -91,13 +212,15 @@ __device__ __forceinline__ void spa_mma_impl(const T* __restrict__ q, const T* _
     qa[ks][3] = hi.y;
   }
 
-  constexpr int OC = G16 ? 4 : 2;  // accumulators kept per n-tile
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-  float o[NT][OC];
+  SpaState<D, G16> st;
+  st.m0 = -INFINITY;
+  st.m1 = -INFINITY;
+  st.l0 = 0.f;
+  st.l1 = 0.f;
 #pragma unroll
   for (int i = 0; i < NT; ++i)
 #pragma unroll
-    for (int c = 0; c < OC; ++c) o[i][c] = 0.f;
+    for (int c = 0; c < OC; ++c) st.o[i][c] = 0.f;
 
   const int e_begin = split * per_split;
   const int e_end = min(n, e_begin + per_split);
@@ -105,141 +228,114 @@ __device__ __forceinline__ void spa_mma_impl(const T* __restrict__ q, const T* _
     const size_t row_off = ((size_t)seq * hkv + h) * (size_t)n;
     const u32* list = pages + row_off * 2;
     const size_t page_elems = (size_t)2 * p * D;
-    for (int base = e_begin + warp; base < e_end; base += SPA_WARPS * 32) {
+    // The warp's cursor: a chunk of up to 32 of its entries (entry base + lane * 4 in lane
+    // `lane`), the entry j of the chunk, and the tile's first row t0 within that page.
+    int base = e_begin + warp - SPA_WARPS * 32, cnt = 0, j = 0, t0 = 0;
+    u32 ent_slot = SPIN_NONE, ent_lp = 0, ent_src = SPIN_NONE;
+    auto load_chunk = [&]() {
       const int my_e = base + lane * SPA_WARPS;
-      u32 ent_slot = SPIN_NONE, ent_lp = 0, ent_src = SPIN_NONE;
+      ent_slot = SPIN_NONE;
+      ent_lp = 0;
+      ent_src = SPIN_NONE;
       if (my_e < e_end) {
         ent_slot = list[2 * my_e];
         ent_lp = list[2 * my_e + 1];
         if (TIER) ent_src = src[row_off + my_e];
       }
-      const int cnt = min(32, (e_end - base + SPA_WARPS - 1) / SPA_WARPS);
-      for (int j = 0; j < cnt; ++j) {
-        const u32 slot = __shfl_sync(FULL_MASK, ent_slot, j);
-        const u32 lp = __shfl_sync(FULL_MASK, ent_lp, j);
-        const u32 hsrc = TIER ? __shfl_sync(FULL_MASK, ent_src, j) : SPIN_NONE;
-        const T* kpage;
-        T* fpage = nullptr;  // the fast slot a host page is filled into
-        if (TIER && hsrc != SPIN_NONE) {
-          if (hsrc >= host_slots) continue;
-          kpage = host + (size_t)hsrc * page_elems;
-          if (slot != SPIN_NONE && slot < slots) fpage = fill + (size_t)slot * page_elems;
-        } else {
-          if (slot == SPIN_NONE || slot >= slots) continue;
-          kpage = pool + (size_t)slot * page_elems;
+      cnt = min(32, (e_end - base + SPA_WARPS - 1) / SPA_WARPS);
+      j = 0;
+      t0 = 0;
+    };
+    if constexpr (!TIER) {
+      // Moves the cursor to the next tile with visible rows: its key rows kt and its
+      // count tr (0: the warp's entries are done).
+      auto next = [&](const T*& kt, int& tr) {
+        for (;;) {
+          if (j >= cnt) {
+            base += SPA_WARPS * 32;
+            if (base >= e_end) {
+              tr = 0;
+              return;
+            }
+            load_chunk();
+          }
+          const u32 slot = __shfl_sync(FULL_MASK, ent_slot, j);
+          const u32 lp = __shfl_sync(FULL_MASK, ent_lp, j);
+          const u64 first = (u64)lp * (u64)p;
+          const int rows = (slot == SPIN_NONE || slot >= slots || first >= limit) ? 0 : (int)min(limit - first, (u64)p);
+          if (t0 < rows) {
+            kt = pool + (size_t)slot * page_elems + (size_t)t0 * D;
+            tr = min(rows - t0, 16);
+            t0 += 16;
+            if (t0 >= rows) {
+              ++j;
+              t0 = 0;
+            }
+            return;
+          }
+          ++j;
+          t0 = 0;
         }
-        const u64 first = (u64)lp * (u64)p;
-        const int rows = first >= limit ? 0 : (int)min(limit - first, (u64)p);
-        if (TIER && fpage != nullptr && rows < p) {
-          // The rows this query does not see are copied here; the tile loop stores the rest.
-          constexpr int CPR = D / 8;  // 16-byte chunks per row
-          const int total = 2 * (p - rows) * CPR;
-          for (int c = lane; c < total; c += 32) {
-            const int half = c / ((p - rows) * CPR), rem = c % ((p - rows) * CPR);
-            const size_t off = (size_t)half * p * D + (size_t)(rows + rem / CPR) * D + 8 * (rem % CPR);
-            *reinterpret_cast<uint4*>(fpage + off) = ld_stream16(kpage + off);
+      };
+      const T* kt = nullptr;
+      int tr = 0;
+      next(kt, tr);
+      KvTile<D> cur;
+      if (tr > 0) kv_load<T, D>(cur, kt, p, tr, r, tig);
+      while (tr > 0) {
+        const T* kn = nullptr;
+        int trn = 0;
+        next(kn, trn);
+        KvTile<D> nxt;
+        if (trn > 0) kv_load<T, D>(nxt, kn, p, trn, r, tig);
+        kv_tile<T, D, G16>(cur, tr, qa, scale_log2, tig, st);
+        cur = nxt;
+        tr = trn;
+      }
+    } else {
+      for (;;) {
+        base += SPA_WARPS * 32;
+        if (base >= e_end) break;
+        load_chunk();
+        for (j = 0; j < cnt; ++j) {
+          const u32 slot = __shfl_sync(FULL_MASK, ent_slot, j);
+          const u32 lp = __shfl_sync(FULL_MASK, ent_lp, j);
+          const u32 hsrc = __shfl_sync(FULL_MASK, ent_src, j);
+          const T* kpage;
+          T* fpage = nullptr;  // the fast slot a host page is filled into
+          if (hsrc != SPIN_NONE) {
+            if (hsrc >= host_slots) continue;
+            kpage = host + (size_t)hsrc * page_elems;
+            if (slot != SPIN_NONE && slot < slots) fpage = fill + (size_t)slot * page_elems;
+          } else {
+            if (slot == SPIN_NONE || slot >= slots) continue;
+            kpage = pool + (size_t)slot * page_elems;
           }
-        }
-        if (rows == 0) continue;
-        for (int t0 = 0; t0 < rows; t0 += 16) {
-          const int tr = min(rows - t0, 16);
-          const T* kt = kpage + (size_t)t0 * D;
-          const T* vt = kt + (size_t)p * D;
-          // Loads: K rows r and r + 8 (chunks 32*s2 + 8*tig), V rows 2tig, 2tig+1,
-          // 2tig+8, 2tig+9 (chunks 64*hf + 8*r). Rows past the tile's end read as zero.
-          uint4 k0[S2], k1[S2], vv[4][HF];
-          const uint4 zero = make_uint4(0, 0, 0, 0);
-#pragma unroll
-          for (int s2 = 0; s2 < S2; ++s2) {
-            k0[s2] = r < tr ? ld_stream16(kt + (size_t)r * D + 32 * s2 + 8 * tig) : zero;
-            k1[s2] = r + 8 < tr ? ld_stream16(kt + (size_t)(r + 8) * D + 32 * s2 + 8 * tig) : zero;
-          }
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int vr = 2 * tig + (i & 1) + 8 * (i >> 1);
-#pragma unroll
-            for (int hf = 0; hf < HF; ++hf)
-              vv[i][hf] = vr < tr ? ld_stream16(vt + (size_t)vr * D + 64 * hf + 8 * r) : zero;
-          }
-          if (TIER && fpage != nullptr) {
-            // The fill: every chunk loaded above, stored once, at the same place.
-            T* fk = fpage + (size_t)t0 * D;
-            T* fv = fk + (size_t)p * D;
-#pragma unroll
-            for (int s2 = 0; s2 < S2; ++s2) {
-              if (r < tr) *reinterpret_cast<uint4*>(fk + (size_t)r * D + 32 * s2 + 8 * tig) = k0[s2];
-              if (r + 8 < tr) *reinterpret_cast<uint4*>(fk + (size_t)(r + 8) * D + 32 * s2 + 8 * tig) = k1[s2];
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int vr = 2 * tig + (i & 1) + 8 * (i >> 1);
-#pragma unroll
-              for (int hf = 0; hf < HF; ++hf)
-                if (vr < tr) *reinterpret_cast<uint4*>(fv + (size_t)vr * D + 64 * hf + 8 * r) = vv[i][hf];
+          const u64 first = (u64)lp * (u64)p;
+          const int rows = first >= limit ? 0 : (int)min(limit - first, (u64)p);
+          if (fpage != nullptr && rows < p) {
+            // The rows this query does not see are copied here; the tile loop stores the rest.
+            constexpr int CPR = D / 8;  // 16-byte chunks per row
+            const int total = 2 * (p - rows) * CPR;
+            for (int c = lane; c < total; c += 32) {
+              const int half = c / ((p - rows) * CPR), rem = c % ((p - rows) * CPR);
+              const size_t off = (size_t)half * p * D + (size_t)(rows + rem / CPR) * D + 8 * (rem % CPR);
+              *reinterpret_cast<uint4*>(fpage + off) = ld_stream16(kpage + off);
             }
           }
-          // S = Q·Kᵀ for keys 0-7 (sa) and 8-15 (sb).
-          float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-          for (int ks = 0; ks < KS; ++ks) {
-            const int s2 = ks >> 1;
-            const bool up = ks & 1;
-            Mma<T>::run(sa, qa[ks], up ? k0[s2].z : k0[s2].x, up ? k0[s2].w : k0[s2].y);
-            Mma<T>::run(sb, qa[ks], up ? k1[s2].z : k1[s2].x, up ? k1[s2].w : k1[s2].y);
-          }
-          const int c0 = 2 * tig;
-          const float x0 = c0 < tr ? sa[0] * scale_log2 : -INFINITY;
-          const float x1 = c0 + 1 < tr ? sa[1] * scale_log2 : -INFINITY;
-          const float x2 = c0 + 8 < tr ? sb[0] * scale_log2 : -INFINITY;
-          const float x3 = c0 + 9 < tr ? sb[1] * scale_log2 : -INFINITY;
-          const float y0 = c0 < tr ? sa[2] * scale_log2 : -INFINITY;
-          const float y1 = c0 + 1 < tr ? sa[3] * scale_log2 : -INFINITY;
-          const float y2 = c0 + 8 < tr ? sb[2] * scale_log2 : -INFINITY;
-          const float y3 = c0 + 9 < tr ? sb[3] * scale_log2 : -INFINITY;
-          float mx0 = fmaxf(fmaxf(x0, x1), fmaxf(x2, x3));
-          mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
-          mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
-          const float n0 = fmaxf(m0, mx0);
-          const float cr0 = fast_exp2(m0 - n0);
-          const float px0 = fast_exp2(x0 - n0), px1 = fast_exp2(x1 - n0);
-          const float px2 = fast_exp2(x2 - n0), px3 = fast_exp2(x3 - n0);
-          l0 = l0 * cr0 + ((px0 + px1) + (px2 + px3));
-          m0 = n0;
-          float cr1 = 1.f, py0 = 0.f, py1 = 0.f, py2 = 0.f, py3 = 0.f;
-          if (G16) {
-            float mx1 = fmaxf(fmaxf(y0, y1), fmaxf(y2, y3));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
-            const float n1 = fmaxf(m1, mx1);
-            cr1 = fast_exp2(m1 - n1);
-            py0 = fast_exp2(y0 - n1);
-            py1 = fast_exp2(y1 - n1);
-            py2 = fast_exp2(y2 - n1);
-            py3 = fast_exp2(y3 - n1);
-            l1 = l1 * cr1 + ((py0 + py1) + (py2 + py3));
-            m1 = n1;
-          }
-          const u32 pa[4] = {Mma<T>::pack(px0, px1), G16 ? Mma<T>::pack(py0, py1) : 0u, Mma<T>::pack(px2, px3),
-                             G16 ? Mma<T>::pack(py2, py3) : 0u};
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            const int hf = nt >> 3, jj = nt & 7, w = jj >> 1;
-            const u32 sel = (jj & 1) ? 0x7632u : 0x5410u;
-            const u32 b0 = __byte_perm(word_of(vv[0][hf], w), word_of(vv[1][hf], w), sel);
-            const u32 b1 = __byte_perm(word_of(vv[2][hf], w), word_of(vv[3][hf], w), sel);
-            float c[4] = {o[nt][0] * cr0, o[nt][1] * cr0, 0.f, 0.f};
-            if (G16) {
-              c[2] = o[nt][OC - 2] * cr1;
-              c[3] = o[nt][OC - 1] * cr1;
-            }
-            Mma<T>::run(c, pa, b0, b1);
-#pragma unroll
-            for (int i = 0; i < OC; ++i) o[nt][i] = c[i];
+          for (int tt = 0; tt < rows; tt += 16) {
+            const int tr = min(rows - tt, 16);
+            KvTile<D> x;
+            kv_load<T, D>(x, kpage + (size_t)tt * D, p, tr, r, tig);
+            if (fpage != nullptr) kv_store<T, D>(x, fpage + (size_t)tt * D, p, tr, r, tig);
+            kv_tile<T, D, G16>(x, tr, qa, scale_log2, tig, st);
           }
         }
       }
     }
   }
+  float m0 = st.m0, m1 = st.m1, l0 = st.l0, l1 = st.l1;
+  auto& o = st.o;
   l0 += __shfl_xor_sync(FULL_MASK, l0, 1);
   l0 += __shfl_xor_sync(FULL_MASK, l0, 2);
   l1 += __shfl_xor_sync(FULL_MASK, l1, 1);
