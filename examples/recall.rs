@@ -11,7 +11,8 @@
 //! paper reports, Fig. 4) is the share of each query head's 10 highest-weight tokens that
 //! lie in the selected pages. Prompt kinds: `haystack` (the passkey filler with a key at
 //! half depth and its question), `prose` (this repository's docs) and `code` (its Rust
-//! sources). Prints a table, writes one CSV row per (kind, context, algorithm, budget,
+//! sources). Beside the algorithms, `oracle-pN` rows give the ceiling of any page
+//! selection of the same budget: the pages of N tokens with the most true mass. Prints a table, writes one CSV row per (kind, context, algorithm, budget,
 //! layer) and, with `--plot`, an SVG of recall against budget.
 
 #[path = "common/plot.rs"]
@@ -54,6 +55,11 @@ struct Args {
     /// Page size (algorithms with their own, like ShadowKV's 8-token chunks, use it).
     #[arg(long, default_value_t = 16)]
     page_size: usize,
+    /// Page sizes of the oracle's ceiling rows (`oracle-pN`: at each budget, the
+    /// ⌈budget / N⌉ pages of N tokens with the most true mass, on every layer; the most
+    /// any page selection of that budget can cover). Empty: none.
+    #[arg(long, value_delimiter = ',', default_value = "16,8")]
+    oracle_pages: Vec<usize>,
     /// CSV output (one row per kind, context, algorithm, budget and layer).
     #[arg(long, default_value = "recall.csv")]
     csv: PathBuf,
@@ -163,7 +169,7 @@ fn oracle(lm: &LoadedModel, rec: &Recorded, prompt_len: usize) -> Result<Oracle>
 }
 
 /// Mean (mass recall, top-10 recall) per layer of one cache's decode selections.
-fn recall(o: &Oracle, trace: &[SelectionRecord], page: usize, g: usize, layers: usize) -> Vec<(f64, f64, usize)> {
+fn recall(o: &Oracle, trace: &[SelectionRecord], page: usize, g: usize, layers: usize) -> Vec<LayerRecall> {
     let mut acc = vec![(0.0, 0.0, 0usize); layers];
     for r in trace {
         // Step 1 is the prompt; decode step i is cache step i + 2.
@@ -198,6 +204,49 @@ fn recall(o: &Oracle, trace: &[SelectionRecord], page: usize, g: usize, layers: 
         .map(|(a, b, n)| (a / n.max(1) as f64, b / n.max(1) as f64, n))
         .collect()
 }
+
+/// Mean (mass recall, top-10 recall) per layer of the best selection of `pages` pages of
+/// `page` tokens: for every (decode step, layer, KV head), the pages with the most true
+/// mass (the ceiling of any page selection of that size).
+fn oracle_recall(o: &Oracle, page: usize, pages: usize, g: usize, layers: usize) -> Vec<LayerRecall> {
+    let mut acc = vec![(0.0, 0.0, 0usize); layers];
+    for (m_step, t_step) in o.mass.iter().zip(&o.top10) {
+        for (l, (m, t)) in m_step.iter().zip(t_step).enumerate().take(layers) {
+            for (h, row) in m.iter().enumerate() {
+                let mut per_page = vec![0f64; row.len().div_ceil(page)];
+                for (i, &x) in row.iter().enumerate() {
+                    per_page[i / page] += x as f64;
+                }
+                let total: f64 = per_page.iter().sum();
+                let mut order: Vec<usize> = (0..per_page.len()).collect();
+                order.sort_by(|&a, &b| per_page[b].total_cmp(&per_page[a]).then(a.cmp(&b)));
+                let mut chosen = vec![false; per_page.len()];
+                for &pg in order.iter().take(pages.max(1)) {
+                    chosen[pg] = true;
+                }
+                let got: f64 = (0..per_page.len())
+                    .filter(|&pg| chosen[pg])
+                    .map(|pg| per_page[pg])
+                    .sum();
+                let tops = &t[h * g..(h + 1) * g];
+                let hits: usize = tops.iter().flatten().filter(|&&tok| chosen[tok / page]).count();
+                let n_top: usize = tops.iter().map(|x| x.len()).sum();
+                acc[l].0 += got / total.max(1e-30);
+                acc[l].1 += hits as f64 / n_top.max(1) as f64;
+                acc[l].2 += 1;
+            }
+        }
+    }
+    acc.into_iter()
+        .map(|(a, b, n)| (a / n.max(1) as f64, b / n.max(1) as f64, n))
+        .collect()
+}
+
+/// One measured configuration: (algorithm, budget fraction, budget tokens, page size).
+type Config = (String, f64, usize, usize);
+
+/// Per layer: (mean mass recall, mean top-10 recall, samples).
+type LayerRecall = (f64, f64, usize);
 
 /// One earlier run, (kind, context, algorithm, fraction), with its per-layer sums.
 type RunSums = ((String, String, String, f64), (f64, f64, usize));
@@ -251,7 +300,13 @@ fn report(summary: &[Cell], algos: &[String], plot_path: Option<&PathBuf>) -> Re
         println!("| {algo} | {f} | {:.3} | {:.3} |", m / *n as f64, t / *n as f64);
     }
     if let Some(path) = plot_path {
-        let series: Vec<(String, Vec<(f64, f64)>)> = algos
+        let mut names: Vec<String> = algos.to_vec();
+        for ((a, _), _) in summary {
+            if a.starts_with("oracle") && !names.contains(a) {
+                names.push(a.clone());
+            }
+        }
+        let series: Vec<(String, Vec<(f64, f64)>)> = names
             .iter()
             .map(|a| {
                 let pts = summary
@@ -277,7 +332,7 @@ fn report(summary: &[Cell], algos: &[String], plot_path: Option<&PathBuf>) -> Re
 /// the same budget (issue 12: int8 page bounds against bounds in the KV dtype): the
 /// share of selected pages the two have in common, and of (step, layer, head) rows
 /// where the sets are equal. Rows where either selects every page are left out.
-fn agreement(configs: &[(String, f64, usize, usize)], traces: &[Vec<SelectionRecord>], kind: &str, context: usize) {
+fn agreement(configs: &[Config], traces: &[Vec<SelectionRecord>], kind: &str, context: usize) {
     for (i, (algo, f, ..)) in configs.iter().enumerate() {
         let Some(j) = configs.iter().position(|c| c.0 == "quest" && c.1 == *f) else {
             continue;
@@ -323,6 +378,9 @@ fn main() -> Result<()> {
         csv,
         "kind,context,algorithm,budget_fraction,budget_tokens,page_size,layer,mass_recall,top10_recall,samples"
     )?;
+    if args.oracle_pages.contains(&0) {
+        bail!("--oracle-pages: a page size must be at least 1");
+    }
     let mut keys = KeyGen::new(1234);
     for kind in &args.kinds {
         for &context in &args.contexts {
@@ -381,8 +439,19 @@ fn main() -> Result<()> {
             let o = oracle(&lm, &rec.lock().unwrap(), ids.len())?;
             let traces: Vec<Vec<SelectionRecord>> = caches.iter_mut().skip(1).map(|c| c.take_trace()).collect();
             agreement(&configs, &traces, kind, context);
-            for ((algo, f, budget, page), trace) in configs.iter().zip(&traces) {
-                let per_layer = recall(&o, trace, *page, g, layers);
+            let mut rows: Vec<(Config, Vec<LayerRecall>)> = configs
+                .iter()
+                .zip(&traces)
+                .map(|(c, trace)| (c.clone(), recall(&o, trace, c.3, g, layers)))
+                .collect();
+            for &page in &args.oracle_pages {
+                for &f in &args.budgets {
+                    let budget = ((ids.len() as f64 * f) as usize).max(4 * args.page_size);
+                    let per_layer = oracle_recall(&o, page, budget.div_ceil(page), g, layers);
+                    rows.push(((format!("oracle-p{page}"), f, budget, page), per_layer));
+                }
+            }
+            for ((algo, f, budget, page), per_layer) in &rows {
                 let (mut sm, mut st) = (0.0, 0.0);
                 for (l, (m, t, n)) in per_layer.iter().enumerate() {
                     writeln!(csv, "{kind},{context},{algo},{f},{budget},{page},{l},{m:.5},{t:.5},{n}")?;
