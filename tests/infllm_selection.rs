@@ -201,3 +201,23 @@ fn infllm_matches_the_paper_criterion_in_f64() {
         }
     }
 }
+
+/// `for_budget_with_block` (the `infllm-b16` variant) keeps `for_budget`'s sink and
+/// window and spends the rest of the budget on blocks of the asked size.
+#[test]
+fn for_budget_with_block_spends_the_same_budget() {
+    for budget in [64usize, 300, 1024, 4096, 20_000] {
+        let base = InfLlmConfig::for_budget(budget);
+        let b16 = InfLlmConfig::for_budget_with_block(budget, 16);
+        assert_eq!(b16.block_tokens, 16);
+        assert_eq!(
+            (b16.sink_tokens, b16.window_tokens),
+            (base.sink_tokens, base.window_tokens)
+        );
+        let rest = budget.saturating_sub(base.sink_tokens + base.window_tokens);
+        assert_eq!(b16.topk_blocks, rest / 16, "budget {budget}");
+        assert!(b16.budget_tokens() <= budget.max(base.sink_tokens + base.window_tokens));
+        assert!(InfLlm::new(b16).is_ok(), "budget {budget}");
+    }
+    assert_eq!(InfLlmConfig::for_budget_with_block(1024, 16).topk_blocks, 44);
+}

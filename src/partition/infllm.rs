@@ -67,6 +67,17 @@ impl InfLlmConfig {
             repr_topk: 4,
         }
     }
+
+    /// [`for_budget`](Self::for_budget) with blocks of `block_tokens` instead: the same
+    /// sink and window, and as many blocks as fit in the rest of the budget.
+    pub fn for_budget_with_block(budget_tokens: usize, block_tokens: usize) -> Self {
+        let base = Self::for_budget(budget_tokens);
+        Self {
+            block_tokens,
+            topk_blocks: budget_tokens.saturating_sub(base.sink_tokens + base.window_tokens) / block_tokens.max(1),
+            ..base
+        }
+    }
 }
 
 /// Per (layer, sequence) state (cheap to clone: tensors are shared, the mass vectors

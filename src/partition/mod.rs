@@ -258,8 +258,10 @@ pub const ALGORITHMS: &[&str] = &["dense", "streaming", "quest", "infllm", "shad
 /// Quest options): `quest-softmax` ([`GroupScore::SoftmaxSum`]), `quest-p8` (8-token
 /// pages, [`QuestConfig::page_tokens`]) and `quest-lean` (one sink and one window page of
 /// 16 tokens instead of one and two, leaving a page more to retrieval) and `quest-q8`
-/// (issue 12's int8 page bounds, [`BoundsFormat::Int8`]).
-pub const VARIANTS: &[&str] = &["quest-softmax", "quest-p8", "quest-lean", "quest-q8"];
+/// (issue 12's int8 page bounds, [`BoundsFormat::Int8`]); `infllm-b16`: InfLLM with
+/// 16-token blocks (its budget's sink and window, and as many blocks as fit in the rest;
+/// [`InfLlmConfig::for_budget_with_block`]).
+pub const VARIANTS: &[&str] = &["quest-softmax", "quest-p8", "quest-lean", "quest-q8", "infllm-b16"];
 
 /// Builds an algorithm from its name with a token budget per decode step and KV head
 /// (ignored by `dense`): `streaming` keeps a 64-token sink and the rest of the budget as
@@ -309,6 +311,7 @@ pub fn by_name(name: &str, budget_tokens: usize) -> Result<Box<dyn SparseAlgorit
             ..Default::default()
         })),
         "infllm" => Box::new(InfLlm::new(InfLlmConfig::for_budget(budget_tokens))?),
+        "infllm-b16" => Box::new(InfLlm::new(InfLlmConfig::for_budget_with_block(budget_tokens, 16))?),
         "shadowkv" => Box::new(ShadowKv::new(ShadowKvConfig::for_budget(budget_tokens))?),
         other => {
             return Err(crate::Error::Config(format!(
