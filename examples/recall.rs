@@ -168,9 +168,43 @@ fn oracle(lm: &LoadedModel, rec: &Recorded, prompt_len: usize) -> Result<Oracle>
     Ok(Oracle { mass, top10 })
 }
 
+/// Per-layer sums of (mass recall, top-10 recall, samples), averaged by `finish`.
+struct LayerSums(Vec<LayerRecall>);
+
+impl LayerSums {
+    fn new(layers: usize) -> Self {
+        Self(vec![(0.0, 0.0, 0); layers])
+    }
+
+    /// Adds one (step, layer, KV head) row: `row` is its per-token mass, `tops` the
+    /// group's query heads' top-10 tokens, `in_sel` whether a token's page is selected.
+    fn add(&mut self, layer: usize, row: &[f32], tops: &[Vec<usize>], in_sel: impl Fn(usize) -> bool) {
+        let total: f64 = row.iter().map(|&x| x as f64).sum();
+        let got: f64 = row
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| in_sel(*i))
+            .map(|(_, &x)| x as f64)
+            .sum();
+        let hits = tops.iter().flatten().filter(|&&tok| in_sel(tok)).count();
+        let n_top: usize = tops.iter().map(|x| x.len()).sum();
+        let a = &mut self.0[layer];
+        a.0 += got / total.max(1e-30);
+        a.1 += hits as f64 / n_top.max(1) as f64;
+        a.2 += 1;
+    }
+
+    fn finish(self) -> Vec<LayerRecall> {
+        self.0
+            .into_iter()
+            .map(|(a, b, n)| (a / n.max(1) as f64, b / n.max(1) as f64, n))
+            .collect()
+    }
+}
+
 /// Mean (mass recall, top-10 recall) per layer of one cache's decode selections.
 fn recall(o: &Oracle, trace: &[SelectionRecord], page: usize, g: usize, layers: usize) -> Vec<LayerRecall> {
-    let mut acc = vec![(0.0, 0.0, 0usize); layers];
+    let mut acc = LayerSums::new(layers);
     for r in trace {
         // Step 1 is the prompt; decode step i is cache step i + 2.
         let Some(step) = (r.step as usize).checked_sub(2) else {
@@ -183,33 +217,20 @@ fn recall(o: &Oracle, trace: &[SelectionRecord], page: usize, g: usize, layers: 
         ) else {
             continue;
         };
-        let row = &m[h];
+        if l >= layers {
+            continue;
+        }
         let in_sel = |tok: usize| r.pages.binary_search(&((tok / page) as u32)).is_ok();
-        let total: f64 = row.iter().map(|&x| x as f64).sum();
-        let got: f64 = row
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| in_sel(*i))
-            .map(|(_, &x)| x as f64)
-            .sum();
-        let hits: usize = (0..g)
-            .map(|j| t[h * g + j].iter().filter(|&&tok| in_sel(tok)).count())
-            .sum();
-        let n_top: usize = (0..g).map(|j| t[h * g + j].len()).sum();
-        acc[l].0 += got / total.max(1e-30);
-        acc[l].1 += hits as f64 / n_top.max(1) as f64;
-        acc[l].2 += 1;
+        acc.add(l, &m[h], &t[h * g..(h + 1) * g], in_sel);
     }
-    acc.into_iter()
-        .map(|(a, b, n)| (a / n.max(1) as f64, b / n.max(1) as f64, n))
-        .collect()
+    acc.finish()
 }
 
 /// Mean (mass recall, top-10 recall) per layer of the best selection of `pages` pages of
 /// `page` tokens: for every (decode step, layer, KV head), the pages with the most true
 /// mass (the ceiling of any page selection of that size).
 fn oracle_recall(o: &Oracle, page: usize, pages: usize, g: usize, layers: usize) -> Vec<LayerRecall> {
-    let mut acc = vec![(0.0, 0.0, 0usize); layers];
+    let mut acc = LayerSums::new(layers);
     for (m_step, t_step) in o.mass.iter().zip(&o.top10) {
         for (l, (m, t)) in m_step.iter().zip(t_step).enumerate().take(layers) {
             for (h, row) in m.iter().enumerate() {
@@ -217,29 +238,17 @@ fn oracle_recall(o: &Oracle, page: usize, pages: usize, g: usize, layers: usize)
                 for (i, &x) in row.iter().enumerate() {
                     per_page[i / page] += x as f64;
                 }
-                let total: f64 = per_page.iter().sum();
                 let mut order: Vec<usize> = (0..per_page.len()).collect();
                 order.sort_by(|&a, &b| per_page[b].total_cmp(&per_page[a]).then(a.cmp(&b)));
                 let mut chosen = vec![false; per_page.len()];
                 for &pg in order.iter().take(pages.max(1)) {
                     chosen[pg] = true;
                 }
-                let got: f64 = (0..per_page.len())
-                    .filter(|&pg| chosen[pg])
-                    .map(|pg| per_page[pg])
-                    .sum();
-                let tops = &t[h * g..(h + 1) * g];
-                let hits: usize = tops.iter().flatten().filter(|&&tok| chosen[tok / page]).count();
-                let n_top: usize = tops.iter().map(|x| x.len()).sum();
-                acc[l].0 += got / total.max(1e-30);
-                acc[l].1 += hits as f64 / n_top.max(1) as f64;
-                acc[l].2 += 1;
+                acc.add(l, row, &t[h * g..(h + 1) * g], |tok| chosen[tok / page]);
             }
         }
     }
-    acc.into_iter()
-        .map(|(a, b, n)| (a / n.max(1) as f64, b / n.max(1) as f64, n))
-        .collect()
+    acc.finish()
 }
 
 /// One measured configuration: (algorithm, budget fraction, budget tokens, page size).
