@@ -95,6 +95,30 @@ struct SpaState {
   float o[D / 8][OC];
 };
 
+// The online softmax of one half of a tile's rows (query heads r, or r + 8): s0..s3 are
+// its scores for keys 2tig, 2tig+1, 2tig+8 and 2tig+9 (keys at or past tr are masked).
+// Updates the half's max m (log2 units) and sum l, writes the probabilities to pr and
+// returns the factor that rescales the half's earlier output.
+__device__ __forceinline__ float row_softmax(float s0, float s1, float s2, float s3, int c0, int tr, float scale_log2,
+                                             float& m, float& l, float (&pr)[4]) {
+  const float x0 = c0 < tr ? s0 * scale_log2 : -INFINITY;
+  const float x1 = c0 + 1 < tr ? s1 * scale_log2 : -INFINITY;
+  const float x2 = c0 + 8 < tr ? s2 * scale_log2 : -INFINITY;
+  const float x3 = c0 + 9 < tr ? s3 * scale_log2 : -INFINITY;
+  float mx = fmaxf(fmaxf(x0, x1), fmaxf(x2, x3));
+  mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+  const float n = fmaxf(m, mx);
+  const float cr = fast_exp2(m - n);
+  pr[0] = fast_exp2(x0 - n);
+  pr[1] = fast_exp2(x1 - n);
+  pr[2] = fast_exp2(x2 - n);
+  pr[3] = fast_exp2(x3 - n);
+  l = l * cr + ((pr[0] + pr[1]) + (pr[2] + pr[3]));
+  m = n;
+  return cr;
+}
+
 // One loaded tile of tr valid rows: S = Q·Kᵀ (keys 0-7 in sa, 8-15 in sb), the online
 // softmax, and O += P·V with P taken from S's accumulators.
 template <typename T, int D, bool G16>
@@ -110,39 +134,11 @@ __device__ __forceinline__ void kv_tile(const KvTile<D>& x, int tr, const u32 (&
     Mma<T>::run(sb, qa[ks], up ? x.k1[s2].z : x.k1[s2].x, up ? x.k1[s2].w : x.k1[s2].y);
   }
   const int c0 = 2 * tig;
-  const float x0 = c0 < tr ? sa[0] * scale_log2 : -INFINITY;
-  const float x1 = c0 + 1 < tr ? sa[1] * scale_log2 : -INFINITY;
-  const float x2 = c0 + 8 < tr ? sb[0] * scale_log2 : -INFINITY;
-  const float x3 = c0 + 9 < tr ? sb[1] * scale_log2 : -INFINITY;
-  float mx0 = fmaxf(fmaxf(x0, x1), fmaxf(x2, x3));
-  mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
-  mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
-  const float n0 = fmaxf(st.m0, mx0);
-  const float cr0 = fast_exp2(st.m0 - n0);
-  const float px0 = fast_exp2(x0 - n0), px1 = fast_exp2(x1 - n0);
-  const float px2 = fast_exp2(x2 - n0), px3 = fast_exp2(x3 - n0);
-  st.l0 = st.l0 * cr0 + ((px0 + px1) + (px2 + px3));
-  st.m0 = n0;
-  float cr1 = 1.f, py0 = 0.f, py1 = 0.f, py2 = 0.f, py3 = 0.f;
-  if (G16) {
-    const float y0 = c0 < tr ? sa[2] * scale_log2 : -INFINITY;
-    const float y1 = c0 + 1 < tr ? sa[3] * scale_log2 : -INFINITY;
-    const float y2 = c0 + 8 < tr ? sb[2] * scale_log2 : -INFINITY;
-    const float y3 = c0 + 9 < tr ? sb[3] * scale_log2 : -INFINITY;
-    float mx1 = fmaxf(fmaxf(y0, y1), fmaxf(y2, y3));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
-    const float n1 = fmaxf(st.m1, mx1);
-    cr1 = fast_exp2(st.m1 - n1);
-    py0 = fast_exp2(y0 - n1);
-    py1 = fast_exp2(y1 - n1);
-    py2 = fast_exp2(y2 - n1);
-    py3 = fast_exp2(y3 - n1);
-    st.l1 = st.l1 * cr1 + ((py0 + py1) + (py2 + py3));
-    st.m1 = n1;
-  }
-  const u32 pa[4] = {Mma<T>::pack(px0, px1), G16 ? Mma<T>::pack(py0, py1) : 0u, Mma<T>::pack(px2, px3),
-                     G16 ? Mma<T>::pack(py2, py3) : 0u};
+  float px[4], py[4] = {0.f, 0.f, 0.f, 0.f};
+  const float cr0 = row_softmax(sa[0], sa[1], sb[0], sb[1], c0, tr, scale_log2, st.m0, st.l0, px);
+  const float cr1 = G16 ? row_softmax(sa[2], sa[3], sb[2], sb[3], c0, tr, scale_log2, st.m1, st.l1, py) : 1.f;
+  const u32 pa[4] = {Mma<T>::pack(px[0], px[1]), G16 ? Mma<T>::pack(py[0], py[1]) : 0u,
+                     Mma<T>::pack(px[2], px[3]), G16 ? Mma<T>::pack(py[2], py[3]) : 0u};
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int hf = nt >> 3, jj = nt & 7, w = jj >> 1;
