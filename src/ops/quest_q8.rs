@@ -169,16 +169,10 @@ pub(crate) fn scores_cpu<T: Elem>(
     let rb = quest_q8_row_bytes(d);
     super::quest_score::score_lists(q, cand, dims, (sink, window, meta.len() / rb), |slot, group| {
         let r = &meta[slot * rb..(slot + 1) * rb];
-        let mut best = f32::NEG_INFINITY;
-        for qv in group.chunks_exact(d) {
-            let mut s = 0f32;
-            for x in 0..d {
-                let qx = qv[x].to_f32();
-                let bound = if qx >= 0.0 { r[d + x] } else { r[x] };
-                s += qx * f32::from(bound as i8);
-            }
-            best = best.max(s);
-        }
+        let best = super::quest_score::group_max(group, d, |qx, x| {
+            let bound = if qx >= 0.0 { r[d + x] } else { r[x] };
+            qx * f32::from(bound as i8)
+        });
         best * scale_of(r, d)
     })
 }

@@ -64,17 +64,22 @@ fn scores_cpu<T: Elem>(
     let d = dims.4;
     score_lists(q, cand, dims, (sink, window, meta.len() / (2 * d)), |slot, group| {
         let (mins, maxs) = meta[slot * 2 * d..(slot + 1) * 2 * d].split_at(d);
-        let mut best = f32::NEG_INFINITY;
-        for qv in group.chunks_exact(d) {
-            let mut s = 0f32;
-            for x in 0..d {
-                let qx = qv[x].to_f32();
-                s += (qx * maxs[x].to_f32()).max(qx * mins[x].to_f32());
-            }
-            best = best.max(s);
-        }
-        best
+        group_max(group, d, |qx, x| (qx * maxs[x].to_f32()).max(qx * mins[x].to_f32()))
     })
+}
+
+/// The max over a GQA group's query heads (`group`: `d` values per head) of
+/// `Σₓ term(qₓ, x)`, summed in `x` order: a page's Quest score in either bound format.
+pub(crate) fn group_max<T: Elem>(group: &[T], d: usize, term: impl Fn(f32, usize) -> f32) -> f32 {
+    let mut best = f32::NEG_INFINITY;
+    for qv in group.chunks_exact(d) {
+        let mut s = 0f32;
+        for (x, q) in qv.iter().enumerate() {
+            s += term(q.to_f32(), x);
+        }
+        best = best.max(s);
+    }
+    best
 }
 
 impl CustomOp2 for QuestScores {
