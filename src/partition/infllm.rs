@@ -56,26 +56,20 @@ impl InfLlmConfig {
     /// `[32, 4096]`, and as many blocks as fit in the rest.
     pub fn for_budget(budget_tokens: usize) -> Self {
         let block = (budget_tokens / 16).clamp(16, 128);
-        let block = 1 << (usize::BITS - 1 - block.leading_zeros());
-        let sink = (budget_tokens / 16).clamp(16, 128);
-        let window = (budget_tokens / 4).clamp(32, 4096);
-        Self {
-            block_tokens: block,
-            sink_tokens: sink,
-            window_tokens: window,
-            topk_blocks: budget_tokens.saturating_sub(sink + window) / block,
-            repr_topk: 4,
-        }
+        Self::for_budget_with_block(budget_tokens, 1 << (usize::BITS - 1 - block.leading_zeros()))
     }
 
     /// [`for_budget`](Self::for_budget) with blocks of `block_tokens` instead: the same
     /// sink and window, and as many blocks as fit in the rest of the budget.
     pub fn for_budget_with_block(budget_tokens: usize, block_tokens: usize) -> Self {
-        let base = Self::for_budget(budget_tokens);
+        let sink = (budget_tokens / 16).clamp(16, 128);
+        let window = (budget_tokens / 4).clamp(32, 4096);
         Self {
             block_tokens,
-            topk_blocks: budget_tokens.saturating_sub(base.sink_tokens + base.window_tokens) / block_tokens.max(1),
-            ..base
+            sink_tokens: sink,
+            window_tokens: window,
+            topk_blocks: budget_tokens.saturating_sub(sink + window) / block_tokens.max(1),
+            repr_topk: 4,
         }
     }
 }
