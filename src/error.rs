@@ -58,6 +58,19 @@ pub enum Error {
     Model(String),
     /// An error from candle (device, dtype or kernel failure).
     Candle(candle_core::Error),
+    /// Allocating a cache's storage failed (on CUDA usually out of device memory, or of
+    /// the pinned host memory the driver grants): `what` names the part and its size.
+    /// Nothing was built; a smaller [`CacheConfig`](crate::CacheConfig) (fewer
+    /// sequences or tokens) or another split between HBM and host
+    /// ([`CacheConfig::with_fast_homes`](crate::CacheConfig::with_fast_homes)) may fit.
+    Alloc {
+        /// The constructor that allocated, e.g. `"SpinCache::new"`.
+        op: &'static str,
+        /// The part being allocated, with its size.
+        what: String,
+        /// The device's error (boxed: it keeps `Error` small).
+        source: Box<candle_core::Error>,
+    },
 }
 
 impl fmt::Display for Error {
@@ -76,6 +89,12 @@ impl fmt::Display for Error {
             Error::Config(msg) => write!(f, "invalid configuration: {msg}"),
             Error::Model(msg) => write!(f, "model: {msg}"),
             Error::Candle(e) => write!(f, "candle: {e}"),
+            Error::Alloc { op, what, source } => write!(
+                f,
+                "{op}: allocating {what} failed: {source} (a smaller CacheConfig, with fewer \
+                 sequences or tokens, or another split between HBM and host memory \
+                 (CacheConfig::with_fast_homes) may fit)"
+            ),
         }
     }
 }
@@ -84,6 +103,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Candle(e) => Some(e),
+            Error::Alloc { source, .. } => Some(source.as_ref()),
             _ => None,
         }
     }

@@ -9,7 +9,8 @@
 //! * with the `fault-injection` feature: `begin_step`, `remove_sequence`, `abort_step`
 //!   and `end_step` fail on the N-th device call for every N they make, leave
 //!   `sequence_len`, `pool_usage` and `verify_accounting` as they were, and the retry
-//!   succeeds; a random walk over the public API with injected failures (10k operations
+//!   succeeds; `SpinCache::new` whose N-th allocation stage fails returns `Error::Alloc`
+//!   naming the part and its size, for every stage; a random walk over the public API with injected failures (10k operations
 //!   over several seeds) keeps the accounting and never panics.
 
 mod common;
@@ -437,6 +438,64 @@ mod injected {
             op(&mut c, &s).unwrap_or_else(|e| panic!("{what}: retry after failure {n}: {e}"));
             c.verify_accounting().unwrap();
             n += 1;
+        }
+    }
+
+    /// A construction whose N-th allocation stage fails returns `Error::Alloc` naming
+    /// the stage and its size, for every stage, and builds nothing (the next one works).
+    #[test]
+    fn a_failed_allocation_in_new_names_the_part_and_its_size() {
+        for (name, make) in algorithms() {
+            let mut parts = Vec::new();
+            for n in 1.. {
+                fault::fail_nth_device_call(n);
+                let r = SpinCache::new_boxed(config(), make());
+                let fired = !fault::armed();
+                fault::clear();
+                if !fired {
+                    r.unwrap_or_else(|e| panic!("{name}: new failed without an injected failure: {e}"));
+                    break;
+                }
+                let e = r.expect_err("an injected failure must surface");
+                let msg = e.to_string();
+                match &e {
+                    // The budgets' upload after the tiers exist is not an allocation.
+                    Error::Candle(_) => assert!(msg.contains("set_budgets"), "{name}: call {n}: {msg}"),
+                    Error::Alloc { op, what, .. } => {
+                        assert_eq!(*op, "SpinCache::new", "{name}: {msg}");
+                        assert!(
+                            msg.contains("injected") && msg.contains("with_fast_homes"),
+                            "{name}: {msg}"
+                        );
+                        parts.push(what.clone());
+                    }
+                    e => panic!("{name}: call {n}: unexpected error {e:?}"),
+                }
+                assert!(std::error::Error::source(&e).is_some(), "{name}: {msg}");
+                // Nothing half-built is left behind: a fresh construction works.
+                SpinCache::new_boxed(config(), make()).unwrap();
+            }
+            let has = |s: &str| parts.iter().any(|p| p.contains(s));
+            assert!(has("the metadata of "), "{name}: {parts:?}");
+            assert!(has("the fast tier's LRU"), "{name}: {parts:?}");
+            assert!(has("the device page tables"), "{name}: {parts:?}");
+            // config(): 512 tokens, pages of 8, 2 layers × 2 KV heads: 256 host pages of
+            // [2, 8, 16] f32 = 1 KiB each; the fast tier caches a quarter (at least a bucket).
+            let c = config();
+            assert!(
+                has(&format!(
+                    "the host tier: {} pages of [2, 8, 16] F32 (0.00 GiB)",
+                    c.host_pages
+                )),
+                "{name}: {parts:?}"
+            );
+            assert!(
+                has(&format!(
+                    "the fast tier on Cpu: {} pages of [2, 8, 16] F32",
+                    c.fast_pages
+                )),
+                "{name}: {parts:?}"
+            );
         }
     }
 

@@ -152,6 +152,31 @@ impl std::fmt::Debug for SpinCache {
     }
 }
 
+/// `r`, with a device error turned into [`Error::Alloc`] naming `what` (the part of the
+/// cache being allocated, with its size). With the `fault-injection` feature the hook can
+/// fail a stage that succeeded, as the device would have.
+fn allocating<T>(r: Result<T>, what: impl FnOnce() -> String) -> Result<T> {
+    const OP: &str = "SpinCache::new";
+    r.and_then(|v| crate::fault::device_call(OP).map(|()| v))
+        .map_err(|e| match e {
+            Error::Candle(source) => Error::Alloc {
+                op: OP,
+                what: what(),
+                source: Box::new(source),
+            },
+            e => e,
+        })
+}
+
+/// `"{what}: N pages of [2, P, D] dtype (X GiB)"`.
+fn pages_of(what: &str, pages: usize, cfg: &CacheConfig) -> String {
+    let gib = (pages as f64) * (cfg.page_bytes() as f64) / (1u64 << 30) as f64;
+    format!(
+        "{what}: {pages} pages of [2, {}, {}] {:?} ({gib:.2} GiB)",
+        cfg.page_size, cfg.head_dim, cfg.dtype
+    )
+}
+
 impl SpinCache {
     /// Builds a cache; validates `cfg` and the algorithm against it.
     pub fn new(cfg: CacheConfig, algo: impl SparseAlgorithm + 'static) -> Result<Self> {
@@ -161,24 +186,40 @@ impl SpinCache {
     /// [`SpinCache::new`] with an already boxed algorithm (chosen at run time).
     pub fn new_boxed(cfg: CacheConfig, mut algo: Box<dyn SparseAlgorithm>) -> Result<Self> {
         cfg.validate()?;
-        algo.init(&cfg)?;
+        allocating(algo.init(&cfg), || format!("the metadata of {}", algo.name()))?;
         let (p, d) = (cfg.page_size, cfg.head_dim);
         // A fast tier with room for every host page is direct-mapped: no replacement
         // (the fast homes then are direct-mapped ids too). Otherwise ids past the host
         // tier's have their homes in fast slots after the buckets'.
-        let lru = if cfg.fast_pages >= cfg.host_pages {
-            DeviceLru::direct(cfg.max_sequences, cfg.total_pages(), &cfg.device)?
-        } else {
-            let buckets = cfg.fast_pages / cfg.lru_ways;
-            DeviceLru::new(buckets, cfg.lru_ways, cfg.max_sequences, cfg.host_pages, &cfg.device)?
-                .with_fast_homes(cfg.fast_home_pages)?
-        };
-        let fast_pool = Tensor::zeros((lru.fast_slots(), 2, p, d), cfg.dtype, &cfg.device)?;
+        let lru = allocating(
+            if cfg.fast_pages >= cfg.host_pages {
+                DeviceLru::direct(cfg.max_sequences, cfg.total_pages(), &cfg.device)
+            } else {
+                let buckets = cfg.fast_pages / cfg.lru_ways;
+                DeviceLru::new(buckets, cfg.lru_ways, cfg.max_sequences, cfg.host_pages, &cfg.device)
+                    .and_then(|l| l.with_fast_homes(cfg.fast_home_pages))
+            },
+            || "the fast tier's LRU tables".into(),
+        )?;
+        let fast_pool = allocating(
+            Tensor::zeros((lru.fast_slots(), 2, p, d), cfg.dtype, &cfg.device).map_err(Error::from),
+            || {
+                let what = format!("the fast tier on {:?}", cfg.device);
+                pages_of(&what, lru.fast_slots(), &cfg)
+            },
+        )?;
         let dirs = cfg.num_layers * cfg.num_kv_heads;
         let max_rows = cfg.max_sequences * dirs;
         let leaves_per_row = cfg.max_seq_len.div_ceil(p).div_ceil(LEAF_PAGES);
         let arena = cfg.total_pages().div_ceil(LEAF_PAGES) + max_rows;
-        let host = HostTier::new(&cfg)?;
+        let host = allocating(HostTier::new(&cfg), || {
+            let pinned = if cfg.device.is_cuda() { ", pinned" } else { "" };
+            pages_of(&format!("the host tier{pinned}"), cfg.host_pages, &cfg)
+        })?;
+        let device_tables = allocating(
+            DeviceTables::with_capacity(max_rows, leaves_per_row, arena, dirs, &cfg.device),
+            || format!("the device page tables ({max_rows} rows, {arena} leaves)"),
+        )?;
         let in_kernel = cfg.fetch_mode == FetchMode::InKernel && !lru.is_direct() && host.tiered_fits(&cfg);
         let mut cache = Self {
             id: types::NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -199,7 +240,7 @@ impl SpinCache {
                 t.reserve_leaves(arena);
                 t
             },
-            device_tables: DeviceTables::with_capacity(max_rows, leaves_per_row, arena, dirs, &cfg.device)?,
+            device_tables,
             owners: HashMap::new(),
             free_owners: (0..cfg.max_sequences as u32).rev().collect(),
             scale: 1.0 / (d as f32).sqrt(),
