@@ -16,6 +16,7 @@ use super::{
     SeqStates, SparseAlgorithm,
 };
 use crate::linalg::{randomized_low_rank_batch, LowRank, LowRankOptions};
+use crate::ops::{topk_indices, NONE};
 use crate::rope::{apply_rope, rope_tables};
 use crate::{CacheConfig, Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -82,6 +83,11 @@ struct Compressed {
     landmarks: Option<Tensor>,
     /// `outlier[h][c]`: chunk `c` of head `h` is kept exact.
     outlier: Vec<Vec<bool>>,
+    /// The outlier chunks of each head, ascending.
+    outlier_ids: Vec<Vec<u32>>,
+    /// `[Hkv, chunks]` f32: `-inf` at the outliers, 0 elsewhere (added to the landmark
+    /// scores so that the device top-k skips them).
+    outlier_mask: Option<Tensor>,
 }
 
 #[derive(Debug, Default)]
@@ -187,6 +193,8 @@ impl ShadowKv {
                     right: None,
                     landmarks: None,
                     outlier: vec![Vec::new(); hkv],
+                    outlier_ids: vec![Vec::new(); hkv],
+                    outlier_mask: None,
                 },
             });
         }
@@ -212,7 +220,7 @@ impl ShadowKv {
             .min(1)? // [C, Hkv]
             .to_device(&Device::Cpu)?
             .to_vec2::<f32>()?;
-        let outlier = (0..hkv)
+        let outlier: Vec<Vec<bool>> = (0..hkv)
             .map(|h| {
                 let mut order: Vec<usize> = (0..chunks).collect();
                 order.sort_by(|&a, &b| cos_sim[a][h].total_cmp(&cos_sim[b][h]).then(a.cmp(&b)));
@@ -223,12 +231,22 @@ impl ShadowKv {
                 flags
             })
             .collect();
+        let outlier_ids = outlier
+            .iter()
+            .map(|f| (0..chunks as u32).filter(|&c| f[c as usize]).collect())
+            .collect();
+        let mask: Vec<f32> = outlier
+            .iter()
+            .flat_map(|f| f.iter().map(|&o| if o { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
         Ok(Compressed {
             chunks,
             left: Some(lr.left),
             right: Some(lr.right),
             landmarks: Some(landmarks.transpose(0, 1)?.contiguous()?),
             outlier,
+            outlier_ids,
+            outlier_mask: Some(Tensor::from_vec(mask, (hkv, chunks), k_pre.device())?),
         })
     }
 
@@ -348,34 +366,29 @@ impl SparseAlgorithm for ShadowKv {
                 .and_then(|s| s.comp.as_ref())
                 .ok_or(Error::UnknownSequence(seq))?;
             let exact_from = self.exact_from(comp, nt);
-            let mut heads = vec![Vec::new(); hkv];
-            let scores = match comp.landmarks.as_ref() {
-                Some(lm) if exact_from > 0 => {
+            // The top `per_head` non-outlier chunks before `exact_from` per KV head, by
+            // landmark score (descending, ties to the lower chunk), chosen on the device:
+            // only `[Hkv, per_head]` ids cross to the host.
+            let top = match (comp.landmarks.as_ref(), comp.outlier_mask.as_ref()) {
+                (Some(lm), Some(mask)) if exact_from > 0 && per_head > 0 => {
                     let d = lm.dim(2)?;
                     let q = input.q.get(b)?.to_dtype(DType::F32)?.reshape((hkv, g, d))?;
                     let logits = (q.matmul(&lm.transpose(1, 2)?.contiguous()?)? * self.scale)?; // [Hkv, G, C]
-                    Some(
-                        candle_nn::ops::softmax_last_dim(&logits)?
-                            .max(1)?
-                            .to_device(&Device::Cpu)?
-                            .to_vec2::<f32>()?,
-                    )
+                    let scores = candle_nn::ops::softmax_last_dim(&logits)?
+                        .max(1)? // [Hkv, C]
+                        .narrow(1, 0, exact_from)?
+                        .add(&mask.narrow(1, 0, exact_from)?)?;
+                    topk_indices(&scores.contiguous()?, per_head)?
+                        .to_device(&Device::Cpu)?
+                        .to_vec2::<u32>()?
                 }
-                _ => None,
+                _ => vec![Vec::new(); hkv],
             };
+            let mut heads = vec![Vec::new(); hkv];
             for (h, pages) in heads.iter_mut().enumerate() {
-                let mut eligible = Vec::new();
-                for c in 0..exact_from {
-                    if comp.outlier[h][c] {
-                        pages.push(c as u32);
-                    } else {
-                        eligible.push(c);
-                    }
-                }
-                if let Some(s) = scores.as_ref() {
-                    eligible.sort_by(|&x, &y| s[h][y].total_cmp(&s[h][x]).then(x.cmp(&y)));
-                    pages.extend(eligible.iter().take(per_head).map(|&c| c as u32));
-                }
+                let outliers = &comp.outlier_ids[h];
+                pages.extend(outliers.iter().copied().take_while(|&c| (c as usize) < exact_from));
+                pages.extend(top[h].iter().copied().filter(|&c| c != NONE));
                 pages.extend(exact_from as u32..np as u32);
                 pages.sort_unstable();
             }

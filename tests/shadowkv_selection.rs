@@ -1,0 +1,265 @@
+//! ShadowKV against its paper's criterion, written from scratch here in f64: at a
+//! sequence's first decode step its prefill's full chunks are compressed; a chunk's
+//! landmark is the mean of its post-RoPE keys (RoPE of the pre-RoPE keys at their
+//! positions, "rotate half"); per KV head the `outlier_chunks` chunks with the lowest
+//! minimum cosine similarity of a key to its landmark stay exact. At every decode step,
+//! per KV head: the outliers before the exact region, the top `sparse_budget / chunk`
+//! other chunks by `max over the group's query heads of softmax(q · landmarkᵀ / √D)`
+//! (ties to the lower chunk), and every page from the exact region on (the window and
+//! the tokens after the compressed chunks).
+//!
+//! The algorithm is driven directly on random inputs: its outlier flags and its selected
+//! pages must equal the reference's, at the first decode step and at later ones.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use spinkv::ops::NONE;
+use spinkv::partition::{IndexInput, SelectInput, Selection, ShadowKv, ShadowKvConfig, SparseAlgorithm, TokenRun};
+use spinkv::CacheConfig;
+
+const THETA: f64 = 10_000.0;
+
+struct Shape {
+    hkv: usize,
+    g: usize,
+    d: usize,
+    cfg: ShadowKvConfig,
+}
+
+/// Post-RoPE f64 keys `[L][Hkv][D]` of pre-RoPE keys `k` `[L, Hkv, D]` (flat).
+fn rope_f64(k: &[f64], l: usize, hkv: usize, d: usize) -> Vec<Vec<Vec<f64>>> {
+    let half = d / 2;
+    (0..l)
+        .map(|t| {
+            (0..hkv)
+                .map(|h| {
+                    let x = &k[(t * hkv + h) * d..][..d];
+                    let mut y = vec![0.0; d];
+                    for i in 0..half {
+                        let a = t as f64 * THETA.powf(-2.0 * i as f64 / d as f64);
+                        let (s, c) = a.sin_cos();
+                        y[i] = x[i] * c - x[i + half] * s;
+                        y[i + half] = x[i + half] * c + x[i] * s;
+                    }
+                    y
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The reference: outlier flags `[Hkv][C]` of a prefill of `prefill` tokens, and the
+/// selection (pages ascending, per KV head) of each decode query `qs[i]` `[Hq·D]` at
+/// `num_tokens = prefill + 1 + i`.
+fn reference(s: &Shape, k_pre: &[f64], prefill: usize, qs: &[Vec<f64>]) -> (Vec<Vec<bool>>, Vec<Vec<Vec<u32>>>) {
+    let (hkv, g, d, p) = (s.hkv, s.g, s.d, s.cfg.chunk_tokens);
+    let chunks = prefill / p;
+    let kp = rope_f64(k_pre, chunks * p, hkv, d);
+    let dot = |a: &[f64], b: &[f64]| -> f64 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
+    let norm = |a: &[f64]| dot(a, a).sqrt();
+    // landmarks[h][c]
+    let lm: Vec<Vec<Vec<f64>>> = (0..hkv)
+        .map(|h| {
+            (0..chunks)
+                .map(|c| {
+                    (0..d)
+                        .map(|x| (0..p).map(|t| kp[c * p + t][h][x]).sum::<f64>() / p as f64)
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let outlier: Vec<Vec<bool>> = (0..hkv)
+        .map(|h| {
+            let min_cos: Vec<f64> = (0..chunks)
+                .map(|c| {
+                    let l = &lm[h][c];
+                    (0..p)
+                        .map(|t| {
+                            let key = &kp[c * p + t][h];
+                            dot(key, l) / (norm(key) * norm(l))
+                        })
+                        .fold(f64::INFINITY, f64::min)
+                })
+                .collect();
+            let mut order: Vec<usize> = (0..chunks).collect();
+            order.sort_by(|&a, &b| min_cos[a].total_cmp(&min_cos[b]).then(a.cmp(&b)));
+            let mut f = vec![false; chunks];
+            for &c in order.iter().take(s.cfg.outlier_chunks) {
+                f[c] = true;
+            }
+            f
+        })
+        .collect();
+    let per_head = s.cfg.sparse_budget_tokens / p;
+    let scale = 1.0 / (d as f64).sqrt();
+    let sels = qs
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let nt = prefill + 1 + i;
+            let np = nt.div_ceil(p);
+            let exact_from = chunks.min(nt.saturating_sub(s.cfg.window_tokens) / p);
+            (0..hkv)
+                .map(|h| {
+                    // max over the group of each query head's softmax over all chunks.
+                    let mut score = vec![f64::NEG_INFINITY; chunks];
+                    for j in 0..g {
+                        let qh = &q[(h * g + j) * d..][..d];
+                        let logits: Vec<f64> = (0..chunks).map(|c| dot(qh, &lm[h][c]) * scale).collect();
+                        let m = logits.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+                        let z: f64 = logits.iter().map(|x| (x - m).exp()).sum();
+                        for c in 0..chunks {
+                            score[c] = score[c].max((logits[c] - m).exp() / z);
+                        }
+                    }
+                    let mut pages: Vec<u32> = (0..exact_from).filter(|&c| outlier[h][c]).map(|c| c as u32).collect();
+                    let mut eligible: Vec<usize> = (0..exact_from).filter(|&c| !outlier[h][c]).collect();
+                    eligible.sort_by(|&x, &y| score[y].total_cmp(&score[x]).then(x.cmp(&y)));
+                    pages.extend(eligible.iter().take(per_head).map(|&c| c as u32));
+                    pages.extend(exact_from as u32..np as u32);
+                    pages.sort_unstable();
+                    pages
+                })
+                .collect()
+        })
+        .collect();
+    (outlier, sels)
+}
+
+/// Runs ShadowKV over the prompt in `chunks`, then `decodes` decode steps; returns its
+/// outlier flags and each decode step's selection (per KV head).
+fn selected(
+    s: &Shape,
+    q: &Tensor,
+    k: &Tensor,
+    chunks: &[usize],
+    decodes: usize,
+) -> (Vec<Vec<bool>>, Vec<Vec<Vec<u32>>>) {
+    let (hkv, g, d, p) = (s.hkv, s.g, s.d, s.cfg.chunk_tokens);
+    let mut cc = CacheConfig::new(1, hkv * g, hkv, d);
+    cc.page_size = p;
+    cc.rope_theta = THETA;
+    cc.dtype = DType::F32;
+    let mut sk = ShadowKv::new(s.cfg.clone()).unwrap();
+    sk.init(&cc).unwrap();
+    let prefill: usize = chunks.iter().sum();
+    let mut start = 0;
+    let mut sels = Vec::new();
+    let steps = chunks.iter().copied().chain(std::iter::repeat_n(1, decodes));
+    for (i, n) in steps.enumerate() {
+        let rows = |x: &Tensor| x.narrow(0, start, n).unwrap().contiguous().unwrap();
+        let (qc, kc) = (rows(q), rows(k));
+        let dst = Tensor::zeros((n, hkv), DType::U32, &Device::Cpu).unwrap();
+        let run = TokenRun {
+            seq: 3,
+            start,
+            n,
+            row: 0,
+        };
+        // The keys are given as pre-RoPE keys; ShadowKV reads only those.
+        sk.index(&IndexInput {
+            layer: 0,
+            runs: &[run],
+            q: &qc,
+            k: &kc,
+            k_pre_rope: &kc,
+            v: &kc,
+            dst: &dst,
+            minmax_updated: false,
+        })
+        .unwrap();
+        start += n;
+        if i >= chunks.len() {
+            let np = start.div_ceil(p);
+            let candidates = Tensor::zeros((1, hkv, np), DType::U32, &Device::Cpu).unwrap();
+            let sel = sk
+                .select(&SelectInput {
+                    layer: 0,
+                    seqs: &[3],
+                    q: &qc,
+                    candidates: &candidates,
+                    num_pages: &[np],
+                    num_tokens: &[start],
+                    page_size: p,
+                })
+                .unwrap();
+            let Selection::Pages(t) = sel else {
+                panic!("ShadowKV must select pages")
+            };
+            let (_, h, kk) = t.dims3().unwrap();
+            let v = u32s(&t);
+            sels.push(
+                (0..h)
+                    .map(|hi| {
+                        v[hi * kk..(hi + 1) * kk]
+                            .iter()
+                            .copied()
+                            .filter(|&x| x != NONE)
+                            .collect()
+                    })
+                    .collect(),
+            );
+        }
+    }
+    assert_eq!(sk.compressed_chunks(0, 3), Some(prefill / p));
+    (sk.outliers(0, 3).unwrap().to_vec(), sels)
+}
+
+#[test]
+fn shadowkv_matches_the_paper_criterion_in_f64() {
+    let shapes = [
+        Shape {
+            hkv: 2,
+            g: 2,
+            d: 16,
+            cfg: ShadowKvConfig {
+                chunk_tokens: 8,
+                rank: 32,
+                sparse_budget_tokens: 40,
+                outlier_chunks: 3,
+                window_tokens: 24,
+            },
+        },
+        Shape {
+            hkv: 3,
+            g: 3,
+            d: 8,
+            cfg: ShadowKvConfig {
+                chunk_tokens: 4,
+                rank: 24,
+                sparse_budget_tokens: 28,
+                outlier_chunks: 5,
+                window_tokens: 13,
+            },
+        },
+    ];
+    // Prefills of odd lengths (a partial last chunk stays exact), in one or more runs.
+    let chunkings: [&[usize]; 3] = [&[301], &[64, 100, 133], &[37, 37, 190]];
+    for (si, s) in shapes.iter().enumerate() {
+        for (ci, chunks) in chunkings.iter().enumerate() {
+            let prefill: usize = chunks.iter().sum();
+            let decodes = 4;
+            let mut r = rng(70 + (si * 10 + ci) as u64);
+            let q = randn(&mut r, &[prefill + decodes, s.hkv * s.g, s.d], 1.0);
+            let k = randn(&mut r, &[prefill + decodes, s.hkv, s.d], 1.0);
+            let k64: Vec<f64> = f32s(&k).iter().map(|&x| x as f64).collect();
+            let q64: Vec<f64> = f32s(&q).iter().map(|&x| x as f64).collect();
+            let hqd = s.hkv * s.g * s.d;
+            let qs: Vec<Vec<f64>> = (0..decodes)
+                .map(|i| q64[(prefill + i) * hqd..][..hqd].to_vec())
+                .collect();
+            let (want_out, want) = reference(s, &k64, prefill, &qs);
+            let (got_out, got) = selected(s, &q, &k, chunks, decodes);
+            assert_eq!(got_out, want_out, "shape {si}, chunks {chunks:?}: outliers");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g, w, "shape {si}, chunks {chunks:?}, decode step {i}");
+            }
+            // The budget is spent: every head has its rebuilt chunks beside the exact ones.
+            let per_head = s.cfg.sparse_budget_tokens / s.cfg.chunk_tokens;
+            assert!(want[0].iter().all(|pages| pages.len() > per_head), "shape {si}");
+        }
+    }
+}
