@@ -221,3 +221,104 @@ fn for_budget_with_block_spends_the_same_budget() {
     }
     assert_eq!(InfLlmConfig::for_budget_with_block(1024, 16).topk_blocks, 44);
 }
+
+/// Several sequences indexed and selected together (one `index` call with a run per
+/// sequence, then one decode token each, then one `select` for all): each sequence's
+/// pages equal its reference, whatever the others hold (here one has no finalized block).
+#[test]
+fn batched_sequences_match_the_reference_each() {
+    let s = Shape {
+        hkv: 2,
+        g: 2,
+        d: 16,
+        page: 8,
+        cfg: InfLlmConfig {
+            block_tokens: 16,
+            sink_tokens: 16,
+            window_tokens: 40,
+            topk_blocks: 3,
+            repr_topk: 2,
+        },
+    };
+    let (hkv, g, d) = (s.hkv, s.g, s.d);
+    let lens = [301usize, 20, 150];
+    let mut r = rng(91);
+    let qs: Vec<Tensor> = lens.iter().map(|&l| randn(&mut r, &[l + 1, hkv * g, d], 1.0)).collect();
+    let ks: Vec<Tensor> = lens.iter().map(|&l| randn(&mut r, &[l + 1, hkv, d], 1.0)).collect();
+    let mut cc = CacheConfig::new(1, hkv * g, hkv, d);
+    cc.page_size = s.page;
+    let mut inf = InfLlm::new(s.cfg.clone()).unwrap();
+    inf.init(&cc).unwrap();
+    let seqs: Vec<u64> = vec![4, 9, 2];
+    // The prompts, then the decode tokens: each call carries every sequence.
+    for decode in [false, true] {
+        let part = |x: &Tensor, l: usize| {
+            let (start, n) = if decode { (l, 1) } else { (0, l) };
+            x.narrow(0, start, n).unwrap()
+        };
+        let q = Tensor::cat(&qs.iter().zip(&lens).map(|(x, &l)| part(x, l)).collect::<Vec<_>>(), 0).unwrap();
+        let k = Tensor::cat(&ks.iter().zip(&lens).map(|(x, &l)| part(x, l)).collect::<Vec<_>>(), 0).unwrap();
+        let mut row = 0;
+        let runs: Vec<TokenRun> = seqs
+            .iter()
+            .zip(&lens)
+            .map(|(&seq, &l)| {
+                let (start, n) = if decode { (l, 1) } else { (0, l) };
+                let run = TokenRun { seq, start, n, row };
+                row += n;
+                run
+            })
+            .collect();
+        let dst = Tensor::zeros((row, hkv), DType::U32, &Device::Cpu).unwrap();
+        inf.index(&IndexInput {
+            layer: 0,
+            runs: &runs,
+            q: &q,
+            k: &k,
+            k_pre_rope: &k,
+            v: &k,
+            dst: &dst,
+            minmax_updated: false,
+        })
+        .unwrap();
+    }
+    let np: Vec<usize> = lens.iter().map(|&l| (l + 1).div_ceil(s.page)).collect();
+    let nt: Vec<usize> = lens.iter().map(|&l| l + 1).collect();
+    let nmax = *np.iter().max().unwrap();
+    let qd = Tensor::cat(
+        &qs.iter()
+            .zip(&lens)
+            .map(|(x, &l)| x.narrow(0, l, 1).unwrap())
+            .collect::<Vec<_>>(),
+        0,
+    )
+    .unwrap();
+    let candidates = Tensor::zeros((seqs.len(), hkv, nmax), DType::U32, &Device::Cpu).unwrap();
+    let Selection::Pages(t) = inf
+        .select(&SelectInput {
+            layer: 0,
+            seqs: &seqs,
+            q: &qd,
+            candidates: &candidates,
+            num_pages: &np,
+            num_tokens: &nt,
+            page_size: s.page,
+        })
+        .unwrap()
+    else {
+        panic!("InfLLM must select pages")
+    };
+    let (b, h, kk) = t.dims3().unwrap();
+    assert_eq!((b, h), (seqs.len(), hkv));
+    let v = u32s(&t);
+    assert_eq!(inf.finalized_blocks(0, 9), 0, "the short sequence has no block");
+    for (i, &l) in lens.iter().enumerate() {
+        let f64s = |x: &Tensor| f32s(x).iter().map(|&y| y as f64).collect::<Vec<_>>();
+        let want = reference(&s, &f64s(&qs[i]), &f64s(&ks[i]), l);
+        for hi in 0..hkv {
+            let row = &v[(i * hkv + hi) * kk..][..kk];
+            let got: Vec<u32> = row.iter().copied().filter(|&x| x != NONE).collect();
+            assert_eq!(got, want, "sequence {i} (length {l}), head {hi}");
+        }
+    }
+}

@@ -13,6 +13,7 @@
 use super::{
     forced_pages, forget_seq, truncate_seq, IndexInput, SelectInput, Selection, SeqStates, SparseAlgorithm, TokenRun,
 };
+use crate::ops::{topk_indices, NONE};
 use crate::{CacheConfig, Error, Result};
 use candle_core::{DType, Tensor, D};
 
@@ -104,6 +105,10 @@ pub struct InfLlm {
     scale: f64,
     seqs: SeqStates<SeqState>,
 }
+
+/// The mass one chunk of queries gives the pending keys: its first key, its key count
+/// `Lk`, and the `[Hkv · Lk]` f32 mass (on the device).
+type MassPart = (usize, usize, Tensor);
 
 /// Largest `[Hq, queries, keys]` f32 score buffer of one mass chunk, in elements (64 MiB).
 const MASS_ELEMS: usize = 1 << 24;
@@ -212,23 +217,23 @@ impl InfLlm {
         c
     }
 
-    /// Adds to the pending keys the attention mass of the run's queries, each over its
+    /// The attention mass the run's queries give the pending keys, each query over its
     /// local window `[p - window + 1, p]` (softmax normalized over that window, summed
-    /// over the query heads of each KV head). The window mask is built on the device and
-    /// the chunks' masses cross to the host in one read.
-    fn accumulate_mass(&self, st: &mut SeqState, run: &TokenRun, q: &Tensor) -> Result<()> {
+    /// over the query heads of each KV head), left on the device: per chunk of queries,
+    /// its first key, its key count `Lk` and the `[Hkv · Lk]` mass. The window mask is
+    /// built on the device.
+    fn window_mass(&self, st: &SeqState, run: &TokenRun, q: &Tensor) -> Result<Vec<MassPart>> {
         let (hkv, hq, w) = (self.kv_heads, self.q_heads, self.cfg.window_tokens);
         let g = hq / hkv;
         let pk = match st.pending_k.as_ref() {
             Some(pk) => pk.to_dtype(DType::F32)?,
-            None => return Ok(()),
+            None => return Ok(Vec::new()),
         };
         let d = pk.dim(2)?;
         let dev = q.device();
         let ps = st.pending_start;
         let chunk = self.mass_chunk();
-        // Per chunk: first key, keys, and the `[Hkv, Lk]` mass it adds.
-        let mut parts: Vec<(usize, usize, Tensor)> = Vec::new();
+        let mut parts = Vec::new();
         let mut a = run.start;
         while a < run.start + run.n {
             let c = chunk.min(run.start + run.n - a);
@@ -257,21 +262,32 @@ impl InfLlm {
             parts.push((lo, lk, probs.sum(2)?.sum(1)?.flatten_all()?)); // [Hkv · Lk]
             a += c;
         }
-        if parts.is_empty() {
+        Ok(parts)
+    }
+
+    /// Adds the masses of [`window_mass`](Self::window_mass) to the states' pending
+    /// keys, all of them read from the device at once: `work[i]` is a state with the
+    /// parts computed for it.
+    fn add_masses(&self, work: &mut [(SeqState, Vec<MassPart>)]) -> Result<()> {
+        let flat: Vec<&Tensor> = work.iter().flat_map(|(_, parts)| parts.iter().map(|p| &p.2)).collect();
+        if flat.is_empty() {
             return Ok(());
         }
-        let flat: Vec<&Tensor> = parts.iter().map(|p| &p.2).collect();
         let all = Tensor::cat(&flat, 0)?
             .to_device(&candle_core::Device::Cpu)?
             .to_vec1::<f32>()?;
+        let hkv = self.kv_heads;
         let mut off = 0;
-        for (lo, lk, _) in &parts {
-            for h in 0..hkv {
-                for (j, &x) in all[off + h * lk..off + (h + 1) * lk].iter().enumerate() {
-                    st.mass[(lo - ps + j) * hkv + h] += x;
+        for (st, parts) in work.iter_mut() {
+            let ps = st.pending_start;
+            for (lo, lk, _) in parts.iter() {
+                for h in 0..hkv {
+                    for (j, &x) in all[off + h * lk..off + (h + 1) * lk].iter().enumerate() {
+                        st.mass[(lo - ps + j) * hkv + h] += x;
+                    }
                 }
+                off += hkv * lk;
             }
-            off += hkv * lk;
         }
         Ok(())
     }
@@ -305,9 +321,10 @@ impl SparseAlgorithm for InfLlm {
 
     fn index(&mut self, input: &IndexInput<'_>) -> Result<()> {
         let (bt, w) = (self.cfg.block_tokens, self.cfg.window_tokens);
+        // Work on copies, stored only once every fallible step of every run succeeded: on
+        // an error each sequence keeps the state it had before this call.
+        let mut work = Vec::with_capacity(input.runs.len());
         for run in input.runs {
-            // Work on a copy and store it only once every fallible step succeeded: on an
-            // error the sequence keeps the state it had before this call.
             let mut st = self.seqs.get(&(input.layer, run.seq)).cloned().unwrap_or_default();
             if st.len != run.start {
                 return Err(Error::Invalid {
@@ -328,8 +345,13 @@ impl SparseAlgorithm for InfLlm {
                 Some(old) => Tensor::cat(&[&old, &k_new], 0)?,
             });
             st.mass.resize(st.mass.len() + run.n * self.kv_heads, 0.0);
-            self.accumulate_mass(&mut st, run, input.q)?;
+            let parts = self.window_mass(&st, run, input.q)?;
             st.len += run.n;
+            work.push((st, parts));
+        }
+        // One read from the device for every run's masses.
+        self.add_masses(&mut work)?;
+        for (run, (st, _)) in input.runs.iter().zip(work) {
             self.seqs.insert((input.layer, run.seq), st);
         }
         Ok(())
@@ -341,15 +363,23 @@ impl SparseAlgorithm for InfLlm {
         let (sink_pages, _) = forced_pages(self.cfg.sink_tokens, 1, p);
         let hkv = self.kv_heads;
         let g = self.q_heads / hkv;
-        let mut lists = Vec::with_capacity(input.seqs.len());
+        let k = self.cfg.topk_blocks;
+        // Per sequence: its forced pages, and the first block of its eligible range with
+        // the `[1, k]` ids (within the range) of its top blocks, chosen on the device.
+        let mut forced = Vec::with_capacity(input.seqs.len());
+        let mut tops: Vec<(usize, usize, Tensor)> = Vec::new();
         for (b, &seq) in input.seqs.iter().enumerate() {
             let (nt, np) = (input.num_tokens[b], input.num_pages[b]);
             let st = self.seqs.get(&(input.layer, seq)).ok_or(Error::UnknownSequence(seq))?;
             let forced_from = st.pending_start.min(nt.saturating_sub(self.cfg.window_tokens)) / p;
-            let mut pages: Vec<u32> = (0..np as u32)
-                .filter(|&j| (j as usize) < sink_pages || j as usize >= forced_from)
-                .collect();
-            if let (Some(repr), true) = (st.repr.as_ref(), st.blocks > 0) {
+            forced.push(
+                (0..np as u32)
+                    .filter(|&j| (j as usize) < sink_pages || j as usize >= forced_from)
+                    .collect::<Vec<u32>>(),
+            );
+            // Eligible blocks: past the sink, before the forced tail.
+            let (lo, hi) = (sink_pages / bp, forced_from.div_ceil(bp).min(st.blocks));
+            if let (Some(repr), true) = (st.repr.as_ref(), lo < hi) {
                 let d = repr.dim(2)?;
                 let q = input.q.get(b)?.to_dtype(DType::F32)?.reshape((hkv, g, d))?;
                 let kt = repr.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?; // [Hkv, D, NB·R]
@@ -359,20 +389,29 @@ impl SparseAlgorithm for InfLlm {
                     .sum(0)?
                     .reshape((st.blocks, self.cfg.repr_topk))?
                     .mean(D::Minus1)?
-                    .to_device(&candle_core::Device::Cpu)?
-                    .to_vec1::<f32>()?;
-                let mut eligible: Vec<usize> = (0..st.blocks)
-                    .filter(|&j| (j + 1) * bp > sink_pages && j * bp < forced_from)
-                    .collect();
-                eligible.sort_by(|&x, &y| scores[y].total_cmp(&scores[x]).then(x.cmp(&y)));
-                for &j in eligible.iter().take(self.cfg.topk_blocks) {
-                    pages.extend((j * bp..((j + 1) * bp).min(np)).map(|x| x as u32));
-                }
-                pages.sort_unstable();
-                pages.dedup();
+                    .narrow(0, lo, hi - lo)?
+                    .reshape((1, hi - lo))?;
+                tops.push((b, lo, topk_indices(&scores, k)?));
             }
-            lists.push(vec![pages; hkv]);
         }
+        // One read from the device for every sequence's top blocks.
+        let ids = if tops.is_empty() {
+            Vec::new()
+        } else {
+            let t: Vec<&Tensor> = tops.iter().map(|x| &x.2).collect();
+            Tensor::cat(&t, 0)?
+                .to_device(&candle_core::Device::Cpu)?
+                .to_vec2::<u32>()?
+        };
+        for ((b, lo, _), row) in tops.iter().zip(&ids) {
+            let (np, pages) = (input.num_pages[*b], &mut forced[*b]);
+            for j in row.iter().filter(|&&j| j != NONE).map(|&j| lo + j as usize) {
+                pages.extend((j * bp..((j + 1) * bp).min(np)).map(|x| x as u32));
+            }
+            pages.sort_unstable();
+            pages.dedup();
+        }
+        let lists: Vec<Vec<Vec<u32>>> = forced.into_iter().map(|pages| vec![pages; hkv]).collect();
         Selection::from_lists(&lists, hkv, input.q.device())
     }
 
