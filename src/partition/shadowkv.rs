@@ -110,6 +110,9 @@ pub struct ShadowKv {
     dtype: DType,
     scale: f64,
     seqs: SeqStates<SeqState>,
+    /// `cos`, `sin` `[positions, D/2]` f32 RoPE tables on the cache device, for the rebuilt
+    /// keys (grown on demand; rows are gathered by position).
+    rope: Option<(Tensor, Tensor)>,
 }
 
 impl ShadowKv {
@@ -140,6 +143,7 @@ impl ShadowKv {
             dtype: DType::F32,
             scale: 1.0,
             seqs: SeqStates::new(),
+            rope: None,
         })
     }
 
@@ -248,6 +252,20 @@ impl ShadowKv {
             outlier_ids,
             outlier_mask: Some(Tensor::from_vec(mask, (hkv, chunks), k_pre.device())?),
         })
+    }
+
+    /// The RoPE tables `[n, D/2]` f32 on `device` for positions `0..n`, `n >= upto`
+    /// (built once, grown by doubling).
+    fn rope_tables_upto(&mut self, upto: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        if let Some((c, s)) = self.rope.as_ref().filter(|(c, _)| c.dim(0).is_ok_and(|n| n >= upto)) {
+            return Ok((c.clone(), s.clone()));
+        }
+        let have = self.rope.as_ref().map_or(0, |(c, _)| c.dim(0).unwrap_or(0));
+        let n = upto.max(2 * have).max(1024);
+        let positions: Vec<u32> = (0..n as u32).collect();
+        let t = rope_tables(&positions, self.head_dim, self.rope_theta, DType::F32, device)?;
+        self.rope = Some(t.clone());
+        Ok(t)
     }
 
     /// First page that is always exact for a sequence of `num_tokens` tokens: the window
@@ -399,6 +417,19 @@ impl SparseAlgorithm for ShadowKv {
 
     fn materialize(&mut self, input: &MaterializeInput<'_>) -> Result<Materialized> {
         let (p, d) = (self.page_size, self.head_dim);
+        // The RoPE tables cover every compressed position of the batch, on the factors'
+        // device.
+        let (mut upto, mut device) = (0, None);
+        for &seq in input.seqs {
+            if let Some(c) = self.seqs.get(&(input.layer, seq)).and_then(|s| s.comp.as_ref()) {
+                upto = upto.max(c.chunks * p);
+                device = device.or(c.left.as_ref().map(|l| l.device().clone()));
+            }
+        }
+        let Some(device) = device else {
+            return Ok(Materialized::FetchFromTiers);
+        };
+        let (cos_t, sin_t) = self.rope_tables_upto(upto, &device)?;
         let mut rebuilt = Vec::with_capacity(input.seqs.len());
         let mut pieces = Vec::new();
         for (b, &seq) in input.seqs.iter().enumerate() {
@@ -408,25 +439,40 @@ impl SparseAlgorithm for ShadowKv {
                 .and_then(|s| s.comp.as_ref())
                 .ok_or(Error::UnknownSequence(seq))?;
             let exact_from = self.exact_from(comp, input.num_tokens[b]);
-            let mut heads = Vec::with_capacity(self.kv_heads);
-            for (h, sel) in input.pages[b].iter().enumerate() {
-                let chunks: Vec<u32> = sel
+            let heads: Vec<Vec<u32>> = input.pages[b]
+                .iter()
+                .enumerate()
+                .map(|(h, sel)| {
+                    sel.iter()
+                        .copied()
+                        .filter(|&c| (c as usize) < exact_from && !comp.outlier[h][c as usize])
+                        .collect()
+                })
+                .collect();
+            if let (Some(left), Some(right)) = (comp.left.as_ref(), comp.right.as_ref()) {
+                // Every head's token rows in one upload; their RoPE rows gathered by position.
+                let rows: Vec<u32> = heads
                     .iter()
-                    .copied()
-                    .filter(|&c| (c as usize) < exact_from && !comp.outlier[h][c as usize])
+                    .flatten()
+                    .flat_map(|&c| c * p as u32..(c + 1) * p as u32)
                     .collect();
-                if let (false, Some(left), Some(right)) = (chunks.is_empty(), comp.left.as_ref(), comp.right.as_ref()) {
-                    let rows: Vec<u32> = chunks.iter().flat_map(|&c| c * p as u32..(c + 1) * p as u32).collect();
-                    let n = rows.len();
-                    let idx = Tensor::from_vec(rows.clone(), n, left.device())?;
-                    let k_pre = left
-                        .index_select(&idx, 0)?
-                        .matmul(&right.narrow(1, h * d, d)?.contiguous()?)? // [n, D]
-                        .reshape((n, 1, d))?;
-                    let (cos, sin) = rope_tables(&rows, d, self.rope_theta, DType::F32, left.device())?;
-                    pieces.push(apply_rope(&k_pre, &cos, &sin)?.reshape((chunks.len(), p, d))?);
+                if !rows.is_empty() {
+                    let n_all = rows.len();
+                    let idx = Tensor::from_vec(rows, n_all, left.device())?;
+                    let (cos, sin) = (cos_t.index_select(&idx, 0)?, sin_t.index_select(&idx, 0)?);
+                    let left_rows = left.index_select(&idx, 0)?; // [rows, r]
+                    let mut off = 0;
+                    for (h, chunks) in heads.iter().enumerate().filter(|(_, c)| !c.is_empty()) {
+                        let n = chunks.len() * p;
+                        let k_pre = left_rows
+                            .narrow(0, off, n)?
+                            .matmul(&right.narrow(1, h * d, d)?.contiguous()?)? // [n, D]
+                            .reshape((n, 1, d))?;
+                        let k = apply_rope(&k_pre, &cos.narrow(0, off, n)?, &sin.narrow(0, off, n)?)?;
+                        pieces.push(k.reshape((chunks.len(), p, d))?);
+                        off += n;
+                    }
                 }
-                heads.push(chunks);
             }
             rebuilt.push(heads);
         }
