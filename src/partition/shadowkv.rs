@@ -165,7 +165,11 @@ impl ShadowKv {
     /// Compresses, for each `(keys, chunks)`, the first `chunks` chunks of the buffered
     /// pre-RoPE keys `[L, Hkv, D]` (no keys or no chunks: nothing compressed); the
     /// factorizations run as one batch.
-    fn compress_batch(&self, items: &[(Option<&Tensor>, usize)]) -> Result<Vec<Compressed>> {
+    fn compress_batch(
+        &self,
+        items: &[(Option<&Tensor>, usize)],
+        rope: Option<&(Tensor, Tensor)>,
+    ) -> Result<Vec<Compressed>> {
         let (p, hkv, d) = (self.page_size, self.kv_heads, self.head_dim);
         let mut k_pre = Vec::with_capacity(items.len());
         for &(k, chunks) in items {
@@ -189,7 +193,8 @@ impl ShadowKv {
                     let lr = factors
                         .next()
                         .ok_or_else(|| Error::Config("shadowkv: a factor is missing".into()))?;
-                    self.compress(k, chunks, lr)?
+                    let rope = rope.ok_or_else(|| Error::Config("shadowkv: no RoPE tables to compress with".into()))?;
+                    self.compress(k, chunks, lr, rope)?
                 }
                 None => Compressed {
                     chunks: 0,
@@ -207,11 +212,10 @@ impl ShadowKv {
 
     /// The compressed state of `chunks` chunks of pre-RoPE keys `k_pre` `[L, Hkv, D]`
     /// with their low-rank factor `lr`: landmarks and outlier flags.
-    fn compress(&self, k_pre: &Tensor, chunks: usize, lr: LowRank) -> Result<Compressed> {
+    fn compress(&self, k_pre: &Tensor, chunks: usize, lr: LowRank, rope: &(Tensor, Tensor)) -> Result<Compressed> {
         let (p, hkv, d) = (self.page_size, self.kv_heads, self.head_dim);
         let l = chunks * p;
-        let positions: Vec<u32> = (0..l as u32).collect();
-        let (cos, sin) = rope_tables(&positions, d, self.rope_theta, DType::F32, k_pre.device())?;
+        let (cos, sin) = (rope.0.narrow(0, 0, l)?, rope.1.narrow(0, 0, l)?);
         let k_post = apply_rope(k_pre, &cos, &sin)?.reshape((chunks, p, hkv, d))?;
         let landmarks = k_post.mean(1)?; // [C, Hkv, D]
         let unit = |x: &Tensor| -> Result<Tensor> {
@@ -255,12 +259,20 @@ impl ShadowKv {
     }
 
     /// The RoPE tables `[n, D/2]` f32 on `device` for positions `0..n`, `n >= upto`
-    /// (built once, grown by doubling).
+    /// (built once per device, grown by doubling).
     fn rope_tables_upto(&mut self, upto: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        if let Some((c, s)) = self.rope.as_ref().filter(|(c, _)| c.dim(0).is_ok_and(|n| n >= upto)) {
+        let usable = |c: &Tensor| c.device().same_device(device);
+        if let Some((c, s)) = self
+            .rope
+            .as_ref()
+            .filter(|(c, _)| usable(c) && c.dim(0).is_ok_and(|n| n >= upto))
+        {
             return Ok((c.clone(), s.clone()));
         }
-        let have = self.rope.as_ref().map_or(0, |(c, _)| c.dim(0).unwrap_or(0));
+        let have = match self.rope.as_ref() {
+            Some((c, _)) if usable(c) => c.dim(0).unwrap_or(0),
+            _ => 0,
+        };
         let n = upto.max(2 * have).max(1024);
         let positions: Vec<u32> = (0..n as u32).collect();
         let t = rope_tables(&positions, self.head_dim, self.rope_theta, DType::F32, device)?;
@@ -355,7 +367,20 @@ impl SparseAlgorithm for ShadowKv {
         let (p, hkv) = (self.page_size, self.kv_heads);
         let g = self.q_heads / hkv;
         let per_head = self.cfg.sparse_budget_tokens / p;
-        // Every sequence at its first decode step in this layer is compressed, in one batch.
+        // Every sequence at its first decode step in this layer is compressed, in one batch,
+        // with RoPE tables covering the longest of their prefills.
+        let (mut upto, mut device) = (0, None);
+        for (b, &seq) in input.seqs.iter().enumerate() {
+            let st = self.seqs.get(&(input.layer, seq)).ok_or(Error::UnknownSequence(seq))?;
+            if let (None, Some(k)) = (st.comp.as_ref(), st.prefill_k.as_ref()) {
+                upto = upto.max(input.num_tokens[b].saturating_sub(1) / p * p);
+                device = device.or(Some(k.device().clone()));
+            }
+        }
+        let rope = match device {
+            Some(dev) => Some(self.rope_tables_upto(upto, &dev)?),
+            None => None,
+        };
         let mut todo = Vec::new();
         for (b, &seq) in input.seqs.iter().enumerate() {
             let st = self.seqs.get(&(input.layer, seq)).ok_or(Error::UnknownSequence(seq))?;
@@ -364,7 +389,7 @@ impl SparseAlgorithm for ShadowKv {
             }
         }
         let items: Vec<(Option<&Tensor>, usize)> = todo.iter().map(|&(_, k, c)| (k, c)).collect();
-        let done = self.compress_batch(&items)?;
+        let done = self.compress_batch(&items, rope.as_ref())?;
         let seqs: Vec<u64> = todo.iter().map(|t| t.0).collect();
         for (seq, comp) in seqs.into_iter().zip(done) {
             let st = self
