@@ -11,10 +11,10 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
+use common::algo::{index_runs, select_pages};
 use common::*;
-use spinkv::ops::NONE;
-use spinkv::partition::{IndexInput, InfLlm, InfLlmConfig, SelectInput, Selection, SparseAlgorithm, TokenRun};
+use spinkv::partition::{InfLlm, InfLlmConfig, SparseAlgorithm, TokenRun};
 use spinkv::CacheConfig;
 
 struct Shape {
@@ -100,72 +100,40 @@ fn selected(s: &Shape, q: &Tensor, k: &Tensor, chunks: &[usize]) -> Vec<Vec<u32>
     let mut start = 0;
     for &n in chunks.iter().chain(std::iter::once(&1)) {
         let rows = |x: &Tensor| x.narrow(0, start, n).unwrap().contiguous().unwrap();
-        let (qc, kc) = (rows(q), rows(k));
-        let dst = Tensor::zeros((n, hkv), DType::U32, &Device::Cpu).unwrap();
-        inf.index(&IndexInput {
-            layer: 0,
-            runs: &[TokenRun {
-                seq: 7,
-                start,
-                n,
-                row: 0,
-            }],
-            q: &qc,
-            k: &kc,
-            k_pre_rope: &kc,
-            v: &kc,
-            dst: &dst,
-            minmax_updated: false,
-        })
-        .unwrap();
+        let run = TokenRun {
+            seq: 7,
+            start,
+            n,
+            row: 0,
+        };
+        index_runs(&mut inf, &[run], &rows(q), &rows(k));
         start += n;
     }
-    let np = (len + 1).div_ceil(s.page);
     let qd = q.narrow(0, len, 1).unwrap().contiguous().unwrap();
-    let candidates = Tensor::zeros((1, hkv, np), DType::U32, &Device::Cpu).unwrap();
-    let sel = inf
-        .select(&SelectInput {
-            layer: 0,
-            seqs: &[7],
-            q: &qd,
-            candidates: &candidates,
-            num_pages: &[np],
-            num_tokens: &[len + 1],
-            page_size: s.page,
-        })
-        .unwrap();
-    let Selection::Pages(t) = sel else {
-        panic!("InfLLM must select pages")
-    };
-    let (_, h, kk) = t.dims3().unwrap();
-    let v = u32s(&t);
-    (0..h)
-        .map(|hi| {
-            v[hi * kk..(hi + 1) * kk]
-                .iter()
-                .copied()
-                .filter(|&x| x != NONE)
-                .collect()
-        })
-        .collect()
+    select_pages(&mut inf, &[7], &qd, &[len + 1], s.page, hkv).remove(0)
+}
+
+/// The first test shape (also the batched test's).
+fn small() -> Shape {
+    Shape {
+        hkv: 2,
+        g: 2,
+        d: 16,
+        page: 8,
+        cfg: InfLlmConfig {
+            block_tokens: 16,
+            sink_tokens: 16,
+            window_tokens: 40,
+            topk_blocks: 3,
+            repr_topk: 2,
+        },
+    }
 }
 
 #[test]
 fn infllm_matches_the_paper_criterion_in_f64() {
     let shapes = [
-        Shape {
-            hkv: 2,
-            g: 2,
-            d: 16,
-            page: 8,
-            cfg: InfLlmConfig {
-                block_tokens: 16,
-                sink_tokens: 16,
-                window_tokens: 40,
-                topk_blocks: 3,
-                repr_topk: 2,
-            },
-        },
+        small(),
         Shape {
             hkv: 3,
             g: 3,
@@ -227,19 +195,7 @@ fn for_budget_with_block_spends_the_same_budget() {
 /// pages equal its reference, whatever the others hold (here one has no finalized block).
 #[test]
 fn batched_sequences_match_the_reference_each() {
-    let s = Shape {
-        hkv: 2,
-        g: 2,
-        d: 16,
-        page: 8,
-        cfg: InfLlmConfig {
-            block_tokens: 16,
-            sink_tokens: 16,
-            window_tokens: 40,
-            topk_blocks: 3,
-            repr_topk: 2,
-        },
-    };
+    let s = small();
     let (hkv, g, d) = (s.hkv, s.g, s.d);
     let lens = [301usize, 20, 150];
     let mut r = rng(91);
@@ -252,73 +208,37 @@ fn batched_sequences_match_the_reference_each() {
     let seqs: Vec<u64> = vec![4, 9, 2];
     // The prompts, then the decode tokens: each call carries every sequence.
     for decode in [false, true] {
-        let part = |x: &Tensor, l: usize| {
-            let (start, n) = if decode { (l, 1) } else { (0, l) };
-            x.narrow(0, start, n).unwrap()
+        let span = |l: usize| if decode { (l, 1) } else { (0, l) };
+        let cat = |xs: &[Tensor]| {
+            let parts: Vec<Tensor> = xs
+                .iter()
+                .zip(&lens)
+                .map(|(x, &l)| x.narrow(0, span(l).0, span(l).1).unwrap())
+                .collect();
+            Tensor::cat(&parts, 0).unwrap()
         };
-        let q = Tensor::cat(&qs.iter().zip(&lens).map(|(x, &l)| part(x, l)).collect::<Vec<_>>(), 0).unwrap();
-        let k = Tensor::cat(&ks.iter().zip(&lens).map(|(x, &l)| part(x, l)).collect::<Vec<_>>(), 0).unwrap();
         let mut row = 0;
         let runs: Vec<TokenRun> = seqs
             .iter()
             .zip(&lens)
             .map(|(&seq, &l)| {
-                let (start, n) = if decode { (l, 1) } else { (0, l) };
+                let (start, n) = span(l);
                 let run = TokenRun { seq, start, n, row };
                 row += n;
                 run
             })
             .collect();
-        let dst = Tensor::zeros((row, hkv), DType::U32, &Device::Cpu).unwrap();
-        inf.index(&IndexInput {
-            layer: 0,
-            runs: &runs,
-            q: &q,
-            k: &k,
-            k_pre_rope: &k,
-            v: &k,
-            dst: &dst,
-            minmax_updated: false,
-        })
-        .unwrap();
+        index_runs(&mut inf, &runs, &cat(&qs), &cat(&ks));
     }
-    let np: Vec<usize> = lens.iter().map(|&l| (l + 1).div_ceil(s.page)).collect();
     let nt: Vec<usize> = lens.iter().map(|&l| l + 1).collect();
-    let nmax = *np.iter().max().unwrap();
-    let qd = Tensor::cat(
-        &qs.iter()
-            .zip(&lens)
-            .map(|(x, &l)| x.narrow(0, l, 1).unwrap())
-            .collect::<Vec<_>>(),
-        0,
-    )
-    .unwrap();
-    let candidates = Tensor::zeros((seqs.len(), hkv, nmax), DType::U32, &Device::Cpu).unwrap();
-    let Selection::Pages(t) = inf
-        .select(&SelectInput {
-            layer: 0,
-            seqs: &seqs,
-            q: &qd,
-            candidates: &candidates,
-            num_pages: &np,
-            num_tokens: &nt,
-            page_size: s.page,
-        })
-        .unwrap()
-    else {
-        panic!("InfLLM must select pages")
-    };
-    let (b, h, kk) = t.dims3().unwrap();
-    assert_eq!((b, h), (seqs.len(), hkv));
-    let v = u32s(&t);
+    let qd: Vec<Tensor> = qs.iter().zip(&lens).map(|(x, &l)| x.narrow(0, l, 1).unwrap()).collect();
+    let got = select_pages(&mut inf, &seqs, &Tensor::cat(&qd, 0).unwrap(), &nt, s.page, hkv);
     assert_eq!(inf.finalized_blocks(0, 9), 0, "the short sequence has no block");
     for (i, &l) in lens.iter().enumerate() {
         let f64s = |x: &Tensor| f32s(x).iter().map(|&y| y as f64).collect::<Vec<_>>();
         let want = reference(&s, &f64s(&qs[i]), &f64s(&ks[i]), l);
-        for hi in 0..hkv {
-            let row = &v[(i * hkv + hi) * kk..][..kk];
-            let got: Vec<u32> = row.iter().copied().filter(|&x| x != NONE).collect();
-            assert_eq!(got, want, "sequence {i} (length {l}), head {hi}");
+        for (hi, pages) in got[i].iter().enumerate() {
+            assert_eq!(pages, &want, "sequence {i} (length {l}), head {hi}");
         }
     }
 }

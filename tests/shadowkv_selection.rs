@@ -13,10 +13,10 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
+use common::algo::{index_runs, select_pages};
 use common::*;
-use spinkv::ops::NONE;
-use spinkv::partition::{IndexInput, SelectInput, Selection, ShadowKv, ShadowKvConfig, SparseAlgorithm, TokenRun};
+use spinkv::partition::{ShadowKv, ShadowKvConfig, SparseAlgorithm, TokenRun};
 use spinkv::CacheConfig;
 
 const THETA: f64 = 10_000.0;
@@ -28,35 +28,23 @@ struct Shape {
     cfg: ShadowKvConfig,
 }
 
-/// Post-RoPE f64 keys `[L][Hkv][D]` of pre-RoPE keys `k` `[L, Hkv, D]` (flat).
-fn rope_f64(k: &[f64], l: usize, hkv: usize, d: usize) -> Vec<Vec<Vec<f64>>> {
-    let half = d / 2;
-    (0..l)
-        .map(|t| {
-            (0..hkv)
-                .map(|h| {
-                    let x = &k[(t * hkv + h) * d..][..d];
-                    let mut y = vec![0.0; d];
-                    for i in 0..half {
-                        let a = t as f64 * THETA.powf(-2.0 * i as f64 / d as f64);
-                        let (s, c) = a.sin_cos();
-                        y[i] = x[i] * c - x[i + half] * s;
-                        y[i + half] = x[i + half] * c + x[i] * s;
-                    }
-                    y
-                })
-                .collect()
-        })
-        .collect()
-}
-
 /// The reference: outlier flags `[Hkv][C]` of a prefill of `prefill` tokens, and the
 /// selection (pages ascending, per KV head) of each decode query `qs[i]` `[Hq·D]` at
 /// `num_tokens = prefill + 1 + i`.
-fn reference(s: &Shape, k_pre: &[f64], prefill: usize, qs: &[Vec<f64>]) -> (Vec<Vec<bool>>, Vec<Vec<Vec<u32>>>) {
+fn reference(s: &Shape, k_pre: &Tensor, prefill: usize, qs: &[Vec<f64>]) -> (Vec<Vec<bool>>, Vec<Vec<Vec<u32>>>) {
     let (hkv, g, d, p) = (s.hkv, s.g, s.d, s.cfg.chunk_tokens);
     let chunks = prefill / p;
-    let kp = rope_f64(k_pre, chunks * p, hkv, d);
+    let l = chunks * p;
+    let pos: Vec<f64> = (0..l).map(|t| t as f64).collect();
+    let flat = rope_f64(&k_pre.narrow(0, 0, l).unwrap(), &pos, THETA)
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    // kp[t][h]: the post-RoPE key of token t, head h.
+    let kp: Vec<Vec<&[f64]>> = (0..l)
+        .map(|t| (0..hkv).map(|h| &flat[(t * hkv + h) * d..][..d]).collect())
+        .collect();
     let dot = |a: &[f64], b: &[f64]| -> f64 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
     let norm = |a: &[f64]| dot(a, a).sqrt();
     // landmarks[h][c]
@@ -78,7 +66,7 @@ fn reference(s: &Shape, k_pre: &[f64], prefill: usize, qs: &[Vec<f64>]) -> (Vec<
                     let l = &lm[h][c];
                     (0..p)
                         .map(|t| {
-                            let key = &kp[c * p + t][h];
+                            let key = kp[c * p + t][h];
                             dot(key, l) / (norm(key) * norm(l))
                         })
                         .fold(f64::INFINITY, f64::min)
@@ -151,8 +139,6 @@ fn selected(
     let steps = chunks.iter().copied().chain(std::iter::repeat_n(1, decodes));
     for (i, n) in steps.enumerate() {
         let rows = |x: &Tensor| x.narrow(0, start, n).unwrap().contiguous().unwrap();
-        let (qc, kc) = (rows(q), rows(k));
-        let dst = Tensor::zeros((n, hkv), DType::U32, &Device::Cpu).unwrap();
         let run = TokenRun {
             seq: 3,
             start,
@@ -160,48 +146,11 @@ fn selected(
             row: 0,
         };
         // The keys are given as pre-RoPE keys; ShadowKV reads only those.
-        sk.index(&IndexInput {
-            layer: 0,
-            runs: &[run],
-            q: &qc,
-            k: &kc,
-            k_pre_rope: &kc,
-            v: &kc,
-            dst: &dst,
-            minmax_updated: false,
-        })
-        .unwrap();
+        let (qc, kc) = (rows(q), rows(k));
+        index_runs(&mut sk, &[run], &qc, &kc);
         start += n;
         if i >= chunks.len() {
-            let np = start.div_ceil(p);
-            let candidates = Tensor::zeros((1, hkv, np), DType::U32, &Device::Cpu).unwrap();
-            let sel = sk
-                .select(&SelectInput {
-                    layer: 0,
-                    seqs: &[3],
-                    q: &qc,
-                    candidates: &candidates,
-                    num_pages: &[np],
-                    num_tokens: &[start],
-                    page_size: p,
-                })
-                .unwrap();
-            let Selection::Pages(t) = sel else {
-                panic!("ShadowKV must select pages")
-            };
-            let (_, h, kk) = t.dims3().unwrap();
-            let v = u32s(&t);
-            sels.push(
-                (0..h)
-                    .map(|hi| {
-                        v[hi * kk..(hi + 1) * kk]
-                            .iter()
-                            .copied()
-                            .filter(|&x| x != NONE)
-                            .collect()
-                    })
-                    .collect(),
-            );
+            sels.push(select_pages(&mut sk, &[3], &qc, &[start], p, hkv).remove(0));
         }
     }
     assert_eq!(sk.compressed_chunks(0, 3), Some(prefill / p));
@@ -245,13 +194,12 @@ fn shadowkv_matches_the_paper_criterion_in_f64() {
             let mut r = rng(70 + (si * 10 + ci) as u64);
             let q = randn(&mut r, &[prefill + decodes, s.hkv * s.g, s.d], 1.0);
             let k = randn(&mut r, &[prefill + decodes, s.hkv, s.d], 1.0);
-            let k64: Vec<f64> = f32s(&k).iter().map(|&x| x as f64).collect();
             let q64: Vec<f64> = f32s(&q).iter().map(|&x| x as f64).collect();
             let hqd = s.hkv * s.g * s.d;
             let qs: Vec<Vec<f64>> = (0..decodes)
                 .map(|i| q64[(prefill + i) * hqd..][..hqd].to_vec())
                 .collect();
-            let (want_out, want) = reference(s, &k64, prefill, &qs);
+            let (want_out, want) = reference(s, &k, prefill, &qs);
             let (got_out, got) = selected(s, &q, &k, chunks, decodes);
             assert_eq!(got_out, want_out, "shape {si}, chunks {chunks:?}: outliers");
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {

@@ -1,6 +1,7 @@
 //! Test helpers: seeded random tensors and an independent f64 rotary embedding.
 #![allow(dead_code, clippy::needless_range_loop)]
 
+pub mod algo;
 pub mod harness;
 
 use candle_core::{DType, Device, Tensor};
