@@ -8,7 +8,8 @@
 //! direct-mapped fast tier (fast fraction 1) and over the LRU (fraction 0.5: misses,
 //! fetches and spills inside the replayed graph; dense's fetches run on a side stream
 //! while the resident pages are attended, so its graph forks and joins two streams;
-//! Quest asks for `FetchMode::InKernel`, which f32 runs in order).
+//! Quest asks for `FetchMode::InKernel`, which f32 runs in order); Streaming (its lists
+//! computed on the device from the candidates) over a direct-mapped fast tier.
 //!
 //! - Graphs give exactly the Padded tokens (same kernels, same shapes).
 //! - Graphs give the Eager tokens (a near-tie of two logits may flip one token where the
@@ -27,7 +28,7 @@ use candle_core::DType;
 use spinkv::engine::{DecodeMode, Engine, EngineConfig, Request, SamplingParams};
 use spinkv::models::random::{random_llama, shape_config};
 use spinkv::models::Llama;
-use spinkv::partition::{BoundsFormat, Dense, Quest, QuestConfig, SparseAlgorithm};
+use spinkv::partition::{BoundsFormat, Dense, Quest, QuestConfig, SparseAlgorithm, Streaming, StreamingConfig};
 use spinkv::{FetchMode, SpinCache};
 
 const NEW: usize = 64;
@@ -35,6 +36,11 @@ const NEW: usize = 64;
 fn algo(name: &str) -> Box<dyn SparseAlgorithm> {
     match name {
         "dense" => Box::new(Dense::new()),
+        // A sink of 4 pages and a window of 12: prompts of 300+ tokens hold more pages.
+        "streaming" => Box::new(Streaming::new(StreamingConfig {
+            sink_tokens: 64,
+            window_tokens: 192,
+        })),
         "quest-q8" => Box::new(Quest::new(QuestConfig {
             budget_tokens: 256,
             bounds: BoundsFormat::Int8,
@@ -130,7 +136,13 @@ fn graphs_give_the_eager_tokens() {
         (&[("dense", 1.0), ("quest", 0.5)], &[3])
     } else {
         (
-            &[("dense", 1.0), ("quest", 1.0), ("dense", 0.5), ("quest", 0.5)],
+            &[
+                ("dense", 1.0),
+                ("quest", 1.0),
+                ("streaming", 1.0),
+                ("dense", 0.5),
+                ("quest", 0.5),
+            ],
             &[1, 3, 17],
         )
     };

@@ -1,6 +1,6 @@
 //! Padded decode steps (`SparseKvCache::begin_padded_decode`), the form CUDA graphs
 //! capture, against ordinary steps on the CPU:
-//! - the real rows' outputs equal an ordinary cache's for dense and Quest (within 1e-6,
+//! - the real rows' outputs equal an ordinary cache's for dense, Quest and Streaming (within 1e-6,
 //!   f32), over batch sizes that pad (3 → 4, 5 → 8), page boundaries, a sequence leaving
 //!   and one joining mid-run, with a fast tier too small for the KV (misses and
 //!   evictions); padding rows (garbage inputs at scale 1000) come out finite and change
@@ -13,7 +13,7 @@ mod common;
 
 use common::harness::{padded_step, random_step};
 use common::{max_abs_diff, rng};
-use spinkv::partition::{Dense, InfLlm, InfLlmConfig, Quest, QuestConfig, SparseAlgorithm};
+use spinkv::partition::{Dense, InfLlm, InfLlmConfig, Quest, QuestConfig, SparseAlgorithm, Streaming, StreamingConfig};
 use spinkv::{CacheConfig, Error, PaddedShape, SeqId, SparseKvCache, SpinCache, StepInput};
 
 fn cfg() -> CacheConfig {
@@ -27,6 +27,10 @@ fn cfg() -> CacheConfig {
 fn algo(name: &str) -> Box<dyn SparseAlgorithm> {
     match name {
         "dense" => Box::new(Dense::new()),
+        "streaming" => Box::new(Streaming::new(StreamingConfig {
+            sink_tokens: 8,
+            window_tokens: 20,
+        })),
         _ => Box::new(Quest::new(QuestConfig {
             budget_tokens: 32,
             sink_tokens: 8,
@@ -62,7 +66,7 @@ fn add_both(caches: &mut [SpinCache; 2], seqs: &mut [Vec<SeqId>; 2], len: usize)
 
 #[test]
 fn padded_decode_equals_ordinary_decode() {
-    for name in ["dense", "quest"] {
+    for name in ["dense", "quest", "streaming"] {
         let mut caches = twins(name);
         let mut seqs = [Vec::new(), Vec::new()];
         for &len in &[37usize, 9, 70] {
@@ -81,7 +85,9 @@ fn padded_decode_equals_ordinary_decode() {
                 }
             }
             let (ia, ib) = (decode_inputs(&seqs[0]), decode_inputs(&seqs[1]));
-            let shape = caches[1].padded_shape(&ib).expect("dense and Quest run padded");
+            let shape = caches[1]
+                .padded_shape(&ib)
+                .expect("dense, Quest and Streaming run padded");
             assert!(shape.batch >= ib.len() && shape.batch.is_power_of_two(), "{shape:?}");
             assert_eq!(shape.pages % 64, 0, "{shape:?}");
             shapes.push(shape);
@@ -184,7 +190,7 @@ fn padded_misuse_and_bad_input_are_clear_errors() {
 fn a_padded_step_that_fails_on_any_device_call_aborts_cleanly() {
     use common::harness::try_padded_step;
     use spinkv::fault;
-    for name in ["dense", "quest"] {
+    for name in ["dense", "quest", "streaming"] {
         let mut caches = twins(name);
         let mut seqs = [Vec::new(), Vec::new()];
         for &len in &[29usize, 8, 61] {

@@ -3,7 +3,7 @@
 use super::{forced_pages, SelectInput, Selection, SparseAlgorithm};
 use crate::ops::NONE;
 use crate::{CacheConfig, Error, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 /// Configuration of [`Streaming`].
 #[derive(Debug, Clone)]
@@ -29,6 +29,9 @@ pub struct Streaming {
     cfg: StreamingConfig,
     page_size: usize,
     kv_heads: usize,
+    /// `[1, 1, sink + window]` f32 on the cache device: each list position, and 1 where
+    /// it is past the sink (built at `init`, so that a step uploads nothing).
+    positions: Option<(Tensor, Tensor)>,
 }
 
 impl Streaming {
@@ -38,6 +41,7 @@ impl Streaming {
             cfg,
             page_size: 0,
             kv_heads: 0,
+            positions: None,
         }
     }
 }
@@ -56,28 +60,47 @@ impl SparseAlgorithm for Streaming {
         }
         self.page_size = cfg.page_size;
         self.kv_heads = cfg.num_kv_heads;
+        let (sink, window) = forced_pages(self.cfg.sink_tokens, self.cfg.window_tokens, self.page_size);
+        let k = sink + window;
+        let pos: Vec<f32> = (0..k).map(|j| j as f32).collect();
+        let past: Vec<f32> = (0..k).map(|j| (j >= sink) as u8 as f32).collect();
+        self.positions = Some((
+            Tensor::from_vec(pos, (1, 1, k), &cfg.device)?,
+            Tensor::from_vec(past, (1, 1, k), &cfg.device)?,
+        ));
         Ok(())
     }
 
+    /// The sink and window pages, computed on the device from the candidates (each row's
+    /// page count is its number of non-[`NONE`] candidates), so that padded decode steps
+    /// and CUDA graphs can run it.
+    fn device_only_decode(&self) -> bool {
+        true
+    }
+
+    /// `[B, Hkv, sink + window]` logical pages, ascending, padded with [`NONE`]: page `k`
+    /// of the list is `k` in the sink part and `n - (sink + window) + k` in the window
+    /// part once a row's `n` pages exceed the list (before that, `k` while `k < n`).
     fn select(&mut self, input: &SelectInput<'_>) -> Result<Selection> {
-        let (sink, window) = forced_pages(self.cfg.sink_tokens, self.cfg.window_tokens, self.page_size);
-        let k = sink + window;
-        let b = input.num_pages.len();
-        let mut sel = vec![NONE; b * self.kv_heads * k];
-        for (bi, &n) in input.num_pages.iter().enumerate() {
-            let pages: Vec<u32> = (0..n)
-                .filter(|&j| j < sink || j + window >= n)
-                .map(|j| j as u32)
-                .collect();
-            for h in 0..self.kv_heads {
-                let row = &mut sel[(bi * self.kv_heads + h) * k..][..k];
-                row[..pages.len()].copy_from_slice(&pages);
-            }
-        }
-        Ok(Selection::Pages(Tensor::from_vec(
-            sel,
-            (b, self.kv_heads, k),
-            input.q.device(),
-        )?))
+        let (pos, past_sink) = self
+            .positions
+            .as_ref()
+            .ok_or_else(|| Error::Config("streaming: used before init".into()))?;
+        let k = pos.dim(2)?;
+        let (b, hkv, n_max) = input.candidates.dims3()?;
+        let dev = input.candidates.device();
+        // Page counts and list positions in f32 (exact below 2^24 pages); every constant
+        // is a device fill or was uploaded at init.
+        let n = input
+            .candidates
+            .ne(&Tensor::full(NONE, (b, hkv, n_max), dev)?)?
+            .to_dtype(DType::F32)?
+            .sum_keepdim(2)?; // [B, Hkv, 1]
+                              // Past the sink, positions shift by max(n - k, 0).
+        let shift = n.affine(1.0, -(k as f64))?.relu()?.broadcast_mul(past_sink)?; // [B, Hkv, K]
+        let page = shift.broadcast_add(pos)?;
+        let valid = page.broadcast_lt(&n)?;
+        let none = Tensor::full(NONE, (b, hkv, k), dev)?;
+        Ok(Selection::Pages(valid.where_cond(&page.to_dtype(DType::U32)?, &none)?))
     }
 }

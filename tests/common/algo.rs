@@ -39,7 +39,13 @@ pub fn select_pages(
 ) -> Vec<Vec<Vec<u32>>> {
     let np: Vec<usize> = num_tokens.iter().map(|t| t.div_ceil(page)).collect();
     let nmax = np.iter().copied().max().unwrap_or(1);
-    let candidates = Tensor::zeros((seqs.len(), hkv, nmax), DType::U32, &Device::Cpu).unwrap();
+    // Each row's host slots (here its logical ids), NONE past its pages, as the cache
+    // hands them over.
+    let slots: Vec<u32> = np
+        .iter()
+        .flat_map(|&n| (0..hkv).flat_map(move |_| (0..nmax).map(move |j| if j < n { j as u32 } else { NONE })))
+        .collect();
+    let candidates = Tensor::from_vec(slots, (seqs.len(), hkv, nmax), &Device::Cpu).unwrap();
     let sel = algo
         .select(&SelectInput {
             layer: 0,
