@@ -536,6 +536,15 @@ fn run_batch(
     let mut row = Row::new(mode, algo, ctx, n, &done, &eng.metrics(), peak, bytes);
     if full_tokens > 0 {
         row.full_batch_tps = full_tokens as f64 / full_secs.max(1e-9);
+    } else if total > 1 {
+        // Requests decode about a token per mixed step while the others prefill.
+        let chunks = (eng.metrics().prefill_tokens as usize).div_ceil(c.max_prefill_tokens);
+        eprintln!(
+            "  note: no decode-only step carried all {total} requests, so there is no full-batch \
+             tok/s: the first requests finished while the last were still prefilling \
+             (~{chunks} prefill steps of --max-prefill-tokens {}); raise --new-tokens above that",
+            c.max_prefill_tokens
+        );
     }
     Ok((row, done))
 }
