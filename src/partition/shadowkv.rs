@@ -110,8 +110,9 @@ pub struct ShadowKv {
     dtype: DType,
     scale: f64,
     seqs: SeqStates<SeqState>,
-    /// `cos`, `sin` `[positions, D/2]` f32 RoPE tables on the cache device, for the rebuilt
-    /// keys (grown on demand; rows are gathered by position).
+    /// `cos`, `sin` `[positions, D/2]` f32 RoPE tables on the cache device, for the
+    /// compression and the rebuilt keys (grown on demand; rows are gathered by position;
+    /// [`rope_tables_upto`]).
     rope: Option<(Tensor, Tensor)>,
 }
 
@@ -258,34 +259,36 @@ impl ShadowKv {
         })
     }
 
-    /// The RoPE tables `[n, D/2]` f32 on `device` for positions `0..n`, `n >= upto`
-    /// (built once per device, grown by doubling).
-    fn rope_tables_upto(&mut self, upto: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let usable = |c: &Tensor| c.device().same_device(device);
-        if let Some((c, s)) = self
-            .rope
-            .as_ref()
-            .filter(|(c, _)| usable(c) && c.dim(0).is_ok_and(|n| n >= upto))
-        {
-            return Ok((c.clone(), s.clone()));
-        }
-        let have = match self.rope.as_ref() {
-            Some((c, _)) if usable(c) => c.dim(0).unwrap_or(0),
-            _ => 0,
-        };
-        let n = upto.max(2 * have).max(1024);
-        let positions: Vec<u32> = (0..n as u32).collect();
-        let t = rope_tables(&positions, self.head_dim, self.rope_theta, DType::F32, device)?;
-        self.rope = Some(t.clone());
-        Ok(t)
-    }
-
     /// First page that is always exact for a sequence of `num_tokens` tokens: the window
     /// and everything after the compressed chunks.
     fn exact_from(&self, comp: &Compressed, num_tokens: usize) -> usize {
         comp.chunks
             .min(num_tokens.saturating_sub(self.cfg.window_tokens) / self.page_size)
     }
+}
+
+/// The RoPE tables `cos`, `sin` `[n, D/2]` f32 on `device` for positions `0..n`,
+/// `n >= upto`, kept in `tables` (built once per device, grown by doubling).
+fn rope_tables_upto(
+    tables: &mut Option<(Tensor, Tensor)>,
+    upto: usize,
+    head_dim: usize,
+    theta: f64,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let usable = |c: &Tensor| c.device().same_device(device);
+    let have = match tables.as_ref() {
+        Some((c, _)) if usable(c) => c.dim(0)?,
+        _ => 0,
+    };
+    if let (Some(t), true) = (tables.as_ref(), have > 0 && have >= upto) {
+        return Ok(t.clone());
+    }
+    let n = upto.max(2 * have).max(1024);
+    let positions: Vec<u32> = (0..n as u32).collect();
+    let t = rope_tables(&positions, head_dim, theta, DType::F32, device)?;
+    *tables = Some(t.clone());
+    Ok(t)
 }
 
 impl SparseAlgorithm for ShadowKv {
@@ -369,18 +372,6 @@ impl SparseAlgorithm for ShadowKv {
         let per_head = self.cfg.sparse_budget_tokens / p;
         // Every sequence at its first decode step in this layer is compressed, in one batch,
         // with RoPE tables covering the longest of their prefills.
-        let (mut upto, mut device) = (0, None);
-        for (b, &seq) in input.seqs.iter().enumerate() {
-            let st = self.seqs.get(&(input.layer, seq)).ok_or(Error::UnknownSequence(seq))?;
-            if let (None, Some(k)) = (st.comp.as_ref(), st.prefill_k.as_ref()) {
-                upto = upto.max(input.num_tokens[b].saturating_sub(1) / p * p);
-                device = device.or(Some(k.device().clone()));
-            }
-        }
-        let rope = match device {
-            Some(dev) => Some(self.rope_tables_upto(upto, &dev)?),
-            None => None,
-        };
         let mut todo = Vec::new();
         for (b, &seq) in input.seqs.iter().enumerate() {
             let st = self.seqs.get(&(input.layer, seq)).ok_or(Error::UnknownSequence(seq))?;
@@ -388,6 +379,17 @@ impl SparseAlgorithm for ShadowKv {
                 todo.push((seq, st.prefill_k.as_ref(), input.num_tokens[b].saturating_sub(1) / p));
             }
         }
+        let upto = todo.iter().filter(|t| t.1.is_some()).map(|t| t.2 * p).max();
+        let rope = match (upto, todo.iter().find_map(|t| t.1)) {
+            (Some(upto), Some(k)) => Some(rope_tables_upto(
+                &mut self.rope,
+                upto,
+                self.head_dim,
+                self.rope_theta,
+                k.device(),
+            )?),
+            _ => None,
+        };
         let items: Vec<(Option<&Tensor>, usize)> = todo.iter().map(|&(_, k, c)| (k, c)).collect();
         let done = self.compress_batch(&items, rope.as_ref())?;
         let seqs: Vec<u64> = todo.iter().map(|t| t.0).collect();
@@ -442,19 +444,6 @@ impl SparseAlgorithm for ShadowKv {
 
     fn materialize(&mut self, input: &MaterializeInput<'_>) -> Result<Materialized> {
         let (p, d) = (self.page_size, self.head_dim);
-        // The RoPE tables cover every compressed position of the batch, on the factors'
-        // device.
-        let (mut upto, mut device) = (0, None);
-        for &seq in input.seqs {
-            if let Some(c) = self.seqs.get(&(input.layer, seq)).and_then(|s| s.comp.as_ref()) {
-                upto = upto.max(c.chunks * p);
-                device = device.or(c.left.as_ref().map(|l| l.device().clone()));
-            }
-        }
-        let Some(device) = device else {
-            return Ok(Materialized::FetchFromTiers);
-        };
-        let (cos_t, sin_t) = self.rope_tables_upto(upto, &device)?;
         let mut rebuilt = Vec::with_capacity(input.seqs.len());
         let mut pieces = Vec::new();
         for (b, &seq) in input.seqs.iter().enumerate() {
@@ -482,6 +471,8 @@ impl SparseAlgorithm for ShadowKv {
                     .flat_map(|&c| c * p as u32..(c + 1) * p as u32)
                     .collect();
                 if !rows.is_empty() {
+                    let (cos_t, sin_t) =
+                        rope_tables_upto(&mut self.rope, comp.chunks * p, d, self.rope_theta, left.device())?;
                     let n_all = rows.len();
                     let idx = Tensor::from_vec(rows, n_all, left.device())?;
                     let (cos, sin) = (cos_t.index_select(&idx, 0)?, sin_t.index_select(&idx, 0)?);

@@ -27,8 +27,6 @@ impl Default for StreamingConfig {
 #[derive(Debug, Clone)]
 pub struct Streaming {
     cfg: StreamingConfig,
-    page_size: usize,
-    kv_heads: usize,
     /// `[1, 1, sink + window]` f32 on the cache device: each list position, and 1 where
     /// it is past the sink (built at `init`, so that a step uploads nothing).
     positions: Option<(Tensor, Tensor)>,
@@ -37,12 +35,7 @@ pub struct Streaming {
 impl Streaming {
     /// A streaming selector.
     pub fn new(cfg: StreamingConfig) -> Self {
-        Self {
-            cfg,
-            page_size: 0,
-            kv_heads: 0,
-            positions: None,
-        }
+        Self { cfg, positions: None }
     }
 }
 
@@ -58,9 +51,7 @@ impl SparseAlgorithm for Streaming {
         if self.cfg.window_tokens == 0 {
             return Err(Error::Config("streaming: window_tokens must be >= 1".into()));
         }
-        self.page_size = cfg.page_size;
-        self.kv_heads = cfg.num_kv_heads;
-        let (sink, window) = forced_pages(self.cfg.sink_tokens, self.cfg.window_tokens, self.page_size);
+        let (sink, window) = forced_pages(self.cfg.sink_tokens, self.cfg.window_tokens, cfg.page_size);
         let k = sink + window;
         let pos: Vec<f32> = (0..k).map(|j| j as f32).collect();
         let past: Vec<f32> = (0..k).map(|j| (j >= sink) as u8 as f32).collect();
@@ -91,12 +82,13 @@ impl SparseAlgorithm for Streaming {
         let dev = input.candidates.device();
         // Page counts and list positions in f32 (exact below 2^24 pages); every constant
         // is a device fill or was uploaded at init.
+        // [B, Hkv, 1]
         let n = input
             .candidates
             .ne(&Tensor::full(NONE, (b, hkv, n_max), dev)?)?
             .to_dtype(DType::F32)?
-            .sum_keepdim(2)?; // [B, Hkv, 1]
-                              // Past the sink, positions shift by max(n - k, 0).
+            .sum_keepdim(2)?;
+        // Past the sink, positions shift by max(n - k, 0).
         let shift = n.affine(1.0, -(k as f64))?.relu()?.broadcast_mul(past_sink)?; // [B, Hkv, K]
         let page = shift.broadcast_add(pos)?;
         let valid = page.broadcast_lt(&n)?;
