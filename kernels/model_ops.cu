@@ -1,5 +1,6 @@
 // spinkv CUDA kernels: fused model ops of the decoder layers. add_rms_norm (the residual
-// add and the RMSNorm that follows it, one block per row), silu_mul (SwiGLU's
+// add and the RMSNorm that follows it, one block per row; add_rms_norm_vec with 16-byte
+// accesses), silu_mul (SwiGLU's
 // silu(gate) * up over a fused [T, 2I] projection) and rope_qkv (RoPE of q and k plus
 // contiguous copies of q, k, v), and rope_tables (RoPE tables from positions). Launch glue: src/ops/cuda/model_ops.rs. CPU references:
 // src/ops/model_ops.rs and src/ops/rope.rs (the same roundings, in the same order).
@@ -44,6 +45,66 @@ __device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ delt
   }
 }
 
+// The same op with 16-byte loads and stores (V = 16 / sizeof(T) elements per chunk;
+// cols % V == 0 and every pointer 16-byte aligned, checked by the launch glue): each
+// thread holds up to RN_CHUNKS chunks of its row in registers, so the row is read once
+// and every load of a thread is in flight together (the scalar loop above waits for one
+// load per element). Rows of at most RN_CHUNKS * blockDim.x * V elements.
+#define RN_CHUNKS 4
+template <typename T>
+__device__ void add_rms_norm_vec(const T* __restrict__ x, const T* __restrict__ delta, const T* __restrict__ alpha,
+                                 T* __restrict__ sum, T* __restrict__ norm, int cols, float eps) {
+  constexpr int V = 16 / sizeof(T);
+  const size_t row = blockIdx.x;
+  const int chunks = cols / V;
+  const uint4* xr = reinterpret_cast<const uint4*>(x + row * cols);
+  const uint4* dr = delta ? reinterpret_cast<const uint4*>(delta + row * cols) : nullptr;
+  T* tag = nullptr;
+  float s[RN_CHUNKS][V];
+  float sq = 0.f;
+#pragma unroll
+  for (int k = 0; k < RN_CHUNKS; ++k) {
+    const int c = threadIdx.x + k * blockDim.x;
+    if (c >= chunks) continue;
+    const uint4 xv = xr[c];
+    const uint4 dv = dr ? dr[c] : make_uint4(0, 0, 0, 0);
+    const T* xe = reinterpret_cast<const T*>(&xv);
+    const T* de = reinterpret_cast<const T*>(&dv);
+    uint4 sv;
+    T* se = reinterpret_cast<T*>(&sv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      float v = to_f32(xe[j]);
+      if (dr) v = round_to(v + to_f32(de[j]), tag);
+      s[k][j] = v;
+      sq += v * v;
+      store(se + j, v);
+    }
+    if (sum) reinterpret_cast<uint4*>(sum + row * cols)[c] = sv;
+  }
+  __shared__ float part[32];
+  for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
+  if (lane == 0) part[warp] = sq;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < warps; ++w) total += part[w];
+  const float scale = rsqrtf(total / (float)cols + eps);
+  const uint4* ar = reinterpret_cast<const uint4*>(alpha);
+#pragma unroll
+  for (int k = 0; k < RN_CHUNKS; ++k) {
+    const int c = threadIdx.x + k * blockDim.x;
+    if (c >= chunks) continue;
+    const uint4 av = ar[c];
+    const T* ae = reinterpret_cast<const T*>(&av);
+    uint4 nv;
+    T* ne = reinterpret_cast<T*>(&nv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) store(ne + j, s[k][j] * scale * to_f32(ae[j]));
+    reinterpret_cast<uint4*>(norm + row * cols)[c] = nv;
+  }
+}
+
 // out[t, i] = T(T(silu(gu[t, i])) * gu[t, inter + i]) for gu [rows, 2 * inter].
 template <typename T>
 __device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, int rows, int inter) {
@@ -57,7 +118,10 @@ __device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, int rows
   }
 }
 
-// One block per token t: rotate-half RoPE of q's and k's heads and a copy of v's, into
+// Blocks (t, y): token t's (head, i) pairs y·blockDim.x + threadIdx.x, strided by
+// blockDim.x·gridDim.y (the launch gives every pair a thread of its own, so a decode
+// step's few tokens do not wait on a loop of dependent loads): rotate-half RoPE of q's
+// and k's heads and a copy of v's, into
 // out = [q_rot [T, hq, d] | k_rot [T, hkv, d] | v [T, hkv, d]]. Inputs are strided
 // (row stride, head stride; the last dimension is dense). Products and sums are rounded
 // separately (no FMA contraction), as the CPU reference computes them.
@@ -68,7 +132,7 @@ __device__ void rope_qkv(const T* __restrict__ q, long long qs0, long long qs1, 
                          int hq, int hkv, int d) {
   const int t = blockIdx.x, half = d / 2, heads = hq + 2 * hkv;
   const size_t nq = (size_t)rows * hq * d, nk = (size_t)rows * hkv * d;
-  for (int w = threadIdx.x; w < heads * half; w += blockDim.x) {
+  for (int w = blockIdx.y * blockDim.x + threadIdx.x; w < heads * half; w += blockDim.x * gridDim.y) {
     const int h = w / half, i = w % half;
     const T* src;
     size_t dst;
@@ -116,6 +180,10 @@ __device__ void rope_tables(const u32* __restrict__ pos, T* __restrict__ out, in
   extern "C" __global__ void add_rms_norm_##SUFFIX(const T* x, const T* delta, const T* alpha, T* sum, \
                                                    T* norm, int cols, float eps) {                     \
     add_rms_norm<T>(x, delta, alpha, sum, norm, cols, eps);                                            \
+  }                                                                                                    \
+  extern "C" __global__ void add_rms_norm_vec_##SUFFIX(const T* x, const T* delta, const T* alpha, T* sum, \
+                                                       T* norm, int cols, float eps) {                     \
+    add_rms_norm_vec<T>(x, delta, alpha, sum, norm, cols, eps);                                            \
   }                                                                                                    \
   extern "C" __global__ void silu_mul_##SUFFIX(const T* gu, T* out, int rows, int inter) {            \
     silu_mul<T>(gu, out, rows, inter);                                                                 \

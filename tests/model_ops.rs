@@ -19,7 +19,18 @@ use common::{f32s, randn, rng, rope_f64};
 use spinkv::ops::{add_rms_norm, rms_norm, rope_qkv, rope_tables_into, silu_mul};
 use spinkv::rope::{apply_rope, rope_tables};
 
-const SHAPES: [(usize, usize); 6] = [(1, 1), (1, 576), (3, 64), (17, 577), (37, 1536), (2, 4100)];
+// 576, 64, 1536 and 4096 take the CUDA 16-byte path (4100 too in f32), 577 and 4100 the
+// scalar one; 40000 is past the 16-byte path's row length.
+const SHAPES: [(usize, usize); 8] = [
+    (1, 1),
+    (1, 576),
+    (3, 64),
+    (17, 577),
+    (37, 1536),
+    (2, 4100),
+    (7, 4096),
+    (2, 40000),
+];
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 fn tol(dt: DType) -> f64 {
@@ -286,6 +297,16 @@ fn cuda_model_ops_match_the_cpu_ops() {
             let want = |t: &Tensor| f32s(t).iter().map(|&v| v as f64).collect::<Vec<_>>();
             let e = row_err(&f32s(&gn), &want(&n), h);
             assert!(e <= tol(dt), "add_rms_norm {what}: {e}");
+            // The same rows from a misaligned start (the scalar path): the same bits.
+            let shifted = |v: &Tensor| {
+                let pad = Tensor::zeros(3, dt, &gpu).unwrap();
+                let flat = Tensor::cat(&[&pad, &v.flatten_all().unwrap()], 0).unwrap();
+                flat.narrow(0, 3, t * h).unwrap().reshape((t, h)).unwrap()
+            };
+            let (ms, mn) = add_rms_norm(&shifted(&gx), &shifted(&gd), &ga, 1e-5).unwrap();
+            assert_eq!(f32s(&ms), f32s(&s), "add_rms_norm sum {what}, misaligned: exact");
+            let e = row_err(&f32s(&mn), &want(&n), h);
+            assert!(e <= tol(dt), "add_rms_norm {what}, misaligned: {e}");
             let e = row_err(
                 &f32s(&rms_norm(&gx, &ga, 1e-5).unwrap()),
                 &want(&rms_norm(&x, &a, 1e-5).unwrap()),

@@ -59,8 +59,13 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: Norm,
     lm_head: Linear,
-    /// The output projection in f32, when the weights are f16/bf16 and f32 logits are on.
+    /// The output projection in f32, when the weights are f16/bf16 on the CPU and f32
+    /// logits are on.
     lm_head_f32: Option<Linear>,
+    /// f32 logits from the f16/bf16 projection itself ([`crate::ops::logits_f32`]: one
+    /// GEMM with f32 output, no f32 copy), when the weights are on CUDA and f32 logits
+    /// are on.
+    gemm_f32_logits: bool,
     dtype: DType,
     device: Device,
 }
@@ -133,6 +138,7 @@ impl Llama {
             norm,
             lm_head,
             lm_head_f32: None,
+            gemm_f32_logits: false,
             cfg,
             dtype,
             device,
@@ -141,13 +147,16 @@ impl Llama {
         Ok(model)
     }
 
-    /// Whether the output projection runs in f32 for f16/bf16 weights (default: on; no
-    /// effect for f32 weights). On keeps an f32 copy of the projection: vocab × hidden × 4
-    /// bytes (113 MB for SmolLM2-135M, 2.1 GB for a 128K-vocabulary 4096-wide model); off
-    /// frees it and computes logits in the weights' dtype, where near-equal logits can
-    /// round to a tie (see the module docs).
+    /// Whether logits are computed in f32 for f16/bf16 weights (default: on; no effect
+    /// for f32 weights). On CUDA the projection's products are accumulated and written in
+    /// f32 by one GEMM ([`crate::ops::logits_f32`]), with no extra memory. On the CPU, on
+    /// keeps an f32 copy of the projection (vocab × hidden × 4 bytes: 113 MB for
+    /// SmolLM2-135M). Off computes logits in the weights' dtype, where near-equal logits
+    /// can round to a tie (see the module docs).
     pub fn set_f32_logits(&mut self, on: bool) -> Result<()> {
-        self.lm_head_f32 = if on && self.dtype != DType::F32 {
+        let half = on && self.dtype != DType::F32;
+        self.gemm_f32_logits = half && self.device.is_cuda();
+        self.lm_head_f32 = if half && !self.gemm_f32_logits {
             Some(Linear::new(self.lm_head.weight().to_dtype(DType::F32)?, None))
         } else {
             None
@@ -157,7 +166,7 @@ impl Llama {
 
     /// Whether logits are computed in f32 (always for f32 weights).
     pub fn f32_logits(&self) -> bool {
-        self.dtype == DType::F32 || self.lm_head_f32.is_some()
+        self.dtype == DType::F32 || self.lm_head_f32.is_some() || self.gemm_f32_logits
     }
 
     /// The model's shape.
@@ -320,6 +329,9 @@ impl Llama {
 
     /// `[n, hidden]` normalized hidden states → `[n, vocab]` f32 logits.
     fn head(&self, x: &Tensor) -> Result<Tensor> {
+        if self.gemm_f32_logits {
+            return crate::ops::logits_f32(x, self.lm_head.weight());
+        }
         match &self.lm_head_f32 {
             Some(head) => Ok(head.forward(&x.to_dtype(DType::F32)?)?),
             None => Ok(self.lm_head.forward(x)?.to_dtype(DType::F32)?),

@@ -37,7 +37,7 @@ pub use attention::{sparse_paged_attention, AttentionPartial, PageList};
 pub use decode_plan::{expand_decode_plan, PlanWords};
 pub use graph::{cuda_device, profiler_range, StepGraph};
 pub use merge::merge_partials;
-pub use model_ops::{add_rms_norm, rms_norm, silu_mul};
+pub use model_ops::{add_rms_norm, logits_f32, rms_norm, silu_mul};
 pub use page_table::{page_slots, page_slots_grid};
 pub use prefill::{prefill_attention, prefill_attention_supported, PrefillChunk, PrefillTiles};
 pub use quest_q8::{dequantize_quest_q8, quest_q8_bounds, quest_q8_row_bytes};

@@ -1,8 +1,10 @@
 //! Fused ops of the decoder layers, one kernel each on CUDA (`kernels/model_ops.cu`)
 //! where candle takes two or three: [`add_rms_norm`] (the residual add and the RMSNorm
 //! after it), [`rms_norm`] (the norm alone) and [`silu_mul`] (SwiGLU's activation over a
-//! fused gate/up projection). `cpu_fwd` is the reference; the kernels round in the same
-//! places (the sum and SiLU's output to the storage dtype, as candle's separate ops do).
+//! fused gate/up projection), and [`logits_f32`] (the output projection of f16/bf16
+//! weights with f32 logits, one cuBLAS GEMM with f32 output on CUDA). `cpu_fwd` is the
+//! reference; the kernels round in the same places (the sum and SiLU's output to the
+//! storage dtype, as candle's separate ops do).
 
 use super::util::{float_storage as cpu_storage, float_values as cpu_f32};
 use crate::Result;
@@ -90,6 +92,64 @@ pub fn silu_mul(gu: &Tensor) -> Result<Tensor> {
         crate::invalid!(OP, "gu must be [T, 2I] with an even width, got {:?}", gu.dims());
     }
     Ok(gu.contiguous()?.apply_op1_no_bwd(&SiluMul)?.reshape((t, two_i / 2))?)
+}
+
+/// The output projection with f32 logits: `logits[t, v] = Σ_k x[t, k] · w[v, k]`, the
+/// products of the f16/bf16 (or f32) inputs accumulated in f32, with no f32 copy of `w`
+/// and no rounding of the logits to the weights' dtype (near-equal logits would tie).
+/// Shapes: `x` `[T, H]`, `w` `[V, H]` of one dtype (f32, f16 or bf16) and device;
+/// returns `[T, V]` f32.
+pub fn logits_f32(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    const OP: &str = "logits_f32";
+    let h = x.dims().get(1).copied().unwrap_or(0);
+    let v = if w.rank() == 2 { w.dims()[0] } else { 0 };
+    check(OP, x, &[("w", w, &[v, h])])?;
+    let t = x.dims()[0];
+    Ok(x.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &LogitsF32)?
+        .reshape((t, v))?)
+}
+
+/// `(x [T, H], w [V, H])` → `[T·V]` f32.
+struct LogitsF32;
+
+impl CustomOp2 for LogitsF32 {
+    fn name(&self) -> &'static str {
+        "logits_f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (t, h) = l.shape().dims2()?;
+        let v = wl.dims()[0];
+        let x = cpu_f32("logits_f32", s, l)?;
+        let w = cpu_f32("logits_f32", ws, wl)?;
+        let mut out = Vec::with_capacity(t * v);
+        for xr in x.chunks(h.max(1)).take(t) {
+            out.extend(
+                w.chunks(h.max(1))
+                    .take(v)
+                    .map(|wr| xr.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>()),
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from_dims(&[t * v])))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::model_ops::logits_f32(s, l, ws, wl)
+    }
 }
 
 /// Op1: `x` → `[T·H]` the norm. Op2: `(x, delta)` → `[2·T·H]` the sum, then the norm.

@@ -1,6 +1,7 @@
 //! Launch glue for `kernels/model_ops.cu`: [`add_rms_norm`](crate::ops::add_rms_norm),
 //! [`rms_norm`](crate::ops::rms_norm), [`silu_mul`](crate::ops::silu_mul) and
-//! [`rope_qkv`](crate::ops::rope_qkv) and [`rope_tables_into`](crate::ops::rope_tables_into) on CUDA.
+//! [`rope_qkv`](crate::ops::rope_qkv) and [`rope_tables_into`](crate::ops::rope_tables_into) on CUDA,
+//! and [`logits_f32`](crate::ops::logits_f32) as one cuBLAS `GemmEx` with f32 output.
 
 use super::{alloc, cfg, func, launch, ptr, strided_ptr, suffix, MODEL_OPS};
 use candle_core::backend::BackendStorage;
@@ -27,7 +28,7 @@ fn alloc_as(op: &str, dev: &CudaDevice, dt: DType, n: usize) -> Result<(CudaStor
 }
 
 /// `x` `[T, H]` (+ `delta` `[T, H]`) → flat `[T·H]` the norm, or `[2·T·H]` the sum then
-/// the norm (one block per row).
+/// the norm (one block per row; 16-byte accesses where the rows and pointers allow).
 pub(crate) fn add_rms_norm(
     x: &CudaStorage,
     xl: &Layout,
@@ -43,24 +44,24 @@ pub(crate) fn add_rms_norm(
     let dev = super::device(x).clone();
     let (out, op) = alloc_as(OP, &dev, dt, parts * n)?;
     if n > 0 {
-        let f = func(&dev, &MODEL_OPS, &format!("add_rms_norm_{}", suffix(OP, dt)?))?;
         let esz = dt.size_in_bytes() as u64;
         let (dp, sum, norm) = match delta {
             Some((d, dl)) => (ptr(OP, d, dl)?, op, op + n as u64 * esz),
             None => (0u64, 0u64, op),
         };
-        let threads = h.div_ceil(32).clamp(1, 8) as u32 * 32;
-        launch!(
-            f,
-            cfg(t as u32, threads, 0),
-            ptr(OP, x, xl)?,
-            dp,
-            super::field_ptr_of(OP, "alpha", alpha, dt)?,
-            sum,
-            norm,
-            h as i32,
-            eps
-        )?;
+        let (xp, ap) = (ptr(OP, x, xl)?, super::field_ptr_of(OP, "alpha", alpha, dt)?);
+        // 16-byte chunks when every row and pointer allows them and a row fits the vector
+        // kernel's registers (RN_CHUNKS = 4 chunks per thread, 1024 threads).
+        let per_chunk = 16 / esz as usize;
+        let chunks = h / per_chunk;
+        let aligned = [xp, dp, ap, sum, norm].iter().all(|p| p % 16 == 0);
+        let (name, threads) = if h % per_chunk == 0 && aligned && chunks <= 4 * 1024 {
+            ("add_rms_norm_vec", chunks.min(1024).div_ceil(32) as u32 * 32)
+        } else {
+            ("add_rms_norm", h.div_ceil(32).clamp(1, 8) as u32 * 32)
+        };
+        let f = func(&dev, &MODEL_OPS, &format!("{name}_{}", suffix(OP, dt)?))?;
+        launch!(f, cfg(t as u32, threads, 0), xp, dp, ap, sum, norm, h as i32, eps)?;
     }
     Ok((out, Shape::from_dims(&[parts * n])))
 }
@@ -108,9 +109,12 @@ pub(crate) fn rope_qkv(
         let ((qs0, qs1), (ks0, ks1), (vs0, vs1)) = (st(ql), st(kl), st(vl));
         let work = (hq + 2 * hkv) * d / 2;
         let threads = work.div_ceil(32).clamp(1, 8) as u32 * 32;
+        // A thread per (head, i) pair of each token: blocks (t, y).
+        let mut c = cfg(t as u32, threads, 0);
+        c.grid_dim.1 = work.div_ceil(threads as usize).clamp(1, 65_535) as u32;
         launch!(
             f,
-            cfg(t as u32, threads, 0),
+            c,
             strided_ptr(OP, q, ql)?,
             qs0,
             qs1,
@@ -155,4 +159,62 @@ pub(crate) fn rope_tables(t: &mut CudaStorage, tl: &Layout, p: &CudaStorage, pl:
         half as i32,
         theta
     )
+}
+
+/// `x` `[T, H]` and `w` `[V, H]` (one dtype) → flat `[T·V]` f32 `x · wᵀ`: cuBLAS `GemmEx`
+/// on the device's stream and handle (those candle's matmuls use, so graph capture sees
+/// it the same way), inputs in their dtype, f32 accumulation and output.
+pub(crate) fn logits_f32(x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
+    use cudarc::cublas::{result::gemm_ex, sys};
+    const OP: &str = "logits_f32";
+    let (t, h) = xl.shape().dims2()?;
+    let v = wl.dims()[0];
+    let dev = super::device(x).clone();
+    let (out, op) = alloc::<f32>(&dev, t * v)?;
+    let out = CudaStorage::wrap_cuda_slice(out, dev.clone());
+    if t * v == 0 {
+        return Ok((out, Shape::from_dims(&[t * v])));
+    }
+    let ty = match x.dtype() {
+        DType::F32 => sys::cudaDataType::CUDA_R_32F,
+        DType::F16 => sys::cudaDataType::CUDA_R_16F,
+        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+        dt => candle_core::bail!("{OP}: unsupported dtype {dt:?}"),
+    };
+    let to_i32 = |n: usize, what: &str| {
+        i32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{OP}: {what} = {n} exceeds cuBLAS's i32")))
+    };
+    let (m, n, k) = (to_i32(v, "vocab")?, to_i32(t, "rows")?, to_i32(h, "hidden")?);
+    let (xp, wp) = (ptr(OP, x, xl)?, ptr(OP, w, wl)?);
+    let (one, zero) = (1f32, 0f32);
+    let blas = dev.cublas_handle();
+    // Column-major: logitsᵀ [V, T] = (w as [H, V])ᵀ · (x as [H, T]).
+    // SAFETY: the pointers are live device buffers of the shapes above (w: V·H, x: T·H,
+    // out: T·V elements) on the handle's stream; alpha and beta are host f32 scalars, as
+    // the handle's default pointer mode expects.
+    unsafe {
+        gemm_ex(
+            *blas.handle(),
+            sys::cublasOperation_t::CUBLAS_OP_T,
+            sys::cublasOperation_t::CUBLAS_OP_N,
+            m,
+            n,
+            k,
+            &one as *const f32 as *const std::ffi::c_void,
+            wp as *const std::ffi::c_void,
+            ty,
+            k,
+            xp as *const std::ffi::c_void,
+            ty,
+            k,
+            &zero as *const f32 as *const std::ffi::c_void,
+            op as *mut std::ffi::c_void,
+            sys::cudaDataType::CUDA_R_32F,
+            m,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| candle_core::Error::Msg(format!("{OP}: cuBLAS GemmEx [{t}, {h}] x [{v}, {h}]ᵀ: {e:?}")))?;
+    Ok((out, Shape::from_dims(&[t * v])))
 }
