@@ -410,32 +410,52 @@ SPA_TIER_KERNEL(spa_tier_bf16_d64_g8, __nv_bfloat16, 64, false, 2)
 SPA_TIER_KERNEL(spa_tier_f16_d128_g8, __half, 128, false, 2)
 SPA_TIER_KERNEL(spa_tier_f16_d64_g8, __half, 64, false, 2)
 
-// Merges the splits of each (token, query head) row: one warp per row.
+// Merges the splits of each (token, query head) row: one block per row. The block
+// reduces the splits' maxima and weighted sums; then each thread owns output dims and
+// reads every split's partial with loads independent of one another (unrolled, so many
+// are in flight), where a warp per row waited for one split after the other.
+__device__ __forceinline__ float merge_block_reduce(float v, bool is_max, float* sh) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = __shfl_xor_sync(FULL_MASK, v, off);
+    v = is_max ? fmaxf(v, o) : v + o;
+  }
+  const int warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  __syncthreads();  // sh may still be read by the previous reduction
+  if ((threadIdx.x & 31) == 0) sh[warp] = v;
+  __syncthreads();
+  float r = is_max ? -INFINITY : 0.f;
+  for (int w = 0; w < warps; ++w) r = is_max ? fmaxf(r, sh[w]) : r + sh[w];
+  return r;
+}
+
 extern "C" __global__ void spa_merge(const float* __restrict__ part, float* __restrict__ out, int rows,
                                      int splits, int d, u64 lse_off) {
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
+  __shared__ float sh[32];
+  const int row = blockIdx.x;
   if (row >= rows) return;
-  const float* pr = part + (size_t)row * splits * (d + 2);
+  const size_t stride = (size_t)d + 2;
+  const float* pr = part + (size_t)row * splits * stride;
   float mm = -INFINITY;
-  for (int s = lane; s < splits; s += 32) mm = fmaxf(mm, pr[(size_t)s * (d + 2)]);
-  for (int off = 16; off > 0; off >>= 1) mm = fmaxf(mm, __shfl_xor_sync(FULL_MASK, mm, off));
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) mm = fmaxf(mm, pr[s * stride]);
+  mm = merge_block_reduce(mm, true, sh);
   float ll = 0.f;
-  for (int s = lane; s < splits; s += 32) {
-    const float ms = pr[(size_t)s * (d + 2)];
-    if (ms != -INFINITY) ll += pr[(size_t)s * (d + 2) + 1] * exp2f(ms - mm);
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    const float ms = pr[s * stride];
+    if (ms != -INFINITY) ll += pr[s * stride + 1] * exp2f(ms - mm);
   }
-  for (int off = 16; off > 0; off >>= 1) ll += __shfl_xor_sync(FULL_MASK, ll, off);
+  ll = merge_block_reduce(ll, false, sh);
   float* orow = out + (size_t)row * d;
-  for (int dim = lane; dim < d; dim += 32) {
+  for (int dim = threadIdx.x; dim < d; dim += blockDim.x) {
     float oo = 0.f;
+#pragma unroll 8
     for (int s = 0; s < splits; ++s) {
-      const float ms = pr[(size_t)s * (d + 2)];
-      if (ms != -INFINITY) oo += pr[(size_t)s * (d + 2) + 2 + dim] * exp2f(ms - mm);
+      const float ms = pr[s * stride];
+      const float os = pr[s * stride + 2 + dim];
+      oo += ms != -INFINITY ? os * exp2f(ms - mm) : 0.f;
     }
     orow[dim] = ll > 0.f ? oo / ll : 0.f;
   }
-  if (lane == 0) out[lse_off + row] = ll > 0.f ? (mm + log2f(ll)) * LN2_F : SPIN_EMPTY_LSE;
+  if (threadIdx.x == 0) out[lse_off + row] = ll > 0.f ? (mm + log2f(ll)) * LN2_F : SPIN_EMPTY_LSE;
 }
 
 // Generic path (any float dtype, D <= 512, any GQA ratio): one block of 4 warps per

@@ -311,10 +311,10 @@ impl MmaLaunch<'_> {
         }
         if let Some((part, partp)) = part {
             let merge = func(dev, &ATTENTION, "spa_merge")?;
-            let rows_per_block = 4usize;
+            // One block per row, a thread per output dim (at most 128 threads).
             launch!(
                 merge,
-                super::cfg(rows.div_ceil(rows_per_block) as u32, 32 * rows_per_block as u32, 0),
+                super::cfg(rows as u32, d.div_ceil(32).clamp(1, 4) as u32 * 32, 0),
                 partp,
                 outp,
                 rows as i32,
