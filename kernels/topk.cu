@@ -3,7 +3,8 @@
 // Launch glue: src/ops/cuda/topk.rs. CPU reference: src/ops/topk.rs.
 //
 // One block per row: an 8-bit radix select (up to 4 passes) finds the k-th largest key,
-// an ordered compaction takes every key above it plus the first ties by index, and the
+// an ordered compaction (a contiguous chunk of the row per thread, one scan of the tie
+// counts) takes every key above it plus the first ties by index, and the
 // (key, index) pairs are ordered in shared memory (rank counting for small selections,
 // else a bitonic sort). The row's
 // keys are staged in shared memory when they fit.
@@ -30,7 +31,6 @@ struct TopkShared {
   u32 remaining;
   u32 done;
   u32 count;
-  u32 eq_seen;
 };
 
 // Dynamic shared memory: TopkShared, then `sort_cap` u64 sort slots, then (if staged)
@@ -117,38 +117,48 @@ extern "C" __global__ void topk_rows(const float* __restrict__ scores, u32* __re
     __syncthreads();
   }
   // Ordered compaction: every valid key whose masked value is below `prefix`, plus the
-  // first `need_eq` (by index) whose masked value equals it.
+  // first `need_eq` (by index) whose masked value equals it. Each thread owns a
+  // contiguous chunk of the row, so one block-wide scan of the per-chunk tie counts
+  // orders the ties (where a pass per blockDim.x keys needed three barriers each).
   const u32 need_eq = sh.remaining;
   __syncthreads();
-  if (tid == 0) {
-    sh.count = 0;
-    sh.eq_seen = 0;
+  if (tid == 0) sh.count = 0;
+  const int per = (n + nt - 1) / nt;
+  const int lo = min(n, tid * per), hi = min(n, lo + per);
+  u32 my_eq = 0;
+  for (int i = lo; i < hi; ++i) {
+    const u32 key = key_at(i);
+    my_eq += key != TOPK_INVALID && (key & mask) == prefix;
+  }
+  u32 incl = my_eq;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const u32 y = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += y;
+  }
+  if (lane == 31) sh.warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const u32 own = lane < nwarps ? sh.warp_sums[lane] : 0u;
+    u32 wincl = own;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const u32 y = __shfl_up_sync(0xffffffffu, wincl, off);
+      if (lane >= off) wincl += y;
+    }
+    if (lane < nwarps) sh.warp_sums[lane] = wincl - own;  // exclusive
   }
   __syncthreads();
-  for (int base = 0; base < n; base += nt) {
-    const int i = base + tid;
-    const u32 key = i < n ? key_at(i) : TOPK_INVALID;
-    const bool valid = key != TOPK_INVALID;
-    const bool lt = valid && (key & mask) < prefix;
-    const bool eq = valid && (key & mask) == prefix;
-    const unsigned ball = __ballot_sync(0xffffffffu, eq);
-    if (lane == 0) sh.warp_sums[warp] = __popc(ball);
-    __syncthreads();
-    u32 before = sh.eq_seen;
-    for (int w = 0; w < warp; ++w) before += sh.warp_sums[w];
-    before += __popc(ball & ((1u << lane) - 1u));
-    if (lt || (eq && before < need_eq)) {
-      const u32 pos = atomicAdd(&sh.count, 1u);
-      buf[pos] = ((u64)key << 32) | (u32)i;
-    }
-    __syncthreads();
-    if (tid == 0) {
-      u32 tot = 0;
-      for (int w = 0; w < nwarps; ++w) tot += sh.warp_sums[w];
-      sh.eq_seen += tot;
-    }
-    __syncthreads();
+  u32 before = sh.warp_sums[warp] + incl - my_eq;
+  for (int i = lo; i < hi; ++i) {
+    const u32 key = key_at(i);
+    if (key == TOPK_INVALID) continue;
+    const u32 m = key & mask;
+    bool take = m < prefix;
+    if (m == prefix) take = before++ < need_eq;
+    if (take) buf[atomicAdd(&sh.count, 1u)] = ((u64)key << 32) | (u32)i;
   }
+  __syncthreads();
   const int sel = (int)sh.count;  // == min(k, valid)
   u32* orow = out + (size_t)blockIdx.x * k;
   for (int e = sel + tid; e < k; e += nt) orow[e] = SPIN_NONE;

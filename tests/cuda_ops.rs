@@ -259,7 +259,7 @@ fn quest_page_scores_match_cpu() {
 fn topk_matches_cpu_exactly() {
     let dev = gpu();
     let mut r = rng(14);
-    for &(rows, n) in &[(1, 1), (3, 7), (5, 100), (64, 2048), (2, 5000), (2, 70_000)] {
+    for &(rows, n) in &[(1, 1), (3, 7), (5, 100), (64, 2048), (2, 5000), (7, 8193), (2, 70_000)] {
         for &k in &[1usize, 5, 128, 300, n + 10] {
             let mut s = Vec::with_capacity(rows * n);
             for _ in 0..rows * n {

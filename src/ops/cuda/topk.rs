@@ -8,7 +8,7 @@ use candle_core::{CudaStorage, Layout, Result, Shape};
 
 const OP: &str = "topk_indices";
 /// Bytes of the kernel's `TopkShared` header, rounded up to 16.
-const HEADER: usize = ((256 + 32 + 5) * 4usize).div_ceil(16) * 16;
+const HEADER: usize = ((256 + 32 + 4) * 4usize).div_ceil(16) * 16;
 /// Most entries one row may select on the GPU (the sort buffer lives in shared memory).
 pub(crate) const MAX_SELECT: usize = 16384;
 
