@@ -132,7 +132,8 @@ struct Cli {
     no_graphs: bool,
     /// Profile this many decode-only steps, after the first four (past warm-up and
     /// capture): the CUDA profiler's collection is on only around them, for
-    /// `ncu --profile-from-start off`. 0: off.
+    /// `ncu --profile-from-start off`. The run prints how many requests each profiled
+    /// step carried (a step profiled while others prefill carries fewer). 0: off.
     #[arg(long, global = true, default_value_t = 0)]
     profile_steps: usize,
     /// Print the host time of the engine's steps broken down by part
@@ -484,6 +485,9 @@ fn run_batch(
     let (mut peak, mut last) = (device_memory_used(&dev), Instant::now());
     let total = handles.len();
     let (mut full_tokens, mut full_secs, mut decode_steps) = (0usize, 0f64, 0usize);
+    // Sequences each profiled step carried (a profile of fewer than `total` is not the
+    // batch the run names).
+    let mut profiled = Vec::new();
     while eng.has_work() {
         let profiling = c.profile_steps > 0 && (PROFILE_AFTER..PROFILE_AFTER + c.profile_steps).contains(&decode_steps);
         if profiling && decode_steps == PROFILE_AFTER {
@@ -496,6 +500,9 @@ fn run_batch(
         if r.prefill_tokens == 0 && r.decodes == total {
             full_tokens += r.sampled;
             full_secs += r.elapsed.as_secs_f64();
+        }
+        if profiling {
+            profiled.push(r.decodes);
         }
         if profiling && decode_steps == PROFILE_AFTER + c.profile_steps {
             spinkv::ops::profiler_range(&dev, false)?;
@@ -513,6 +520,18 @@ fn run_batch(
         bail!("{label}: request {:?} failed: {}", c.id, c.finish_reason);
     }
     eprintln!("  decode {:?}: {:?}", eng.decode_mode(), eng.metrics().decode);
+    if c.profile_steps > 0 {
+        eprintln!(
+            "  profiled {} step(s), carrying {profiled:?} of {total} requests{}",
+            profiled.len(),
+            if profiled.iter().any(|&d| d < total) {
+                " (fewer than the whole batch: some requests had finished or were still \
+                 prefilling; raise --new-tokens so that every request decodes together)"
+            } else {
+                ""
+            }
+        );
+    }
     print_tier_stats(&eng);
     if c.host_timing {
         eprintln!("  host time by part (µs total, spans, µs per span):");
