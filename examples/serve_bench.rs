@@ -20,8 +20,10 @@
 //!   every request of the run: the steady state at batch B, as the PyTorch anchor
 //!   measures it (the tail, where requests finish one by one, and the first step of each
 //!   padded shape, which warms up and captures its CUDA graph, are left out only when
-//!   they run with fewer requests). "output tok/s" counts every output token over all
-//!   busy time.
+//!   they run with fewer requests). "steady decode tok/s" (offline) also leaves out the
+//!   full-batch steps that warmed up or captured a CUDA graph (short runs at long
+//!   contexts have few steps, and a capture there costs as much as many of them).
+//!   "output tok/s" counts every output token over all busy time.
 //! * TTFT, TPOT, ITL: per request from its submission ([`spinkv::engine::Timings`]); in
 //!   offline mode all B requests are submitted at once, so TTFT includes the wait behind
 //!   the other prompts' prefill.
@@ -377,6 +379,8 @@ struct Row {
     /// Decode tokens/s of the decode-only steps that carried every request of the run
     /// (the steady state at batch B, what the PyTorch anchor measures); offline only.
     full_batch_tps: f64,
+    /// [`Self::full_batch_tps`] without the steps that warmed up or captured a graph.
+    steady_tps: f64,
     output_tps: f64,
     req_s: f64,
     lat: LatencySummary,
@@ -411,6 +415,7 @@ impl Row {
                 f64::NAN
             },
             full_batch_tps: f64::NAN,
+            steady_tps: f64::NAN,
             output_tps: m.output_tps(),
             req_s: done.len() as f64 / m.busy_secs.max(1e-9),
             lat: LatencySummary::of(done.iter().map(|c| &c.timings)),
@@ -420,7 +425,8 @@ impl Row {
     }
 
     const COLUMNS: &'static str =
-        "mode,algo,batch_or_requests,context,new_tokens,decode_tok_s,full_batch_decode_tok_s,output_tok_s,req_s,\
+        "mode,algo,batch_or_requests,context,new_tokens,decode_tok_s,full_batch_decode_tok_s,steady_decode_tok_s,\
+        output_tok_s,req_s,\
         ttft_p50_ms,ttft_p99_ms,tpot_p50_ms,tpot_p99_ms,itl_p50_ms,itl_p99_ms,mem_gb,mem_source,accuracy";
 
     /// The values of the [`Self::COLUMNS`] (empty where not measured).
@@ -441,7 +447,16 @@ impl Row {
             self.context.clone(),
         ];
         v.push(self.new_tokens.to_string());
-        v.extend([self.decode_tps, self.full_batch_tps, self.output_tps, self.req_s].map(f));
+        v.extend(
+            [
+                self.decode_tps,
+                self.full_batch_tps,
+                self.steady_tps,
+                self.output_tps,
+                self.req_s,
+            ]
+            .map(f),
+        );
         v.extend([l.ttft, l.tpot, l.itl].into_iter().flat_map(|p| [ms(p.p50), ms(p.p99)]));
         v.extend([format!("{:.3}", self.mem.0 as f64 / 1e9), self.mem.1.to_string()]);
         v.push(f(self.accuracy.unwrap_or(f64::NAN)));
@@ -485,6 +500,10 @@ fn run_batch(
     let (mut peak, mut last) = (device_memory_used(&dev), Instant::now());
     let total = handles.len();
     let (mut full_tokens, mut full_secs, mut decode_steps) = (0usize, 0f64, 0usize);
+    let (mut steady_tokens, mut steady_secs) = (0usize, 0f64);
+    // A padded step run eagerly is the warm-up of a capture, except where every padded
+    // step runs that way (`--decode padded`).
+    let padded_is_warmup = eng.decode_mode() != DecodeMode::Padded;
     // Sequences each profiled step carried (a profile of fewer than `total` is not the
     // batch the run names).
     let mut profiled = Vec::new();
@@ -493,13 +512,22 @@ fn run_batch(
         if profiling && decode_steps == PROFILE_AFTER {
             spinkv::ops::profiler_range(&dev, true)?;
         }
+        let before = eng.decode_counters();
         let r = eng.step()?;
+        let after = eng.decode_counters();
         if r.prefill_tokens == 0 && r.decodes > 0 {
             decode_steps += 1;
         }
         if r.prefill_tokens == 0 && r.decodes == total {
             full_tokens += r.sampled;
             full_secs += r.elapsed.as_secs_f64();
+            let warmup = after.captures > before.captures
+                || after.errors > before.errors
+                || (padded_is_warmup && after.padded_eager > before.padded_eager);
+            if !warmup {
+                steady_tokens += r.sampled;
+                steady_secs += r.elapsed.as_secs_f64();
+            }
         }
         if profiling {
             profiled.push(r.decodes);
@@ -555,6 +583,9 @@ fn run_batch(
     let mut row = Row::new(mode, algo, ctx, n, &done, &eng.metrics(), peak, bytes);
     if full_tokens > 0 {
         row.full_batch_tps = full_tokens as f64 / full_secs.max(1e-9);
+        if steady_tokens > 0 {
+            row.steady_tps = steady_tokens as f64 / steady_secs.max(1e-9);
+        }
     } else if total > 1 {
         // Requests decode about a token per mixed step while the others prefill.
         let chunks = (eng.metrics().prefill_tokens as usize).div_ceil(c.max_prefill_tokens);

@@ -157,6 +157,12 @@ impl Engine {
         self.decoder.mode()
     }
 
+    /// The decode path's counters so far (also in [`metrics`](Self::metrics), which
+    /// gathers the cache's too; this reads only these).
+    pub fn decode_counters(&self) -> super::DecodeCounters {
+        self.decoder.counters
+    }
+
     /// The last error of the padded decode path, if any (that step ran eagerly).
     pub fn last_decode_error(&self) -> Option<&str> {
         self.last_decode_error.as_deref()
