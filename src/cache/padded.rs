@@ -171,6 +171,7 @@ impl SpinCache {
             page_ids: Some(view(lay.page_ids, shape.pages)?),
             decode_rows: None,
             decode_entries: None,
+            memo: Default::default(),
             num_tokens,
             num_pages,
         };

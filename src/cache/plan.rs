@@ -36,6 +36,20 @@ pub(super) struct StepPlan {
     pub decode_rows: Option<Tensor>,
     /// `[D]` u32 entry indices of the decode entries, when the step mixes decode and prefill.
     pub decode_entries: Option<Tensor>,
+    /// Broadcasts every layer would otherwise copy again (made by the first that needs
+    /// them).
+    pub memo: PlanMemo,
+}
+
+/// Broadcasts of a step plan that the layers of a decode-only step share: one copy per
+/// step instead of one per layer.
+#[derive(Debug, Default)]
+pub(super) struct PlanMemo {
+    /// `[S, Hkv, Nmax]` u32: [`StepPlan::page_ids`] for every (entry, KV head), the
+    /// requests of a selection of every page.
+    pub all_pages: Option<Tensor>,
+    /// `[S, Hkv, K]` u32: [`StepPlan::owners`] for every request, with its `K`.
+    pub owners: Option<(usize, Tensor)>,
 }
 
 /// The host side of a step plan: `[L, R, Hkv]` destinations (R rows), `[L, S, Hkv]`
@@ -131,6 +145,7 @@ impl SpinCache {
             page_ids,
             decode_rows,
             decode_entries,
+            memo: PlanMemo::default(),
             decode,
             num_tokens,
             num_pages,

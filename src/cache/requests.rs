@@ -9,7 +9,12 @@ impl SpinCache {
     /// the algorithm returned a page selection (not `All`). A decode-only step whose
     /// selection is a tensor stays on the device ([`Requests::Device`]); otherwise the
     /// lists are built on the host.
-    pub(super) fn page_requests(&mut self, step: &StepState, layer: usize, q_rot: &Tensor) -> Result<(Requests, bool)> {
+    pub(super) fn page_requests(
+        &mut self,
+        step: &mut StepState,
+        layer: usize,
+        q_rot: &Tensor,
+    ) -> Result<(Requests, bool)> {
         let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
         let mut req: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); hkv]; step.entries.len()];
         // Prefill entries: every page holding earlier tokens (dense).
@@ -56,9 +61,16 @@ impl SpinCache {
                 // Every page: the logical ids 0..Nmax of each row; the device page tables
                 // give NONE past a row's pages, and NONE requests are skipped.
                 let (d, h, n) = candidates.dims3()?;
-                let all = match &plan.page_ids {
-                    Some(ids) => ids.reshape((1, 1, n))?.broadcast_as((d, h, n))?.contiguous()?,
-                    None => crate::invalid!("SparseKvCache::attend", "decode step without page ids (internal error)"),
+                let all = match (&step.plan.memo.all_pages, &step.plan.page_ids) {
+                    (Some(all), _) if all.dims() == [d, h, n] => all.clone(),
+                    (_, Some(ids)) => {
+                        let all = ids.reshape((1, 1, n))?.broadcast_as((d, h, n))?.contiguous()?;
+                        step.plan.memo.all_pages = Some(all.clone());
+                        all
+                    }
+                    (_, None) => {
+                        crate::invalid!("SparseKvCache::attend", "decode step without page ids (internal error)")
+                    }
                 };
                 // Their host slots are the candidates, looked up already.
                 return Ok((Requests::Device(all, Some(candidates)), false));
@@ -152,7 +164,14 @@ impl SpinCache {
                     .reshape((s, hkv, k))?
             }
         };
-        let owners = plan.owners.broadcast_as((s, hkv, k))?.contiguous()?;
+        let owners = match &step.plan.memo.owners {
+            Some((kk, o)) if *kk == k && o.dim(0)? == s => o.clone(),
+            _ => {
+                let o = plan.owners.broadcast_as((s, hkv, k))?.contiguous()?;
+                step.plan.memo.owners = Some((k, o.clone()));
+                o
+            }
+        };
         if step.padded.is_none() {
             // (A padded step's rounds all come from here: its attended pages are the
             // LRU's resolved requests, counted at `end_step` without a kernel per layer.)
