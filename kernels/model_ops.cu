@@ -181,8 +181,9 @@ __device__ void rope_tables(const u32* __restrict__ pos, T* __restrict__ out, in
                                                    T* norm, int cols, float eps) {                     \
     add_rms_norm<T>(x, delta, alpha, sum, norm, cols, eps);                                            \
   }                                                                                                    \
-  extern "C" __global__ void add_rms_norm_vec_##SUFFIX(const T* x, const T* delta, const T* alpha, T* sum, \
-                                                       T* norm, int cols, float eps) {                     \
+  extern "C" __global__ void __launch_bounds__(1024)                                                 \
+      add_rms_norm_vec_##SUFFIX(const T* x, const T* delta, const T* alpha, T* sum, T* norm, int cols,  \
+                                float eps) {                                                           \
     add_rms_norm_vec<T>(x, delta, alpha, sum, norm, cols, eps);                                            \
   }                                                                                                    \
   extern "C" __global__ void silu_mul_##SUFFIX(const T* gu, T* out, int rows, int inter) {            \

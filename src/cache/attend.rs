@@ -294,6 +294,13 @@ impl SpinCache {
                 (tiered, rebuilt)
             }
         };
+        // The last layer to attend drops the step's shared broadcasts, so that they are
+        // freed in the layer's own work: inside the graph when the step is captured (a
+        // capture's allocation kept past its end is what memcheck once flagged; see
+        // `engine::decode`).
+        if step.attended.iter().enumerate().all(|(l, &a)| a || l == layer) {
+            step.plan.memo = Default::default();
+        }
         let (tiered, fast_pages) = match tiered {
             Some((part, pages)) => (Some(part), Some(pages)),
             None => (None, None),
