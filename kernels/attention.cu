@@ -414,20 +414,6 @@ SPA_TIER_KERNEL(spa_tier_f16_d64_g8, __half, 64, false, 2)
 // reduces the splits' maxima and weighted sums; then each thread owns output dims and
 // reads every split's partial with loads independent of one another (unrolled, so many
 // are in flight), where a warp per row waited for one split after the other.
-__device__ __forceinline__ float merge_block_reduce(float v, bool is_max, float* sh) {
-  for (int off = 16; off > 0; off >>= 1) {
-    const float o = __shfl_xor_sync(FULL_MASK, v, off);
-    v = is_max ? fmaxf(v, o) : v + o;
-  }
-  const int warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  __syncthreads();  // sh may still be read by the previous reduction
-  if ((threadIdx.x & 31) == 0) sh[warp] = v;
-  __syncthreads();
-  float r = is_max ? -INFINITY : 0.f;
-  for (int w = 0; w < warps; ++w) r = is_max ? fmaxf(r, sh[w]) : r + sh[w];
-  return r;
-}
-
 extern "C" __global__ void spa_merge(const float* __restrict__ part, float* __restrict__ out, int rows,
                                      int splits, int d, u64 lse_off) {
   __shared__ float sh[32];
@@ -437,13 +423,13 @@ extern "C" __global__ void spa_merge(const float* __restrict__ part, float* __re
   const float* pr = part + (size_t)row * splits * stride;
   float mm = -INFINITY;
   for (int s = threadIdx.x; s < splits; s += blockDim.x) mm = fmaxf(mm, pr[s * stride]);
-  mm = merge_block_reduce(mm, true, sh);
+  mm = block_reduce(mm, true, sh);
   float ll = 0.f;
   for (int s = threadIdx.x; s < splits; s += blockDim.x) {
     const float ms = pr[s * stride];
     if (ms != -INFINITY) ll += pr[s * stride + 1] * exp2f(ms - mm);
   }
-  ll = merge_block_reduce(ll, false, sh);
+  ll = block_reduce(ll, false, sh);
   float* orow = out + (size_t)row * d;
   for (int dim = threadIdx.x; dim < d; dim += blockDim.x) {
     float oo = 0.f;

@@ -70,6 +70,23 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// The max (is_max) or sum of every thread's v over the block, returned to every thread.
+// blockDim.x is a multiple of 32, at most 1024; sh holds 32 floats of shared memory and
+// may be reused by the next call (the leading barrier waits for this call's readers).
+__device__ __forceinline__ float block_reduce(float v, bool is_max, float* sh) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = __shfl_xor_sync(FULL_MASK, v, off);
+    v = is_max ? fmaxf(v, o) : v + o;
+  }
+  const int warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) sh[warp] = v;
+  __syncthreads();
+  float r = is_max ? -INFINITY : 0.f;
+  for (int w = 0; w < warps; ++w) r = is_max ? fmaxf(r, sh[w]) : r + sh[w];
+  return r;
+}
+
 // Tensor-core mma.sync m16n8k16 with f32 accumulation for the 16-bit storage types, and
 // packing of two f32 into one A/B register (low half = lower index).
 template <typename T>

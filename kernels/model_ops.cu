@@ -13,20 +13,6 @@ __device__ __forceinline__ void store(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 
-// The sum of every thread's v over the block (blockDim.x a multiple of 32, at most
-// 1024), returned to every thread. One call per kernel (its shared memory is not
-// guarded for reuse).
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float part[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
-  if (lane == 0) part[warp] = v;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < warps; ++w) total += part[w];
-  return total;
-}
-
 // One block per row of x [rows, cols]: s = x + delta rounded to T (s = x when delta is
 // null), written to sum (when not null); norm = T(s * rsqrt(mean(s^2) + eps) * alpha).
 // Two passes over the row (the second re-reads x and delta, from cache).
@@ -44,7 +30,8 @@ __device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ delt
     if (sum) store(sum + row * cols + c, s);
     sq += s * s;
   }
-  const float scale = rsqrtf(block_sum(sq) / (float)cols + eps);
+  __shared__ float part[32];
+  const float scale = rsqrtf(block_reduce(sq, false, part) / (float)cols + eps);
   for (int c = threadIdx.x; c < cols; c += blockDim.x) {
     float s = to_f32(xr[c]);
     if (dr) s = round_to(s + to_f32(dr[c]), tag);
@@ -89,7 +76,8 @@ __device__ void add_rms_norm_vec(const T* __restrict__ x, const T* __restrict__ 
     }
     if (sum) reinterpret_cast<uint4*>(sum + row * cols)[c] = sv;
   }
-  const float scale = rsqrtf(block_sum(sq) / (float)cols + eps);
+  __shared__ float part[32];
+  const float scale = rsqrtf(block_reduce(sq, false, part) / (float)cols + eps);
   const uint4* ar = reinterpret_cast<const uint4*>(alpha);
 #pragma unroll
   for (int k = 0; k < RN_CHUNKS; ++k) {

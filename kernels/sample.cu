@@ -48,26 +48,6 @@ struct SampleShared {
   float rest;
 };
 
-__device__ float block_sum(float v, SampleShared& sh) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) sh.red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float t = 0.f;
-  for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += sh.red[w];
-  return t;
-}
-
-__device__ float block_max(float v, SampleShared& sh) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) sh.red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float t = -INFINITY;
-  for (int w = 0; w < (int)(blockDim.x >> 5); w++) t = fmaxf(t, sh.red[w]);
-  return t;
-}
-
 __device__ Best block_best(Best b, SampleShared& sh) {
   for (int o = 16; o > 0; o >>= 1) {
     Best other{__shfl_xor_sync(0xffffffffu, b.score, o), __shfl_xor_sync(0xffffffffu, b.index, o)};
@@ -160,7 +140,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     const float z = l[i] * inv_t;
     if (!isnan(z)) mx = fmaxf(mx, z);
   }
-  mx = block_max(mx, sh);
+  mx = block_reduce(mx, true, sh.red);
   u32 floor = 0;
   if (top_k > 0 && top_k < (u32)v) floor = radix_select(l, v, inv_t, false, mx, 0, (float)top_k, sh);
   if (top_p < 1.f) {
@@ -169,7 +149,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
       const float z = l[i] * inv_t;
       if (!isnan(z) && order_key(z) >= floor) s += expf(z - mx);
     }
-    s = block_sum(s, sh);
+    s = block_reduce(s, false, sh.red);
     const u32 cut = radix_select(l, v, inv_t, true, mx, floor, top_p * s, sh);
     floor = max(floor, cut);
   }

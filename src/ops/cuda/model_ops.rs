@@ -170,8 +170,7 @@ pub(crate) fn logits_f32(x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Lay
     let (t, h) = xl.shape().dims2()?;
     let v = wl.dims()[0];
     let dev = super::device(x).clone();
-    let (out, op) = alloc::<f32>(&dev, t * v)?;
-    let out = CudaStorage::wrap_cuda_slice(out, dev.clone());
+    let (out, op) = alloc_as(OP, &dev, DType::F32, t * v)?;
     if t * v == 0 {
         return Ok((out, Shape::from_dims(&[t * v])));
     }
