@@ -33,6 +33,7 @@ const KERNELS: &[&str] = &[
     "model_ops",
     "sample",
     "prefill",
+    "infllm",
 ];
 /// Headers every kernel includes.
 const HEADERS: &[&str] = &["kernels/common.cuh"];

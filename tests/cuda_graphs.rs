@@ -22,13 +22,16 @@
 //!
 //! `SPINKV_GRAPH_TEST_QUICK=1` runs B = 3 only, dense direct and Quest over the LRU in
 //! f32 and with the fused kernel in bf16 (for `compute-sanitizer`); `SPINKV_GRAPH_TEST_GREEDY=1` makes every request greedy.
+//! `SPINKV_GRAPH_TEST_ALGOS=infllm,quest` runs only those algorithms' cases of `graphs_give_the_eager_tokens`.
 #![cfg(feature = "cuda")]
 
 use candle_core::DType;
 use spinkv::engine::{DecodeMode, Engine, EngineConfig, Request, SamplingParams};
 use spinkv::models::random::{random_llama, shape_config};
 use spinkv::models::Llama;
-use spinkv::partition::{BoundsFormat, Dense, Quest, QuestConfig, SparseAlgorithm, Streaming, StreamingConfig};
+use spinkv::partition::{
+    BoundsFormat, Dense, InfLlm, InfLlmConfig, Quest, QuestConfig, SparseAlgorithm, Streaming, StreamingConfig,
+};
 use spinkv::{FetchMode, SpinCache};
 
 const NEW: usize = 64;
@@ -41,6 +44,18 @@ fn algo(name: &str) -> Box<dyn SparseAlgorithm> {
             sink_tokens: 64,
             window_tokens: 192,
         })),
+        // A window of 64 and blocks of 32: prompts of 300+ tokens finalize blocks, and the
+        // decode steps finalize more inside the graphs.
+        "infllm" => Box::new(
+            InfLlm::new(InfLlmConfig {
+                block_tokens: 32,
+                sink_tokens: 16,
+                window_tokens: 64,
+                topk_blocks: 3,
+                repr_topk: 4,
+            })
+            .unwrap(),
+        ),
         "quest-q8" => Box::new(Quest::new(QuestConfig {
             budget_tokens: 256,
             bounds: BoundsFormat::Int8,
@@ -133,20 +148,25 @@ fn graphs_give_the_eager_tokens() {
     // misses and spills. SPINKV_GRAPH_TEST_QUICK=1 (for compute-sanitizer): B = 3 only.
     let quick = std::env::var("SPINKV_GRAPH_TEST_QUICK").is_ok_and(|v| v == "1");
     let (cases, batches): (&[(&str, f64)], &[usize]) = if quick {
-        (&[("dense", 1.0), ("quest", 0.5)], &[3])
+        (&[("dense", 1.0), ("quest", 0.5), ("infllm", 0.5)], &[3])
     } else {
         (
             &[
                 ("dense", 1.0),
                 ("quest", 1.0),
                 ("streaming", 1.0),
+                ("infllm", 1.0),
                 ("dense", 0.5),
+                ("infllm", 0.5),
                 ("quest", 0.5),
             ],
             &[1, 3, 17],
         )
     };
-    for &(name, fraction) in cases {
+    // SPINKV_GRAPH_TEST_ALGOS=a,b runs only those algorithms' cases.
+    let only = std::env::var("SPINKV_GRAPH_TEST_ALGOS").ok();
+    let wanted = |name: &str| only.as_deref().is_none_or(|l| l.split(',').any(|a| a == name));
+    for &(name, fraction) in cases.iter().filter(|c| wanted(c.0)) {
         // Dense over the LRU fetches its misses on a side stream (two streams inside
         // the graph); Quest asks for the fused kernel, which f32 runs in order.
         let fetch = if name == "dense" {

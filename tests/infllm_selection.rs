@@ -12,7 +12,7 @@
 mod common;
 
 use candle_core::Tensor;
-use common::algo::{index_runs, select_pages};
+use common::algo::{index_runs, run, select_pages};
 use common::*;
 use spinkv::partition::{InfLlm, InfLlmConfig, SparseAlgorithm, TokenRun};
 use spinkv::CacheConfig;
@@ -94,19 +94,14 @@ fn selected(s: &Shape, q: &Tensor, k: &Tensor, chunks: &[usize]) -> Vec<Vec<u32>
     let (hkv, g, d) = (s.hkv, s.g, s.d);
     let mut cc = CacheConfig::new(1, hkv * g, hkv, d);
     cc.page_size = s.page;
+    cc.host_pages = 16 * hkv * common::algo::PAGES_PER_ROW;
     let mut inf = InfLlm::new(s.cfg.clone()).unwrap();
     inf.init(&cc).unwrap();
     let len: usize = chunks.iter().sum();
     let mut start = 0;
     for &n in chunks.iter().chain(std::iter::once(&1)) {
         let rows = |x: &Tensor| x.narrow(0, start, n).unwrap().contiguous().unwrap();
-        let run = TokenRun {
-            seq: 7,
-            start,
-            n,
-            row: 0,
-        };
-        index_runs(&mut inf, &[run], &rows(q), &rows(k));
+        index_runs(&mut inf, &[run(7, start, n, 0)], &rows(q), &rows(k), s.page);
         start += n;
     }
     let qd = q.narrow(0, len, 1).unwrap().contiguous().unwrap();
@@ -203,6 +198,7 @@ fn batched_sequences_match_the_reference_each() {
     let ks: Vec<Tensor> = lens.iter().map(|&l| randn(&mut r, &[l + 1, hkv, d], 1.0)).collect();
     let mut cc = CacheConfig::new(1, hkv * g, hkv, d);
     cc.page_size = s.page;
+    cc.host_pages = 16 * hkv * common::algo::PAGES_PER_ROW;
     let mut inf = InfLlm::new(s.cfg.clone()).unwrap();
     inf.init(&cc).unwrap();
     let seqs: Vec<u64> = vec![4, 9, 2];
@@ -223,12 +219,12 @@ fn batched_sequences_match_the_reference_each() {
             .zip(&lens)
             .map(|(&seq, &l)| {
                 let (start, n) = span(l);
-                let run = TokenRun { seq, start, n, row };
+                let r = run(seq, start, n, row);
                 row += n;
-                run
+                r
             })
             .collect();
-        index_runs(&mut inf, &runs, &cat(&qs), &cat(&ks));
+        index_runs(&mut inf, &runs, &cat(&qs), &cat(&ks), s.page);
     }
     let nt: Vec<usize> = lens.iter().map(|&l| l + 1).collect();
     let qd: Vec<Tensor> = qs.iter().zip(&lens).map(|(x, &l)| x.narrow(0, l, 1).unwrap()).collect();

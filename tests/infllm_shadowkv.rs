@@ -423,14 +423,17 @@ fn index_errors_keep_the_state() {
             let [_, k, v] = &batches[i];
             let n = k.dims()[0];
             let dst = Tensor::zeros((n, hkv), DType::U32, &candle_core::Device::Cpu).unwrap();
+            let runs = [TokenRun {
+                seq: 7,
+                start,
+                n,
+                row: 0,
+                owner: 7,
+            }];
             a.index(&IndexInput {
                 layer: 0,
-                runs: &[TokenRun {
-                    seq: 7,
-                    start,
-                    n,
-                    row: 0,
-                }],
+                runs: &runs,
+                runs_table: &TokenRun::table(&runs, &candle_core::Device::Cpu).unwrap(),
                 q,
                 k,
                 k_pre_rope: k,
@@ -451,14 +454,17 @@ fn index_errors_keep_the_state() {
                 let empty = Tensor::zeros((0, hkv, d), DType::F32, &candle_core::Device::Cpu).unwrap();
                 let q0 = Tensor::zeros((0, hq, d), DType::F32, &candle_core::Device::Cpu).unwrap();
                 let dst = Tensor::zeros((1, hkv), DType::U32, &candle_core::Device::Cpu).unwrap();
+                let runs = [TokenRun {
+                    seq: 7,
+                    start: [0, 300, 301][i],
+                    n: 1,
+                    row: 0,
+                    owner: 7,
+                }];
                 let r = failed.index(&IndexInput {
                     layer: 0,
-                    runs: &[TokenRun {
-                        seq: 7,
-                        start: [0, 300, 301][i],
-                        n: 1,
-                        row: 0,
-                    }],
+                    runs: &runs,
+                    runs_table: &TokenRun::table(&runs, &candle_core::Device::Cpu).unwrap(),
                     q: &q0,
                     k,
                     k_pre_rope: &empty,
@@ -476,11 +482,13 @@ fn index_errors_keep_the_state() {
         let np = 302usize.div_ceil(c.page_size);
         let cand: Vec<u32> = (0..hkv).flat_map(|_| 0..np as u32).collect();
         let cand = Tensor::from_vec(cand, (1, hkv, np), &candle_core::Device::Cpu).unwrap();
+        let rows = Tensor::from_vec(vec![7u32, 301, 1, 0], (1, 4), &candle_core::Device::Cpu).unwrap();
         let sel = |a: &mut dyn SparseAlgorithm| match a
             .select(&spinkv::partition::SelectInput {
                 layer: 0,
                 seqs: &[7],
                 q: &q,
+                rows: &rows,
                 candidates: &cand,
                 num_pages: &[np],
                 num_tokens: &[302],

@@ -13,7 +13,10 @@ mod common;
 
 use common::harness::{padded_step, random_step};
 use common::{max_abs_diff, rng};
-use spinkv::partition::{Dense, InfLlm, InfLlmConfig, Quest, QuestConfig, SparseAlgorithm, Streaming, StreamingConfig};
+use spinkv::partition::{
+    Dense, InfLlm, InfLlmConfig, Quest, QuestConfig, ShadowKv, ShadowKvConfig, SparseAlgorithm, Streaming,
+    StreamingConfig,
+};
 use spinkv::{CacheConfig, Error, PaddedShape, SeqId, SparseKvCache, SpinCache, StepInput};
 
 fn cfg() -> CacheConfig {
@@ -31,6 +34,18 @@ fn algo(name: &str) -> Box<dyn SparseAlgorithm> {
             sink_tokens: 8,
             window_tokens: 20,
         })),
+        // Blocks of 2 pages, a window of 16: the prompts finalize blocks, and so do the
+        // decode steps.
+        "infllm" => Box::new(
+            InfLlm::new(InfLlmConfig {
+                block_tokens: 16,
+                sink_tokens: 8,
+                window_tokens: 16,
+                topk_blocks: 2,
+                repr_topk: 3,
+            })
+            .unwrap(),
+        ),
         _ => Box::new(Quest::new(QuestConfig {
             budget_tokens: 32,
             sink_tokens: 8,
@@ -66,7 +81,7 @@ fn add_both(caches: &mut [SpinCache; 2], seqs: &mut [Vec<SeqId>; 2], len: usize)
 
 #[test]
 fn padded_decode_equals_ordinary_decode() {
-    for name in ["dense", "quest", "streaming"] {
+    for name in ["dense", "quest", "streaming", "infllm"] {
         let mut caches = twins(name);
         let mut seqs = [Vec::new(), Vec::new()];
         for &len in &[37usize, 9, 70] {
@@ -172,8 +187,16 @@ fn padded_misuse_and_bad_input_are_clear_errors() {
     c.abort_step().unwrap();
     c.verify_accounting().unwrap();
     assert_eq!((c.sequence_len(s).unwrap(), c.sequence_len(s2).unwrap()), (21, 8));
-    // An algorithm whose selection needs the host has no padded steps.
-    let mut inf = SpinCache::new_boxed(cfg(), Box::new(InfLlm::new(InfLlmConfig::default()).unwrap())).unwrap();
+    // An algorithm whose selection needs the host (ShadowKV rebuilds keys there) has no
+    // padded steps.
+    let shadow = ShadowKv::new(ShadowKvConfig {
+        rank: 16,
+        sparse_budget_tokens: 64,
+        outlier_chunks: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut inf = SpinCache::new_boxed(cfg(), Box::new(shadow)).unwrap();
     let t = inf.add_sequence().unwrap();
     random_step(&mut inf, &[StepInput { seq: t, new_tokens: 9 }], &mut rng(3));
     assert!(inf.padded_shape(&decode_inputs(&[t])).is_none());
@@ -190,7 +213,7 @@ fn padded_misuse_and_bad_input_are_clear_errors() {
 fn a_padded_step_that_fails_on_any_device_call_aborts_cleanly() {
     use common::harness::try_padded_step;
     use spinkv::fault;
-    for name in ["dense", "quest", "streaming"] {
+    for name in ["dense", "quest", "streaming", "infllm"] {
         let mut caches = twins(name);
         let mut seqs = [Vec::new(), Vec::new()];
         for &len in &[29usize, 8, 61] {

@@ -14,9 +14,9 @@
 mod common;
 
 use candle_core::{DType, Tensor};
-use common::algo::{index_runs, select_pages};
+use common::algo::{index_runs, run, select_pages};
 use common::*;
-use spinkv::partition::{ShadowKv, ShadowKvConfig, SparseAlgorithm, TokenRun};
+use spinkv::partition::{ShadowKv, ShadowKvConfig, SparseAlgorithm};
 use spinkv::CacheConfig;
 
 const THETA: f64 = 10_000.0;
@@ -139,15 +139,10 @@ fn selected(
     let steps = chunks.iter().copied().chain(std::iter::repeat_n(1, decodes));
     for (i, n) in steps.enumerate() {
         let rows = |x: &Tensor| x.narrow(0, start, n).unwrap().contiguous().unwrap();
-        let run = TokenRun {
-            seq: 3,
-            start,
-            n,
-            row: 0,
-        };
+        let run = run(3, start, n, 0);
         // The keys are given as pre-RoPE keys; ShadowKV reads only those.
         let (qc, kc) = (rows(q), rows(k));
-        index_runs(&mut sk, &[run], &qc, &kc);
+        index_runs(&mut sk, &[run], &qc, &kc, p);
         start += n;
         if i >= chunks.len() {
             sels.push(select_pages(&mut sk, &[3], &qc, &[start], p, hkv).remove(0));

@@ -221,16 +221,19 @@ impl SpinCache {
         let runs: Vec<TokenRun> = step
             .entries
             .iter()
-            .map(|e| TokenRun {
+            .zip(&step.plan.owner_ids)
+            .map(|(e, &owner)| TokenRun {
                 seq: e.seq,
                 start: e.start,
                 n: e.n,
                 row: e.row,
+                owner,
             })
             .collect();
         self.algo.index(&IndexInput {
             layer,
             runs: &runs,
+            runs_table: &step.plan.runs,
             q: &q_rot,
             k: &k_rot,
             k_pre_rope: k,

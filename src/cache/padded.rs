@@ -1,5 +1,5 @@
 //! Padded decode steps: decode-only steps of a fixed [`PaddedShape`] whose device inputs
-//! live in buffers kept per shape and written in place (one upload of six words per row;
+//! live in buffers kept per shape and written in place (one upload of ten words per row;
 //! the per-layer destinations, table rows and RoPE tables are computed from them on the
 //! device), so that two steps of one shape run the same device
 //! work on the same addresses. That is the form a CUDA graph of the whole model's decode
@@ -142,6 +142,8 @@ impl SpinCache {
             words[lay.row0 + ei] = row0;
             words[lay.owners + ei] = owner;
             owner_ids[ei] = owner;
+            let run = [owner, entries[ei].start as u32, 1, ei as u32];
+            words[lay.runs + 4 * ei..][..4].copy_from_slice(&run);
         }
         let span = crate::host_timing::span("padded.begin.write");
         let written = self.write_padded(shape, &lay, &words);
@@ -168,6 +170,7 @@ impl SpinCache {
             table_rows: view(lay.table_rows, plane)?.reshape((layers, b, hkv, 1))?,
             owners: view(lay.owners, b)?.reshape((b, 1, 1))?,
             owner_ids,
+            runs: view(lay.runs, 4 * b)?.reshape((b, 4))?,
             page_ids: Some(view(lay.page_ids, shape.pages)?),
             decode_rows: None,
             decode_entries: None,

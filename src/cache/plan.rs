@@ -30,6 +30,9 @@ pub(super) struct StepPlan {
     pub owners: Tensor,
     /// The same owner indices on the host (for requests built from host lists).
     pub owner_ids: Vec<u32>,
+    /// `[S, 4]` u32 runs table `(owner, start, n, row)` of the entries
+    /// ([`TokenRun::table`]; padding entries have `n = 0`).
+    pub runs: Tensor,
     /// `[Nmax]` u32 logical pages `0..Nmax`, Nmax = the largest `num_pages` (decode only).
     pub page_ids: Option<Tensor>,
     /// `[D]` u32 query rows of the decode entries, when the step mixes decode and prefill.
@@ -134,7 +137,19 @@ impl SpinCache {
                 Some(Tensor::from_vec(e, decode.len(), dev)?),
             )
         };
+        let runs: Vec<TokenRun> = entries
+            .iter()
+            .zip(&v.owners)
+            .map(|(e, &owner)| TokenRun {
+                seq: e.seq,
+                start: e.start,
+                n: e.n,
+                row: e.row,
+                owner,
+            })
+            .collect();
         Ok(StepPlan {
+            runs: TokenRun::table(&runs, dev)?,
             dst: Tensor::from_vec(v.dst, shape, dev)?,
             dst_slots: Tensor::from_vec(v.slots, shape, dev)?,
             dst_rows: Tensor::from_vec(v.rows, shape, dev)?,

@@ -40,10 +40,15 @@ impl SpinCache {
             .iter()
             .map(|&ei| step.entries.get(ei).map_or(u64::MAX, |e| e.seq))
             .collect();
+        let rows = match &plan.decode_entries {
+            Some(idx) => plan.runs.index_select(idx, 0)?,
+            None => plan.runs.clone(),
+        };
         let input = SelectInput {
             layer,
             seqs: &seqs,
             q: &q_dec,
+            rows: &rows,
             candidates: &candidates,
             num_pages,
             num_tokens,

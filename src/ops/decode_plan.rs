@@ -15,7 +15,7 @@ const OP: &str = "expand_decode_plan";
 /// Offsets (in u32 words) of the inputs of a padded decode step of `b` rows, `layers`
 /// layers and `hkv` KV heads in one buffer. The host writes the first
 /// [`host_words`](Self::host_words) every step (`queries`, `kv_limit`, `row0`, `owners`,
-/// `positions`);
+/// `positions`, `runs`);
 /// [`expand_decode_plan`] computes `dst`, `dst_slots`, `dst_rows` and `table_rows`; `none`
 /// and `page_ids` are constants written once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,9 @@ pub struct PlanWords {
     /// `[b]` position of each row's token (0 for padding rows; RoPE tables are built
     /// from it).
     pub positions: usize,
+    /// `[b, 4]` runs table `(owner, position, n, row)` of the rows (`n` = 1, or 0 for
+    /// padding rows), the form algorithms' device ops read.
+    pub runs: usize,
     /// `[L, b, Hkv]` host destination `slot · P + row` of each new token.
     pub dst: usize,
     /// `[L, b, Hkv]` host slot of each destination.
@@ -57,7 +60,7 @@ impl PlanWords {
     /// The layout for `b` rows, `layers` layers, `hkv` KV heads and `pages` logical pages.
     pub fn new(b: usize, layers: usize, hkv: usize, pages: usize) -> Self {
         let plane = layers * b * hkv;
-        let dst = 6 * b;
+        let dst = 10 * b;
         let none = dst + 4 * plane;
         Self {
             b,
@@ -68,6 +71,7 @@ impl PlanWords {
             row0: 3 * b,
             owners: 4 * b,
             positions: 5 * b,
+            runs: 6 * b,
             dst,
             dst_slots: dst + plane,
             dst_rows: dst + 2 * plane,

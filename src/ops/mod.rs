@@ -14,6 +14,7 @@ pub mod attention;
 pub(crate) mod cuda;
 pub mod decode_plan;
 pub mod graph;
+pub mod infllm;
 pub(crate) mod lru_resolve;
 pub mod merge;
 pub mod model_ops;
@@ -36,6 +37,9 @@ pub use append::{paged_append, paged_append_with_minmax, quest_meta_update};
 pub use attention::{sparse_paged_attention, AttentionPartial, PageList};
 pub use decode_plan::{expand_decode_plan, PlanWords};
 pub use graph::{cuda_device, profiler_range, StepGraph};
+pub use infllm::{
+    infllm_block_scores, infllm_finalize, infllm_pages, infllm_ring_write, infllm_window_mass, InfLlmGeometry,
+};
 pub use merge::merge_partials;
 pub use model_ops::{add_rms_norm, logits_f32, rms_norm, silu_mul};
 pub use page_table::{page_slots, page_slots_grid};

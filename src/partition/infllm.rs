@@ -4,18 +4,27 @@
 //! `repr_topk` keys of the block that received the most attention while they were in
 //! the local window. One block selection is shared by all heads.
 //!
-//! Metadata per (layer, sequence), on the cache device: the representative keys
-//! `[Hkv, blocks · repr_topk, D]` of finalized blocks, plus, for tokens not yet in a
-//! finalized block (the window and the block leaving it), their post-RoPE keys and the
-//! attention mass they accumulated (host `f32`). A block is finalized when its last
-//! token leaves the window of every later query.
+//! All state lives on the cache device ([`crate::ops::infllm`] has its layout): per
+//! (layer, owner index) a ring of the latest tokens' keys and attention masses, and per
+//! page slot the representative keys of the finalized blocks. `index` and `select` are
+//! device ops only, fed by the step's device tables of runs and decode rows, so padded
+//! decode steps and CUDA graphs run InfLLM ([`SparseAlgorithm::device_only_decode`]).
+//! A block is finalized when its last token leaves the window of every later query.
+//!
+//! An aborted step is rolled back exactly when its run fitted in one round (every decode
+//! step does): the masses are restored from the ring's undo plane. A longer aborted run
+//! (a prefill chunk of more than [`InfLlmGeometry::max_run`] tokens) cannot be: the
+//! sequence's later steps then fail with an error naming it.
 
-use super::{
-    forced_pages, forget_seq, truncate_seq, IndexInput, SelectInput, Selection, SeqStates, SparseAlgorithm, TokenRun,
-};
-use crate::ops::{topk_indices, NONE};
+use super::{forced_pages, IndexInput, SelectInput, Selection, SparseAlgorithm, TokenRun};
+use crate::ops::infllm::{infllm_block_scores, infllm_finalize, infllm_pages, infllm_ring_write, infllm_window_mass};
+use crate::ops::{topk_indices, InfLlmGeometry};
 use crate::{CacheConfig, Error, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
+use std::collections::{HashMap, HashSet};
+
+/// Tokens of a run indexed in one round (the ring holds a window, a block and this).
+const ROUND_TOKENS: usize = 256;
 
 /// Configuration of [`InfLlm`] (defaults: the InfLLM paper's Llama settings).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,43 +84,38 @@ impl InfLlmConfig {
     }
 }
 
-/// Per (layer, sequence) state (cheap to clone: tensors are shared, the mass vectors
-/// hold at most a block and a window of tokens).
-#[derive(Debug, Default, Clone)]
-struct SeqState {
-    /// Tokens indexed.
-    len: usize,
-    /// First token not in a finalized block (a multiple of the block size).
-    pending_start: usize,
-    /// `[len - pending_start, Hkv, D]` post-RoPE keys of the pending tokens.
-    pending_k: Option<Tensor>,
-    /// `[(len - pending_start) · Hkv]` attention mass of the pending tokens.
-    mass: Vec<f32>,
-    /// `[Hkv, blocks · R, D]` representative keys of the finalized blocks.
-    repr: Option<Tensor>,
-    /// Finalized blocks.
-    blocks: usize,
-    /// `(len, mass)` before the latest `index` call, to roll an aborted step back.
-    undo: Option<(usize, Vec<f32>)>,
+/// The device state (allocated at `init`).
+#[derive(Debug)]
+struct State {
+    /// `[L, S, ring, Hkv, D]` keys of the latest tokens (cache dtype).
+    ring_k: Tensor,
+    /// `[L, S, 3, ring, Hkv]` u32: page slot, mass (f32 bits), mass before the latest
+    /// index call (f32 bits).
+    ring_m: Tensor,
+    /// `[slots, kpp, D]` representative keys by page slot (cache dtype).
+    repr: Tensor,
+    geo: InfLlmGeometry,
+}
+
+/// The latest `index` call of one (layer, sequence) this host saw.
+#[derive(Debug, Clone, Copy)]
+struct LastIndex {
+    owner: u32,
+    start: usize,
+    n: usize,
 }
 
 /// InfLLM block retrieval with representative keys.
 #[derive(Debug)]
 pub struct InfLlm {
     cfg: InfLlmConfig,
-    page_size: usize,
     kv_heads: usize,
-    q_heads: usize,
-    scale: f64,
-    seqs: SeqStates<SeqState>,
+    scale: f32,
+    state: Option<State>,
+    last: HashMap<(usize, u64), LastIndex>,
+    /// Sequences whose state an aborted step left unrecoverable.
+    broken: HashSet<u64>,
 }
-
-/// The mass one chunk of queries gives the pending keys: its first key, its key count
-/// `Lk`, and the `[Hkv · Lk]` f32 mass (on the device).
-type MassPart = (usize, usize, Tensor);
-
-/// Largest `[Hq, queries, keys]` f32 score buffer of one mass chunk, in elements (64 MiB).
-const MASS_ELEMS: usize = 1 << 24;
 
 impl InfLlm {
     /// An InfLLM selector; checks the configuration (the page size is checked by the
@@ -139,11 +143,11 @@ impl InfLlm {
         }
         Ok(Self {
             cfg,
-            page_size: 0,
             kv_heads: 0,
-            q_heads: 0,
             scale: 1.0,
-            seqs: SeqStates::new(),
+            state: None,
+            last: HashMap::new(),
+            broken: HashSet::new(),
         })
     }
 
@@ -152,143 +156,56 @@ impl InfLlm {
         &self.cfg
     }
 
-    /// Finalized blocks of `seq` in `layer` (representative keys exist for them).
+    /// Blocks of `seq` in `layer` finalized by the latest `index` call this host made
+    /// (steps replayed from a CUDA graph are not seen here).
     pub fn finalized_blocks(&self, layer: usize, seq: u64) -> usize {
-        self.seqs.get(&(layer, seq)).map_or(0, |s| s.blocks)
+        match (self.last.get(&(layer, seq)), &self.state) {
+            (Some(l), Some(st)) => (l.start + l.n + 1).saturating_sub(st.geo.window) / st.geo.block,
+            _ => 0,
+        }
     }
 
-    /// Finalizes the `nb` oldest pending blocks at once: each block's representative keys
-    /// are the `repr_topk` keys per head with the most accumulated mass (ties: the earlier
-    /// token), gathered with one `index_select`.
-    fn finalize_blocks(&self, st: &mut SeqState, nb: usize) -> Result<()> {
-        if nb == 0 {
-            return Ok(());
-        }
-        let (bt, hkv, r) = (self.cfg.block_tokens, self.kv_heads, self.cfg.repr_topk);
-        let pk = st
-            .pending_k
+    fn state(&self) -> Result<&State> {
+        self.state
             .as_ref()
-            .ok_or_else(|| Error::Config("infllm: finalizing a block without keys".into()))?;
-        let rows = pk.dim(0)?;
-        let d = pk.dim(2)?;
-        if rows < nb * bt || st.mass.len() < nb * bt * hkv {
-            return Err(Error::Config(format!(
-                "infllm: finalizing {nb} blocks of {bt} tokens with {rows} pending keys"
-            )));
-        }
-        let mut idx = Vec::with_capacity(nb * hkv * r);
-        let mut order: Vec<usize> = Vec::with_capacity(bt);
-        for b in 0..nb {
-            for h in 0..hkv {
-                order.clear();
-                order.extend(b * bt..(b + 1) * bt);
-                order.sort_by(|&x, &y| st.mass[y * hkv + h].total_cmp(&st.mass[x * hkv + h]).then(x.cmp(&y)));
-                idx.extend(order[..r].iter().map(|&t| (t * hkv + h) as u32));
+            .ok_or_else(|| Error::Config("infllm: used before init".into()))
+    }
+
+    fn check_live(&self, op: &'static str, seqs: impl IntoIterator<Item = u64>) -> Result<()> {
+        for seq in seqs {
+            if self.broken.contains(&seq) {
+                return Err(Error::Invalid {
+                    op,
+                    msg: format!(
+                        "sequence {seq}: an aborted step of more than {} tokens left its InfLLM state \
+                         unrecoverable; remove the sequence",
+                        self.state()?.geo.max_run()
+                    ),
+                });
             }
         }
-        let idx = Tensor::from_vec(idx, nb * hkv * r, pk.device())?;
-        // [nb, Hkv, R, D] → [Hkv, nb · R, D] (block-major within each head).
-        let new = pk
-            .narrow(0, 0, nb * bt)?
-            .reshape((nb * bt * hkv, d))?
-            .index_select(&idx, 0)?
-            .reshape((nb, hkv, r, d))?
-            .transpose(0, 1)?
-            .reshape((hkv, nb * r, d))?;
-        st.repr = Some(match st.repr.take() {
-            None => new,
-            Some(old) => Tensor::cat(&[&old, &new], 1)?,
-        });
-        st.pending_k = Some(pk.narrow(0, nb * bt, rows - nb * bt)?);
-        st.mass.drain(..nb * bt * hkv);
-        st.pending_start += nb * bt;
-        st.blocks += nb;
         Ok(())
     }
 
-    /// Query rows per mass chunk: the most (a power of two, 64 to 1024) whose `[Hq, rows,
-    /// rows + window]` f32 scores stay within [`MASS_ELEMS`].
-    fn mass_chunk(&self) -> usize {
-        let (hq, w) = (self.q_heads.max(1), self.cfg.window_tokens);
-        let mut c = 1024;
-        while c > 64 && hq * c * (c + w) > MASS_ELEMS {
-            c /= 2;
-        }
-        c
+    /// Writes one round of runs (`table` `[R, 4]`, none longer than `max_n`) into the
+    /// layer's ring, adds their masses and finalizes the blocks they complete.
+    fn round(&self, layer: usize, input: &IndexInput<'_>, table: &Tensor, max_n: usize) -> Result<()> {
+        let st = self.state()?;
+        let (rk, rm) = (st.ring_k.get(layer)?, st.ring_m.get(layer)?);
+        infllm_ring_write(&rk, &rm, input.k, input.dst, table, st.geo.page_size)?;
+        infllm_window_mass(&rm, &rk, input.q, table, (st.geo.window, self.scale), max_n)?;
+        infllm_finalize(&st.repr, &rk, &rm, table, &st.geo, max_n)
     }
 
-    /// The attention mass the run's queries give the pending keys, each query over its
-    /// local window `[p - window + 1, p]` (softmax normalized over that window, summed
-    /// over the query heads of each KV head), left on the device: per chunk of queries,
-    /// its first key, its key count `Lk` and the `[Hkv · Lk]` mass. The window mask is
-    /// built on the device.
-    fn window_mass(&self, st: &SeqState, run: &TokenRun, q: &Tensor) -> Result<Vec<MassPart>> {
-        let (hkv, hq, w) = (self.kv_heads, self.q_heads, self.cfg.window_tokens);
-        let g = hq / hkv;
-        let pk = match st.pending_k.as_ref() {
-            Some(pk) => pk.to_dtype(DType::F32)?,
-            None => return Ok(Vec::new()),
-        };
-        let d = pk.dim(2)?;
-        let dev = q.device();
-        let ps = st.pending_start;
-        let chunk = self.mass_chunk();
-        let mut parts = Vec::new();
-        let mut a = run.start;
-        while a < run.start + run.n {
-            let c = chunk.min(run.start + run.n - a);
-            let lo = ps.max((a + 1).saturating_sub(w));
-            let lk = a + c - lo;
-            let keys = pk.narrow(0, lo - ps, lk)?.permute((1, 2, 0))?; // [Hkv, D, Lk]
-            let qs = q
-                .narrow(0, run.row + (a - run.start), c)?
-                .to_dtype(DType::F32)?
-                .reshape((c, hkv, g, d))?
-                .permute((1, 2, 0, 3))?
-                .reshape((hkv, g * c, d))?;
-            // Query a + i sees key lo + j iff lo + j <= a + i < lo + j + w.
-            let qpos = Tensor::arange(a as u32, (a + c) as u32, dev)?.reshape((c, 1))?;
-            let kpos = Tensor::arange(lo as u32, (lo + lk) as u32, dev)?.reshape((1, lk))?;
-            let kend = Tensor::arange((lo + w) as u32, (lo + lk + w) as u32, dev)?.reshape((1, lk))?;
-            let visible = kpos.broadcast_le(&qpos)?.mul(&kend.broadcast_gt(&qpos)?)?;
-            let mask = visible.where_cond(
-                &Tensor::zeros((c, lk), DType::F32, dev)?,
-                &Tensor::full(f32::NEG_INFINITY, (c, lk), dev)?,
-            )?;
-            let logits = (qs.contiguous()?.matmul(&keys.contiguous()?)? * self.scale)?
-                .reshape((hkv, g, c, lk))?
-                .broadcast_add(&mask.reshape((1, 1, c, lk))?)?;
-            let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-            parts.push((lo, lk, probs.sum(2)?.sum(1)?.flatten_all()?)); // [Hkv · Lk]
-            a += c;
-        }
-        Ok(parts)
-    }
-
-    /// Adds the masses of [`window_mass`](Self::window_mass) to the states' pending
-    /// keys, all of them read from the device at once: `work[i]` is a state with the
-    /// parts computed for it.
-    fn add_masses(&self, work: &mut [(SeqState, Vec<MassPart>)]) -> Result<()> {
-        let flat: Vec<&Tensor> = work.iter().flat_map(|(_, parts)| parts.iter().map(|p| &p.2)).collect();
-        if flat.is_empty() {
-            return Ok(());
-        }
-        let all = Tensor::cat(&flat, 0)?
-            .to_device(&candle_core::Device::Cpu)?
-            .to_vec1::<f32>()?;
-        let hkv = self.kv_heads;
-        let mut off = 0;
-        for (st, parts) in work.iter_mut() {
-            let ps = st.pending_start;
-            for (lo, lk, _) in parts.iter() {
-                for h in 0..hkv {
-                    for (j, &x) in all[off + h * lk..off + (h + 1) * lk].iter().enumerate() {
-                        st.mass[(lo - ps + j) * hkv + h] += x;
-                    }
-                }
-                off += hkv * lk;
-            }
-        }
+    /// Restores the masses of (`layer`, `owner`) from the undo plane.
+    fn restore(&self, layer: usize, owner: u32) -> Result<()> {
+        let st = self.state()?;
+        let plane = st.geo.ring * self.kv_heads;
+        let s = st.ring_m.dim(1)?;
+        let at = ((layer * s + owner as usize) * 3 + 1) * plane;
+        let flat = st.ring_m.flatten_all()?;
+        let undo = flat.narrow(0, at + plane, plane)?.copy()?;
+        flat.slice_set(&undo, 0, at)?;
         Ok(())
     }
 }
@@ -312,133 +229,112 @@ impl SparseAlgorithm for InfLlm {
                 self.cfg.block_tokens, cfg.page_size
             )));
         }
-        self.page_size = cfg.page_size;
-        self.kv_heads = cfg.num_kv_heads;
-        self.q_heads = cfg.num_q_heads;
-        self.scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let (sink_pages, _) = forced_pages(self.cfg.sink_tokens, 1, cfg.page_size);
+        let geo = InfLlmGeometry {
+            window: self.cfg.window_tokens,
+            block: self.cfg.block_tokens,
+            repr: self.cfg.repr_topk,
+            page_size: cfg.page_size,
+            sink_pages,
+            ring: self.cfg.window_tokens + self.cfg.block_tokens + ROUND_TOKENS,
+        };
+        let (l, s, h, d) = (cfg.num_layers, cfg.max_sequences, cfg.num_kv_heads, cfg.head_dim);
+        let dev = &cfg.device;
+        self.kv_heads = h;
+        self.scale = 1.0 / (d as f32).sqrt();
+        self.state = Some(State {
+            ring_k: Tensor::zeros((l, s, geo.ring, h, d), cfg.dtype, dev)?,
+            ring_m: Tensor::zeros((l, s, 3, geo.ring, h), DType::U32, dev)?,
+            repr: Tensor::zeros((cfg.total_pages(), geo.keys_per_page(), d), cfg.dtype, dev)?,
+            geo,
+        });
         Ok(())
     }
 
+    /// The ring writes, masses and finalization are device ops over the step's runs
+    /// table, and the selection is scoring, top-k and page lists on the device.
+    fn device_only_decode(&self) -> bool {
+        true
+    }
+
     fn index(&mut self, input: &IndexInput<'_>) -> Result<()> {
-        let (bt, w) = (self.cfg.block_tokens, self.cfg.window_tokens);
-        // Work on copies, stored only once every fallible step of every run succeeded: on
-        // an error each sequence keeps the state it had before this call.
-        let mut work = Vec::with_capacity(input.runs.len());
-        for run in input.runs {
-            let mut st = self.seqs.get(&(input.layer, run.seq)).cloned().unwrap_or_default();
-            if st.len != run.start {
-                return Err(Error::Invalid {
-                    op: "InfLlm::index",
-                    msg: format!(
-                        "sequence {} layer {}: {} tokens indexed but the step starts at {}",
-                        run.seq, input.layer, st.len, run.start
-                    ),
-                });
-            }
-            // Blocks whose last token is outside the window of every query from now on.
-            let ready = (run.start + 1).saturating_sub(w + st.pending_start) / bt;
-            self.finalize_blocks(&mut st, ready)?;
-            st.undo = Some((run.start, st.mass.clone()));
-            let k_new = input.k.narrow(0, run.row, run.n)?;
-            st.pending_k = Some(match st.pending_k.take() {
-                None => k_new.contiguous()?,
-                Some(old) => Tensor::cat(&[&old, &k_new], 0)?,
-            });
-            st.mass.resize(st.mass.len() + run.n * self.kv_heads, 0.0);
-            let parts = self.window_mass(&st, run, input.q)?;
-            st.len += run.n;
-            work.push((st, parts));
+        if input.runs.is_empty() {
+            return Ok(());
         }
-        // One read from the device for every run's masses.
-        self.add_masses(&mut work)?;
-        for (run, (st, _)) in input.runs.iter().zip(work) {
-            self.seqs.insert((input.layer, run.seq), st);
+        self.check_live("InfLlm::index", input.runs.iter().map(|r| r.seq))?;
+        let cap = self.state()?.geo.max_run();
+        let max_n = input.runs.iter().map(|r| r.n).max().unwrap_or(0);
+        if max_n <= cap {
+            // One round over the step's own table (the only form a padded step has).
+            self.round(input.layer, input, input.runs_table, max_n)?;
+        } else {
+            // Rounds of at most `cap` tokens per run, their tables built here.
+            let mut off = 0;
+            while off < max_n {
+                let rows: Vec<TokenRun> = input
+                    .runs
+                    .iter()
+                    .filter(|r| r.n > off)
+                    .map(|r| TokenRun {
+                        start: r.start + off,
+                        n: cap.min(r.n - off),
+                        row: r.row + off,
+                        ..*r
+                    })
+                    .collect();
+                let table = TokenRun::table(&rows, input.q.device())?;
+                self.round(input.layer, input, &table, cap)?;
+                off += cap;
+            }
+        }
+        for r in input.runs {
+            let last = LastIndex {
+                owner: r.owner,
+                start: r.start,
+                n: r.n,
+            };
+            self.last.insert((input.layer, r.seq), last);
         }
         Ok(())
     }
 
     fn select(&mut self, input: &SelectInput<'_>) -> Result<Selection> {
-        let p = self.page_size;
-        let bp = self.cfg.block_tokens / p;
-        let (sink_pages, _) = forced_pages(self.cfg.sink_tokens, 1, p);
-        let hkv = self.kv_heads;
-        let g = self.q_heads / hkv;
-        let k = self.cfg.topk_blocks;
-        // Per sequence: its forced pages, and the first block of its eligible range with
-        // the `[1, k]` ids (within the range) of its top blocks, chosen on the device.
-        let mut forced = Vec::with_capacity(input.seqs.len());
-        let mut tops: Vec<(usize, usize, Tensor)> = Vec::new();
-        for (b, &seq) in input.seqs.iter().enumerate() {
-            let (nt, np) = (input.num_tokens[b], input.num_pages[b]);
-            let st = self.seqs.get(&(input.layer, seq)).ok_or(Error::UnknownSequence(seq))?;
-            let forced_from = st.pending_start.min(nt.saturating_sub(self.cfg.window_tokens)) / p;
-            forced.push(
-                (0..np as u32)
-                    .filter(|&j| (j as usize) < sink_pages || j as usize >= forced_from)
-                    .collect::<Vec<u32>>(),
-            );
-            // Eligible blocks: past the sink, before the forced tail.
-            let (lo, hi) = (sink_pages / bp, forced_from.div_ceil(bp).min(st.blocks));
-            if let (Some(repr), true) = (st.repr.as_ref(), lo < hi) {
-                let d = repr.dim(2)?;
-                let q = input.q.get(b)?.to_dtype(DType::F32)?.reshape((hkv, g, d))?;
-                let kt = repr.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?; // [Hkv, D, NB·R]
-                let scores = q
-                    .matmul(&kt)? // [Hkv, G, NB·R]
-                    .sum(1)?
-                    .sum(0)?
-                    .reshape((st.blocks, self.cfg.repr_topk))?
-                    .mean(D::Minus1)?
-                    .narrow(0, lo, hi - lo)?
-                    .reshape((1, hi - lo))?;
-                tops.push((b, lo, topk_indices(&scores, k)?));
-            }
-        }
-        // One read from the device for every sequence's top blocks.
-        let ids = if tops.is_empty() {
-            Vec::new()
-        } else {
-            let t: Vec<&Tensor> = tops.iter().map(|x| &x.2).collect();
-            Tensor::cat(&t, 0)?
-                .to_device(&candle_core::Device::Cpu)?
-                .to_vec2::<u32>()?
-        };
-        for ((b, lo, _), row) in tops.iter().zip(&ids) {
-            let (np, pages) = (input.num_pages[*b], &mut forced[*b]);
-            for j in row.iter().filter(|&&j| j != NONE).map(|&j| lo + j as usize) {
-                pages.extend((j * bp..((j + 1) * bp).min(np)).map(|x| x as u32));
-            }
-            pages.sort_unstable();
-            pages.dedup();
-        }
-        let lists: Vec<Vec<Vec<u32>>> = forced.into_iter().map(|pages| vec![pages; hkv]).collect();
-        Selection::from_lists(&lists, hkv, input.q.device())
+        self.check_live("InfLlm::select", input.seqs.iter().copied())?;
+        let st = self.state()?;
+        let scores = infllm_block_scores(input.q, &st.repr, input.candidates, input.rows, &st.geo)?;
+        let top = topk_indices(&scores, self.cfg.topk_blocks)?;
+        Ok(Selection::Pages(infllm_pages(
+            &top,
+            input.rows,
+            &st.geo,
+            self.kv_heads,
+        )?))
     }
 
     fn forget(&mut self, seq: u64) {
-        forget_seq(&mut self.seqs, seq);
+        self.last.retain(|&(_, s), _| s != seq);
+        self.broken.remove(&seq);
     }
 
     fn truncate(&mut self, seq: u64, len: usize) {
-        // An exact roll back needs the undo record of the step being aborted; otherwise
-        // the sequence's metadata starts afresh.
-        truncate_seq(
-            &mut self.seqs,
-            seq,
-            len,
-            |st| st.len,
-            |st| match st.undo.take() {
-                Some((at, mass)) if at == len && len >= st.pending_start => {
-                    st.pending_k = st
-                        .pending_k
-                        .as_ref()
-                        .and_then(|k| k.narrow(0, 0, len - st.pending_start).ok());
-                    st.mass = mass;
-                    st.len = len;
-                    true
-                }
-                _ => false,
-            },
-        );
+        let Ok(cap) = self.state().map(|s| s.geo.max_run()) else {
+            return;
+        };
+        let layers: Vec<(usize, LastIndex)> = self
+            .last
+            .iter()
+            .filter(|(&(_, s), l)| s == seq && l.start + l.n > len)
+            .map(|(&(layer, _), &l)| (layer, l))
+            .collect();
+        for (layer, l) in layers {
+            // The layer indexed the aborted step: roll its masses back if that step was
+            // one round starting at `len`.
+            let exact = l.start == len && l.n <= cap && self.restore(layer, l.owner).is_ok();
+            if exact {
+                self.last.remove(&(layer, seq));
+            } else {
+                self.broken.insert(seq);
+            }
+        }
     }
 }

@@ -39,6 +39,21 @@ pub struct TokenRun {
     pub n: usize,
     /// Row of the first new token in the step's `[T, ..]` tensors.
     pub row: usize,
+    /// The sequence's owner index in the cache (`< CacheConfig::max_sequences`, fixed
+    /// while the sequence lives): where algorithms keep per-sequence device state.
+    pub owner: u32,
+}
+
+impl TokenRun {
+    /// The `[R, 4]` u32 runs table `(owner, start, n, row)` of `runs` on `device` (the
+    /// form device ops read, e.g. [`crate::ops::infllm`]).
+    pub fn table(runs: &[TokenRun], device: &Device) -> Result<Tensor> {
+        let v: Vec<u32> = runs
+            .iter()
+            .flat_map(|r| [r.owner, r.start as u32, r.n as u32, r.row as u32])
+            .collect();
+        Ok(Tensor::from_vec(v, (runs.len(), 4), device)?)
+    }
 }
 
 /// New keys and values of one layer, after they were written to their pages.
@@ -47,6 +62,9 @@ pub struct IndexInput<'a> {
     pub layer: usize,
     /// The step's sequences, in row order.
     pub runs: &'a [TokenRun],
+    /// `[R, 4]` u32 the same runs on the cache device ([`TokenRun::table`]); a padded
+    /// step's table also has its padding rows, with `n = 0` (the host `runs` do not).
+    pub runs_table: &'a Tensor,
     /// `[T, Hq, D]` post-RoPE queries of the step's tokens (they attend after `index`).
     pub q: &'a Tensor,
     /// `[T, Hkv, D]` post-RoPE keys of the step's tokens.
@@ -70,6 +88,9 @@ pub struct SelectInput<'a> {
     pub seqs: &'a [u64],
     /// `[B, Hq, D]` post-RoPE query of each decoding sequence.
     pub q: &'a Tensor,
+    /// `[B, 4]` u32 runs table of the decode tokens on the cache device: `(owner,
+    /// position, 1, row)`, or `n = 0` for a padded step's padding rows.
+    pub rows: &'a Tensor,
     /// `[B, Hkv, N]` u32 host slots (= metadata slots) of each sequence's pages in logical
     /// order, padded with [`NONE`].
     pub candidates: &'a Tensor,

@@ -4,18 +4,59 @@
 #![allow(dead_code)]
 
 use super::u32s;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use spinkv::ops::NONE;
 use spinkv::partition::{IndexInput, SelectInput, Selection, SparseAlgorithm, TokenRun};
 
+/// Logical pages one (sequence, KV head) may hold in these tests' slot layout.
+pub const PAGES_PER_ROW: usize = 4096;
+
+/// The owner index these tests give sequence `seq` (distinct for ids below 16).
+pub fn owner_of(seq: u64) -> u32 {
+    (seq % 16) as u32
+}
+
+/// The host slot of logical page `page` of (owner, KV head `h`): each (owner, head) owns
+/// [`PAGES_PER_ROW`] consecutive slots (a cache with 16 · Hkv · 4096 page slots holds them).
+pub fn slot_of(owner: u32, h: usize, hkv: usize, page: usize) -> u32 {
+    assert!(
+        page < PAGES_PER_ROW,
+        "page {page} past the test layout's {PAGES_PER_ROW}"
+    );
+    ((owner as usize * hkv + h) * PAGES_PER_ROW + page) as u32
+}
+
+/// A `TokenRun` of `seq` with the owner [`owner_of`] gives it.
+pub fn run(seq: u64, start: usize, n: usize, row: usize) -> TokenRun {
+    TokenRun {
+        seq,
+        start,
+        n,
+        row,
+        owner: owner_of(seq),
+    }
+}
+
 /// Indexes `runs` into layer 0: rows of `q` `[T, Hq, D]` and `k` `[T, Hkv, D]` (`k` is
-/// given as the post-RoPE keys, the pre-RoPE keys and the values alike).
-pub fn index_runs(algo: &mut dyn SparseAlgorithm, runs: &[TokenRun], q: &Tensor, k: &Tensor) {
+/// given as the post-RoPE keys, the pre-RoPE keys and the values alike), with pages of
+/// `page` tokens at the slots [`slot_of`] gives.
+pub fn index_runs(algo: &mut dyn SparseAlgorithm, runs: &[TokenRun], q: &Tensor, k: &Tensor, page: usize) {
     let (t, hkv, _) = k.dims3().unwrap();
-    let dst = Tensor::zeros((t, hkv), DType::U32, &Device::Cpu).unwrap();
+    let mut codes = vec![NONE; t * hkv];
+    for r in runs {
+        for i in 0..r.n {
+            let pos = r.start + i;
+            for h in 0..hkv {
+                codes[(r.row + i) * hkv + h] = slot_of(r.owner, h, hkv, pos / page) * page as u32 + (pos % page) as u32;
+            }
+        }
+    }
+    let dst = Tensor::from_vec(codes, (t, hkv), &Device::Cpu).unwrap();
+    let table = TokenRun::table(runs, &Device::Cpu).unwrap();
     algo.index(&IndexInput {
         layer: 0,
         runs,
+        runs_table: &table,
         q,
         k,
         k_pre_rope: k,
@@ -39,18 +80,30 @@ pub fn select_pages(
 ) -> Vec<Vec<Vec<u32>>> {
     let np: Vec<usize> = num_tokens.iter().map(|t| t.div_ceil(page)).collect();
     let nmax = np.iter().copied().max().unwrap_or(1);
-    // Each row's host slots (here its logical ids), NONE past its pages, as the cache
-    // hands them over.
-    let slots: Vec<u32> = np
-        .iter()
-        .flat_map(|&n| (0..hkv).flat_map(move |_| (0..nmax).map(move |j| if j < n { j as u32 } else { NONE })))
-        .collect();
+    // Each row's host slots ([`slot_of`]), NONE past its pages, as the cache hands them
+    // over.
+    let mut slots = vec![NONE; seqs.len() * hkv * nmax];
+    for (b, (&seq, &n)) in seqs.iter().zip(&np).enumerate() {
+        for h in 0..hkv {
+            for j in 0..n {
+                slots[(b * hkv + h) * nmax + j] = slot_of(owner_of(seq), h, hkv, j);
+            }
+        }
+    }
     let candidates = Tensor::from_vec(slots, (seqs.len(), hkv, nmax), &Device::Cpu).unwrap();
+    let rows: Vec<TokenRun> = seqs
+        .iter()
+        .zip(num_tokens)
+        .enumerate()
+        .map(|(b, (&seq, &t))| run(seq, t - 1, 1, b))
+        .collect();
+    let rows = TokenRun::table(&rows, &Device::Cpu).unwrap();
     let sel = algo
         .select(&SelectInput {
             layer: 0,
             seqs,
             q,
+            rows: &rows,
             candidates: &candidates,
             num_pages: &np,
             num_tokens,

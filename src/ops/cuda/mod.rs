@@ -12,6 +12,7 @@
 pub(crate) mod append;
 pub(crate) mod attention;
 pub(crate) mod graph;
+pub(crate) mod infllm;
 pub(crate) mod lru;
 pub(crate) mod model_ops;
 pub(crate) mod page_table;
