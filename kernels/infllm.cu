@@ -252,13 +252,14 @@ SCORES(infllm_block_scores_f32, float)
 SCORES(infllm_block_scores_f16, __half)
 SCORES(infllm_block_scores_bf16, __nv_bfloat16)
 
-// Pages: one thread per row writes the sink, the chosen blocks in ascending order and the
-// pending pages, NONE after them, then copies the list to the other KV heads.
+// Pages: one thread per (row, KV head) writes the row's list (the same for every head):
+// the sink, the chosen blocks in ascending order and the pending pages, NONE after them.
 extern "C" __global__ void infllm_pages(u32* out, const u32* top, const u32* rows, int B, int k, int H,
                                         int width, int P, int window, int block, int bp, int sink_pages) {
-  const int b = blockIdx.x * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  u32* o = out + (size_t)b * H * width;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= B * H) return;
+  const int b = i / H;
+  u32* o = out + (size_t)i * width;
   const u32 pos = rows[4 * b + 1], live = rows[4 * b + 2];
   int w = 0;
   if (live != 0) {
@@ -269,8 +270,8 @@ extern "C" __global__ void infllm_pages(u32* out, const u32* top, const u32* row
     long long prev = -1;
     for (;;) {
       u32 next = SPIN_NONE;
-      for (int i = 0; i < k; ++i) {
-        const u32 jb = top[(size_t)b * k + i];
+      for (int j = 0; j < k; ++j) {
+        const u32 jb = top[(size_t)b * k + j];
         if (jb != SPIN_NONE && jb < blocks && (long long)jb > prev && jb < next) next = jb;
       }
       if (next == SPIN_NONE) break;
@@ -281,6 +282,13 @@ extern "C" __global__ void infllm_pages(u32* out, const u32* top, const u32* row
     for (u32 x = max(forced, sink); x < np && w < width; ++x) o[w++] = x;
   }
   for (int x = w; x < width; ++x) o[x] = SPIN_NONE;
-  for (int h = 1; h < H; ++h)
-    for (int x = 0; x < width; ++x) o[(size_t)h * width + x] = o[x];
+}
+
+// Mass add: adds add[i, h] (f32, [L, H]) to the mass of key first + i of owner `o`.
+extern "C" __global__ void infllm_mass_add(u32* m, const float* add, int W, int H, int L, u32 o, u32 first) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= L * H) return;
+  const size_t plane = (size_t)W * H;
+  u32* mp = m + (size_t)o * 3 * plane + plane + (size_t)((first + i / H) % W) * H + i % H;
+  *mp = __float_as_uint(__uint_as_float(*mp) + add[i]);
 }

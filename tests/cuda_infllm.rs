@@ -173,3 +173,23 @@ fn infllm_ops_match_cpu() {
         }
     }
 }
+
+/// `infllm_mass_add` (the prefill's batched masses into the ring) against the CPU, with
+/// a key range that wraps around the ring.
+#[test]
+fn mass_add_matches_cpu() {
+    let dev = gpu();
+    let mut r = rng(3);
+    let (s, w, h) = (3usize, 37usize, 5usize);
+    let init: Vec<u32> = (0..s * 3 * w * h)
+        .map(|_| r.random_range(-2.0f32..2.0).to_bits())
+        .collect();
+    let ring = Tensor::from_vec(init, (s, 3, w, h), &Device::Cpu).unwrap();
+    for (owner, first, l) in [(1u32, 30usize, 20usize), (2, 0, 37), (0, 74, 1)] {
+        let add = randn(&mut r, &[l, h], 1.0);
+        let g = ring.to_device(&dev).unwrap();
+        ops::infllm_mass_add(&g, &add.to_device(&dev).unwrap(), owner, first).unwrap();
+        ops::infllm_mass_add(&ring, &add, owner, first).unwrap();
+        assert_eq!(u32s(&g), u32s(&ring), "owner {owner}, first {first}, {l} keys");
+    }
+}

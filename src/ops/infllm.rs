@@ -1,4 +1,4 @@
-//! InfLLM's device state and the five ops over it, so that its `index` and `select` are
+//! InfLLM's device state and the ops over it, so that its `index` and `select` are
 //! device work only (padded decode steps and CUDA graphs can run them).
 //!
 //! **State.** Per (layer, owner) a *ring* of the latest `ring` tokens: their post-RoPE
@@ -159,6 +159,7 @@ const MASS: &str = "infllm_window_mass";
 const FINALIZE: &str = "infllm_finalize";
 const SCORES: &str = "infllm_block_scores";
 const PAGES: &str = "infllm_pages";
+const MASS_ADD: &str = "infllm_mass_add";
 
 struct RingKeys {
     runs: Tensor,
@@ -457,6 +458,80 @@ pub fn infllm_window_mass(
             max_n,
         },
     )?;
+    Ok(())
+}
+
+struct MassAdd {
+    owner: u32,
+    first: usize,
+}
+
+impl InplaceOp2 for MassAdd {
+    fn name(&self) -> &'static str {
+        MASS_ADD
+    }
+
+    fn cpu_fwd(&self, m: &mut CpuStorage, ml: &Layout, a: &CpuStorage, al: &Layout) -> candle_core::Result<()> {
+        let (s, _, w, h) = ml.shape().dims4()?;
+        let add = util::float_values(MASS_ADD, a, al)?;
+        let (m0, m1) = util::contiguous_range(MASS_ADD, ml)?;
+        let CpuStorage::U32(m) = m else {
+            candle_core::bail!("{MASS_ADD}: ring_m must be u32");
+        };
+        let o = self.owner as usize;
+        if o >= s {
+            candle_core::bail!("{MASS_ADD}: owner {o} out of range ({s} owners)");
+        }
+        let plane = w * h;
+        for (i, x) in add.iter().enumerate() {
+            let at = m0 + o * 3 * plane + plane + ((self.first + i / h) % w) * h + i % h;
+            if at < m1 {
+                m[at] = (f32::from_bits(m[at]) + x).to_bits();
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        m: &mut candle_core::CudaStorage,
+        ml: &Layout,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::ops::cuda::infllm::mass_add(m, ml, a, al, self.owner, self.first)
+    }
+}
+
+/// Adds, in place, `add[i, h]` to the mass of key `first + i` (KV head `h`) of `owner`
+/// in `ring_m`: the masses a caller computed itself (the long runs of a prefill, with
+/// batched matrix products).
+///
+/// # Arguments
+/// * `ring_m` — `[S, 3, ring, Hkv]` u32; `add` — `[L, Hkv]` f32, `L <= ring`.
+pub fn infllm_mass_add(ring_m: &Tensor, add: &Tensor, owner: u32, first: usize) -> Result<()> {
+    util::check_shape(
+        MASS_ADD,
+        "ring_m",
+        ring_m,
+        &[None, Some(3), None, None],
+        "[S, 3, ring, Hkv]",
+    )?;
+    util::check_dtype(MASS_ADD, "ring_m", ring_m, &[DType::U32])?;
+    let (s, _, w, h) = ring_m.dims4()?;
+    util::check_shape(MASS_ADD, "add", add, &[None, Some(h)], &format!("[L <= {w}, {h}]"))?;
+    util::check_dtype(MASS_ADD, "add", add, &[DType::F32])?;
+    util::check_device(MASS_ADD, ring_m.device(), &[("add", add)])?;
+    util::check_contiguous(MASS_ADD, &[("ring_m", ring_m), ("add", add)])?;
+    if add.dim(0)? > w || owner as usize >= s {
+        crate::invalid!(
+            MASS_ADD,
+            "add {:?} for owner {owner}: at most {w} keys and {s} owners",
+            add.dims()
+        );
+    }
+    ring_m.inplace_op2(add, &MassAdd { owner, first })?;
     Ok(())
 }
 

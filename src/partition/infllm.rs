@@ -17,7 +17,9 @@
 //! sequence's later steps then fail with an error naming it.
 
 use super::{forced_pages, IndexInput, SelectInput, Selection, SparseAlgorithm, TokenRun};
-use crate::ops::infllm::{infllm_block_scores, infllm_finalize, infllm_pages, infllm_ring_write, infllm_window_mass};
+use crate::ops::infllm::{
+    infllm_block_scores, infllm_finalize, infllm_mass_add, infllm_pages, infllm_ring_write, infllm_window_mass,
+};
 use crate::ops::{topk_indices, InfLlmGeometry};
 use crate::{CacheConfig, Error, Result};
 use candle_core::{DType, Tensor};
@@ -197,6 +199,90 @@ impl InfLlm {
         infllm_finalize(&st.repr, &rk, &rm, table, &st.geo, max_n)
     }
 
+    /// A step with runs of several tokens, in rounds of at most `max_run` tokens per run
+    /// (what the ring holds past a window and a block), with tables built here: each
+    /// round writes its keys, adds the masses (single tokens by the decode kernels,
+    /// longer runs by batched products, [`Self::run_mass`]) and finalizes the blocks the
+    /// round completes.
+    fn prefill_rounds(&self, input: &IndexInput<'_>, max_n: usize) -> Result<()> {
+        let st = self.state()?;
+        let (rk, rm) = (st.ring_k.get(input.layer)?, st.ring_m.get(input.layer)?);
+        let (cap, dev) = (st.geo.max_run(), input.q.device());
+        let mut off = 0;
+        while off < max_n {
+            // Every run keeps its row in every round's table (n = 0 once it is done).
+            let rows: Vec<TokenRun> = input
+                .runs
+                .iter()
+                .map(|r| TokenRun {
+                    start: r.start + off.min(r.n),
+                    n: cap.min(r.n.saturating_sub(off)),
+                    row: r.row + off.min(r.n),
+                    ..*r
+                })
+                .collect();
+            let table = TokenRun::table(&rows, dev)?;
+            infllm_ring_write(&rk, &rm, input.k, input.dst, &table, st.geo.page_size)?;
+            let singles: Vec<TokenRun> = rows.iter().filter(|r| r.n == 1).copied().collect();
+            if !singles.is_empty() {
+                let t = TokenRun::table(&singles, dev)?;
+                infllm_window_mass(&rm, &rk, input.q, &t, (st.geo.window, self.scale), 1)?;
+            }
+            for r in rows.iter().filter(|r| r.n > 1) {
+                self.run_mass(&rk, &rm, input.q, r)?;
+            }
+            let round_max = rows.iter().map(|r| r.n).max().unwrap_or(0);
+            infllm_finalize(&st.repr, &rk, &rm, &table, &st.geo, round_max)?;
+            off += cap;
+        }
+        Ok(())
+    }
+
+    /// Adds to the layer's ring (`rk` `[S, ring, Hkv, D]`, `rm` `[S, 3, ring, Hkv]`) the
+    /// mass run `r`'s queries (rows of `q` `[T, Hq, D]`) give the keys of their windows,
+    /// with batched products over the run's queries and the keys they see (the run's keys
+    /// are in the ring already): per KV head `[G·n, D] × [D, Lk]`, masked to each query's
+    /// window, softmax, summed over the queries and the group's heads.
+    fn run_mass(&self, rk: &Tensor, rm: &Tensor, q: &Tensor, r: &TokenRun) -> Result<()> {
+        let st = self.state()?;
+        let (w, ring) = (st.geo.window, st.geo.ring);
+        let (_, hq, d) = q.dims3()?;
+        let (h, c) = (self.kv_heads, r.n);
+        let g = hq / h;
+        let lo = (r.start + 1).saturating_sub(w);
+        let lk = r.start + c - lo;
+        let keys = rk.get(r.owner as usize)?; // [ring, Hkv, D]
+        let a = lo % ring;
+        let keys = if a + lk <= ring {
+            keys.narrow(0, a, lk)?
+        } else {
+            Tensor::cat(&[keys.narrow(0, a, ring - a)?, keys.narrow(0, 0, lk - (ring - a))?], 0)?
+        };
+        let keys = keys.to_dtype(DType::F32)?.permute((1, 2, 0))?.contiguous()?; // [Hkv, D, Lk]
+        let qs = q
+            .narrow(0, r.row, c)?
+            .to_dtype(DType::F32)?
+            .reshape((c, h, g, d))?
+            .permute((1, 2, 0, 3))?
+            .reshape((h, g * c, d))?
+            .contiguous()?;
+        // Query start + i sees key lo + j iff lo + j <= start + i < lo + j + w.
+        let dev = q.device();
+        let qpos = Tensor::arange(r.start as u32, (r.start + c) as u32, dev)?.reshape((c, 1))?;
+        let kpos = Tensor::arange(lo as u32, (lo + lk) as u32, dev)?.reshape((1, lk))?;
+        let kend = Tensor::arange((lo + w) as u32, (lo + lk + w) as u32, dev)?.reshape((1, lk))?;
+        let visible = kpos.broadcast_le(&qpos)?.mul(&kend.broadcast_gt(&qpos)?)?;
+        let mask = visible.where_cond(
+            &Tensor::zeros((c, lk), DType::F32, dev)?,
+            &Tensor::full(f32::NEG_INFINITY, (c, lk), dev)?,
+        )?;
+        let logits = (qs.matmul(&keys)? * self.scale as f64)?
+            .reshape((h, g, c, lk))?
+            .broadcast_add(&mask.reshape((1, 1, c, lk))?)?;
+        let mass = candle_nn::ops::softmax_last_dim(&logits)?.sum(2)?.sum(1)?; // [Hkv, Lk]
+        infllm_mass_add(rm, &mass.t()?.contiguous()?, r.owner, lo)
+    }
+
     /// Restores the masses of (`layer`, `owner`) from the undo plane.
     fn restore(&self, layer: usize, owner: u32) -> Result<()> {
         let st = self.state()?;
@@ -262,30 +348,12 @@ impl SparseAlgorithm for InfLlm {
             return Ok(());
         }
         self.check_live("InfLlm::index", input.runs.iter().map(|r| r.seq))?;
-        let cap = self.state()?.geo.max_run();
         let max_n = input.runs.iter().map(|r| r.n).max().unwrap_or(0);
-        if max_n <= cap {
-            // One round over the step's own table (the only form a padded step has).
+        if max_n <= 1 {
+            // Decode: the step's own table, device ops only (the form a padded step has).
             self.round(input.layer, input, input.runs_table, max_n)?;
         } else {
-            // Rounds of at most `cap` tokens per run, their tables built here.
-            let mut off = 0;
-            while off < max_n {
-                let rows: Vec<TokenRun> = input
-                    .runs
-                    .iter()
-                    .filter(|r| r.n > off)
-                    .map(|r| TokenRun {
-                        start: r.start + off,
-                        n: cap.min(r.n - off),
-                        row: r.row + off,
-                        ..*r
-                    })
-                    .collect();
-                let table = TokenRun::table(&rows, input.q.device())?;
-                self.round(input.layer, input, &table, cap)?;
-                off += cap;
-            }
+            self.prefill_rounds(input, max_n)?;
         }
         for r in input.runs {
             let last = LastIndex {

@@ -255,7 +255,7 @@ pub(crate) fn pages(
     let f = func(&dev, &INFLLM, "infllm_pages")?;
     launch!(
         f,
-        super::cfg(b.div_ceil(64) as u32, 64, 0),
+        super::cfg((b * hkv).div_ceil(128) as u32, 128, 0),
         op,
         tp,
         rp,
@@ -273,4 +273,34 @@ pub(crate) fn pages(
         CudaStorage::wrap_cuda_slice(out, dev),
         Shape::from_dims(&[b, hkv, width]),
     ))
+}
+
+pub(crate) fn mass_add(
+    m: &mut CudaStorage,
+    ml: &Layout,
+    add: &CudaStorage,
+    al: &Layout,
+    owner: u32,
+    first: usize,
+) -> Result<()> {
+    let (_, _, w, h) = ml.shape().dims4()?;
+    let l = al.dims()[0];
+    if l * h == 0 {
+        return Ok(());
+    }
+    let dev = super::device(add).clone();
+    let ap = ptr(OP, add, al)?;
+    let mp = ptr_mut(OP, m, ml)?;
+    let f = func(&dev, &INFLLM, "infllm_mass_add")?;
+    launch!(
+        f,
+        super::cfg((l * h).div_ceil(256) as u32, 256, 0),
+        mp,
+        ap,
+        w as i32,
+        h as i32,
+        l as i32,
+        owner,
+        (first % w) as u32
+    )
 }
