@@ -31,16 +31,17 @@ RING_KEYS(infllm_ring_keys_f32, float)
 RING_KEYS(infllm_ring_keys_f16, __half)
 RING_KEYS(infllm_ring_keys_bf16, __nv_bfloat16)
 
-// Ring metadata: one block per run copies the mass plane to the undo plane, then writes
-// each new token's page slot and a zero mass.
+// Ring metadata: one block per run copies the mass plane to the undo plane and its start
+// to the flag word, then writes each new token's page slot and a zero mass.
 extern "C" __global__ void infllm_ring_meta(u32* m, const u32* dst, const u32* runs, int S, int W,
                                             int H, int T_rows, u32 P) {
   const u32* r = runs + 4 * blockIdx.x;
   const u32 o = r[0], start = r[1], n = r[2], row = r[3];
   if (n == 0 || o >= (u32)S || row + n > (u32)T_rows) return;
   const size_t plane = (size_t)W * H;
-  u32* base = m + (size_t)o * 3 * plane;
+  u32* base = m + (size_t)o * 4 * plane;
   for (size_t i = threadIdx.x; i < plane; i += blockDim.x) base[2 * plane + i] = base[plane + i];
+  if (threadIdx.x == 0) base[3 * plane] = start;
   __syncthreads();
   const u32 j0 = n > (u32)W ? n - W : 0;
   for (size_t i = threadIdx.x; i < (size_t)(n - j0) * H; i += blockDim.x) {
@@ -118,7 +119,7 @@ __device__ void window_mass(u32* m, const T* ring, const T* q, const float* lse,
     }
   }
   const size_t plane = (size_t)W * H;
-  u32* mp = m + (size_t)o * 3 * plane + plane + (size_t)(t % W) * H + h;
+  u32* mp = m + (size_t)o * 4 * plane + plane + (size_t)(t % W) * H + h;
   *mp = __float_as_uint(__uint_as_float(*mp) + total);
 }
 
@@ -155,7 +156,7 @@ __device__ void finalize(T* rep, const T* ring, const u32* m, const u32* runs, i
   const u32 b0 = e - block;
   const int h = blockIdx.y, lane = threadIdx.x;
   const size_t plane = (size_t)W * H;
-  const u32* base = m + (size_t)o * 3 * plane;
+  const u32* base = m + (size_t)o * 4 * plane;
   for (int x = lane; x < block; x += 32) chosen[x] = 0;
   __syncwarp();
   for (int k = 0; k < repr; ++k) {
@@ -289,6 +290,18 @@ extern "C" __global__ void infllm_mass_add(u32* m, const float* add, int W, int 
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= L * H) return;
   const size_t plane = (size_t)W * H;
-  u32* mp = m + (size_t)o * 3 * plane + plane + (size_t)((first + i / H) % W) * H + i % H;
+  u32* mp = m + (size_t)o * 4 * plane + plane + (size_t)((first + i / H) % W) * H + i % H;
   *mp = __float_as_uint(__uint_as_float(*mp) + add[i]);
+}
+
+// Restore: one block; when the flag word says the undo plane was written by the call
+// that started at `start`, copies it over the masses and clears the flag.
+extern "C" __global__ void infllm_restore(u32* m, int W, int H, u32 o, u32 start) {
+  const size_t plane = (size_t)W * H;
+  u32* base = m + (size_t)o * 4 * plane;
+  const bool hit = base[3 * plane] == start;
+  __syncthreads();
+  if (!hit) return;
+  for (size_t i = threadIdx.x; i < plane; i += blockDim.x) base[plane + i] = base[2 * plane + i];
+  if (threadIdx.x == 0) base[3 * plane] = SPIN_NONE;
 }

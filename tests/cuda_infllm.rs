@@ -4,8 +4,8 @@
 //! copy of the CPU state on the GPU, and its result is compared with the CPU's. Fresh
 //! outputs are poisoned (NaN / NONE) before the kernels run.
 //!
-//! Tolerances: ring writes, slots, undo planes, representatives, pages and top-k
-//! bit-exact; masses within 2e-5·(1 + |x|) and block scores within 1e-4·(1 + |x|) (f32
+//! Tolerances: ring writes, slots, undo planes, restores, representatives, pages and
+//! top-k bit-exact; masses within 2e-5·(1 + |x|) and block scores within 1e-4·(1 + |x|) (f32
 //! summation order).
 #![cfg(feature = "cuda")]
 
@@ -30,15 +30,16 @@ fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     }
 }
 
-/// Mass planes as f32, slots and undo planes as bits, of `[S, 3, ring, Hkv]` u32.
+/// Slot and flag planes as bits, mass and undo planes as f32, of `[S, 4, ring, Hkv]` u32.
 fn planes(m: &Tensor) -> (Vec<u32>, Vec<f32>) {
     let v = u32s(m);
     let (s, _, w, h) = m.dims4().unwrap();
     let plane = w * h;
     let (mut exact, mut mass) = (Vec::new(), Vec::new());
     for o in 0..s {
-        let base = o * 3 * plane;
+        let base = o * 4 * plane;
         exact.extend_from_slice(&v[base..base + plane]);
+        exact.extend_from_slice(&v[base + 3 * plane..base + 4 * plane]);
         mass.extend(v[base + plane..base + 2 * plane].iter().map(|&b| f32::from_bits(b)));
         mass.extend(v[base + 2 * plane..base + 3 * plane].iter().map(|&b| f32::from_bits(b)));
     }
@@ -67,7 +68,7 @@ fn infllm_ops_match_cpu() {
         let cpu = Device::Cpu;
         let garbage = |r: &mut rand::rngs::StdRng, dims: &[usize]| randn(r, dims, 1.0).to_dtype(dt).unwrap();
         let ring_k = garbage(&mut r, &[s, geo.ring, hkv, d]);
-        let ring_m = Tensor::zeros((s, 3, geo.ring, hkv), DType::U32, &cpu).unwrap();
+        let ring_m = Tensor::zeros((s, 4, geo.ring, hkv), DType::U32, &cpu).unwrap();
         let repr = garbage(&mut r, &[slots, kpp, d]);
         // Owners 0, 2, 3 (1 and 4 idle), each with its own page slots.
         let owners = [0u32, 2, 3];
@@ -141,6 +142,15 @@ fn infllm_ops_match_cpu() {
                 bits(&repr.to_dtype(DType::F32).unwrap()),
                 "{what}: repr"
             );
+            // Restore (an aborted step): owner 2's latest write, and a start no write had.
+            if step % 7 == 3 {
+                let gm = on(&ring_m);
+                for (o, start) in [(2u32, lens[1]), (3, lens[2] + 1)] {
+                    ops::infllm_restore(&gm, o, start).unwrap();
+                    ops::infllm_restore(&ring_m, o, start).unwrap();
+                }
+                assert_eq!(u32s(&gm), u32s(&ring_m), "{what}: restore");
+            }
             for (i, ru) in runs.iter().enumerate() {
                 lens[i] += ru.n;
             }
@@ -181,10 +191,10 @@ fn mass_add_matches_cpu() {
     let dev = gpu();
     let mut r = rng(3);
     let (s, w, h) = (3usize, 37usize, 5usize);
-    let init: Vec<u32> = (0..s * 3 * w * h)
+    let init: Vec<u32> = (0..s * 4 * w * h)
         .map(|_| r.random_range(-2.0f32..2.0).to_bits())
         .collect();
-    let ring = Tensor::from_vec(init, (s, 3, w, h), &Device::Cpu).unwrap();
+    let ring = Tensor::from_vec(init, (s, 4, w, h), &Device::Cpu).unwrap();
     for (owner, first, l) in [(1u32, 30usize, 20usize), (2, 0, 37), (0, 74, 1)] {
         let add = randn(&mut r, &[l, h], 1.0);
         let g = ring.to_device(&dev).unwrap();

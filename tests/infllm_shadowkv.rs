@@ -502,3 +502,47 @@ fn index_errors_keep_the_state() {
         assert_eq!(sel(clean.as_mut()), sel(failed.as_mut()), "{}", clean.name());
     }
 }
+
+/// `ops::infllm_restore` rolls an owner's masses back only when its latest ring write is
+/// the one that started at the given position (what a step whose device work never ran —
+/// a failed graph capture — must leave alone), and only once.
+#[test]
+fn infllm_restore_rolls_back_only_the_write_it_names() {
+    use spinkv::ops::{infllm_restore, infllm_ring_write, NONE};
+    use spinkv::partition::TokenRun;
+    let dev = candle_core::Device::Cpu;
+    let (s, w, h, d) = (2usize, 6usize, 2usize, 4usize);
+    let ring_k = Tensor::zeros((s, w, h, d), DType::F32, &dev).unwrap();
+    // Masses 1.0 everywhere, then a write at position 9 for owner 1.
+    let ones = vec![1f32.to_bits(); s * 4 * w * h];
+    let ring_m = Tensor::from_vec(ones, (s, 4, w, h), &dev).unwrap();
+    let k = Tensor::zeros((1, h, d), DType::F32, &dev).unwrap();
+    let dst = Tensor::from_vec(vec![NONE; h], (1, h), &dev).unwrap();
+    let run = [TokenRun {
+        seq: 5,
+        start: 9,
+        n: 1,
+        row: 0,
+        owner: 1,
+    }];
+    infllm_ring_write(&ring_k, &ring_m, &k, &dst, &TokenRun::table(&run, &dev).unwrap(), 4).unwrap();
+    let plane = w * h;
+    let mass = |m: &Tensor| -> Vec<u32> { u32s(m)[4 * plane + plane..4 * plane + 2 * plane].to_vec() };
+    let written = mass(&ring_m);
+    assert_eq!(
+        written.iter().filter(|&&x| x == 0).count(),
+        h,
+        "the new token's mass is zeroed"
+    );
+    // Another position: nothing changes.
+    infllm_restore(&ring_m, 1, 8).unwrap();
+    assert_eq!(mass(&ring_m), written);
+    // The write's own position: the masses before it come back, once.
+    infllm_restore(&ring_m, 1, 9).unwrap();
+    assert!(mass(&ring_m).iter().all(|&x| x == 1f32.to_bits()));
+    assert_eq!(u32s(&ring_m)[4 * plane + 3 * plane], NONE, "the flag is cleared");
+    // Owner 0 was never written: untouched by either call.
+    assert!(u32s(&ring_m)[..plane * 3].iter().all(|&x| x == 1f32.to_bits()));
+    let e = infllm_restore(&ring_m, 2, 9).unwrap_err().to_string();
+    assert!(e.contains("infllm_restore") && e.contains("owner 2"), "{e}");
+}

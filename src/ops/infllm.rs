@@ -2,9 +2,12 @@
 //! device work only (padded decode steps and CUDA graphs can run them).
 //!
 //! **State.** Per (layer, owner) a *ring* of the latest `ring` tokens: their post-RoPE
-//! keys `ring_k` `[S, ring, Hkv, D]` (cache dtype) and three u32 planes `ring_m`
-//! `[S, 3, ring, Hkv]`: the host slot of each token's page, its attention mass (f32 bits)
-//! and the mass before the latest index call (f32 bits, to roll an aborted step back).
+//! keys `ring_k` `[S, ring, Hkv, D]` (cache dtype) and four u32 planes `ring_m`
+//! `[S, 4, ring, Hkv]`: the host slot of each token's page, its attention mass (f32 bits),
+//! the masses before the latest ring write (f32 bits, the *undo plane*), and in the first
+//! word of the fourth plane the `start` of that write ([`NONE`] once restored): an
+//! aborted step is rolled back by [`infllm_restore`] on the device, where the undo plane
+//! is known to belong to the step.
 //! Token `t` lives at ring entry `t % ring`. Per host slot, the representative keys
 //! `repr` `[slots, kpp, D]`: a block's `r`-th representative key (of KV head `h`) lives in
 //! the page slot of its `r / kpp`-th page (in head `h`), at index `r % kpp`, with
@@ -112,7 +115,7 @@ fn check_runs(op: &'static str, runs: &Tensor, device: &candle_core::Device) -> 
     Ok(runs.dim(0)?)
 }
 
-/// `ring_k` `[S, ring, Hkv, D]` and `ring_m` `[S, 3, ring, Hkv]` u32; returns
+/// `ring_k` `[S, ring, Hkv, D]` and `ring_m` `[S, 4, ring, Hkv]` u32; returns
 /// `(S, ring, Hkv, D)`.
 fn check_ring(op: &'static str, ring_k: &Tensor, ring_m: &Tensor) -> Result<(usize, usize, usize, usize)> {
     util::check_shape(op, "ring_k", ring_k, &[None, None, None, None], "[S, ring, Hkv, D]")?;
@@ -122,8 +125,8 @@ fn check_ring(op: &'static str, ring_k: &Tensor, ring_m: &Tensor) -> Result<(usi
         op,
         "ring_m",
         ring_m,
-        &[Some(s), Some(3), Some(w), Some(h)],
-        &format!("[{s}, 3, {w}, {h}]"),
+        &[Some(s), Some(4), Some(w), Some(h)],
+        &format!("[{s}, 4, {w}, {h}]"),
     )?;
     util::check_dtype(op, "ring_m", ring_m, &[DType::U32])?;
     util::check_device(op, ring_k.device(), &[("ring_m", ring_m)])?;
@@ -160,6 +163,7 @@ const FINALIZE: &str = "infllm_finalize";
 const SCORES: &str = "infllm_block_scores";
 const PAGES: &str = "infllm_pages";
 const MASS_ADD: &str = "infllm_mass_add";
+const RESTORE: &str = "infllm_restore";
 
 struct RingKeys {
     runs: Tensor,
@@ -233,8 +237,9 @@ impl InplaceOp2 for RingMeta {
             if n == 0 {
                 continue;
             }
-            let base = o * 3 * plane;
+            let base = o * 4 * plane;
             m.copy_within(base + plane..base + 2 * plane, base + 2 * plane);
+            m[base + 3 * plane] = start as u32;
             for j in first_kept(n, w)..n {
                 let e = (start + j) % w;
                 for hh in 0..h {
@@ -265,10 +270,10 @@ impl InplaceOp2 for RingMeta {
 
 /// Writes the runs' new tokens into the ring, in place: their keys into `ring_k`, their
 /// page slots (`dst / page_size`, `NONE` kept) and a zero mass into `ring_m`, after
-/// copying each run's masses to the undo plane.
+/// copying each run's masses to the undo plane and its `start` to the flag word.
 ///
 /// # Arguments
-/// * `ring_k` — `[S, ring, Hkv, D]`, same dtype as `k`; `ring_m` — `[S, 3, ring, Hkv]` u32.
+/// * `ring_k` — `[S, ring, Hkv, D]`, same dtype as `k`; `ring_m` — `[S, 4, ring, Hkv]` u32.
 /// * `k` — `[T, Hkv, D]` post-RoPE keys; `dst` — `[T, Hkv]` u32 `slot · P + row`.
 /// * `runs` — `[R, 4]` u32 (module docs).
 pub fn infllm_ring_write(
@@ -354,7 +359,7 @@ fn mass_cpu<T: Elem>(
                             sum += (dot(qv, kv) * scale - lse[j * hq + qh]).exp();
                         }
                     }
-                    out.push((o * 3 * plane + plane + (t % w) * h + hh, sum));
+                    out.push((o * 4 * plane + plane + (t % w) * h + hh, sum));
                 }
             }
             out
@@ -420,7 +425,7 @@ impl InplaceOp3 for WindowMass {
 /// be in the ring already ([`infllm_ring_write`]).
 ///
 /// # Arguments
-/// * `ring_m` — `[S, 3, ring, Hkv]` u32; `ring_k` — `[S, ring, Hkv, D]`.
+/// * `ring_m` — `[S, 4, ring, Hkv]` u32; `ring_k` — `[S, ring, Hkv, D]`.
 /// * `q` — `[T, Hq, D]` post-RoPE queries (`Hq` a multiple of `Hkv`), same dtype as `ring_k`.
 /// * `runs` — `[R, 4]` u32, no run longer than `max_n` tokens.
 pub fn infllm_window_mass(
@@ -484,7 +489,7 @@ impl InplaceOp2 for MassAdd {
         }
         let plane = w * h;
         for (i, x) in add.iter().enumerate() {
-            let at = m0 + o * 3 * plane + plane + ((self.first + i / h) % w) * h + i % h;
+            let at = m0 + o * 4 * plane + plane + ((self.first + i / h) % w) * h + i % h;
             if at < m1 {
                 m[at] = (f32::from_bits(m[at]) + x).to_bits();
             }
@@ -509,14 +514,14 @@ impl InplaceOp2 for MassAdd {
 /// batched matrix products).
 ///
 /// # Arguments
-/// * `ring_m` — `[S, 3, ring, Hkv]` u32; `add` — `[L, Hkv]` f32, `L <= ring`.
+/// * `ring_m` — `[S, 4, ring, Hkv]` u32; `add` — `[L, Hkv]` f32, `L <= ring`.
 pub fn infllm_mass_add(ring_m: &Tensor, add: &Tensor, owner: u32, first: usize) -> Result<()> {
     util::check_shape(
         MASS_ADD,
         "ring_m",
         ring_m,
-        &[None, Some(3), None, None],
-        "[S, 3, ring, Hkv]",
+        &[None, Some(4), None, None],
+        "[S, 4, ring, Hkv]",
     )?;
     util::check_dtype(MASS_ADD, "ring_m", ring_m, &[DType::U32])?;
     let (s, _, w, h) = ring_m.dims4()?;
@@ -532,6 +537,71 @@ pub fn infllm_mass_add(ring_m: &Tensor, add: &Tensor, owner: u32, first: usize) 
         );
     }
     ring_m.inplace_op2(add, &MassAdd { owner, first })?;
+    Ok(())
+}
+
+struct Restore {
+    owner: u32,
+    start: u32,
+}
+
+impl candle_core::InplaceOp1 for Restore {
+    fn name(&self) -> &'static str {
+        RESTORE
+    }
+
+    fn cpu_fwd(&self, m: &mut CpuStorage, ml: &Layout) -> candle_core::Result<()> {
+        let (_, _, w, h) = ml.shape().dims4()?;
+        let (m0, m1) = util::contiguous_range(RESTORE, ml)?;
+        let CpuStorage::U32(m) = m else {
+            candle_core::bail!("{RESTORE}: ring_m must be u32");
+        };
+        let plane = w * h;
+        let base = m0 + self.owner as usize * 4 * plane;
+        if base + 4 * plane > m1 {
+            candle_core::bail!("{RESTORE}: owner {} out of range", self.owner);
+        }
+        if m[base + 3 * plane] == self.start {
+            m.copy_within(base + 2 * plane..base + 3 * plane, base + plane);
+            m[base + 3 * plane] = NONE;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, m: &mut candle_core::CudaStorage, ml: &Layout) -> candle_core::Result<()> {
+        crate::ops::cuda::infllm::restore(m, ml, self.owner, self.start)
+    }
+}
+
+/// Rolls `owner`'s masses back, in place, when its latest ring write started at `start`
+/// (the flag word says so, on the device): the undo plane is copied over the masses and
+/// the flag cleared. Otherwise nothing changes — the write that step would have made never
+/// ran (a failed capture), or an earlier step's snapshot is there.
+///
+/// # Arguments
+/// * `ring_m` — `[S, 4, ring, Hkv]` u32 (one layer's).
+pub fn infllm_restore(ring_m: &Tensor, owner: u32, start: usize) -> Result<()> {
+    util::check_shape(
+        RESTORE,
+        "ring_m",
+        ring_m,
+        &[None, Some(4), None, None],
+        "[S, 4, ring, Hkv]",
+    )?;
+    util::check_dtype(RESTORE, "ring_m", ring_m, &[DType::U32])?;
+    util::check_contiguous(RESTORE, &[("ring_m", ring_m)])?;
+    if owner as usize >= ring_m.dim(0)? || start >= NONE as usize {
+        crate::invalid!(
+            RESTORE,
+            "owner {owner} or start {start} out of range for ring_m {:?}",
+            ring_m.dims()
+        );
+    }
+    ring_m.inplace_op1(&Restore {
+        owner,
+        start: start as u32,
+    })?;
     Ok(())
 }
 
@@ -588,7 +658,7 @@ impl InplaceOp3 for Finalize {
         util::with_float_storages!(FINALIZE, (rep, r) => |rep, ring| {
             let (rep, ring) = (&mut rep[p0..p1], &ring[r0..r1]);
             for &[o, start, n, _] in &runs {
-                let base = o * 3 * plane;
+                let base = o * 4 * plane;
                 for e in finalized_ends(&geo, start, n) {
                     let b0 = e - geo.block;
                     for hh in 0..h {
@@ -631,7 +701,7 @@ impl InplaceOp3 for Finalize {
 ///
 /// # Arguments
 /// * `repr` — `[slots, kpp, D]` (kpp = [`InfLlmGeometry::keys_per_page`]), ring_k's dtype.
-/// * `ring_k` — `[S, ring, Hkv, D]`; `ring_m` — `[S, 3, ring, Hkv]` u32.
+/// * `ring_k` — `[S, ring, Hkv, D]`; `ring_m` — `[S, 4, ring, Hkv]` u32.
 /// * `runs` — `[R, 4]` u32, no run longer than `max_n` tokens.
 pub fn infllm_finalize(
     repr: &Tensor,

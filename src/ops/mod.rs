@@ -38,8 +38,8 @@ pub use attention::{sparse_paged_attention, AttentionPartial, PageList};
 pub use decode_plan::{expand_decode_plan, PlanWords};
 pub use graph::{cuda_device, profiler_range, StepGraph};
 pub use infllm::{
-    infllm_block_scores, infllm_finalize, infllm_mass_add, infllm_pages, infllm_ring_write, infllm_window_mass,
-    InfLlmGeometry,
+    infllm_block_scores, infllm_finalize, infllm_mass_add, infllm_pages, infllm_restore, infllm_ring_write,
+    infllm_window_mass, InfLlmGeometry,
 };
 pub use merge::merge_partials;
 pub use model_ops::{add_rms_norm, logits_f32, rms_norm, silu_mul};

@@ -12,13 +12,20 @@
 //! A block is finalized when its last token leaves the window of every later query.
 //!
 //! An aborted step is rolled back exactly when its run fitted in one round (every decode
-//! step does): the masses are restored from the ring's undo plane. A longer aborted run
-//! (a prefill chunk of more than [`InfLlmGeometry::max_run`] tokens) cannot be: the
-//! sequence's later steps then fail with an error naming it.
+//! step does): the masses are restored on the device from the ring's undo plane, where
+//! its flag shows that the step's write ran. A longer aborted run (a prefill chunk of more
+//! than [`InfLlmGeometry::max_run`] tokens, past the first) cannot be: the sequence's
+//! later steps then fail with an error naming it.
+//!
+//! Memory: the ring takes `L · max_sequences · (window + block + 256) · Hkv · D` elements
+//! of the cache dtype (at the 8B shape, budget 2048 and 7 sequences: 0.4 GB; with the
+//! default 4096-token window and 64 sequences: 19 GB), and the representative keys
+//! `total_pages · kpp · D`.
 
 use super::{forced_pages, IndexInput, SelectInput, Selection, SparseAlgorithm, TokenRun};
 use crate::ops::infllm::{
-    infllm_block_scores, infllm_finalize, infllm_mass_add, infllm_pages, infllm_ring_write, infllm_window_mass,
+    infllm_block_scores, infllm_finalize, infllm_mass_add, infllm_pages, infllm_restore, infllm_ring_write,
+    infllm_window_mass,
 };
 use crate::ops::{topk_indices, InfLlmGeometry};
 use crate::{CacheConfig, Error, Result};
@@ -91,18 +98,18 @@ impl InfLlmConfig {
 struct State {
     /// `[L, S, ring, Hkv, D]` keys of the latest tokens (cache dtype).
     ring_k: Tensor,
-    /// `[L, S, 3, ring, Hkv]` u32: page slot, mass (f32 bits), mass before the latest
-    /// index call (f32 bits).
+    /// `[L, S, 4, ring, Hkv]` u32: page slot, mass (f32 bits), masses before the latest
+    /// ring write (f32 bits), and that write's start in the fourth plane's first word.
     ring_m: Tensor,
     /// `[slots, kpp, D]` representative keys by page slot (cache dtype).
     repr: Tensor,
     geo: InfLlmGeometry,
 }
 
-/// The latest `index` call of one (layer, sequence) this host saw.
+/// The latest `index` call of one (layer, sequence) this host made (recorded before its
+/// device work, so that a call that failed part-way is known too).
 #[derive(Debug, Clone, Copy)]
 struct LastIndex {
-    owner: u32,
     start: usize,
     n: usize,
 }
@@ -115,6 +122,8 @@ pub struct InfLlm {
     scale: f32,
     state: Option<State>,
     last: HashMap<(usize, u64), LastIndex>,
+    /// The owner index of every sequence indexed.
+    owners: HashMap<u64, u32>,
     /// Sequences whose state an aborted step left unrecoverable.
     broken: HashSet<u64>,
 }
@@ -149,6 +158,7 @@ impl InfLlm {
             scale: 1.0,
             state: None,
             last: HashMap::new(),
+            owners: HashMap::new(),
             broken: HashSet::new(),
         })
     }
@@ -238,7 +248,7 @@ impl InfLlm {
         Ok(())
     }
 
-    /// Adds to the layer's ring (`rk` `[S, ring, Hkv, D]`, `rm` `[S, 3, ring, Hkv]`) the
+    /// Adds to the layer's ring (`rk` `[S, ring, Hkv, D]`, `rm` `[S, 4, ring, Hkv]`) the
     /// mass run `r`'s queries (rows of `q` `[T, Hq, D]`) give the keys of their windows,
     /// with batched products over the run's queries and the keys they see (the run's keys
     /// are in the ring already): per KV head `[G·n, D] × [D, Lk]`, masked to each query's
@@ -282,18 +292,6 @@ impl InfLlm {
         let mass = candle_nn::ops::softmax_last_dim(&logits)?.sum(2)?.sum(1)?; // [Hkv, Lk]
         infllm_mass_add(rm, &mass.t()?.contiguous()?, r.owner, lo)
     }
-
-    /// Restores the masses of (`layer`, `owner`) from the undo plane.
-    fn restore(&self, layer: usize, owner: u32) -> Result<()> {
-        let st = self.state()?;
-        let plane = st.geo.ring * self.kv_heads;
-        let s = st.ring_m.dim(1)?;
-        let at = ((layer * s + owner as usize) * 3 + 1) * plane;
-        let flat = st.ring_m.flatten_all()?;
-        let undo = flat.narrow(0, at + plane, plane)?.copy()?;
-        flat.slice_set(&undo, 0, at)?;
-        Ok(())
-    }
 }
 
 impl SparseAlgorithm for InfLlm {
@@ -330,7 +328,7 @@ impl SparseAlgorithm for InfLlm {
         self.scale = 1.0 / (d as f32).sqrt();
         self.state = Some(State {
             ring_k: Tensor::zeros((l, s, geo.ring, h, d), cfg.dtype, dev)?,
-            ring_m: Tensor::zeros((l, s, 3, geo.ring, h), DType::U32, dev)?,
+            ring_m: Tensor::zeros((l, s, 4, geo.ring, h), DType::U32, dev)?,
             repr: Tensor::zeros((cfg.total_pages(), geo.keys_per_page(), d), cfg.dtype, dev)?,
             geo,
         });
@@ -348,22 +346,18 @@ impl SparseAlgorithm for InfLlm {
             return Ok(());
         }
         self.check_live("InfLlm::index", input.runs.iter().map(|r| r.seq))?;
+        for r in input.runs {
+            let last = LastIndex { start: r.start, n: r.n };
+            self.last.insert((input.layer, r.seq), last);
+            self.owners.insert(r.seq, r.owner);
+        }
         let max_n = input.runs.iter().map(|r| r.n).max().unwrap_or(0);
         if max_n <= 1 {
             // Decode: the step's own table, device ops only (the form a padded step has).
-            self.round(input.layer, input, input.runs_table, max_n)?;
+            self.round(input.layer, input, input.runs_table, max_n)
         } else {
-            self.prefill_rounds(input, max_n)?;
+            self.prefill_rounds(input, max_n)
         }
-        for r in input.runs {
-            let last = LastIndex {
-                owner: r.owner,
-                start: r.start,
-                n: r.n,
-            };
-            self.last.insert((input.layer, r.seq), last);
-        }
-        Ok(())
     }
 
     fn select(&mut self, input: &SelectInput<'_>) -> Result<Selection> {
@@ -381,28 +375,35 @@ impl SparseAlgorithm for InfLlm {
 
     fn forget(&mut self, seq: u64) {
         self.last.retain(|&(_, s), _| s != seq);
+        self.owners.remove(&seq);
         self.broken.remove(&seq);
     }
 
+    /// Every layer's masses are rolled back on the device where its latest ring write was
+    /// this step's ([`infllm_restore`]: a step whose device work never ran, such as a
+    /// failed graph capture, is left alone). A step that indexed a run of more than one
+    /// round cannot be rolled back: the sequence is marked, and its later steps fail.
     fn truncate(&mut self, seq: u64, len: usize) {
-        let Ok(cap) = self.state().map(|s| s.geo.max_run()) else {
+        let (Some(&owner), Ok(st)) = (self.owners.get(&seq), self.state()) else {
             return;
         };
-        let layers: Vec<(usize, LastIndex)> = self
+        let cap = st.geo.max_run();
+        let mut exact = true;
+        for layer in 0..st.ring_m.dim(0).unwrap_or(0) {
+            let restored = st
+                .ring_m
+                .get(layer)
+                .map_err(Error::from)
+                .and_then(|rm| infllm_restore(&rm, owner, len));
+            exact &= restored.is_ok();
+        }
+        let long = self
             .last
             .iter()
-            .filter(|(&(_, s), l)| s == seq && l.start + l.n > len)
-            .map(|(&(layer, _), &l)| (layer, l))
-            .collect();
-        for (layer, l) in layers {
-            // The layer indexed the aborted step: roll its masses back if that step was
-            // one round starting at `len`.
-            let exact = l.start == len && l.n <= cap && self.restore(layer, l.owner).is_ok();
-            if exact {
-                self.last.remove(&(layer, seq));
-            } else {
-                self.broken.insert(seq);
-            }
+            .any(|(&(_, s), l)| s == seq && l.start == len && l.n > cap);
+        if !exact || (long && len > 0) {
+            self.broken.insert(seq);
         }
+        self.last.retain(|&(_, s), l| s != seq || l.start + l.n <= len);
     }
 }

@@ -304,3 +304,14 @@ pub(crate) fn mass_add(
         (first % w) as u32
     )
 }
+
+pub(crate) fn restore(m: &mut CudaStorage, ml: &Layout, owner: u32, start: u32) -> Result<()> {
+    let (s, _, w, h) = ml.shape().dims4()?;
+    if owner as usize >= s {
+        candle_core::bail!("{OP}: owner {owner} out of range ({s} owners)");
+    }
+    let dev = m.device().clone();
+    let mp = ptr_mut(OP, m, ml)?;
+    let f = func(&dev, &INFLLM, "infllm_restore")?;
+    launch!(f, super::cfg(1, 256, 0), mp, w as i32, h as i32, owner, start)
+}
