@@ -30,7 +30,7 @@ for f in "$here"/*.xz; do xz -dc "$f" > "$bin/$(basename "$f" .xz)"; chmod +x "$
 what=${1:-all}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  for t in tiered_attention quest_q8 cuda_ops cuda_cache cuda_tiered cuda_pinned device_lru device_lru_direct fast_homes device_tables model_ops logits_f32 sample_rows prefill_attention cuda_graphs; do
+  for t in tiered_attention quest_q8 cuda_ops cuda_infllm cuda_cache cuda_tiered cuda_pinned device_lru device_lru_direct fast_homes device_tables model_ops logits_f32 sample_rows prefill_attention cuda_graphs; do
     "$bin/$t" --nocapture 2>&1 | tee "$OUT/$t.txt" | grep -E "test result|panicked|FAILED|error" 
   done
 fi
