@@ -218,21 +218,9 @@ impl SpinCache {
             ops::paged_append(&self.fast_pool, &k_rot, &v, &fast_dst)?;
         }
         let minmax_updated = minmax.is_some();
-        let runs: Vec<TokenRun> = step
-            .entries
-            .iter()
-            .zip(&step.plan.owner_ids)
-            .map(|(e, &owner)| TokenRun {
-                seq: e.seq,
-                start: e.start,
-                n: e.n,
-                row: e.row,
-                owner,
-            })
-            .collect();
         self.algo.index(&IndexInput {
             layer,
-            runs: &runs,
+            runs: &step.plan.token_runs,
             runs_table: &step.plan.runs,
             q: &q_rot,
             k: &k_rot,

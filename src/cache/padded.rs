@@ -169,6 +169,7 @@ impl SpinCache {
             none: view(lay.none, b * hkv)?.reshape((b, hkv))?,
             table_rows: view(lay.table_rows, plane)?.reshape((layers, b, hkv, 1))?,
             owners: view(lay.owners, b)?.reshape((b, 1, 1))?,
+            token_runs: super::plan::token_runs(&entries, &owner_ids),
             owner_ids,
             runs: view(lay.runs, 4 * b)?.reshape((b, 4))?,
             page_ids: Some(view(lay.page_ids, shape.pages)?),

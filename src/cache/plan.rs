@@ -30,6 +30,8 @@ pub(super) struct StepPlan {
     pub owners: Tensor,
     /// The same owner indices on the host (for requests built from host lists).
     pub owner_ids: Vec<u32>,
+    /// The real entries as the algorithms see them (owners included), built once.
+    pub token_runs: Vec<TokenRun>,
     /// `[S, 4]` u32 runs table `(owner, start, n, row)` of the entries
     /// ([`TokenRun::table`]; padding entries have `n = 0`).
     pub runs: Tensor,
@@ -64,6 +66,21 @@ pub(super) struct PlanVectors {
     pub dst: Vec<u32>,
     pub table_rows: Vec<u32>,
     pub owners: Vec<u32>,
+}
+
+/// The entries as [`TokenRun`]s, with their owner indices (`owners[i]` is entry `i`'s).
+pub(super) fn token_runs(entries: &[StepEntry], owners: &[u32]) -> Vec<TokenRun> {
+    entries
+        .iter()
+        .zip(owners)
+        .map(|(e, &owner)| TokenRun {
+            seq: e.seq,
+            start: e.start,
+            n: e.n,
+            row: e.row,
+            owner,
+        })
+        .collect()
 }
 
 impl SpinCache {
@@ -137,19 +154,10 @@ impl SpinCache {
                 Some(Tensor::from_vec(e, decode.len(), dev)?),
             )
         };
-        let runs: Vec<TokenRun> = entries
-            .iter()
-            .zip(&v.owners)
-            .map(|(e, &owner)| TokenRun {
-                seq: e.seq,
-                start: e.start,
-                n: e.n,
-                row: e.row,
-                owner,
-            })
-            .collect();
+        let token_runs = token_runs(entries, &v.owners);
         Ok(StepPlan {
-            runs: TokenRun::table(&runs, dev)?,
+            runs: TokenRun::table(&token_runs, dev)?,
+            token_runs,
             dst: Tensor::from_vec(v.dst, shape, dev)?,
             dst_slots: Tensor::from_vec(v.slots, shape, dev)?,
             dst_rows: Tensor::from_vec(v.rows, shape, dev)?,
