@@ -1,7 +1,7 @@
 //! The attention masses of the windows ([`infllm_window_mass`]) and the finalization of
 //! the blocks they complete ([`infllm_finalize`]).
 
-use super::{check_max_n, check_ring, check_runs, read_runs, util, InfLlmGeometry, FINALIZE, MASS};
+use super::{check_max_n, check_ring, check_runs, read_runs, ring_words, util, InfLlmGeometry, FINALIZE, MASS};
 use crate::ops::util::Elem;
 use crate::ops::NONE;
 use crate::Result;
@@ -90,12 +90,8 @@ impl InplaceOp3 for WindowMass {
         let runs = read_runs(MASS, &self.runs, s, Some(t))?;
         check_max_n(MASS, &runs, self.max_n)?;
         let qv = util::float_values(MASS, q, ql)?;
-        let (m0, m1) = util::contiguous_range(MASS, ml)?;
         let (r0, r1) = util::contiguous_range(MASS, rl)?;
-        let CpuStorage::U32(m) = m else {
-            candle_core::bail!("{MASS}: ring_m must be u32");
-        };
-        let m = &mut m[m0..m1];
+        let m = ring_words(MASS, m, ml)?;
         let dims = (w, h, d, hq);
         match r {
             CpuStorage::F32(r) => mass_cpu(m, &r[r0..r1], &qv, &runs, dims, self.window, self.scale),

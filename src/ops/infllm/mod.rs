@@ -38,7 +38,7 @@ pub use select::{infllm_block_scores, infllm_pages};
 
 use super::util;
 use crate::Result;
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Tensor};
 
 /// Words per run of a runs table: owner, start, n, row.
 pub const RUN_WORDS: usize = 4;
@@ -153,6 +153,15 @@ fn read_runs(op: &str, runs: &Tensor, owners: usize, rows: Option<usize>) -> can
         }
     }
     Ok(out)
+}
+
+/// The u32 words of a contiguous `ring_m` CPU operand (one layer's planes).
+fn ring_words<'a>(op: &str, m: &'a mut CpuStorage, ml: &Layout) -> candle_core::Result<&'a mut [u32]> {
+    let (m0, m1) = util::contiguous_range(op, ml)?;
+    match m {
+        CpuStorage::U32(m) => Ok(&mut m[m0..m1]),
+        _ => candle_core::bail!("{op}: ring_m must be u32"),
+    }
 }
 
 /// Fails when a run holds more than `max_n` tokens (the bound the CUDA grids are sized by).

@@ -2,7 +2,7 @@
 //! computed itself ([`infllm_mass_add`]) and the roll-back of an aborted step
 //! ([`infllm_restore`]).
 
-use super::{check_ring, check_runs, read_runs, util, MASS_ADD, RESTORE, WRITE};
+use super::{check_ring, check_runs, read_runs, ring_words, util, MASS_ADD, RESTORE, WRITE};
 use crate::ops::NONE;
 use crate::Result;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor};
@@ -69,11 +69,7 @@ impl InplaceOp2 for RingMeta {
         let t = dl.dims()[0];
         let runs = read_runs(WRITE, &self.runs, s, Some(t))?;
         let dst = util::u32_slice(WRITE, dst, dl)?;
-        let (m0, m1) = util::contiguous_range(WRITE, ml)?;
-        let CpuStorage::U32(m) = m else {
-            candle_core::bail!("{WRITE}: ring_m must be u32");
-        };
-        let m = &mut m[m0..m1];
+        let m = ring_words(WRITE, m, ml)?;
         let plane = w * h;
         for &[o, start, n, row] in &runs {
             if n == 0 {
@@ -162,18 +158,15 @@ impl InplaceOp2 for MassAdd {
     fn cpu_fwd(&self, m: &mut CpuStorage, ml: &Layout, a: &CpuStorage, al: &Layout) -> candle_core::Result<()> {
         let (s, _, w, h) = ml.shape().dims4()?;
         let add = util::float_values(MASS_ADD, a, al)?;
-        let (m0, m1) = util::contiguous_range(MASS_ADD, ml)?;
-        let CpuStorage::U32(m) = m else {
-            candle_core::bail!("{MASS_ADD}: ring_m must be u32");
-        };
+        let m = ring_words(MASS_ADD, m, ml)?;
         let o = self.owner as usize;
         if o >= s {
             candle_core::bail!("{MASS_ADD}: owner {o} out of range ({s} owners)");
         }
         let plane = w * h;
         for (i, x) in add.iter().enumerate() {
-            let at = m0 + o * 4 * plane + plane + ((self.first + i / h) % w) * h + i % h;
-            if at < m1 {
+            let at = o * 4 * plane + plane + ((self.first + i / h) % w) * h + i % h;
+            if at < m.len() {
                 m[at] = (f32::from_bits(m[at]) + x).to_bits();
             }
         }
@@ -235,13 +228,10 @@ impl candle_core::InplaceOp1 for Restore {
 
     fn cpu_fwd(&self, m: &mut CpuStorage, ml: &Layout) -> candle_core::Result<()> {
         let (_, _, w, h) = ml.shape().dims4()?;
-        let (m0, m1) = util::contiguous_range(RESTORE, ml)?;
-        let CpuStorage::U32(m) = m else {
-            candle_core::bail!("{RESTORE}: ring_m must be u32");
-        };
+        let m = ring_words(RESTORE, m, ml)?;
         let plane = w * h;
-        let base = m0 + self.owner as usize * 4 * plane;
-        if base + 4 * plane > m1 {
+        let base = self.owner as usize * 4 * plane;
+        if base + 4 * plane > m.len() {
             candle_core::bail!("{RESTORE}: owner {} out of range", self.owner);
         }
         if m[base + 3 * plane] == self.start {
