@@ -2,7 +2,7 @@
 //! finalization, block scores and pages on CUDA (used by the ops of
 //! [`crate::ops::infllm`]).
 
-use super::{alloc, field_ptr, func, launch, ptr, ptr_mut, suffix, INFLLM};
+use super::{alloc, cfg3, field_ptr, func, launch, ptr, ptr_mut, suffix, INFLLM};
 use crate::ops::infllm::InfLlmGeometry;
 use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
@@ -30,11 +30,7 @@ pub(crate) fn ring_keys(r: &mut CudaStorage, rl: &Layout, k: &CudaStorage, kl: &
     let (kp, dev) = (ptr(OP, k, kl)?, super::device(k).clone());
     let pp = ptr_mut(OP, r, rl)?;
     let f = func(&dev, &INFLLM, &name)?;
-    let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-        grid_dim: (grid(OP, "runs", nr)?, grid(OP, "Hkv", h)?, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = cfg3((grid(OP, "runs", nr)?, grid(OP, "Hkv", h)?, 1), THREADS, 0);
     launch!(f, cfg, pp, kp, rp, s as i32, w as i32, h as i32, d as i32, t as i32)
 }
 
@@ -91,11 +87,11 @@ pub(crate) fn window_mass(
     let (qp, kp) = (ptr(OP, q, ql)?, ptr(OP, r, rl)?);
     let (lse, lp) = alloc::<f32>(&dev, nr * max_n * hq)?;
     let f = func(&dev, &INFLLM, &format!("infllm_window_lse_{sfx}"))?;
-    let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-        grid_dim: (grid(OP, "runs", nr)?, grid(OP, "max_n", max_n)?, grid(OP, "Hq", hq)?),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: ((d + 32) * 4) as u32,
-    };
+    let cfg = cfg3(
+        (grid(OP, "runs", nr)?, grid(OP, "max_n", max_n)?, grid(OP, "Hq", hq)?),
+        THREADS,
+        ((d + 32) * 4) as u32,
+    );
     let dims = (
         s as i32,
         w as i32,
@@ -109,11 +105,7 @@ pub(crate) fn window_mass(
     let mp = ptr_mut(OP, m, ml)?;
     let tiles = ((window + max_n) * h).div_ceil(THREADS as usize);
     let f = func(&dev, &INFLLM, &format!("infllm_window_mass_{sfx}"))?;
-    let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-        grid_dim: (grid(OP, "runs", nr)?, grid(OP, "key tiles", tiles)?, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = cfg3((grid(OP, "runs", nr)?, grid(OP, "key tiles", tiles)?, 1), THREADS, 0);
     launch!(f, cfg, mp, kp, qp, lp, rp, dims.0, dims.1, dims.2, dims.3, dims.4, dims.5, dims.6, scale, t as i32)?;
     drop(lse);
     Ok(())
@@ -149,15 +141,15 @@ pub(crate) fn finalize(
     let pp = ptr_mut(OP, rep, pl)?;
     let f = func(&dev, &INFLLM, &name)?;
     let ends = max_n / geo.block + 1;
-    let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-        grid_dim: (
+    let cfg = cfg3(
+        (
             grid(OP, "runs", nr)?,
             grid(OP, "Hkv", h)?,
             grid(OP, "blocks per run", ends)?,
         ),
-        block_dim: (32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+        32,
+        0,
+    );
     launch!(
         f,
         cfg,
@@ -210,11 +202,11 @@ pub(crate) fn block_scores(
         &INFLLM,
         &format!("infllm_block_scores_{}", suffix(OP, q.dtype())?),
     )?;
-    let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-        grid_dim: (grid(OP, "B", b)?, grid(OP, "block tiles", nb.div_ceil(8))?, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let cfg = cfg3(
+        (grid(OP, "B", b)?, grid(OP, "block tiles", nb.div_ceil(8))?, 1),
+        256,
+        smem as u32,
+    );
     launch!(
         f,
         cfg,

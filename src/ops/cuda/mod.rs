@@ -289,6 +289,15 @@ pub(crate) fn alloc<T: drv::DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<(d
     Ok((buf, p))
 }
 
+/// A launch configuration of a 3-D grid of 1-D blocks.
+pub(crate) fn cfg3(grid: (u32, u32, u32), threads: u32, smem: u32) -> drv::LaunchConfig {
+    drv::LaunchConfig {
+        grid_dim: grid,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
 /// A 1-D launch configuration.
 pub(crate) fn cfg(blocks: u32, threads: u32, smem: u32) -> drv::LaunchConfig {
     drv::LaunchConfig {

@@ -3,7 +3,6 @@
 
 use super::{alloc, func, launch, occupancy, ptr, sm_count, suffix, QUEST_SCORE};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
 
 const OP: &str = "quest_page_scores";
@@ -107,11 +106,7 @@ pub(crate) fn quest_page_scores(
         cpb = cpb.min(MAX_CPB / per_round * per_round);
     }
     let bx = n.div_ceil(cpb) as u32;
-    let lc = LaunchConfig {
-        grid_dim: (bx, rows as u32, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let lc = super::cfg3((bx, rows as u32, 1), THREADS, 0);
     launch!(
         f,
         lc,
