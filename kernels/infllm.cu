@@ -40,6 +40,7 @@ extern "C" __global__ void infllm_ring_meta(u32* m, const u32* dst, const u32* r
   if (n == 0 || o >= (u32)S || row + n > (u32)T_rows) return;
   const size_t plane = (size_t)W * H;
   u32* base = m + (size_t)o * 4 * plane;
+#pragma unroll 4
   for (size_t i = threadIdx.x; i < plane; i += blockDim.x) base[2 * plane + i] = base[plane + i];
   if (threadIdx.x == 0) base[3 * plane] = start;
   __syncthreads();
@@ -53,90 +54,88 @@ extern "C" __global__ void infllm_ring_meta(u32* m, const u32* dst, const u32* r
   }
 }
 
-// Window log-sum-exp: grid (R, nmax, Hq), one block per (run, query, query head); each
-// thread scores keys of the window, then the block reduces. lse [R, nmax, Hq].
+// Window mass: grid (R, Hkv), one block per (run, KV head), G <= INFLLM_MAX_GROUP query
+// heads per KV head. For each query of the run in turn: pass 1 takes the log-sum-exp of
+// each of its G heads over its window (every thread scores its keys for all G heads at
+// once), pass 2 scores them again and adds each key's exp(q·k·scale - lse) summed over the
+// heads to its mass (one thread per key entry; __syncthreads orders the queries).
+#define INFLLM_MAX_GROUP SPIN_INFLLM_MAX_GROUP
 template <typename T>
-__device__ void window_lse(float* lse, const T* ring, const T* q, const u32* runs, int S, int W, int H,
-                           int D, int Hq, int nmax, int window, float scale, int T_rows) {
-  extern __shared__ float sq[];  // D floats, then 32 for the reduction
-  const u32* r = runs + 4 * blockIdx.x;
-  const u32 o = r[0], start = r[1], n = r[2], row = r[3];
-  const u32 j = blockIdx.y;
-  const int qh = blockIdx.z;
-  if (n == 0 || j >= n || o >= (u32)S || row + n > (u32)T_rows) return;
-  const int g = Hq / H, h = qh / g;
-  const T* qv = q + ((size_t)(row + j) * Hq + qh) * D;
-  for (int x = threadIdx.x; x < D; x += blockDim.x) sq[x] = to_f32(qv[x]);
-  __syncthreads();
-  const u32 a = start + j;
-  const u32 lo = a + 1 > (u32)window ? a + 1 - window : 0;
-  float mx = -INFINITY, sum = 0.f;
-  for (u32 t = lo + threadIdx.x; t <= a; t += blockDim.x) {
-    const T* kv = ring + (((size_t)o * W + t % W) * H + h) * D;
-    float s = 0.f;
-    for (int x = 0; x < D; ++x) s += sq[x] * to_f32(kv[x]);
-    s *= scale;
-    if (s > mx) {
-      sum = sum * __expf(mx - s) + 1.f;
-      mx = s;
-    } else {
-      sum += __expf(s - mx);
-    }
+__device__ __forceinline__ void group_dots(float* s, const float* sq, const T* kv, int G, int D) {
+#pragma unroll
+  for (int gi = 0; gi < INFLLM_MAX_GROUP; ++gi) s[gi] = 0.f;
+  for (int x = 0; x < D; ++x) {
+    const float kx = to_f32(kv[x]);
+#pragma unroll
+    for (int gi = 0; gi < INFLLM_MAX_GROUP; ++gi)
+      if (gi < G) s[gi] += sq[gi * D + x] * kx;
   }
-  float* sh = sq + D;
-  const float gmx = block_reduce(mx, true, sh);
-  const float part = mx == -INFINITY ? 0.f : sum * __expf(mx - gmx);
-  const float tot = block_reduce(part, false, sh);
-  if (threadIdx.x == 0) lse[((size_t)blockIdx.x * nmax + j) * Hq + qh] = gmx + logf(tot);
 }
 
-// Window mass: grid (R, tiles); thread i of the run's keys×heads range sums, for key t and
-// KV head h, exp(q·k·scale - lse) over the run's queries whose window holds t and the
-// query heads of h, and adds it to the mass plane (one writer per entry).
 template <typename T>
-__device__ void window_mass(u32* m, const T* ring, const T* q, const float* lse, const u32* runs, int S,
-                            int W, int H, int D, int Hq, int nmax, int window, float scale, int T_rows) {
+__device__ void window_mass(u32* m, const T* ring, const T* q, const u32* runs, int S, int W, int H, int D,
+                            int Hq, int window, float scale, int T_rows) {
+  extern __shared__ float sm[];  // G·D query floats, G lse, 32 for the reductions
   const u32* r = runs + 4 * blockIdx.x;
   const u32 o = r[0], start = r[1], n = r[2], row = r[3];
   if (n == 0 || o >= (u32)S || row + n > (u32)T_rows) return;
-  const u32 lo = start + 1 > (u32)window ? start + 1 - window : 0;
-  const size_t count = (size_t)(start + n - lo) * H;
-  const size_t i = (size_t)blockIdx.y * blockDim.x + threadIdx.x;
-  if (i >= count) return;
-  const u32 t = lo + (u32)(i / H);
-  const int h = (int)(i % H), g = Hq / H;
-  const T* kv = ring + (((size_t)o * W + t % W) * H + h) * D;
-  const u32 a0 = t > start ? t : start;
-  const u32 a1 = min(t + (u32)window, start + n);  // exclusive
-  float total = 0.f;
-  for (u32 a = a0; a < a1; ++a) {
-    const u32 j = a - start;
-    for (int qh = h * g; qh < (h + 1) * g; ++qh) {
-      const T* qv = q + ((size_t)(row + j) * Hq + qh) * D;
-      float s = 0.f;
-      for (int x = 0; x < D; ++x) s += to_f32(qv[x]) * to_f32(kv[x]);
-      total += __expf(s * scale - lse[((size_t)blockIdx.x * nmax + j) * Hq + qh]);
+  const int h = blockIdx.y, G = Hq / H;
+  float *sq = sm, *lse = sm + G * D, *red = lse + G;
+  u32* mass = m + (size_t)o * 4 * W * H + (size_t)W * H;
+  const T* keys = ring + (size_t)o * W * H * D;
+  float s[INFLLM_MAX_GROUP];
+  for (u32 j = 0; j < n; ++j) {
+    const u32 a = start + j, lo = a + 1 > (u32)window ? a + 1 - window : 0;
+    __syncthreads();  // the previous query's readers of sq and lse are done
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x)
+      sq[i] = to_f32(q[((size_t)(row + j) * Hq + h * G + i / D) * D + i % D]);
+    __syncthreads();
+    float mx[INFLLM_MAX_GROUP], sum[INFLLM_MAX_GROUP];
+#pragma unroll
+    for (int gi = 0; gi < INFLLM_MAX_GROUP; ++gi) mx[gi] = -INFINITY, sum[gi] = 0.f;
+    for (u32 t = lo + threadIdx.x; t <= a; t += blockDim.x) {
+      group_dots(s, sq, keys + ((size_t)(t % W) * H + h) * D, G, D);
+#pragma unroll
+      for (int gi = 0; gi < INFLLM_MAX_GROUP; ++gi) {
+        if (gi >= G) break;
+        const float v = s[gi] * scale;
+        if (v > mx[gi]) {
+          sum[gi] = sum[gi] * __expf(mx[gi] - v) + 1.f;
+          mx[gi] = v;
+        } else {
+          sum[gi] += __expf(v - mx[gi]);
+        }
+      }
+    }
+#pragma unroll
+    for (int gi = 0; gi < INFLLM_MAX_GROUP; ++gi) {
+      if (gi >= G) break;  // uniform over the block
+      const float gmx = block_reduce(mx[gi], true, red);
+      const float part = mx[gi] == -INFINITY ? 0.f : sum[gi] * __expf(mx[gi] - gmx);
+      const float tot = block_reduce(part, false, red);
+      if (threadIdx.x == 0) lse[gi] = gmx + logf(tot);
+    }
+    __syncthreads();
+    for (u32 t = lo + threadIdx.x; t <= a; t += blockDim.x) {
+      group_dots(s, sq, keys + ((size_t)(t % W) * H + h) * D, G, D);
+      float total = 0.f;
+#pragma unroll
+      for (int gi = 0; gi < INFLLM_MAX_GROUP; ++gi)
+        if (gi < G) total += __expf(s[gi] * scale - lse[gi]);
+      u32* mp = mass + (size_t)(t % W) * H + h;
+      *mp = __float_as_uint(__uint_as_float(*mp) + total);
     }
   }
-  const size_t plane = (size_t)W * H;
-  u32* mp = m + (size_t)o * 4 * plane + plane + (size_t)(t % W) * H + h;
-  *mp = __float_as_uint(__uint_as_float(*mp) + total);
 }
 
-#define WINDOW(NAME_LSE, NAME_MASS, T)                                                                \
-  extern "C" __global__ void NAME_LSE(float* lse, const T* ring, const T* q, const u32* runs, int S,  \
-                                      int W, int H, int D, int Hq, int nmax, int window, float scale, \
-                                      int T_rows) {                                                   \
-    window_lse<T>(lse, ring, q, runs, S, W, H, D, Hq, nmax, window, scale, T_rows);                  \
-  }                                                                                                   \
-  extern "C" __global__ void NAME_MASS(u32* m, const T* ring, const T* q, const float* lse,           \
-                                       const u32* runs, int S, int W, int H, int D, int Hq, int nmax, \
-                                       int window, float scale, int T_rows) {                         \
-    window_mass<T>(m, ring, q, lse, runs, S, W, H, D, Hq, nmax, window, scale, T_rows);              \
+#define WINDOW(NAME, T)                                                                                  \
+  extern "C" __global__ void NAME(u32* m, const T* ring, const T* q, const u32* runs, int S, int W, int H, \
+                                  int D, int Hq, int window, float scale, int T_rows) {                  \
+    window_mass<T>(m, ring, q, runs, S, W, H, D, Hq, window, scale, T_rows);                             \
   }
-WINDOW(infllm_window_lse_f32, infllm_window_mass_f32, float)
-WINDOW(infllm_window_lse_f16, infllm_window_mass_f16, __half)
-WINDOW(infllm_window_lse_bf16, infllm_window_mass_bf16, __nv_bfloat16)
+WINDOW(infllm_window_mass_f32, float)
+WINDOW(infllm_window_mass_f16, __half)
+WINDOW(infllm_window_mass_bf16, __nv_bfloat16)
 
 // Finalize: grid (R, Hkv, most blocks a run ends), one warp. Block i of the run ends at
 // e = first + i·block; its `repr` keys of most mass (ties: the earlier token) are copied
@@ -206,13 +205,16 @@ FINALIZE(infllm_finalize_f16, __half)
 FINALIZE(infllm_finalize_bf16, __nv_bfloat16)
 
 // Block scores: grid (B, ⌈NB / 8⌉), 8 warps, one block j per warp. The group-summed
-// query [Hkv, D] is staged in shared memory.
+// query [Hkv, D] is staged in shared memory, then each warp's Hkv·repr page slots; the
+// lanes then stride over the Hkv·repr·D products, whose loads are independent.
 template <typename T>
 __device__ void block_scores(float* out, const T* q, const T* rep, const u32* cand, const u32* rows,
                              int Hq, int H, int D, int N, int NB, u32 slots, int kpp, int window,
                              int block, int repr, int bp, int sink_pages) {
-  extern __shared__ float qs[];  // H * D
+  extern __shared__ float qs[];  // H·D floats, then 8 warps × H·repr slots
   const int b = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int pairs = H * repr;
+  u32* sl = reinterpret_cast<u32*>(qs + H * D) + warp * pairs;
   const u32 pos = rows[4 * b + 1], live = rows[4 * b + 2];
   const int g = Hq / H;
   for (int i = threadIdx.x; i < H * D; i += blockDim.x) {
@@ -225,17 +227,24 @@ __device__ void block_scores(float* out, const T* q, const T* rep, const u32* ca
   if (j >= NB) return;
   const u32 blocks = pos + 1 > (u32)window ? (pos + 1 - window) / block : 0;
   bool ok = live != 0 && (u32)j < blocks && (j + 1) * bp > sink_pages;
-  float total = 0.f;
-  for (int h = 0; ok && h < H; ++h) {
-    for (int k = 0; k < repr; ++k) {
-      const int page = j * bp + k / kpp;
+  if (ok) {
+    bool bad = false;
+    for (int p = lane; p < pairs; p += 32) {
+      const int h = p / repr, k = p % repr, page = j * bp + k / kpp;
       const u32 slot = page < N ? cand[((size_t)b * H + h) * N + page] : SPIN_NONE;
-      if (slot == SPIN_NONE || slot >= slots) {
-        ok = false;
-        break;
-      }
-      const T* key = rep + ((size_t)slot * kpp + k % kpp) * D;
-      for (int x = lane; x < D; x += 32) total += qs[h * D + x] * to_f32(key[x]);
+      bad |= slot == SPIN_NONE || slot >= slots;
+      sl[p] = slot;
+    }
+    ok = !__any_sync(FULL_MASK, bad);
+  }
+  float total = 0.f;
+  if (ok) {
+    __syncwarp();
+#pragma unroll 4
+    for (int e = lane; e < pairs * D; e += 32) {
+      const int p = e / D, x = e - p * D;
+      const int hh = p / repr, k = p - hh * repr;
+      total += qs[hh * D + x] * to_f32(rep[((size_t)sl[p] * kpp + k % kpp) * D + x]);
     }
   }
   for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(FULL_MASK, total, off);
@@ -253,36 +262,54 @@ SCORES(infllm_block_scores_f32, float)
 SCORES(infllm_block_scores_f16, __half)
 SCORES(infllm_block_scores_bf16, __nv_bfloat16)
 
-// Pages: one thread per (row, KV head) writes the row's list (the same for every head):
-// the sink, the chosen blocks in ascending order and the pending pages, NONE after them.
+// Pages: one block per row builds the row's list (the same for every head) in shared
+// memory: the sink, the chosen blocks in ascending order (thread i places top i after
+// the pages of the smaller chosen blocks; repeats and blocks out of range count for
+// nothing), the pending pages, NONE after them; then the block writes it for each head.
 extern "C" __global__ void infllm_pages(u32* out, const u32* top, const u32* rows, int B, int k, int H,
                                         int width, int P, int window, int block, int bp, int sink_pages) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= B * H) return;
-  const int b = i / H;
-  u32* o = out + (size_t)i * width;
+  extern __shared__ u32 sh[];  // width list entries, k top entries, k counts, k firsts, 1 total
+  u32 *list = sh, *tops = sh + width, *counts = tops + k, *los = counts + k, *total = los + k;
+  const int b = blockIdx.x;
   const u32 pos = rows[4 * b + 1], live = rows[4 * b + 2];
-  int w = 0;
-  if (live != 0) {
-    const u32 np = (pos + P) / P;  // ⌈(pos + 1) / P⌉
-    const u32 blocks = pos + 1 > (u32)window ? (pos + 1 - window) / block : 0;
-    const u32 forced = blocks * bp, sink = (u32)sink_pages;
-    for (u32 x = 0; x < min(sink, np) && w < width; ++x) o[w++] = x;
-    long long prev = -1;
-    for (;;) {
-      u32 next = SPIN_NONE;
-      for (int j = 0; j < k; ++j) {
-        const u32 jb = top[(size_t)b * k + j];
-        if (jb != SPIN_NONE && jb < blocks && (long long)jb > prev && jb < next) next = jb;
-      }
-      if (next == SPIN_NONE) break;
-      prev = next;
-      const u32 end = min(min((next + 1) * bp, forced), np);
-      for (u32 x = max(next * bp, sink); x < end && w < width; ++x) o[w++] = x;
+  const u32 np = live != 0 ? (pos + P) / P : 0;  // ⌈(pos + 1) / P⌉
+  const u32 blocks = live != 0 && pos + 1 > (u32)window ? (pos + 1 - window) / block : 0;
+  const u32 forced = blocks * bp, sink = (u32)sink_pages, sink_n = min(sink, np);
+  for (int i = threadIdx.x; i < width; i += blockDim.x) list[i] = SPIN_NONE;
+  for (int i = threadIdx.x; i < k; i += blockDim.x) tops[i] = top[(size_t)b * k + i];
+  if (threadIdx.x == 0) *total = 0;
+  __syncthreads();
+  for (u32 x = threadIdx.x; x < sink_n && x < (u32)width; x += blockDim.x) list[x] = x;
+  // Pages of chosen block jb: [max(jb·bp, sink), min((jb + 1)·bp, forced, np)); a repeat
+  // of an earlier entry or a block out of range spans none.
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    const u32 jb = tops[i];
+    u32 c = 0, a = 0;
+    if (jb != SPIN_NONE && jb < blocks) {
+      bool first = true;
+      for (int x = 0; x < i && first; ++x) first = tops[x] != jb;
+      a = max(jb * bp, sink);
+      const u32 e = min(min((jb + 1) * bp, forced), np);
+      c = first && e > a ? e - a : 0;
     }
-    for (u32 x = max(forced, sink); x < np && w < width; ++x) o[w++] = x;
+    counts[i] = c;
+    los[i] = a;
   }
-  for (int x = w; x < width; ++x) o[x] = SPIN_NONE;
+  __syncthreads();
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    const u32 c = counts[i];
+    if (c == 0) continue;
+    u32 off = sink_n;
+    for (int x = 0; x < k; ++x) off += tops[x] < tops[i] ? counts[x] : 0;
+    for (u32 y = 0; y < c && off + y < (u32)width; ++y) list[off + y] = los[i] + y;
+    atomicAdd(total, c);
+  }
+  __syncthreads();
+  const u32 p0 = sink_n + *total, first = max(forced, sink);
+  for (u32 x = first + threadIdx.x; x < np; x += blockDim.x)
+    if (p0 + (x - first) < (u32)width) list[p0 + (x - first)] = x;
+  __syncthreads();
+  for (int i = threadIdx.x; i < H * width; i += blockDim.x) out[((size_t)b * H) * width + i] = list[i % width];
 }
 
 // Mass add: adds add[i, h] (f32, [L, H]) to the mass of key first + i of owner `o`.

@@ -203,3 +203,70 @@ fn mass_add_matches_cpu() {
         assert_eq!(u32s(&g), u32s(&ring), "owner {owner}, first {first}, {l} keys");
     }
 }
+
+/// `infllm_window_mass` over windows longer than a thread block (300 keys, wrapping
+/// around the ring), five query heads per KV head, runs of 1 and 3 tokens and a padding
+/// run, against the CPU.
+#[test]
+fn window_mass_over_long_windows_matches_cpu() {
+    let dev = gpu();
+    let mut r = rng(29);
+    let (s, ring, hkv, g, d, window) = (3usize, 333usize, 2usize, 5usize, 72usize, 300usize);
+    for dt in [DType::F32, DType::BF16] {
+        let ring_k = randn(&mut r, &[s, ring, hkv, d], 1.0).to_dtype(dt).unwrap();
+        let init: Vec<u32> = (0..s * 4 * ring * hkv)
+            .map(|_| r.random_range(0.0f32..2.0).to_bits())
+            .collect();
+        let ring_m = Tensor::from_vec(init, (s, 4, ring, hkv), &Device::Cpu).unwrap();
+        let q = randn(&mut r, &[4, hkv * g, d], 1.0).to_dtype(dt).unwrap();
+        // (owner, start, n, row): 1 token at 500, 3 tokens at 290 (windows from 0), padding.
+        let table = Tensor::from_vec(vec![2u32, 500, 1, 0, 0, 290, 3, 1, 1, 0, 0, 0], (3, 4), &Device::Cpu).unwrap();
+        let gm = ring_m.to_device(&dev).unwrap();
+        let on = |x: &Tensor| x.to_device(&dev).unwrap();
+        ops::infllm_window_mass(&gm, &on(&ring_k), &on(&q), &on(&table), (window, 0.2), 3).unwrap();
+        ops::infllm_window_mass(&ring_m, &ring_k, &q, &table, (window, 0.2), 3).unwrap();
+        let ((ce, cm), (ge, gmv)) = (planes(&ring_m), planes(&gm));
+        assert_eq!(ce, ge, "{dt:?}: slots");
+        close(&cm, &gmv, 2e-5, &format!("{dt:?}: masses"));
+        assert_ne!(
+            u32s(&ring_m),
+            u32s(&ring_m.zeros_like().unwrap()),
+            "{dt:?}: the masses moved"
+        );
+    }
+}
+
+/// `infllm_pages` for any chosen blocks: repeats, `NONE`, blocks past the finalized ones,
+/// blocks inside the sink, rows of every length and padding rows, against the CPU.
+#[test]
+fn pages_match_cpu_for_any_top() {
+    let dev = gpu();
+    let mut r = rng(31);
+    let geo = InfLlmGeometry {
+        window: 40,
+        block: 16,
+        repr: 2,
+        page_size: 8,
+        sink_pages: 3,
+        ring: 40 + 16 + 9,
+    };
+    for (b, k) in [(1usize, 1usize), (7, 5), (33, 40)] {
+        let mut rows = Vec::new();
+        for i in 0..b {
+            let live = u32::from(i % 5 != 4);
+            rows.extend_from_slice(&[i as u32, r.random_range(0..700u32), live, i as u32]);
+        }
+        let top: Vec<u32> = (0..b * k)
+            .map(|_| match r.random_range(0..6) {
+                0 => NONE,
+                1 => r.random_range(0..3u32),
+                _ => r.random_range(0..45u32),
+            })
+            .collect();
+        let top = Tensor::from_vec(top, (b, k), &Device::Cpu).unwrap();
+        let rows = Tensor::from_vec(rows, (b, 4), &Device::Cpu).unwrap();
+        let cp = ops::infllm_pages(&top, &rows, &geo, 3).unwrap();
+        let gp = ops::infllm_pages(&top.to_device(&dev).unwrap(), &rows.to_device(&dev).unwrap(), &geo, 3).unwrap();
+        assert_eq!(u32s(&cp), u32s(&gp), "B = {b}, k = {k}");
+    }
+}

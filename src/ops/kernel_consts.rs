@@ -34,3 +34,8 @@ pub const QUEST_Q8_TAIL_BYTES: usize = 16;
 pub const QUEST_Q8_EXP_MIN: i32 = -126;
 /// See [`QUEST_Q8_EXP_MIN`].
 pub const QUEST_Q8_EXP_MAX: i32 = 120;
+
+/// Query heads per KV head InfLLM's CUDA window mass holds in registers (it refuses more).
+/// Used by the CUDA glue only.
+#[allow(dead_code)]
+pub const INFLLM_MAX_GROUP: usize = 16;

@@ -4,6 +4,7 @@
 
 use super::{alloc, cfg3, field_ptr, func, launch, ptr, ptr_mut, suffix, INFLLM};
 use crate::ops::infllm::InfLlmGeometry;
+use crate::ops::kernel_consts::INFLLM_MAX_GROUP as MAX_GROUP;
 use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
 
@@ -82,33 +83,38 @@ pub(crate) fn window_mass(
     if max_n == 0 || nr == 0 {
         return Ok(());
     }
+    let g = hq / h;
+    if g > MAX_GROUP {
+        candle_core::bail!("{OP}: {g} query heads per KV head; the CUDA window mass takes at most {MAX_GROUP}");
+    }
     let dev = super::device(q).clone();
-    let sfx = suffix(OP, q.dtype())?;
     let (qp, kp) = (ptr(OP, q, ql)?, ptr(OP, r, rl)?);
-    let (lse, lp) = alloc::<f32>(&dev, nr * max_n * hq)?;
-    let f = func(&dev, &INFLLM, &format!("infllm_window_lse_{sfx}"))?;
-    let cfg = cfg3(
-        (grid(OP, "runs", nr)?, grid(OP, "max_n", max_n)?, grid(OP, "Hq", hq)?),
-        THREADS,
-        ((d + 32) * 4) as u32,
-    );
-    let dims = (
+    let mp = ptr_mut(OP, m, ml)?;
+    let f = func(&dev, &INFLLM, &format!("infllm_window_mass_{}", suffix(OP, q.dtype())?))?;
+    let smem = (g * d + g + 32) * 4;
+    if smem > 48 * 1024 {
+        candle_core::bail!(
+            "{OP}: Hq/Hkv·D = {} floats exceed the window mass's 48 KiB of shared memory",
+            g * d
+        );
+    }
+    let cfg = cfg3((grid(OP, "runs", nr)?, grid(OP, "Hkv", h)?, 1), 256, smem as u32);
+    launch!(
+        f,
+        cfg,
+        mp,
+        kp,
+        qp,
+        rp,
         s as i32,
         w as i32,
         h as i32,
         d as i32,
         hq as i32,
-        max_n as i32,
         window as i32,
-    );
-    launch!(f, cfg, lp, kp, qp, rp, dims.0, dims.1, dims.2, dims.3, dims.4, dims.5, dims.6, scale, t as i32)?;
-    let mp = ptr_mut(OP, m, ml)?;
-    let tiles = ((window + max_n) * h).div_ceil(THREADS as usize);
-    let f = func(&dev, &INFLLM, &format!("infllm_window_mass_{sfx}"))?;
-    let cfg = cfg3((grid(OP, "runs", nr)?, grid(OP, "key tiles", tiles)?, 1), THREADS, 0);
-    launch!(f, cfg, mp, kp, qp, lp, rp, dims.0, dims.1, dims.2, dims.3, dims.4, dims.5, dims.6, scale, t as i32)?;
-    drop(lse);
-    Ok(())
+        scale,
+        t as i32
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -187,11 +193,12 @@ pub(crate) fn block_scores(
     let dev = super::device(q).clone();
     let (out, op) = alloc::<f32>(&dev, b * nb)?;
     let shape = Shape::from_dims(&[b, nb]);
-    let smem = h * d * 4;
+    let smem = (h * d + 8 * h * geo.repr) * 4;
     if smem > 48 * 1024 {
         candle_core::bail!(
-            "infllm_block_scores: Hkv·D = {} floats exceed the kernel's 48 KiB of shared memory",
-            h * d
+            "infllm_block_scores: Hkv·D = {} floats and 8·Hkv·repr = {} slots exceed the kernel's 48 KiB of shared memory",
+            h * d,
+            8 * h * geo.repr
         );
     }
     let (qp, pp) = (ptr(OP, q, ql)?, ptr(OP, rep, pl)?);
@@ -244,10 +251,16 @@ pub(crate) fn pages(
     let (out, op) = alloc::<u32>(&dev, b * hkv * width)?;
     let tp = ptr(OP, t, tl)?;
     let rp = field_ptr(OP, "rows", rows)?;
+    let smem = (width + 3 * k + 1) * 4;
+    if smem > 48 * 1024 {
+        candle_core::bail!(
+            "infllm_pages: {width} pages per row and {k} blocks exceed the kernel's 48 KiB of shared memory"
+        );
+    }
     let f = func(&dev, &INFLLM, "infllm_pages")?;
     launch!(
         f,
-        super::cfg((b * hkv).div_ceil(128) as u32, 128, 0),
+        super::cfg(b as u32, 128, smem as u32),
         op,
         tp,
         rp,
