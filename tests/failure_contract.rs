@@ -279,6 +279,59 @@ fn quest_bounds_roll_back(bounds: BoundsFormat) {
     assert_same(&format!("quest, {bounds:?} bounds"), &run(false), &run(true));
 }
 
+/// An aborted InfLLM step with a run longer than one round (300 tokens: it overwrites
+/// the whole ring, which its undo plane cannot restore) is rolled back from the ring's
+/// copy: the rerun and the decode steps after it give the outputs of a run that never
+/// aborted (before, the sequence was marked unrecoverable and its next step failed).
+#[test]
+fn infllm_long_run_rolls_back_on_abort() {
+    let make = || {
+        InfLlm::new(InfLlmConfig {
+            block_tokens: 16,
+            sink_tokens: 8,
+            window_tokens: 16,
+            topk_blocks: 2,
+            repr_topk: 4,
+        })
+        .unwrap()
+    };
+    let run = |abort: bool| -> Vec<Tensor> {
+        let mut cache = SpinCache::new(config(), make()).unwrap();
+        let seq = cache.add_sequence().unwrap();
+        let mut r = rng(11);
+        let mut outs = Vec::new();
+        for (i, n) in [100usize, 300, 1, 1, 1, 1, 1].into_iter().enumerate() {
+            let mut draw = |scale: f32| -> Vec<[Tensor; 3]> {
+                (0..LAYERS)
+                    .map(|_| {
+                        [
+                            randn(&mut r, &[n, HQ, D], scale),
+                            randn(&mut r, &[n, HKV, D], scale),
+                            randn(&mut r, &[n, HKV, D], 1.0),
+                        ]
+                    })
+                    .collect()
+            };
+            let aborted = draw(3.0);
+            let layers = draw(1.0);
+            if abort && i == 1 {
+                cache.begin_step(&[StepInput { seq, new_tokens: n }]).unwrap();
+                for (l, [q, k, v]) in aborted.iter().enumerate() {
+                    cache.attend(l, q, k, v).unwrap();
+                }
+                cache.abort_step().unwrap();
+            }
+            cache.begin_step(&[StepInput { seq, new_tokens: n }]).unwrap();
+            for (l, [q, k, v]) in layers.iter().enumerate() {
+                outs.push(cache.attend(l, q, k, v).unwrap());
+            }
+            cache.end_step().unwrap();
+        }
+        outs
+    };
+    assert_same("infllm, a 300-token run aborted", &run(false), &run(true));
+}
+
 #[test]
 fn huge_new_tokens_is_an_error() {
     let mut cache = SpinCache::new(config(), Dense::new()).unwrap();

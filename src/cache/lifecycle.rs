@@ -220,6 +220,7 @@ impl SparseKvCache for SpinCache {
         if let Some(step) = self.step.take() {
             self.record_padded_rounds(&step);
         }
+        self.algo.commit();
         self.total.add(&stats);
         Ok(stats)
     }

@@ -11,11 +11,14 @@
 //! decode steps and CUDA graphs run InfLLM ([`SparseAlgorithm::device_only_decode`]).
 //! A block is finalized when its last token leaves the window of every later query.
 //!
-//! An aborted step is rolled back exactly when its run fitted in one round (every decode
-//! step does): the masses are restored on the device from the ring's undo plane, where
-//! its flag shows that the step's write ran. A longer aborted run (a prefill chunk of more
-//! than [`InfLlmGeometry::max_run`] tokens, past the first) cannot be: the sequence's
-//! later steps then fail with an error naming it.
+//! An aborted step is rolled back exactly. A run that fits in one round (every decode
+//! step does) has its masses restored on the device from the ring's undo plane, where
+//! its flag shows that the step's write ran. Before indexing a longer run (a prefill chunk
+//! of more than [`InfLlmGeometry::max_run`] tokens), the (layer, sequence)'s ring is
+//! copied (per layer and such run, `ring · Hkv · D` elements of the cache dtype and
+//! `16 · ring · Hkv` bytes of planes, held until the step ends:
+//! [`SparseAlgorithm::commit`]); an abort writes it back. Only if that copy
+//! failed is the sequence marked: its later steps then fail with an error naming it.
 //!
 //! Memory: the ring takes `L · max_sequences · (window + block + 256) · Hkv · D` elements
 //! of the cache dtype (at the 8B shape, budget 2048 and 7 sequences: 0.4 GB; with the
@@ -114,6 +117,18 @@ struct LastIndex {
     n: usize,
 }
 
+/// One (layer, owner)'s ring as it was before an index call of a run longer than one
+/// round (whose undo plane cannot roll it back), kept until the step ends.
+#[derive(Debug)]
+struct Snapshot {
+    /// The run's first token.
+    start: usize,
+    /// `[ring, Hkv, D]` keys.
+    k: Tensor,
+    /// `[4, ring, Hkv]` u32 planes.
+    m: Tensor,
+}
+
 /// InfLLM block retrieval with representative keys.
 #[derive(Debug)]
 pub struct InfLlm {
@@ -126,6 +141,8 @@ pub struct InfLlm {
     owners: HashMap<u64, u32>,
     /// Sequences whose state an aborted step left unrecoverable.
     broken: HashSet<u64>,
+    /// The rings of the open step's long runs before it, by (layer, sequence).
+    snapshots: HashMap<(usize, u64), Snapshot>,
 }
 
 impl InfLlm {
@@ -160,6 +177,7 @@ impl InfLlm {
             last: HashMap::new(),
             owners: HashMap::new(),
             broken: HashSet::new(),
+            snapshots: HashMap::new(),
         })
     }
 
@@ -351,6 +369,22 @@ impl SparseAlgorithm for InfLlm {
             self.last.insert((input.layer, r.seq), last);
             self.owners.insert(r.seq, r.owner);
         }
+        // A run longer than one round overwrites more of its ring than the undo plane
+        // restores: its ring is copied first (device work before the ring write).
+        let cap = self.state()?.geo.max_run();
+        for r in input.runs {
+            self.snapshots.remove(&(input.layer, r.seq));
+            if r.n > cap {
+                let st = self.state()?;
+                let o = r.owner as usize;
+                let snap = Snapshot {
+                    start: r.start,
+                    k: st.ring_k.get(input.layer)?.get(o)?.copy()?,
+                    m: st.ring_m.get(input.layer)?.get(o)?.copy()?,
+                };
+                self.snapshots.insert((input.layer, r.seq), snap);
+            }
+        }
         let max_n = input.runs.iter().map(|r| r.n).max().unwrap_or(0);
         if max_n <= 1 {
             // Decode: the step's own table, device ops only (the form a padded step has).
@@ -377,33 +411,66 @@ impl SparseAlgorithm for InfLlm {
         self.last.retain(|&(_, s), _| s != seq);
         self.owners.remove(&seq);
         self.broken.remove(&seq);
+        self.snapshots.retain(|&(_, s), _| s != seq);
+    }
+
+    fn commit(&mut self) {
+        self.snapshots.clear();
     }
 
     /// Every layer's masses are rolled back on the device where its latest ring write was
     /// this step's ([`infllm_restore`]: a step whose device work never ran, such as a
-    /// failed graph capture, is left alone). A step that indexed a run of more than one
-    /// round cannot be rolled back: the sequence is marked, and its later steps fail.
+    /// failed graph capture, is left alone). A layer that indexed a run of more than one
+    /// round gets its whole ring back from the copy taken before it (a `Snapshot`); were
+    /// that copy missing (it failed), the sequence is marked, and its later steps fail.
     fn truncate(&mut self, seq: u64, len: usize) {
+        let mine: Vec<(usize, u64)> = self.snapshots.keys().filter(|k| k.1 == seq).copied().collect();
+        let mut snaps: HashMap<usize, Snapshot> = mine
+            .into_iter()
+            .filter_map(|k| self.snapshots.remove(&k).map(|sn| (k.0, sn)))
+            .collect();
         let (Some(&owner), Ok(st)) = (self.owners.get(&seq), self.state()) else {
             return;
         };
         let cap = st.geo.max_run();
+        let (layers, owners) = (st.ring_m.dim(0).unwrap_or(0), st.ring_m.dim(1).unwrap_or(0));
         let mut exact = true;
-        for layer in 0..st.ring_m.dim(0).unwrap_or(0) {
+        for layer in 0..layers {
             let restored = st
                 .ring_m
                 .get(layer)
                 .map_err(Error::from)
                 .and_then(|rm| infllm_restore(&rm, owner, len));
             exact &= restored.is_ok();
+            let long = self
+                .last
+                .get(&(layer, seq))
+                .is_some_and(|l| l.start == len && l.n > cap);
+            let snap = snaps.remove(&layer).filter(|sn| sn.start == len);
+            if let Some(sn) = snap {
+                exact &= restore_ring(st, layer, owner as usize, owners, &sn).is_ok();
+            } else if long && len > 0 {
+                exact = false;
+            }
         }
-        let long = self
-            .last
-            .iter()
-            .any(|(&(_, s), l)| s == seq && l.start == len && l.n > cap);
-        if !exact || (long && len > 0) {
+        if !exact {
             self.broken.insert(seq);
         }
         self.last.retain(|&(_, s), l| s != seq || l.start + l.n <= len);
     }
+}
+
+/// Writes snapshot `sn` back over the ring of (`layer`, `owner`), in place (rows of the
+/// state viewed as `[L·S, ...]`).
+fn restore_ring(st: &State, layer: usize, owner: usize, owners: usize, sn: &Snapshot) -> Result<()> {
+    let row = layer * owners + owner;
+    let (l, k, m) = (st.ring_k.dim(0)?, &st.ring_k, &st.ring_m);
+    let flat = |t: &Tensor| -> Result<Tensor> {
+        let mut dims = t.dims()[1..].to_vec();
+        dims[0] *= l;
+        Ok(t.reshape(dims)?)
+    };
+    flat(k)?.slice_set(&sn.k.unsqueeze(0)?, 0, row)?;
+    flat(m)?.slice_set(&sn.m.unsqueeze(0)?, 0, row)?;
+    Ok(())
 }

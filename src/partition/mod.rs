@@ -240,6 +240,10 @@ pub trait SparseAlgorithm: Send {
     fn truncate(&mut self, seq: u64, len: usize) {
         let _ = (seq, len);
     }
+
+    /// The open step ended and its work is kept: what the algorithm held only to undo
+    /// the step ([`truncate`](Self::truncate)) can go.
+    fn commit(&mut self) {}
 }
 
 /// Per-(layer, sequence) state of the algorithms that keep one (InfLLM, ShadowKV).

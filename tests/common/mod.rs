@@ -208,6 +208,9 @@ impl spinkv::partition::SparseAlgorithm for FailingSelect {
     fn truncate(&mut self, seq: u64, len: usize) {
         self.inner.truncate(seq, len)
     }
+    fn commit(&mut self) {
+        self.inner.commit()
+    }
 }
 
 #[cfg(feature = "models")]
