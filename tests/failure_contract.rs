@@ -240,43 +240,57 @@ fn quest_bounds_roll_back_on_abort() {
 }
 
 fn quest_bounds_roll_back(bounds: BoundsFormat) {
-    let run = |abort: bool| -> Vec<Tensor> {
-        let mut cache = SpinCache::new_boxed(config(), quest(bounds)).unwrap();
-        let seq = cache.add_sequence().unwrap();
-        let mut r = rng(9);
-        let mut outs = Vec::new();
-        for (i, n) in [100usize, 1, 1, 1, 1, 1, 1, 1].into_iter().enumerate() {
-            let mut draw = |scale: f32| -> Vec<[Tensor; 3]> {
-                (0..LAYERS)
-                    .map(|_| {
-                        [
-                            randn(&mut r, &[n, HQ, D], 1.0),
-                            randn(&mut r, &[n, HKV, D], scale),
-                            randn(&mut r, &[n, HKV, D], 1.0),
-                        ]
-                    })
-                    .collect()
-            };
-            // Large keys in the aborted attempt: they would widen the bounds of page 12
-            // (tokens 96..103) for good if the abort left them there.
-            let aborted = draw(50.0);
-            let layers = draw(1.0);
-            if abort && i == 2 {
-                cache.begin_step(&[StepInput { seq, new_tokens: n }]).unwrap();
-                for (l, [q, k, v]) in aborted.iter().enumerate() {
-                    cache.attend(l, q, k, v).unwrap();
-                }
-                cache.abort_step().unwrap();
-            }
-            cache.begin_step(&[StepInput { seq, new_tokens: n }]).unwrap();
-            for (l, [q, k, v]) in layers.iter().enumerate() {
-                outs.push(cache.attend(l, q, k, v).unwrap());
-            }
-            cache.end_step().unwrap();
-        }
-        outs
-    };
+    // Large keys in the aborted attempt: they would widen the bounds of page 12
+    // (tokens 96..103) for good if the abort left them there.
+    let steps = [100usize, 1, 1, 1, 1, 1, 1, 1];
+    let run = |abort: bool| abort_and_rerun(quest(bounds), 9, &steps, 2, (1.0, 50.0), abort);
     assert_same(&format!("quest, {bounds:?} bounds"), &run(false), &run(true));
+}
+
+/// One sequence through `steps` (new tokens per step) with `algo`, random inputs from
+/// `seed`: the outputs of every step and layer. With `abort`, step `at` is first run
+/// with other inputs (queries and keys scaled by `scale`) and aborted, then run again.
+/// Both runs draw the same numbers, so without a trace of the abort they are equal.
+fn abort_and_rerun(
+    algo: Box<dyn SparseAlgorithm>,
+    seed: u64,
+    steps: &[usize],
+    at: usize,
+    (q_scale, k_scale): (f32, f32),
+    abort: bool,
+) -> Vec<Tensor> {
+    let mut cache = SpinCache::new_boxed(config(), algo).unwrap();
+    let seq = cache.add_sequence().unwrap();
+    let mut r = rng(seed);
+    let mut outs = Vec::new();
+    for (i, &n) in steps.iter().enumerate() {
+        let mut draw = |qs: f32, ks: f32| -> Vec<[Tensor; 3]> {
+            (0..LAYERS)
+                .map(|_| {
+                    [
+                        randn(&mut r, &[n, HQ, D], qs),
+                        randn(&mut r, &[n, HKV, D], ks),
+                        randn(&mut r, &[n, HKV, D], 1.0),
+                    ]
+                })
+                .collect()
+        };
+        let aborted = draw(q_scale, k_scale);
+        let layers = draw(1.0, 1.0);
+        if abort && i == at {
+            cache.begin_step(&[StepInput { seq, new_tokens: n }]).unwrap();
+            for (l, [q, k, v]) in aborted.iter().enumerate() {
+                cache.attend(l, q, k, v).unwrap();
+            }
+            cache.abort_step().unwrap();
+        }
+        cache.begin_step(&[StepInput { seq, new_tokens: n }]).unwrap();
+        for (l, [q, k, v]) in layers.iter().enumerate() {
+            outs.push(cache.attend(l, q, k, v).unwrap());
+        }
+        cache.end_step().unwrap();
+    }
+    outs
 }
 
 /// An aborted InfLLM step with a run longer than one round (300 tokens: it overwrites
@@ -285,50 +299,20 @@ fn quest_bounds_roll_back(bounds: BoundsFormat) {
 /// aborted (before, the sequence was marked unrecoverable and its next step failed).
 #[test]
 fn infllm_long_run_rolls_back_on_abort() {
-    let make = || {
-        InfLlm::new(InfLlmConfig {
-            block_tokens: 16,
-            sink_tokens: 8,
-            window_tokens: 16,
-            topk_blocks: 2,
-            repr_topk: 4,
-        })
-        .unwrap()
+    let make = || -> Box<dyn SparseAlgorithm> {
+        Box::new(
+            InfLlm::new(InfLlmConfig {
+                block_tokens: 16,
+                sink_tokens: 8,
+                window_tokens: 16,
+                topk_blocks: 2,
+                repr_topk: 4,
+            })
+            .unwrap(),
+        )
     };
-    let run = |abort: bool| -> Vec<Tensor> {
-        let mut cache = SpinCache::new(config(), make()).unwrap();
-        let seq = cache.add_sequence().unwrap();
-        let mut r = rng(11);
-        let mut outs = Vec::new();
-        for (i, n) in [100usize, 300, 1, 1, 1, 1, 1].into_iter().enumerate() {
-            let mut draw = |scale: f32| -> Vec<[Tensor; 3]> {
-                (0..LAYERS)
-                    .map(|_| {
-                        [
-                            randn(&mut r, &[n, HQ, D], scale),
-                            randn(&mut r, &[n, HKV, D], scale),
-                            randn(&mut r, &[n, HKV, D], 1.0),
-                        ]
-                    })
-                    .collect()
-            };
-            let aborted = draw(3.0);
-            let layers = draw(1.0);
-            if abort && i == 1 {
-                cache.begin_step(&[StepInput { seq, new_tokens: n }]).unwrap();
-                for (l, [q, k, v]) in aborted.iter().enumerate() {
-                    cache.attend(l, q, k, v).unwrap();
-                }
-                cache.abort_step().unwrap();
-            }
-            cache.begin_step(&[StepInput { seq, new_tokens: n }]).unwrap();
-            for (l, [q, k, v]) in layers.iter().enumerate() {
-                outs.push(cache.attend(l, q, k, v).unwrap());
-            }
-            cache.end_step().unwrap();
-        }
-        outs
-    };
+    let steps = [100usize, 300, 1, 1, 1, 1, 1];
+    let run = |abort: bool| abort_and_rerun(make(), 11, &steps, 1, (3.0, 3.0), abort);
     assert_same("infllm, a 300-token run aborted", &run(false), &run(true));
 }
 
