@@ -54,83 +54,105 @@ extern "C" __global__ void infllm_ring_meta(u32* m, const u32* dst, const u32* r
   }
 }
 
-// Window mass: grid (R, Hkv), one block per (run, KV head), G <= INFLLM_MAX_GROUP query
-// heads per KV head. For each query of the run in turn: pass 1 takes the log-sum-exp of
-// each of its G heads over its window (every thread scores its keys for all G heads at
-// once), pass 2 scores them again and adds each key's exp(q·k·scale - lse) summed over the
-// heads to its mass (one thread per key entry; __syncthreads orders the queries).
+// Window mass: grid (R, Hkv), G·tph threads (tph, the threads per query head, a multiple
+// of 32 set by the host), G <= INFLLM_MAX_GROUP query heads per KV head. Thread (gi, i)
+// scores head gi against keys i, i + tph, ... of each query's window, a whole key row per
+// thread (16-byte loads where the rows allow them). For each query of the run in turn:
+// pass 1 takes each head's log-sum-exp over its window (a thread's online max and sum,
+// then the head's warps combined through shared memory); pass 2 puts exp(s - lse) of
+// every (head, key) in shared memory, and head 0's threads add the G of each key to its
+// mass. A thread with one key keeps its score from pass 1; others score again.
 #define INFLLM_MAX_GROUP SPIN_INFLLM_MAX_GROUP
 template <typename T>
-__device__ __forceinline__ void group_dots(float* s, const float* sq, const T* kv, int G, int D) {
+__device__ __forceinline__ float row_dot(const float* qv, const T* kv, int D, bool vec) {
+  float acc = 0.f;
+  if (vec) {
+    constexpr int E = 16 / sizeof(T);
+#pragma unroll 4
+    for (int x = 0; x < D; x += E) {
+      float k[E];
+      unpack16<T>(ld_stream16(kv + x), k);
 #pragma unroll
-  for (int gi = 0; gi < INFLLM_MAX_GROUP; ++gi) s[gi] = 0.f;
-  for (int x = 0; x < D; ++x) {
-    const float kx = to_f32(kv[x]);
-#pragma unroll
-    for (int gi = 0; gi < INFLLM_MAX_GROUP; ++gi)
-      if (gi < G) s[gi] += sq[gi * D + x] * kx;
+      for (int e = 0; e < E; e += 4) {
+        const float4 a = *reinterpret_cast<const float4*>(qv + x + e);
+        acc += a.x * k[e] + a.y * k[e + 1] + a.z * k[e + 2] + a.w * k[e + 3];
+      }
+    }
+  } else {
+    for (int x = 0; x < D; ++x) acc += qv[x] * to_f32(kv[x]);
   }
+  return acc;
 }
 
 template <typename T>
 __device__ void window_mass(u32* m, const T* ring, const T* q, const u32* runs, int S, int W, int H, int D,
                             int Hq, int window, float scale, int T_rows) {
-  extern __shared__ float sm[];  // G·D query floats, G lse, 32 for the reductions
+  extern __shared__ float sm[];  // G·D query floats, 2·32 warp partials, G lse, G·tph terms
   const u32* r = runs + 4 * blockIdx.x;
   const u32 o = r[0], start = r[1], n = r[2], row = r[3];
   if (n == 0 || o >= (u32)S || row + n > (u32)T_rows) return;
-  const int h = blockIdx.y, G = Hq / H;
-  float *sq = sm, *lse = sm + G * D, *red = lse + G;
+  const int h = blockIdx.y, G = Hq / H, tph = blockDim.x / G, wph = tph >> 5;
+  const int gi = threadIdx.x / tph, i = threadIdx.x - gi * tph, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float *sq = sm, *pmx = sq + G * D, *psum = pmx + 32, *lse = psum + 32, *terms = lse + G;
   u32* mass = m + (size_t)o * 4 * W * H + (size_t)W * H;
   const T* keys = ring + (size_t)o * W * H * D;
-  float s[INFLLM_MAX_GROUP];
+  const bool vec = (D * sizeof(T)) % 16 == 0 && (reinterpret_cast<uintptr_t>(ring) & 15) == 0;
+  const float* qv = sq + gi * D;
   for (u32 j = 0; j < n; ++j) {
-    const u32 a = start + j, lo = a + 1 > (u32)window ? a + 1 - window : 0;
-    __syncthreads();  // the previous query's readers of sq and lse are done
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x)
-      sq[i] = to_f32(q[((size_t)(row + j) * Hq + h * G + i / D) * D + i % D]);
+    const u32 a = start + j, lo = a + 1 > (u32)window ? a + 1 - window : 0, cnt = a + 1 - lo;
+    __syncthreads();  // the previous query's readers of sq, lse and terms are done
+    const T* qrow = q + ((size_t)(row + j) * Hq + (size_t)h * G) * D;
+    for (int x = threadIdx.x; x < G * D; x += blockDim.x) sq[x] = to_f32(qrow[x]);
     __syncthreads();
-    float mx[INFLLM_MAX_GROUP], sum[INFLLM_MAX_GROUP];
-#pragma unroll
-    for (int gi = 0; gi < INFLLM_MAX_GROUP; ++gi) mx[gi] = -INFINITY, sum[gi] = 0.f;
-    for (u32 t = lo + threadIdx.x; t <= a; t += blockDim.x) {
-      group_dots(s, sq, keys + ((size_t)(t % W) * H + h) * D, G, D);
-#pragma unroll
-      for (int gi = 0; gi < INFLLM_MAX_GROUP; ++gi) {
-        if (gi >= G) break;
-        const float v = s[gi] * scale;
-        if (v > mx[gi]) {
-          sum[gi] = sum[gi] * __expf(mx[gi] - v) + 1.f;
-          mx[gi] = v;
-        } else {
-          sum[gi] += __expf(v - mx[gi]);
-        }
+    float mx = -INFINITY, sum = 0.f, s0 = -INFINITY;
+    for (u32 t = i; t < cnt; t += tph) {
+      const float s = row_dot(qv, keys + ((size_t)((lo + t) % W) * H + h) * D, D, vec) * scale;
+      if (t == (u32)i) s0 = s;
+      if (s > mx) {
+        sum = sum * __expf(mx - s) + 1.f;
+        mx = s;
+      } else {
+        sum += __expf(s - mx);
       }
     }
-#pragma unroll
-    for (int gi = 0; gi < INFLLM_MAX_GROUP; ++gi) {
-      if (gi >= G) break;  // uniform over the block
-      const float gmx = block_reduce(mx[gi], true, red);
-      const float part = mx[gi] == -INFINITY ? 0.f : sum[gi] * __expf(mx[gi] - gmx);
-      const float tot = block_reduce(part, false, red);
-      if (threadIdx.x == 0) lse[gi] = gmx + logf(tot);
+    float gmx = mx;
+    for (int off = 16; off > 0; off >>= 1) gmx = fmaxf(gmx, __shfl_xor_sync(FULL_MASK, gmx, off));
+    float part = mx == -INFINITY ? 0.f : sum * __expf(mx - gmx);
+    for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(FULL_MASK, part, off);
+    if (lane == 0) pmx[warp] = gmx, psum[warp] = part;
+    __syncthreads();
+    if (threadIdx.x < G) {
+      const int w0 = threadIdx.x * wph;
+      float bm = -INFINITY, bs = 0.f;
+      for (int w = w0; w < w0 + wph; ++w) bm = fmaxf(bm, pmx[w]);
+      for (int w = w0; w < w0 + wph; ++w) bs += pmx[w] == -INFINITY ? 0.f : psum[w] * __expf(pmx[w] - bm);
+      lse[threadIdx.x] = bm + logf(bs);
     }
     __syncthreads();
-    for (u32 t = lo + threadIdx.x; t <= a; t += blockDim.x) {
-      group_dots(s, sq, keys + ((size_t)(t % W) * H + h) * D, G, D);
-      float total = 0.f;
-#pragma unroll
-      for (int gi = 0; gi < INFLLM_MAX_GROUP; ++gi)
-        if (gi < G) total += __expf(s[gi] * scale - lse[gi]);
-      u32* mp = mass + (size_t)(t % W) * H + h;
-      *mp = __float_as_uint(__uint_as_float(*mp) + total);
+    const float l = lse[gi];
+    for (u32 base = 0; base < cnt; base += tph) {  // the same trip count in every thread
+      const u32 t = base + i;
+      float p = 0.f;
+      if (t < cnt) {
+        const float s = t == (u32)i ? s0 : row_dot(qv, keys + ((size_t)((lo + t) % W) * H + h) * D, D, vec) * scale;
+        p = __expf(s - l);
+      }
+      terms[threadIdx.x] = p;
+      __syncthreads();
+      if (gi == 0 && t < cnt) {
+        float total = 0.f;
+        for (int g = 0; g < G; ++g) total += terms[g * tph + i];
+        u32* mp = mass + (size_t)((lo + t) % W) * H + h;
+        *mp = __float_as_uint(__uint_as_float(*mp) + total);
+      }
+      __syncthreads();
     }
   }
 }
 
 #define WINDOW(NAME, T)                                                                                  \
-  extern "C" __global__ void NAME(u32* m, const T* ring, const T* q, const u32* runs, int S, int W, int H, \
-                                  int D, int Hq, int window, float scale, int T_rows) {                  \
+  extern "C" __global__ void __launch_bounds__(1024) NAME(u32* m, const T* ring, const T* q, const u32* runs, \
+                                  int S, int W, int H, int D, int Hq, int window, float scale, int T_rows) { \
     window_mass<T>(m, ring, q, runs, S, W, H, D, Hq, window, scale, T_rows);                             \
   }
 WINDOW(infllm_window_mass_f32, float)
@@ -206,7 +228,8 @@ FINALIZE(infllm_finalize_bf16, __nv_bfloat16)
 
 // Block scores: grid (B, ⌈NB / 8⌉), 8 warps, one block j per warp. The group-summed
 // query [Hkv, D] is staged in shared memory, then each warp's Hkv·repr page slots; the
-// lanes then stride over the Hkv·repr·D products, whose loads are independent.
+// lanes then stride over the 16-byte chunks of the Hkv·repr representative rows (single
+// elements where a row is not a whole number of 16-byte chunks), independent loads.
 template <typename T>
 __device__ void block_scores(float* out, const T* q, const T* rep, const u32* cand, const u32* rows,
                              int Hq, int H, int D, int N, int NB, u32 slots, int kpp, int window,
@@ -240,11 +263,31 @@ __device__ void block_scores(float* out, const T* q, const T* rep, const u32* ca
   float total = 0.f;
   if (ok) {
     __syncwarp();
+    const bool vec = (D * sizeof(T)) % 16 == 0 && (reinterpret_cast<uintptr_t>(rep) & 15) == 0;
+    if (vec) {
+      // 16-byte chunks of the pairs' rows, independent loads.
+      constexpr int E = 16 / sizeof(T);
+      const int C = D / E;
 #pragma unroll 4
-    for (int e = lane; e < pairs * D; e += 32) {
-      const int p = e / D, x = e - p * D;
-      const int hh = p / repr, k = p - hh * repr;
-      total += qs[hh * D + x] * to_f32(rep[((size_t)sl[p] * kpp + k % kpp) * D + x]);
+      for (int e = lane; e < pairs * C; e += 32) {
+        const int p = e / C, x = (e - p * C) * E;
+        const int hh = p / repr, k = p - hh * repr;
+        float kv[E];
+        unpack16<T>(ld_stream16(rep + ((size_t)sl[p] * kpp + k % kpp) * D + x), kv);
+        const float* qv = qs + hh * D + x;
+#pragma unroll
+        for (int y = 0; y < E; y += 4) {
+          const float4 a = *reinterpret_cast<const float4*>(qv + y);
+          total += a.x * kv[y] + a.y * kv[y + 1] + a.z * kv[y + 2] + a.w * kv[y + 3];
+        }
+      }
+    } else {
+#pragma unroll 4
+      for (int e = lane; e < pairs * D; e += 32) {
+        const int p = e / D, x = e - p * D;
+        const int hh = p / repr, k = p - hh * repr;
+        total += qs[hh * D + x] * to_f32(rep[((size_t)sl[p] * kpp + k % kpp) * D + x]);
+      }
     }
   }
   for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(FULL_MASK, total, off);

@@ -52,6 +52,8 @@ fn infllm_ops_match_cpu() {
     for (dt, d, hkv, g, p) in [
         (DType::F32, 40usize, 3usize, 2usize, 4usize),
         (DType::BF16, 128, 2, 4, 8),
+        // Rows of 72 bytes: the kernels' scalar path (no 16-byte loads).
+        (DType::F16, 36, 2, 3, 4),
     ] {
         let geo = InfLlmGeometry {
             window: 12,
@@ -211,8 +213,9 @@ fn mass_add_matches_cpu() {
 fn window_mass_over_long_windows_matches_cpu() {
     let dev = gpu();
     let mut r = rng(29);
-    let (s, ring, hkv, g, d, window) = (3usize, 333usize, 2usize, 5usize, 72usize, 300usize);
-    for dt in [DType::F32, DType::BF16] {
+    let (s, ring, hkv, g, window) = (3usize, 333usize, 2usize, 5usize, 300usize);
+    // 72-dim rows load 16 bytes at a time; 36-dim f16 rows (72 bytes) take the scalar path.
+    for (dt, d) in [(DType::F32, 72usize), (DType::BF16, 72), (DType::F16, 36)] {
         let ring_k = randn(&mut r, &[s, ring, hkv, d], 1.0).to_dtype(dt).unwrap();
         let init: Vec<u32> = (0..s * 4 * ring * hkv)
             .map(|_| r.random_range(0.0f32..2.0).to_bits())

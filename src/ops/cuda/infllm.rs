@@ -91,14 +91,20 @@ pub(crate) fn window_mass(
     let (qp, kp) = (ptr(OP, q, ql)?, ptr(OP, r, rl)?);
     let mp = ptr_mut(OP, m, ml)?;
     let f = func(&dev, &INFLLM, &format!("infllm_window_mass_{}", suffix(OP, q.dtype())?))?;
-    let smem = (g * d + g + 32) * 4;
+    // Threads per query head: a warp multiple covering the window, G of them <= 1024.
+    let tph = window.next_multiple_of(32).min(1024 / g / 32 * 32);
+    let smem = (g * d + 64 + g + g * tph) * 4;
     if smem > 48 * 1024 {
         candle_core::bail!(
             "{OP}: Hq/Hkv·D = {} floats exceed the window mass's 48 KiB of shared memory",
             g * d
         );
     }
-    let cfg = cfg3((grid(OP, "runs", nr)?, grid(OP, "Hkv", h)?, 1), 256, smem as u32);
+    let cfg = cfg3(
+        (grid(OP, "runs", nr)?, grid(OP, "Hkv", h)?, 1),
+        (g * tph) as u32,
+        smem as u32,
+    );
     launch!(
         f,
         cfg,
