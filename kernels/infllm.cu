@@ -61,7 +61,8 @@ extern "C" __global__ void infllm_ring_meta(u32* m, const u32* dst, const u32* r
 // pass 1 takes each head's log-sum-exp over its window (a thread's online max and sum,
 // then the head's warps combined through shared memory); pass 2 puts exp(s - lse) of
 // every (head, key) in shared memory, and head 0's threads add the G of each key to its
-// mass. A thread with one key keeps its score from pass 1; others score again.
+// mass. Scores persist from pass 1 to pass 2: a thread's first key in a register, the
+// others in shared memory where `cached` (G·window floats fit), else scored again.
 #define INFLLM_MAX_GROUP SPIN_INFLLM_MAX_GROUP
 template <typename T>
 __device__ __forceinline__ float row_dot(const float* qv, const T* kv, int D, bool vec) {
@@ -86,14 +87,15 @@ __device__ __forceinline__ float row_dot(const float* qv, const T* kv, int D, bo
 
 template <typename T>
 __device__ void window_mass(u32* m, const T* ring, const T* q, const u32* runs, int S, int W, int H, int D,
-                            int Hq, int window, float scale, int T_rows) {
-  extern __shared__ float sm[];  // G·D query floats, 2·32 warp partials, G lse, G·tph terms
+                            int Hq, int window, float scale, int T_rows, int cached) {
+  extern __shared__ float sm[];  // G·D query floats, 2·32 warp partials, G lse, G·tph terms, cached G·window scores
   const u32* r = runs + 4 * blockIdx.x;
   const u32 o = r[0], start = r[1], n = r[2], row = r[3];
   if (n == 0 || o >= (u32)S || row + n > (u32)T_rows) return;
   const int h = blockIdx.y, G = Hq / H, tph = blockDim.x / G, wph = tph >> 5;
   const int gi = threadIdx.x / tph, i = threadIdx.x - gi * tph, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float *sq = sm, *pmx = sq + G * D, *psum = pmx + 32, *lse = psum + 32, *terms = lse + G;
+  float* sc = terms + G * tph + (size_t)gi * window;  // this head's cached scores
   u32* mass = m + (size_t)o * 4 * W * H + (size_t)W * H;
   const T* keys = ring + (size_t)o * W * H * D;
   const bool vec = (D * sizeof(T)) % 16 == 0 && (reinterpret_cast<uintptr_t>(ring) & 15) == 0;
@@ -108,6 +110,7 @@ __device__ void window_mass(u32* m, const T* ring, const T* q, const u32* runs, 
     for (u32 t = i; t < cnt; t += tph) {
       const float s = row_dot(qv, keys + ((size_t)((lo + t) % W) * H + h) * D, D, vec) * scale;
       if (t == (u32)i) s0 = s;
+      else if (cached) sc[t] = s;
       if (s > mx) {
         sum = sum * __expf(mx - s) + 1.f;
         mx = s;
@@ -134,7 +137,9 @@ __device__ void window_mass(u32* m, const T* ring, const T* q, const u32* runs, 
       const u32 t = base + i;
       float p = 0.f;
       if (t < cnt) {
-        const float s = t == (u32)i ? s0 : row_dot(qv, keys + ((size_t)((lo + t) % W) * H + h) * D, D, vec) * scale;
+        const float s = t == (u32)i ? s0
+                        : cached  ? sc[t]
+                                  : row_dot(qv, keys + ((size_t)((lo + t) % W) * H + h) * D, D, vec) * scale;
         p = __expf(s - l);
       }
       terms[threadIdx.x] = p;
@@ -152,12 +157,116 @@ __device__ void window_mass(u32* m, const T* ring, const T* q, const u32* runs, 
 
 #define WINDOW(NAME, T)                                                                                  \
   extern "C" __global__ void __launch_bounds__(1024) NAME(u32* m, const T* ring, const T* q, const u32* runs, \
-                                  int S, int W, int H, int D, int Hq, int window, float scale, int T_rows) { \
-    window_mass<T>(m, ring, q, runs, S, W, H, D, Hq, window, scale, T_rows);                             \
+                                  int S, int W, int H, int D, int Hq, int window, float scale, int T_rows, \
+                                  int cached) {                                                          \
+    window_mass<T>(m, ring, q, runs, S, W, H, D, Hq, window, scale, T_rows, cached);                     \
   }
 WINDOW(infllm_window_mass_f32, float)
 WINDOW(infllm_window_mass_f16, __half)
 WINDOW(infllm_window_mass_bf16, __nv_bfloat16)
+
+// Run masses (prefill rounds: runs of several tokens), two kernels, no atomics. Both
+// score with `row_dot_tt` (two rows of T, 16-byte loads where the rows allow them); the
+// rows a warp re-reads stay in L1.
+template <typename T>
+__device__ __forceinline__ float row_dot_tt(const T* a, const T* b, int D, bool vec) {
+  float acc = 0.f;
+  if (vec) {
+    constexpr int E = 16 / sizeof(T);
+#pragma unroll 4
+    for (int x = 0; x < D; x += E) {
+      float u[E], v[E];
+      unpack16<T>(*reinterpret_cast<const uint4*>(a + x), u);
+      unpack16<T>(*reinterpret_cast<const uint4*>(b + x), v);
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc += u[e] * v[e];
+    }
+  } else {
+    for (int x = 0; x < D; ++x) acc += to_f32(a[x]) * to_f32(b[x]);
+  }
+  return acc;
+}
+
+// run_lse: grid (R, Hkv, ⌈max_n / 8⌉), a warp per query of the run: for each of its G
+// heads the lanes stride over the query's window (online max and sum), and lane 0 writes
+// the head's log-sum-exp to lse [R, Hkv, max_n, G].
+template <typename T>
+__device__ void run_lse(float* lse, const T* ring, const T* q, const u32* runs, int S, int W, int H, int D,
+                        int Hq, int window, float scale, int T_rows, int max_n) {
+  const u32* r = runs + 4 * blockIdx.x;
+  const u32 o = r[0], start = r[1], n = r[2], row = r[3];
+  if (n == 0 || o >= (u32)S || row + n > (u32)T_rows || n > (u32)max_n) return;
+  const int h = blockIdx.y, G = Hq / H, lane = threadIdx.x & 31;
+  const u32 j = blockIdx.z * 8 + (threadIdx.x >> 5);
+  if (j >= n) return;
+  const u32 a = start + j, lo = a + 1 > (u32)window ? a + 1 - window : 0;
+  const T* keys = ring + (size_t)o * W * H * D;
+  const bool vec = (D * sizeof(T)) % 16 == 0 && ((reinterpret_cast<uintptr_t>(ring) | reinterpret_cast<uintptr_t>(q)) & 15) == 0;
+  for (int g = 0; g < G; ++g) {
+    const T* qv = q + ((size_t)(row + j) * Hq + (size_t)h * G + g) * D;
+    float mx = -INFINITY, sum = 0.f;
+    for (u32 t = lo + lane; t <= a; t += 32) {
+      const float s = row_dot_tt(qv, keys + ((size_t)(t % W) * H + h) * D, D, vec) * scale;
+      if (s > mx) {
+        sum = sum * __expf(mx - s) + 1.f;
+        mx = s;
+      } else {
+        sum += __expf(s - mx);
+      }
+    }
+    float gmx = mx;
+    for (int off = 16; off > 0; off >>= 1) gmx = fmaxf(gmx, __shfl_xor_sync(FULL_MASK, gmx, off));
+    float part = mx == -INFINITY ? 0.f : sum * __expf(mx - gmx);
+    for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(FULL_MASK, part, off);
+    if (lane == 0) lse[(((size_t)blockIdx.x * H + h) * max_n + j) * G + g] = gmx + logf(part);
+  }
+}
+
+// run_mass: grid (R, Hkv, ⌈(max_n + window - 1) / 8⌉), a warp per key t of the keys the
+// run's queries see, [start + 1 - window, start + n): the lanes stride over the queries
+// that see it, [max(t, start), min(t + window, start + n)), summing exp(s - lse) over
+// their G heads; lane 0 adds the warp's sum to the key's mass (one writer per key).
+template <typename T>
+__device__ void run_mass(u32* m, const float* lse, const T* ring, const T* q, const u32* runs, int S, int W, int H,
+                         int D, int Hq, int window, float scale, int T_rows, int max_n) {
+  const u32* r = runs + 4 * blockIdx.x;
+  const u32 o = r[0], start = r[1], n = r[2], row = r[3];
+  if (n == 0 || o >= (u32)S || row + n > (u32)T_rows || n > (u32)max_n) return;
+  const int h = blockIdx.y, G = Hq / H, lane = threadIdx.x & 31;
+  const u32 t0 = start + 1 > (u32)window ? start + 1 - window : 0;
+  const u32 t = t0 + blockIdx.z * 8 + (threadIdx.x >> 5);
+  if (t >= start + n) return;
+  const T* kv = ring + (((size_t)o * W + t % W) * H + h) * D;
+  const float* ls = lse + ((size_t)blockIdx.x * H + h) * max_n * G;
+  const bool vec = (D * sizeof(T)) % 16 == 0 && ((reinterpret_cast<uintptr_t>(ring) | reinterpret_cast<uintptr_t>(q)) & 15) == 0;
+  const u32 a0 = max(t, start), a1 = min(t + (u32)window, start + n);
+  float total = 0.f;
+  for (u32 a = a0 + lane; a < a1; a += 32) {
+    const u32 j = a - start;
+    for (int g = 0; g < G; ++g) {
+      const T* qv = q + ((size_t)(row + j) * Hq + (size_t)h * G + g) * D;
+      total += __expf(row_dot_tt(qv, kv, D, vec) * scale - ls[(size_t)j * G + g]);
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(FULL_MASK, total, off);
+  if (lane == 0) {
+    u32* mp = m + (size_t)o * 4 * W * H + (size_t)W * H + (size_t)(t % W) * H + h;
+    *mp = __float_as_uint(__uint_as_float(*mp) + total);
+  }
+}
+
+#define RUN_MASS(LSE, MASS, T)                                                                                  \
+  extern "C" __global__ void LSE(float* lse, const T* ring, const T* q, const u32* runs, int S, int W, int H,    \
+                                 int D, int Hq, int window, float scale, int T_rows, int max_n) {               \
+    run_lse<T>(lse, ring, q, runs, S, W, H, D, Hq, window, scale, T_rows, max_n);                               \
+  }                                                                                                             \
+  extern "C" __global__ void MASS(u32* m, const float* lse, const T* ring, const T* q, const u32* runs, int S,   \
+                                  int W, int H, int D, int Hq, int window, float scale, int T_rows, int max_n) { \
+    run_mass<T>(m, lse, ring, q, runs, S, W, H, D, Hq, window, scale, T_rows, max_n);                           \
+  }
+RUN_MASS(infllm_run_lse_f32, infllm_run_mass_f32, float)
+RUN_MASS(infllm_run_lse_f16, infllm_run_mass_f16, __half)
+RUN_MASS(infllm_run_lse_bf16, infllm_run_mass_bf16, __nv_bfloat16)
 
 // Finalize: grid (R, Hkv, most blocks a run ends), one warp. Block i of the run ends at
 // e = first + i·block; its `repr` keys of most mass (ties: the earlier token) are copied

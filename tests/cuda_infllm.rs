@@ -206,33 +206,45 @@ fn mass_add_matches_cpu() {
     }
 }
 
-/// `infllm_window_mass` over windows longer than a thread block (300 keys, wrapping
-/// around the ring), five query heads per KV head, runs of 1 and 3 tokens and a padding
-/// run, against the CPU.
+/// `infllm_window_mass` over windows longer than a thread block (wrapping around the
+/// ring), five query heads per KV head, runs of 1 and 3 tokens and a padding run, against
+/// the CPU. A window of 300 keys keeps the decode kernel's scores in shared memory
+/// between its passes; one of 2600 (52 KB of scores) has them scored again.
 #[test]
 fn window_mass_over_long_windows_matches_cpu() {
     let dev = gpu();
     let mut r = rng(29);
-    let (s, ring, hkv, g, window) = (3usize, 333usize, 2usize, 5usize, 300usize);
-    // 72-dim rows load 16 bytes at a time; 36-dim f16 rows (72 bytes) take the scalar path.
-    for (dt, d) in [(DType::F32, 72usize), (DType::BF16, 72), (DType::F16, 36)] {
-        let ring_k = randn(&mut r, &[s, ring, hkv, d], 1.0).to_dtype(dt).unwrap();
-        let init: Vec<u32> = (0..s * 4 * ring * hkv)
-            .map(|_| r.random_range(0.0f32..2.0).to_bits())
-            .collect();
-        let ring_m = Tensor::from_vec(init, (s, 4, ring, hkv), &Device::Cpu).unwrap();
-        let q = randn(&mut r, &[4, hkv * g, d], 1.0).to_dtype(dt).unwrap();
-        // (owner, start, n, row): 1 token at 500, 3 tokens at 290 (windows from 0), padding.
-        let table = Tensor::from_vec(vec![2u32, 500, 1, 0, 0, 290, 3, 1, 1, 0, 0, 0], (3, 4), &Device::Cpu).unwrap();
-        let before = u32s(&ring_m);
-        let gm = ring_m.to_device(&dev).unwrap();
-        let on = |x: &Tensor| x.to_device(&dev).unwrap();
-        ops::infllm_window_mass(&gm, &on(&ring_k), &on(&q), &on(&table), (window, 0.2), 3).unwrap();
-        ops::infllm_window_mass(&ring_m, &ring_k, &q, &table, (window, 0.2), 3).unwrap();
-        let ((ce, cm), (ge, gmv)) = (planes(&ring_m), planes(&gm));
-        assert_eq!(ce, ge, "{dt:?}: slots");
-        close(&cm, &gmv, 2e-5, &format!("{dt:?}: masses"));
-        assert_ne!(u32s(&ring_m), before, "{dt:?}: the masses moved");
+    let (s, hkv, g) = (3usize, 2usize, 5usize);
+    // (window, ring, start of the single-token run)
+    for (window, ring, at) in [(300usize, 333usize, 500u32), (2600, 2650, 3000)] {
+        // 72-dim rows load 16 bytes at a time; 36-dim f16 rows (72 bytes) take the scalar path.
+        for (dt, d) in [(DType::F32, 72usize), (DType::BF16, 72), (DType::F16, 36)] {
+            let what = format!("window {window}, {dt:?}, D {d}");
+            let ring_k = randn(&mut r, &[s, ring, hkv, d], 1.0).to_dtype(dt).unwrap();
+            let init: Vec<u32> = (0..s * 4 * ring * hkv)
+                .map(|_| r.random_range(0.0f32..2.0).to_bits())
+                .collect();
+            let ring_m = Tensor::from_vec(init, (s, 4, ring, hkv), &Device::Cpu).unwrap();
+            let q = randn(&mut r, &[4, hkv * g, d], 1.0).to_dtype(dt).unwrap();
+            // (owner, start, n, row): 1 token at `at`, 3 tokens at 290 (windows from 0), padding.
+            let all = vec![2u32, at, 1, 0, 0, 290, 3, 1, 1, 0, 0, 0];
+            let table = Tensor::from_vec(all, (3, 4), &Device::Cpu).unwrap();
+            // max_n = 3 takes the CUDA path for runs of several tokens (a warp per query,
+            // then per key); the single-token run alone, with max_n = 1, the decode kernel.
+            let single = Tensor::from_vec(vec![2u32, at, 1, 0], (1, 4), &Device::Cpu).unwrap();
+            for (table, max_n) in [(&table, 3usize), (&single, 1)] {
+                let ring_m = ring_m.copy().unwrap();
+                let before = u32s(&ring_m);
+                let gm = ring_m.to_device(&dev).unwrap();
+                let on = |x: &Tensor| x.to_device(&dev).unwrap();
+                ops::infllm_window_mass(&gm, &on(&ring_k), &on(&q), &on(table), (window, 0.2), max_n).unwrap();
+                ops::infllm_window_mass(&ring_m, &ring_k, &q, table, (window, 0.2), max_n).unwrap();
+                let ((ce, cm), (ge, gmv)) = (planes(&ring_m), planes(&gm));
+                assert_eq!(ce, ge, "{what}, max_n {max_n}: slots");
+                close(&cm, &gmv, 2e-5, &format!("{what}, max_n {max_n}: masses"));
+                assert_ne!(u32s(&ring_m), before, "{what}, max_n {max_n}: the masses moved");
+            }
+        }
     }
 }
 

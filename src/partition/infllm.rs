@@ -229,9 +229,9 @@ impl InfLlm {
 
     /// A step with runs of several tokens, in rounds of at most `max_run` tokens per run
     /// (what the ring holds past a window and a block), with tables built here: each
-    /// round writes its keys, adds the masses (single tokens by the decode kernels,
-    /// longer runs by batched products, [`Self::run_mass`]) and finalizes the blocks the
-    /// round completes.
+    /// round writes its keys, adds the masses (on CUDA one [`infllm_window_mass`] for all
+    /// runs; on the CPU single tokens by that op and longer runs by batched products,
+    /// [`Self::run_mass`]) and finalizes the blocks the round completes.
     fn prefill_rounds(&self, input: &IndexInput<'_>, max_n: usize) -> Result<()> {
         let st = self.state()?;
         let (rk, rm) = (st.ring_k.get(input.layer)?, st.ring_m.get(input.layer)?);
@@ -251,15 +251,21 @@ impl InfLlm {
                 .collect();
             let table = TokenRun::table(&rows, dev)?;
             infllm_ring_write(&rk, &rm, input.k, input.dst, &table, st.geo.page_size)?;
-            let singles: Vec<TokenRun> = rows.iter().filter(|r| r.n == 1).copied().collect();
-            if !singles.is_empty() {
-                let t = TokenRun::table(&singles, dev)?;
-                infllm_window_mass(&rm, &rk, input.q, &t, (st.geo.window, self.scale), 1)?;
-            }
-            for r in rows.iter().filter(|r| r.n > 1) {
-                self.run_mass(&rk, &rm, input.q, r)?;
-            }
             let round_max = rows.iter().map(|r| r.n).max().unwrap_or(0);
+            if dev.is_cuda() {
+                // One op for every run of the round (its CUDA path takes runs of any length).
+                infllm_window_mass(&rm, &rk, input.q, &table, (st.geo.window, self.scale), round_max)?;
+            } else {
+                // The op's CPU path is the plain reference; batched products are faster.
+                let singles: Vec<TokenRun> = rows.iter().filter(|r| r.n == 1).copied().collect();
+                if !singles.is_empty() {
+                    let t = TokenRun::table(&singles, dev)?;
+                    infllm_window_mass(&rm, &rk, input.q, &t, (st.geo.window, self.scale), 1)?;
+                }
+                for r in rows.iter().filter(|r| r.n > 1) {
+                    self.run_mass(&rk, &rm, input.q, r)?;
+                }
+            }
             infllm_finalize(&st.repr, &rk, &rm, &table, &st.geo, round_max)?;
             off += cap;
         }

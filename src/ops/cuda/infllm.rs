@@ -90,10 +90,44 @@ pub(crate) fn window_mass(
     let dev = super::device(q).clone();
     let (qp, kp) = (ptr(OP, q, ql)?, ptr(OP, r, rl)?);
     let mp = ptr_mut(OP, m, ml)?;
-    let f = func(&dev, &INFLLM, &format!("infllm_window_mass_{}", suffix(OP, q.dtype())?))?;
+    let sfx = suffix(OP, q.dtype())?;
+    if max_n > 1 {
+        // Runs of several tokens: log-sum-exps by a warp per query, then masses by a
+        // warp per key, through an `[R, Hkv, max_n, G]` f32 buffer (`run_mass` reads only
+        // the entries `run_lse` writes: queries j < n of the runs both kernels skip alike).
+        let (lse, lp) = alloc::<f32>(&dev, nr * h * max_n * g)?;
+        let z = |n: usize| grid(OP, "run tiles", n.div_ceil(8));
+        let args = (
+            s as i32,
+            w as i32,
+            h as i32,
+            d as i32,
+            hq as i32,
+            window as i32,
+            scale,
+            t as i32,
+            max_n as i32,
+        );
+        let f = func(&dev, &INFLLM, &format!("infllm_run_lse_{sfx}"))?;
+        let cfg = cfg3((grid(OP, "runs", nr)?, grid(OP, "Hkv", h)?, z(max_n)?), 256, 0);
+        launch!(f, cfg, lp, kp, qp, rp, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8)?;
+        let f = func(&dev, &INFLLM, &format!("infllm_run_mass_{sfx}"))?;
+        let cfg = cfg3(
+            (grid(OP, "runs", nr)?, grid(OP, "Hkv", h)?, z(max_n + window - 1)?),
+            256,
+            0,
+        );
+        launch!(f, cfg, mp, lp, kp, qp, rp, args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8)?;
+        drop(lse);
+        return Ok(());
+    }
+    let f = func(&dev, &INFLLM, &format!("infllm_window_mass_{sfx}"))?;
     // Threads per query head: a warp multiple covering the window, G of them <= 1024.
     let tph = window.next_multiple_of(32).min(1024 / g / 32 * 32);
     let smem = (g * d + 64 + g + g * tph) * 4;
+    // Scores kept between the two passes where G·window floats fit beside the rest.
+    let cached = smem + g * window * 4 <= 48 * 1024;
+    let smem = if cached { smem + g * window * 4 } else { smem };
     if smem > 48 * 1024 {
         candle_core::bail!(
             "{OP}: Hq/Hkv·D = {} floats exceed the window mass's 48 KiB of shared memory",
@@ -119,7 +153,8 @@ pub(crate) fn window_mass(
         hq as i32,
         window as i32,
         scale,
-        t as i32
+        t as i32,
+        cached as i32
     )
 }
 
