@@ -498,6 +498,9 @@ fn run_batch(
         .collect::<spinkv::Result<Vec<_>>>()?;
     let dev = eng.model().device().clone();
     let (mut peak, mut last) = (device_memory_used(&dev), Instant::now());
+    // Device memory after the engine's allocations, and the peaks seen after steps
+    // with prefill tokens and after decode-only steps (where a peak comes from).
+    let (at_init, mut peak_prefill, mut peak_decode) = (peak, None::<u64>, None::<u64>);
     let total = handles.len();
     let (mut full_tokens, mut full_secs, mut decode_steps) = (0usize, 0f64, 0usize);
     let (mut steady_tokens, mut steady_secs) = (0usize, 0f64);
@@ -535,7 +538,14 @@ fn run_batch(
         if profiling && decode_steps == PROFILE_AFTER + c.profile_steps {
             spinkv::ops::profiler_range(&dev, false)?;
         }
-        peak = peak.max(device_memory_used(&dev));
+        let now = device_memory_used(&dev);
+        peak = peak.max(now);
+        let phase = if r.prefill_tokens > 0 {
+            &mut peak_prefill
+        } else {
+            &mut peak_decode
+        };
+        *phase = (*phase).max(now);
         if last.elapsed() > Duration::from_secs(5) {
             let m = eng.metrics();
             let (p, d, r, w) = (m.prefill_tokens, m.decode_tokens, m.running, m.waiting);
@@ -561,6 +571,15 @@ fn run_batch(
         );
     }
     print_tier_stats(&eng);
+    if at_init.is_some() {
+        let gb = |b: Option<u64>| b.map_or("—".to_string(), |b| format!("{:.1} GB", b as f64 / 1e9));
+        eprintln!(
+            "  device memory: {} with the engine built; peak {} after prefill steps, {} after decode-only steps",
+            gb(at_init),
+            gb(peak_prefill),
+            gb(peak_decode)
+        );
+    }
     if c.host_timing {
         eprintln!("  host time by part (µs total, spans, µs per span):");
         for (label, d, n) in spinkv::host_timing::report() {
