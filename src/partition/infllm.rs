@@ -383,10 +383,12 @@ impl SparseAlgorithm for InfLlm {
             if r.n > cap {
                 let st = self.state()?;
                 let o = r.owner as usize;
+                // `force_contiguous` copies the view alone (`Tensor::copy` would clone
+                // the whole state's storage: every layer's and owner's ring).
                 let snap = Snapshot {
                     start: r.start,
-                    k: st.ring_k.get(input.layer)?.get(o)?.copy()?,
-                    m: st.ring_m.get(input.layer)?.get(o)?.copy()?,
+                    k: st.ring_k.get(input.layer)?.get(o)?.force_contiguous()?,
+                    m: st.ring_m.get(input.layer)?.get(o)?.force_contiguous()?,
                 };
                 self.snapshots.insert((input.layer, r.seq), snap);
             }
@@ -479,4 +481,66 @@ fn restore_ring(st: &State, layer: usize, owner: usize, owners: usize, sn: &Snap
     flat(k)?.slice_set(&sn.k.unsqueeze(0)?, 0, row)?;
     flat(m)?.slice_set(&sn.m.unsqueeze(0)?, 0, row)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{CpuStorage, Device, Storage};
+
+    /// Elements in `t`'s whole storage (CPU).
+    fn storage_len(t: &Tensor) -> usize {
+        let (storage, _) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(CpuStorage::F32(v)) => v.len(),
+            Storage::Cpu(CpuStorage::U32(v)) => v.len(),
+            _ => panic!("a CPU f32 or u32 tensor"),
+        }
+    }
+
+    /// A run longer than one round snapshots its own (layer, owner) ring, not a clone of
+    /// the storage of every layer's and owner's rings (which `Tensor::copy` of the view
+    /// made: 5× the KV cache's memory on the device at 64 prompts of 8K).
+    #[test]
+    fn long_run_snapshot_holds_its_ring_only() -> Result<()> {
+        let cfg = CacheConfig::new(3, 2, 1, 8);
+        let mut a = InfLlm::new(InfLlmConfig::for_budget(256))?;
+        a.init(&cfg)?;
+        let (n, dev) = (300usize, Device::Cpu);
+        let run = TokenRun {
+            seq: 7,
+            start: 0,
+            n,
+            row: 0,
+            owner: 1,
+        };
+        let table = TokenRun::table(&[run], &dev)?;
+        let q = Tensor::randn(0f32, 1.0, (n, 2, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (n, 1, 8), &dev)?;
+        let dst = Tensor::arange(0u32, n as u32, &dev)?.reshape((n, 1))?;
+        let input = IndexInput {
+            layer: 1,
+            runs: &[run],
+            runs_table: &table,
+            q: &q,
+            k: &k,
+            k_pre_rope: &k,
+            v: &k,
+            dst: &dst,
+            minmax_updated: false,
+        };
+        a.index(&input)?;
+        let snap = a.snapshots.get(&(1, 7)).expect("a snapshot of the 300-token run");
+        let st = a.state()?;
+        assert_eq!(snap.k.dims(), &st.ring_k.dims()[2..]);
+        assert_eq!(snap.m.dims(), &st.ring_m.dims()[2..]);
+        for (what, t) in [("keys", &snap.k), ("masses", &snap.m)] {
+            assert_eq!(storage_len(t), t.elem_count(), "{what}: the snapshot's storage");
+        }
+        assert!(
+            storage_len(&st.ring_k) > 4 * snap.k.elem_count(),
+            "the state holds more than one ring"
+        );
+        Ok(())
+    }
 }
