@@ -85,6 +85,24 @@ __device__ __forceinline__ float row_dot(const float* qv, const T* kv, int D, bo
   return acc;
 }
 
+// A thread's online log-sum-exp: adds score s to its running max and sum of exp(· − max).
+__device__ __forceinline__ void online_add(float& mx, float& sum, float s) {
+  if (s > mx) {
+    sum = sum * __expf(mx - s) + 1.f;
+    mx = s;
+  } else {
+    sum += __expf(s - mx);
+  }
+}
+
+// The warp's max of the lanes' mx and its sum of exp(· − that max), to every lane.
+__device__ __forceinline__ void warp_max_sum(float mx, float sum, float& gmx, float& part) {
+  gmx = mx;
+  for (int off = 16; off > 0; off >>= 1) gmx = fmaxf(gmx, __shfl_xor_sync(FULL_MASK, gmx, off));
+  part = mx == -INFINITY ? 0.f : sum * __expf(mx - gmx);
+  for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(FULL_MASK, part, off);
+}
+
 template <typename T>
 __device__ void window_mass(u32* m, const T* ring, const T* q, const u32* runs, int S, int W, int H, int D,
                             int Hq, int window, float scale, int T_rows, int cached) {
@@ -111,17 +129,10 @@ __device__ void window_mass(u32* m, const T* ring, const T* q, const u32* runs, 
       const float s = row_dot(qv, keys + ((size_t)((lo + t) % W) * H + h) * D, D, vec) * scale;
       if (t == (u32)i) s0 = s;
       else if (cached) sc[t] = s;
-      if (s > mx) {
-        sum = sum * __expf(mx - s) + 1.f;
-        mx = s;
-      } else {
-        sum += __expf(s - mx);
-      }
+      online_add(mx, sum, s);
     }
-    float gmx = mx;
-    for (int off = 16; off > 0; off >>= 1) gmx = fmaxf(gmx, __shfl_xor_sync(FULL_MASK, gmx, off));
-    float part = mx == -INFINITY ? 0.f : sum * __expf(mx - gmx);
-    for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(FULL_MASK, part, off);
+    float gmx, part;
+    warp_max_sum(mx, sum, gmx, part);
     if (lane == 0) pmx[warp] = gmx, psum[warp] = part;
     __syncthreads();
     if (threadIdx.x < G) {
@@ -207,17 +218,10 @@ __device__ void run_lse(float* lse, const T* ring, const T* q, const u32* runs, 
     float mx = -INFINITY, sum = 0.f;
     for (u32 t = lo + lane; t <= a; t += 32) {
       const float s = row_dot_tt(qv, keys + ((size_t)(t % W) * H + h) * D, D, vec) * scale;
-      if (s > mx) {
-        sum = sum * __expf(mx - s) + 1.f;
-        mx = s;
-      } else {
-        sum += __expf(s - mx);
-      }
+      online_add(mx, sum, s);
     }
-    float gmx = mx;
-    for (int off = 16; off > 0; off >>= 1) gmx = fmaxf(gmx, __shfl_xor_sync(FULL_MASK, gmx, off));
-    float part = mx == -INFINITY ? 0.f : sum * __expf(mx - gmx);
-    for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(FULL_MASK, part, off);
+    float gmx, part;
+    warp_max_sum(mx, sum, gmx, part);
     if (lane == 0) lse[(((size_t)blockIdx.x * H + h) * max_n + j) * G + g] = gmx + logf(part);
   }
 }
