@@ -22,6 +22,18 @@ use spinkv::partition::{by_name, BoundsFormat, Dense, Quest, QuestConfig, Shadow
 use spinkv::{CacheConfig, FetchMode, SparseKvCache, SpinCache, StepInput};
 
 fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_fraction: f64, tol: f64, what: &str) {
+    run_both_seeded(make, dtype, fast_fraction, tol, what, 21)
+}
+
+/// [`run_both`] with the random inputs drawn from `seed`.
+fn run_both_seeded(
+    make: &dyn Fn() -> Box<dyn SparseAlgorithm>,
+    dtype: DType,
+    fast_fraction: f64,
+    tol: f64,
+    what: &str,
+    seed: u64,
+) {
     spinkv::ops::set_poison_outputs(true);
     let gpu = Device::new_cuda(0).expect("a CUDA device");
     let own_stream = spinkv::ops::cuda_device(0).expect("a CUDA device");
@@ -67,7 +79,7 @@ fn run_both(make: &dyn Fn() -> Box<dyn SparseAlgorithm>, dtype: DType, fast_frac
         .iter_mut()
         .map(|c| (0..3).map(|_| c.add_sequence().unwrap()).collect())
         .collect();
-    let mut r = rng(21);
+    let mut r = rng(seed);
     // Prefills of odd lengths (one chunked), then ragged decode steps.
     let mut plan: Vec<[usize; 3]> = vec![[150, 0, 0], [0, 77, 0], [1, 40, 203], [1, 1, 1]];
     plan.extend(std::iter::repeat_n([1, 1, 1], 20));
@@ -190,12 +202,17 @@ fn infllm_and_shadowkv_on_cuda_match_cpu() {
             .unwrap(),
         )
     };
-    run_both(&shadow, DType::F32, 1.0, 1e-3, "shadowkv budget 128 f32");
-    run_both(
+    // Seed 22: with seed 21, two landmark scores of one head tie to 1e-8 at a decode step,
+    // and f32 rounding (the summation order of each device's matmul) decides between
+    // them; ShadowKV's two modes pick differently on the CPU too. Seed 22 has no such
+    // tie (both modes agree within 1e-5 on the CPU at every step).
+    run_both_seeded(&shadow, DType::F32, 1.0, 1e-3, "shadowkv budget 128 f32", 22);
+    run_both_seeded(
         &shadow,
         DType::F32,
         0.05,
         1e-3,
         "shadowkv budget 128 small fast tier f32",
+        22,
     );
 }

@@ -493,6 +493,7 @@ fn index_errors_keep_the_state() {
                 num_pages: &[np],
                 num_tokens: &[302],
                 page_size: c.page_size,
+                to_host: true,
             })
             .unwrap()
         {

@@ -9,7 +9,8 @@
 //! the tokens after the compressed chunks).
 //!
 //! The algorithm is driven directly on random inputs: its outlier flags and its selected
-//! pages must equal the reference's, at the first decode step and at later ones.
+//! pages must equal the reference's, at the first decode step and at later ones, in both
+//! of its modes (device mode: a fast tier holding every page; host mode: a smaller one).
 
 mod common;
 
@@ -118,19 +119,25 @@ fn reference(s: &Shape, k_pre: &Tensor, prefill: usize, qs: &[Vec<f64>]) -> (Vec
 }
 
 /// Runs ShadowKV over the prompt in `chunks`, then `decodes` decode steps; returns its
-/// outlier flags and each decode step's selection (per KV head).
+/// outlier flags and each decode step's selection (per KV head). `device`: configured
+/// for a fast tier that holds every page (device mode), else for one that holds half.
 fn selected(
     s: &Shape,
     q: &Tensor,
     k: &Tensor,
     chunks: &[usize],
     decodes: usize,
+    device: bool,
 ) -> (Vec<Vec<bool>>, Vec<Vec<Vec<u32>>>) {
     let (hkv, g, d, p) = (s.hkv, s.g, s.d, s.cfg.chunk_tokens);
     let mut cc = CacheConfig::new(1, hkv * g, hkv, d);
     cc.page_size = p;
     cc.rope_theta = THETA;
     cc.dtype = DType::F32;
+    // Room for the slot layout of `common::algo` (16 owners).
+    cc.host_pages = 16 * hkv * common::algo::PAGES_PER_ROW;
+    cc.fast_pages = if device { cc.host_pages } else { cc.host_pages / 2 };
+    cc.max_seq_len = 4096;
     let mut sk = ShadowKv::new(s.cfg.clone()).unwrap();
     sk.init(&cc).unwrap();
     let prefill: usize = chunks.iter().sum();
@@ -195,10 +202,15 @@ fn shadowkv_matches_the_paper_criterion_in_f64() {
                 .map(|i| q64[(prefill + i) * hqd..][..hqd].to_vec())
                 .collect();
             let (want_out, want) = reference(s, &k, prefill, &qs);
-            let (got_out, got) = selected(s, &q, &k, chunks, decodes);
-            assert_eq!(got_out, want_out, "shape {si}, chunks {chunks:?}: outliers");
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(g, w, "shape {si}, chunks {chunks:?}, decode step {i}");
+            for device in [true, false] {
+                let (got_out, got) = selected(s, &q, &k, chunks, decodes, device);
+                assert_eq!(
+                    got_out, want_out,
+                    "shape {si}, chunks {chunks:?}, device {device}: outliers"
+                );
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g, w, "shape {si}, chunks {chunks:?}, device {device}, decode step {i}");
+                }
             }
             // The budget is spent: every head has its rebuilt chunks beside the exact ones.
             let per_head = s.cfg.sparse_budget_tokens / s.cfg.chunk_tokens;

@@ -245,7 +245,15 @@ impl SpinCache {
             Requests::Device(sel, slots) => {
                 step.requested.fill(true);
                 let r = self.device_requests(step, layer, &sel, slots)?;
-                (Some(self.tiered_part(step, &q_rot, &r)?), None)
+                let tiered = self.tiered_part(step, &q_rot, &r)?;
+                let rebuilt = match self.algo.materialize_device(layer)? {
+                    Some(rb) => {
+                        self.device_rebuilds = true;
+                        Some(self.rebuilt_part_device(step, layer, &q_rot, &rb)?)
+                    }
+                    None => None,
+                };
+                (Some(tiered), rebuilt)
             }
             Requests::Lists(mut req) => {
                 for &ei in &decode {

@@ -195,6 +195,13 @@ impl SparseKvCache for SpinCache {
         if let Some(n) = &step.attended_pages {
             stats.pages_attended += n.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as u64;
         }
+        if self.device_rebuilds {
+            // Pages rebuilt on the device: attended, outside the tiers' counters.
+            let n: f64 = self.rebuilt_counts.to_vec1::<f32>()?.iter().map(|&x| x as f64).sum();
+            self.rebuilt_counts.zero_set()?;
+            stats.rebuilt_pages += n as u64;
+            stats.pages_attended += n as u64;
+        }
         let (reuse, [hits, misses, spilled]) = self.lru.take_step_counters()?;
         if step.padded.is_some() {
             // Every request of a padded step's rounds is a decode page it attends, and

@@ -26,7 +26,8 @@ use crate::error::Tier;
 use crate::meta::{DeviceTables, PageTables, LEAF_PAGES};
 use crate::ops::{self, AttentionPartial, PageList, NONE};
 use crate::partition::{
-    IndexInput, MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection, SparseAlgorithm, TokenRun,
+    DeviceRebuilt, IndexInput, MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection, SparseAlgorithm,
+    TokenRun,
 };
 use crate::pool::{BudgetPolicy, BudgetTracker, SlotAllocator};
 use crate::rope::rope_tables;
@@ -139,6 +140,13 @@ pub struct SpinCache {
     trace: Option<Vec<SelectionRecord>>,
     /// Device inputs of padded decode steps, per shape (see [`padded`]).
     padded: HashMap<PaddedShape, padded::PaddedBuffers>,
+    /// `[layers]` f32 pages rebuilt on the device per layer in the open step (added to
+    /// in place, so that captured steps count too; read and zeroed by `end_step`), and
+    /// whether any step rebuilt on the device yet.
+    rebuilt_counts: Tensor,
+    device_rebuilds: bool,
+    /// `[layers]` u32 `0..layers`: one-element views index `rebuilt_counts`.
+    layer_ids: Tensor,
 }
 
 impl std::fmt::Debug for SpinCache {
@@ -221,6 +229,7 @@ impl SpinCache {
             || format!("the device page tables ({max_rows} rows, {arena} leaves)"),
         )?;
         let in_kernel = cfg.fetch_mode == FetchMode::InKernel && !lru.is_direct() && host.tiered_fits(&cfg);
+        let (cfg_layers, cfg_device) = (cfg.num_layers, cfg.device.clone());
         let mut cache = Self {
             id: types::NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             host,
@@ -253,6 +262,9 @@ impl SpinCache {
             total: StepStats::default(),
             trace: None,
             padded: HashMap::new(),
+            rebuilt_counts: Tensor::zeros(cfg_layers, DType::F32, &cfg_device)?,
+            device_rebuilds: false,
+            layer_ids: Tensor::arange(0u32, cfg_layers as u32, &cfg_device)?,
         };
         cache.upload_budgets()?;
         Ok(cache)
@@ -397,6 +409,9 @@ impl SpinCache {
         // The step's counters are dropped; the recency it gave to pages stays (harmless:
         // residency never changes an output).
         self.lru.take_step_counters()?;
+        if self.device_rebuilds {
+            self.rebuilt_counts.zero_set()?;
+        }
         // Drop the new pages' fast copies, or all of them (last: the one change
         // `pool_usage` shows).
         if clear_fast_tier {

@@ -44,6 +44,10 @@ impl SpinCache {
         if !self.can_pad() || inputs.is_empty() {
             return None;
         }
+        let ids: Vec<u64> = inputs.iter().map(|i| i.seq.id).collect();
+        if !self.algo.decode_ready(&ids) {
+            return None;
+        }
         let batch = *PADDED_BATCHES.iter().find(|&&b| b >= inputs.len())?;
         let mut pages = 0;
         for inp in inputs {
@@ -83,6 +87,15 @@ impl SpinCache {
                 OP,
                 "input {i} brings {} tokens: a padded step decodes one token per sequence",
                 inputs[i].new_tokens
+            );
+        }
+        let ids: Vec<u64> = inputs.iter().map(|i| i.seq.id).collect();
+        if !self.algo.decode_ready(&ids) {
+            crate::invalid!(
+                OP,
+                "{} needs an ordinary step first for some of these sequences (e.g. ShadowKV's \
+                 compression at a sequence's first decode step); padded_shape is None until then",
+                self.algo.name()
             );
         }
         let span = crate::host_timing::span("padded.begin.entries");

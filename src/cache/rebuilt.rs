@@ -73,3 +73,69 @@ impl SpinCache {
         ops::sparse_paged_attention(q_rot, &pool, &list, self.scale)
     }
 }
+
+impl SpinCache {
+    /// Attends the decode queries over pages whose keys the algorithm rebuilt on the
+    /// device ([`SparseAlgorithm::materialize_device`]): a step-local pool of those keys
+    /// plus their values copied from the fast tier (direct-mapped: a page's fast slot is
+    /// its host slot; `copy_pages` indexes pools of any size, where candle's gathers use
+    /// 32-bit offsets). Device work only: nothing crosses to the host.
+    pub(super) fn rebuilt_part_device(
+        &self,
+        step: &StepState,
+        layer: usize,
+        q_rot: &Tensor,
+        rb: &DeviceRebuilt,
+    ) -> Result<AttentionPartial> {
+        const OP: &str = "SparseAlgorithm::materialize_device";
+        let (p, d, hkv) = (self.cfg.page_size, self.cfg.head_dim, self.cfg.num_kv_heads);
+        let rows = q_rot.dim(0)?;
+        let dims = rb.pairs.dims();
+        if dims.len() != 4 || dims[0] != rows || dims[1] != hkv || dims[3] != 2 {
+            crate::invalid!(
+                OP,
+                "{} rebuilt pairs {dims:?}, expected [{rows}, {hkv}, K, 2] (rows, KV heads)",
+                self.algo.name()
+            );
+        }
+        let n = rows * hkv * dims[2];
+        if rb.copies.dims() != [n, 2] || rb.keys.dims() != [n, p, d] || rb.keys.dtype() != self.cfg.dtype {
+            crate::invalid!(
+                OP,
+                "{} rebuilt copies {:?} and keys {:?} {:?}, expected [{n}, 2] and [{n}, {p}, {d}] {:?}",
+                self.algo.name(),
+                rb.copies.dims(),
+                rb.keys.dims(),
+                rb.keys.dtype(),
+                self.cfg.dtype
+            );
+        }
+        if !self.lru.is_direct() {
+            crate::invalid!(
+                OP,
+                "{} rebuilt keys on the device, which needs a fast tier holding every page \
+                 (fast_pages >= host_pages)",
+                self.algo.name()
+            );
+        }
+        let none = rb.pairs.narrow(3, 0, 1)?.eq(NONE as f64)?;
+        // Counted on the device (no sync): `end_step` reads the step's total.
+        let count = none
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .affine(-1.0, n as f64)?
+            .reshape(1)?;
+        self.rebuilt_counts
+            .scatter_add_set(&self.layer_ids.narrow(0, layer, 1)?, &count, 0)?;
+        // Whole pages (keys and values) copied, then the keys overwritten.
+        let pool = Tensor::zeros((n, 2, p, d), self.cfg.dtype, &self.cfg.device)?;
+        ops::copy_pages(&pool, &self.fast_pool, &rb.copies)?;
+        pool.slice_set(&rb.keys.unsqueeze(1)?.contiguous()?, 1, 0)?;
+        let list = PageList {
+            pages: rb.pairs.clone(),
+            queries: step.queries.clone(),
+            kv_limit: step.kv_limit.clone(),
+        };
+        ops::sparse_paged_attention(q_rot, &pool, &list, self.scale)
+    }
+}

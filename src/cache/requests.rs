@@ -44,6 +44,11 @@ impl SpinCache {
             Some(idx) => plan.runs.index_select(idx, 0)?,
             None => plan.runs.clone(),
         };
+        // A decode-only step keeps its requests on the device unless they must be seen
+        // on the host (tracing) or rebuilt there (algorithms that rebuild keys).
+        let device_ok = (step.padded.is_some() || decode.len() == step.entries.len())
+            && self.trace.is_none()
+            && !self.algo.rebuilds_keys();
         let input = SelectInput {
             layer,
             seqs: &seqs,
@@ -53,14 +58,10 @@ impl SpinCache {
             num_pages,
             num_tokens,
             page_size: p,
+            to_host: !device_ok,
         };
         let selection = self.algo.select(&input)?;
         let selected = matches!(selection, Selection::Pages(_));
-        // A decode-only step keeps its requests on the device unless they must be seen
-        // on the host (tracing) or rebuilt there (algorithms that rebuild keys).
-        let device_ok = (step.padded.is_some() || decode.len() == step.entries.len())
-            && self.trace.is_none()
-            && !self.algo.rebuilds_keys();
         let chosen = match selection {
             Selection::All if device_ok => {
                 // Every page: the logical ids 0..Nmax of each row; the device page tables

@@ -100,6 +100,11 @@ pub struct SelectInput<'a> {
     pub num_tokens: &'a [usize],
     /// Tokens per page.
     pub page_size: usize,
+    /// `true` when the cache takes this selection to the host as lists (mixed prefill
+    /// and decode steps, tracing) and then calls [`SparseAlgorithm::materialize`];
+    /// `false` when it stays on the device (then [`SparseAlgorithm::materialize_device`]
+    /// follows).
+    pub to_host: bool,
 }
 
 /// The pages chosen for the decoding sequences of one layer.
@@ -158,6 +163,22 @@ pub struct RebuiltKeys {
     pub keys: Tensor,
 }
 
+/// Keys an algorithm rebuilt on the device for a decode step whose requests stay on the
+/// device ([`SparseAlgorithm::materialize_device`]; ShadowKV's device mode). They are
+/// attended with their values read from the fast tier, which must hold every page
+/// (direct-mapped); nothing crosses to the host.
+#[derive(Debug, Clone)]
+pub struct DeviceRebuilt {
+    /// `[B, Hkv, K, 2]` u32 (index into `keys`, logical page) per decoding row and KV
+    /// head, `(NONE, NONE)`-padded. These pages must be absent from the row's selection.
+    pub pairs: Tensor,
+    /// `[B·Hkv·K, 2]` u32 `(host slot, index into keys)`: where each entry's values are
+    /// (an entry without a page names slot 0, whose values are never attended).
+    pub copies: Tensor,
+    /// `[B·Hkv·K, P, D]` post-RoPE keys in the cache dtype on the cache device.
+    pub keys: Tensor,
+}
+
 /// How the selected pages reach the fast tier.
 #[derive(Debug, Clone)]
 pub enum Materialized {
@@ -210,6 +231,14 @@ pub trait SparseAlgorithm: Send {
         Ok(Materialized::FetchFromTiers)
     }
 
+    /// Materialize for a step whose requests stay on the device (decode-only, padded or
+    /// not): keys the algorithm rebuilt for pages it chose in this layer's `select`
+    /// besides its returned selection, or `None` (the default: nothing rebuilt).
+    fn materialize_device(&mut self, layer: usize) -> Result<Option<DeviceRebuilt>> {
+        let _ = layer;
+        Ok(None)
+    }
+
     /// `true` when [`materialize`](Self::materialize) may rebuild keys (ShadowKV): the
     /// cache then hands it the selection as host lists. Default `false`.
     fn rebuilds_keys(&self) -> bool {
@@ -223,6 +252,15 @@ pub trait SparseAlgorithm: Send {
     /// Default `false`.
     fn device_only_decode(&self) -> bool {
         false
+    }
+
+    /// Whether the next decode step of `seqs` can be device work only (given
+    /// [`device_only_decode`](Self::device_only_decode)): `false` while one of them still
+    /// needs host work at its next decode step (ShadowKV: its prefill is not compressed
+    /// in every layer yet); that step then runs as an ordinary one. Default `true`.
+    fn decode_ready(&self, seqs: &[u64]) -> bool {
+        let _ = seqs;
+        true
     }
 
     /// The page size the algorithm is designed for, if it requires one (ShadowKV: its

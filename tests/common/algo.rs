@@ -69,7 +69,7 @@ pub fn index_runs(algo: &mut dyn SparseAlgorithm, runs: &[TokenRun], q: &Tensor,
 
 /// Selects at layer 0 for the decoding `seqs` (queries `q` `[B, Hq, D]`, `num_tokens`
 /// each, the new one included; pages of `page` tokens). Returns the logical pages of
-/// each (sequence, KV head), without padding.
+/// each (sequence, KV head), ascending, without padding.
 pub fn select_pages(
     algo: &mut dyn SparseAlgorithm,
     seqs: &[u64],
@@ -108,6 +108,7 @@ pub fn select_pages(
             num_pages: &np,
             num_tokens,
             page_size: page,
+            to_host: true,
         })
         .unwrap();
     let Selection::Pages(t) = sel else {
@@ -120,11 +121,14 @@ pub fn select_pages(
         .map(|bi| {
             (0..h)
                 .map(|hi| {
-                    v[(bi * h + hi) * k..][..k]
+                    let mut pages: Vec<u32> = v[(bi * h + hi) * k..][..k]
                         .iter()
                         .copied()
                         .filter(|&x| x != NONE)
-                        .collect()
+                        .collect();
+                    // A selection's order is free (the cache sorts host lists).
+                    pages.sort_unstable();
+                    pages
                 })
                 .collect()
         })

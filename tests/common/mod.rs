@@ -196,6 +196,9 @@ impl spinkv::partition::SparseAlgorithm for FailingSelect {
     ) -> spinkv::Result<spinkv::partition::Materialized> {
         self.inner.materialize(input)
     }
+    fn materialize_device(&mut self, layer: usize) -> spinkv::Result<Option<spinkv::partition::DeviceRebuilt>> {
+        self.inner.materialize_device(layer)
+    }
     fn rebuilds_keys(&self) -> bool {
         self.inner.rebuilds_keys()
     }

@@ -10,16 +10,25 @@
 //! The factor is computed at a sequence's first decode step in each layer over the full
 //! chunks seen so far (the prefill, chunked or not): until then the algorithm buffers the
 //! pre-RoPE keys; afterwards new tokens are exact and nothing is buffered.
+//!
+//! Two modes, chosen at `init`: with a fast tier that holds every page, the **device
+//! mode** ([`device`]) selects and rebuilds on the device from tables it keeps there, so
+//! that decode steps of compressed sequences run padded and inside CUDA graphs; otherwise
+//! the **host mode** below chooses on the device but hands the cache host lists, and
+//! rebuilds per sequence and head.
+
+mod device;
 
 use super::{
-    forget_seq, truncate_seq, IndexInput, MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection,
-    SeqStates, SparseAlgorithm,
+    forget_seq, truncate_seq, DeviceRebuilt, IndexInput, MaterializeInput, Materialized, RebuiltKeys, SelectInput,
+    Selection, SeqStates, SparseAlgorithm,
 };
 use crate::linalg::{randomized_low_rank_batch, LowRank, LowRankOptions};
 use crate::ops::{topk_indices, NONE};
 use crate::rope::{apply_rope, rope_tables};
 use crate::{CacheConfig, Error, Result};
 use candle_core::{DType, Device, Tensor};
+use device::DeviceTables;
 
 /// Configuration of [`ShadowKv`] (defaults: the ShadowKV paper's settings).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,11 +97,16 @@ struct Compressed {
     /// `[Hkv, chunks]` f32: `-inf` at the outliers, 0 elsewhere (added to the landmark
     /// scores so that the device top-k skips them).
     outlier_mask: Option<Tensor>,
+    /// Device mode: the left-factor pages holding this state's rows (the factors and
+    /// landmarks live in the device tables then, not above).
+    left_pages: Vec<u32>,
 }
 
 #[derive(Debug, Default)]
 struct SeqState {
     len: usize,
+    /// The sequence's owner index in the cache.
+    owner: u32,
     /// `[len, Hkv, D]` pre-RoPE keys, until the prefill is compressed.
     prefill_k: Option<Tensor>,
     comp: Option<Compressed>,
@@ -114,6 +128,12 @@ pub struct ShadowKv {
     /// compression and the rebuilt keys (grown on demand; rows are gathered by position;
     /// [`rope_tables_upto`]).
     rope: Option<(Tensor, Tensor)>,
+    /// Device mode's tables (`None`: host mode).
+    device: Option<DeviceTables>,
+    /// Layers compressed per sequence (a sequence is ready for device-only decode steps
+    /// when all `layers` are).
+    compressed_layers: std::collections::HashMap<u64, usize>,
+    layers: usize,
 }
 
 impl ShadowKv {
@@ -145,6 +165,9 @@ impl ShadowKv {
             scale: 1.0,
             seqs: SeqStates::new(),
             rope: None,
+            device: None,
+            compressed_layers: Default::default(),
+            layers: 0,
         })
     }
 
@@ -205,6 +228,7 @@ impl ShadowKv {
                     outlier: vec![Vec::new(); hkv],
                     outlier_ids: vec![Vec::new(); hkv],
                     outlier_mask: None,
+                    left_pages: Vec::new(),
                 },
             });
         }
@@ -256,6 +280,7 @@ impl ShadowKv {
             outlier,
             outlier_ids,
             outlier_mask: Some(Tensor::from_vec(mask, (hkv, chunks), k_pre.device())?),
+            left_pages: Vec::new(),
         })
     }
 
@@ -304,7 +329,18 @@ impl SparseAlgorithm for ShadowKv {
     }
 
     fn rebuilds_keys(&self) -> bool {
-        true
+        // Device mode rebuilds through `materialize_device` (and `materialize` in steps
+        // whose requests cross to the host anyway).
+        self.device.is_none()
+    }
+
+    fn device_only_decode(&self) -> bool {
+        self.device.is_some()
+    }
+
+    fn decode_ready(&self, seqs: &[u64]) -> bool {
+        seqs.iter()
+            .all(|s| self.compressed_layers.get(s).is_some_and(|&n| n >= self.layers))
     }
 
     fn init(&mut self, cfg: &CacheConfig) -> Result<()> {
@@ -328,6 +364,18 @@ impl SparseAlgorithm for ShadowKv {
         self.rope_theta = cfg.rope_theta;
         self.dtype = cfg.dtype;
         self.scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        self.layers = cfg.num_layers;
+        self.device = if device::wanted(cfg, self.cfg.rank) {
+            let per_head = self.cfg.sparse_budget_tokens / self.page_size;
+            Some(DeviceTables::new(
+                cfg,
+                self.cfg.rank,
+                self.cfg.outlier_chunks,
+                per_head,
+            )?)
+        } else {
+            None
+        };
         Ok(())
     }
 
@@ -338,7 +386,10 @@ impl SparseAlgorithm for ShadowKv {
                 Some(st) => (st.len, st.comp.is_some(), st.prefill_k.as_ref()),
                 None => (0, false, None),
             };
-            if len != run.start {
+            // Device mode: decode steps replayed from a CUDA graph run no host code, so a
+            // compressed state's count may lag; it needs none (the tokens are exact).
+            let lagging = self.device.is_some() && compressed && len < run.start;
+            if len != run.start && !lagging {
                 return Err(Error::Invalid {
                     op: "ShadowKv::index",
                     msg: format!(
@@ -361,7 +412,8 @@ impl SparseAlgorithm for ShadowKv {
             if prefill_k.is_some() {
                 st.prefill_k = prefill_k;
             }
-            st.len += run.n;
+            st.len = run.start + run.n;
+            st.owner = run.owner;
         }
         Ok(())
     }
@@ -373,7 +425,8 @@ impl SparseAlgorithm for ShadowKv {
         // Every sequence at its first decode step in this layer is compressed, in one batch,
         // with RoPE tables covering the longest of their prefills.
         let mut todo = Vec::new();
-        for (b, &seq) in input.seqs.iter().enumerate() {
+        // (A padded step's padding rows have no sequence: u64::MAX.)
+        for (b, &seq) in input.seqs.iter().enumerate().filter(|(_, &s)| s != u64::MAX) {
             let st = self.seqs.get(&(input.layer, seq)).ok_or(Error::UnknownSequence(seq))?;
             if st.comp.is_none() {
                 todo.push((seq, st.prefill_k.as_ref(), input.num_tokens[b].saturating_sub(1) / p));
@@ -393,13 +446,27 @@ impl SparseAlgorithm for ShadowKv {
         let items: Vec<(Option<&Tensor>, usize)> = todo.iter().map(|&(_, k, c)| (k, c)).collect();
         let done = self.compress_batch(&items, rope.as_ref())?;
         let seqs: Vec<u64> = todo.iter().map(|t| t.0).collect();
-        for (seq, comp) in seqs.into_iter().zip(done) {
+        // Device mode: the page slots of the compressed chunks, read once for all rows.
+        let slots = match (&self.device, seqs.is_empty()) {
+            (Some(_), false) => input.candidates.to_device(&Device::Cpu)?.to_vec3::<u32>()?,
+            _ => Vec::new(),
+        };
+        for (seq, mut comp) in seqs.into_iter().zip(done) {
             let st = self
                 .seqs
                 .get_mut(&(input.layer, seq))
                 .ok_or(Error::UnknownSequence(seq))?;
+            if let Some(dev) = self.device.as_mut() {
+                let b = input.seqs.iter().position(|&s| s == seq).unwrap_or(0);
+                dev.store(input.layer, st.owner, &mut comp, &slots[b])?;
+            }
             st.comp = Some(comp);
             st.prefill_k = None;
+            *self.compressed_layers.entry(seq).or_default() += 1;
+        }
+        if let Some(dev) = self.device.as_mut() {
+            let per_head = self.cfg.sparse_budget_tokens / p;
+            return dev.select(input.layer, input, per_head, self.cfg.window_tokens, self.scale);
         }
         let mut lists = Vec::with_capacity(input.seqs.len());
         for (b, &seq) in input.seqs.iter().enumerate() {
@@ -443,6 +510,9 @@ impl SparseAlgorithm for ShadowKv {
     }
 
     fn materialize(&mut self, input: &MaterializeInput<'_>) -> Result<Materialized> {
+        if let Some(dev) = self.device.as_mut() {
+            return dev.rebuild_lists(input);
+        }
         let (p, d) = (self.page_size, self.head_dim);
         let mut rebuilt = Vec::with_capacity(input.seqs.len());
         let mut pieces = Vec::new();
@@ -499,20 +569,44 @@ impl SparseAlgorithm for ShadowKv {
         Ok(Materialized::Rebuilt(RebuiltKeys { pages: rebuilt, keys }))
     }
 
+    fn materialize_device(&mut self, layer: usize) -> Result<Option<DeviceRebuilt>> {
+        match self.device.as_mut() {
+            Some(dev) => dev.rebuild(layer),
+            None => Ok(None),
+        }
+    }
+
     fn forget(&mut self, seq: u64) {
+        if let Some(dev) = self.device.as_mut() {
+            for ((_, s), st) in self.seqs.iter_mut() {
+                if let (true, Some(c)) = (*s == seq, st.comp.as_mut()) {
+                    dev.release(c);
+                }
+            }
+        }
+        self.compressed_layers.remove(&seq);
         forget_seq(&mut self.seqs, seq);
     }
 
     fn truncate(&mut self, seq: u64, len: usize) {
         // A compressed prefill cannot shrink below its compressed tokens: drop it then.
         let p = self.page_size;
+        let (dev, counts) = (&mut self.device, &mut self.compressed_layers);
         truncate_seq(
             &mut self.seqs,
             seq,
             len,
             |st| st.len,
-            |st| match &st.comp {
-                Some(c) if c.chunks * p > len => false,
+            |st| match st.comp.as_mut() {
+                Some(c) if c.chunks * p > len => {
+                    if let Some(dev) = dev.as_mut() {
+                        dev.release(c);
+                    }
+                    if let Some(n) = counts.get_mut(&seq) {
+                        *n = n.saturating_sub(1);
+                    }
+                    false
+                }
                 Some(_) => {
                     st.len = len;
                     true
