@@ -187,8 +187,9 @@ fn padded_misuse_and_bad_input_are_clear_errors() {
     c.abort_step().unwrap();
     c.verify_accounting().unwrap();
     assert_eq!((c.sequence_len(s).unwrap(), c.sequence_len(s2).unwrap()), (21, 8));
-    // An algorithm whose selection needs the host (ShadowKV rebuilds keys there) has no
-    // padded steps.
+    // An algorithm whose selection needs the host (ShadowKV in host mode: this fast tier
+    // holds a quarter of the KV, and it rebuilds keys there) has no padded steps
+    // (`tests/shadowkv_device.rs` has its device mode's).
     let shadow = ShadowKv::new(ShadowKvConfig {
         rank: 16,
         sparse_budget_tokens: 64,
