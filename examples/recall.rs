@@ -82,6 +82,7 @@ const CODE: &[&str] = &[
     include_str!("../src/partition/infllm.rs"),
     include_str!("../src/partition/quest.rs"),
     include_str!("../src/partition/shadowkv/mod.rs"),
+    include_str!("../src/partition/shadowkv/compress.rs"),
     include_str!("../src/engine/engine.rs"),
     include_str!("../src/ops/attention.rs"),
     include_str!("../src/tiered/host_tier.rs"),
