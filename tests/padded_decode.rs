@@ -7,7 +7,8 @@
 //!   nothing; the counters and the pool accounting agree;
 //! - misuse and bad input are clear errors; an aborted padded step frees its pages;
 //! - (feature `fault-injection`) a padded step failing on any of its device calls aborts
-//!   cleanly and the rerun equals a twin cache where nothing failed.
+//!   cleanly and the rerun equals a twin cache where nothing failed (also ShadowKV in its
+//!   device mode; its other padded tests are in `tests/shadowkv_device.rs`).
 
 mod common;
 
@@ -27,8 +28,30 @@ fn cfg() -> CacheConfig {
         .with_token_capacity(2048, 0.25)
 }
 
+/// The configuration of `name`'s caches: [`cfg`], but ShadowKV gets a fast tier that
+/// holds every page (its device mode, the one that runs padded steps).
+fn cfg_for(name: &str) -> CacheConfig {
+    if name == "shadowkv" {
+        CacheConfig::new(2, 4, 2, 16)
+            .with_page_size(8)
+            .with_token_capacity(2048, 1.0)
+    } else {
+        cfg()
+    }
+}
+
 fn algo(name: &str) -> Box<dyn SparseAlgorithm> {
     match name {
+        "shadowkv" => Box::new(
+            ShadowKv::new(ShadowKvConfig {
+                rank: 16,
+                sparse_budget_tokens: 32,
+                outlier_chunks: 2,
+                window_tokens: 16,
+                ..Default::default()
+            })
+            .unwrap(),
+        ),
         "dense" => Box::new(Dense::new()),
         "streaming" => Box::new(Streaming::new(StreamingConfig {
             sink_tokens: 8,
@@ -64,8 +87,8 @@ fn decode_inputs(seqs: &[SeqId]) -> Vec<StepInput> {
 /// Two caches running `name` with the same configuration.
 fn twins(name: &str) -> [SpinCache; 2] {
     [
-        SpinCache::new_boxed(cfg(), algo(name)).unwrap(),
-        SpinCache::new_boxed(cfg(), algo(name)).unwrap(),
+        SpinCache::new_boxed(cfg_for(name), algo(name)).unwrap(),
+        SpinCache::new_boxed(cfg_for(name), algo(name)).unwrap(),
     ]
 }
 
@@ -214,11 +237,17 @@ fn padded_misuse_and_bad_input_are_clear_errors() {
 fn a_padded_step_that_fails_on_any_device_call_aborts_cleanly() {
     use common::harness::try_padded_step;
     use spinkv::fault;
-    for name in ["dense", "quest", "streaming", "infllm"] {
+    for name in ["dense", "quest", "streaming", "infllm", "shadowkv"] {
         let mut caches = twins(name);
         let mut seqs = [Vec::new(), Vec::new()];
         for &len in &[29usize, 8, 61] {
             add_both(&mut caches, &mut seqs, len);
+        }
+        if name == "shadowkv" {
+            // Its first decode step (the compression) is an ordinary one.
+            for (c, s) in caches.iter_mut().zip(&seqs) {
+                random_step(c, &decode_inputs(s), &mut rng(3));
+            }
         }
         for step in 0..3u64 {
             let ia = decode_inputs(&seqs[0]);
