@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::harness::{padded_step, random_step};
+use common::harness::{add_to_each, padded_step, random_step};
 use common::{max_abs_diff, rng};
 use spinkv::partition::{
     Dense, InfLlm, InfLlmConfig, Quest, QuestConfig, ShadowKv, ShadowKvConfig, SparseAlgorithm, Streaming,
@@ -92,14 +92,9 @@ fn twins(name: &str) -> [SpinCache; 2] {
     ]
 }
 
-/// A new sequence with a prompt of `len` tokens in both caches (equal random inputs),
-/// its handle in each pushed onto `seqs`.
+/// A new sequence with a prompt of `len` tokens in both caches.
 fn add_both(caches: &mut [SpinCache; 2], seqs: &mut [Vec<SeqId>; 2], len: usize) {
-    for (c, s) in caches.iter_mut().zip(seqs.iter_mut()) {
-        let seq = c.add_sequence().unwrap();
-        random_step(c, &[StepInput { seq, new_tokens: len }], &mut rng(len as u64));
-        s.push(seq);
-    }
+    add_to_each(caches, seqs, len);
 }
 
 #[test]

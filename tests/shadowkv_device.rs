@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::harness::{padded_step, random_step};
+use common::harness::{add_to_each as add, padded_step, random_step};
 use common::{max_abs_diff, rng};
 use spinkv::partition::{ShadowKv, ShadowKvConfig};
 use spinkv::{CacheConfig, SeqId, SparseKvCache, SpinCache, StepInput};
@@ -38,15 +38,6 @@ fn shadow() -> ShadowKv {
 
 fn decode(seqs: &[SeqId]) -> Vec<StepInput> {
     seqs.iter().map(|&seq| StepInput { seq, new_tokens: 1 }).collect()
-}
-
-/// Adds a sequence with a prompt of `len` tokens (equal random inputs) to each cache.
-fn add(caches: &mut [SpinCache], seqs: &mut [Vec<SeqId>], len: usize) {
-    for (c, s) in caches.iter_mut().zip(seqs.iter_mut()) {
-        let seq = c.add_sequence().unwrap();
-        random_step(c, &[StepInput { seq, new_tokens: len }], &mut rng(len as u64));
-        s.push(seq);
-    }
 }
 
 #[test]

@@ -41,6 +41,16 @@ pub fn random_step(cache: &mut dyn SparseKvCache, inputs: &[StepInput], r: &mut 
     layers
 }
 
+/// A new sequence with a prompt of `len` tokens in each of `caches` (equal random inputs,
+/// drawn from seed `len`), its handle in each pushed onto the matching `seqs`.
+pub fn add_to_each<C: SparseKvCache>(caches: &mut [C], seqs: &mut [Vec<SeqId>], len: usize) {
+    for (c, s) in caches.iter_mut().zip(seqs.iter_mut()) {
+        let seq = c.add_sequence().unwrap();
+        random_step(c, &[StepInput { seq, new_tokens: len }], &mut super::rng(len as u64));
+        s.push(seq);
+    }
+}
+
 /// [`random_step`] as a padded decode step of `shape`: the real rows get exactly the
 /// q/k/v `random_step` would draw from `r` (so two caches fed from equal seeds see equal
 /// inputs), the padding rows garbage from `pad` at scale 1000. Returns each layer's
