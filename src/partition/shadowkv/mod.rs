@@ -12,7 +12,7 @@
 //! pre-RoPE keys; afterwards new tokens are exact and nothing is buffered.
 //!
 //! Two modes, chosen at `init`: with a fast tier that holds every page, the **device
-//! mode** ([`device`]) selects and rebuilds on the device from tables it keeps there, so
+//! mode** (`device.rs`) selects and rebuilds on the device from tables it keeps there, so
 //! that decode steps of compressed sequences run padded and inside CUDA graphs; otherwise
 //! the **host mode** below chooses on the device but hands the cache host lists, and
 //! rebuilds per sequence and head.
