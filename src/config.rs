@@ -115,6 +115,13 @@ impl CacheConfig {
         self.host_pages + self.fast_home_pages
     }
 
+    /// Whether the fast tier has room for every host page: the cache then maps it
+    /// directly (every page has its own fast slot, numbered as its host slot; no
+    /// replacement, no fetch).
+    pub fn fast_tier_holds_every_page(&self) -> bool {
+        self.fast_pages >= self.host_pages
+    }
+
     /// Moves `fraction` of the pages (of [`total_pages`](Self::total_pages), rounded
     /// down) to homes in the fast tier, keeping the total, and sizes the fast tier's
     /// cache of the rest to `cache_fraction` of the pages left in the host tier (at least

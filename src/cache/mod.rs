@@ -200,7 +200,7 @@ impl SpinCache {
         // (the fast homes then are direct-mapped ids too). Otherwise ids past the host
         // tier's have their homes in fast slots after the buckets'.
         let lru = allocating(
-            if cfg.fast_pages >= cfg.host_pages {
+            if cfg.fast_tier_holds_every_page() {
                 DeviceLru::direct(cfg.max_sequences, cfg.total_pages(), &cfg.device)
             } else {
                 let buckets = cfg.fast_pages / cfg.lru_ways;

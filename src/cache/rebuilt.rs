@@ -114,7 +114,7 @@ impl SpinCache {
             crate::invalid!(
                 OP,
                 "{} rebuilt keys on the device, which needs a fast tier holding every page \
-                 (fast_pages >= host_pages)",
+                 (CacheConfig::fast_tier_holds_every_page)",
                 self.algo.name()
             );
         }

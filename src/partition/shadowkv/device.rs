@@ -84,7 +84,7 @@ pub(super) struct DeviceTables {
 pub(super) fn wanted(cfg: &CacheConfig, rank: usize) -> bool {
     let s = cfg.total_pages();
     let left = s.div_ceil(cfg.num_kv_heads.max(1)) * cfg.page_size * rank;
-    cfg.fast_pages >= cfg.host_pages && s * cfg.head_dim < 1 << 32 && left < 1 << 32
+    cfg.fast_tier_holds_every_page() && s * cfg.head_dim < 1 << 32 && left < 1 << 32
 }
 
 impl DeviceTables {
