@@ -34,6 +34,7 @@ const KERNELS: &[&str] = &[
     "sample",
     "prefill",
     "infllm",
+    "shadowkv",
 ];
 /// Headers every kernel includes.
 const HEADERS: &[&str] = &["kernels/common.cuh"];
@@ -45,7 +46,7 @@ fn write_consts_header(out_dir: &Path) -> anyhow::Result<()> {
          #define SPIN_NONE {:#x}u\n#define SPIN_EMPTY_LSE ({:e}f)\n#define SPIN_LEAF_PAGES {}u\n#define SPIN_PREFILL_ROWS {}\n\
          #define SPIN_PREFILL_TILE_WORDS {}\n#define SPIN_LRU_RESOLVE_WARPS {}\n\
          #define SPIN_Q8_TAIL_BYTES {}\n#define SPIN_Q8_EXP_MIN ({})\n#define SPIN_Q8_EXP_MAX ({})\n\
-         #define SPIN_INFLLM_MAX_GROUP {}\n",
+         #define SPIN_INFLLM_MAX_GROUP {}\n#define SPIN_SHADOWKV_MAX_GROUP {}\n",
         consts::NONE,
         consts::EMPTY_LSE,
         consts::LEAF_PAGES,
@@ -55,7 +56,8 @@ fn write_consts_header(out_dir: &Path) -> anyhow::Result<()> {
         consts::QUEST_Q8_TAIL_BYTES,
         consts::QUEST_Q8_EXP_MIN,
         consts::QUEST_Q8_EXP_MAX,
-        consts::INFLLM_MAX_GROUP
+        consts::INFLLM_MAX_GROUP,
+        consts::SHADOWKV_MAX_GROUP
     );
     std::fs::write(out_dir.join("spinkv_consts.cuh"), body)?;
     Ok(())

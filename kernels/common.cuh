@@ -20,6 +20,11 @@ __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// Stores f32 x as T (round to nearest even).
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+
 // The two 16-bit halves of a packed pair, as f32 (low half = lower index).
 __device__ __forceinline__ float lo_f32(u32 w, __nv_bfloat16*) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float hi_f32(u32 w, __nv_bfloat16*) { return __uint_as_float(w & 0xffff0000u); }

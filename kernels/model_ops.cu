@@ -9,9 +9,6 @@
 __device__ __forceinline__ float round_to(float x, float*) { return x; }
 __device__ __forceinline__ float round_to(float x, __half*) { return __half2float(__float2half_rn(x)); }
 __device__ __forceinline__ float round_to(float x, __nv_bfloat16*) { return __bfloat162float(__float2bfloat16_rn(x)); }
-__device__ __forceinline__ void store(float* p, float x) { *p = x; }
-__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 
 // One block per row of x [rows, cols]: s = x + delta rounded to T (s = x when delta is
 // null), written to sum (when not null); norm = T(s * rsqrt(mean(s^2) + eps) * alpha).

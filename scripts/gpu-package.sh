@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=target}"
 export CARGO_TARGET_DIR
 git check-ignore -q .device 2>/dev/null || echo '/.device/' >> .git/info/exclude
-TESTS="tiered_attention quest_q8 cuda_ops cuda_infllm cuda_cache cuda_tiered cuda_pinned device_lru device_lru_direct fast_homes device_tables model_ops logits_f32 sample_rows prefill_attention cuda_graphs"
+TESTS="tiered_attention quest_q8 cuda_ops cuda_infllm cuda_shadowkv cuda_cache cuda_tiered cuda_pinned device_lru device_lru_direct fast_homes device_tables model_ops logits_f32 sample_rows prefill_attention cuda_graphs"
 EXAMPLES="tiered_step_bench gpu_bench infllm_bench generate serve_bench prefill_bench needle_suite"
 cargo build --release --features cuda $(for e in $EXAMPLES; do echo --example $e; done)
 cargo test --release --features cuda --no-run $(for t in $TESTS; do echo --test $t; done) 2>&1 | tee /tmp/spinkv-testbins.txt

@@ -246,7 +246,7 @@ impl SpinCache {
                 step.requested.fill(true);
                 let r = self.device_requests(step, layer, &sel, slots)?;
                 let tiered = self.tiered_part(step, &q_rot, &r)?;
-                let rebuilt = match self.algo.materialize_device(layer)? {
+                let rebuilt = match self.algo.materialize_device(layer, &self.fast_pool)? {
                     Some(rb) => {
                         self.device_rebuilds = true;
                         Some(self.rebuilt_part_device(step, layer, &q_rot, &rb)?)

@@ -75,11 +75,10 @@ impl SpinCache {
 }
 
 impl SpinCache {
-    /// Attends the decode queries over pages whose keys the algorithm rebuilt on the
-    /// device ([`SparseAlgorithm::materialize_device`]): a step-local pool of those keys
-    /// plus their values copied from the fast tier (direct-mapped: a page's fast slot is
-    /// its host slot; `copy_pages` indexes pools of any size, where candle's gathers use
-    /// 32-bit offsets). Device work only: nothing crosses to the host.
+    /// Attends the decode queries over pages the algorithm rebuilt on the device
+    /// ([`SparseAlgorithm::materialize_device`]): its step-local pool of rebuilt keys and
+    /// their values (read from the direct-mapped fast tier). Device work only: nothing
+    /// crosses to the host.
     pub(super) fn rebuilt_part_device(
         &self,
         step: &StepState,
@@ -99,21 +98,20 @@ impl SpinCache {
             );
         }
         let n = rows * hkv * dims[2];
-        if rb.copies.dims() != [n, 2] || rb.keys.dims() != [n, p, d] || rb.keys.dtype() != self.cfg.dtype {
+        if rb.pool.dims() != [n, 2, p, d] || rb.pool.dtype() != self.cfg.dtype {
             crate::invalid!(
                 OP,
-                "{} rebuilt copies {:?} and keys {:?} {:?}, expected [{n}, 2] and [{n}, {p}, {d}] {:?}",
+                "{} rebuilt pool {:?} {:?}, expected [{n}, 2, {p}, {d}] {:?}",
                 self.algo.name(),
-                rb.copies.dims(),
-                rb.keys.dims(),
-                rb.keys.dtype(),
+                rb.pool.dims(),
+                rb.pool.dtype(),
                 self.cfg.dtype
             );
         }
         if !self.lru.is_direct() {
             crate::invalid!(
                 OP,
-                "{} rebuilt keys on the device, which needs a fast tier holding every page \
+                "{} rebuilt pages on the device, which needs a fast tier holding every page \
                  (CacheConfig::fast_tier_holds_every_page)",
                 self.algo.name()
             );
@@ -127,15 +125,11 @@ impl SpinCache {
             .reshape(1)?;
         self.rebuilt_counts
             .scatter_add_set(&self.layer_ids.narrow(0, layer, 1)?, &count, 0)?;
-        // Whole pages (keys and values) copied, then the keys overwritten.
-        let pool = Tensor::zeros((n, 2, p, d), self.cfg.dtype, &self.cfg.device)?;
-        ops::copy_pages(&pool, &self.fast_pool, &rb.copies)?;
-        pool.slice_set(&rb.keys.unsqueeze(1)?.contiguous()?, 1, 0)?;
         let list = PageList {
             pages: rb.pairs.clone(),
             queries: step.queries.clone(),
             kv_limit: step.kv_limit.clone(),
         };
-        ops::sparse_paged_attention(q_rot, &pool, &list, self.scale)
+        ops::sparse_paged_attention(q_rot, &rb.pool, &list, self.scale)
     }
 }

@@ -39,3 +39,7 @@ pub const QUEST_Q8_EXP_MAX: i32 = 120;
 /// Used by the CUDA glue only.
 #[allow(dead_code)]
 pub const INFLLM_MAX_GROUP: usize = 16;
+
+/// Most query heads per KV head that ShadowKV's score kernel takes (its per-head
+/// registers; `SPIN_SHADOWKV_MAX_GROUP`).
+pub const SHADOWKV_MAX_GROUP: usize = 16;

@@ -209,6 +209,47 @@ pub(crate) fn float_field(op: &str, name: &str, t: &Tensor) -> candle_core::Resu
     }
 }
 
+/// A borrowed contiguous f32, f16 or bf16 CPU operand, read element by element as f32
+/// (large operands are read in place, not copied).
+#[derive(Clone, Copy)]
+pub(crate) enum FloatSlice<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+impl FloatSlice<'_> {
+    /// Element `i` as f32.
+    #[inline(always)]
+    pub(crate) fn at(&self, i: usize) -> f32 {
+        match self {
+            Self::F32(v) => v[i],
+            Self::F16(v) => v[i].to_f32(),
+            Self::Bf16(v) => v[i].to_f32(),
+        }
+    }
+
+    /// Elements.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::F16(v) => v.len(),
+            Self::Bf16(v) => v.len(),
+        }
+    }
+}
+
+/// The contiguous range of a float CPU storage as a [`FloatSlice`].
+pub(crate) fn float_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<FloatSlice<'a>> {
+    let (a, b) = contiguous_range(op, l)?;
+    Ok(match s {
+        CpuStorage::F32(v) => FloatSlice::F32(&v[a..b]),
+        CpuStorage::F16(v) => FloatSlice::F16(&v[a..b]),
+        CpuStorage::BF16(v) => FloatSlice::Bf16(&v[a..b]),
+        _ => candle_core::bail!("{op}: expected f32, f16 or bf16, got another dtype"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::pool_bytes;

@@ -163,20 +163,18 @@ pub struct RebuiltKeys {
     pub keys: Tensor,
 }
 
-/// Keys an algorithm rebuilt on the device for a decode step whose requests stay on the
-/// device ([`SparseAlgorithm::materialize_device`]; ShadowKV's device mode). They are
-/// attended with their values read from the fast tier, which must hold every page
-/// (direct-mapped); nothing crosses to the host.
+/// Pages an algorithm rebuilt on the device for a decode step whose requests stay on the
+/// device ([`SparseAlgorithm::materialize_device`]; ShadowKV's device mode): a step-local
+/// page pool of rebuilt keys and their values, attended beside the selection; nothing
+/// crosses to the host.
 #[derive(Debug, Clone)]
 pub struct DeviceRebuilt {
-    /// `[B, Hkv, K, 2]` u32 (index into `keys`, logical page) per decoding row and KV
-    /// head, `(NONE, NONE)`-padded. These pages must be absent from the row's selection.
+    /// `[B, Hkv, K, 2]` u32 (entry of `pool`, logical page) per decoding row and KV head,
+    /// `(NONE, NONE)`-padded. These pages must be absent from the row's selection.
     pub pairs: Tensor,
-    /// `[B·Hkv·K, 2]` u32 `(host slot, index into keys)`: where each entry's values are
-    /// (an entry without a page names slot 0, whose values are never attended).
-    pub copies: Tensor,
-    /// `[B·Hkv·K, P, D]` post-RoPE keys in the cache dtype on the cache device.
-    pub keys: Tensor,
+    /// `[B·Hkv·K, 2, P, D]` pages (post-RoPE keys, values) in the cache dtype on the cache
+    /// device.
+    pub pool: Tensor,
 }
 
 /// How the selected pages reach the fast tier.
@@ -232,10 +230,13 @@ pub trait SparseAlgorithm: Send {
     }
 
     /// Materialize for a step whose requests stay on the device (decode-only, padded or
-    /// not): keys the algorithm rebuilt for pages it chose in this layer's `select`
+    /// not): pages the algorithm rebuilt for chunks it chose in this layer's `select`
     /// besides its returned selection, or `None` (the default: nothing rebuilt).
-    fn materialize_device(&mut self, layer: usize) -> Result<Option<DeviceRebuilt>> {
-        let _ = layer;
+    /// `values` is the fast tier's page pool `[S, 2, P, D]`: when the fast tier holds every
+    /// page (direct-mapped), a page's values are at its host slot there (the cache attends
+    /// rebuilt pages only then).
+    fn materialize_device(&mut self, layer: usize, values: &Tensor) -> Result<Option<DeviceRebuilt>> {
+        let _ = (layer, values);
         Ok(None)
     }
 

@@ -3,6 +3,7 @@
 
 pub mod algo;
 pub mod harness;
+pub mod shadowkv;
 
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
@@ -196,8 +197,12 @@ impl spinkv::partition::SparseAlgorithm for FailingSelect {
     ) -> spinkv::Result<spinkv::partition::Materialized> {
         self.inner.materialize(input)
     }
-    fn materialize_device(&mut self, layer: usize) -> spinkv::Result<Option<spinkv::partition::DeviceRebuilt>> {
-        self.inner.materialize_device(layer)
+    fn materialize_device(
+        &mut self,
+        layer: usize,
+        values: &Tensor,
+    ) -> spinkv::Result<Option<spinkv::partition::DeviceRebuilt>> {
+        self.inner.materialize_device(layer, values)
     }
     fn rebuilds_keys(&self) -> bool {
         self.inner.rebuilds_keys()

@@ -19,6 +19,7 @@ pub(crate) mod page_table;
 pub(crate) mod prefill;
 pub(crate) mod quest_score;
 pub(crate) mod sample;
+pub(crate) mod shadowkv;
 pub(crate) mod side;
 pub(crate) mod tier_copy;
 pub(crate) mod topk;
@@ -287,6 +288,25 @@ pub(crate) fn alloc<T: drv::DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<(d
             .w()?;
     }
     Ok((buf, p))
+}
+
+/// An uninitialized `n`-element buffer of `dt` (f32, f16 or bf16) and its address.
+pub(crate) fn alloc_as(op: &str, dev: &CudaDevice, dt: DType, n: usize) -> Result<(CudaStorage, u64)> {
+    Ok(match dt {
+        DType::F32 => {
+            let (b, p) = alloc::<f32>(dev, n)?;
+            (CudaStorage::wrap_cuda_slice(b, dev.clone()), p)
+        }
+        DType::F16 => {
+            let (b, p) = alloc::<half::f16>(dev, n)?;
+            (CudaStorage::wrap_cuda_slice(b, dev.clone()), p)
+        }
+        DType::BF16 => {
+            let (b, p) = alloc::<half::bf16>(dev, n)?;
+            (CudaStorage::wrap_cuda_slice(b, dev.clone()), p)
+        }
+        dt => candle_core::bail!("{op}: unsupported dtype {dt:?}"),
+    })
 }
 
 /// A launch configuration of a 3-D grid of 1-D blocks.

@@ -3,29 +3,9 @@
 //! [`rope_qkv`](crate::ops::rope_qkv) and [`rope_tables_into`](crate::ops::rope_tables_into) on CUDA,
 //! and [`logits_f32`](crate::ops::logits_f32) as one cuBLAS `GemmEx` with f32 output.
 
-use super::{alloc, cfg, func, launch, ptr, strided_ptr, suffix, MODEL_OPS};
+use super::{alloc_as, cfg, func, launch, ptr, strided_ptr, suffix, MODEL_OPS};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::CudaDevice;
 use candle_core::{CudaStorage, DType, Layout, Result, Shape};
-
-/// An uninitialized `n`-element buffer of `dt` (f32, f16 or bf16) and its address.
-fn alloc_as(op: &str, dev: &CudaDevice, dt: DType, n: usize) -> Result<(CudaStorage, u64)> {
-    Ok(match dt {
-        DType::F32 => {
-            let (b, p) = alloc::<f32>(dev, n)?;
-            (CudaStorage::wrap_cuda_slice(b, dev.clone()), p)
-        }
-        DType::F16 => {
-            let (b, p) = alloc::<half::f16>(dev, n)?;
-            (CudaStorage::wrap_cuda_slice(b, dev.clone()), p)
-        }
-        DType::BF16 => {
-            let (b, p) = alloc::<half::bf16>(dev, n)?;
-            (CudaStorage::wrap_cuda_slice(b, dev.clone()), p)
-        }
-        dt => candle_core::bail!("{op}: unsupported dtype {dt:?}"),
-    })
-}
 
 /// `x` `[T, H]` (+ `delta` `[T, H]`) → flat `[T·H]` the norm, or `[2·T·H]` the sum then
 /// the norm (one block per row; 16-byte accesses where the rows and pointers allow).

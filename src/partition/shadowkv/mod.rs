@@ -244,14 +244,8 @@ impl SparseAlgorithm for ShadowKv {
         self.dtype = cfg.dtype;
         self.scale = 1.0 / (cfg.head_dim as f64).sqrt();
         self.layers = cfg.num_layers;
-        self.device = if device::wanted(cfg, self.cfg.rank) {
-            let per_head = self.cfg.sparse_budget_tokens / self.page_size;
-            Some(DeviceTables::new(
-                cfg,
-                self.cfg.rank,
-                self.cfg.outlier_chunks,
-                per_head,
-            )?)
+        self.device = if device::wanted(cfg) {
+            Some(DeviceTables::new(cfg, self.cfg.rank, self.cfg.outlier_chunks)?)
         } else {
             None
         };
@@ -448,9 +442,9 @@ impl SparseAlgorithm for ShadowKv {
         Ok(Materialized::Rebuilt(RebuiltKeys { pages: rebuilt, keys }))
     }
 
-    fn materialize_device(&mut self, layer: usize) -> Result<Option<DeviceRebuilt>> {
+    fn materialize_device(&mut self, layer: usize, values: &Tensor) -> Result<Option<DeviceRebuilt>> {
         match self.device.as_mut() {
-            Some(dev) => dev.rebuild(layer),
+            Some(dev) => dev.rebuild(layer, Some(values)),
             None => Ok(None),
         }
     }
