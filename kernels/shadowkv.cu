@@ -6,6 +6,8 @@
 #include "common.cuh"
 
 #define SKV_MAXG SPIN_SHADOWKV_MAX_GROUP
+// The widest logits kernel below is instantiated for 16 heads.
+static_assert(SKV_MAXG == 16, "shadowkv_logits_*_g16 must cover SPIN_SHADOWKV_MAX_GROUP");
 
 // A decode row's owner and exact region (see src/ops/shadowkv/mod.rs): ef = np = 0 for
 // padding rows and out-of-range owners.
@@ -31,11 +33,13 @@ __device__ __forceinline__ SkvRow skv_row(const u32* rows, const u32* chunks, in
 }
 
 // The g logits of one candidate against the scaled queries qs [g, d] (shared memory);
-// a slot out of range (NONE included) reads as a zero landmark.
+// a slot out of range (NONE included) reads as a zero landmark. MG >= g bounds the
+// per-head registers.
+template <int MG>
 __device__ __forceinline__ void skv_logits(const float* __restrict__ lm, u32 slot, u32 slots, const float* qs, int g,
                                            int d, float* l) {
 #pragma unroll
-  for (int gi = 0; gi < SKV_MAXG; ++gi) l[gi] = 0.f;
+  for (int gi = 0; gi < MG; ++gi) l[gi] = 0.f;
   if (slot >= slots) return;
   const float* row = lm + (size_t)slot * d;
   if ((d & 3) == 0) {
@@ -43,7 +47,7 @@ __device__ __forceinline__ void skv_logits(const float* __restrict__ lm, u32 slo
     for (int i = 0; i < d; i += 4) {
       const float4 x = *reinterpret_cast<const float4*>(row + i);
 #pragma unroll
-      for (int gi = 0; gi < SKV_MAXG; ++gi) {
+      for (int gi = 0; gi < MG; ++gi) {
         if (gi < g) {
           const float4 y = *reinterpret_cast<const float4*>(qs + gi * d + i);
           l[gi] += x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
@@ -54,7 +58,7 @@ __device__ __forceinline__ void skv_logits(const float* __restrict__ lm, u32 slo
     for (int i = 0; i < d; ++i) {
       const float x = row[i];
 #pragma unroll
-      for (int gi = 0; gi < SKV_MAXG; ++gi)
+      for (int gi = 0; gi < MG; ++gi)
         if (gi < g) l[gi] += x * qs[gi * d + i];
     }
   }
@@ -67,7 +71,7 @@ __device__ __forceinline__ void skv_logits(const float* __restrict__ lm, u32 slo
 // partials combined per head, then per chunk the max over the group of the
 // probabilities plus the outlier flag, or -inf at and past ef. Dynamic shared memory of
 // the first: (g * d + 32) floats.
-template <typename T>
+template <typename T, int MG>
 __device__ void skv_logits_k(const T* __restrict__ q, const float* __restrict__ lm, const u32* __restrict__ cand,
                              const u32* __restrict__ rows, const u32* __restrict__ chunks, float* __restrict__ logits,
                              float* __restrict__ part, int hq, int hkv, int n, int d, int p, int window, u32 slots,
@@ -91,17 +95,17 @@ __device__ void skv_logits_k(const T* __restrict__ q, const float* __restrict__ 
   __syncthreads();
   const u32* c = cand + (size_t)bh * n;
   float* lg = logits + (size_t)bh * g * n;
-  float m[SKV_MAXG], s[SKV_MAXG], l[SKV_MAXG];
+  float m[MG], s[MG], l[MG];
 #pragma unroll
-  for (int gi = 0; gi < SKV_MAXG; ++gi) {
+  for (int gi = 0; gi < MG; ++gi) {
     m[gi] = -INFINITY;
     s[gi] = 0.f;
   }
   const int j1 = min(nc, (split + 1) * cps);
   for (int j = split * cps + tid; j < j1; j += blockDim.x) {
-    skv_logits(lm, c[j], slots, qs, g, d, l);
+    skv_logits<MG>(lm, c[j], slots, qs, g, d, l);
 #pragma unroll
-    for (int gi = 0; gi < SKV_MAXG; ++gi) {
+    for (int gi = 0; gi < MG; ++gi) {
       if (gi < g) {
         lg[(size_t)gi * n + j] = l[gi];
         if (l[gi] > m[gi]) {
@@ -114,7 +118,7 @@ __device__ void skv_logits_k(const T* __restrict__ q, const float* __restrict__ 
     }
   }
 #pragma unroll
-  for (int gi = 0; gi < SKV_MAXG; ++gi) {
+  for (int gi = 0; gi < MG; ++gi) {
     if (gi < g) {
       const float mx = block_reduce(m[gi], true, red);
       const float sum = block_reduce(m[gi] == -INFINITY ? 0.f : s[gi] * expf(m[gi] - mx), false, red);
@@ -126,16 +130,22 @@ __device__ void skv_logits_k(const T* __restrict__ q, const float* __restrict__ 
   }
 }
 
-#define SKV_LOGITS(T, SFX)                                                                                            \
-  extern "C" __global__ void shadowkv_logits_##SFX(const T* q, const float* lm, const u32* cand, const u32* rows,     \
-                                                   const u32* chunks, float* logits, float* part, int hq, int hkv,      \
-                                                   int n, int d, int p, int window, u32 slots, u32 owners,             \
-                                                   float scale, int cps) {                                            \
-    skv_logits_k<T>(q, lm, cand, rows, chunks, logits, part, hq, hkv, n, d, p, window, slots, owners, scale, cps);    \
+#define SKV_LOGITS(T, SFX, MG)                                                                                        \
+  extern "C" __global__ void shadowkv_logits_##SFX##_g##MG(const T* q, const float* lm, const u32* cand,               \
+                                                           const u32* rows, const u32* chunks, float* logits,          \
+                                                           float* part, int hq, int hkv, int n, int d, int p,          \
+                                                           int window, u32 slots, u32 owners, float scale, int cps) {  \
+    skv_logits_k<T, MG>(q, lm, cand, rows, chunks, logits, part, hq, hkv, n, d, p, window, slots, owners, scale, cps); \
   }
-SKV_LOGITS(float, f32)
-SKV_LOGITS(__half, f16)
-SKV_LOGITS(__nv_bfloat16, bf16)
+SKV_LOGITS(float, f32, 4)
+SKV_LOGITS(float, f32, 8)
+SKV_LOGITS(float, f32, 16)
+SKV_LOGITS(__half, f16, 4)
+SKV_LOGITS(__half, f16, 8)
+SKV_LOGITS(__half, f16, 16)
+SKV_LOGITS(__nv_bfloat16, bf16, 4)
+SKV_LOGITS(__nv_bfloat16, bf16, 8)
+SKV_LOGITS(__nv_bfloat16, bf16, 16)
 
 extern "C" __global__ void shadowkv_scores(const float* __restrict__ logits, const float* __restrict__ part,
                                            const float* __restrict__ outlier, const u32* __restrict__ cand,
@@ -203,10 +213,11 @@ extern "C" __global__ void shadowkv_lists(const u32* __restrict__ top, const u32
 }
 
 // The source of one rebuilt row: entry e's chunk t, its left row and position (ok = false
-// when t is NONE or anything is out of range: the row is written as zeros).
+// when t is NONE or anything is out of range: the row's key is written as zeros), and
+// the host slot of its values (NONE without a chunk).
 struct SkvSrc {
   bool ok;
-  u32 t, pos;
+  u32 t, pos, slot;
   size_t arow;
 };
 
@@ -217,9 +228,13 @@ __device__ __forceinline__ SkvSrc skv_src(size_t e, int i, int b, int bh, int hk
   x.ok = false;
   x.t = top[e];
   x.pos = 0;
+  x.slot = SPIN_NONE;
   x.arow = 0;
-  if (x.t == SPIN_NONE || x.t >= (u32)n || owner >= owners) return x;
+  if (x.t == SPIN_NONE || x.t >= (u32)n) return x;
+  // Both candidate reads are issued before either is used.
   const u32 s0 = cand[(size_t)b * hkv * n + x.t];
+  x.slot = cand[(size_t)bh * n + x.t];
+  if (owner >= owners) return x;
   const u32 page = s0 < slots ? (u32)lmap[s0] : SPIN_NONE;
   const u32 pos = x.t * (u32)p + (u32)i;
   if (page >= lps || pos >= positions) return x;
@@ -293,13 +308,15 @@ SKV_REBUILD_GENERIC(__nv_bfloat16, bf16)
 
 // Tensor-core rebuild (f16/bf16, D = 64 or 128, r a multiple of 16): one block per (row,
 // KV head) and run of 16-row tiles of its K·P rebuilt rows. Shared memory: the head's
-// right factor [r, D] transposed ([D][r + 8], loaded with 16-byte reads) and a [16][r + 8]
-// staging tile per warp; the pads of 8 elements spread the fragment reads over the banks.
-// Each warp takes a tile: its 16 left rows are staged with 16-byte loads (all issued
-// before their first use), A and B fragments are read from shared memory, f32
-// accumulators hold the tile's [16, D] pre-RoPE keys; dim c and c + D/2 live in the same
-// lane, so RoPE is applied in registers before one rounding. The warp then copies the
-// tile's value rows (16 bytes a lane).
+// right factor [r, D] transposed ([D][r + 8]; loaded with 16-byte reads, a warp's lanes
+// on consecutive rows so that the transposed stores hit distinct banks) and a [16][r + 8]
+// staging tile per warp; the pads of 8 elements spread the fragment reads over the
+// banks. Each warp takes a tile: the sources of its 16 rows are found once (chunk, left
+// row, value slot; the two candidate reads in flight together), the RoPE pairs of the
+// lane's rows are loaded, then the tile's value rows are copied and its left rows staged
+// with 16-byte loads, all issued before their first use. A and B fragments come from
+// shared memory, f32 accumulators hold the tile's [16, D] pre-RoPE keys; dim c and
+// c + D/2 live in the same lane, so RoPE is applied in registers before one rounding.
 template <typename T, int D>
 __device__ void skv_rebuild_mma(T* __restrict__ out, const T* __restrict__ left, const T* __restrict__ right,
                                 const u32* __restrict__ top, const u32* __restrict__ cand,
@@ -313,13 +330,15 @@ __device__ void skv_rebuild_mma(T* __restrict__ out, const T* __restrict__ left,
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   T* as = rt + D * rs + warp * 16 * rs;
   __shared__ size_t src_row[SKV_WARPS][16];
+  __shared__ size_t val_row[SKV_WARPS][16];
   const int bh = blockIdx.x, b = bh / hkv, h = bh % hkv;
   const u32 owner = rows[4 * b];
   const int hd = hkv * D, rc = r / 8;
+  constexpr size_t NO_ROW = ~(size_t)0;
   if (owner < owners) {
     const T* src = right + (size_t)owner * r * hd + (size_t)h * D;
     for (int idx = threadIdx.x; idx < r * (D / 8); idx += blockDim.x) {
-      const int j = idx / (D / 8), c8 = (idx % (D / 8)) * 8;
+      const int j = idx % r, c8 = (idx / r) * 8;
       const uint4 v = *reinterpret_cast<const uint4*>(src + (size_t)j * hd + c8);
       const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
@@ -345,18 +364,52 @@ __device__ void skv_rebuild_mma(T* __restrict__ out, const T* __restrict__ left,
       } else {
         x[hr].ok = false;
         x[hr].t = SPIN_NONE;
+        x[hr].slot = SPIN_NONE;
         x[hr].pos = 0;
         x[hr].arow = 0;
       }
-      if (tig == 0) src_row[warp][gid + 8 * hr] = x[hr].ok ? x[hr].arow : ~(size_t)0;
+      if (tig == 0) {
+        src_row[warp][gid + 8 * hr] = x[hr].ok ? x[hr].arow : NO_ROW;
+        val_row[warp][gid + 8 * hr] = values != nullptr && x[hr].slot < vslots
+                                          ? ((size_t)x[hr].slot * 2 * p + p + i[hr]) * D
+                                          : NO_ROW;
+      }
+    }
+    // The RoPE pairs of this lane's columns, for both of its rows.
+    u32 cw[2][HN], sw[2][HN];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+#pragma unroll
+      for (int nt = 0; nt < HN; ++nt) {
+        const size_t at = (size_t)x[hr].pos * (D / 2) + nt * 8 + 2 * tig;
+        cw[hr][nt] = x[hr].ok ? *reinterpret_cast<const u32*>(cos + at) : 0u;
+        sw[hr][nt] = x[hr].ok ? *reinterpret_cast<const u32*>(sin + at) : 0u;
+      }
     }
     __syncwarp();
-    // Stage the tile's 16 left rows (zeros for rows without a source).
+    // The tile's value rows (zeros without a source), then its left rows staged.
+    constexpr int VCH = 16 * (D / 8) / 32;
+    uint4 vv[VCH];
+#pragma unroll
+    for (int u = 0; u < VCH; ++u) {
+      const int idx = lane + 32 * u, rr = idx / (D / 8), ch = idx % (D / 8);
+      const size_t a = val_row[warp][rr];
+      vv[u] = a != NO_ROW ? ld_stream16(values + a + ch * 8) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll 4
     for (int idx = lane; idx < 16 * rc; idx += 32) {
       const int rr = idx / rc, ch = idx % rc;
       const size_t a = src_row[warp][rr];
-      const uint4 v = a != ~(size_t)0 ? ld_stream16(left + a + ch * 8) : make_uint4(0, 0, 0, 0);
+      const uint4 v = a != NO_ROW ? ld_stream16(left + a + ch * 8) : make_uint4(0, 0, 0, 0);
       *reinterpret_cast<uint4*>(as + rr * rs + ch * 8) = v;
+    }
+#pragma unroll
+    for (int u = 0; u < VCH; ++u) {
+      const int idx = lane + 32 * u, rr = idx / (D / 8), ch = idx % (D / 8), row = t * 16 + rr;
+      if (row < total_rows) {
+        const size_t ee = (size_t)bh * k + row / p;
+        *reinterpret_cast<uint4*>(out + (ee * 2 * p + p + row % p) * D + ch * 8) = vv[u];
+      }
     }
     __syncwarp();
     float acc[NT][4];
@@ -383,36 +436,22 @@ __device__ void skv_rebuild_mma(T* __restrict__ out, const T* __restrict__ left,
       const int row = t * 16 + gid + 8 * hr;
       if (row >= total_rows) continue;
       T* key = out + (e[hr] * 2 * p + i[hr]) * D;
-      const T* cr = cos + (size_t)x[hr].pos * (D / 2);
-      const T* sr = sin + (size_t)x[hr].pos * (D / 2);
 #pragma unroll
       for (int nt = 0; nt < HN; ++nt) {
         const int c = nt * 8 + 2 * tig;
         u32 y1 = 0u, y2 = 0u;
         if (x[hr].ok) {
+          T* tag = nullptr;
           const float x1a = acc[nt][2 * hr], x1b = acc[nt][2 * hr + 1];
           const float x2a = acc[nt + HN][2 * hr], x2b = acc[nt + HN][2 * hr + 1];
-          const float c0 = to_f32(cr[c]), c1 = to_f32(cr[c + 1]), s0 = to_f32(sr[c]), s1 = to_f32(sr[c + 1]);
+          const float c0 = lo_f32(cw[hr][nt], tag), c1 = hi_f32(cw[hr][nt], tag);
+          const float s0 = lo_f32(sw[hr][nt], tag), s1 = hi_f32(sw[hr][nt], tag);
           y1 = Mma<T>::pack(x1a * c0 - x2a * s0, x1b * c1 - x2b * s1);
           y2 = Mma<T>::pack(x1a * s0 + x2a * c0, x1b * s1 + x2b * c1);
         }
         *reinterpret_cast<u32*>(key + c) = y1;
         *reinterpret_cast<u32*>(key + D / 2 + c) = y2;
       }
-    }
-    // The tile's value rows, 16 bytes a lane.
-    for (int idx = lane; idx < 16 * (D / 8); idx += 32) {
-      const int rr = idx / (D / 8), ch = idx % (D / 8), row = t * 16 + rr;
-      if (row >= total_rows) continue;
-      const size_t ee = (size_t)bh * k + row / p;
-      const int ii = row % p;
-      const u32 tt = top[ee];
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (values != nullptr && tt != SPIN_NONE && tt < (u32)n) {
-        const u32 slot = cand[(size_t)bh * n + tt];
-        if (slot < vslots) v = ld_stream16(values + ((size_t)slot * 2 * p + p + ii) * D + ch * 8);
-      }
-      *reinterpret_cast<uint4*>(out + (ee * 2 * p + p + ii) * D + ch * 8) = v;
     }
   }
 }

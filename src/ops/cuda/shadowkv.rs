@@ -63,7 +63,14 @@ pub(crate) fn scores(
         field_ptr(OP, "chunks", chunks)?,
     );
     let (window, owners) = (geo.window.min(i32::MAX as usize) as i32, chunks.dim(0)? as u32);
-    let f = func(&dev, &SHADOWKV, &format!("shadowkv_logits_{}", suffix(OP, q.dtype())?))?;
+    // The narrowest per-head register width that holds the group.
+    let mg = match g {
+        0..=4 => 4,
+        5..=8 => 8,
+        _ => 16,
+    };
+    let name = format!("shadowkv_logits_{}_g{mg}", suffix(OP, q.dtype())?);
+    let f = func(&dev, &SHADOWKV, &name)?;
     launch!(
         f,
         cfg3(grid2, SCORE_CHUNKS as u32, smem as u32),
@@ -220,12 +227,12 @@ pub(crate) fn rebuild(
             )
             .w()?;
         }
-        // Tiles per block: about four blocks per SM over the launch, in whole rounds of
-        // the block's warps, at least two rounds (each block loads the right factor).
+        // Tiles per block: about eight blocks per SM over the launch (more than fit at
+        // once: the warps are latency-bound), in whole rounds of the block's warps.
         let tiles = (k * p).div_ceil(16);
-        let target = (sm_count(&dev)? as usize * 4).max(1);
+        let target = (sm_count(&dev)? as usize * 8).max(1);
         let per_row = target.div_ceil(b * hkv).max(1);
-        let tpb = tiles.div_ceil(per_row).div_ceil(REBUILD_WARPS).max(2) * REBUILD_WARPS;
+        let tpb = tiles.div_ceil(per_row).div_ceil(REBUILD_WARPS).max(1) * REBUILD_WARPS;
         let cfg = cfg3(
             (
                 grid(OP, "B·Hkv", b * hkv, i32::MAX as usize)?,
