@@ -22,7 +22,10 @@
 //!   padded shape, which warms up and captures its CUDA graph, are left out only when
 //!   they run with fewer requests). "steady decode tok/s" (offline) also leaves out the
 //!   full-batch steps that warmed up or captured a CUDA graph (short runs at long
-//!   contexts have few steps, and a capture there costs as much as many of them).
+//!   contexts have few steps, and a capture there costs as much as many of them), and
+//!   those that fell back to the ragged eager path (ShadowKV: a sequence's first decode
+//!   step, which compresses its prefill); the run prints how many there were and their
+//!   time.
 //!   "output tok/s" counts every output token over all busy time.
 //! * TTFT, TPOT, ITL: per request from its submission ([`spinkv::engine::Timings`]); in
 //!   offline mode all B requests are submitted at once, so TTFT includes the wait behind
@@ -504,6 +507,8 @@ fn run_batch(
     let total = handles.len();
     let (mut full_tokens, mut full_secs, mut decode_steps) = (0usize, 0f64, 0usize);
     let (mut steady_tokens, mut steady_secs) = (0usize, 0f64);
+    // Full-batch steps that fell back to the ragged eager path, and their time.
+    let (mut fallback_steps, mut fallback_secs) = (0usize, 0f64);
     // A padded step run eagerly is the warm-up of a capture, except where every padded
     // step runs that way (`--decode padded`).
     let padded_is_warmup = eng.decode_mode() != DecodeMode::Padded;
@@ -527,7 +532,10 @@ fn run_batch(
             let warmup = after.captures > before.captures
                 || after.errors > before.errors
                 || (padded_is_warmup && after.padded_eager > before.padded_eager);
-            if !warmup {
+            if after.fallbacks > before.fallbacks {
+                fallback_steps += 1;
+                fallback_secs += r.elapsed.as_secs_f64();
+            } else if !warmup {
                 steady_tokens += r.sampled;
                 steady_secs += r.elapsed.as_secs_f64();
             }
@@ -598,6 +606,13 @@ fn run_batch(
         let f = std::io::BufWriter::new(std::fs::File::create(&path).with_context(|| path.display().to_string())?);
         spinkv::trace::write_csv(f, &records)?;
         eprintln!("  {} selection records: {}", records.len(), path.display());
+    }
+    if fallback_steps > 0 {
+        eprintln!(
+            "  {fallback_steps} full-batch step(s) fell back to the ragged eager path ({:.1} ms in all): \
+             left out of the steady tok/s, kept in the full-batch tok/s",
+            fallback_secs * 1e3
+        );
     }
     let mut row = Row::new(mode, algo, ctx, n, &done, &eng.metrics(), peak, bytes);
     if full_tokens > 0 {
