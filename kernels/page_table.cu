@@ -76,3 +76,13 @@ extern "C" __global__ void padded_plan(u32* __restrict__ w, const u32* __restric
     w[table_rows + i] = trow;
   }
 }
+
+// counts[index] += the number of n (index, page) pairs whose index is not NONE: one block,
+// a strided count and a block reduction (blockDim a multiple of 32).
+extern "C" __global__ void count_listed(float* __restrict__ counts, const u32* __restrict__ pairs, u64 n, u32 index) {
+  __shared__ float sh[32];
+  float c = 0.f;
+  for (u64 i = threadIdx.x; i < n; i += blockDim.x) c += pairs[2 * i] != SPIN_NONE ? 1.f : 0.f;
+  c = block_reduce(c, false, sh);
+  if (threadIdx.x == 0) counts[index] += c;
+}

@@ -4,6 +4,8 @@
 //! ranks a multiple of 16, page sizes 8 and 16) and the generic one (f32, head dim 40, a
 //! rank of 40). Fresh outputs are poisoned (NaN / NONE) before the kernels run.
 //!
+//! The pairs are also counted in place (`count_listed_into`) on both devices.
+//!
 //! Tolerances: scores within 1e-5·(1 + |x|) with `-inf` at the same entries (f32
 //! summation order); lists and values bit-exact; rebuilt keys within 1e-4·(1 + |x|) for
 //! f32 and one rounding of the output (8e-3·(1 + |x|) for bf16, 1e-3·(1 + |x|) for f16).
@@ -14,6 +16,7 @@ mod common;
 use candle_core::DType;
 use common::shadowkv::{skv_case, SkvSizes};
 use common::*;
+use rand::Rng;
 use spinkv::ops;
 
 fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
@@ -69,6 +72,17 @@ fn shadowkv_ops_match_cpu() {
             assert_eq!(u32s(&s0), u32s(&s1), "{what}: selection (with_top {with_top})");
             assert_eq!(u32s(&p0), u32s(&p1), "{what}: pairs");
         }
+        // Counting the listed pairs in place (into a counter that already holds counts).
+        let (_, pairs) = gpu.lists(false).unwrap();
+        let start = [0.5f32, 7.0, 1.0];
+        let (cc, gc) = (
+            candle_core::Tensor::new(&start, &candle_core::Device::Cpu).unwrap(),
+            candle_core::Tensor::new(&start, &dev).unwrap(),
+        );
+        ops::count_listed_into(&cc, 1, &pairs.to_device(&candle_core::Device::Cpu).unwrap()).unwrap();
+        ops::count_listed_into(&gc, 1, &pairs).unwrap();
+        assert_eq!(f32s(&cc), f32s(&gc), "{what}: counts");
+        assert!(f32s(&gc)[1] > 7.0, "{what}: nothing counted");
         // Rebuild, with and without values.
         let tol = match dtype {
             DType::BF16 => 8e-3,
@@ -84,5 +98,21 @@ fn shadowkv_ops_match_cpu() {
             assert_eq!(vals(&x), vals(&y), "{what}: values (with_values {with_values})");
         }
     }
+    // A list of 70,001 pairs, about a third empty: the count spans many blocks.
+    let mut r = rng(99);
+    let words: Vec<u32> = (0..70_001)
+        .flat_map(|i| {
+            if r.random::<f32>() < 0.35 {
+                [ops::NONE, ops::NONE]
+            } else {
+                [i, 5]
+            }
+        })
+        .collect();
+    let want = words.chunks(2).filter(|w| w[0] != ops::NONE).count() as f32;
+    let pairs = candle_core::Tensor::from_vec(words, (70_001, 2), &dev).unwrap();
+    let counts = candle_core::Tensor::new(&[3.0f32, 0.0], &dev).unwrap();
+    ops::count_listed_into(&counts, 0, &pairs).unwrap();
+    assert_eq!(f32s(&counts), [3.0 + want, 0.0], "a long list's count");
     ops::set_poison_outputs(false);
 }

@@ -282,3 +282,27 @@ fn bad_inputs_are_clear_errors() {
     bad.left_map = (c.left_map.ones_like().unwrap() * 1e6).unwrap();
     assert!(bad.rebuild(true).is_err());
 }
+
+/// `count_listed_into` adds the chosen chunks of `shadowkv_lists`'s pairs (a view at an
+/// offset of the op's output) to one counter, leaving the others.
+#[test]
+fn listed_pairs_are_counted_in_place() {
+    let c = skv_case(90, SIZES[1]);
+    let (_, pairs) = c.lists(true).unwrap();
+    let chosen = u32s(&c.top).iter().filter(|&&t| t != NONE).count();
+    assert!(chosen > 0);
+    let counts = Tensor::new(&[1.0f32, 2.0, 3.0], &candle_core::Device::Cpu).unwrap();
+    spinkv::ops::count_listed_into(&counts, 1, &pairs).unwrap();
+    spinkv::ops::count_listed_into(&counts, 1, &pairs).unwrap();
+    assert_eq!(f32s(&counts), [1.0, 2.0 + 2.0 * chosen as f32, 3.0]);
+    invalid(
+        spinkv::ops::count_listed_into(&counts, 3, &pairs),
+        "count_listed_into",
+        "index",
+    );
+    invalid(
+        spinkv::ops::count_listed_into(&counts, 0, &c.top),
+        "count_listed_into",
+        "pairs",
+    );
+}

@@ -145,8 +145,6 @@ pub struct SpinCache {
     /// whether any step rebuilt on the device yet.
     rebuilt_counts: Tensor,
     device_rebuilds: bool,
-    /// `[layers]` u32 `0..layers`: one-element views index `rebuilt_counts`.
-    layer_ids: Tensor,
 }
 
 impl std::fmt::Debug for SpinCache {
@@ -264,7 +262,6 @@ impl SpinCache {
             padded: HashMap::new(),
             rebuilt_counts: Tensor::zeros(cfg_layers, DType::F32, &cfg_device)?,
             device_rebuilds: false,
-            layer_ids: Tensor::arange(0u32, cfg_layers as u32, &cfg_device)?,
         };
         cache.upload_budgets()?;
         Ok(cache)

@@ -116,15 +116,8 @@ impl SpinCache {
                 self.algo.name()
             );
         }
-        let none = rb.pairs.narrow(3, 0, 1)?.eq(NONE as f64)?;
         // Counted on the device (no sync): `end_step` reads the step's total.
-        let count = none
-            .to_dtype(DType::F32)?
-            .sum_all()?
-            .affine(-1.0, n as f64)?
-            .reshape(1)?;
-        self.rebuilt_counts
-            .scatter_add_set(&self.layer_ids.narrow(0, layer, 1)?, &count, 0)?;
+        ops::count_listed_into(&self.rebuilt_counts, layer, &rb.pairs)?;
         let list = PageList {
             pages: rb.pairs.clone(),
             queries: step.queries.clone(),

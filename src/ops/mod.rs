@@ -10,6 +10,7 @@ use crate::Result;
 
 pub mod append;
 pub mod attention;
+pub mod count;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod decode_plan;
@@ -36,6 +37,7 @@ pub(crate) mod util;
 
 pub use append::{paged_append, paged_append_with_minmax, quest_meta_update};
 pub use attention::{sparse_paged_attention, AttentionPartial, PageList};
+pub use count::count_listed_into;
 pub use decode_plan::{expand_decode_plan, PlanWords};
 pub use graph::{cuda_device, profiler_range, StepGraph};
 pub use infllm::{

@@ -182,3 +182,20 @@ pub(crate) fn padded_plan(
         n_leaves as u32
     )
 }
+
+/// `counts[index] += ` the listed entries of `pairs` (see
+/// [`count_listed_into`](crate::ops::count_listed_into)): one block.
+pub(crate) fn count_listed(
+    counts: &mut CudaStorage,
+    cl: &Layout,
+    pairs: &candle_core::Tensor,
+    index: usize,
+) -> Result<()> {
+    const OP: &str = "count_listed_into";
+    let n = pairs.elem_count() / 2;
+    let pp = super::field_ptr(OP, "pairs", pairs)?;
+    let dev = super::device(counts).clone();
+    let cp = ptr_mut(OP, counts, cl)?;
+    let f = func(&dev, &PAGE_TABLE, "count_listed")?;
+    launch!(f, cfg(1, 256, 0), cp, pp, n as u64, index as u32)
+}
