@@ -61,13 +61,24 @@ pub fn upper_inverse(r: &[f64], k: usize) -> Vec<f64> {
 /// Eigen-decomposition of a symmetric `k × k` matrix: Householder reduction to
 /// tridiagonal form, then the implicit QL algorithm (the classic `tred2` / `tql2` pair,
 /// about `9k³` flops). Returns `(values, vectors)` sorted by value, descending; `vectors`
-/// is row-major with eigenvector `i` in column `i`.
+/// is row-major with eigenvector `i` in column `i`. Only the lower triangle of `a` is
+/// read.
+///
+/// The working matrix is held transposed (`w = vᵀ`, row-major), so that every inner loop
+/// of both phases — above all the QL rotations, which combine two eigenvector columns of
+/// `v` — runs over contiguous memory, and its dot products keep four partial sums.
 pub fn symmetric_eigen(a: &[f64], k: usize) -> (Vec<f64>, Vec<f64>) {
     let n = k;
     if n == 0 {
         return (Vec::new(), Vec::new());
     }
-    let mut v = a.to_vec();
+    // w = aᵀ: w's upper triangle holds a's lower triangle.
+    let mut v = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            v[j * n + i] = a[i * n + j];
+        }
+    }
     let mut d = vec![0.0; n];
     let mut e = vec![0.0; n];
     tridiagonalize(&mut v, &mut d, &mut e, n);
@@ -77,17 +88,19 @@ pub fn symmetric_eigen(a: &[f64], k: usize) -> (Vec<f64>, Vec<f64>) {
     let values = order.iter().map(|&i| d[i]).collect();
     let mut vectors = vec![0.0; n * n];
     for (col, &i) in order.iter().enumerate() {
-        for row in 0..n {
-            vectors[row * n + col] = v[row * n + i];
+        for (row, &x) in v[i * n..(i + 1) * n].iter().enumerate() {
+            vectors[row * n + col] = x;
         }
     }
     (values, vectors)
 }
 
-/// Householder reduction of the symmetric matrix in `v` to tridiagonal form: on return
-/// `d` is the diagonal, `e[1..]` the subdiagonal, `v` the orthogonal transformation.
+/// Householder reduction of the symmetric matrix in `v` (held transposed) to tridiagonal
+/// form: on return `d` is the diagonal, `e[1..]` the subdiagonal, `v` the orthogonal
+/// transformation (transposed).
 fn tridiagonalize(v: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
-    let at = |i: usize, j: usize| i * n + j;
+    // Element (i, j) of the textbook's `v` lives at w[j][i].
+    let at = |i: usize, j: usize| j * n + i;
     for j in 0..n {
         d[j] = v[at(n - 1, j)];
     }
@@ -120,12 +133,11 @@ fn tridiagonalize(v: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
             for j in 0..i {
                 f = d[j];
                 v[at(j, i)] = f;
-                g = e[j] + v[at(j, j)] * f;
-                for kk in j + 1..i {
-                    g += v[at(kk, j)] * d[kk];
-                    e[kk] += v[at(kk, j)] * f;
+                let row = &v[j * n + j + 1..j * n + i]; // at(j + 1..i, j)
+                for (ek, &x) in e[j + 1..i].iter_mut().zip(row) {
+                    *ek += x * f;
                 }
-                e[j] = g;
+                e[j] += v[at(j, j)] * f + dot(row, &d[j + 1..i]);
             }
             f = 0.0;
             for j in 0..i {
@@ -139,8 +151,9 @@ fn tridiagonalize(v: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
             for j in 0..i {
                 f = d[j];
                 g = e[j];
-                for kk in j..i {
-                    v[at(kk, j)] -= f * e[kk] + g * d[kk];
+                let row = &mut v[j * n + j..j * n + i]; // at(j..i, j)
+                for ((x, &ek), &dk) in row.iter_mut().zip(&e[j..i]).zip(&d[j..i]) {
+                    *x -= f * ek + g * dk;
                 }
                 d[j] = v[at(i - 1, j)];
                 v[at(i, j)] = 0.0;
@@ -156,13 +169,14 @@ fn tridiagonalize(v: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
             for kk in 0..=i {
                 d[kk] = v[at(kk, i + 1)] / h;
             }
-            for j in 0..=i {
-                let mut g = 0.0;
-                for kk in 0..=i {
-                    g += v[at(kk, i + 1)] * v[at(kk, j)];
-                }
-                for kk in 0..=i {
-                    v[at(kk, j)] -= g * d[kk];
+            // Rows j ≤ i of w lose g·d, g their dot product with row i + 1 (at(.., i + 1)).
+            let (head, tail) = v.split_at_mut((i + 1) * n);
+            let pivot = &tail[..=i];
+            for row in head.chunks_exact_mut(n) {
+                let row = &mut row[..=i];
+                let g = dot(pivot, row);
+                for (x, &dk) in row.iter_mut().zip(&d[..=i]) {
+                    *x -= g * dk;
                 }
             }
         }
@@ -178,10 +192,26 @@ fn tridiagonalize(v: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
     e[0] = 0.0;
 }
 
+/// `Σ aᵢ·bᵢ` over the common length, in four independent partial sums (a serial sum would
+/// wait on each addition's latency).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    let (a4, b4) = (a[..n].chunks_exact(4), b[..n].chunks_exact(4));
+    let (ra, rb) = (a4.remainder(), b4.remainder());
+    let mut acc = [0.0f64; 4];
+    for (x, y) in a4.zip(b4) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    let tail: f64 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
 /// Implicit QL iterations on the tridiagonal matrix (`d`, `e`), accumulating the
-/// rotations into `v`; on return `d` holds the eigenvalues (unsorted).
+/// rotations into `v` (held transposed: eigenvector `i` in row `i`); on return `d` holds
+/// the eigenvalues (unsorted).
 fn tridiagonal_ql(v: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
-    let at = |i: usize, j: usize| i * n + j;
     for i in 1..n {
         e[i - 1] = e[i];
     }
@@ -227,10 +257,12 @@ fn tridiagonal_ql(v: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize) {
                     c = p / r;
                     p = c * d[i] - s * g;
                     d[i + 1] = h + s * (c * g + s * d[i]);
-                    for kk in 0..n {
-                        let hk = v[at(kk, i + 1)];
-                        v[at(kk, i + 1)] = s * v[at(kk, i)] + c * hk;
-                        v[at(kk, i)] = c * v[at(kk, i)] - s * hk;
+                    // Columns i and i + 1 of v: rows i and i + 1 of w.
+                    let (lo, hi) = v.split_at_mut((i + 1) * n);
+                    for (vi, vi1) in lo[i * n..].iter_mut().zip(&mut hi[..n]) {
+                        let hk = *vi1;
+                        *vi1 = s * *vi + c * hk;
+                        *vi = c * *vi - s * hk;
                     }
                 }
                 p = -s * s2 * c3 * el1 * e[l] / dl1;
@@ -318,20 +350,33 @@ mod tests {
 
     #[test]
     fn eigen_diagonalizes() {
-        for k in [2, 12, 61] {
+        for k in [2, 12, 61, 170] {
             check_eigen(k);
         }
     }
 
+    /// Residual and orthonormality of the decomposition of `spd(k)`, with the upper
+    /// triangle poisoned (NaN): only the lower triangle may be read.
     fn check_eigen(k: usize) {
         let g = spd(k);
-        let (vals, vecs) = symmetric_eigen(&g, k);
-        assert!(vals.windows(2).all(|w| w[0] >= w[1]));
-        // G v_i = λ_i v_i for every column.
+        let mut poisoned = g.clone();
+        for i in 0..k {
+            for j in i + 1..k {
+                poisoned[i * k + j] = f64::NAN;
+            }
+        }
+        let (vals, vecs) = symmetric_eigen(&poisoned, k);
+        assert!(vals.windows(2).all(|w| w[0] >= w[1]), "k {k}: not descending");
+        let scale = vals[0].abs().max(1.0);
+        // G v_i = λ_i v_i for every column, and the columns are orthonormal.
         for i in 0..k {
             for row in 0..k {
                 let gv: f64 = (0..k).map(|p| g[row * k + p] * vecs[p * k + i]).sum();
-                assert!((gv - vals[i] * vecs[row * k + i]).abs() < 1e-9, "k {k}");
+                assert!((gv - vals[i] * vecs[row * k + i]).abs() < 1e-11 * scale, "k {k}");
+            }
+            for j in 0..k {
+                let dot: f64 = (0..k).map(|r| vecs[r * k + i] * vecs[r * k + j]).sum();
+                assert!((dot - if i == j { 1.0 } else { 0.0 }).abs() < 1e-11, "k {k} ({i},{j})");
             }
         }
     }
