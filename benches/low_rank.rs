@@ -6,7 +6,7 @@
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use spinkv::linalg::{randomized_low_rank, symmetric_eigen, LowRankOptions};
+use spinkv::linalg::{randomized_low_rank, randomized_low_rank_batch, symmetric_eigen, LowRankOptions};
 
 fn low_rank(c: &mut Criterion) {
     let mut group = c.benchmark_group("low_rank_cpu");
@@ -17,6 +17,14 @@ fn low_rank(c: &mut Criterion) {
             b.iter(|| randomized_low_rank(&x, 160, LowRankOptions::default()).expect("svd"))
         });
     }
+    // A batch of same-shape matrices, as ShadowKV factorizes the sequences of a step.
+    let xs: Vec<Tensor> = (0..16)
+        .map(|_| Tensor::randn(0f32, 1.0, (512, 192), &Device::Cpu).expect("x"))
+        .collect();
+    let refs: Vec<&Tensor> = xs.iter().collect();
+    group.bench_function(BenchmarkId::new("randomized_svd_batch16_512x192_rank160", 16), |b| {
+        b.iter(|| randomized_low_rank_batch(&refs, 160, LowRankOptions::default()).expect("svd"))
+    });
     let k = 170;
     let a: Vec<f64> = (0..k * k)
         .map(|i| {

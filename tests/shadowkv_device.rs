@@ -183,3 +183,69 @@ fn removed_sequences_give_their_left_pages_back() {
     c.verify_accounting().unwrap();
     assert_eq!(c.pool_usage().host_used, 0);
 }
+
+/// Sequences compressed in one step are factorized as a batch, same-length prompts stacked
+/// together: each must come out as if it had been compressed alone (within 1e-5, f32), in
+/// both modes. Three of the four prompts have one length and different contents.
+#[test]
+fn a_compressed_batch_equals_each_sequence_alone() {
+    use common::randn;
+    use spinkv::StepInput;
+    let lens = [150usize, 97, 150, 150];
+    for fraction in [1.0, 0.5] {
+        let mut together = SpinCache::new(cfg(fraction), shadow()).unwrap();
+        let mut alone: Vec<SpinCache> = lens
+            .iter()
+            .map(|_| SpinCache::new(cfg(fraction), shadow()).unwrap())
+            .collect();
+        let mut ids = Vec::new();
+        let mut alone_ids = Vec::new();
+        for (i, &len) in lens.iter().enumerate() {
+            let seq = together.add_sequence().unwrap();
+            random_step(
+                &mut together,
+                &[StepInput { seq, new_tokens: len }],
+                &mut rng(70 + i as u64),
+            );
+            ids.push(seq);
+            let seq = alone[i].add_sequence().unwrap();
+            random_step(
+                &mut alone[i],
+                &[StepInput { seq, new_tokens: len }],
+                &mut rng(70 + i as u64),
+            );
+            alone_ids.push(seq);
+        }
+        // Two decode steps: the first compresses all four (one batch), the second attends
+        // the compressed states.
+        for step in 0..2u64 {
+            let c = together.config().clone();
+            let mut r = rng(80 + step);
+            together.begin_step(&decode(&ids)).unwrap();
+            for (a, &seq) in alone.iter_mut().zip(&alone_ids) {
+                a.begin_step(&[StepInput { seq, new_tokens: 1 }]).unwrap();
+            }
+            for layer in 0..c.num_layers {
+                let b = ids.len();
+                let q = randn(&mut r, &[b, c.num_q_heads, c.head_dim], 1.0);
+                let k = randn(&mut r, &[b, c.num_kv_heads, c.head_dim], 1.0);
+                let v = randn(&mut r, &[b, c.num_kv_heads, c.head_dim], 1.0);
+                let out = together.attend(layer, &q, &k, &v).unwrap();
+                for (i, a) in alone.iter_mut().enumerate() {
+                    let row = |x: &candle_core::Tensor| x.narrow(0, i, 1).unwrap();
+                    let one = a.attend(layer, &row(&q), &row(&k), &row(&v)).unwrap();
+                    let e = max_abs_diff(&row(&out), &one);
+                    assert!(
+                        e <= 1e-5,
+                        "fraction {fraction} step {step} layer {layer} sequence {i}: batch vs alone differ by {e}"
+                    );
+                }
+            }
+            together.end_step().unwrap();
+            for a in &mut alone {
+                a.end_step().unwrap();
+            }
+        }
+        assert!(together.stats().rebuilt_pages > 0, "{:?}", together.stats());
+    }
+}

@@ -4,7 +4,8 @@
 //! is well conditioned, else by SVQB (eigen-decomposition of the Gram matrix, directions
 //! below rounding dropped — robust to rank deficiency and to the wide dynamic range of
 //! some inputs); then the small `k × k` eigen problem of `B Bᵀ` solved on the host. The
-//! products with the input matrix run as candle f64 matmuls on its device.
+//! products with the input matrix run as candle f64 matmuls on its device, batched over
+//! the same-shape matrices of a batch.
 //!
 //! Cost of the host part at the default two power iterations: one eigen solve and six
 //! Cholesky factors with their inverses (one pass for each intermediate basis, two for the
@@ -64,12 +65,14 @@ pub fn randomized_low_rank(x: &Tensor, rank: usize, opts: LowRankOptions) -> Res
 }
 
 /// [`randomized_low_rank`] of several matrices at once (each `[mᵢ, nᵢ]`, on one device),
-/// equal to calling it on each: the device work of all matrices is issued phase by phase,
-/// and the small host factorizations of a phase (Cholesky, eigen) run in parallel
-/// (rayon), so a batch costs about one matrix's host round trips instead of one per
-/// matrix. ShadowKV factorizes every sequence of a step that needs it in one batch.
+/// equal to calling it on each (to rounding). Matrices of one shape are stacked and go
+/// through every phase together: one batched matmul per product, one host read of all
+/// their small Gram matrices, whose factorizations (Cholesky, eigen) run in parallel
+/// (rayon), and one upload of the results. So a batch of same-shape matrices costs about
+/// one matrix's kernel launches and host round trips. A matrix whose basis needs SVQB
+/// (ill-conditioned) leaves its stack and continues alone. ShadowKV factorizes every
+/// sequence of a step that needs it in one batch.
 pub fn randomized_low_rank_batch(xs: &[&Tensor], rank: usize, opts: LowRankOptions) -> Result<Vec<LowRank>> {
-    const OP: &str = "randomized_low_rank";
     let mut shapes = Vec::with_capacity(xs.len());
     for x in xs {
         let (m, n) = match x.dims() {
@@ -81,56 +84,94 @@ pub fn randomized_low_rank_batch(xs: &[&Tensor], rank: usize, opts: LowRankOptio
         }
         shapes.push((m, n));
     }
-    let x: Vec<Tensor> = xs
-        .iter()
-        .map(|x| x.to_dtype(DType::F64))
-        .collect::<candle_core::Result<_>>()?;
-    let xt: Vec<Tensor> = x
-        .iter()
-        .map(|x| x.t()?.contiguous())
-        .collect::<candle_core::Result<_>>()?;
-    let mut y = Vec::with_capacity(x.len());
-    for (x, &(m, n)) in x.iter().zip(&shapes) {
+    // Stacks of same-shape matrices, in order of first appearance.
+    let mut groups: Vec<((usize, usize), Vec<usize>)> = Vec::new();
+    for (i, &shape) in shapes.iter().enumerate() {
+        match groups.iter_mut().find(|(s, _)| *s == shape) {
+            Some((_, items)) => items.push(i),
+            None => groups.push((shape, vec![i])),
+        }
+    }
+    let mut parts = Vec::with_capacity(groups.len());
+    for ((m, n), items) in groups {
+        let x = Tensor::stack(&items.iter().map(|&i| xs[i]).collect::<Vec<_>>(), 0)?.to_dtype(DType::F64)?;
+        let xt = x.transpose(1, 2)?.contiguous()?;
         let k = (rank.min(m).min(n) + opts.oversample).min(m).min(n);
-        y.push(x.matmul(&gaussian(n, k, opts.seed, x.device())?)?);
+        let y = x.broadcast_matmul(&gaussian(n, k, opts.seed, x.device())?)?; // [b, m, k]
+        parts.push((Stack { items, x, xt }, y));
     }
     // The power iterations only need well-conditioned bases (one CholQR pass each); the
     // final basis must be orthonormal to rounding (two).
-    let mut q = orthonormalize(&y, if opts.power_iters == 0 { 2 } else { 1 })?;
+    let mut q = orthonormalize(parts, if opts.power_iters == 0 { 2 } else { 1 })?;
     for it in 0..opts.power_iters {
-        let z = orthonormalize(&products(&xt, &q)?, 1)?;
-        q = orthonormalize(&products(&x, &z)?, if it + 1 == opts.power_iters { 2 } else { 1 })?;
+        let xtq = q
+            .into_iter()
+            .map(|(st, q)| Ok((st.xt.matmul(&q)?, st)))
+            .collect::<Result<Vec<_>>>()?;
+        let z = orthonormalize(xtq.into_iter().map(|(y, st)| (st, y)).collect(), 1)?;
+        let xz = z
+            .into_iter()
+            .map(|(st, z)| Ok((st.x.matmul(&z)?, st)))
+            .collect::<Result<Vec<_>>>()?;
+        let passes = if it + 1 == opts.power_iters { 2 } else { 1 };
+        q = orthonormalize(xz.into_iter().map(|(y, st)| (st, y)).collect(), passes)?;
     }
-    let mut b = Vec::with_capacity(x.len());
-    let mut grams = Vec::with_capacity(x.len());
-    for (q, x) in q.iter().zip(&x) {
-        let bi = q.t()?.contiguous()?.matmul(x)?; // [k, n]
-        let k = q.dim(1)?;
-        grams.push((host_square(&bi.matmul(&bi.t()?)?, k)?, k));
-        b.push(bi);
-    }
-    let eigens: Vec<(Vec<f64>, Vec<f64>)> = grams.par_iter().map(|(g, k)| symmetric_eigen(g, *k)).collect();
-    let mut out = Vec::with_capacity(x.len());
-    for (((q, b), (values, vectors)), &(m, n)) in q.iter().zip(&b).zip(eigens).zip(&shapes) {
-        let k = q.dim(1)?; // may have shrunk: rank-deficient input
+    let mut out: Vec<Option<LowRank>> = vec![None; xs.len()];
+    for (st, q) in q {
+        let (m, n) = shapes[st.items[0]];
+        let k = q.dim(2)?; // may have shrunk: rank-deficient input
         let r = rank.min(m).min(n).min(k);
-        let w: Vec<f64> = (0..k).flat_map(|row| vectors[row * k..][..r].to_vec()).collect();
-        let w = Tensor::from_vec(w, (k, r), q.device())?;
-        out.push(LowRank {
-            left: q.matmul(&w)?.to_dtype(DType::F32)?,
-            right: w.t()?.contiguous()?.matmul(b)?.to_dtype(DType::F32)?,
-            singular_values: values[..r].iter().map(|&l| l.max(0.0).sqrt()).collect(),
-        });
+        let b = q.transpose(1, 2)?.contiguous()?.matmul(&st.x)?; // [b, k, n]
+        let grams = host_squares(&b.matmul(&b.transpose(1, 2)?)?, k)?;
+        let eigens: Vec<(Vec<f64>, Vec<f64>)> = grams.par_iter().map(|g| symmetric_eigen(g, k)).collect();
+        let w: Vec<f64> = eigens
+            .iter()
+            .flat_map(|(_, vectors)| vectors.chunks_exact(k).flat_map(|row| row[..r].to_vec()))
+            .collect();
+        let w = Tensor::from_vec(w, (st.items.len(), k, r), q.device())?;
+        let left = q.matmul(&w)?.to_dtype(DType::F32)?; // [b, m, r]
+        let right = w.transpose(1, 2)?.contiguous()?.matmul(&b)?.to_dtype(DType::F32)?; // [b, r, n]
+        for (j, (&item, (values, _))) in st.items.iter().zip(&eigens).enumerate() {
+            // Copies: each factor owns its memory (a view would hold the whole stack).
+            out[item] = Some(LowRank {
+                left: left.get(j)?.copy()?,
+                right: right.get(j)?.copy()?,
+                singular_values: values[..r].iter().map(|&l| l.max(0.0).sqrt()).collect(),
+            });
+        }
     }
-    Ok(out)
+    out.into_iter()
+        .map(|lr| lr.ok_or_else(|| Error::Config(format!("{OP}: a factor is missing"))))
+        .collect()
 }
 
-/// `a[i] · b[i]` for every i.
-fn products(a: &[Tensor], b: &[Tensor]) -> Result<Vec<Tensor>> {
-    Ok(a.iter()
-        .zip(b)
-        .map(|(a, b)| a.matmul(b))
-        .collect::<candle_core::Result<_>>()?)
+const OP: &str = "randomized_low_rank";
+
+/// Same-shape input matrices factorized together: `x` `[b, m, n]` f64 and its transpose
+/// `xt` `[b, n, m]` (contiguous), stacked in the order of `items` (indices into the
+/// batch).
+struct Stack {
+    items: Vec<usize>,
+    x: Tensor,
+    xt: Tensor,
+}
+
+impl Stack {
+    /// The stack of the items at positions `keep` (in order), with `ids` the same
+    /// positions as a u32 tensor on the stack's device.
+    fn select(&self, keep: &[usize], ids: &Tensor) -> Result<Stack> {
+        Ok(Stack {
+            items: keep.iter().map(|&j| self.items[j]).collect(),
+            x: self.x.index_select(ids, 0)?,
+            xt: self.xt.index_select(ids, 0)?,
+        })
+    }
+}
+
+/// `positions` as a u32 index tensor on `dev`.
+fn index_tensor(positions: &[usize], dev: &Device) -> Result<Tensor> {
+    let v: Vec<u32> = positions.iter().map(|&j| j as u32).collect();
+    Ok(Tensor::from_vec(v, positions.len(), dev)?)
 }
 
 /// The largest `max rᵢᵢ / min rᵢᵢ` of the first Cholesky factor for which CholQR2 is
@@ -138,51 +179,58 @@ fn products(a: &[Tensor], b: &[Tensor]) -> Result<Vec<Tensor>> {
 /// the second pass removes it.
 const CHOLQR_MAX_COND: f64 = 1e5;
 
-/// Columns spanning the range of each `y[i]` `[m, k]` (f64): `passes` rounds of Cholesky
-/// QR while `y[i]` is well conditioned (checked on the factors: the first one's diagonal
-/// ratio, a later one's diagonal within 10% of 1), else [`svqb`]. One pass leaves an
-/// orthogonality error of about `cond(y)² · ε`; two are orthonormal to rounding (CholQR2).
-/// The Gram matrices of a pass are read back together and factorized in parallel.
-fn orthonormalize(y: &[Tensor], passes: usize) -> Result<Vec<Tensor>> {
-    let mut q: Vec<Option<Tensor>> = y.iter().cloned().map(Some).collect();
+/// Columns spanning the range of each stacked `y` `[b, m, k]` (f64): `passes` rounds of
+/// Cholesky QR while a matrix is well conditioned (checked on the factors: the first
+/// one's diagonal ratio, a later one's diagonal within 10% of 1), else [`svqb`] of its
+/// `y`, alone. One pass leaves an orthogonality error of about `cond(y)² · ε`; two are
+/// orthonormal to rounding (CholQR2). A stack's Gram matrices are read back together;
+/// all of them are factorized in parallel.
+fn orthonormalize(parts: Vec<(Stack, Tensor)>, passes: usize) -> Result<Vec<(Stack, Tensor)>> {
+    // (stack, its y, its basis so far)
+    let mut live: Vec<(Stack, Tensor, Tensor)> = parts.into_iter().map(|(s, y)| (s, y.clone(), y)).collect();
+    let mut alone = Vec::new();
     for pass in 0..passes {
-        let mut grams = Vec::with_capacity(q.len());
-        for qi in &q {
-            grams.push(match qi {
-                Some(qi) => {
-                    let k = qi.dim(1)?;
-                    Some((host_square(&qi.t()?.contiguous()?.matmul(qi)?, k)?, k))
+        let mut next = Vec::with_capacity(live.len());
+        for (st, y, q) in live {
+            let k = q.dim(2)?;
+            let grams = host_squares(&q.transpose(1, 2)?.contiguous()?.matmul(&q)?, k)?;
+            let inverses: Vec<Option<Vec<f64>>> = grams
+                .par_iter()
+                .map(|g| {
+                    let r = cholesky_upper(g, k, CHOLQR_MAX_COND)?;
+                    let close = pass == 0 || (0..k).all(|i| (r[i * k + i] - 1.0).abs() < 0.1);
+                    close.then(|| upper_inverse(&r, k))
+                })
+                .collect();
+            let (mut keep, mut inv) = (Vec::new(), Vec::new());
+            for (j, r_inv) in inverses.into_iter().enumerate() {
+                match r_inv {
+                    Some(r_inv) => {
+                        keep.push(j);
+                        inv.extend(r_inv);
+                    }
+                    // Ill-conditioned: SVQB of its y, on its own from here on.
+                    None => {
+                        let ids = index_tensor(&[j], y.device())?;
+                        alone.push((st.select(&[j], &ids)?, svqb(&y.get(j)?)?.unsqueeze(0)?));
+                    }
                 }
-                None => None,
-            });
+            }
+            if keep.is_empty() {
+                continue;
+            }
+            let inv = Tensor::from_vec(inv, (keep.len(), k, k), q.device())?;
+            if keep.len() == st.items.len() {
+                next.push((st, y, q.matmul(&inv)?));
+            } else {
+                let ids = index_tensor(&keep, q.device())?;
+                let q = q.index_select(&ids, 0)?.matmul(&inv)?;
+                next.push((st.select(&keep, &ids)?, y.index_select(&ids, 0)?, q));
+            }
         }
-        let inverses: Vec<Option<Vec<f64>>> = grams
-            .par_iter()
-            .map(|g| {
-                let (g, k) = g.as_ref()?;
-                let k = *k;
-                let r = cholesky_upper(g, k, CHOLQR_MAX_COND)?;
-                let close = pass == 0 || (0..k).all(|i| (r[i * k + i] - 1.0).abs() < 0.1);
-                close.then(|| upper_inverse(&r, k))
-            })
-            .collect();
-        for (qi, inv) in q.iter_mut().zip(inverses) {
-            *qi = match (qi.take(), inv) {
-                (Some(t), Some(inv)) => {
-                    let k = t.dim(1)?;
-                    Some(t.matmul(&Tensor::from_vec(inv, (k, k), t.device())?)?)
-                }
-                _ => None, // ill-conditioned: SVQB below
-            };
-        }
+        live = next;
     }
-    q.into_iter()
-        .zip(y)
-        .map(|(q, y)| match q {
-            Some(q) => Ok(q),
-            None => svqb(y),
-        })
-        .collect()
+    Ok(live.into_iter().map(|(st, _, q)| (st, q)).chain(alone).collect())
 }
 
 /// Orthonormal columns spanning the numerically significant range of `y` `[m, k]` (f64):
@@ -192,7 +240,7 @@ fn svqb(y: &Tensor) -> Result<Tensor> {
     let mut y = y.clone();
     for _pass in 0..2 {
         let k = y.dim(1)?;
-        let g = host_square(&y.t()?.contiguous()?.matmul(&y)?, k)?;
+        let g = host_squares(&y.t()?.contiguous()?.matmul(&y)?, k)?.swap_remove(0);
         let (values, vectors) = symmetric_eigen(&g, k);
         let cut = values.first().copied().unwrap_or(0.0).max(0.0) * 1e-13;
         let keep = values.iter().take_while(|&&l| l > cut && l > 0.0).count().max(1);
@@ -207,15 +255,16 @@ fn svqb(y: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
-fn host_square(t: &Tensor, k: usize) -> Result<Vec<f64>> {
+/// The `[b, k, k]` f64 matrices of `t` on the host, each as a row-major `Vec` (one read).
+fn host_squares(t: &Tensor, k: usize) -> Result<Vec<Vec<f64>>> {
     let v = t.flatten_all()?.to_vec1::<f64>()?;
-    if v.len() != k * k || v.iter().any(|x| !x.is_finite()) {
+    if k == 0 || v.len() % (k * k) != 0 || v.iter().any(|x| !x.is_finite()) {
         return Err(Error::Invalid {
             op: "randomized_low_rank",
             msg: "non-finite values in the input matrix".into(),
         });
     }
-    Ok(v)
+    Ok(v.chunks_exact(k * k).map(<[f64]>::to_vec).collect())
 }
 
 /// `[rows, cols]` standard normal f64 entries from a seeded xorshift + Box–Muller.

@@ -5,46 +5,71 @@
 
 use super::{Compressed, ShadowKv};
 use crate::linalg::{randomized_low_rank_batch, LowRank, LowRankOptions};
-use crate::rope::{apply_rope, rope_tables};
+use crate::rope::rope_tables;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
 impl ShadowKv {
     /// Compresses, for each `(keys, chunks)`, the first `chunks` chunks of the buffered
-    /// pre-RoPE keys `[L, Hkv, D]` (no keys or no chunks: nothing compressed); the
-    /// factorizations run as one batch.
+    /// pre-RoPE keys `[L, Hkv, D]` (no keys or no chunks: nothing compressed). The
+    /// factorizations run as one batch; items of the same length are stacked, so their
+    /// landmarks and outlier scores take one set of kernels and one host read.
     pub(super) fn compress_batch(
         &self,
         items: &[(Option<&Tensor>, usize)],
         rope: Option<&(Tensor, Tensor)>,
     ) -> Result<Vec<Compressed>> {
         let (p, hkv, d) = (self.page_size, self.kv_heads, self.head_dim);
-        let mut k_pre = Vec::with_capacity(items.len());
-        for &(k, chunks) in items {
-            k_pre.push(match k {
-                // [L, Hkv, D]
-                Some(k) if chunks > 0 => Some(k.narrow(0, 0, chunks * p)?.to_dtype(DType::F32)?.contiguous()?),
-                _ => None,
-            });
+        // Stacks of the items with keys, by chunk count, in order of first appearance.
+        let mut stacks: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, &(k, chunks)) in items.iter().enumerate() {
+            if k.is_none() || chunks == 0 {
+                continue;
+            }
+            match stacks.iter_mut().find(|(c, _)| *c == chunks) {
+                Some((_, ids)) => ids.push(i),
+                None => stacks.push((chunks, vec![i])),
+            }
         }
-        let flat: Vec<Tensor> = k_pre
-            .iter()
-            .flatten()
-            .map(|k| k.reshape((k.dim(0)?, hkv * d)))
-            .collect::<candle_core::Result<_>>()?;
+        // [b, L, Hkv, D] f32 pre-RoPE keys of each stack.
+        let mut k_pre = Vec::with_capacity(stacks.len());
+        for (chunks, ids) in &stacks {
+            let ks = ids
+                .iter()
+                .map(|&i| match items[i].0 {
+                    Some(k) => Ok(k.narrow(0, 0, chunks * p)?),
+                    None => Err(Error::Config("shadowkv: a stacked item has no keys".into())),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            k_pre.push(Tensor::stack(&ks, 0)?.to_dtype(DType::F32)?);
+        }
+        let mut flat = Vec::with_capacity(items.len());
+        for (k, (chunks, ids)) in k_pre.iter().zip(&stacks) {
+            for j in 0..ids.len() {
+                flat.push(k.get(j)?.reshape((chunks * p, hkv * d))?);
+            }
+        }
         let refs: Vec<&Tensor> = flat.iter().collect();
         let mut factors = randomized_low_rank_batch(&refs, self.cfg.rank, LowRankOptions::default())?.into_iter();
-        let mut out = Vec::with_capacity(items.len());
-        for (k, &(_, chunks)) in k_pre.iter().zip(items) {
-            out.push(match k {
-                Some(k) => {
-                    let lr = factors
+        let mut out: Vec<Option<Compressed>> = (0..items.len()).map(|_| None).collect();
+        for (k, (chunks, ids)) in k_pre.iter().zip(&stacks) {
+            let rope = rope.ok_or_else(|| Error::Config("shadowkv: no RoPE tables to compress with".into()))?;
+            let lrs = ids
+                .iter()
+                .map(|_| {
+                    factors
                         .next()
-                        .ok_or_else(|| Error::Config("shadowkv: a factor is missing".into()))?;
-                    let rope = rope.ok_or_else(|| Error::Config("shadowkv: no RoPE tables to compress with".into()))?;
-                    self.compress(k, chunks, lr, rope)?
-                }
-                None => Compressed {
+                        .ok_or_else(|| Error::Config("shadowkv: a factor is missing".into()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for (&i, comp) in ids.iter().zip(self.compress(k, *chunks, lrs, rope)?) {
+                out[i] = Some(comp);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|c| {
+                c.unwrap_or_else(|| Compressed {
                     chunks: 0,
                     left: None,
                     right: None,
@@ -53,59 +78,71 @@ impl ShadowKv {
                     outlier_ids: vec![Vec::new(); hkv],
                     outlier_mask: None,
                     left_pages: Vec::new(),
-                },
-            });
-        }
-        Ok(out)
+                })
+            })
+            .collect())
     }
 
-    /// The compressed state of `chunks` chunks of pre-RoPE keys `k_pre` `[L, Hkv, D]`
-    /// with their low-rank factor `lr`: landmarks and outlier flags.
-    fn compress(&self, k_pre: &Tensor, chunks: usize, lr: LowRank, rope: &(Tensor, Tensor)) -> Result<Compressed> {
+    /// The compressed states of a stack of `b` prefills of `chunks` chunks, pre-RoPE keys
+    /// `k_pre` `[b, L, Hkv, D]` f32, with their low-rank factors `lrs` (one per item):
+    /// landmarks and outlier flags.
+    fn compress(
+        &self,
+        k_pre: &Tensor,
+        chunks: usize,
+        lrs: Vec<LowRank>,
+        rope: &(Tensor, Tensor),
+    ) -> Result<Vec<Compressed>> {
         let (p, hkv, d) = (self.page_size, self.kv_heads, self.head_dim);
-        let l = chunks * p;
+        let (b, l) = (lrs.len(), chunks * p);
         let (cos, sin) = (rope.0.narrow(0, 0, l)?, rope.1.narrow(0, 0, l)?);
-        let k_post = apply_rope(k_pre, &cos, &sin)?.reshape((chunks, p, hkv, d))?;
-        let landmarks = k_post.mean(1)?; // [C, Hkv, D]
+        let k_post =
+            candle_nn::rotary_emb::rope_thd(&k_pre.contiguous()?, &cos, &sin)?.reshape((b, chunks, p, hkv, d))?;
+        let landmarks = k_post.mean(2)?; // [b, C, Hkv, D]
         let unit = |x: &Tensor| -> Result<Tensor> {
             let norm = x.sqr()?.sum_keepdim(candle_core::D::Minus1)?.sqrt()?;
             Ok(x.broadcast_div(&(norm + 1e-12)?)?)
         };
         let cos_sim = unit(&k_post)?
-            .broadcast_mul(&unit(&landmarks)?.unsqueeze(1)?)?
-            .sum(3)? // [C, P, Hkv]
-            .min(1)? // [C, Hkv]
+            .broadcast_mul(&unit(&landmarks)?.unsqueeze(2)?)?
+            .sum(4)? // [b, C, P, Hkv]
+            .min(2)? // [b, C, Hkv]
             .to_device(&Device::Cpu)?
-            .to_vec2::<f32>()?;
-        let outlier: Vec<Vec<bool>> = (0..hkv)
-            .map(|h| {
-                let mut order: Vec<usize> = (0..chunks).collect();
-                order.sort_by(|&a, &b| cos_sim[a][h].total_cmp(&cos_sim[b][h]).then(a.cmp(&b)));
-                let mut flags = vec![false; chunks];
-                for &c in order.iter().take(self.cfg.outlier_chunks) {
-                    flags[c] = true;
-                }
-                flags
-            })
-            .collect();
-        let outlier_ids = outlier
-            .iter()
-            .map(|f| (0..chunks as u32).filter(|&c| f[c as usize]).collect())
-            .collect();
-        let mask: Vec<f32> = outlier
-            .iter()
-            .flat_map(|f| f.iter().map(|&o| if o { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        Ok(Compressed {
-            chunks,
-            left: Some(lr.left),
-            right: Some(lr.right),
-            landmarks: Some(landmarks.transpose(0, 1)?.contiguous()?),
-            outlier,
-            outlier_ids,
-            outlier_mask: Some(Tensor::from_vec(mask, (hkv, chunks), k_pre.device())?),
-            left_pages: Vec::new(),
-        })
+            .to_vec3::<f32>()?;
+        let landmarks = landmarks.transpose(1, 2)?.contiguous()?; // [b, Hkv, C, D]
+        let mut out = Vec::with_capacity(b);
+        for ((j, lr), cos_sim) in lrs.into_iter().enumerate().zip(&cos_sim) {
+            let outlier: Vec<Vec<bool>> = (0..hkv)
+                .map(|h| {
+                    let mut order: Vec<usize> = (0..chunks).collect();
+                    order.sort_by(|&a, &b| cos_sim[a][h].total_cmp(&cos_sim[b][h]).then(a.cmp(&b)));
+                    let mut flags = vec![false; chunks];
+                    for &c in order.iter().take(self.cfg.outlier_chunks) {
+                        flags[c] = true;
+                    }
+                    flags
+                })
+                .collect();
+            let outlier_ids = outlier
+                .iter()
+                .map(|f| (0..chunks as u32).filter(|&c| f[c as usize]).collect())
+                .collect();
+            let mask: Vec<f32> = outlier
+                .iter()
+                .flat_map(|f| f.iter().map(|&o| if o { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            out.push(Compressed {
+                chunks,
+                left: Some(lr.left),
+                right: Some(lr.right),
+                landmarks: Some(landmarks.get(j)?.copy()?), // owns its memory, not the stack's
+                outlier,
+                outlier_ids,
+                outlier_mask: Some(Tensor::from_vec(mask, (hkv, chunks), k_pre.device())?),
+                left_pages: Vec::new(),
+            });
+        }
+        Ok(out)
     }
 }
 
