@@ -9,6 +9,11 @@ use crate::rope::rope_tables;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
+/// The most key elements (`L · Hkv · D` summed over the items) compressed as one stack:
+/// 2^28, 1 GiB of f32 per temporary (64 SmolLM2 prefills of 8K take 2^26.6; one
+/// Llama-3.1-8B prefill of 128K 2^27).
+const STACK_ELEMENTS: usize = 1 << 28;
+
 impl ShadowKv {
     /// Compresses, for each `(keys, chunks)`, the first `chunks` chunks of the buffered
     /// pre-RoPE keys `[L, Hkv, D]` (no keys or no chunks: nothing compressed). The
@@ -20,17 +25,14 @@ impl ShadowKv {
         rope: Option<&(Tensor, Tensor)>,
     ) -> Result<Vec<Compressed>> {
         let (p, hkv, d) = (self.page_size, self.kv_heads, self.head_dim);
-        // Stacks of the items with keys, by chunk count, in order of first appearance.
-        let mut stacks: Vec<(usize, Vec<usize>)> = Vec::new();
-        for (i, &(k, chunks)) in items.iter().enumerate() {
-            if k.is_none() || chunks == 0 {
-                continue;
-            }
-            match stacks.iter_mut().find(|(c, _)| *c == chunks) {
-                Some((_, ids)) => ids.push(i),
-                None => stacks.push((chunks, vec![i])),
-            }
-        }
+        let stacks = stack_items(
+            &items
+                .iter()
+                .map(|&(k, c)| if k.is_some() { c } else { 0 })
+                .collect::<Vec<_>>(),
+            p * hkv * d,
+            STACK_ELEMENTS,
+        );
         // [b, L, Hkv, D] f32 pre-RoPE keys of each stack.
         let mut k_pre = Vec::with_capacity(stacks.len());
         for (chunks, ids) in &stacks {
@@ -146,6 +148,21 @@ impl ShadowKv {
     }
 }
 
+/// Stacks of the items with `chunks[i] > 0`, by chunk count, in order of first
+/// appearance, each holding at most `cap` elements (`chunk_elements` per chunk) or one
+/// item: `(chunks, item indices)`.
+fn stack_items(chunks: &[usize], chunk_elements: usize, cap: usize) -> Vec<(usize, Vec<usize>)> {
+    let mut stacks: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, &c) in chunks.iter().enumerate().filter(|(_, &c)| c > 0) {
+        let room = |ids: &Vec<usize>| (ids.len() + 1) * c * chunk_elements <= cap;
+        match stacks.iter_mut().find(|(sc, ids)| *sc == c && room(ids)) {
+            Some((_, ids)) => ids.push(i),
+            None => stacks.push((c, vec![i])),
+        }
+    }
+    stacks
+}
+
 /// The RoPE tables `cos`, `sin` `[n, D/2]` f32 on `device` for positions `0..n`,
 /// `n >= upto`, kept in `tables` (built once per device, grown by doubling).
 pub(super) fn rope_tables_upto(
@@ -168,4 +185,30 @@ pub(super) fn rope_tables_upto(
     let t = rope_tables(&positions, head_dim, theta, DType::F32, device)?;
     *tables = Some(t.clone());
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stack_items;
+
+    #[test]
+    fn stacks_group_equal_lengths_under_the_cap() {
+        // Items 2 and 5 have nothing to compress; at 10 elements a chunk and a cap of 100,
+        // a stack holds three 3-chunk items or two 5-chunk ones, and an 11-chunk item
+        // (over the cap alone) makes its own stack.
+        let chunks = [3, 5, 0, 3, 3, 0, 5, 9, 3, 11];
+        let got = stack_items(&chunks, 10, 100);
+        let want = vec![
+            (3, vec![0, 3, 4]),
+            (5, vec![1, 6]),
+            (9, vec![7]),
+            (3, vec![8]),
+            (11, vec![9]),
+        ];
+        assert_eq!(got, want);
+        // Every item with chunks appears exactly once.
+        let mut all: Vec<usize> = got.iter().flat_map(|(_, ids)| ids.clone()).collect();
+        all.sort();
+        assert_eq!(all, vec![0, 1, 3, 4, 6, 7, 8, 9]);
+    }
 }
