@@ -1,7 +1,11 @@
 //! Host-time accounting: named spans of host work summed per label, off by default (one
 //! relaxed atomic load per span when off). The engine's decode path marks the parts of a
 //! padded step's host work with it, so that the host overhead a replayed CUDA graph
-//! leaves can be broken down (`serve_bench --host-timing` prints the table).
+//! leaves can be broken down (`serve_bench --host-timing` prints the table). ShadowKV's
+//! compression marks its parts too (`shadowkv.compress` per layer, within it
+//! `low_rank.read` — host reads that wait for the queued device work — and the host
+//! factorizations `low_rank.cholesky` and `low_rank.eigen`; `shadowkv.store` per
+//! sequence and layer in device mode). Spans nest: each label sums its own time.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

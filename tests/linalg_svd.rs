@@ -212,6 +212,12 @@ fn a_batch_equals_its_matrices_one_by_one() {
         let norm = x.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
         assert!(frob_err(x, &b.left, &b.right) <= 1.0001 * frob_err(x, &one.left, &one.right) + 1e-6 * norm);
     }
+    // Same shape, mixed dtypes: stacked after the cast, each equal to its own run.
+    let x64 = xs[1].to_dtype(DType::F64).unwrap();
+    let mixed = randomized_low_rank_batch(&[&xs[6], &x64], 16, LowRankOptions::default()).unwrap();
+    let one = randomized_low_rank(&x64, 16, LowRankOptions::default()).unwrap();
+    assert!((mixed[1].singular_values[0] - one.singular_values[0]).abs() <= 1e-9 * one.singular_values[0]);
+    assert!((mixed[0].singular_values[0] - batch[6].singular_values[0]).abs() <= 1e-9 * batch[6].singular_values[0]);
     // An empty batch is empty; one bad matrix fails the batch with its shape named.
     assert!(randomized_low_rank_batch(&[], 4, LowRankOptions::default())
         .unwrap()
@@ -221,4 +227,22 @@ fn a_batch_equals_its_matrices_one_by_one() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("[3, 3, 3]"), "{e}");
+}
+
+#[test]
+fn the_factorization_marks_its_host_parts() {
+    // The spans serve_bench --host-timing prints for ShadowKV's compression step.
+    spinkv::host_timing::enable(true);
+    let x = randn(&mut rng(31), &[90, 24], 1.0);
+    randomized_low_rank(&x, 8, LowRankOptions::default()).unwrap();
+    let labels: Vec<(&str, u64)> = spinkv::host_timing::report()
+        .into_iter()
+        .map(|(l, _, n)| (l, n))
+        .collect();
+    for want in ["low_rank.read", "low_rank.cholesky", "low_rank.eigen"] {
+        assert!(
+            labels.iter().any(|&(l, n)| l == want && n >= 1),
+            "{want} missing: {labels:?}"
+        );
+    }
 }

@@ -94,7 +94,16 @@ pub fn randomized_low_rank_batch(xs: &[&Tensor], rank: usize, opts: LowRankOptio
     }
     let mut parts = Vec::with_capacity(groups.len());
     for ((m, n), items) in groups {
-        let x = Tensor::stack(&items.iter().map(|&i| xs[i]).collect::<Vec<_>>(), 0)?.to_dtype(DType::F64)?;
+        let dtype = xs[items[0]].dtype();
+        let x = if items.iter().all(|&i| xs[i].dtype() == dtype) {
+            Tensor::stack(&items.iter().map(|&i| xs[i]).collect::<Vec<_>>(), 0)?.to_dtype(DType::F64)?
+        } else {
+            let x64 = items
+                .iter()
+                .map(|&i| xs[i].to_dtype(DType::F64))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::stack(&x64, 0)?
+        };
         let xt = x.transpose(1, 2)?.contiguous()?;
         let k = (rank.min(m).min(n) + opts.oversample).min(m).min(n);
         let y = x.broadcast_matmul(&gaussian(n, k, opts.seed, x.device())?)?; // [b, m, k]
@@ -123,7 +132,9 @@ pub fn randomized_low_rank_batch(xs: &[&Tensor], rank: usize, opts: LowRankOptio
         let r = rank.min(m).min(n).min(k);
         let b = q.transpose(1, 2)?.contiguous()?.matmul(&st.x)?; // [b, k, n]
         let grams = host_squares(&b.matmul(&b.transpose(1, 2)?)?, k)?;
+        let span = crate::host_timing::span("low_rank.eigen");
         let eigens: Vec<(Vec<f64>, Vec<f64>)> = grams.par_iter().map(|g| symmetric_eigen(g, k)).collect();
+        drop(span);
         let w: Vec<f64> = eigens
             .iter()
             .flat_map(|(_, vectors)| vectors.chunks_exact(k).flat_map(|row| row[..r].to_vec()))
@@ -194,6 +205,7 @@ fn orthonormalize(parts: Vec<(Stack, Tensor)>, passes: usize) -> Result<Vec<(Sta
         for (st, y, q) in live {
             let k = q.dim(2)?;
             let grams = host_squares(&q.transpose(1, 2)?.contiguous()?.matmul(&q)?, k)?;
+            let span = crate::host_timing::span("low_rank.cholesky");
             let inverses: Vec<Option<Vec<f64>>> = grams
                 .par_iter()
                 .map(|g| {
@@ -202,6 +214,7 @@ fn orthonormalize(parts: Vec<(Stack, Tensor)>, passes: usize) -> Result<Vec<(Sta
                     close.then(|| upper_inverse(&r, k))
                 })
                 .collect();
+            drop(span);
             let (mut keep, mut inv) = (Vec::new(), Vec::new());
             for (j, r_inv) in inverses.into_iter().enumerate() {
                 match r_inv {
@@ -257,7 +270,10 @@ fn svqb(y: &Tensor) -> Result<Tensor> {
 
 /// The `[b, k, k]` f64 matrices of `t` on the host, each as a row-major `Vec` (one read).
 fn host_squares(t: &Tensor, k: usize) -> Result<Vec<Vec<f64>>> {
+    // On a GPU this read waits for the device work queued before it.
+    let span = crate::host_timing::span("low_rank.read");
     let v = t.flatten_all()?.to_vec1::<f64>()?;
+    drop(span);
     if k == 0 || v.len() % (k * k) != 0 || v.iter().any(|x| !x.is_finite()) {
         return Err(Error::Invalid {
             op: "randomized_low_rank",

@@ -24,6 +24,7 @@ impl ShadowKv {
         items: &[(Option<&Tensor>, usize)],
         rope: Option<&(Tensor, Tensor)>,
     ) -> Result<Vec<Compressed>> {
+        let _span = (!items.is_empty()).then(|| crate::host_timing::span("shadowkv.compress"));
         let (p, hkv, d) = (self.page_size, self.kv_heads, self.head_dim);
         let stacks = stack_items(
             &items

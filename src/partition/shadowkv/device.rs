@@ -113,6 +113,7 @@ impl DeviceTables {
     /// `comp.left_pages`), its right factor, the chunk count and the outlier ids. The
     /// landmarks and factors move out of `comp` (it keeps the host outlier flags).
     pub(super) fn store(&mut self, layer: usize, owner: u32, comp: &mut Compressed, slots: &[Vec<u32>]) -> Result<()> {
+        let _span = crate::host_timing::span("shadowkv.store");
         let (p, hkv, d, c) = (self.p, self.hkv, self.d, comp.chunks);
         if owner as usize >= self.owners || slots.len() != hkv || slots.iter().any(|s| s.len() < c) {
             crate::invalid!(
