@@ -43,6 +43,10 @@ struct Args {
     /// dense first layers, which scan every page each step).
     #[arg(long, default_value_t = 0)]
     min_layer: u32,
+    /// Also report how well the layer below's selection in the same step names the pages
+    /// new to a layer's selection (the case for cross-layer prefetch; `spinkv::sim::predict`).
+    #[arg(long)]
+    predictors: bool,
 }
 
 fn table(label: &str, reqs: &[RequestTrace], args: &Args) {
@@ -79,6 +83,20 @@ fn table(label: &str, reqs: &[RequestTrace], args: &Args) {
         },
         CachePolicy::ExactLru,
     ];
+    if args.predictors {
+        let p = sim::predictors(reqs);
+        println!(
+            "  new pages: {} of {} selected ({:.1}%); the layer below's selection in the same step names \
+             {:.1}% of them fetching {:.2} pages per new page (same KV head), {:.1}% fetching {:.2} (all heads)",
+            p.new,
+            p.selected,
+            100.0 * p.new as f64 / p.selected.max(1) as f64,
+            100.0 * p.below_same_head.coverage(p.new),
+            p.below_same_head.fetched_per_new(p.new),
+            100.0 * p.below_all_heads.coverage(p.new),
+            p.below_all_heads.fetched_per_new(p.new),
+        );
+    }
     for &f in &args.fractions {
         let cap = ((kv as f64 * f) as usize).max(args.ways);
         let reports: Vec<sim::SimReport> = policies.iter().map(|&p| sim::simulate(reqs, cap, p)).collect();

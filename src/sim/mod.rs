@@ -11,9 +11,11 @@
 //! direction `d` (= layer·Hkv + head) is `base_r + p·dirs + d`.
 
 mod exact_lru;
+pub mod predict;
 pub mod synthetic;
 
 pub use exact_lru::ExactLru;
+pub use predict::{predictors, PredictorCounts, PredictorReport};
 
 use crate::cache::SelectionRecord;
 use crate::pool::{BucketedLru, BudgetPolicy, BudgetTracker, Resolve};
