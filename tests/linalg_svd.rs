@@ -9,7 +9,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use spinkv::linalg::{randomized_low_rank, randomized_low_rank_batch, LowRankOptions};
+use spinkv::linalg::{randomized_low_rank, randomized_low_rank_batch, randomized_low_rank_stacked, LowRankOptions};
 
 /// `[m, k]` matrix with orthonormal columns (Gram–Schmidt twice, f64).
 fn orthonormal(r: &mut rand::rngs::StdRng, m: usize, k: usize) -> Vec<f64> {
@@ -218,6 +218,18 @@ fn a_batch_equals_its_matrices_one_by_one() {
     let one = randomized_low_rank(&x64, 16, LowRankOptions::default()).unwrap();
     assert!((mixed[1].singular_values[0] - one.singular_values[0]).abs() <= 1e-9 * one.singular_values[0]);
     assert!((mixed[0].singular_values[0] - batch[6].singular_values[0]).abs() <= 1e-9 * batch[6].singular_values[0]);
+    // A pre-stacked input gives the same factors, stack by stack; an empty stack adds none.
+    let stack = Tensor::stack(&[&xs[1], &xs[6]], 0).unwrap();
+    let empty = Tensor::zeros((0, 150, 48), DType::F32, &Device::Cpu).unwrap();
+    let stacked = randomized_low_rank_stacked(&[&empty, &stack], 16, LowRankOptions::default()).unwrap();
+    assert_eq!(stacked.len(), 2);
+    for (got, want) in stacked.iter().zip([&batch[1], &batch[6]]) {
+        assert_eq!(got.singular_values, want.singular_values);
+    }
+    let e = randomized_low_rank_stacked(&[&xs[0]], 4, LowRankOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[b, m, n]") && e.contains("[150, 48]"), "{e}");
     // An empty batch is empty; one bad matrix fails the batch with its shape named.
     assert!(randomized_low_rank_batch(&[], 4, LowRankOptions::default())
         .unwrap()

@@ -5,5 +5,7 @@
 mod randomized_svd;
 mod small;
 
-pub use randomized_svd::{randomized_low_rank, randomized_low_rank_batch, LowRank, LowRankOptions};
+pub use randomized_svd::{
+    randomized_low_rank, randomized_low_rank_batch, randomized_low_rank_stacked, LowRank, LowRankOptions,
+};
 pub use small::{cholesky_upper, symmetric_eigen, upper_inverse};

@@ -66,12 +66,8 @@ pub fn randomized_low_rank(x: &Tensor, rank: usize, opts: LowRankOptions) -> Res
 
 /// [`randomized_low_rank`] of several matrices at once (each `[mᵢ, nᵢ]`, on one device),
 /// equal to calling it on each (to rounding). Matrices of one shape are stacked and go
-/// through every phase together: one batched matmul per product, one host read of all
-/// their small Gram matrices, whose factorizations (Cholesky, eigen) run in parallel
-/// (rayon), and one upload of the results. So a batch of same-shape matrices costs about
-/// one matrix's kernel launches and host round trips. A matrix whose basis needs SVQB
-/// (ill-conditioned) leaves its stack and continues alone. ShadowKV factorizes every
-/// sequence of a step that needs it in one batch.
+/// through [`randomized_low_rank_stacked`] together. ShadowKV factorizes every sequence of
+/// a step that needs it in one batch.
 pub fn randomized_low_rank_batch(xs: &[&Tensor], rank: usize, opts: LowRankOptions) -> Result<Vec<LowRank>> {
     let mut shapes = Vec::with_capacity(xs.len());
     for x in xs {
@@ -92,18 +88,57 @@ pub fn randomized_low_rank_batch(xs: &[&Tensor], rank: usize, opts: LowRankOptio
             None => groups.push((shape, vec![i])),
         }
     }
-    let mut parts = Vec::with_capacity(groups.len());
-    for ((m, n), items) in groups {
+    let mut stacks = Vec::with_capacity(groups.len());
+    for (_, items) in &groups {
         let dtype = xs[items[0]].dtype();
-        let x = if items.iter().all(|&i| xs[i].dtype() == dtype) {
-            Tensor::stack(&items.iter().map(|&i| xs[i]).collect::<Vec<_>>(), 0)?.to_dtype(DType::F64)?
+        stacks.push(if items.iter().all(|&i| xs[i].dtype() == dtype) {
+            Tensor::stack(&items.iter().map(|&i| xs[i]).collect::<Vec<_>>(), 0)?
         } else {
             let x64 = items
                 .iter()
                 .map(|&i| xs[i].to_dtype(DType::F64))
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Tensor::stack(&x64, 0)?
+        });
+    }
+    let factors = randomized_low_rank_stacked(&stacks.iter().collect::<Vec<_>>(), rank, opts)?;
+    let mut out: Vec<Option<LowRank>> = vec![None; xs.len()];
+    for (&i, lr) in groups.iter().flat_map(|(_, items)| items).zip(factors) {
+        out[i] = Some(lr);
+    }
+    out.into_iter()
+        .map(|lr| lr.ok_or_else(|| Error::Config(format!("{OP}: a factor is missing"))))
+        .collect()
+}
+
+/// [`randomized_low_rank`] of every matrix of each stack `xs[s]` `[bₛ, mₛ, nₛ]` (any
+/// float dtype, on one device): the factors of `xs[0]`'s matrices in order, then
+/// `xs[1]`'s, and so on. A stack goes through every phase together: one batched matmul per
+/// product, one host read of all its small Gram matrices, whose factorizations (Cholesky,
+/// eigen) run in parallel (rayon), and one upload of the results; so a stack costs about
+/// one matrix's kernel launches and host round trips. A matrix whose basis needs SVQB
+/// (ill-conditioned) leaves its stack and continues alone.
+pub fn randomized_low_rank_stacked(xs: &[&Tensor], rank: usize, opts: LowRankOptions) -> Result<Vec<LowRank>> {
+    let mut parts = Vec::with_capacity(xs.len());
+    let mut total = 0;
+    for x in xs {
+        let (b, m, n) = match x.dims() {
+            [b, m, n] => (*b, *m, *n),
+            d => crate::invalid!(OP, "a stack must be [b, m, n], got {d:?}"),
         };
+        if rank == 0 || m == 0 || n == 0 {
+            crate::invalid!(
+                OP,
+                "rank ({rank}) and the stack's matrices {:?} must be non-empty",
+                x.dims()
+            );
+        }
+        let items: Vec<usize> = (total..total + b).collect();
+        total += b;
+        if b == 0 {
+            continue;
+        }
+        let x = x.to_dtype(DType::F64)?;
         let xt = x.transpose(1, 2)?.contiguous()?;
         let k = (rank.min(m).min(n) + opts.oversample).min(m).min(n);
         let y = x.broadcast_matmul(&gaussian(n, k, opts.seed, x.device())?)?; // [b, m, k]
@@ -125,9 +160,9 @@ pub fn randomized_low_rank_batch(xs: &[&Tensor], rank: usize, opts: LowRankOptio
         let passes = if it + 1 == opts.power_iters { 2 } else { 1 };
         q = orthonormalize(xz.into_iter().map(|(y, st)| (st, y)).collect(), passes)?;
     }
-    let mut out: Vec<Option<LowRank>> = vec![None; xs.len()];
+    let mut out: Vec<Option<LowRank>> = vec![None; total];
     for (st, q) in q {
-        let (m, n) = shapes[st.items[0]];
+        let (_, m, n) = st.x.dims3()?;
         let k = q.dim(2)?; // may have shrunk: rank-deficient input
         let r = rank.min(m).min(n).min(k);
         let b = q.transpose(1, 2)?.contiguous()?.matmul(&st.x)?; // [b, k, n]
@@ -160,7 +195,7 @@ const OP: &str = "randomized_low_rank";
 
 /// Same-shape input matrices factorized together: `x` `[b, m, n]` f64 and its transpose
 /// `xt` `[b, n, m]` (contiguous), stacked in the order of `items` (indices into the
-/// batch).
+/// output).
 struct Stack {
     items: Vec<usize>,
     x: Tensor,

@@ -4,7 +4,7 @@
 //! use.
 
 use super::{Compressed, ShadowKv};
-use crate::linalg::{randomized_low_rank_batch, LowRank, LowRankOptions};
+use crate::linalg::{randomized_low_rank_stacked, LowRank, LowRankOptions};
 use crate::rope::rope_tables;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -46,14 +46,18 @@ impl ShadowKv {
                 .collect::<Result<Vec<_>>>()?;
             k_pre.push(Tensor::stack(&ks, 0)?.to_dtype(DType::F32)?);
         }
-        let mut flat = Vec::with_capacity(items.len());
-        for (k, (chunks, ids)) in k_pre.iter().zip(&stacks) {
-            for j in 0..ids.len() {
-                flat.push(k.get(j)?.reshape((chunks * p, hkv * d))?);
-            }
-        }
-        let refs: Vec<&Tensor> = flat.iter().collect();
-        let mut factors = randomized_low_rank_batch(&refs, self.cfg.rank, LowRankOptions::default())?.into_iter();
+        // Each stack factorized as it is: [b, L, Hkv·D].
+        let flat = k_pre
+            .iter()
+            .zip(&stacks)
+            .map(|(k, (chunks, ids))| k.reshape((ids.len(), chunks * p, hkv * d)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut factors = randomized_low_rank_stacked(
+            &flat.iter().collect::<Vec<_>>(),
+            self.cfg.rank,
+            LowRankOptions::default(),
+        )?
+        .into_iter();
         let mut out: Vec<Option<Compressed>> = (0..items.len()).map(|_| None).collect();
         for (k, (chunks, ids)) in k_pre.iter().zip(&stacks) {
             let rope = rope.ok_or_else(|| Error::Config("shadowkv: no RoPE tables to compress with".into()))?;
