@@ -258,3 +258,28 @@ fn the_factorization_marks_its_host_parts() {
         );
     }
 }
+
+/// The factors of a stacked factorization each own only their own memory: a factor that
+/// kept a view of (or a whole-storage clone under) the stack would hold `b` times its size,
+/// and a stack of `b` such factors `b²` (ShadowKV keeps them until the sequence leaves).
+#[test]
+fn stacked_factors_own_only_their_memory() {
+    let x = randn(&mut rng(31), &[6, 90, 24], 1.0);
+    let factors = randomized_low_rank_stacked(&[&x], 8, LowRankOptions::default()).unwrap();
+    assert_eq!(factors.len(), 6);
+    for (i, f) in factors.iter().enumerate() {
+        for (what, t) in [("left", &f.left), ("right", &f.right)] {
+            let (storage, layout) = t.storage_and_layout();
+            let held = match &*storage {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.len(),
+                other => panic!("factor {i} {what}: unexpected storage {:?}", other.dtype()),
+            };
+            assert_eq!(
+                (held, layout.start_offset()),
+                (t.elem_count(), 0),
+                "factor {i} {what} {:?} holds {held} elements",
+                t.dims()
+            );
+        }
+    }
+}

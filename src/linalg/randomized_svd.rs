@@ -178,10 +178,12 @@ pub fn randomized_low_rank_stacked(xs: &[&Tensor], rank: usize, opts: LowRankOpt
         let left = q.matmul(&w)?.to_dtype(DType::F32)?; // [b, m, r]
         let right = w.transpose(1, 2)?.contiguous()?.matmul(&b)?.to_dtype(DType::F32)?; // [b, r, n]
         for (j, (&item, (values, _))) in st.items.iter().zip(&eigens).enumerate() {
-            // Copies: each factor owns its memory (a view would hold the whole stack).
+            // Copies of the item's rows only (`force_contiguous`), so that each factor owns
+            // just its memory: a view would hold the whole stack, and so would
+            // `Tensor::copy`, which clones the whole storage under the view.
             out[item] = Some(LowRank {
-                left: left.get(j)?.copy()?,
-                right: right.get(j)?.copy()?,
+                left: left.get(j)?.force_contiguous()?,
+                right: right.get(j)?.force_contiguous()?,
                 singular_values: values[..r].iter().map(|&l| l.max(0.0).sqrt()).collect(),
             });
         }
