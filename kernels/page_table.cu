@@ -77,12 +77,15 @@ extern "C" __global__ void padded_plan(u32* __restrict__ w, const u32* __restric
   }
 }
 
-// counts[index] += the number of n (index, page) pairs whose index is not NONE: one block,
-// a strided count and a block reduction (blockDim a multiple of 32).
+// counts[index] += the number of n (index, page) pairs whose index is not NONE: a grid-
+// strided count (a pair per thread and pass), a block reduction (blockDim a multiple of
+// 32), then one atomicAdd per block. The partial counts are whole numbers, so their f32
+// sum is exact, in any order, while the total stays below 2^24.
 extern "C" __global__ void count_listed(float* __restrict__ counts, const u32* __restrict__ pairs, u64 n, u32 index) {
   __shared__ float sh[32];
   float c = 0.f;
-  for (u64 i = threadIdx.x; i < n; i += blockDim.x) c += pairs[2 * i] != SPIN_NONE ? 1.f : 0.f;
+  for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+    c += pairs[2 * i] != SPIN_NONE ? 1.f : 0.f;
   c = block_reduce(c, false, sh);
-  if (threadIdx.x == 0) counts[index] += c;
+  if (threadIdx.x == 0 && c != 0.f) atomicAdd(counts + index, c);
 }

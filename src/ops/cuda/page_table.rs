@@ -183,8 +183,13 @@ pub(crate) fn padded_plan(
     )
 }
 
+/// The most blocks [`count_listed`] launches (two waves of 132 SMs' worth).
+const COUNT_BLOCKS: usize = 264;
+
 /// `counts[index] += ` the listed entries of `pairs` (see
-/// [`count_listed_into`](crate::ops::count_listed_into)): one block.
+/// [`count_listed_into`](crate::ops::count_listed_into)): a block per 256 pairs, at most
+/// [`COUNT_BLOCKS`] (then each thread takes several), each adding its partial count
+/// atomically.
 pub(crate) fn count_listed(
     counts: &mut CudaStorage,
     cl: &Layout,
@@ -197,5 +202,6 @@ pub(crate) fn count_listed(
     let dev = super::device(counts).clone();
     let cp = ptr_mut(OP, counts, cl)?;
     let f = func(&dev, &PAGE_TABLE, "count_listed")?;
-    launch!(f, cfg(1, 256, 0), cp, pp, n as u64, index as u32)
+    let blocks = n.div_ceil(256).clamp(1, COUNT_BLOCKS);
+    launch!(f, cfg(blocks as u32, 256, 0), cp, pp, n as u64, index as u32)
 }
