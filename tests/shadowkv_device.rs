@@ -249,3 +249,75 @@ fn a_compressed_batch_equals_each_sequence_alone() {
         assert!(together.stats().rebuilt_pages > 0, "{:?}", together.stats());
     }
 }
+
+/// With [`ShadowKv::compress_ahead`] (the default on CUDA) a sequence's first decode step
+/// factorizes all of its layers at layer 0 and the later layers take their state when they
+/// come; without it each layer factorizes its own. The outputs must match within 1e-5
+/// (f32) in both modes, through joins, a removal, and a step aborted after layer 0 (the
+/// later layers' states then wait, computed, for the retried step), with 4 layers.
+#[test]
+fn compressing_ahead_equals_layer_by_layer() {
+    let cfg4 = |fraction: f64| {
+        CacheConfig::new(4, 4, 2, 16)
+            .with_page_size(8)
+            .with_token_capacity(2048, fraction)
+    };
+    for fraction in [1.0, 0.5] {
+        let mut caches = [
+            SpinCache::new(cfg4(fraction), shadow().compress_ahead(true)).unwrap(),
+            SpinCache::new(cfg4(fraction), shadow().compress_ahead(false)).unwrap(),
+        ];
+        let mut seqs = [Vec::new(), Vec::new()];
+        for len in [150usize, 61, 203] {
+            add(&mut caches, &mut seqs, len);
+        }
+        for step in 0..8u64 {
+            if step == 3 {
+                for (c, s) in caches.iter_mut().zip(seqs.iter_mut()) {
+                    c.remove_sequence(s.remove(0)).unwrap();
+                }
+                for len in [97usize, 120] {
+                    add(&mut caches, &mut seqs, len);
+                }
+                // The joined sequences' first decode step starts, runs layer 0 (which
+                // compresses layers 1-3 ahead in caches[0]) and is aborted.
+                let c = &mut caches[0];
+                let cfg = c.config().clone();
+                let b = seqs[0].len();
+                let mut r = rng(7);
+                c.begin_step(&decode(&seqs[0])).unwrap();
+                let q = common::randn(&mut r, &[b, cfg.num_q_heads, cfg.head_dim], 1.0);
+                let kv = common::randn(&mut r, &[b, cfg.num_kv_heads, cfg.head_dim], 1.0);
+                c.attend(0, &q, &kv, &kv).unwrap();
+                c.abort_step().unwrap();
+                c.verify_accounting().unwrap();
+            }
+            let outs: Vec<_> = caches
+                .iter_mut()
+                .zip(&seqs)
+                .map(|(c, s)| random_step(c, &decode(s), &mut rng(300 + step)))
+                .collect();
+            for (layer, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+                let e = max_abs_diff(&a.out, &b.out);
+                assert!(
+                    e <= 1e-5,
+                    "fraction {fraction} step {step} layer {layer}: ahead vs layer by layer differ by {e}"
+                );
+            }
+        }
+        let (a, b) = (caches[0].stats(), caches[1].stats());
+        assert!(a.rebuilt_pages > 0, "{a:?}");
+        assert_eq!(
+            (a.decode_rows, a.pages_attended, a.rebuilt_pages),
+            (b.decode_rows, b.pages_attended, b.rebuilt_pages),
+            "counters"
+        );
+        for (c, s) in caches.iter_mut().zip(seqs) {
+            for id in s {
+                c.remove_sequence(id).unwrap();
+            }
+            c.verify_accounting().unwrap();
+            assert_eq!(c.pool_usage().host_used, 0);
+        }
+    }
+}

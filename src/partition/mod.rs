@@ -324,8 +324,16 @@ pub const ALGORITHMS: &[&str] = &["dense", "streaming", "quest", "infllm", "shad
 /// 16 tokens instead of one and two, leaving a page more to retrieval) and `quest-q8`
 /// (issue 12's int8 page bounds, [`BoundsFormat::Int8`]); `infllm-b16`: InfLLM with
 /// 16-token blocks (its budget's sink and window, and as many blocks as fit in the rest;
-/// [`InfLlmConfig::for_budget_with_block`]).
-pub const VARIANTS: &[&str] = &["quest-softmax", "quest-p8", "quest-lean", "quest-q8", "infllm-b16"];
+/// [`InfLlmConfig::for_budget_with_block`]); `shadowkv-layerwise`: ShadowKV compressing
+/// each layer's prefills in that layer's own step ([`ShadowKv::compress_ahead`] off).
+pub const VARIANTS: &[&str] = &[
+    "quest-softmax",
+    "quest-p8",
+    "quest-lean",
+    "quest-q8",
+    "infllm-b16",
+    "shadowkv-layerwise",
+];
 
 /// Builds an algorithm from its name with a token budget per decode step and KV head
 /// (ignored by `dense`): `streaming` keeps a 64-token sink and the rest of the budget as
@@ -377,6 +385,9 @@ pub fn by_name(name: &str, budget_tokens: usize) -> Result<Box<dyn SparseAlgorit
         "infllm" => Box::new(InfLlm::new(InfLlmConfig::for_budget(budget_tokens))?),
         "infllm-b16" => Box::new(InfLlm::new(InfLlmConfig::for_budget_with_block(budget_tokens, 16))?),
         "shadowkv" => Box::new(ShadowKv::new(ShadowKvConfig::for_budget(budget_tokens))?),
+        "shadowkv-layerwise" => {
+            Box::new(ShadowKv::new(ShadowKvConfig::for_budget(budget_tokens))?.compress_ahead(false))
+        }
         other => {
             return Err(crate::Error::Config(format!(
                 "unknown algorithm `{other}` (known: {}; variants: {})",

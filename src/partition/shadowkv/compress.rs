@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 /// The most key elements (`L · Hkv · D` summed over the items) compressed as one stack:
 /// 2^28, 1 GiB of f32 per temporary (64 SmolLM2 prefills of 8K take 2^26.6; one
 /// Llama-3.1-8B prefill of 128K 2^27).
-const STACK_ELEMENTS: usize = 1 << 28;
+pub(super) const STACK_ELEMENTS: usize = 1 << 28;
 
 impl ShadowKv {
     /// Compresses, for each `(keys, chunks)`, the first `chunks` chunks of the buffered
@@ -142,7 +142,8 @@ impl ShadowKv {
                 chunks,
                 left: Some(lr.left),
                 right: Some(lr.right),
-                landmarks: Some(landmarks.get(j)?.copy()?), // owns its memory, not the stack's
+                // Its own rows only (`Tensor::copy` would clone the whole stack's storage).
+                landmarks: Some(landmarks.get(j)?.force_contiguous()?),
                 outlier,
                 outlier_ids,
                 outlier_mask: Some(Tensor::from_vec(mask, (hkv, chunks), k_pre.device())?),

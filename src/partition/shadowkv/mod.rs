@@ -111,6 +111,9 @@ struct SeqState {
     /// `[len, Hkv, D]` pre-RoPE keys, until the prefill is compressed.
     prefill_k: Option<Tensor>,
     comp: Option<Compressed>,
+    /// Compressed in an earlier layer's step ([`ShadowKv::compress_ahead`]), not yet
+    /// taken by this layer (its `select` takes it when the chunk count still matches).
+    ahead: Option<Compressed>,
 }
 
 /// ShadowKV: low-rank pre-RoPE keys, landmarks, outliers, rebuilt keys at decode.
@@ -135,6 +138,11 @@ pub struct ShadowKv {
     /// when all `layers` are).
     compressed_layers: std::collections::HashMap<u64, usize>,
     layers: usize,
+    /// Whether a layer's first decode step also compresses the later layers' prefills of
+    /// the same sequences ([`compress_ahead`](Self::compress_ahead)); `None`: on where the
+    /// cache is on a CUDA device (resolved into `ahead_on` at `init`).
+    ahead: Option<bool>,
+    ahead_on: bool,
 }
 
 impl ShadowKv {
@@ -169,7 +177,25 @@ impl ShadowKv {
             device: None,
             compressed_layers: Default::default(),
             layers: 0,
+            ahead: None,
+            ahead_on: false,
         })
+    }
+
+    /// Whether the first layer to decode a sequence also compresses that sequence's prefill
+    /// in the later layers, in the same batched factorization. The later layers take their
+    /// state when they reach it in the same step. On, a step that compresses `b` prefills
+    /// factorizes up to `b · layers` matrices at once (bounded by 2^28 key elements per
+    /// call), so the host's small eigenproblems run in parallel and the device round trips
+    /// are shared by the layers; off, each layer factorizes its own `b`. The results are
+    /// the same either way (each matrix is factorized alone).
+    ///
+    /// Default: on where the cache lives on a CUDA device, off on the CPU, where the larger
+    /// stacks are slower (each temporary is a fresh allocation the size of the stack, and
+    /// falls out of the caches; see `docs/BENCHMARKS.md`).
+    pub fn compress_ahead(mut self, on: bool) -> Self {
+        self.ahead = Some(on);
+        self
     }
 
     /// The configuration.
@@ -244,6 +270,7 @@ impl SparseAlgorithm for ShadowKv {
         self.dtype = cfg.dtype;
         self.scale = 1.0 / (cfg.head_dim as f64).sqrt();
         self.layers = cfg.num_layers;
+        self.ahead_on = self.ahead.unwrap_or(cfg.device.is_cuda());
         self.device = if device::wanted(cfg) {
             Some(DeviceTables::new(cfg, self.cfg.rank, self.cfg.outlier_chunks)?)
         } else {
@@ -296,17 +323,58 @@ impl SparseAlgorithm for ShadowKv {
         let g = self.q_heads / hkv;
         let per_head = self.cfg.sparse_budget_tokens / p;
         // Every sequence at its first decode step in this layer is compressed, in one batch,
-        // with RoPE tables covering the longest of their prefills.
-        let mut todo = Vec::new();
+        // with RoPE tables covering the longest of their prefills; with `ahead`, the same
+        // batch compresses those sequences' later layers too (taken below when they come).
+        let layer = input.layer;
+        let mut todo: Vec<(u64, usize)> = Vec::new();
+        let mut done: Vec<(u64, Compressed)> = Vec::new();
         // (A padded step's padding rows have no sequence: u64::MAX.)
         for (b, &seq) in input.seqs.iter().enumerate().filter(|(_, &s)| s != u64::MAX) {
-            let st = self.seqs.get(&(input.layer, seq)).ok_or(Error::UnknownSequence(seq))?;
+            let st = self.seqs.get_mut(&(layer, seq)).ok_or(Error::UnknownSequence(seq))?;
             if st.comp.is_none() {
-                todo.push((seq, st.prefill_k.as_ref(), input.num_tokens[b].saturating_sub(1) / p));
+                let chunks = input.num_tokens[b].saturating_sub(1) / p;
+                match st.ahead.take() {
+                    Some(a) if a.chunks == chunks => done.push((seq, a)),
+                    _ => todo.push((seq, chunks)),
+                }
             }
         }
-        let upto = todo.iter().filter(|t| t.1.is_some()).map(|t| t.2 * p).max();
-        let rope = match (upto, todo.iter().find_map(|t| t.1)) {
+        // (layer, seq, keys, chunks) of each matrix to factorize: this layer's first.
+        let mut work: Vec<(usize, u64, Option<&Tensor>, usize)> = todo
+            .iter()
+            .map(|&(seq, c)| {
+                (
+                    layer,
+                    seq,
+                    self.seqs.get(&(layer, seq)).and_then(|st| st.prefill_k.as_ref()),
+                    c,
+                )
+            })
+            .collect();
+        if self.ahead_on && !todo.is_empty() {
+            let elements = |w: &[(usize, u64, Option<&Tensor>, usize)]| {
+                w.iter().map(|t| t.3 * p * hkv * self.head_dim).sum::<usize>()
+            };
+            let mut total = elements(&work);
+            for later in layer + 1..self.layers {
+                let more: Vec<_> = todo
+                    .iter()
+                    .filter_map(|&(seq, c)| {
+                        let st = self.seqs.get(&(later, seq))?;
+                        let k = st.prefill_k.as_ref()?;
+                        let ready = st.comp.is_none() && st.ahead.is_none() && c > 0 && k.dim(0).ok()? >= c * p;
+                        ready.then_some((later, seq, Some(k), c))
+                    })
+                    .collect();
+                total += elements(&more);
+                if more.is_empty() || total > compress::STACK_ELEMENTS {
+                    break;
+                }
+                work.extend(more);
+            }
+        }
+        let upto = work.iter().filter(|t| t.2.is_some()).map(|t| t.3 * p).max();
+        let rope = match (upto, work.iter().find_map(|t| t.2)) {
             (Some(upto), Some(k)) => Some(rope_tables_upto(
                 &mut self.rope,
                 upto,
@@ -316,22 +384,26 @@ impl SparseAlgorithm for ShadowKv {
             )?),
             _ => None,
         };
-        let items: Vec<(Option<&Tensor>, usize)> = todo.iter().map(|&(_, k, c)| (k, c)).collect();
-        let done = self.compress_batch(&items, rope.as_ref())?;
-        let seqs: Vec<u64> = todo.iter().map(|t| t.0).collect();
+        let items: Vec<(Option<&Tensor>, usize)> = work.iter().map(|&(_, _, k, c)| (k, c)).collect();
+        let compressed = self.compress_batch(&items, rope.as_ref())?;
+        let targets: Vec<(usize, u64)> = work.iter().map(|t| (t.0, t.1)).collect();
+        for ((l, seq), comp) in targets.into_iter().zip(compressed) {
+            match (l == layer, self.seqs.get_mut(&(l, seq))) {
+                (true, _) => done.push((seq, comp)),
+                (false, Some(st)) => st.ahead = Some(comp),
+                (false, None) => {}
+            }
+        }
         // Device mode: the page slots of the compressed chunks, read once for all rows.
-        let slots = match (&self.device, seqs.is_empty()) {
+        let slots = match (&self.device, done.is_empty()) {
             (Some(_), false) => input.candidates.to_device(&Device::Cpu)?.to_vec3::<u32>()?,
             _ => Vec::new(),
         };
-        for (seq, mut comp) in seqs.into_iter().zip(done) {
-            let st = self
-                .seqs
-                .get_mut(&(input.layer, seq))
-                .ok_or(Error::UnknownSequence(seq))?;
+        for (seq, mut comp) in done {
+            let st = self.seqs.get_mut(&(layer, seq)).ok_or(Error::UnknownSequence(seq))?;
             if let Some(dev) = self.device.as_mut() {
                 let b = input.seqs.iter().position(|&s| s == seq).unwrap_or(0);
-                dev.store(input.layer, st.owner, &mut comp, &slots[b])?;
+                dev.store(layer, st.owner, &mut comp, &slots[b])?;
             }
             st.comp = Some(comp);
             st.prefill_k = None;
@@ -486,6 +558,7 @@ impl SparseAlgorithm for ShadowKv {
                 }
                 None => {
                     st.prefill_k = st.prefill_k.as_ref().and_then(|k| k.narrow(0, 0, len).ok());
+                    st.ahead = None;
                     st.len = len;
                     true
                 }
