@@ -254,9 +254,19 @@ fn a_compressed_batch_equals_each_sequence_alone() {
 /// factorizes all of its layers at layer 0 and the later layers take their state when they
 /// come; without it each layer factorizes its own. The outputs must match within 1e-5
 /// (f32) in both modes, through joins, a removal, and a step aborted after layer 0 (the
-/// later layers' states then wait, computed, for the retried step), with 4 layers.
+/// later layers' states then wait, computed, for the retried step), with 4 layers. It
+/// runs in a rayon pool of 16 threads: compressing ahead applies while a step compresses
+/// fewer sequences than the pool has threads.
 #[test]
 fn compressing_ahead_equals_layer_by_layer() {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(16)
+        .build()
+        .unwrap()
+        .install(ahead_equals_layer_by_layer);
+}
+
+fn ahead_equals_layer_by_layer() {
     let cfg4 = |fraction: f64| {
         CacheConfig::new(4, 4, 2, 16)
             .with_page_size(8)

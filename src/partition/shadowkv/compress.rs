@@ -5,16 +5,106 @@
 
 use super::{Compressed, ShadowKv};
 use crate::linalg::{randomized_low_rank_stacked, LowRank, LowRankOptions};
+use crate::partition::SelectInput;
 use crate::rope::rope_tables;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
+/// When [`ShadowKv::compress_ahead`] adds later layers to a layer's compression: while
+/// that layer compresses fewer sequences than the host has threads (its small Cholesky and
+/// eigen problems, one per matrix, then leave threads idle), and only as long as the batch
+/// stays within `AHEAD_MATRICES` matrices and 2^28 key elements. On the H200 (16 host
+/// threads, SmolLM2 at 8K), 4 sequences a step compressed with their 30 layers together
+/// took the last such step from 961 to 628 ms; 16 a step with 10 layers together went from
+/// 1,802 to 2,674 ms (`docs/BENCHMARKS.md`).
+const AHEAD_MATRICES: usize = 128;
+const AHEAD_ELEMENTS: usize = 1 << 28;
+
 /// The most key elements (`L · Hkv · D` summed over the items) compressed as one stack:
 /// 2^28, 1 GiB of f32 per temporary (64 SmolLM2 prefills of 8K take 2^26.6; one
 /// Llama-3.1-8B prefill of 128K 2^27).
-pub(super) const STACK_ELEMENTS: usize = 1 << 28;
+const STACK_ELEMENTS: usize = 1 << 28;
 
 impl ShadowKv {
+    /// The compressed states `(seq, state)` for `input`'s layer of every sequence at its
+    /// first decode step there: taken from `ahead` where an earlier layer compressed it
+    /// (and the chunk count still matches), else compressed now, in one batch with RoPE
+    /// tables covering the longest prefill. With [`compress_ahead`](ShadowKv::compress_ahead)
+    /// in effect, the batch also compresses those sequences' later layers (see
+    /// [`AHEAD_MATRICES`]) and parks each result in that layer's `ahead`.
+    pub(super) fn compress_for_select(&mut self, input: &SelectInput<'_>) -> Result<Vec<(u64, Compressed)>> {
+        let (p, hkv, layer) = (self.page_size, self.kv_heads, input.layer);
+        let mut todo: Vec<(u64, usize)> = Vec::new();
+        let mut done: Vec<(u64, Compressed)> = Vec::new();
+        // (A padded step's padding rows have no sequence: u64::MAX.)
+        for (b, &seq) in input.seqs.iter().enumerate().filter(|(_, &s)| s != u64::MAX) {
+            let st = self.seqs.get_mut(&(layer, seq)).ok_or(Error::UnknownSequence(seq))?;
+            if st.comp.is_none() {
+                let chunks = input.num_tokens[b].saturating_sub(1) / p;
+                match st.ahead.take() {
+                    Some(a) if a.chunks == chunks => done.push((seq, a)),
+                    _ => todo.push((seq, chunks)),
+                }
+            }
+        }
+        // (layer, seq, keys, chunks) of each matrix to factorize: this layer's first.
+        let mut work: Vec<(usize, u64, Option<&Tensor>, usize)> = todo
+            .iter()
+            .map(|&(seq, c)| {
+                (
+                    layer,
+                    seq,
+                    self.seqs.get(&(layer, seq)).and_then(|st| st.prefill_k.as_ref()),
+                    c,
+                )
+            })
+            .collect();
+        if self.ahead_on && !todo.is_empty() && todo.len() < rayon::current_num_threads() {
+            let elements = |w: &[(usize, u64, Option<&Tensor>, usize)]| {
+                w.iter().map(|t| t.3 * p * hkv * self.head_dim).sum::<usize>()
+            };
+            let mut total = elements(&work);
+            for later in layer + 1..self.layers {
+                let more: Vec<_> = todo
+                    .iter()
+                    .filter_map(|&(seq, c)| {
+                        let st = self.seqs.get(&(later, seq))?;
+                        let k = st.prefill_k.as_ref()?;
+                        let ready = st.comp.is_none() && st.ahead.is_none() && c > 0 && k.dim(0).ok()? >= c * p;
+                        ready.then_some((later, seq, Some(k), c))
+                    })
+                    .collect();
+                total += elements(&more);
+                if more.is_empty() || total > AHEAD_ELEMENTS || work.len() + more.len() > AHEAD_MATRICES {
+                    break;
+                }
+                work.extend(more);
+            }
+        }
+        let upto = work.iter().filter(|t| t.2.is_some()).map(|t| t.3 * p).max();
+        let rope = match (upto, work.iter().find_map(|t| t.2)) {
+            (Some(upto), Some(k)) => Some(rope_tables_upto(
+                &mut self.rope,
+                upto,
+                self.head_dim,
+                self.rope_theta,
+                k.device(),
+            )?),
+            _ => None,
+        };
+        let items: Vec<(Option<&Tensor>, usize)> = work.iter().map(|&(_, _, k, c)| (k, c)).collect();
+        let compressed = self.compress_batch(&items, rope.as_ref())?;
+        let targets: Vec<(usize, u64)> = work.iter().map(|t| (t.0, t.1)).collect();
+        for ((l, seq), comp) in targets.into_iter().zip(compressed) {
+            match (l == layer, self.seqs.get_mut(&(l, seq))) {
+                (true, _) => done.push((seq, comp)),
+                (false, Some(st)) => st.ahead = Some(comp),
+                (false, None) => {}
+            }
+        }
+        Ok(done)
+    }
+
     /// Compresses, for each `(keys, chunks)`, the first `chunks` chunks of the buffered
     /// pre-RoPE keys `[L, Hkv, D]` (no keys or no chunks: nothing compressed). The
     /// factorizations run as one batch; items of the same length are stacked, so their

@@ -184,14 +184,15 @@ impl ShadowKv {
 
     /// Whether the first layer to decode a sequence also compresses that sequence's prefill
     /// in the later layers, in the same batched factorization. The later layers take their
-    /// state when they reach it in the same step. On, a step that compresses `b` prefills
-    /// factorizes up to `b · layers` matrices at once (bounded by 2^28 key elements per
-    /// call), so the host's small eigenproblems run in parallel and the device round trips
-    /// are shared by the layers; off, each layer factorizes its own `b`. The results are
-    /// the same either way (each matrix is factorized alone).
+    /// state when they reach it in the same step. It applies while a step compresses fewer
+    /// sequences than the host has threads (rayon's pool), up to 128 matrices and 2^28 key
+    /// elements in one batch: then the host's small Cholesky and eigen problems, one per
+    /// matrix, keep its threads busy, and the layers share the device round trips. Off,
+    /// each layer factorizes its own prefills. The results are the same either way (each
+    /// matrix is factorized alone).
     ///
     /// Default: on where the cache lives on a CUDA device, off on the CPU, where the larger
-    /// stacks are slower (each temporary is a fresh allocation the size of the stack, and
+    /// batches are slower (each temporary is a fresh allocation the size of the batch and
     /// falls out of the caches; see `docs/BENCHMARKS.md`).
     pub fn compress_ahead(mut self, on: bool) -> Self {
         self.ahead = Some(on);
@@ -322,78 +323,8 @@ impl SparseAlgorithm for ShadowKv {
         let (p, hkv) = (self.page_size, self.kv_heads);
         let g = self.q_heads / hkv;
         let per_head = self.cfg.sparse_budget_tokens / p;
-        // Every sequence at its first decode step in this layer is compressed, in one batch,
-        // with RoPE tables covering the longest of their prefills; with `ahead`, the same
-        // batch compresses those sequences' later layers too (taken below when they come).
         let layer = input.layer;
-        let mut todo: Vec<(u64, usize)> = Vec::new();
-        let mut done: Vec<(u64, Compressed)> = Vec::new();
-        // (A padded step's padding rows have no sequence: u64::MAX.)
-        for (b, &seq) in input.seqs.iter().enumerate().filter(|(_, &s)| s != u64::MAX) {
-            let st = self.seqs.get_mut(&(layer, seq)).ok_or(Error::UnknownSequence(seq))?;
-            if st.comp.is_none() {
-                let chunks = input.num_tokens[b].saturating_sub(1) / p;
-                match st.ahead.take() {
-                    Some(a) if a.chunks == chunks => done.push((seq, a)),
-                    _ => todo.push((seq, chunks)),
-                }
-            }
-        }
-        // (layer, seq, keys, chunks) of each matrix to factorize: this layer's first.
-        let mut work: Vec<(usize, u64, Option<&Tensor>, usize)> = todo
-            .iter()
-            .map(|&(seq, c)| {
-                (
-                    layer,
-                    seq,
-                    self.seqs.get(&(layer, seq)).and_then(|st| st.prefill_k.as_ref()),
-                    c,
-                )
-            })
-            .collect();
-        if self.ahead_on && !todo.is_empty() {
-            let elements = |w: &[(usize, u64, Option<&Tensor>, usize)]| {
-                w.iter().map(|t| t.3 * p * hkv * self.head_dim).sum::<usize>()
-            };
-            let mut total = elements(&work);
-            for later in layer + 1..self.layers {
-                let more: Vec<_> = todo
-                    .iter()
-                    .filter_map(|&(seq, c)| {
-                        let st = self.seqs.get(&(later, seq))?;
-                        let k = st.prefill_k.as_ref()?;
-                        let ready = st.comp.is_none() && st.ahead.is_none() && c > 0 && k.dim(0).ok()? >= c * p;
-                        ready.then_some((later, seq, Some(k), c))
-                    })
-                    .collect();
-                total += elements(&more);
-                if more.is_empty() || total > compress::STACK_ELEMENTS {
-                    break;
-                }
-                work.extend(more);
-            }
-        }
-        let upto = work.iter().filter(|t| t.2.is_some()).map(|t| t.3 * p).max();
-        let rope = match (upto, work.iter().find_map(|t| t.2)) {
-            (Some(upto), Some(k)) => Some(rope_tables_upto(
-                &mut self.rope,
-                upto,
-                self.head_dim,
-                self.rope_theta,
-                k.device(),
-            )?),
-            _ => None,
-        };
-        let items: Vec<(Option<&Tensor>, usize)> = work.iter().map(|&(_, _, k, c)| (k, c)).collect();
-        let compressed = self.compress_batch(&items, rope.as_ref())?;
-        let targets: Vec<(usize, u64)> = work.iter().map(|t| (t.0, t.1)).collect();
-        for ((l, seq), comp) in targets.into_iter().zip(compressed) {
-            match (l == layer, self.seqs.get_mut(&(l, seq))) {
-                (true, _) => done.push((seq, comp)),
-                (false, Some(st)) => st.ahead = Some(comp),
-                (false, None) => {}
-            }
-        }
+        let done = self.compress_for_select(input)?;
         // Device mode: the page slots of the compressed chunks, read once for all rows.
         let slots = match (&self.device, done.is_empty()) {
             (Some(_), false) => input.candidates.to_device(&Device::Cpu)?.to_vec3::<u32>()?,
