@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::harness::{add_to_each as add, padded_step, random_step};
+use common::harness::{add_to_each as add, decode_each_and_compare, padded_step, random_step, remove_all_and_check};
 use common::{max_abs_diff, rng};
 use spinkv::partition::{ShadowKv, ShadowKvConfig};
 use spinkv::{CacheConfig, SeqId, SparseKvCache, SpinCache, StepInput};
@@ -57,18 +57,13 @@ fn device_mode_equals_host_mode() {
             }
             add(&mut caches, &mut seqs, 97);
         }
-        let outs: Vec<_> = caches
-            .iter_mut()
-            .zip(&seqs)
-            .map(|(c, s)| random_step(c, &decode(s), &mut rng(50 + step)))
-            .collect();
-        for (layer, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
-            let e = max_abs_diff(&a.out, &b.out);
-            assert!(
-                e <= 1e-5,
-                "step {step} layer {layer}: device vs host mode differ by {e}"
-            );
-        }
+        decode_each_and_compare(
+            &mut caches,
+            &seqs,
+            50 + step,
+            1e-5,
+            &format!("step {step}: device vs host mode"),
+        );
     }
     let (a, b) = (caches[0].stats(), caches[1].stats());
     assert!(a.rebuilt_pages > 0, "{a:?}");
@@ -77,13 +72,7 @@ fn device_mode_equals_host_mode() {
         (b.decode_rows, b.pages_attended, b.pages_available, b.rebuilt_pages),
         "counters"
     );
-    for (c, s) in caches.iter_mut().zip(seqs) {
-        for id in s {
-            c.remove_sequence(id).unwrap();
-        }
-        c.verify_accounting().unwrap();
-        assert_eq!(c.pool_usage().host_used, 0);
-    }
+    remove_all_and_check(&mut caches, seqs.to_vec());
 }
 
 #[test]
@@ -302,18 +291,8 @@ fn ahead_equals_layer_by_layer() {
                 c.abort_step().unwrap();
                 c.verify_accounting().unwrap();
             }
-            let outs: Vec<_> = caches
-                .iter_mut()
-                .zip(&seqs)
-                .map(|(c, s)| random_step(c, &decode(s), &mut rng(300 + step)))
-                .collect();
-            for (layer, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
-                let e = max_abs_diff(&a.out, &b.out);
-                assert!(
-                    e <= 1e-5,
-                    "fraction {fraction} step {step} layer {layer}: ahead vs layer by layer differ by {e}"
-                );
-            }
+            let what = format!("fraction {fraction} step {step}: ahead vs layer by layer");
+            decode_each_and_compare(&mut caches, &seqs, 300 + step, 1e-5, &what);
         }
         let (a, b) = (caches[0].stats(), caches[1].stats());
         assert!(a.rebuilt_pages > 0, "{a:?}");
@@ -322,12 +301,6 @@ fn ahead_equals_layer_by_layer() {
             (b.decode_rows, b.pages_attended, b.rebuilt_pages),
             "counters"
         );
-        for (c, s) in caches.iter_mut().zip(seqs) {
-            for id in s {
-                c.remove_sequence(id).unwrap();
-            }
-            c.verify_accounting().unwrap();
-            assert_eq!(c.pool_usage().host_used, 0);
-        }
+        remove_all_and_check(&mut caches, seqs.to_vec());
     }
 }

@@ -156,3 +156,41 @@ impl Reference {
         worst
     }
 }
+
+/// One decode step (a token per sequence) of each cache over its own `seqs[i]`, all fed
+/// the same random q/k/v from `seed`; every layer's output must equal the first cache's
+/// within `tol` (`what` names the comparison in a failure).
+pub fn decode_each_and_compare<C: SparseKvCache>(
+    caches: &mut [C],
+    seqs: &[Vec<SeqId>],
+    seed: u64,
+    tol: f64,
+    what: &str,
+) {
+    let outs: Vec<_> = caches
+        .iter_mut()
+        .zip(seqs)
+        .map(|(c, s)| {
+            let inputs: Vec<StepInput> = s.iter().map(|&seq| StepInput { seq, new_tokens: 1 }).collect();
+            random_step(c, &inputs, &mut super::rng(seed))
+        })
+        .collect();
+    for (i, other) in outs.iter().enumerate().skip(1) {
+        for (layer, (a, b)) in outs[0].iter().zip(other).enumerate() {
+            let e = super::max_abs_diff(&a.out, &b.out);
+            assert!(e <= tol, "{what}, layer {layer}: cache 0 and cache {i} differ by {e}");
+        }
+    }
+}
+
+/// Removes every sequence of each cache, then checks its accounting and that it holds no
+/// host page any more.
+pub fn remove_all_and_check(caches: &mut [spinkv::SpinCache], seqs: Vec<Vec<SeqId>>) {
+    for (c, s) in caches.iter_mut().zip(seqs) {
+        for id in s {
+            c.remove_sequence(id).unwrap();
+        }
+        c.verify_accounting().unwrap();
+        assert_eq!(c.pool_usage().host_used, 0);
+    }
+}
