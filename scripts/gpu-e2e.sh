@@ -17,6 +17,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $
 if [ "${E2E_TESTS:-0}" = 1 ]; then
   for t in cuda_graphs cuda_cache; do $bin/$t --nocapture > $R/$t.txt 2>&1; echo "$t exit $?"; grep -E "test result|panicked" $R/$t.txt; done
 fi
+# Warm-up: the first CUDA process on a fresh machine loads and JIT-compiles the kernels.
+timeout 120 $bin/serve_bench offline --cuda --shape smollm2-135m --random-weights --context 1024 --batch 4 \
+  --budget 256 --algo shadowkv --new-tokens 8 > $R/warm-up.txt 2>&1; echo "warm-up exit $?"
 python3 "$here/torch_e2e_decode.py" --shape smollm2 --runs 8192:1,8192:16,8192:64 > $R/anchor_smollm2.jsonl 2> $R/anchor.err
 cat $R/anchor_smollm2.jsonl
 e2e() { # algo tag batch new flags
