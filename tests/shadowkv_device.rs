@@ -18,7 +18,12 @@ use spinkv::{CacheConfig, SeqId, SparseKvCache, SpinCache, StepInput};
 /// 2 layers, 4 query heads over 2 KV heads, head_dim 16, chunks (pages) of 8 tokens;
 /// `fraction` of the pages fit in the fast tier (1.0: device mode).
 fn cfg(fraction: f64) -> CacheConfig {
-    CacheConfig::new(2, 4, 2, 16)
+    cfg_layers(2, fraction)
+}
+
+/// [`cfg`] with `layers` layers.
+fn cfg_layers(layers: usize, fraction: f64) -> CacheConfig {
+    CacheConfig::new(layers, 4, 2, 16)
         .with_page_size(8)
         .with_token_capacity(2048, fraction)
 }
@@ -256,15 +261,10 @@ fn compressing_ahead_equals_layer_by_layer() {
 }
 
 fn ahead_equals_layer_by_layer() {
-    let cfg4 = |fraction: f64| {
-        CacheConfig::new(4, 4, 2, 16)
-            .with_page_size(8)
-            .with_token_capacity(2048, fraction)
-    };
     for fraction in [1.0, 0.5] {
         let mut caches = [
-            SpinCache::new(cfg4(fraction), shadow().compress_ahead(true)).unwrap(),
-            SpinCache::new(cfg4(fraction), shadow().compress_ahead(false)).unwrap(),
+            SpinCache::new(cfg_layers(4, fraction), shadow().compress_ahead(true)).unwrap(),
+            SpinCache::new(cfg_layers(4, fraction), shadow().compress_ahead(false)).unwrap(),
         ];
         let mut seqs = [Vec::new(), Vec::new()];
         for len in [150usize, 61, 203] {

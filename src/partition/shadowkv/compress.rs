@@ -13,12 +13,12 @@ use candle_core::{DType, Device, Tensor};
 /// When [`ShadowKv::compress_ahead`] adds later layers to a layer's compression: while
 /// that layer compresses fewer sequences than the host has threads (its small Cholesky and
 /// eigen problems, one per matrix, then leave threads idle), and only as long as the batch
-/// stays within `AHEAD_MATRICES` matrices and 2^28 key elements. On the H200 (16 host
-/// threads, SmolLM2 at 8K), 4 sequences a step compressed with their 30 layers together
-/// took the last such step from 961 to 628 ms; 16 a step with 10 layers together went from
-/// 1,802 to 2,674 ms (`docs/BENCHMARKS.md`).
+/// stays within `AHEAD_MATRICES` matrices and [`STACK_ELEMENTS`] key elements (so that
+/// its same-length matrices make one stack). On the H200 (16 host threads, SmolLM2 at
+/// 8K), 4 sequences a step compressed with their 30 layers together took the last such
+/// step from 961 to 628 ms; 16 a step with 10 layers together went from 1,802 to
+/// 2,674 ms (`docs/BENCHMARKS.md`).
 const AHEAD_MATRICES: usize = 128;
-const AHEAD_ELEMENTS: usize = 1 << 28;
 
 /// The most key elements (`L · Hkv · D` summed over the items) compressed as one stack:
 /// 2^28, 1 GiB of f32 per temporary (64 SmolLM2 prefills of 8K take 2^26.6; one
@@ -75,7 +75,7 @@ impl ShadowKv {
                     })
                     .collect();
                 total += elements(&more);
-                if more.is_empty() || total > AHEAD_ELEMENTS || work.len() + more.len() > AHEAD_MATRICES {
+                if more.is_empty() || total > STACK_ELEMENTS || work.len() + more.len() > AHEAD_MATRICES {
                     break;
                 }
                 work.extend(more);
