@@ -8,8 +8,9 @@
 //! `MODULES`, all of them), which `src/ops/cuda/mod.rs` includes, and
 //! `$OUT_DIR/spinkv_consts.cuh`, the constants shared with Rust, generated from
 //! `src/ops/kernel_consts.rs` (their one source). PTX is loaded at run time through
-//! candle's `CudaDevice::get_or_load_custom_func`. The target is `sm_$CUDA_COMPUTE_CAP` (default
-//! 90: H100/H200); nvcc is `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on the PATH.
+//! candle's `CudaDevice::get_or_load_custom_func`. The target is `sm_$CUDA_COMPUTE_CAP`
+//! (default 90: H100/H200; there the kernels in `SM90A` build for `compute_90a`); nvcc is
+//! `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on the PATH.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -33,11 +34,14 @@ const KERNELS: &[&str] = &[
     "model_ops",
     "sample",
     "prefill",
+    "prefill_wgmma",
     "infllm",
     "shadowkv",
 ];
-/// Headers every kernel includes.
-const HEADERS: &[&str] = &["kernels/common.cuh"];
+/// Kernels built for `compute_90a` at compute capability 9.0 (see `main`).
+const SM90A: &[&str] = &["prefill_wgmma"];
+/// Headers the kernels include.
+const HEADERS: &[&str] = &["kernels/common.cuh", "kernels/prefill_common.cuh"];
 
 /// `$OUT_DIR/spinkv_consts.cuh`: the shared constants as preprocessor macros.
 fn write_consts_header(out_dir: &Path) -> anyhow::Result<()> {
@@ -127,15 +131,16 @@ fn main() -> anyhow::Result<()> {
         let src = format!("kernels/{name}.cu");
         println!("cargo:rerun-if-changed={src}");
         let ptx = out_dir.join(format!("{name}.ptx"));
+        // Kernels named in SM90A use Hopper's architecture-specific instructions (wgmma):
+        // at compute capability 9.0 they build for `compute_90a`; elsewhere their source
+        // compiles to a module without kernels.
+        let arch = if cap == "90" && SM90A.contains(name) {
+            "-arch=compute_90a".to_string()
+        } else {
+            format!("-arch=sm_{cap}")
+        };
         let output = Command::new(&nvcc)
-            .args([
-                "--ptx",
-                &format!("-arch=sm_{cap}"),
-                "-O3",
-                "-std=c++17",
-                "-lineinfo",
-                "-Ikernels",
-            ])
+            .args(["--ptx", &arch, "-O3", "-std=c++17", "-lineinfo", "-Ikernels"])
             .arg(format!("-I{}", out_dir.display()))
             .arg("-o")
             .arg(&ptx)

@@ -46,6 +46,9 @@ mod bench {
         /// Only time ShadowKV's factorization (skip the attention kernel).
         #[arg(long)]
         factor_only: bool,
+        /// Skip ShadowKV's factorization.
+        #[arg(long)]
+        no_factor: bool,
     }
 
     const P: usize = 16;
@@ -105,56 +108,61 @@ mod bench {
                     println!("| {shape} | {l} | {mode} | {ms:.3} | {tf:.1} |");
                     rows.push(format!("{shape},{l},{mode},{ms:.4},{tf:.2}"));
                 };
-                // One chunk: the whole prompt, causal over itself.
-                let one = PrefillTiles::new(
-                    &[PrefillChunk {
-                        seq: 0,
-                        row: 0,
-                        start: 0,
-                        n: l as u32,
-                        list_len: 0,
-                    }],
-                    group,
-                    P,
-                    &dev,
-                )?;
-                let zero = Tensor::zeros(1, DType::U32, &dev)?;
-                let ms = time(&dev, &mut || {
-                    ops::prefill_attention(&q, &k, &v, &pool, &pages, &zero, &one, scale)?;
-                    Ok(())
-                })?;
-                report("one chunk", ms);
-                // Chunks of `chunk` tokens: each over its earlier pages, then itself.
-                if args.chunk < l {
-                    let mut calls = Vec::new();
-                    let mut start = 0;
-                    while start < l {
-                        let n = args.chunk.min(l - start);
-                        let tiles = PrefillTiles::new(
-                            &[PrefillChunk {
-                                seq: 0,
-                                row: 0,
-                                start: start as u32,
-                                n: n as u32,
-                                list_len: start.div_ceil(P) as u32,
-                            }],
-                            group,
-                            P,
-                            &dev,
-                        )?;
-                        let limit = Tensor::from_vec(vec![start as u32], 1, &dev)?;
-                        let rows = |x: &Tensor| x.narrow(0, start, n).and_then(|x| x.contiguous());
-                        calls.push((rows(&q)?, rows(&k)?, rows(&v)?, tiles, limit));
-                        start += n;
-                    }
+                // Each kernel: wgmma (Hopper) where it runs, and mma.sync.
+                for (kname, on) in [("wgmma", true), ("mma.sync", false)] {
+                    ops::set_prefill_wgmma(on);
+                    // One chunk: the whole prompt, causal over itself.
+                    let one = PrefillTiles::new(
+                        &[PrefillChunk {
+                            seq: 0,
+                            row: 0,
+                            start: 0,
+                            n: l as u32,
+                            list_len: 0,
+                        }],
+                        group,
+                        P,
+                        &dev,
+                    )?;
+                    let zero = Tensor::zeros(1, DType::U32, &dev)?;
                     let ms = time(&dev, &mut || {
-                        for (q, k, v, tiles, limit) in &calls {
-                            ops::prefill_attention(q, k, v, &pool, &pages, limit, tiles, scale)?;
-                        }
+                        ops::prefill_attention(&q, &k, &v, &pool, &pages, &zero, &one, scale)?;
                         Ok(())
                     })?;
-                    report(&format!("chunks of {}", args.chunk), ms);
+                    report(&format!("one chunk, {kname}"), ms);
+                    // Chunks of `chunk` tokens: each over its earlier pages, then itself.
+                    if args.chunk < l {
+                        let mut calls = Vec::new();
+                        let mut start = 0;
+                        while start < l {
+                            let n = args.chunk.min(l - start);
+                            let tiles = PrefillTiles::new(
+                                &[PrefillChunk {
+                                    seq: 0,
+                                    row: 0,
+                                    start: start as u32,
+                                    n: n as u32,
+                                    list_len: start.div_ceil(P) as u32,
+                                }],
+                                group,
+                                P,
+                                &dev,
+                            )?;
+                            let limit = Tensor::from_vec(vec![start as u32], 1, &dev)?;
+                            let rows = |x: &Tensor| x.narrow(0, start, n).and_then(|x| x.contiguous());
+                            calls.push((rows(&q)?, rows(&k)?, rows(&v)?, tiles, limit));
+                            start += n;
+                        }
+                        let ms = time(&dev, &mut || {
+                            for (q, k, v, tiles, limit) in &calls {
+                                ops::prefill_attention(q, k, v, &pool, &pages, limit, tiles, scale)?;
+                            }
+                            Ok(())
+                        })?;
+                        report(&format!("chunks of {}, {kname}", args.chunk), ms);
+                    }
                 }
+                ops::set_prefill_wgmma(true);
                 if l <= 8192 {
                     let ms = time(&dev, &mut || {
                         ops::causal_self_attention(&q, &k, &v, scale)?;
@@ -169,7 +177,11 @@ mod bench {
         // over the rank, closer to real keys' wide dynamic range).
         println!("\n| shape | L | keys | ShadowKV factorization, one layer (ms) |\n|---|---|---|---|");
         let cases = [("llama3-8b", 8usize, 128usize), ("smollm2-135m", 3, 64)];
-        for ((shape, hkv, d), decay) in cases.iter().flat_map(|c| [(*c, false), (*c, true)]) {
+        for ((shape, hkv, d), decay) in cases
+            .iter()
+            .filter(|_| !args.no_factor)
+            .flat_map(|c| [(*c, false), (*c, true)])
+        {
             for l in [8192usize, 32768, 131072] {
                 let mut x = Tensor::randn(0f32, 1.0, (l, hkv * d), &dev)?;
                 if decay {

@@ -135,6 +135,11 @@ struct Cli {
     /// Shorthand for `--decode eager` (no CUDA graphs), for comparison.
     #[arg(long, global = true)]
     no_graphs: bool,
+    /// The prefill attention kernel on CUDA: `auto` (wgmma on a compute capability 9.0
+    /// device for head dims 64/128, else mma.sync) or `mma` (mma.sync always), for
+    /// comparison (`spinkv::ops::set_prefill_wgmma`).
+    #[arg(long, global = true, default_value = "auto", value_parser = ["auto", "mma"])]
+    prefill_kernel: String,
     /// Profile this many decode-only steps, after the first four (past warm-up and
     /// capture): the CUDA profiler's collection is on only around them, for
     /// `ncu --profile-from-start off`. The run prints how many requests each profiled
@@ -816,6 +821,8 @@ fn main() -> Result<()> {
         "accuracy needs a real model (--model), not --random-weights"
     );
     spinkv::host_timing::enable(c.host_timing);
+    #[cfg(feature = "cuda")]
+    spinkv::ops::set_prefill_wgmma(c.prefill_kernel == "auto");
     let b = load(&c)?;
     eprintln!(
         "model: {} on {:?}: {:?}",

@@ -27,28 +27,18 @@
 //
 // Output: one flat f32 buffer, out [T, Hq, D] then lse [T, Hq] at lse_off; rows no tile
 // covers are written by prefill_init (zeros, SPIN_EMPTY_LSE).
-#include "common.cuh"
+#include "prefill_common.cuh"
 
 #define PF_WARPS (SPIN_PREFILL_ROWS / 32)
 #define PF_THREADS (32 * PF_WARPS)
 #define PF_BC 64
 #define PF_PER_ROW (PF_THREADS / PF_BC)
-#define PF_INVALID 0xffffffffu
-#define PF_LN2 0.69314718055994530942f
 
 extern "C" __global__ void prefill_init(float* __restrict__ out, u64 out_elems, u64 lse_elems) {
   const u64 n = out_elems + lse_elems;
   for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
     out[i] = i < out_elems ? 0.f : SPIN_EMPTY_LSE;
 }
-
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
 __device__ __forceinline__ void ldsm_x4(u32* r, const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -59,38 +49,6 @@ __device__ __forceinline__ void ldsm_x4_t(u32* r, const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
-}
-
-// Where one virtual key row lives, and its position (PF_INVALID: masked, zero-filled).
-template <typename T>
-struct KeyRow {
-  const T* k;
-  const T* v;
-  u32 pos;
-};
-
-template <typename T, int D>
-__device__ __forceinline__ KeyRow<T> key_row(int vk, int npre, int nown, const u32* __restrict__ list,
-                                             const T* __restrict__ pool, const T* __restrict__ kown,
-                                             const T* __restrict__ vown, int p, u32 slots, u64 limit, u32 start,
-                                             size_t own_stride) {
-  KeyRow<T> kr{nullptr, nullptr, PF_INVALID};
-  if (vk < npre) {
-    const int e = vk / p, r = vk - e * p;
-    const u32 slot = list[2 * e], lp = list[2 * e + 1];
-    const u64 pos = (u64)lp * (u64)p + (u64)r;
-    if (slot != SPIN_NONE && slot < slots && pos < limit) {
-      kr.k = pool + ((size_t)slot * 2 * p + r) * D;
-      kr.v = kr.k + (size_t)p * D;
-      kr.pos = (u32)pos;
-    }
-  } else if (vk - npre < nown) {
-    const int i = vk - npre;
-    kr.k = kown + (size_t)i * own_stride;
-    kr.v = vown + (size_t)i * own_stride;
-    kr.pos = start + (u32)i;
-  }
-  return kr;
 }
 
 // Copies this thread's share (1/PF_PER_ROW) of one K (or V) row into shared memory;
@@ -142,21 +100,17 @@ __device__ __forceinline__ void prefill_impl(const T* __restrict__ q, const T* _
   __shared__ u32 kpos[2][PF_BC];
 
   const int h = blockIdx.x % hkv;
-  const u32* tw = tiles + (size_t)(blockIdx.x / hkv) * SPIN_PREFILL_TILE_WORDS;
-  const u32 seq = tw[0], row0 = tw[1], start = tw[2], tok0 = tw[3], ntok = tw[4];
   const int g = hq / hkv;
-  if (ntok == 0 || (int)ntok * g > SPIN_PREFILL_ROWS) return;
-  const bool seq_ok = seq < (u32)s_count;
-  const int nlist = seq_ok ? min((int)tw[5], n) : 0;
-  const u64 limit = seq_ok ? (u64)kv_limit[seq] : 0;
-  const u32* list = pages + ((size_t)(seq_ok ? seq : 0) * hkv + h) * (size_t)n * 2;
-  const int npre = nlist * p;
-  const int nown = (int)(tok0 + ntok);
-  const int nkeys = npre + nown;
-  const size_t own_stride = (size_t)hkv * D;
-  const T* kown = k + (size_t)row0 * own_stride + (size_t)h * D;
-  const T* vown = v + (size_t)row0 * own_stride + (size_t)h * D;
-  const u32 qmin = start + tok0;
+  const TileView<T> tv = tile_view<T, D>(tiles + (size_t)(blockIdx.x / hkv) * SPIN_PREFILL_TILE_WORDS, pages,
+                                         kv_limit, k, v, h, hkv, s_count, n, p);
+  if (tv.ntok == 0 || (int)tv.ntok * g > SPIN_PREFILL_ROWS) return;
+  const u32 row0 = tv.row0, start = tv.start, tok0 = tv.tok0, ntok = tv.ntok, qmin = tv.qmin;
+  const int npre = tv.npre, nown = tv.nown, nkeys = tv.nkeys;
+  const u64 limit = tv.limit;
+  const u32* list = tv.list;
+  const T* kown = tv.kown;
+  const T* vown = tv.vown;
+  const size_t own_stride = tv.own_stride;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int r = lane >> 2, tig = lane & 3;
 

@@ -4,8 +4,9 @@
 //!   over the page list merged with `causal_self_attention` over the chunk — on random
 //!   inputs: ragged chunks starting off page boundaries, shuffled lists with NONE
 //!   entries, GQA groups 1/3/4, page sizes 1/8/16 (f32, within 1e-4 absolute);
-//! - the CUDA kernel against the CPU reference on poisoned outputs: bf16 and f16, head
-//!   dims 64/96/128, groups 1–8, page sizes 8–128, long prefixes (out within 2e-2
+//! - each CUDA kernel (wgmma on a compute capability 9.0 device, and mma.sync) against
+//!   the CPU reference on poisoned outputs: bf16 and f16, head dims 64/96/128, groups
+//!   1–8, page sizes 8–128, long prefixes, many tiles per chunk (out within 2e-2
 //!   absolute for bf16 and 4e-3 for f16 — the kernel rounds the softmax weights to the
 //!   storage type, as FlashAttention does — lse within 2e-3);
 //! - rows no chunk covers come back empty (zeros, `EMPTY_LSE`), and bad inputs get
@@ -173,8 +174,10 @@ fn cuda_kernel_matches_reference() {
     };
     #[cfg(feature = "cuda")]
     ops::set_poison_outputs(true);
-    let shapes: [Shape; 7] = [
+    let shapes: [Shape; 9] = [
         (&[(0, 37)], 1, 3, 64, 16),
+        (&[(2011, 333)], 2, 4, 128, 16),
+        (&[(0, 700), (515, 257)], 1, 3, 64, 32),
         (&[(21, 19), (0, 5), (40, 1)], 2, 3, 64, 8),
         (&[(300, 200)], 2, 4, 128, 16),
         (&[(33, 90), (777, 64)], 3, 1, 96, 32),
@@ -182,9 +185,19 @@ fn cuda_kernel_matches_reference() {
         (&[(1000, 129)], 1, 2, 64, 16),
         (&[(0, 250), (17, 3)], 2, 5, 128, 8),
     ];
+    let kernels: &[bool] = if cfg!(feature = "cuda") {
+        &[true, false]
+    } else {
+        &[true]
+    };
     for (i, (chunks, hkv, g, d, p)) in shapes.into_iter().enumerate() {
         let c = case(200 + i as u64, chunks, 2, hkv, g, d, p);
-        for (dt, tol) in [(DType::BF16, 2e-2), (DType::F16, 4e-3)] {
+        for (&wgmma, (dt, tol)) in kernels
+            .iter()
+            .flat_map(|w| [(w, (DType::BF16, 2e-2)), (w, (DType::F16, 4e-3))])
+        {
+            #[cfg(feature = "cuda")]
+            ops::set_prefill_wgmma(wgmma);
             // The reference sees the same rounded inputs.
             let rounded = Case {
                 q: c.q.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap(),
@@ -207,7 +220,7 @@ fn cuda_kernel_matches_reference() {
             let lse = max_abs_diff(&got.lse, &want.lse);
             assert!(
                 out < tol && lse < 2e-3,
-                "case {i} {dt:?} (chunks {chunks:?}, hkv {hkv}, g {g}, d {d}, p {p}): out {out:e}, lse {lse:e}"
+                "case {i} {dt:?} wgmma {wgmma} (chunks {chunks:?}, hkv {hkv}, g {g}, d {d}, p {p}): out {out:e}, lse {lse:e}"
             );
             assert_uncovered_empty(&c, &got);
         }

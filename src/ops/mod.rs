@@ -64,7 +64,10 @@ pub use topk::topk_indices;
 /// Tuning and test knobs of the CUDA backend (feature `cuda`), and the device-only
 /// helper that turns a top-k selection into page pairs.
 #[cfg(feature = "cuda")]
-pub use cuda::{selection_to_pages, set_attention_g8, set_attention_waves, set_poison_outputs, set_side_copy_blocks};
+pub use cuda::{
+    selection_to_pages, set_attention_g8, set_attention_waves, set_poison_outputs, set_prefill_wgmma,
+    set_side_copy_blocks,
+};
 
 /// Loads every spinkv kernel on `device` (a CUDA device; on others nothing is done),
 /// so that the driver's one-time JIT compilation of the kernels' PTX (seconds) happens

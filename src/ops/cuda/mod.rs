@@ -48,6 +48,9 @@ pub(crate) struct Module {
 pub(crate) fn preload(dev: &CudaDevice) -> Result<usize> {
     let mut n = 0;
     for m in MODULES {
+        if !module_loadable(dev, m)? {
+            continue;
+        }
         for e in m.entries {
             dev.get_or_load_custom_func(e, m.name, m.ptx)?;
             n += 1;
@@ -82,6 +85,48 @@ pub fn set_side_copy_blocks(blocks: u32) {
 
 pub(crate) fn side_copy_blocks() -> u32 {
     SIDE_COPY_BLOCKS.load(Ordering::Relaxed)
+}
+
+static PREFILL_WGMMA_ON: AtomicBool = AtomicBool::new(true);
+
+/// Tuning knob of [`prefill_attention`](crate::ops::prefill_attention): with `on` (the
+/// default), head dims 64 and 128 run the Hopper kernel (wgmma, `kernels/prefill_wgmma.cu`)
+/// where the build targets compute capability 9.0 and the device is one; off, or
+/// elsewhere, the mma.sync kernel (`kernels/prefill.cu`) runs. Both give the same results
+/// within the op's tolerance.
+pub fn set_prefill_wgmma(on: bool) {
+    PREFILL_WGMMA_ON.store(on, Ordering::Relaxed);
+}
+
+pub(crate) fn prefill_wgmma() -> bool {
+    PREFILL_WGMMA_ON.load(Ordering::Relaxed)
+}
+
+/// Compute capability `(major, minor)` of `dev` (cached: one device kind per process).
+pub(crate) fn compute_cap(dev: &CudaDevice) -> Result<(i32, i32)> {
+    static CAP: OnceLock<(i32, i32)> = OnceLock::new();
+    if let Some(c) = CAP.get() {
+        return Ok(*c);
+    }
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    let major = ctx
+        .attribute(drv::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .w()?;
+    let minor = ctx
+        .attribute(drv::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+        .w()?;
+    let _ = CAP.set((major, minor));
+    Ok((major, minor))
+}
+
+/// Whether `m`'s PTX can load on `dev`: PTX for an architecture-specific target
+/// (`sm_90a`: wgmma) loads only on that exact compute capability.
+pub(crate) fn module_loadable(dev: &CudaDevice, m: &Module) -> Result<bool> {
+    if m.entries.is_empty() {
+        return Ok(false);
+    }
+    Ok(!m.ptx.contains(".target sm_90a") || compute_cap(dev)? == (9, 0))
 }
 
 static ATTENTION_G8: AtomicBool = AtomicBool::new(true);

@@ -1,10 +1,13 @@
-//! Launch glue for `kernels/prefill.cu`: the tensor-core prefill attention (used by
-//! [`prefill_attention`](crate::ops::prefill_attention)). One `prefill_init` launch
-//! writes the empty state into every row, then one block per (tile, KV head) overwrites
-//! the rows of its tile (4 warps, (128 + 4 · 64) · (D + 8) · 2 bytes of dynamic shared
-//! memory).
+//! Launch glue for `kernels/prefill.cu` and `kernels/prefill_wgmma.cu`: the tensor-core
+//! prefill attention (used by [`prefill_attention`](crate::ops::prefill_attention)). One
+//! `prefill_init` launch writes the empty state into every row, then one block per
+//! (tile, KV head) overwrites the rows of its tile:
+//! - on a compute capability 9.0 device, for head dims 64 and 128, the wgmma kernel
+//!   (2 warpgroups, (128 + 4 · 64) · D · 2 bytes + 1 KB of dynamic shared memory), unless
+//!   [`set_prefill_wgmma`](super::set_prefill_wgmma) turned it off;
+//! - otherwise the mma.sync kernel (4 warps, (128 + 4 · 64) · (D + 8) · 2 bytes).
 
-use super::{alloc, func, launch, ptr, PREFILL};
+use super::{alloc, func, launch, ptr, PREFILL, PREFILL_WGMMA};
 use crate::ops::kernel_consts::{PREFILL_ROWS, PREFILL_TILE_WORDS};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
@@ -12,8 +15,10 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 
 const OP: &str = "prefill_attention";
-/// One warp per 32 query rows.
+/// The mma.sync kernel: one warp per 32 query rows.
 const THREADS: u32 = (PREFILL_ROWS / 32 * 32) as u32;
+/// The wgmma kernel: two warpgroups of 64 query rows each.
+const WGMMA_THREADS: u32 = 256;
 /// Keys per shared-memory tile (`PF_BC` in the kernel).
 const KEYS: usize = 64;
 
@@ -66,9 +71,37 @@ pub(crate) fn prefill_attention(
     if blocks > i32::MAX as usize || f.tiles.dims2()?.1 != PREFILL_TILE_WORDS {
         candle_core::bail!("{OP}: {nt} tiles × {hkv} KV heads exceed the launch limit");
     }
-    let kernel = func(&dev, &PREFILL, name)?;
-    // The block's Q rows and two stages of K and V tiles, rows padded by 8 elements.
-    let smem = (PREFILL_ROWS + 4 * KEYS) * (d + 8) * 2;
+    let wgmma = match (q.dtype(), d) {
+        (DType::BF16, 64) => Some("prefill_wgmma_bf16_d64"),
+        (DType::BF16, 128) => Some("prefill_wgmma_bf16_d128"),
+        (DType::F16, 64) => Some("prefill_wgmma_f16_d64"),
+        (DType::F16, 128) => Some("prefill_wgmma_f16_d128"),
+        _ => None,
+    };
+    let wgmma = match wgmma {
+        Some(w)
+            if super::prefill_wgmma()
+                && PREFILL_WGMMA.entries.contains(&w)
+                && super::module_loadable(&dev, &PREFILL_WGMMA)? =>
+        {
+            Some(w)
+        }
+        _ => None,
+    };
+    // The block's Q rows and two stages of K and V tiles: swizzled (plus slack to align
+    // them to 1 KB) for wgmma, rows padded by 8 elements for mma.sync.
+    let (kernel, threads, smem) = match wgmma {
+        Some(w) => (
+            func(&dev, &PREFILL_WGMMA, w)?,
+            WGMMA_THREADS,
+            (PREFILL_ROWS + 4 * KEYS) * d * 2 + 1024,
+        ),
+        None => (
+            func(&dev, &PREFILL, name)?,
+            THREADS,
+            (PREFILL_ROWS + 4 * KEYS) * (d + 8) * 2,
+        ),
+    };
     if smem > 48 * 1024 {
         kernel
             .f
@@ -80,7 +113,7 @@ pub(crate) fn prefill_attention(
     }
     launch!(
         kernel,
-        super::cfg(blocks as u32, THREADS, smem as u32),
+        super::cfg(blocks as u32, threads, smem as u32),
         qp,
         kp,
         vp,
