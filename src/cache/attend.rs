@@ -84,14 +84,18 @@ impl SpinCache {
     /// In a step with prefill chunks on the tensor-core path (`step.prefill`), the
     /// chunks' rows attend only their spilled pages here; their fast-tier pages are
     /// attended by [`ops::prefill_attention`] from the returned fast-tier pairs
-    /// `[S, Hkv, N, 2]`.
+    /// `[S, Hkv, N, 2]`. With no decode row in such a step the fast-tier attention is
+    /// skipped, and the part is `None` unless the tier has spilled pages to attend.
     pub(super) fn tiered_part(
         &mut self,
         step: &mut StepState,
         q_rot: &Tensor,
         r: &PageRequests,
-    ) -> Result<(AttentionPartial, Tensor)> {
+    ) -> Result<(Option<AttentionPartial>, Tensor)> {
         let (s, hkv, n) = r.host_slots.dims3()?;
+        // In a step of prefill chunks only (on the tensor-core path) no row attends the
+        // fast tier here: that attention would launch a block per (row, head) for nothing.
+        let fast_rows = step.prefill.is_none() || !step.plan.decode.is_empty();
         let reuse_steps = match self.cfg.budget_policy {
             BudgetPolicy::Dynamic { reuse_steps, .. } => reuse_steps.min(u32::MAX as u64) as u32,
             _ => 0,
@@ -127,7 +131,10 @@ impl SpinCache {
             let pairs = self.lru.resolve_direct(&req)?;
             step.requests += (s * hkv * n) as u64;
             let fast = list(&pairs, &fast_queries)?;
-            let part = ops::sparse_paged_attention(q_rot, &self.fast_pool, &fast, self.scale)?;
+            let part = match fast_rows {
+                true => Some(ops::sparse_paged_attention(q_rot, &self.fast_pool, &fast, self.scale)?),
+                false => None,
+            };
             return Ok((part, fast.pages));
         }
         let out = self.lru.resolve(&req)?;
@@ -140,7 +147,7 @@ impl SpinCache {
             let part = self
                 .host
                 .attend_tiered(q_rot, &self.fast_pool, &tiered, &src, self.scale)?;
-            return Ok((part, tiered.pages));
+            return Ok((Some(part), tiered.pages));
         }
         let fast_list = list(&out.fast_pairs, &fast_queries)?;
         let spill_list = list(&out.spill_pairs, &step.queries)?;
@@ -148,16 +155,34 @@ impl SpinCache {
             // In order: fetch the misses, then attend every fast-tier page.
             self.host
                 .gather_counted(&self.fast_pool, &out.misses, &out.miss_count, None)?;
-            let fast = ops::sparse_paged_attention(q_rot, &self.fast_pool, &fast_list, self.scale)?;
             let spilled = self.host.attend(q_rot, &spill_list, self.scale)?;
-            return Ok((ops::merge_partials(&fast, &spilled)?, fast_list.pages));
+            if !fast_rows {
+                return Ok((Some(spilled), fast_list.pages));
+            }
+            let fast = ops::sparse_paged_attention(q_rot, &self.fast_pool, &fast_list, self.scale)?;
+            return Ok((Some(ops::merge_partials(&fast, &spilled)?), fast_list.pages));
         };
         // Overlapped: the misses are copied on the side stream while the pages resident
         // before this round (and the spilled ones, from the host tier) are attended; the
         // fetched pages are attended after the join. The copy writes only slots this round
         // evicted, which no ready pair names (a ready slot was pinned by its request).
-        let attend_fast = |pairs: &Tensor| -> Result<AttentionPartial> {
-            ops::sparse_paged_attention(q_rot, &self.fast_pool, &list(pairs, &fast_queries)?, self.scale)
+        let attend_fast = |pairs: &Tensor| -> Result<Option<AttentionPartial>> {
+            if !fast_rows {
+                return Ok(None);
+            }
+            let fast = list(pairs, &fast_queries)?;
+            Ok(Some(ops::sparse_paged_attention(
+                q_rot,
+                &self.fast_pool,
+                &fast,
+                self.scale,
+            )?))
+        };
+        let merge = |a: Option<AttentionPartial>, b: AttentionPartial| -> Result<AttentionPartial> {
+            match a {
+                Some(a) => ops::merge_partials(&a, &b),
+                None => Ok(b),
+            }
         };
         side.fork()?;
         let ahead = self
@@ -166,12 +191,16 @@ impl SpinCache {
             .and_then(|()| {
                 let ready = attend_fast(&out.ready_pairs)?;
                 let spilled = self.host.attend(q_rot, &spill_list, self.scale)?;
-                ops::merge_partials(&ready, &spilled)
+                merge(ready, spilled)
             });
         // Joined even after an error: nothing may touch the fetched slots before the copy ends.
         side.join()?;
-        let fetched = attend_fast(&out.fetched_pairs)?;
-        Ok((ops::merge_partials(&ahead?, &fetched)?, fast_list.pages))
+        let ahead = ahead?;
+        let part = match attend_fast(&out.fetched_pairs)? {
+            Some(fetched) => ops::merge_partials(&ahead, &fetched)?,
+            None => ahead,
+        };
+        Ok((Some(part), fast_list.pages))
     }
 
     /// `[T, Hkv]` fast-tier destinations of the step's tokens in `layer`: where the home
@@ -286,7 +315,7 @@ impl SpinCache {
                 for (flag, heads) in step.requested.iter_mut().zip(&req) {
                     *flag |= heads.iter().any(|l| !l.is_empty());
                 }
-                let tiered = match self.host_requests(step, layer, &req)? {
+                let tiered = match self.list_requests(step, layer, &req)? {
                     Some(r) => Some(self.tiered_part(step, &q_rot, &r)?),
                     None => None,
                 };
@@ -301,7 +330,7 @@ impl SpinCache {
             step.plan.memo = Default::default();
         }
         let (tiered, fast_pages) = match tiered {
-            Some((part, pages)) => (Some(part), Some(pages)),
+            Some((part, pages)) => (part, Some(pages)),
             None => (None, None),
         };
         let paged = match (tiered, rebuilt) {

@@ -186,6 +186,7 @@ impl SpinCache {
             owner_ids,
             runs: view(lay.runs, 4 * b)?.reshape((b, 4))?,
             page_ids: Some(view(lay.page_ids, shape.pages)?),
+            prefill_pages: None,
             decode_rows: None,
             decode_entries: None,
             memo: Default::default(),

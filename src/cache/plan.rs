@@ -6,6 +6,7 @@
 //! on the decode path (the device page tables are its only table).
 
 use super::*;
+use crate::ops::decode_plan::{expand_decode_plan, PlanWords};
 
 /// Per-step facts shared by all layers (see the module docs).
 #[derive(Debug)]
@@ -37,6 +38,11 @@ pub(super) struct StepPlan {
     pub runs: Tensor,
     /// `[Nmax]` u32 logical pages `0..Nmax`, Nmax = the largest `num_pages` (decode only).
     pub page_ids: Option<Tensor>,
+    /// `[S, Hkv, Np]` u32 logical pages a prefill entry attends besides its own tokens,
+    /// `0..⌈start/P⌉` from column 0, `NONE` elsewhere (and in every other entry's rows);
+    /// `None` when no prefill entry has earlier tokens. Each layer looks up their slots
+    /// on the device, so prefills need no host walk of the tables and no upload per layer.
+    pub prefill_pages: Option<Tensor>,
     /// `[D]` u32 query rows of the decode entries, when the step mixes decode and prefill.
     pub decode_rows: Option<Tensor>,
     /// `[D]` u32 entry indices of the decode entries, when the step mixes decode and prefill.
@@ -57,15 +63,15 @@ pub(super) struct PlanMemo {
     pub owners: Option<(usize, Tensor)>,
 }
 
-/// The host side of a step plan: `[L, R, Hkv]` destinations (R rows), `[L, S, Hkv]`
-/// table rows and `[S]` owners (S entries); rows and entries past the real ones are
-/// padding (`NONE` destinations and rows, owner 0).
+/// The host side of a step plan: `[L, S, Hkv]` table rows and `[S]` owners (S entries),
+/// and the words [`expand_decode_plan`] expands into the `[L, R, Hkv]` destinations
+/// (R rows: each row's position and its entry's table row of (layer 0, head 0)); rows
+/// and entries past the real ones are padding (`NONE` rows, owner 0).
 pub(super) struct PlanVectors {
-    pub slots: Vec<u32>,
-    pub rows: Vec<u32>,
-    pub dst: Vec<u32>,
     pub table_rows: Vec<u32>,
     pub owners: Vec<u32>,
+    pub lay: PlanWords,
+    pub words: Vec<u32>,
 }
 
 /// The entries as [`TokenRun`]s, with their owner indices (`owners[i]` is entry `i`'s).
@@ -83,23 +89,40 @@ pub(super) fn token_runs(entries: &[StepEntry], owners: &[u32]) -> Vec<TokenRun>
         .collect()
 }
 
+/// [`StepPlan::prefill_pages`] of `entries` (pages of `p` tokens, `hkv` KV heads).
+fn prefill_pages(entries: &[StepEntry], p: usize, hkv: usize, dev: &Device) -> Result<Option<Tensor>> {
+    let earlier = |e: &StepEntry| if e.n > 1 { e.start.div_ceil(p) } else { 0 };
+    let np = entries.iter().map(earlier).max().unwrap_or(0);
+    if np == 0 {
+        return Ok(None);
+    }
+    let mut v = vec![NONE; entries.len() * hkv * np];
+    for (ei, e) in entries.iter().enumerate() {
+        for h in 0..hkv {
+            let row = &mut v[(ei * hkv + h) * np..][..earlier(e)];
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = j as u32;
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(v, (entries.len(), hkv, np), dev)?))
+}
+
 impl SpinCache {
     /// The host vectors of a plan over `entries` with `rows >= their tokens` rows and
     /// `slots >= entries.len()` entries.
     pub(super) fn plan_vectors(&self, entries: &[StepEntry], rows: usize, slots: usize) -> Result<PlanVectors> {
-        let (p, hkv, layers) = (self.cfg.page_size, self.cfg.num_kv_heads, self.cfg.num_layers);
-        let plane = rows * hkv;
+        let (hkv, layers) = (self.cfg.num_kv_heads, self.cfg.num_layers);
+        let lay = PlanWords::new(rows, layers, hkv, 0);
         let mut v = PlanVectors {
-            slots: vec![NONE; layers * plane],
-            rows: vec![0u32; layers * plane],
-            dst: vec![NONE; layers * plane],
             table_rows: vec![NONE; layers * slots * hkv],
             owners: vec![0; slots],
+            lay,
+            words: vec![0; lay.host_words()],
         };
-        // One table lookup per (entry, token) for all directories, one per entry for
-        // its device rows (a sequence's directories own consecutive rows).
-        let dirs = layers * hkv;
-        let mut page_slots = vec![NONE; dirs];
+        v.words[lay.row0..lay.row0 + rows].fill(NONE);
+        // One table-row lookup per entry (a sequence's directories own consecutive rows);
+        // the destinations are looked up on the device.
         for (ei, e) in entries.iter().enumerate() {
             let row0 = self.device_tables.row(e.seq, 0).ok_or(Error::Invalid {
                 op: "SparseKvCache::begin_step",
@@ -111,15 +134,10 @@ impl SpinCache {
                 }
             }
             for i in 0..e.n {
-                let pos = e.start + i;
-                self.tables.page_in_all_dirs(e.seq, pos / p, &mut page_slots)?;
-                let row_in_page = (pos % p) as u32;
-                for (dir, &slot) in page_slots.iter().enumerate() {
-                    let at = (dir / hkv) * plane + (e.row + i) * hkv + dir % hkv;
-                    v.slots[at] = slot;
-                    v.rows[at] = row_in_page;
-                    v.dst[at] = slot * p as u32 + row_in_page;
-                }
+                let r = e.row + i;
+                v.words[lay.queries + 2 * r] = r as u32;
+                v.words[lay.queries + 2 * r + 1] = (e.start + i) as u32;
+                v.words[lay.row0 + r] = row0;
             }
         }
         for (ei, e) in entries.iter().enumerate() {
@@ -138,6 +156,20 @@ impl SpinCache {
         let num_pages: Vec<usize> = num_tokens.iter().map(|t| t.div_ceil(p)).collect();
         let v = self.plan_vectors(entries, total, s)?;
         let shape = (layers, total, hkv);
+        // `[L, T, Hkv]` destinations, slots and rows in page, from the device page tables:
+        // one upload of a few words per row, not of the `L · T · Hkv` planes.
+        let lay = v.lay;
+        let plane = lay.plane();
+        let words = Tensor::cat(
+            &[
+                &Tensor::from_vec(v.words, lay.host_words(), dev)?,
+                &Tensor::zeros(lay.total - lay.host_words(), DType::U32, dev)?,
+            ],
+            0,
+        )?;
+        let t = &self.device_tables;
+        expand_decode_plan(&words, &t.directory, &t.leaves, &lay, p)?;
+        let part = |at: usize| -> Result<Tensor> { Ok(words.narrow(0, at, plane)?.reshape(shape)?) };
         let nmax = num_pages.iter().copied().max().unwrap_or(0);
         let page_ids = if decode.is_empty() {
             None
@@ -155,17 +187,19 @@ impl SpinCache {
             )
         };
         let token_runs = token_runs(entries, &v.owners);
+        let prefill_pages = prefill_pages(entries, p, hkv, dev)?;
         Ok(StepPlan {
             runs: TokenRun::table(&token_runs, dev)?,
             token_runs,
-            dst: Tensor::from_vec(v.dst, shape, dev)?,
-            dst_slots: Tensor::from_vec(v.slots, shape, dev)?,
-            dst_rows: Tensor::from_vec(v.rows, shape, dev)?,
+            dst: part(lay.dst)?,
+            dst_slots: part(lay.dst_slots)?,
+            dst_rows: part(lay.dst_rows)?,
             none: Tensor::from_vec(vec![NONE; total * hkv], (total, hkv), dev)?,
             table_rows: Tensor::from_vec(v.table_rows, (layers, s, hkv, 1), dev)?,
             owners: Tensor::from_vec(v.owners.clone(), (s, 1, 1), dev)?,
             owner_ids: v.owners,
             page_ids,
+            prefill_pages,
             decode_rows,
             decode_entries,
             memo: PlanMemo::default(),

@@ -17,11 +17,11 @@ impl SpinCache {
     ) -> Result<(Requests, bool)> {
         let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
         let mut req: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); hkv]; step.entries.len()];
-        // Prefill entries: every page holding earlier tokens (dense).
+        // Prefill entries attend every page holding earlier tokens (dense): the plan's
+        // `prefill_pages`, looked up on the device (`list_requests`), not host lists.
         for (ei, e) in step.entries.iter().enumerate() {
             if e.n > 1 && e.start > 0 {
-                let pages: Vec<u32> = (0..e.start.div_ceil(p) as u32).collect();
-                req[ei].fill(pages);
+                step.requested[ei] = true;
             }
         }
         let plan = &step.plan;
@@ -194,12 +194,57 @@ impl SpinCache {
         })
     }
 
-    /// Requests from host lists (per entry and KV head); `None` when no page is asked.
-    pub(super) fn host_requests(
+    /// Requests of a step that is not decode-only: the decode entries' pages from host
+    /// `lists` (per entry and KV head), and the prefill entries' earlier pages from the
+    /// plan's `prefill_pages`, their slots looked up on the device. The two never share
+    /// an entry's row, so they merge by an elementwise minimum (`NONE` is `u32::MAX`).
+    /// `None` when no page is asked.
+    pub(super) fn list_requests(
         &self,
         step: &StepState,
         layer: usize,
         lists: &[Vec<Vec<u32>>],
+    ) -> Result<Option<PageRequests>> {
+        let plan = &step.plan;
+        let Some(pre) = &plan.prefill_pages else {
+            return self.host_requests(step, layer, lists, 0);
+        };
+        let (s, hkv, np) = pre.dims3()?;
+        let rows = plan.table_rows.get(layer)?.flatten_all()?;
+        let slots = self
+            .device_tables
+            .lookup_grid(&rows, Some(&pre.reshape((s * hkv, np))?), np)?
+            .reshape((s, hkv, np))?;
+        let Some(host) = self.host_requests(step, layer, lists, np)? else {
+            return Ok(Some(PageRequests {
+                host_slots: slots,
+                logical: pre.clone(),
+                owners: plan.owners.broadcast_as((s, hkv, np))?.contiguous()?,
+            }));
+        };
+        let n = host.host_slots.dim(2)?;
+        let widen = |t: &Tensor| -> Result<Tensor> {
+            if n == np {
+                return Ok(t.clone());
+            }
+            let none = Tensor::full(NONE, (s, hkv, n - np), t.device())?;
+            Ok(Tensor::cat(&[t, &none], 2)?)
+        };
+        Ok(Some(PageRequests {
+            host_slots: host.host_slots.minimum(&widen(&slots)?)?,
+            logical: host.logical.minimum(&widen(pre)?)?,
+            owners: plan.owners.broadcast_as((s, hkv, n))?.contiguous()?,
+        }))
+    }
+
+    /// Requests from host lists (per entry and KV head), at least `min_n` wide; `None`
+    /// when no list has a page.
+    fn host_requests(
+        &self,
+        step: &StepState,
+        layer: usize,
+        lists: &[Vec<Vec<u32>>],
+        min_n: usize,
     ) -> Result<Option<PageRequests>> {
         let hkv = self.cfg.num_kv_heads;
         let s = step.entries.len();
@@ -207,6 +252,7 @@ impl SpinCache {
         if n == 0 {
             return Ok(None);
         }
+        let n = n.max(min_n);
         let owners = &step.plan.owner_ids;
         let mut host_slots = vec![NONE; s * hkv * n];
         let mut logical = vec![NONE; s * hkv * n];
