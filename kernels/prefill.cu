@@ -99,11 +99,9 @@ __device__ __forceinline__ void prefill_impl(const T* __restrict__ q, const T* _
   Tile* vbuf = kbuf + 2;                                           // vbuf[0], vbuf[1]
   __shared__ u32 kpos[2][PF_BC];
 
-  const int h = blockIdx.x % hkv;
-  const int g = hq / hkv;
-  const TileView<T> tv = tile_view<T, D>(tiles + (size_t)(blockIdx.x / hkv) * SPIN_PREFILL_TILE_WORDS, pages,
-                                         kv_limit, k, v, h, hkv, s_count, n, p);
-  if (tv.ntok == 0 || (int)tv.ntok * g > SPIN_PREFILL_ROWS) return;
+  const TileView<T> tv = tile_view<T, D>(tiles, pages, kv_limit, k, v, hq, hkv, s_count, n, p);
+  if (!tv.ok) return;
+  const int h = tv.h, g = tv.g;
   const u32 row0 = tv.row0, start = tv.start, tok0 = tv.tok0, ntok = tv.ntok, qmin = tv.qmin;
   const int npre = tv.npre, nown = tv.nown, nkeys = tv.nkeys;
   const u64 limit = tv.limit;

@@ -52,10 +52,14 @@ __device__ __forceinline__ KeyRow<T> key_row(int vk, int npre, int nown, const u
   return kr;
 }
 
-// The tile's description (SPIN_PREFILL_TILE_WORDS u32: seq, row0, start, tok0, ntok,
-// nlist) and what follows from it for KV head h.
+// A block's tile (block = (tile, KV head): tile blockIdx.x / hkv, head h = blockIdx.x %
+// hkv): its description (SPIN_PREFILL_TILE_WORDS u32: seq, row0, start, tok0, ntok,
+// nlist) and what follows from it for head h. `ok` is false for a tile without tokens or
+// with more (token, head) rows than a block holds: the block then writes nothing.
 template <typename T>
 struct TileView {
+  bool ok;
+  int h, g;
   u32 seq, row0, start, tok0, ntok;
   int npre, nown, nkeys;
   u64 limit;
@@ -67,11 +71,16 @@ struct TileView {
 };
 
 template <typename T, int D>
-__device__ __forceinline__ TileView<T> tile_view(const u32* __restrict__ tw, const u32* __restrict__ pages,
+__device__ __forceinline__ TileView<T> tile_view(const u32* __restrict__ tiles, const u32* __restrict__ pages,
                                                  const u32* __restrict__ kv_limit, const T* __restrict__ k,
-                                                 const T* __restrict__ v, int h, int hkv, int s_count, int n, int p) {
+                                                 const T* __restrict__ v, int hq, int hkv, int s_count, int n,
+                                                 int p) {
   TileView<T> tv;
+  const int h = blockIdx.x % hkv;
+  const u32* tw = tiles + (size_t)(blockIdx.x / hkv) * SPIN_PREFILL_TILE_WORDS;
+  tv.h = h, tv.g = hq / hkv;
   tv.seq = tw[0], tv.row0 = tw[1], tv.start = tw[2], tv.tok0 = tw[3], tv.ntok = tw[4];
+  tv.ok = tv.ntok != 0 && (int)tv.ntok * tv.g <= SPIN_PREFILL_ROWS;
   const bool seq_ok = tv.seq < (u32)s_count;
   const int nlist = seq_ok ? min((int)tw[5], n) : 0;
   tv.limit = seq_ok ? (u64)kv_limit[tv.seq] : 0;
