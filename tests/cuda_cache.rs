@@ -4,7 +4,8 @@
 //! launch), and on `ops::cuda_device(0)` with misses fetched on a side stream while
 //! resident pages are attended (`FetchMode::SideStream`). The CPU cache runs
 //! `InKernel` as its composed reference. Where the fast tier holds every page, or no fused
-//! kernel fits (f32), the step runs in order. Identical inputs (ragged batches, chunked prefill, decode),
+//! kernel fits (f32), the step runs in order. Identical inputs (ragged batches, chunked prefill,
+//! steps mixing chunks and decodes, decode),
 //! Dense and Quest (budget below and over the context), a fast tier smaller than the
 //! working set (misses and spills every step); InfLLM and ShadowKV (budget 128). On the
 //! GPU the host tier is mapped pinned memory and the LRU resolves on the device; the
@@ -80,8 +81,9 @@ fn run_both_seeded(
         .map(|c| (0..3).map(|_| c.add_sequence().unwrap()).collect())
         .collect();
     let mut r = rng(seed);
-    // Prefills of odd lengths (one chunked), then ragged decode steps.
-    let mut plan: Vec<[usize; 3]> = vec![[150, 0, 0], [0, 77, 0], [1, 40, 203], [1, 1, 1]];
+    // Prefills of odd lengths (one chunked), steps that mix chunks and decodes (decode
+    // rows first, then in the middle and last), then ragged decode steps.
+    let mut plan: Vec<[usize; 3]> = vec![[150, 0, 0], [0, 77, 0], [1, 40, 203], [30, 1, 1], [1, 1, 1]];
     plan.extend(std::iter::repeat_n([1, 1, 1], 20));
     for (si, step) in plan.iter().enumerate() {
         let t: usize = step.iter().sum();

@@ -4,6 +4,27 @@
 
 use super::*;
 
+/// What [`SpinCache::tiered_part`] attended.
+pub(super) struct TieredPart {
+    /// The partial attention (`None`: no row attended here).
+    part: Option<AttentionPartial>,
+    /// Whether `part` holds only the step's decode rows (`StepPlan::decode_rows`, in that
+    /// order) instead of every row.
+    decode_rows_only: bool,
+    /// `[S, Hkv, N, 2]` the requests' fast-tier pairs.
+    pages: Tensor,
+}
+
+impl TieredPart {
+    fn all_rows(part: Option<AttentionPartial>, pages: Tensor) -> Self {
+        Self {
+            part,
+            decode_rows_only: false,
+            pages,
+        }
+    }
+}
+
 impl SpinCache {
     pub(super) fn check_qkv(&self, step: &StepState, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
         const OP: &str = "SparseKvCache::attend";
@@ -85,13 +106,10 @@ impl SpinCache {
     /// chunks' rows attend only their spilled pages here; their fast-tier pages are
     /// attended by [`ops::prefill_attention`] from the returned fast-tier pairs
     /// `[S, Hkv, N, 2]`. With no decode row in such a step the fast-tier attention is
-    /// skipped, and the part is `None` unless the tier has spilled pages to attend.
-    pub(super) fn tiered_part(
-        &mut self,
-        step: &mut StepState,
-        q_rot: &Tensor,
-        r: &PageRequests,
-    ) -> Result<(Option<AttentionPartial>, Tensor)> {
+    /// skipped, and the part is `None` unless the tier has spilled pages to attend; with
+    /// decode rows and a direct-mapped tier it covers only them
+    /// ([`TieredPart::decode_rows_only`]), added into the chunks' output rows.
+    pub(super) fn tiered_part(&mut self, step: &mut StepState, q_rot: &Tensor, r: &PageRequests) -> Result<TieredPart> {
         let (s, hkv, n) = r.host_slots.dims3()?;
         // In a step of prefill chunks only (on the tensor-core path) no row attends the
         // fast tier here: that attention would launch a block per (row, head) for nothing.
@@ -131,11 +149,26 @@ impl SpinCache {
             let pairs = self.lru.resolve_direct(&req)?;
             step.requests += (s * hkv * n) as u64;
             let fast = list(&pairs, &fast_queries)?;
-            let part = match fast_rows {
-                true => Some(ops::sparse_paged_attention(q_rot, &self.fast_pool, &fast, self.scale)?),
-                false => None,
+            // A step that mixes decodes with chunks on the tensor-core path attends only
+            // its decode rows here (unless keys are rebuilt: their part spans every row).
+            let rows = match (&step.plan.decode_rows, &step.prefill) {
+                (Some(rows), Some(_)) if !self.algo.rebuilds_keys() => Some(rows),
+                _ => None,
             };
-            return Ok((part, fast.pages));
+            let part = match (fast_rows, rows) {
+                (false, _) => None,
+                (true, None) => Some(ops::sparse_paged_attention(q_rot, &self.fast_pool, &fast, self.scale)?),
+                (true, Some(rows)) => {
+                    let q = q_rot.index_select(rows, 0)?;
+                    let dec = list(&pairs, &step.queries.index_select(rows, 0)?)?;
+                    Some(ops::sparse_paged_attention(&q, &self.fast_pool, &dec, self.scale)?)
+                }
+            };
+            return Ok(TieredPart {
+                part,
+                decode_rows_only: rows.is_some(),
+                pages: fast.pages,
+            });
         }
         let out = self.lru.resolve(&req)?;
         step.requests += (s * hkv * n) as u64;
@@ -147,7 +180,7 @@ impl SpinCache {
             let part = self
                 .host
                 .attend_tiered(q_rot, &self.fast_pool, &tiered, &src, self.scale)?;
-            return Ok((Some(part), tiered.pages));
+            return Ok(TieredPart::all_rows(Some(part), tiered.pages));
         }
         let fast_list = list(&out.fast_pairs, &fast_queries)?;
         let spill_list = list(&out.spill_pairs, &step.queries)?;
@@ -157,10 +190,13 @@ impl SpinCache {
                 .gather_counted(&self.fast_pool, &out.misses, &out.miss_count, None)?;
             let spilled = self.host.attend(q_rot, &spill_list, self.scale)?;
             if !fast_rows {
-                return Ok((Some(spilled), fast_list.pages));
+                return Ok(TieredPart::all_rows(Some(spilled), fast_list.pages));
             }
             let fast = ops::sparse_paged_attention(q_rot, &self.fast_pool, &fast_list, self.scale)?;
-            return Ok((Some(ops::merge_partials(&fast, &spilled)?), fast_list.pages));
+            return Ok(TieredPart::all_rows(
+                Some(ops::merge_partials(&fast, &spilled)?),
+                fast_list.pages,
+            ));
         };
         // Overlapped: the misses are copied on the side stream while the pages resident
         // before this round (and the spilled ones, from the host tier) are attended; the
@@ -200,7 +236,7 @@ impl SpinCache {
             Some(fetched) => ops::merge_partials(&ahead, &fetched)?,
             None => ahead,
         };
-        Ok((Some(part), fast_list.pages))
+        Ok(TieredPart::all_rows(Some(part), fast_list.pages))
     }
 
     /// `[T, Hkv]` fast-tier destinations of the step's tokens in `layer`: where the home
@@ -329,10 +365,16 @@ impl SpinCache {
         if step.attended.iter().enumerate().all(|(l, &a)| a || l == layer) {
             step.plan.memo = Default::default();
         }
-        let (tiered, fast_pages) = match tiered {
-            Some((part, pages)) => (part, Some(pages)),
-            None => (None, None),
+        let (tiered, decode_rows_only, fast_pages) = match tiered {
+            Some(t) => (t.part, t.decode_rows_only, Some(t.pages)),
+            None => (None, false, None),
         };
+        if decode_rows_only && rebuilt.is_some() {
+            crate::invalid!(
+                "SparseKvCache::attend",
+                "rebuilt keys next to a decode-rows-only part (internal error)"
+            );
+        }
         let paged = match (tiered, rebuilt) {
             (Some(a), Some(b)) => Some(ops::merge_partials(&a, &b)?),
             (a, b) => a.or(b),
@@ -350,12 +392,14 @@ impl SpinCache {
                 &pf.tiles,
                 self.scale,
             )?;
-            let all = match paged {
-                Some(a) => ops::merge_partials(&a, &own)?,
-                None => own,
+            let out = match (paged, &step.plan.decode_rows) {
+                // The chunks' kernel left the decode rows empty (zeros): add theirs in.
+                (Some(a), Some(rows)) if decode_rows_only => own.out.index_add(rows, &a.out, 0)?,
+                (Some(a), _) => ops::merge_partials(&a, &own)?.out,
+                (None, _) => own.out,
             };
             step.attended[layer] = true;
-            return Ok(all.out.to_dtype(self.cfg.dtype)?);
+            return Ok(out.to_dtype(self.cfg.dtype)?);
         }
         if step.padded.is_some() {
             // Every row decodes, in row order (padding rows attended nothing: zeros).
