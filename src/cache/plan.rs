@@ -1,7 +1,8 @@
 //! The step plan: every fact about a step that does not change from layer to layer,
 //! computed once in `begin_step` — which entries decode, how many tokens and pages each
-//! sees, the new tokens' destinations in every layer, the device page-table rows and
-//! owners of the entries — with one host-to-device upload per tensor. Layers then only
+//! sees, the new tokens' destinations in every layer (expanded on the device from a few
+//! words per row), the device page-table rows and owners of the entries, the prefill
+//! entries' earlier pages — with one host-to-device upload per tensor. Layers then only
 //! slice it and run device ops: no host walk of the page tables and no upload per layer
 //! on the decode path (the device page tables are its only table).
 
