@@ -5,11 +5,6 @@
 //! replayed CUDA graph of the decode step leaves (issue 12's target: ≤ 100 µs at B = 64);
 //! on CUDA the same code also pays the driver calls of its uploads.
 //!
-//! Also the lookup at the plan's core, [`PageTables::page_in_all_dirs`] of each
-//! sequence's last page, at the tables of B = 64 sequences of 8K tokens (90 directories,
-//! ~13 MB of leaves): the last page (kept contiguous) against the page before it (a walk
-//! of 90 leaves spread over the arena).
-//!
 //! `cargo bench --bench padded_begin`
 
 use candle_core::{Device, Tensor};
@@ -74,36 +69,6 @@ fn padded_begin(c: &mut Criterion) {
     group.finish();
 }
 
-fn tail_lookup(c: &mut Criterion) {
-    let (b, pages, dirs) = (64u64, 8192 / 16, LAYERS * HKV);
-    let mut t = PageTables::new(LAYERS, HKV);
-    let mut slot = 0u32;
-    // Sequences grow together, as in a batch (their leaves interleave in the arena).
-    for seq in 0..b {
-        t.add_sequence(seq);
-    }
-    for _ in 0..pages {
-        for seq in 0..b {
-            let slots: Vec<u32> = (slot..slot + dirs as u32).collect();
-            slot += dirs as u32;
-            t.push_page(seq, &slots).expect("push");
-        }
-    }
-    let mut group = c.benchmark_group("page_in_all_dirs_b64_8k");
-    let mut out = vec![0u32; dirs];
-    for (name, back) in [("last_page", 1usize), ("page_before", 2)] {
-        group.bench_function(name, |bch| {
-            bch.iter(|| {
-                for seq in 0..b {
-                    t.page_in_all_dirs(seq, pages - back, &mut out).expect("lookup");
-                }
-                out[0]
-            })
-        });
-    }
-    group.finish();
-}
-
 /// One decode step's table work when all B = 64 sequences of 8K tokens start a new page
 /// together: a page pushed to each sequence's 90 directories, then the change log
 /// mirrored to device tables (on the CPU: the host side of `DeviceTables::apply`), at a
@@ -148,5 +113,5 @@ fn table_crossing(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, padded_begin, tail_lookup, table_crossing);
+criterion_group!(benches, padded_begin, table_crossing);
 criterion_main!(benches);

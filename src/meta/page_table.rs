@@ -17,10 +17,6 @@ struct SeqTables {
     dirs: Vec<Vec<u32>>,
     /// Logical pages per directory (equal across a sequence's directories).
     pages: usize,
-    /// The host slots of the last page in every directory (empty without pages): a
-    /// decode token's destinations, read every step without walking the leaves (which,
-    /// spread over a large arena, cost a cache miss per directory).
-    tail: Vec<u32>,
 }
 
 /// A directory entry that changed: directory `dir` of sequence `seq` now points at leaf
@@ -169,7 +165,6 @@ impl PageTables {
             SeqTables {
                 dirs: vec![Vec::new(); self.dirs_per_seq],
                 pages: 0,
-                tail: Vec::new(),
             },
         );
     }
@@ -239,8 +234,6 @@ impl PageTables {
             );
         }
         t.pages += 1;
-        t.tail.clear();
-        t.tail.extend_from_slice(slots);
         Ok(())
     }
 
@@ -292,14 +285,6 @@ impl PageTables {
                 }
             }
         }
-        // The new last page's slots (pops are rare: aborted steps, truncation).
-        t.tail.clear();
-        if t.pages > 0 {
-            let (leaf_idx, entry) = ((t.pages - 1) / LEAF_PAGES, (t.pages - 1) % LEAF_PAGES);
-            let leaves = &self.leaves;
-            t.tail
-                .extend(t.dirs.iter().map(|dir| leaves[dir[leaf_idx] as usize][entry]));
-        }
         Ok(out)
     }
 
@@ -317,33 +302,6 @@ impl PageTables {
             });
         }
         Ok(self.leaves[t.dirs[dir][page / LEAF_PAGES] as usize][page % LEAF_PAGES])
-    }
-
-    /// The host slot of logical page `page` of `seq` in every directory, in directory
-    /// order, written into `out` (`[dirs_per_seq]`): one sequence lookup for all of them
-    /// (for the last page, one contiguous copy).
-    pub fn page_in_all_dirs(&self, seq: u64, page: usize, out: &mut [u32]) -> Result<()> {
-        let t = self.seq(seq)?;
-        if page >= t.pages || out.len() != t.dirs.len() {
-            return Err(Error::Invalid {
-                op: "PageTables::page_in_all_dirs",
-                msg: format!(
-                    "page {page} of {} pages, out of {} entries for {} directories",
-                    t.pages,
-                    out.len(),
-                    t.dirs.len()
-                ),
-            });
-        }
-        if page + 1 == t.pages && t.tail.len() == out.len() {
-            // The last page (every decode token's): kept contiguous by push/pop.
-            out.copy_from_slice(&t.tail);
-            return Ok(());
-        }
-        for (o, dir) in out.iter_mut().zip(&t.dirs) {
-            *o = self.leaves[dir[page / LEAF_PAGES] as usize][page % LEAF_PAGES];
-        }
-        Ok(())
     }
 
     /// Appends the host slots of all pages of directory `dir` of `seq` to `out`, in order.
@@ -464,42 +422,5 @@ mod tests {
             .leaves
             .iter()
             .all(|c| c.offset == LeafChange::WHOLE_LEAF && c.slot == EMPTY));
-    }
-
-    /// `page_in_all_dirs` of the last page (served from the kept tail) equals `get` in
-    /// every directory through pushes and pops across leaf boundaries, including popping
-    /// down to no page and pushing again with other slots.
-    #[test]
-    fn last_page_lookup_follows_pushes_and_pops() {
-        let dirs = 3;
-        let mut t = PageTables::new(dirs, 1);
-        t.add_sequence(1);
-        let mut next = 0u32;
-        let mut out = vec![0u32; dirs];
-        let check = |t: &PageTables, out: &mut [u32]| {
-            let pages = t.num_pages(1).unwrap();
-            for page in [pages.saturating_sub(2), pages.saturating_sub(1)] {
-                if page < pages {
-                    t.page_in_all_dirs(1, page, out).unwrap();
-                    let want: Vec<u32> = (0..dirs).map(|d| t.get(1, d, page).unwrap()).collect();
-                    assert_eq!(out.to_vec(), want, "page {page} of {pages}");
-                }
-            }
-            if pages == 0 {
-                assert!(t.page_in_all_dirs(1, 0, out).is_err());
-            }
-        };
-        for (push, pop) in [(LEAF_PAGES + 2, 3), (1, 0), (0, LEAF_PAGES), (5, 4), (0, 64), (2, 1)] {
-            for _ in 0..push {
-                let slots: Vec<u32> = (0..dirs as u32).map(|d| next * 10 + d).collect();
-                next += 1;
-                t.push_page(1, &slots).unwrap();
-                check(&t, &mut out);
-            }
-            for _ in 0..pop {
-                t.pop_pages(1, 1).unwrap();
-                check(&t, &mut out);
-            }
-        }
     }
 }
