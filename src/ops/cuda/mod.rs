@@ -40,6 +40,8 @@ pub(crate) struct Module {
     pub ptx: &'static str,
     /// The kernels it defines (its PTX's `.entry` names).
     pub entries: &'static [&'static str],
+    /// Built for `compute_90a` (Hopper's wgmma): it loads only at compute capability 9.0.
+    pub sm90a: bool,
 }
 
 /// Loads every kernel of every module on `dev` (the driver JIT-compiles each module's
@@ -126,7 +128,7 @@ pub(crate) fn module_loadable(dev: &CudaDevice, m: &Module) -> Result<bool> {
     if m.entries.is_empty() {
         return Ok(false);
     }
-    Ok(!m.ptx.contains(".target sm_90a") || compute_cap(dev)? == (9, 0))
+    Ok(!m.sm90a || compute_cap(dev)? == (9, 0))
 }
 
 static ATTENTION_G8: AtomicBool = AtomicBool::new(true);
