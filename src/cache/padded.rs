@@ -9,7 +9,7 @@
 
 use super::plan::StepPlan;
 use super::*;
-use crate::ops::decode_plan::{expand_decode_plan, PlanWords};
+use crate::ops::decode_plan::PlanWords;
 
 /// Batch sizes padded steps round up to (each is one captured graph per page bucket).
 pub const PADDED_BATCHES: [usize; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
@@ -223,15 +223,11 @@ impl SpinCache {
     }
 
     /// Writes a padded step's inputs in place: one upload of the host words, then on the
-    /// device the plan expanded from them ([`expand_decode_plan`]) and the RoPE tables of
-    /// their positions ([`rope_tables_into`](crate::ops::rope_tables_into)).
+    /// device the plan expanded from them ([`expand_plan`](Self::expand_plan)) and the
+    /// RoPE tables of their positions ([`rope_tables_into`](crate::ops::rope_tables_into)).
     fn write_padded(&self, shape: PaddedShape, lay: &PlanWords, words: &[u32]) -> Result<&PaddedBuffers> {
         let bufs = self.padded_buffers(shape)?;
-        let dev = &self.cfg.device;
-        bufs.words
-            .slice_set(&Tensor::from_slice(words, words.len(), dev)?, 0, 0)?;
-        let t = &self.device_tables;
-        expand_decode_plan(&bufs.words, &t.directory, &t.leaves, lay, self.cfg.page_size)?;
+        self.expand_plan(&bufs.words, words, lay)?;
         let positions = bufs.words.narrow(0, lay.positions, lay.b)?;
         crate::ops::rope_tables_into(&bufs.rope, &positions, self.cfg.rope_theta)?;
         Ok(bufs)

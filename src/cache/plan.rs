@@ -110,6 +110,15 @@ fn prefill_pages(entries: &[StepEntry], p: usize, hkv: usize, dev: &Device) -> R
 }
 
 impl SpinCache {
+    /// Writes the host words `host` at the start of `words` `[lay.total]` u32 and expands
+    /// the `[L, rows, Hkv]` destinations, slots, rows in page and table rows from them on
+    /// the device ([`expand_decode_plan`]): the step plan's and a padded step's.
+    pub(super) fn expand_plan(&self, words: &Tensor, host: &[u32], lay: &PlanWords) -> Result<()> {
+        words.slice_set(&Tensor::from_slice(host, host.len(), &self.cfg.device)?, 0, 0)?;
+        let t = &self.device_tables;
+        expand_decode_plan(words, &t.directory, &t.leaves, lay, self.cfg.page_size)
+    }
+
     /// The host vectors of a plan over `entries` with `rows >= their tokens` rows and
     /// `slots >= entries.len()` entries.
     pub(super) fn plan_vectors(&self, entries: &[StepEntry], rows: usize, slots: usize) -> Result<PlanVectors> {
@@ -161,15 +170,8 @@ impl SpinCache {
         // one upload of a few words per row, not of the `L · T · Hkv` planes.
         let lay = v.lay;
         let plane = lay.plane();
-        let words = Tensor::cat(
-            &[
-                &Tensor::from_vec(v.words, lay.host_words(), dev)?,
-                &Tensor::zeros(lay.total - lay.host_words(), DType::U32, dev)?,
-            ],
-            0,
-        )?;
-        let t = &self.device_tables;
-        expand_decode_plan(&words, &t.directory, &t.leaves, &lay, p)?;
+        let words = Tensor::zeros(lay.total, DType::U32, dev)?;
+        self.expand_plan(&words, &v.words, &lay)?;
         let part = |at: usize| -> Result<Tensor> { Ok(words.narrow(0, at, plane)?.reshape(shape)?) };
         let nmax = num_pages.iter().copied().max().unwrap_or(0);
         let page_ids = if decode.is_empty() {
