@@ -45,7 +45,7 @@ fn sm90a(cap: &str, name: &str) -> bool {
     cap == "90" && SM90A.contains(&name)
 }
 /// Headers the kernels include.
-const HEADERS: &[&str] = &["kernels/common.cuh", "kernels/prefill_common.cuh"];
+const HEADERS: &[&str] = &["kernels/common.cuh", "kernels/prefill_common.cuh", "kernels/wgmma.cuh"];
 
 /// `$OUT_DIR/spinkv_consts.cuh`: the shared constants as preprocessor macros.
 fn write_consts_header(out_dir: &Path) -> anyhow::Result<()> {
