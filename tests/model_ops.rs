@@ -313,8 +313,15 @@ fn cuda_model_ops_match_the_cpu_ops() {
                 h,
             );
             assert!(e <= tol(dt), "rms_norm {what}: {e}");
-            let e = row_err(&f32s(&silu_mul(&ggu).unwrap()), &want(&silu_mul(&gu).unwrap()), h);
+            let want_silu = want(&silu_mul(&gu).unwrap());
+            let e = row_err(&f32s(&silu_mul(&ggu).unwrap()), &want_silu, h);
             assert!(e <= tol(dt), "silu_mul {what}: {e}");
+            // From a misaligned start (the one-element path).
+            let pad = Tensor::zeros(3, dt, &gpu).unwrap();
+            let flat = Tensor::cat(&[&pad, &ggu.flatten_all().unwrap()], 0).unwrap();
+            let mgu = flat.narrow(0, 3, t * 2 * h).unwrap().reshape((t, 2 * h)).unwrap();
+            let e = row_err(&f32s(&silu_mul(&mgu).unwrap()), &want_silu, h);
+            assert!(e <= tol(dt), "silu_mul {what}, misaligned: {e}");
         }
     }
     for (ci, &c) in ROPE.iter().enumerate() {
