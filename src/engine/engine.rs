@@ -78,6 +78,14 @@ pub(super) struct Active {
     token_times: Vec<Duration>,
 }
 
+/// `SPINKV_STEP_LOG=1`: each step waits for the device at its end and prints its token
+/// counts and wall time to stderr, for finding where a long prefill's time goes (the
+/// wait keeps the host from running ahead, so steps run serialized).
+fn step_log() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SPINKV_STEP_LOG").is_ok_and(|v| v == "1"))
+}
+
 /// The serving engine: continuous batching with chunked prefill over a sparse KV cache.
 /// See the [module docs](super) for the threading model.
 pub struct Engine {
@@ -267,6 +275,16 @@ impl Engine {
         }
         if !plan.is_empty() {
             self.run_plan(&plan, &mut report)?;
+        }
+        if step_log() {
+            self.model.device().synchronize()?;
+            eprintln!(
+                "step {}: {} prefill tokens, {} decodes, {:.3} ms (device synchronized)",
+                self.metrics.steps,
+                report.prefill_tokens,
+                report.decodes,
+                t0.elapsed().as_secs_f64() * 1e3
+            );
         }
         report.elapsed = t0.elapsed();
         let secs = report.elapsed.as_secs_f64();
