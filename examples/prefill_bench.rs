@@ -106,7 +106,7 @@ mod bench {
                 let mut report = |mode: &str, ms: f64| {
                     let tf = flops / (ms * 1e9);
                     println!("| {shape} | {l} | {mode} | {ms:.3} | {tf:.1} |");
-                    rows.push(format!("{shape},{l},{mode},{ms:.4},{tf:.2}"));
+                    rows.push(format!("{shape},{l},\"{mode}\",{ms:.4},{tf:.2}"));
                 };
                 // Each kernel: wgmma (Hopper) where it runs, and mma.sync.
                 for (kname, on) in [("wgmma", true), ("mma.sync", false)] {
