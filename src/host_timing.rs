@@ -5,7 +5,13 @@
 //! compression marks its parts too (`shadowkv.compress` per layer, within it
 //! `low_rank.read` — host reads that wait for the queued device work — and the host
 //! factorizations `low_rank.cholesky` and `low_rank.eigen`; `shadowkv.store` per
-//! sequence and layer in device mode). Spans nest: each label sums its own time.
+//! sequence and layer in device mode). An eager step's layers are marked too:
+//! `model.begin_step`, `model.layers`, `model.end_step`, per layer `layer.qkv` and
+//! `layer.mlp`, and within the cache's attend `attend.rope`, `attend.store`,
+//! `attend.index`, `attend.requests`, `attend.paged` and `attend.prefill`. Device work is
+//! asynchronous, so a span's time is the host's, except where the host waits for the
+//! device inside it (a read back): there the device's queued time shows. Spans nest: each
+//! label sums its own time.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

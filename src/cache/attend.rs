@@ -266,9 +266,12 @@ impl SpinCache {
         v: &Tensor,
     ) -> Result<Tensor> {
         let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
+        let span = crate::host_timing::span("attend.rope");
         let (q_rot, k_rot, v) = ops::rope_qkv(q, k, v, &step.cos, &step.sin)?;
+        drop(span);
 
         // Store: home pages in the host tier, write-through to resident fast-tier copies.
+        let span = crate::host_timing::span("attend.store");
         let dst_t = step.plan.dst.get(layer)?;
         self.host.append(&k_rot, &v, &dst_t)?;
         let fast_dst = self.fast_destinations(step, layer)?;
@@ -283,6 +286,8 @@ impl SpinCache {
             ops::paged_append(&self.fast_pool, &k_rot, &v, &fast_dst)?;
         }
         let minmax_updated = minmax.is_some();
+        drop(span);
+        let span = crate::host_timing::span("attend.index");
         self.algo.index(&IndexInput {
             layer,
             runs: &step.plan.token_runs,
@@ -295,9 +300,13 @@ impl SpinCache {
             minmax_updated,
         })?;
 
+        drop(span);
         // Select and attend over pages (decode: selected pages incl. the new token;
         // prefill: all earlier pages), then the in-step causal part of prefills.
+        let span = crate::host_timing::span("attend.requests");
         let (requests, selected) = self.page_requests(step, layer, &q_rot)?;
+        drop(span);
+        let span = crate::host_timing::span("attend.paged");
         let decode = step.plan.decode.clone();
         if step.padded.is_none() {
             // (A padded step counts these for every layer in `begin_padded_decode`.)
@@ -379,7 +388,9 @@ impl SpinCache {
             (Some(a), Some(b)) => Some(ops::merge_partials(&a, &b)?),
             (a, b) => a.or(b),
         };
+        drop(span);
         if let Some(pf) = &step.prefill {
+            let _span = crate::host_timing::span("attend.prefill");
             // Prefill rows: their fast-tier pages and their own tokens, in one kernel.
             let pages = fast_pages.as_ref().unwrap_or(&pf.no_pages);
             let own = ops::prefill_attention(

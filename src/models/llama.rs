@@ -235,9 +235,15 @@ impl Llama {
             .collect();
         let ids: Vec<u32> = batch.iter().flat_map(|(_, t)| t.iter().copied()).collect();
         self.check_token_ids("Llama::forward", ids.iter().copied())?;
+        let span = crate::host_timing::span("model.begin_step");
         cache.begin_step(&inputs)?;
-        match self.step(cache, batch, &ids) {
+        drop(span);
+        let span = crate::host_timing::span("model.layers");
+        let out = self.step(cache, batch, &ids);
+        drop(span);
+        match out {
             Ok(l) => {
+                let _span = crate::host_timing::span("model.end_step");
                 cache.end_step()?;
                 Ok(l)
             }
@@ -312,17 +318,21 @@ impl Llama {
         let mut h = rms_norm(&x, &first.alpha, first.eps)?;
         for (layer, b) in self.blocks.iter().enumerate() {
             let (hq, hkv) = (c.num_heads, c.num_kv_heads);
+            let span = crate::host_timing::span("layer.qkv");
             let qkv = b.qkv.forward(&h)?.reshape((t, hq + 2 * hkv, c.head_dim))?;
+            drop(span);
             let q = qkv.narrow(1, 0, hq)?;
             let k = qkv.narrow(1, hq, hkv)?;
             let v = qkv.narrow(1, hq + hkv, hkv)?;
             let a = cache
                 .attend(layer, &q, &k, &v)?
                 .reshape((t, c.num_heads * c.head_dim))?;
+            let span = crate::host_timing::span("layer.mlp");
             let (x1, h1) = add_rms_norm(&x, &b.o.forward(&a)?, &b.mlp_norm.alpha, b.mlp_norm.eps)?;
             let m = silu_mul(&b.gate_up.forward(&h1)?)?;
             let next = self.blocks.get(layer + 1).map_or(&self.norm, |n| &n.attn_norm);
             (x, h) = add_rms_norm(&x1, &b.down.forward(&m)?, &next.alpha, next.eps)?;
+            drop(span);
         }
         Ok(h)
     }
