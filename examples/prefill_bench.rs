@@ -3,7 +3,9 @@
 //! are read through a page list, at the Llama-3.1-8B and SmolLM2 attention shapes
 //! (bf16). Prints ms and TFLOP/s (causal FLOPs, 4·Hq·L²·D/2, the count PyTorch's anchor
 //! uses) and, at 8K, the old path (`causal_self_attention`, f32 matmuls) for comparison.
-//! `scripts/sdpa_prefill.py` times PyTorch's SDPA at the same points. Then ShadowKV's
+//! `scripts/sdpa_prefill.py` times PyTorch's SDPA at the same points. The chunked runs
+//! read the earlier tokens' K/V (the prompt's own, written into the pool) through a page
+//! list; `--dirs N` lays the pages out as the cache does (see `Args::dirs`). Then ShadowKV's
 //! factorization of one layer's prefill keys (`linalg::randomized_low_rank`, rank 160,
 //! `[L, Hkv·D]`), the work its first decode step does per layer.
 //!
@@ -49,6 +51,13 @@ mod bench {
         /// Skip ShadowKV's factorization.
         #[arg(long)]
         no_factor: bool,
+        /// Where the prompt's pages live in the pool: 0 (default) puts each (KV head,
+        /// page) in a shuffled slot of a pool of exactly those pages; N ≥ the KV heads
+        /// lays them out as the cache allocates them, page-major over N directories
+        /// (layers × KV heads: 256 for Llama-3.1-8B, 90 for SmolLM2), so that one head's
+        /// consecutive pages are N slots apart, in a pool N / KV heads times larger.
+        #[arg(long, default_value_t = 0)]
+        dirs: usize,
     }
 
     const P: usize = 16;
@@ -91,16 +100,33 @@ mod bench {
                 let q = Tensor::randn(0f32, 1.0, (l, hq, d), &dev)?.to_dtype(DType::BF16)?;
                 let k = Tensor::randn(0f32, 1.0, (l, hkv, d), &dev)?.to_dtype(DType::BF16)?;
                 let v = Tensor::randn(0f32, 1.0, (l, hkv, d), &dev)?.to_dtype(DType::BF16)?;
-                // The prompt's K/V also in pages (each (head, page) in a shuffled slot).
+                // The prompt's K/V also in pages, where the chunked runs read their
+                // earlier tokens: (head, page) in a shuffled slot, or page-major over
+                // `--dirs` directories as the cache allocates them.
                 let np = l.div_ceil(P);
-                let mut slots: Vec<u32> = (0..(hkv * np) as u32).collect();
-                slots.shuffle(&mut r);
-                let pool = Tensor::zeros((hkv * np, 2, P, d), DType::BF16, &dev)?;
-                let list: Vec<u32> = (0..hkv)
-                    .flat_map(|h| (0..np).flat_map(move |lp| [h * np + lp, lp]))
-                    .map(|i| i as u32)
+                let dirs = args.dirs.max(hkv);
+                let mut shuffled: Vec<u32> = (0..(hkv * np) as u32).collect();
+                shuffled.shuffle(&mut r);
+                let slot = |h: usize, lp: usize| -> u32 {
+                    if args.dirs == 0 {
+                        shuffled[h * np + lp]
+                    } else {
+                        (lp * dirs + h) as u32
+                    }
+                };
+                let nslots = if args.dirs == 0 { hkv * np } else { dirs * np };
+                let pool = Tensor::zeros((nslots, 2, P, d), DType::BF16, &dev)?;
+                let dst: Vec<u32> = (0..l)
+                    .flat_map(|t| (0..hkv).map(move |h| (h, t)))
+                    .map(|(h, t)| slot(h, t / P) * P as u32 + (t % P) as u32)
                     .collect();
-                let list: Vec<u32> = list.chunks(2).flat_map(|w| [slots[w[0] as usize], w[1]]).collect();
+                ops::paged_append(&pool, &k, &v, &Tensor::from_vec(dst, (l, hkv), &dev)?)?;
+                let list: Vec<u32> = (0..hkv)
+                    .flat_map(|h| (0..np).flat_map(move |lp| [h, lp]))
+                    .collect::<Vec<usize>>()
+                    .chunks(2)
+                    .flat_map(|w| [slot(w[0], w[1]), w[1] as u32])
+                    .collect();
                 let pages = Tensor::from_vec(list, (1, hkv, np, 2), &dev)?;
                 let group = hq / hkv;
                 let mut report = |mode: &str, ms: f64| {
