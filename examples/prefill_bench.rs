@@ -186,6 +186,21 @@ mod bench {
                             Ok(())
                         })?;
                         report(&format!("chunks of {}, {kname}", args.chunk), ms);
+                        // The chunks read their earlier tokens from the pool: they must
+                        // give the one-chunk output (bf16 inputs, f32 outputs).
+                        let whole = ops::prefill_attention(&q, &k, &v, &pool, &pages, &zero, &one, scale)?.out;
+                        let parts = calls
+                            .iter()
+                            .map(|(q, k, v, tiles, limit)| {
+                                Ok(ops::prefill_attention(q, k, v, &pool, &pages, limit, tiles, scale)?.out)
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        let diff = (Tensor::cat(&parts, 0)? - &whole)?
+                            .abs()?
+                            .max_all()?
+                            .to_scalar::<f32>()?;
+                        eprintln!("{shape} L={l} {kname}: chunked vs one chunk, max |Δout| = {diff:.2e}");
+                        anyhow::ensure!(diff < 2e-2, "{shape} L={l} {kname}: chunked output off by {diff}");
                     }
                 }
                 ops::set_prefill_wgmma(true);
