@@ -25,6 +25,15 @@ impl TieredPart {
     }
 }
 
+/// Two partial attentions over disjoint pages merged by their LSE (`a` first), or
+/// whichever exists.
+fn merge_parts(a: Option<AttentionPartial>, b: Option<AttentionPartial>) -> Result<Option<AttentionPartial>> {
+    Ok(match (a, b) {
+        (Some(a), Some(b)) => Some(ops::merge_partials(&a, &b)?),
+        (a, b) => a.or(b),
+    })
+}
+
 impl SpinCache {
     pub(super) fn check_qkv(&self, step: &StepState, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
         const OP: &str = "SparseKvCache::attend";
@@ -184,24 +193,7 @@ impl SpinCache {
         }
         let fast_list = list(&out.fast_pairs, &fast_queries)?;
         let spill_list = list(&out.spill_pairs, &step.queries)?;
-        let Some(side) = self.side.as_ref() else {
-            // In order: fetch the misses, then attend every fast-tier page.
-            self.host
-                .gather_counted(&self.fast_pool, &out.misses, &out.miss_count, None)?;
-            let spilled = self.host.attend(q_rot, &spill_list, self.scale)?;
-            if !fast_rows {
-                return Ok(TieredPart::all_rows(Some(spilled), fast_list.pages));
-            }
-            let fast = ops::sparse_paged_attention(q_rot, &self.fast_pool, &fast_list, self.scale)?;
-            return Ok(TieredPart::all_rows(
-                Some(ops::merge_partials(&fast, &spilled)?),
-                fast_list.pages,
-            ));
-        };
-        // Overlapped: the misses are copied on the side stream while the pages resident
-        // before this round (and the spilled ones, from the host tier) are attended; the
-        // fetched pages are attended after the join. The copy writes only slots this round
-        // evicted, which no ready pair names (a ready slot was pinned by its request).
+        // The fast-tier attention over `pairs` (none where no row attends the fast tier).
         let attend_fast = |pairs: &Tensor| -> Result<Option<AttentionPartial>> {
             if !fast_rows {
                 return Ok(None);
@@ -214,12 +206,18 @@ impl SpinCache {
                 self.scale,
             )?))
         };
-        let merge = |a: Option<AttentionPartial>, b: AttentionPartial| -> Result<AttentionPartial> {
-            match a {
-                Some(a) => ops::merge_partials(&a, &b),
-                None => Ok(b),
-            }
+        let Some(side) = self.side.as_ref() else {
+            // In order: fetch the misses, then attend every fast-tier page.
+            self.host
+                .gather_counted(&self.fast_pool, &out.misses, &out.miss_count, None)?;
+            let spilled = self.host.attend(q_rot, &spill_list, self.scale)?;
+            let part = merge_parts(attend_fast(&out.fast_pairs)?, Some(spilled))?;
+            return Ok(TieredPart::all_rows(part, fast_list.pages));
         };
+        // Overlapped: the misses are copied on the side stream while the pages resident
+        // before this round (and the spilled ones, from the host tier) are attended; the
+        // fetched pages are attended after the join. The copy writes only slots this round
+        // evicted, which no ready pair names (a ready slot was pinned by its request).
         side.fork()?;
         let ahead = self
             .host
@@ -227,16 +225,12 @@ impl SpinCache {
             .and_then(|()| {
                 let ready = attend_fast(&out.ready_pairs)?;
                 let spilled = self.host.attend(q_rot, &spill_list, self.scale)?;
-                merge(ready, spilled)
+                merge_parts(ready, Some(spilled))
             });
         // Joined even after an error: nothing may touch the fetched slots before the copy ends.
         side.join()?;
-        let ahead = ahead?;
-        let part = match attend_fast(&out.fetched_pairs)? {
-            Some(fetched) => ops::merge_partials(&ahead, &fetched)?,
-            None => ahead,
-        };
-        Ok(TieredPart::all_rows(Some(part), fast_list.pages))
+        let part = merge_parts(ahead?, attend_fast(&out.fetched_pairs)?)?;
+        Ok(TieredPart::all_rows(part, fast_list.pages))
     }
 
     /// `[T, Hkv]` fast-tier destinations of the step's tokens in `layer`: where the home
@@ -384,10 +378,7 @@ impl SpinCache {
                 "rebuilt keys next to a decode-rows-only part (internal error)"
             );
         }
-        let paged = match (tiered, rebuilt) {
-            (Some(a), Some(b)) => Some(ops::merge_partials(&a, &b)?),
-            (a, b) => a.or(b),
-        };
+        let paged = merge_parts(tiered, rebuilt)?;
         drop(span);
         if let Some(pf) = &step.prefill {
             let _span = crate::host_timing::span("attend.prefill");
