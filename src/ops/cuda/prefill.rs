@@ -58,30 +58,32 @@ pub(crate) fn prefill_attention(
     if [qp, kp, vp, pp].iter().any(|a| a % 16 != 0) {
         candle_core::bail!("{OP}: q, k, v and pool must start 16-byte aligned on CUDA");
     }
-    let name = match (q.dtype(), d) {
-        (DType::BF16, 64) => "prefill_bf16_d64",
-        (DType::BF16, 96) => "prefill_bf16_d96",
-        (DType::BF16, 128) => "prefill_bf16_d128",
-        (DType::F16, 64) => "prefill_f16_d64",
-        (DType::F16, 96) => "prefill_f16_d96",
-        (DType::F16, 128) => "prefill_f16_d128",
-        (dt, d) => candle_core::bail!("{OP}: {dt:?} with head dim {d} has no CUDA kernel (f16/bf16, 64/96/128)"),
+    // Entry names follow the storage type and head dim: `prefill_{bf16|f16}_d{D}` (mma.sync,
+    // D = 64/96/128) and `prefill_wgmma_{bf16|f16}_d{D}` (D = 64/128; that module has
+    // kernels only when built for compute capability 9.0).
+    let dt = match q.dtype() {
+        DType::BF16 => Some("bf16"),
+        DType::F16 => Some("f16"),
+        _ => None,
+    };
+    let Some(name) = dt
+        .map(|dt| format!("prefill_{dt}_d{d}"))
+        .filter(|n| PREFILL.entries.contains(&n.as_str()))
+    else {
+        candle_core::bail!(
+            "{OP}: {:?} with head dim {d} has no CUDA kernel (f16/bf16, 64/96/128)",
+            q.dtype()
+        );
     };
     let blocks = nt * hkv;
     if blocks > i32::MAX as usize || f.tiles.dims2()?.1 != PREFILL_TILE_WORDS {
         candle_core::bail!("{OP}: {nt} tiles × {hkv} KV heads exceed the launch limit");
     }
-    let wgmma = match (q.dtype(), d) {
-        (DType::BF16, 64) => Some("prefill_wgmma_bf16_d64"),
-        (DType::BF16, 128) => Some("prefill_wgmma_bf16_d128"),
-        (DType::F16, 64) => Some("prefill_wgmma_f16_d64"),
-        (DType::F16, 128) => Some("prefill_wgmma_f16_d128"),
-        _ => None,
-    };
+    let wgmma = dt.map(|dt| format!("prefill_wgmma_{dt}_d{d}"));
     let wgmma = match wgmma {
         Some(w)
             if super::prefill_wgmma()
-                && PREFILL_WGMMA.entries.contains(&w)
+                && PREFILL_WGMMA.entries.contains(&w.as_str())
                 && super::module_loadable(&dev, &PREFILL_WGMMA)? =>
         {
             Some(w)
@@ -92,12 +94,12 @@ pub(crate) fn prefill_attention(
     // them to 1 KB) for wgmma, rows padded by 8 elements for mma.sync.
     let (kernel, threads, smem) = match wgmma {
         Some(w) => (
-            func(&dev, &PREFILL_WGMMA, w)?,
+            func(&dev, &PREFILL_WGMMA, &w)?,
             WGMMA_THREADS,
             (PREFILL_ROWS + 4 * KEYS) * d * 2 + 1024,
         ),
         None => (
-            func(&dev, &PREFILL, name)?,
+            func(&dev, &PREFILL, &name)?,
             THREADS,
             (PREFILL_ROWS + 4 * KEYS) * (d + 8) * 2,
         ),
