@@ -56,7 +56,7 @@ use spinkv::models::passkey::{build_prompt, is_correct, KeyGen};
 use spinkv::models::random::{random_llama, shape_config, SHAPES};
 use spinkv::models::{load_model, Llama};
 use spinkv::partition::{by_name, ALGORITHMS, VARIANTS};
-use spinkv::{FetchMode, SpinCache};
+use spinkv::{FetchMode, PageLayout, SpinCache};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -107,6 +107,11 @@ struct Cli {
     /// Tokens per KV page (default: the algorithm's own, else 16).
     #[arg(long, global = true)]
     page_size: Option<usize>,
+    /// Where a new page's slots go (`CacheConfig::page_layout`): interleaved (a page's
+    /// layers and KV heads side by side) or by-directory (each (layer, KV head)'s pages
+    /// side by side).
+    #[arg(long, global = true, value_enum, default_value_t = Layout::Interleaved)]
+    page_layout: Layout,
     /// Prompt tokens per engine step (the chunked-prefill budget).
     #[arg(long, global = true, default_value_t = 512, value_parser = at_least_1)]
     max_prefill_tokens: usize,
@@ -162,6 +167,13 @@ fn decode_mode(c: &Cli) -> DecodeMode {
         (_, "graphs") => DecodeMode::Graphs,
         _ => DecodeMode::Auto,
     }
+}
+
+/// `--page-layout` (`spinkv::PageLayout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Layout {
+    Interleaved,
+    ByDirectory,
 }
 
 /// `--fetch`: a tiered step's miss path (`spinkv::FetchMode`).
@@ -347,6 +359,10 @@ fn engine(b: &Bench, c: &Cli, algo: &str, seqs: usize, seq_tokens: usize) -> Res
         Fetch::InKernel => FetchMode::InKernel,
         Fetch::SideStream => FetchMode::SideStream,
         Fetch::InOrder => FetchMode::InOrder,
+    };
+    cc.page_layout = match c.page_layout {
+        Layout::Interleaved => PageLayout::Interleaved,
+        Layout::ByDirectory => PageLayout::ByDirectory,
     };
     // A sparse step selects about budget / context of each request's pages, and the
     // next step re-selects ~90% of them: a cache smaller than that share thrashes
@@ -859,8 +875,8 @@ fn main() -> Result<()> {
         plots(dir, &rows, &c.algo)?;
     }
     println!(
-        "\n{} · budget {} · fast fraction {} · fast homes {} · fetch {:?} · prefill chunk {} tokens",
-        b.name, c.budget, c.fast_fraction, c.fast_home_fraction, c.fetch, c.max_prefill_tokens
+        "\n{} · budget {} · fast fraction {} · fast homes {} · fetch {:?} · page layout {:?} · prefill chunk {} tokens",
+        b.name, c.budget, c.fast_fraction, c.fast_home_fraction, c.fetch, c.page_layout, c.max_prefill_tokens
     );
     println!("decode tok/s = tokens of decode-only steps / their wall time; latencies in ms; memory in GB\n");
     println!("| {} |", Row::COLUMNS.replace(',', " | "));

@@ -1,5 +1,6 @@
 //! Cache configuration: model shape, page size, tier capacities, dtype and device.
 
+use crate::pool::PageLayout;
 use crate::{Error, Result};
 use candle_core::{DType, Device};
 
@@ -54,6 +55,9 @@ pub struct CacheConfig {
     pub reject_non_finite: bool,
     /// How a tiered step brings in the pages its fast tier misses ([`FetchMode`]).
     pub fetch_mode: FetchMode,
+    /// Where a new page's slots go in the pools ([`PageLayout`]; default
+    /// [`PageLayout::Interleaved`]). Outputs do not depend on it.
+    pub page_layout: PageLayout,
 }
 
 /// How a tiered decode step reads the pages that are not in the fast tier
@@ -105,6 +109,7 @@ impl CacheConfig {
             device: Device::Cpu,
             reject_non_finite: false,
             fetch_mode: FetchMode::default(),
+            page_layout: PageLayout::default(),
         };
         c = c.with_token_capacity(8192, 1.0);
         c

@@ -55,3 +55,4 @@ pub use cache::{
 };
 pub use config::{CacheConfig, FetchMode};
 pub use error::{Error, Result, Tier};
+pub use pool::PageLayout;

@@ -1,5 +1,6 @@
 //! The step lifecycle: [`SparseKvCache`] for [`SpinCache`] — sequences in and out,
-//! `begin_step` (lengths, pages, device tables), `attend`, `end_step` and `abort_step`.
+//! `begin_step` (lengths, pages, device tables), `attend`, `end_step` and `abort_step` —
+//! and where a sequence's pages sit ([`SpinCache::page_slots`]).
 
 use super::*;
 
@@ -281,7 +282,7 @@ impl SparseKvCache for SpinCache {
         let homed = self.host_alloc.preferred_used();
         PoolUsage {
             host_used: self.host_alloc.used_count() - homed,
-            host_capacity: self.cfg.host_pages,
+            host_capacity: self.host_alloc.usable(false),
             fast_resident: if self.lru.is_direct() {
                 self.host_alloc.used_count()
             } else {
@@ -289,8 +290,28 @@ impl SparseKvCache for SpinCache {
             },
             fast_capacity: self.lru.fast_slots(),
             fast_home_used: homed,
-            fast_home_capacity: self.cfg.fast_home_pages,
+            fast_home_capacity: self.host_alloc.usable(true),
             page_table_bytes: self.tables.bytes(),
         }
+    }
+}
+
+impl SpinCache {
+    /// The slots of `seq`'s pages of (`layer`, `kv_head`), in logical page order: each is
+    /// the page's row in the host tier (and in a fast tier that holds every page). Where
+    /// they sit follows [`CacheConfig::page_layout`].
+    pub fn page_slots(&self, seq: SeqId, layer: usize, kv_head: usize) -> Result<Vec<u32>> {
+        const OP: &str = "SpinCache::page_slots";
+        let id = self.live(OP, seq)?;
+        let (layers, hkv) = (self.cfg.num_layers, self.cfg.num_kv_heads);
+        if layer >= layers || kv_head >= hkv {
+            crate::invalid!(
+                OP,
+                "(layer {layer}, KV head {kv_head}) is outside the cache's {layers} layers × {hkv} KV heads"
+            );
+        }
+        let mut slots = Vec::new();
+        self.tables.extend_slots(id, layer * hkv + kv_head, &mut slots)?;
+        Ok(slots)
     }
 }

@@ -29,7 +29,7 @@ use crate::partition::{
     DeviceRebuilt, IndexInput, MaterializeInput, Materialized, RebuiltKeys, SelectInput, Selection, SparseAlgorithm,
     TokenRun,
 };
-use crate::pool::{BudgetPolicy, BudgetTracker, SlotAllocator};
+use crate::pool::{BudgetPolicy, BudgetTracker, PageSlots};
 use crate::rope::rope_tables;
 use crate::tiered::{DeviceLru, HostTier, ResolveRequest};
 use crate::{Error, Result};
@@ -118,7 +118,7 @@ pub struct SpinCache {
     algo: Box<dyn SparseAlgorithm>,
     host: HostTier,
     fast_pool: Tensor,
-    host_alloc: SlotAllocator,
+    host_alloc: PageSlots,
     lru: DeviceLru,
     /// The stream misses are fetched on while resident pages are attended
     /// (`FetchMode::SideStream` on a device that allows it; see [`ops::SideStream`]).
@@ -232,7 +232,7 @@ impl SpinCache {
             id: types::NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             host,
             // Pages take fast homes (ids from host_pages on) first.
-            host_alloc: SlotAllocator::with_preferred(Tier::Host, cfg.total_pages(), cfg.host_pages),
+            host_alloc: PageSlots::new(cfg.page_layout, cfg.total_pages(), cfg.host_pages, dirs),
             budgets: BudgetTracker::new(cfg.budget_policy, lru.capacity()),
             // A direct-mapped fast tier never fetches.
             side: if cfg.fetch_mode == FetchMode::SideStream && !lru.is_direct() {

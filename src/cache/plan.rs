@@ -357,7 +357,7 @@ impl SpinCache {
         let span = crate::host_timing::span(names[0]);
         for e in entries {
             for _ in 0..e.new_pages {
-                let slots = self.host_alloc.alloc(self.dirs())?;
+                let slots = self.host_alloc.alloc_group()?;
                 self.tables.push_page(e.seq, &slots)?;
             }
             *self.lens.get_mut(&e.seq).ok_or(Error::UnknownSequence(e.seq))? += e.n;

@@ -137,7 +137,8 @@ pub struct SelectionRecord {
 pub struct PoolUsage {
     /// Pages in use whose home is the host tier.
     pub host_used: usize,
-    /// Host-tier capacity ([`CacheConfig::host_pages`](crate::CacheConfig::host_pages)).
+    /// Host-tier capacity ([`CacheConfig::host_pages`](crate::CacheConfig::host_pages),
+    /// rounded down to whole page groups under [`PageLayout::ByDirectory`](crate::PageLayout::ByDirectory)).
     pub host_capacity: usize,
     /// Fast-tier slots holding a page: cached copies plus pages homed there.
     pub fast_resident: usize,
@@ -146,7 +147,8 @@ pub struct PoolUsage {
     /// Pages in use whose home is the fast tier.
     pub fast_home_used: usize,
     /// Pages that can have their home in the fast tier
-    /// ([`CacheConfig::fast_home_pages`](crate::CacheConfig::fast_home_pages)).
+    /// ([`CacheConfig::fast_home_pages`](crate::CacheConfig::fast_home_pages), rounded as
+    /// `host_capacity` is).
     pub fast_home_capacity: usize,
     /// Bytes of the two-level page tables.
     pub page_table_bytes: usize,

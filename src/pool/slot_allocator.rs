@@ -41,6 +41,11 @@ impl SlotAllocator {
         self.owned.len()
     }
 
+    /// First preferred id (`capacity` when none is preferred).
+    pub fn preferred_from(&self) -> usize {
+        self.preferred_from
+    }
+
     /// Free slots.
     pub fn free_count(&self) -> usize {
         self.free.len() + self.free_preferred.len()
