@@ -9,7 +9,10 @@
 //! the PyTorch anchors measured on the same kind of GPU (`shared/anchors/`).
 //!
 //! `cargo run --release --features cuda --example gpu_bench [-- --quick] [-- --csv FILE]
-//! [--contexts 32768,131072] [--batches 8]`
+//! [--contexts 32768,131072] [--batches 8] [--page-order random|by-head]`
+//!
+//! Pages sit in the pool in a random order by default; `--page-order by-head` puts each
+//! (sequence, KV head)'s pages in one run of slots, as `PageLayout::ByDirectory` does.
 //!
 //! Timing: CUDA events around `iters` back-to-back calls after warm-up, the median of
 //! several repetitions; "graph" rows replay the step captured in a CUDA graph (no host
@@ -223,6 +226,20 @@ mod bench {
                 )),
             }
         };
+        // `--page-order by-head`: each (sequence, KV head)'s pages in one run of slots, in
+        // logical order (as `PageLayout::ByDirectory` places a prompt); by default the
+        // pages of all rows are shuffled over the pool.
+        let by_head = match args
+            .iter()
+            .position(|a| a == "--page-order")
+            .and_then(|i| args.get(i + 1))
+        {
+            None => false,
+            Some(v) if v == "random" => false,
+            Some(v) if v == "by-head" => true,
+            Some(v) => bail!("--page-order {v}: expected random or by-head"),
+        };
+        println!("page order: {}", if by_head { "by head" } else { "random" });
         let contexts = list("--contexts")?.unwrap_or(if quick { vec![32768] } else { vec![8192, 32768, 131072] });
         let batches = list("--batches")?.unwrap_or(if quick { vec![8] } else { vec![1, 8, 32] });
         let (contexts, batches) = (&contexts[..], &batches[..]);
@@ -248,7 +265,9 @@ mod bench {
                     Tensor::cat(&[&ints, &tail], 1)?
                 };
                 let mut perm: Vec<u32> = (0..slots as u32).collect();
-                perm.shuffle(&mut r);
+                if !by_head {
+                    perm.shuffle(&mut r);
+                }
                 // table[(b, h, lp)] = slot
                 let q = Tensor::randn(0f32, 1.0, (b, HQ, D), &dev)?.to_dtype(DType::BF16)?;
                 let cand = Tensor::from_vec(perm.clone(), (b, HKV, np), &dev)?;

@@ -24,7 +24,7 @@ done
 for e in $EXAMPLES; do
   xz -T0 -6 -c "$CARGO_TARGET_DIR/release/examples/$e" > ".device/$e.xz"
 done
-cp scripts/device-env.sh scripts/gpu-run.sh scripts/gpu-e2e.sh scripts/gpu-profile.sh scripts/sdpa_prefill.py .device/
+cp scripts/device-env.sh scripts/gpu-run.sh scripts/gpu-e2e.sh scripts/gpu-profile.sh scripts/gpu-layout.sh scripts/sdpa_prefill.py .device/
 anchor=${SPINKV_ANCHOR:-../shared/anchors/torch_e2e_decode.py}
 if [ -f "$anchor" ]; then cp "$anchor" .device/; else echo "note: no anchor at $anchor (set SPINKV_ANCHOR)"; fi
 ls -la .device
