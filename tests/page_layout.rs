@@ -1,5 +1,5 @@
-//! `PageLayout::ByDirectory` against the default `Interleaved`: the same outputs (Dense
-//! and Quest, a direct and a tiered fast tier, ordinary and padded steps), one (layer,
+//! `PageLayout::ByDirectory` against the default `Interleaved`: the same outputs (every
+//! algorithm, a direct and a tiered fast tier, ordinary, mixed and padded steps), one (layer,
 //! KV head)'s pages of a prompt in adjacent slots, capacity rounded to whole page groups,
 //! back-pressure at exactly that capacity, and every page freed by removal.
 
@@ -7,7 +7,7 @@ mod common;
 
 use common::harness::*;
 use common::*;
-use spinkv::partition::{by_name, SparseAlgorithm};
+use spinkv::partition::{by_name, ShadowKv, ShadowKvConfig, SparseAlgorithm, ALGORITHMS};
 use spinkv::{CacheConfig, Error, PageLayout, SeqId, SparseKvCache, SpinCache, StepInput, Tier};
 
 const LAYERS: usize = 3;
@@ -23,8 +23,22 @@ fn config(layout: PageLayout, fast_fraction: f64) -> CacheConfig {
     cfg
 }
 
+/// `name` with a 64-token budget; ShadowKV at rank 16 (its default rank exceeds this
+/// shape's Hkv·D = 32).
 fn algo(name: &str) -> Box<dyn SparseAlgorithm> {
-    by_name(name, 48).unwrap()
+    if name == "shadowkv" {
+        return Box::new(
+            ShadowKv::new(ShadowKvConfig {
+                rank: 16,
+                sparse_budget_tokens: 32,
+                outlier_chunks: 2,
+                window_tokens: 16,
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+    }
+    by_name(name, 64).unwrap()
 }
 
 fn decode_inputs(seqs: &[SeqId]) -> Vec<StepInput> {
@@ -33,7 +47,7 @@ fn decode_inputs(seqs: &[SeqId]) -> Vec<StepInput> {
 
 #[test]
 fn by_directory_gives_the_same_outputs_with_adjacent_pages() {
-    for name in ["dense", "quest"] {
+    for &name in ALGORITHMS {
         for fast in [1.0, 0.3] {
             let what = format!("{name}, fast fraction {fast}");
             let mut caches: Vec<SpinCache> = [PageLayout::Interleaved, PageLayout::ByDirectory]
