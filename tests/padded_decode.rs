@@ -5,7 +5,8 @@
 //!   and one joining mid-run, with a fast tier too small for the KV (misses and
 //!   evictions); padding rows (garbage inputs at scale 1000) come out finite and change
 //!   nothing; the counters and the pool accounting agree;
-//! - misuse and bad input are clear errors; an aborted padded step frees its pages;
+//! - misuse and bad input are clear errors; an aborted padded step frees its pages; the
+//!   caller's words (`begin_padded_decode_with`) come back on the device;
 //! - (feature `fault-injection`) a padded step failing on any of its device calls aborts
 //!   cleanly and the rerun equals a twin cache where nothing failed (also ShadowKV in its
 //!   device mode; its other padded tests are in `tests/shadowkv_device.rs`).
@@ -221,6 +222,33 @@ fn padded_misuse_and_bad_input_are_clear_errors() {
     assert!(inf.padded_shape(&decode_inputs(&[t])).is_none());
     let e = msg(inf.begin_padded_decode(&decode_inputs(&[t]), shape).unwrap_err());
     assert!(e.contains("cannot run padded decode steps"), "{e}");
+}
+
+/// `begin_padded_decode_with` hands the caller's words back on the device, replaced each
+/// step; their count is fixed per shape (another count is refused, changing nothing).
+#[test]
+fn padded_steps_carry_the_callers_words() {
+    let mut c = SpinCache::new_boxed(cfg(), algo("dense")).unwrap();
+    let s = c.add_sequence().unwrap();
+    random_step(&mut c, &[StepInput { seq: s, new_tokens: 13 }], &mut rng(4));
+    let one = decode_inputs(&[s]);
+    let shape = c.padded_shape(&one).unwrap();
+    let words = |k: u32| -> Vec<u32> { (0..7).map(|i| 1000 * k + i).collect() };
+    for k in 1..4u32 {
+        let got = c.begin_padded_decode_with(&one, shape, &words(k)).unwrap();
+        assert_eq!(got.to_vec1::<u32>().unwrap(), words(k), "step {k}");
+        c.abort_step().unwrap();
+    }
+    let before = (c.pool_usage(), c.sequence_len(s).unwrap());
+    let e = c
+        .begin_padded_decode_with(&one, shape, &[1, 2, 3])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("3 extra words") && e.contains("carry 7"), "{e}");
+    assert_eq!((c.pool_usage(), c.sequence_len(s).unwrap()), before);
+    // No step is open: an ordinary step runs.
+    random_step(&mut c, &one, &mut rng(5));
+    c.verify_accounting().unwrap();
 }
 
 /// With the `fault-injection` feature: a padded step whose N-th device call fails (for

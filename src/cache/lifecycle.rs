@@ -137,7 +137,11 @@ impl SparseKvCache for SpinCache {
     }
 
     fn begin_padded_decode(&mut self, inputs: &[StepInput], shape: PaddedShape) -> Result<()> {
-        self.begin_padded(inputs, shape)
+        self.begin_padded(inputs, shape, &[]).map(|_| ())
+    }
+
+    fn begin_padded_decode_with(&mut self, inputs: &[StepInput], shape: PaddedShape, extra: &[u32]) -> Result<Tensor> {
+        self.begin_padded(inputs, shape, extra)
     }
 
     fn padded_step_replayed(&mut self) -> Result<()> {

@@ -1,15 +1,17 @@
 //! Padded decode steps: decode-only steps of a fixed [`PaddedShape`] whose device inputs
-//! live in buffers kept per shape and written in place (one upload of ten words per row;
-//! the per-layer destinations, table rows and RoPE tables are computed from them on the
-//! device), so that two steps of one shape run the same device
-//! work on the same addresses. That is the form a CUDA graph of the whole model's decode
-//! step is captured in and replayed with (`spinkv::engine` does). Rows past the real
-//! sequences are padding: `NONE` destinations and page-table rows, `kv_limit` 0, so they
-//! store nothing and attend nothing (their outputs are zeros).
+//! live in buffers kept per shape and written in place (one staged upload per step of ten
+//! words per row plus the caller's own words, e.g. the engine's token ids; the per-layer
+//! destinations, table rows and RoPE tables are computed from them on the device), so
+//! that two steps of one shape run the same device work on the same addresses. That is
+//! the form a CUDA graph of the whole model's decode step is captured in and replayed
+//! with (`spinkv::engine` does). Rows past the real sequences are padding: `NONE`
+//! destinations and page-table rows, `kv_limit` 0, so they store nothing and attend
+//! nothing (their outputs are zeros).
 
 use super::plan::StepPlan;
 use super::*;
-use crate::ops::decode_plan::PlanWords;
+use crate::ops::decode_plan::{expand_decode_plan, PlanWords};
+use crate::ops::StagedUpload;
 
 /// Batch sizes padded steps round up to (each is one captured graph per page bucket).
 pub const PADDED_BATCHES: [usize; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
@@ -23,6 +25,10 @@ pub const PADDED_PAGE_QUANTUM: usize = 64;
 pub(super) struct PaddedBuffers {
     /// Every u32 input; the step plan's tensors are views of it.
     words: Tensor,
+    /// The host words' upload (the caller's extra words included).
+    upload: StagedUpload,
+    /// Extra words per step of this shape (fixed by its first step).
+    extra_len: usize,
     /// `[2, B, D/2]` RoPE tables (cosines, sines) in the cache's dtype, written on the
     /// device from the positions.
     rope: Tensor,
@@ -71,8 +77,8 @@ impl SpinCache {
         })
     }
 
-    /// See [`SparseKvCache::begin_padded_decode`].
-    pub(super) fn begin_padded(&mut self, inputs: &[StepInput], shape: PaddedShape) -> Result<()> {
+    /// See [`SparseKvCache::begin_padded_decode_with`]: returns the device view of `extra`.
+    pub(super) fn begin_padded(&mut self, inputs: &[StepInput], shape: PaddedShape, extra: &[u32]) -> Result<Tensor> {
         const OP: &str = "SparseKvCache::begin_padded_decode";
         if !self.can_pad() {
             crate::invalid!(
@@ -108,6 +114,15 @@ impl SpinCache {
                 "shape {shape:?} is smaller than the step needs: {rows} rows and {pages} pages"
             );
         }
+        if let Some(bufs) = self.padded.get(&shape).filter(|b| b.extra_len != extra.len()) {
+            crate::invalid!(
+                OP,
+                "{} extra words for shape {shape:?}, whose steps carry {} (the count is fixed by a shape's \
+                 first step: a captured graph reads them in place)",
+                extra.len(),
+                bufs.extra_len
+            );
+        }
         crate::fault::device_call(OP)?;
         let (p, hkv, layers, half) = (
             self.cfg.page_size,
@@ -116,7 +131,7 @@ impl SpinCache {
             self.cfg.head_dim / 2,
         );
         let (b, dev) = (shape.batch, self.cfg.device.clone());
-        let lay = PlanWords::new(b, layers, hkv, shape.pages);
+        let lay = PlanWords::with_extra(b, layers, hkv, shape.pages, extra.len());
         if !self.padded.contains_key(&shape) {
             // The constant words: the NONE plane and the logical pages 0..pages.
             let mut init = vec![0u32; lay.total];
@@ -126,6 +141,8 @@ impl SpinCache {
             }
             let bufs = PaddedBuffers {
                 words: Tensor::from_vec(init, lay.total, &dev)?,
+                upload: StagedUpload::new(lay.host_words(), &dev)?,
+                extra_len: extra.len(),
                 rope: Tensor::zeros((2, b, half), self.cfg.dtype, &dev)?,
                 rounds: 0,
                 requests: 0,
@@ -139,6 +156,7 @@ impl SpinCache {
             words[lay.queries + 2 * r] = r as u32;
         }
         words[lay.row0..lay.row0 + b].fill(NONE);
+        words[lay.extra..lay.extra + extra.len()].copy_from_slice(extra);
         for (ei, e) in entries.iter().enumerate() {
             words[lay.positions + ei] = e.start as u32;
             words[lay.queries + 2 * ei + 1] = e.start as u32;
@@ -161,15 +179,13 @@ impl SpinCache {
         let span = crate::host_timing::span("padded.begin.write");
         let written = self.write_padded(shape, &lay, &words);
         drop(span);
-        let bufs = match written {
-            Ok(bufs) => bufs,
-            Err(e) => {
-                for en in &entries {
-                    self.unreserve(en)?;
-                }
-                return Err(e);
+        if let Err(e) = written {
+            for en in &entries {
+                self.unreserve(en)?;
             }
-        };
+            return Err(e);
+        }
+        let bufs = self.padded_buffers(shape)?;
         let view = |at: usize, n: usize| bufs.words.narrow(0, at, n);
         let plane = layers * b * hkv;
         let num_tokens: Vec<usize> = (0..b).map(|r| entries.get(r).map_or(0, |e| e.start + 1)).collect();
@@ -201,6 +217,7 @@ impl SpinCache {
             ..Default::default()
         };
         let n_entries = entries.len();
+        let extra_view = view(lay.extra, extra.len())?;
         self.step = Some(StepState {
             entries,
             total: b,
@@ -219,18 +236,23 @@ impl SpinCache {
             requests: 0,
             prefill: None,
         });
-        Ok(())
+        Ok(extra_view)
     }
 
-    /// Writes a padded step's inputs in place: one upload of the host words, then on the
-    /// device the plan expanded from them ([`expand_plan`](Self::expand_plan)) and the
-    /// RoPE tables of their positions ([`rope_tables_into`](crate::ops::rope_tables_into)).
-    fn write_padded(&self, shape: PaddedShape, lay: &PlanWords, words: &[u32]) -> Result<&PaddedBuffers> {
-        let bufs = self.padded_buffers(shape)?;
-        self.expand_plan(&bufs.words, words, lay)?;
+    /// Writes a padded step's inputs in place: one staged upload of the host words, then
+    /// on the device the plan expanded from them ([`expand_decode_plan`]) and the RoPE
+    /// tables of their positions ([`rope_tables_into`](crate::ops::rope_tables_into)).
+    fn write_padded(&mut self, shape: PaddedShape, lay: &PlanWords, words: &[u32]) -> Result<()> {
+        let bufs = self.padded.get_mut(&shape).ok_or(Error::Invalid {
+            op: "SparseKvCache::begin_padded_decode",
+            msg: format!("no buffers for padded shape {shape:?} (internal error)"),
+        })?;
+        bufs.upload.write(&bufs.words, words)?;
+        let t = &self.device_tables;
+        expand_decode_plan(&bufs.words, &t.directory, &t.leaves, lay, self.cfg.page_size)?;
         let positions = bufs.words.narrow(0, lay.positions, lay.b)?;
         crate::ops::rope_tables_into(&bufs.rope, &positions, self.cfg.rope_theta)?;
-        Ok(bufs)
+        Ok(())
     }
 
     /// Per entry of a padded step: its device page-table row of (layer 0, head 0) and its

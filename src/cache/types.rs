@@ -223,6 +223,25 @@ pub trait SparseKvCache: Send {
         })
     }
 
+    /// [`begin_padded_decode`](Self::begin_padded_decode), with `extra` words of the
+    /// caller's (e.g. the step's token ids and sampling rows) uploaded in the same
+    /// host-to-device copy as the step's own inputs. Returns them on the device, `[n]` u32
+    /// (`n = extra.len()`), in a buffer of `shape`'s: the same address at every step of
+    /// that shape, so a graph captured from one step reads the next step's words. `n` is
+    /// fixed by a shape's first step; a different `n` later is
+    /// [`Error::Invalid`](crate::Error::Invalid) (nothing is changed).
+    fn begin_padded_decode_with(
+        &mut self,
+        _inputs: &[StepInput],
+        _shape: PaddedShape,
+        _extra: &[u32],
+    ) -> Result<Tensor> {
+        Err(crate::Error::Invalid {
+            op: "SparseKvCache::begin_padded_decode",
+            msg: format!("{} has no padded decode steps", self.algorithm_name()),
+        })
+    }
+
     /// Marks the open padded step's layers as attended because the caller replayed a
     /// graph captured from an earlier padded step of the same shape (and the same
     /// [`graph_epoch`](Self::graph_epoch)) instead of calling `attend`.

@@ -1,6 +1,7 @@
 //! Decode-only steps without per-step host work on the device path: [`DecodeMode`] and
-//! the runner that pads a decode batch to a [`PaddedShape`], writes its token ids and
-//! sampling rows into one buffer kept per batch size (one upload), and runs the whole
+//! the runner that pads a decode batch to a [`PaddedShape`], hands its token ids and
+//! sampling rows to the cache's padded step (uploaded with the step's own inputs, one
+//! host-to-device copy: [`SparseKvCache::begin_padded_decode_with`]), and runs the whole
 //! model's step ([`Llama::forward_padded`]) and the sampling of every row
 //! ([`sample_rows_into`]) eagerly, or on CUDA as a captured graph: only the `[B]` sampled ids
 //! come back to the host. The first step
@@ -86,13 +87,13 @@ struct Captured {
 /// Runs decode-only steps padded (see the module docs).
 pub(crate) struct DecodeRunner {
     mode: DecodeMode,
-    /// Per padded batch size: `[B · (1 + 6)]` u32, the token ids `[B]` then the
-    /// sampling rows `[B, 6]` ([`SampleRow::words`]), and the `[B]` u32 sampled ids,
-    /// both allocated before any capture (a capture that allocated its output itself,
-    /// 16 bytes kept alive across replays, replayed right but failed under
-    /// `compute-sanitizer --tool memcheck`: the first kernel's writes were reported out
-    /// of bounds and the process died).
-    inputs: HashMap<usize, (Tensor, Tensor)>,
+    /// Per padded batch size: the `[B]` u32 sampled ids, allocated before any capture (a
+    /// capture that allocated its output itself, 16 bytes kept alive across replays,
+    /// replayed right but failed under `compute-sanitizer --tool memcheck`: the first
+    /// kernel's writes were reported out of bounds and the process died). The inputs (the
+    /// token ids `[B]` then the sampling rows `[B, 6]`, [`SampleRow::words`]) live in the
+    /// cache's buffers of the shape.
+    sampled: HashMap<usize, Tensor>,
     warmed: HashSet<PaddedShape>,
     graphs: HashMap<PaddedShape, Captured>,
     /// Shapes whose capture failed: they run padded and eager from then on.
@@ -122,7 +123,7 @@ impl DecodeRunner {
         };
         Ok(Self {
             mode,
-            inputs: HashMap::new(),
+            sampled: HashMap::new(),
             warmed: HashSet::new(),
             graphs: HashMap::new(),
             uncapturable: HashSet::new(),
@@ -164,12 +165,19 @@ impl DecodeRunner {
         }
         let t0 = std::time::Instant::now();
         let shape = self.choose(need, cache.graph_epoch());
-        // A failed begin changes nothing.
-        if let Err(e) = cache.begin_padded_decode(&inputs, shape) {
-            return Ok(Decoded::Failed(e));
+        let b = shape.batch;
+        let mut words = vec![0u32; b * (1 + SAMPLE_PARAM_WORDS)];
+        for (r, &(_, tok, row)) in batch.iter().enumerate() {
+            words[r] = tok;
+            words[b + r * SAMPLE_PARAM_WORDS..][..SAMPLE_PARAM_WORDS].copy_from_slice(&row.words());
         }
+        // A failed begin changes nothing.
+        let inputs_dev = match cache.begin_padded_decode_with(&inputs, shape, &words) {
+            Ok(t) => t,
+            Err(e) => return Ok(Decoded::Failed(e)),
+        };
         let (replays, t1) = (self.counters.replays, std::time::Instant::now());
-        let ran = self.run(model, cache, shape, batch);
+        let ran = self.run(model, cache, shape, &inputs_dev);
         if self.counters.replays > replays {
             let c = &mut self.counters;
             c.replay_host_us += t0.elapsed().as_micros() as u64;
@@ -224,38 +232,28 @@ impl DecodeRunner {
         }
     }
 
-    /// Runs the padded step of `shape` and samples every row; returns the `[B]` u32
-    /// sampled ids (padding rows sample greedily, and are ignored).
+    /// Runs the padded step of `shape` over `inputs` (its token ids `[B]` then its
+    /// sampling rows `[B, 6]`, on the device) and samples every row; returns the `[B]`
+    /// u32 sampled ids (padding rows sample greedily, and are ignored).
     fn run(
         &mut self,
         model: &Llama,
         cache: &mut dyn SparseKvCache,
         shape: PaddedShape,
-        batch: &[(SeqId, u32, SampleRow)],
+        inputs: &Tensor,
     ) -> Result<Tensor> {
         let dev = model.device().clone();
         let b = shape.batch;
-        let mut words = vec![0u32; b * (1 + SAMPLE_PARAM_WORDS)];
-        for (r, &(_, tok, row)) in batch.iter().enumerate() {
-            words[r] = tok;
-            words[b + r * SAMPLE_PARAM_WORDS..][..SAMPLE_PARAM_WORDS].copy_from_slice(&row.words());
-        }
-        let (buf, out) = match self.inputs.get(&b) {
+        let out = match self.sampled.get(&b) {
             Some(t) => t.clone(),
             None => {
-                let t = (
-                    Tensor::zeros(words.len(), DType::U32, &dev)?,
-                    Tensor::zeros(b, DType::U32, &dev)?,
-                );
-                self.inputs.insert(b, t.clone());
+                let t = Tensor::zeros(b, DType::U32, &dev)?;
+                self.sampled.insert(b, t.clone());
                 t
             }
         };
-        let span = crate::host_timing::span("decode.ids");
-        buf.slice_set(&Tensor::from_vec(words, buf.dims1()?, &dev)?, 0, 0)?;
-        drop(span);
-        let ids = buf.narrow(0, 0, b)?;
-        let params = buf
+        let ids = inputs.narrow(0, 0, b)?;
+        let params = inputs
             .narrow(0, b, b * SAMPLE_PARAM_WORDS)?
             .reshape((b, SAMPLE_PARAM_WORDS))?;
         let step = |cache: &mut dyn SparseKvCache| -> Result<Tensor> {

@@ -15,7 +15,7 @@ const OP: &str = "expand_decode_plan";
 /// Offsets (in u32 words) of the inputs of a padded decode step of `b` rows, `layers`
 /// layers and `hkv` KV heads in one buffer. The host writes the first
 /// [`host_words`](Self::host_words) every step (`queries`, `kv_limit`, `row0`, `owners`,
-/// `positions`, `runs`);
+/// `positions`, `runs`, then `extra_len` words of the caller's at `extra`);
 /// [`expand_decode_plan`] computes `dst`, `dst_slots`, `dst_rows` and `table_rows`; `none`
 /// and `page_ids` are constants written once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +40,11 @@ pub struct PlanWords {
     /// `[b, 4]` runs table `(owner, position, n, row)` of the rows (`n` = 1, or 0 for
     /// padding rows), the form algorithms' device ops read.
     pub runs: usize,
+    /// `[extra_len]` words the caller uploads with the step's own (e.g. the engine's token
+    /// ids and sampling rows; see `SparseKvCache::begin_padded_decode_with`).
+    pub extra: usize,
+    /// Words at `extra`.
+    pub extra_len: usize,
     /// `[L, b, Hkv]` host destination `slot · P + row` of each new token.
     pub dst: usize,
     /// `[L, b, Hkv]` host slot of each destination.
@@ -59,8 +64,13 @@ pub struct PlanWords {
 impl PlanWords {
     /// The layout for `b` rows, `layers` layers, `hkv` KV heads and `pages` logical pages.
     pub fn new(b: usize, layers: usize, hkv: usize, pages: usize) -> Self {
+        Self::with_extra(b, layers, hkv, pages, 0)
+    }
+
+    /// [`new`](Self::new) with `extra_len` words of the caller's among the host words.
+    pub fn with_extra(b: usize, layers: usize, hkv: usize, pages: usize, extra_len: usize) -> Self {
         let plane = layers * b * hkv;
-        let dst = 10 * b;
+        let dst = 10 * b + extra_len;
         let none = dst + 4 * plane;
         Self {
             b,
@@ -72,6 +82,8 @@ impl PlanWords {
             owners: 4 * b,
             positions: 5 * b,
             runs: 6 * b,
+            extra: 10 * b,
+            extra_len,
             dst,
             dst_slots: dst + plane,
             dst_rows: dst + 2 * plane,

@@ -33,6 +33,7 @@ pub mod side_stream;
 pub mod tier_copy;
 pub mod tiered_attention;
 pub mod topk;
+pub mod upload;
 pub(crate) mod util;
 
 pub use append::{paged_append, paged_append_with_minmax, quest_meta_update};
@@ -60,6 +61,7 @@ pub use side_stream::SideStream;
 pub use tier_copy::copy_pages;
 pub use tiered_attention::{tiered_attention_fused, tiered_paged_attention};
 pub use topk::topk_indices;
+pub use upload::StagedUpload;
 
 /// Tuning and test knobs of the CUDA backend (feature `cuda`), and the device-only
 /// helper that turns a top-k selection into page pairs.
