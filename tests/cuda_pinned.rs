@@ -9,6 +9,7 @@
 //! attention over host pages; equal to the same op over the pool as a GPU tensor, and
 //! within the tolerances of tests/cuda_ops.rs of the CPU op; an all-NONE list gives
 //! `EMPTY_LSE` and merges away). The tests written for them skip when no GPU is present.
+//! And `ops::StagedUpload`: back-to-back writes through its pinned staging land in order.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -379,4 +380,39 @@ fn dropping_the_pool_waits_for_its_kernels() {
     if let Device::Cuda(c) = &gpu {
         c.cuda_stream().context().check_err().unwrap();
     }
+}
+
+/// `ops::StagedUpload` on CUDA: many writes back to back with no synchronization (each
+/// must wait for the previous copy to have read the staging words before overwriting
+/// them), into a view at an offset of a poisoned buffer; the words past the view stay.
+#[test]
+fn staged_uploads_back_to_back_land_in_order() {
+    let Some(dev) = gpu_or_skip() else { return };
+    let n = 4099;
+    let dst = Tensor::full(NONE, n + 5, &dev).unwrap();
+    let view = dst.narrow(0, 3, n).unwrap();
+    let mut up = ops::StagedUpload::new(n, &dev).unwrap();
+    let words = |k: u32| -> Vec<u32> { (0..n as u32).map(|i| i.wrapping_mul(2654435761) ^ k).collect() };
+    // Each write is followed by a device copy of the buffer, so every write's words are
+    // read by the stream before the next write lands.
+    let mut seen = Vec::new();
+    for k in 0..16 {
+        up.write(&view, &words(k)).unwrap();
+        seen.push(view.copy().unwrap());
+    }
+    for (k, t) in seen.iter().enumerate() {
+        assert_eq!(t.to_vec1::<u32>().unwrap(), words(k as u32), "write {k}");
+    }
+    let all = dst.to_vec1::<u32>().unwrap();
+    assert!(
+        all[..3].iter().chain(&all[3 + n..]).all(|&x| x == NONE),
+        "outside the view untouched"
+    );
+    let e = up.write(&view, &words(0)[..n - 1]).unwrap_err().to_string();
+    assert!(
+        e.contains("StagedUpload::write") && e.contains("exactly 4099 words"),
+        "{e}"
+    );
+    let cpu = Tensor::zeros(n, DType::U32, &Device::Cpu).unwrap();
+    assert!(up.write(&cpu, &words(0)).is_err(), "a CUDA upload refuses a CPU buffer");
 }

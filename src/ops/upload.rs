@@ -138,3 +138,40 @@ impl InplaceOp1 for Copy<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_the_words_in_place_and_names_bad_input() {
+        let dev = Device::Cpu;
+        let dst = Tensor::full(7u32, 6, &dev).unwrap();
+        let mut up = StagedUpload::new(4, &dev).unwrap();
+        up.write(&dst, &[1, 2, 3, 4]).unwrap();
+        up.write(&dst, &[5, 6, 7, 8]).unwrap();
+        assert_eq!(
+            dst.to_vec1::<u32>().unwrap(),
+            [5, 6, 7, 8, 7, 7],
+            "the tail is untouched"
+        );
+        // A view at an offset is written at its offset.
+        let tail = dst.narrow(0, 2, 4).unwrap();
+        up.write(&tail, &[9, 9, 9, 9]).unwrap();
+        assert_eq!(dst.to_vec1::<u32>().unwrap(), [5, 6, 9, 9, 9, 9]);
+        for (words, t) in [
+            (vec![1u32; 3], dst.clone()),
+            (vec![1u32; 4], Tensor::zeros(3, DType::U32, &dev).unwrap()),
+            (vec![1u32; 4], Tensor::zeros(6, DType::F32, &dev).unwrap()),
+            (vec![1u32; 4], Tensor::zeros((2, 4), DType::U32, &dev).unwrap()),
+        ] {
+            let e = up.write(&t, &words).unwrap_err().to_string();
+            assert!(e.contains(OP) && e.contains("exactly 4 words"), "{e}");
+        }
+        assert_eq!(
+            dst.to_vec1::<u32>().unwrap(),
+            [5, 6, 9, 9, 9, 9],
+            "nothing written on errors"
+        );
+    }
+}
