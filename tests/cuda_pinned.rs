@@ -384,7 +384,8 @@ fn dropping_the_pool_waits_for_its_kernels() {
 
 /// `ops::StagedUpload` on CUDA: many writes back to back with no synchronization (each
 /// must wait for the previous copy to have read the staging words before overwriting
-/// them), into a view at an offset of a poisoned buffer; the words past the view stay.
+/// them), of varying lengths (the staging buffer grows from 16 words), into a view at an
+/// offset of a poisoned buffer; the words past each write stay.
 #[test]
 fn staged_uploads_back_to_back_land_in_order() {
     let Some(dev) = gpu_or_skip() else { return };

@@ -1,111 +1,154 @@
-//! [`StagedUpload`]: a fixed number of host words written into a persistent device
-//! buffer with one host-to-device copy. On CUDA the words go through a pinned staging
-//! buffer of their own (write-combined page-locked memory: one `cuMemcpyHtoDAsync` on the
-//! device's stream, no device allocation, no copy kernel); its next write waits for the
-//! copy that read it (the staging buffer's event), so the host never overwrites words
-//! still in flight. On the CPU the words are copied in place. `cpu_fwd` is the reference;
-//! `cuda_fwd` is the copy.
+//! [`StagedUpload`]: host words written into a persistent device buffer with one
+//! host-to-device copy. On CUDA the words go through a pinned staging buffer of the
+//! upload's own (write-combined page-locked memory, grown when a write needs more): one
+//! `cuMemcpyHtoDAsync` on the device's stream, no device allocation, no copy kernel, and
+//! never the stream synchronization a copy from pageable memory may cost. Before the host
+//! writes the staging buffer again it waits for the copy that read it (an event recorded
+//! after each copy), so words still in flight are never overwritten. On the CPU the words
+//! are copied in place. `cpu_fwd` is the reference; `cuda_fwd` is the copy.
 
 use crate::Result;
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 
 const OP: &str = "StagedUpload::write";
 
-/// Uploads of exactly `len` u32 words (see the module docs).
+/// Uploads of up to a growing number of u32 words (see the module docs).
 #[derive(Debug)]
 pub struct StagedUpload {
-    len: usize,
     #[cfg(feature = "cuda")]
-    pinned: Option<candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>>,
+    staging: Option<cuda::Staging>,
 }
 
 impl StagedUpload {
-    /// Uploads of `len` words to buffers on `device` (on CUDA, `len` words of pinned
-    /// staging memory are allocated now).
-    pub fn new(len: usize, device: &Device) -> Result<Self> {
+    /// Uploads to buffers on `device`; on CUDA, `capacity` words of pinned staging memory
+    /// are allocated now (more when a write needs it).
+    pub fn new(capacity: usize, device: &Device) -> Result<Self> {
         #[cfg(feature = "cuda")]
-        if let Device::Cuda(cuda) = device {
-            use candle_core::cuda_backend::WrapErr;
-            let ctx = cuda.cuda_stream().context().clone();
-            // SAFETY: the staging memory is written in full before each copy reads it.
-            let pinned = unsafe { ctx.alloc_pinned::<u32>(len.max(1)) }.w()?;
+        if let Device::Cuda(dev) = device {
             return Ok(Self {
-                len,
-                pinned: Some(pinned),
+                staging: Some(cuda::Staging::new(dev, capacity)?),
             });
         }
-        let _ = device;
+        let _ = (capacity, device);
         Ok(Self {
-            len,
             #[cfg(feature = "cuda")]
-            pinned: None,
+            staging: None,
         })
     }
 
-    /// Words per upload.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether uploads carry no words.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Writes `words` (exactly [`len`](Self::len) of them) into the first `len` elements
-    /// of `dst` (u32 `[n]`, contiguous, `n >= len`), in place on `dst`'s device: one
-    /// host-to-device copy, enqueued on CUDA (no host synchronization, except waiting for
-    /// this upload's previous copy to have read its staging words).
+    /// Writes `words` into the first `words.len()` elements of `dst` (u32 `[n]`,
+    /// contiguous, `n >= words.len()`), in place on `dst`'s device: one host-to-device
+    /// copy, enqueued on CUDA (the host waits only for this upload's previous copy to have
+    /// read its staging words, and on a first write larger than the staging buffer, for
+    /// that buffer to be replaced).
     pub fn write(&mut self, dst: &Tensor, words: &[u32]) -> Result<()> {
-        let ok = words.len() == self.len
-            && dst.dtype() == DType::U32
-            && dst.rank() == 1
-            && dst.dims()[0] >= self.len
-            && dst.is_contiguous();
+        let ok = dst.dtype() == DType::U32 && dst.rank() == 1 && dst.dims()[0] >= words.len() && dst.is_contiguous();
         if !ok {
             crate::invalid!(
                 OP,
-                "{} words into {:?} {:?}: expected exactly {} words and a contiguous u32 [n] with n >= {}",
+                "{} words into {:?} {:?}: expected a contiguous u32 [n] with n >= {}",
                 words.len(),
                 dst.dims(),
                 dst.dtype(),
-                self.len,
-                self.len
+                words.len()
             );
         }
-        if self.len == 0 {
+        if words.is_empty() {
             return Ok(());
         }
-        crate::fault::device_call(OP)?;
         #[cfg(feature = "cuda")]
-        if let Some(pinned) = self.pinned.as_mut() {
-            use candle_core::cuda_backend::WrapErr;
+        if let Some(staging) = self.staging.as_mut() {
             if !dst.device().is_cuda() {
                 crate::invalid!(OP, "this upload stages for a CUDA device; dst is on {:?}", dst.device());
             }
-            pinned.as_mut_slice().w()?.copy_from_slice(words);
+            crate::fault::device_call(OP)?;
+            let host = staging.stage(words)?;
             dst.inplace_op1(&Copy {
                 words,
-                pinned: Some(&*pinned),
+                staging: Some(host),
             })?;
             return Ok(());
         }
         if dst.device().is_cuda() {
             crate::invalid!(OP, "this upload was made for the CPU; dst is on {:?}", dst.device());
         }
+        crate::fault::device_call(OP)?;
         dst.inplace_op1(&Copy {
             words,
             #[cfg(feature = "cuda")]
-            pinned: None,
+            staging: None,
         })?;
         Ok(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::Result;
+    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use std::sync::Arc;
+
+    /// Pinned staging words and the event recorded after the copy that last read them.
+    #[derive(Debug)]
+    pub(super) struct Staging {
+        pinned: PinnedHostSlice<u32>,
+        event: CudaEvent,
+        stream: Arc<CudaStream>,
+    }
+
+    /// The staged words of one write, for the copy: valid until the copy is enqueued (the
+    /// copy records the event that the next [`Staging::stage`] waits for).
+    pub(super) struct Staged<'a> {
+        pub(super) words: &'a [u32],
+        pub(super) event: &'a CudaEvent,
+        pub(super) stream: &'a Arc<CudaStream>,
+    }
+
+    impl Staging {
+        pub(super) fn new(dev: &CudaDevice, capacity: usize) -> Result<Self> {
+            let stream = dev.cuda_stream();
+            let ctx = stream.context().clone();
+            // SAFETY: staging words are written before any copy reads them.
+            let pinned = unsafe { ctx.alloc_pinned::<u32>(capacity.max(1)) }.w()?;
+            let event = ctx.new_event(None).w()?;
+            Ok(Self { pinned, event, stream })
+        }
+
+        /// Waits for the previous copy, grows the buffer if `words` do not fit, and
+        /// copies them in.
+        pub(super) fn stage(&mut self, words: &[u32]) -> Result<Staged<'_>> {
+            self.event.synchronize().w()?;
+            if words.len() > self.pinned.len() {
+                let ctx = self.stream.context().clone();
+                // SAFETY: as in `new`; the old buffer's last copy is done (waited above).
+                self.pinned = unsafe { ctx.alloc_pinned::<u32>(words.len().max(2 * self.pinned.len())) }.w()?;
+            }
+            // No copy through cudarc reads `pinned`, so its own event is never recorded
+            // and this does not wait.
+            let host = &mut self.pinned.as_mut_slice().w()?[..words.len()];
+            host.copy_from_slice(words);
+            Ok(Staged {
+                words: &self.pinned.as_slice().w()?[..words.len()],
+                event: &self.event,
+                stream: &self.stream,
+            })
+        }
+    }
+
+    impl Drop for Staging {
+        fn drop(&mut self) {
+            // The pinned words must outlive the copy that reads them.
+            let ctx = self.stream.context().clone();
+            ctx.record_err(self.event.synchronize());
+        }
     }
 }
 
 struct Copy<'a> {
     words: &'a [u32],
     #[cfg(feature = "cuda")]
-    pinned: Option<&'a candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>>,
+    staging: Option<cuda::Staged<'a>>,
 }
 
 impl InplaceOp1 for Copy<'_> {
@@ -123,18 +166,23 @@ impl InplaceOp1 for Copy<'_> {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> candle_core::Result<()> {
-        let Some(pinned) = self.pinned else {
+        use candle_core::cuda_backend::cudarc::driver::{result, DevicePtrMut};
+        use candle_core::cuda_backend::WrapErr;
+        let Some(st) = self.staging.as_ref() else {
             candle_core::bail!("{OP}: no staging buffer for a CUDA destination");
         };
         let Some((o0, _)) = l.contiguous_offsets() else {
             candle_core::bail!("{OP}: dst must be contiguous");
         };
-        let stream = s.device.cuda_stream();
         let slice = s.as_cuda_slice_mut::<u32>()?;
-        let mut view = slice.slice_mut(o0..o0 + pinned.len());
-        stream
-            .memcpy_htod(pinned, &mut view)
-            .map_err(candle_core::Error::wrap)?;
+        let (base, _sync) = slice.device_ptr_mut(st.stream);
+        let at = base + (o0 * std::mem::size_of::<u32>()) as u64;
+        // SAFETY: `at` is element `o0` of a u32 device buffer with at least
+        // `st.words.len()` elements from there (checked by `write`), and `st.words` lives
+        // in pinned memory that is not written again before `st.event`, recorded right
+        // after the copy on the same stream, has completed.
+        unsafe { result::memcpy_htod_async(at, st.words, st.stream.cu_stream()) }.w()?;
+        st.event.record(st.stream).w()?;
         Ok(())
     }
 }
@@ -148,25 +196,26 @@ mod tests {
         let dev = Device::Cpu;
         let dst = Tensor::full(7u32, 6, &dev).unwrap();
         let mut up = StagedUpload::new(4, &dev).unwrap();
-        up.write(&dst, &[1, 2, 3, 4]).unwrap();
+        up.write(&dst, &[1, 2, 3, 4, 1]).unwrap();
         up.write(&dst, &[5, 6, 7, 8]).unwrap();
         assert_eq!(
             dst.to_vec1::<u32>().unwrap(),
-            [5, 6, 7, 8, 7, 7],
-            "the tail is untouched"
+            [5, 6, 7, 8, 1, 7],
+            "past the words untouched"
         );
         // A view at an offset is written at its offset.
         let tail = dst.narrow(0, 2, 4).unwrap();
         up.write(&tail, &[9, 9, 9, 9]).unwrap();
         assert_eq!(dst.to_vec1::<u32>().unwrap(), [5, 6, 9, 9, 9, 9]);
+        up.write(&tail, &[]).unwrap();
         for (words, t) in [
-            (vec![1u32; 3], dst.clone()),
+            (vec![1u32; 7], dst.clone()),
             (vec![1u32; 4], Tensor::zeros(3, DType::U32, &dev).unwrap()),
             (vec![1u32; 4], Tensor::zeros(6, DType::F32, &dev).unwrap()),
             (vec![1u32; 4], Tensor::zeros((2, 4), DType::U32, &dev).unwrap()),
         ] {
             let e = up.write(&t, &words).unwrap_err().to_string();
-            assert!(e.contains(OP) && e.contains("exactly 4 words"), "{e}");
+            assert!(e.contains(OP) && e.contains(&format!("n >= {}", words.len())), "{e}");
         }
         assert_eq!(
             dst.to_vec1::<u32>().unwrap(),
