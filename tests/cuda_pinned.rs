@@ -392,28 +392,29 @@ fn staged_uploads_back_to_back_land_in_order() {
     let n = 4099;
     let dst = Tensor::full(NONE, n + 5, &dev).unwrap();
     let view = dst.narrow(0, 3, n).unwrap();
-    let mut up = ops::StagedUpload::new(n, &dev).unwrap();
-    let words = |k: u32| -> Vec<u32> { (0..n as u32).map(|i| i.wrapping_mul(2654435761) ^ k).collect() };
+    let mut up = ops::StagedUpload::new("test upload", 16, &dev).unwrap();
+    let len = |k: u32| [n, 5, 1000, n - 1][k as usize % 4];
+    let words = |k: u32| -> Vec<u32> { (0..len(k) as u32).map(|i| i.wrapping_mul(2654435761) ^ k).collect() };
     // Each write is followed by a device copy of the buffer, so every write's words are
-    // read by the stream before the next write lands.
+    // read by the stream before the next write lands; the host keeps what it wrote.
+    let mut want = vec![NONE; n];
     let mut seen = Vec::new();
     for k in 0..16 {
-        up.write(&view, &words(k)).unwrap();
-        seen.push(view.copy().unwrap());
+        let w = words(k);
+        up.write(&view, &w).unwrap();
+        want[..w.len()].copy_from_slice(&w);
+        seen.push((view.copy().unwrap(), want.clone()));
     }
-    for (k, t) in seen.iter().enumerate() {
-        assert_eq!(t.to_vec1::<u32>().unwrap(), words(k as u32), "write {k}");
+    for (k, (t, want)) in seen.iter().enumerate() {
+        assert_eq!(&t.to_vec1::<u32>().unwrap(), want, "write {k}");
     }
     let all = dst.to_vec1::<u32>().unwrap();
     assert!(
         all[..3].iter().chain(&all[3 + n..]).all(|&x| x == NONE),
         "outside the view untouched"
     );
-    let e = up.write(&view, &words(0)[..n - 1]).unwrap_err().to_string();
-    assert!(
-        e.contains("StagedUpload::write") && e.contains("exactly 4099 words"),
-        "{e}"
-    );
+    let e = up.write(&view, &vec![1; n + 1]).unwrap_err().to_string();
+    assert!(e.contains("test upload") && e.contains("n >= 4100"), "{e}");
     let cpu = Tensor::zeros(n, DType::U32, &Device::Cpu).unwrap();
     assert!(up.write(&cpu, &words(0)).is_err(), "a CUDA upload refuses a CPU buffer");
 }

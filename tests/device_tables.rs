@@ -309,14 +309,14 @@ fn incremental_device_tables_match_a_fresh_upload_on_cuda() {
     }
 }
 
-/// A write that fails on the device (an injected failure of either of the two fills or
-/// the two scatters) keeps the change log: the next `apply` writes everything, and the
+/// A write that fails on the device (an injected failure of either of the two fills, the
+/// pairs' upload or the two scatters) keeps the change log: the next `apply` writes everything, and the
 /// mirror matches.
 #[cfg(feature = "fault-injection")]
 #[test]
 fn apply_keeps_its_change_log_when_a_scatter_fails() {
     use spinkv::fault;
-    for nth in [1, 2, 3, 4] {
+    for nth in [1, 2, 3, 4, 5] {
         let mut t = PageTables::new(2, 2);
         let mut dt = DeviceTables::with_capacity(8, 4, 16, 4, &Device::Cpu).unwrap();
         // A sequence mirrored, then removed: its rows and leaves are filled by the apply

@@ -141,7 +141,7 @@ impl SpinCache {
             }
             let bufs = PaddedBuffers {
                 words: Tensor::from_vec(init, lay.total, &dev)?,
-                upload: StagedUpload::new(lay.host_words(), &dev)?,
+                upload: StagedUpload::new(OP, lay.host_words(), &dev)?,
                 extra_len: extra.len(),
                 rope: Tensor::zeros((2, b, half), self.cfg.dtype, &dev)?,
                 rounds: 0,

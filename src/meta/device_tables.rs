@@ -7,15 +7,16 @@
 //! Two ways to fill it: [`DeviceTables::upload`] copies a snapshot sized to the tables;
 //! [`DeviceTables::with_capacity`] preallocates fixed-size tables that
 //! [`DeviceTables::apply`] keeps in step with a [`PageTables`] by writing only the entries
-//! that changed (its change log, [`PageTables::take_changes`]): one small host-to-device
-//! upload of (flat index, value) pairs and one scatter launch per table, after one fill
+//! that changed (its change log, [`PageTables::take_changes`]): one host-to-device copy
+//! of (flat index, value) pairs for both tables, from pinned staging into a device buffer
+//! the tables keep ([`StagedUpload`]), and one scatter launch per table, after one fill
 //! launch per table for whole rows emptied (a removed sequence's directory rows and
 //! leaves), no host synchronization. Sequences get directory rows by [`DeviceTables::add_sequence`] (freed
 //! rows are reused).
 
 use super::page_table::{LeafChange, PageTables, LEAF_PAGES};
 use crate::ops::page_table::{fill_rows, scatter};
-use crate::ops::{page_slots, NONE};
+use crate::ops::{page_slots, StagedUpload, NONE};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use foldhash::{HashSet, HashSetExt};
@@ -44,6 +45,44 @@ pub struct DeviceTables {
     /// already taken its (newest) write of (a hash set cost half of a step where 64
     /// sequences start a page together).
     taken: Vec<u64>,
+    /// The applies' (index, value) pairs on their way to the device.
+    stage: Stage,
+}
+
+/// A device buffer of u32 words and the staged upload that writes it (created on first
+/// use; a clone of the tables starts without, and stages through buffers of its own).
+#[derive(Debug, Default)]
+struct Stage {
+    upload: Option<StagedUpload>,
+    buf: Option<Tensor>,
+}
+
+impl Clone for Stage {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl Stage {
+    /// `words` written into the first `words.len()` words of the buffer on `device` (grown
+    /// first when too small): one host-to-device copy. Returns the buffer.
+    fn write(&mut self, words: &[u32], device: &Device) -> Result<Tensor> {
+        let upload = match self.upload.as_mut() {
+            Some(u) => u,
+            None => self.upload.insert(StagedUpload::new(APPLY, words.len(), device)?),
+        };
+        let buf = match &self.buf {
+            Some(b) if b.dims()[0] >= words.len() => b.clone(),
+            old => {
+                let len = words.len().max(2 * old.as_ref().map_or(0, |b| b.dims()[0])).max(256);
+                let b = Tensor::zeros(len, candle_core::DType::U32, device)?;
+                self.buf = Some(b.clone());
+                b
+            }
+        };
+        upload.write(&buf, words)?;
+        Ok(buf)
+    }
 }
 
 impl DeviceTables {
@@ -83,6 +122,7 @@ impl DeviceTables {
             next_row: 0,
             pending_rows: Vec::new(),
             taken: Vec::new(),
+            stage: Stage::default(),
         })
     }
 
@@ -138,10 +178,10 @@ impl DeviceTables {
     /// them all again.
     ///
     /// Whole rows emptied (freed directory rows, leaves of removed sequences) are listed
-    /// by row and set to `NONE` by one fill kernel per table; the other writes are
-    /// uploaded as `[n, 2]` u32 (flat index, value) tensors (an async copy from pageable
-    /// host memory, staged by the driver) and applied after the fills by a scatter kernel
-    /// on the tables' stream: no host synchronization.
+    /// by row and set to `NONE` by one fill kernel per table; the other writes of both
+    /// tables go to the device as (flat index, value) pairs in one copy from pinned
+    /// staging ([`StagedUpload`]) and are applied after the fills by a scatter kernel per
+    /// table on the tables' stream: no host synchronization.
     pub fn apply(&mut self, tables: &mut PageTables) -> Result<()> {
         if tables.dirs_per_seq() != self.dirs_per_seq {
             crate::invalid!(
@@ -162,8 +202,15 @@ impl DeviceTables {
         let applied = writes.and_then(|w| {
             fill_rows(&self.directory, &self.pending_rows, NONE)?;
             fill_rows(&self.leaves, &w.emptied_leaves, NONE)?;
-            scatter(&self.directory, w.dir)?;
-            scatter(&self.leaves, w.leaves)
+            let (nd, nl) = (w.dir.len(), w.leaves.len());
+            if nd + nl == 0 {
+                return Ok(());
+            }
+            let flat: Vec<u32> = w.dir.iter().chain(&w.leaves).flat_map(|&(i, v)| [i, v]).collect();
+            let pairs = self.stage.write(&flat, self.directory.device())?;
+            let part = |at: usize, n: usize| -> Result<Tensor> { Ok(pairs.narrow(0, 2 * at, 2 * n)?.reshape((n, 2))?) };
+            scatter(&self.directory, &part(0, nd)?)?;
+            scatter(&self.leaves, &part(nd, nl)?)
         });
         match applied {
             Ok(()) => {
@@ -321,6 +368,7 @@ impl DeviceTables {
             free_rows: Vec::new(),
             pending_rows: Vec::new(),
             taken: Vec::new(),
+            stage: Stage::default(),
         })
     }
 

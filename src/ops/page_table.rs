@@ -10,17 +10,33 @@ use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp2, Layout, Shape, Tenso
 
 const OP: &str = "page_slots";
 
-/// `table.flatten()[i] = v` for every `(i, v)` of `writes` (distinct indices), in place on
-/// the table's device.
-pub(crate) fn scatter(table: &Tensor, writes: Vec<(u32, u32)>) -> Result<()> {
-    if writes.is_empty() {
+/// `table.flatten()[i] = v` for every row `(i, v)` of `pairs` (u32 `[n, 2]`, contiguous,
+/// on the table's device; distinct indices), in place on the table's device. Indices past
+/// the table are skipped.
+pub(crate) fn scatter(table: &Tensor, pairs: &Tensor) -> Result<()> {
+    let ok = pairs.rank() == 2
+        && pairs.dims()[1] == 2
+        && pairs.dtype() == DType::U32
+        && table.dtype() == DType::U32
+        && pairs.is_contiguous()
+        && pairs.device().same_device(table.device());
+    if !ok {
+        crate::invalid!(
+            "scatter",
+            "pairs {:?} {:?} on {:?} into table {:?} {:?}: expected contiguous u32 [n, 2] on the table's device \
+             and a u32 table",
+            pairs.dims(),
+            pairs.dtype(),
+            pairs.device().location(),
+            table.dims(),
+            table.dtype()
+        );
+    }
+    if pairs.dims()[0] == 0 {
         return Ok(());
     }
     crate::fault::device_call("DeviceTables::apply")?;
-    let n = writes.len();
-    let flat: Vec<u32> = writes.into_iter().flat_map(|(i, v)| [i, v]).collect();
-    let w = Tensor::from_vec(flat, (n, 2), table.device())?;
-    table.inplace_op2(&w, &ScatterU32)?;
+    table.inplace_op2(pairs, &ScatterU32)?;
     Ok(())
 }
 

@@ -10,27 +10,29 @@
 use crate::Result;
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 
-const OP: &str = "StagedUpload::write";
-
-/// Uploads of up to a growing number of u32 words (see the module docs).
+/// Uploads of up to a growing number of u32 words (see the module docs). Errors name the
+/// op given to [`new`](Self::new) (the owner's), with the shapes.
 #[derive(Debug)]
 pub struct StagedUpload {
+    op: &'static str,
     #[cfg(feature = "cuda")]
     staging: Option<cuda::Staging>,
 }
 
 impl StagedUpload {
-    /// Uploads to buffers on `device`; on CUDA, `capacity` words of pinned staging memory
-    /// are allocated now (more when a write needs it).
-    pub fn new(capacity: usize, device: &Device) -> Result<Self> {
+    /// Uploads for `op` (named by its errors) to buffers on `device`; on CUDA, `capacity`
+    /// words of pinned staging memory are allocated now (more when a write needs it).
+    pub fn new(op: &'static str, capacity: usize, device: &Device) -> Result<Self> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = device {
             return Ok(Self {
+                op,
                 staging: Some(cuda::Staging::new(dev, capacity)?),
             });
         }
         let _ = (capacity, device);
         Ok(Self {
+            op,
             #[cfg(feature = "cuda")]
             staging: None,
         })
@@ -42,10 +44,11 @@ impl StagedUpload {
     /// read its staging words, and on a first write larger than the staging buffer, for
     /// that buffer to be replaced).
     pub fn write(&mut self, dst: &Tensor, words: &[u32]) -> Result<()> {
+        let op = self.op;
         let ok = dst.dtype() == DType::U32 && dst.rank() == 1 && dst.dims()[0] >= words.len() && dst.is_contiguous();
         if !ok {
             crate::invalid!(
-                OP,
+                op,
                 "{} words into {:?} {:?}: expected a contiguous u32 [n] with n >= {}",
                 words.len(),
                 dst.dims(),
@@ -59,21 +62,23 @@ impl StagedUpload {
         #[cfg(feature = "cuda")]
         if let Some(staging) = self.staging.as_mut() {
             if !dst.device().is_cuda() {
-                crate::invalid!(OP, "this upload stages for a CUDA device; dst is on {:?}", dst.device());
+                crate::invalid!(op, "this upload stages for a CUDA device; dst is on {:?}", dst.device());
             }
-            crate::fault::device_call(OP)?;
+            crate::fault::device_call(op)?;
             let host = staging.stage(words)?;
             dst.inplace_op1(&Copy {
+                op,
                 words,
                 staging: Some(host),
             })?;
             return Ok(());
         }
         if dst.device().is_cuda() {
-            crate::invalid!(OP, "this upload was made for the CPU; dst is on {:?}", dst.device());
+            crate::invalid!(op, "this upload was made for the CPU; dst is on {:?}", dst.device());
         }
-        crate::fault::device_call(OP)?;
+        crate::fault::device_call(op)?;
         dst.inplace_op1(&Copy {
+            op,
             words,
             #[cfg(feature = "cuda")]
             staging: None,
@@ -146,6 +151,7 @@ mod cuda {
 }
 
 struct Copy<'a> {
+    op: &'static str,
     words: &'a [u32],
     #[cfg(feature = "cuda")]
     staging: Option<cuda::Staged<'a>>,
@@ -158,7 +164,7 @@ impl InplaceOp1 for Copy<'_> {
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
         let (CpuStorage::U32(d), Some((o0, _))) = (s, l.contiguous_offsets()) else {
-            candle_core::bail!("{OP}: dst must be contiguous u32");
+            candle_core::bail!("{}: dst must be contiguous u32", self.op);
         };
         d[o0..o0 + self.words.len()].copy_from_slice(self.words);
         Ok(())
@@ -169,10 +175,10 @@ impl InplaceOp1 for Copy<'_> {
         use candle_core::cuda_backend::cudarc::driver::{result, DevicePtrMut};
         use candle_core::cuda_backend::WrapErr;
         let Some(st) = self.staging.as_ref() else {
-            candle_core::bail!("{OP}: no staging buffer for a CUDA destination");
+            candle_core::bail!("{}: no staging buffer for a CUDA destination", self.op);
         };
         let Some((o0, _)) = l.contiguous_offsets() else {
-            candle_core::bail!("{OP}: dst must be contiguous");
+            candle_core::bail!("{}: dst must be contiguous", self.op);
         };
         let slice = s.as_cuda_slice_mut::<u32>()?;
         let (base, _sync) = slice.device_ptr_mut(st.stream);
@@ -195,7 +201,7 @@ mod tests {
     fn writes_the_words_in_place_and_names_bad_input() {
         let dev = Device::Cpu;
         let dst = Tensor::full(7u32, 6, &dev).unwrap();
-        let mut up = StagedUpload::new(4, &dev).unwrap();
+        let mut up = StagedUpload::new("test upload", 4, &dev).unwrap();
         up.write(&dst, &[1, 2, 3, 4, 1]).unwrap();
         up.write(&dst, &[5, 6, 7, 8]).unwrap();
         assert_eq!(
@@ -215,7 +221,10 @@ mod tests {
             (vec![1u32; 4], Tensor::zeros((2, 4), DType::U32, &dev).unwrap()),
         ] {
             let e = up.write(&t, &words).unwrap_err().to_string();
-            assert!(e.contains(OP) && e.contains(&format!("n >= {}", words.len())), "{e}");
+            assert!(
+                e.contains("test upload") && e.contains(&format!("n >= {}", words.len())),
+                "{e}"
+            );
         }
         assert_eq!(
             dst.to_vec1::<u32>().unwrap(),
