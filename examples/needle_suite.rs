@@ -190,6 +190,7 @@ fn run_cell(
         } else {
             DecodeMode::Auto
         },
+        ..EngineConfig::default()
     };
     let mut eng = Engine::new(lm.model.clone(), Box::new(cache), Some(lm.tokenizer.clone()), cfg)?;
     let t0 = Instant::now();

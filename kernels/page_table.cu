@@ -25,13 +25,17 @@ extern "C" __global__ void page_slots(const u32* __restrict__ directory, const u
 
 // Lookup of a grid of queries: out[g * k + j] = slot of (rows[g], pages[g * k + j]), or of
 // (rows[g], j) when pages is null (every page of each row). Same rules as page_slots.
+// With `limit` (nullable): grid row g holds ceil(limit[g / group] / page_size) pages;
+// pages from there on give NONE (a sequence's pages held past its length).
 extern "C" __global__ void page_slots_grid(const u32* __restrict__ directory, const u32* __restrict__ leaves,
                                            const u32* __restrict__ row_of, const u32* __restrict__ pages,
                                            u32* __restrict__ out, int n, int k, u32 rows, u32 max_leaves,
-                                           u32 n_leaves) {
+                                           u32 n_leaves, const u32* __restrict__ limit, int group,
+                                           u32 page_size) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     const u32 page = pages ? pages[i] : (u32)(i % k);
-    out[i] = slot_of(directory, leaves, row_of[i / k], page, rows, max_leaves, n_leaves);
+    const bool past = limit != nullptr && (u64)page * page_size >= (u64)limit[(i / k) / group];
+    out[i] = past ? SPIN_NONE : slot_of(directory, leaves, row_of[i / k], page, rows, max_leaves, n_leaves);
   }
 }
 

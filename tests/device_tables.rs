@@ -83,7 +83,8 @@ fn check(device: &Device) {
 }
 
 /// `lookup_grid` (implicit pages 0..K, and explicit pages with NONE and out-of-range
-/// entries) against `PageTables::get`, rows including a NONE and an out-of-range row.
+/// entries) against `PageTables::get`, rows including a NONE and an out-of-range row; and
+/// `lookup_grid_limited`, each row's pages cut at a token limit.
 fn check_grid(t: &PageTables, dt: &DeviceTables, device: &Device, seed: u64) {
     let cpu = |x: Tensor| {
         x.to_device(&Device::Cpu)
@@ -123,10 +124,52 @@ fn check_grid(t: &PageTables, dt: &DeviceTables, device: &Device, seed: u64) {
     let got = cpu(dt.lookup_grid(&rt, Some(&pt), k).unwrap());
     let want: Vec<u32> = (0..g * k).map(|i| slot(i / k, pages[i])).collect();
     assert_eq!(got, want, "seed {seed} explicit grid on {:?}", device.location());
-    // A pages tensor of the wrong shape is a clear error naming the op.
+    // Limited: pairs of grid rows share a token limit (0, odd counts, past every page);
+    // their pages from ceil(limit / 8) on give NONE.
+    let (group, p) = (2, 8);
+    let g2 = g - g % group;
+    let rt2 = Tensor::from_vec(rows[..g2].to_vec(), g2, device).unwrap();
+    let limits: Vec<u32> = (0..g2 / group)
+        .map(|j| [0, 1, 8, 9, 100, 5000][(j + seed as usize) % 6])
+        .collect();
+    let lt = Tensor::from_vec(limits.clone(), g2 / group, device).unwrap();
+    let limit = spinkv::ops::GridLimit {
+        tokens: &lt,
+        group,
+        page_size: p,
+    };
+    let cut = |i: usize, page: u32| {
+        if page != NONE && page as usize * p >= limits[i / k / group] as usize {
+            NONE
+        } else {
+            slot(i / k, page)
+        }
+    };
+    let got = cpu(dt.lookup_grid_limited(&rt2, None, k, limit).unwrap());
+    let want: Vec<u32> = (0..g2 * k).map(|i| cut(i, (i % k) as u32)).collect();
+    assert_eq!(
+        got,
+        want,
+        "seed {seed} limited implicit grid on {:?}",
+        device.location()
+    );
+    let pt2 = Tensor::from_vec(pages[..g2 * k].to_vec(), (g2, k), device).unwrap();
+    let got = cpu(dt.lookup_grid_limited(&rt2, Some(&pt2), k, limit).unwrap());
+    let want: Vec<u32> = (0..g2 * k).map(|i| cut(i, pages[i])).collect();
+    assert_eq!(
+        got,
+        want,
+        "seed {seed} limited explicit grid on {:?}",
+        device.location()
+    );
+    // A pages tensor of the wrong shape, or limits that do not cover the rows, are clear
+    // errors naming the op.
     let bad = Tensor::from_vec(vec![0u32; g], g, device).unwrap();
     let e = dt.lookup_grid(&rt, Some(&bad), k).unwrap_err().to_string();
     assert!(e.contains("page_slots_grid"), "{e}");
+    let short = spinkv::ops::GridLimit { group: 3, ..limit };
+    let e = dt.lookup_grid_limited(&rt2, None, k, short).unwrap_err().to_string();
+    assert!(e.contains("page_slots_grid") && e.contains("group 3"), "{e}");
 }
 
 #[test]

@@ -175,6 +175,41 @@ fn padded_seeded_sampling_matches_eager() {
     assert_ne!(eager, greedy, "sampled, not greedy");
 }
 
+/// `EngineConfig::reserve_pages` (the default) gives each admitted request its pages for
+/// prompt + `max_new_tokens` at once: the same tokens as allocating on demand, in padded
+/// and eager decode steps, no page allocated by any later step, and every page freed.
+#[test]
+fn reserved_pages_change_no_token() {
+    use spinkv::engine::DecodeMode;
+    let ps = prompts();
+    for mode in [DecodeMode::Padded, DecodeMode::Eager] {
+        let run = |reserve_pages: bool| {
+            let cfg = EngineConfig {
+                decode_mode: mode,
+                reserve_pages,
+                ..EngineConfig::default()
+            };
+            let mut e = engine("quest", 2048, cfg);
+            let hs: Vec<_> = (0..3).map(|i| e.submit(fixed(&ps[i], N)).unwrap()).collect();
+            e.step().unwrap();
+            let held = e.cache().pool_usage().host_used;
+            let mut grew = false;
+            while e.has_work() {
+                e.step().unwrap();
+                grew |= e.cache().pool_usage().host_used > held;
+            }
+            let tokens: Vec<Vec<u32>> = hs.into_iter().map(|h| drain(h).0.tokens).collect();
+            assert_eq!(e.cache().pool_usage().host_used, 0, "every page freed");
+            (tokens, held, grew)
+        };
+        let (on, held_on, grew_on) = run(true);
+        let (off, held_off, grew_off) = run(false);
+        assert_eq!(on, off, "{mode:?}: reserving changes no token");
+        assert!(!grew_on && grew_off, "{mode:?}: only on-demand steps allocate pages");
+        assert!(held_on > held_off, "{mode:?}: admission holds the decode pages");
+    }
+}
+
 #[test]
 fn chunked_prefill_changes_nothing() {
     let ps = prompts();

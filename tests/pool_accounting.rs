@@ -1,5 +1,5 @@
-//! Pool accounting under random add / append / abort / remove sequences, in both page
-//! layouts: no page leaked, no slot owned twice, everything freed when all sequences are
+//! Pool accounting under random add / reserve / append / abort / remove sequences, in
+//! both page layouts: no page leaked, no slot owned twice, everything freed when all sequences are
 //! removed; a full pool is back-pressure that leaves the cache unchanged.
 
 #![allow(
@@ -60,6 +60,21 @@ fn random_workloads_never_leak_or_double_own() {
                 2 if !live.is_empty() => {
                     let i = r.random_range(0..live.len());
                     cache.remove_sequence(live.swap_remove(i)).unwrap();
+                }
+                // Pages held ahead of the length (sometimes more than the pool has left).
+                3 if !live.is_empty() && r.random_bool(0.5) => {
+                    let seq = live[r.random_range(0..live.len())];
+                    let tokens = cache.sequence_len(seq).unwrap() + r.random_range(1..120);
+                    let before = cache.pool_usage();
+                    match cache.reserve(seq, tokens) {
+                        Ok(()) => {}
+                        Err(Error::PoolExhausted { tier: Tier::Host, .. }) => {
+                            exhausted += 1;
+                            assert_eq!(cache.pool_usage(), before, "back-pressure must change nothing");
+                        }
+                        Err(Error::Invalid { .. }) => {} // over max_seq_len
+                        Err(e) => panic!("unexpected error {e}"),
+                    }
                 }
                 _ if !live.is_empty() => {
                     let mut inputs: Vec<StepInput> = Vec::new();

@@ -45,6 +45,10 @@ pub(crate) struct Cli {
     /// second stream while resident pages are attended; `--cuda` only) or in-order.
     #[arg(long, global = true, value_enum, default_value_t = Fetch::InKernel)]
     pub(crate) fetch: Fetch,
+    /// Allocate a request's pages as it grows instead of all at admission
+    /// (`EngineConfig::reserve_pages` off), for comparison.
+    #[arg(long, global = true)]
+    pub(crate) no_reserve: bool,
     /// Tokens per KV page (default: the algorithm's own, else 16).
     #[arg(long, global = true)]
     pub(crate) page_size: Option<usize>,

@@ -178,6 +178,7 @@ pub(crate) fn engine(b: &Bench, c: &Cli, algo: &str, seqs: usize, seq_tokens: us
         max_prefill_tokens: c.max_prefill_tokens,
         eos_token_ids: if c.ignore_eos { Vec::new() } else { b.eos.clone() },
         decode_mode: decode_mode(c),
+        reserve_pages: !c.no_reserve,
     };
     Ok((
         Engine::new(b.model.clone(), Box::new(cache), b.tokenizer.clone(), cfg)?,

@@ -90,6 +90,16 @@ impl SparseKvCache for FanOut<'_> {
         self.caches[0].sequence_len(seq)
     }
 
+    /// Reserves in each cache in turn. Not all or nothing across the caches: when a later
+    /// cache refuses, the earlier ones keep their pages (freed with the sequence).
+    fn reserve(&mut self, seq: SeqId, tokens: usize) -> Result<()> {
+        let ids = self.ids(seq)?.to_vec();
+        self.caches
+            .iter_mut()
+            .zip(ids)
+            .try_for_each(|(c, s)| c.reserve(s, tokens))
+    }
+
     fn begin_step(&mut self, inputs: &[StepInput]) -> Result<()> {
         for i in 0..self.caches.len() {
             let mine = inputs

@@ -70,6 +70,41 @@ impl SparseKvCache for SpinCache {
         Ok(())
     }
 
+    fn reserve(&mut self, seq: SeqId, tokens: usize) -> Result<()> {
+        const OP: &str = "SparseKvCache::reserve";
+        if self.step.is_some() {
+            return Err(Error::StepMisuse {
+                op: OP,
+                msg: "cannot reserve pages inside a step (end or abort it first)".into(),
+            });
+        }
+        let id = self.live(OP, seq)?;
+        if tokens > self.cfg.max_seq_len {
+            crate::invalid!(
+                OP,
+                "{tokens} tokens for sequence {id}: more than max_seq_len {}",
+                self.cfg.max_seq_len
+            );
+        }
+        let want = tokens.div_ceil(self.cfg.page_size);
+        let have = self.tables.num_pages(id)?;
+        let new = want.saturating_sub(have);
+        let needed = new * self.dirs();
+        if needed > self.host_alloc.free_count() {
+            return Err(Error::PoolExhausted {
+                tier: Tier::Host,
+                needed,
+                free: self.host_alloc.free_count(),
+            });
+        }
+        // The device page tables take the pages at the next step's apply.
+        for _ in 0..new {
+            let slots = self.host_alloc.alloc_group()?;
+            self.tables.push_page(id, &slots)?;
+        }
+        Ok(())
+    }
+
     fn sequence_len(&self, seq: SeqId) -> Result<usize> {
         let id = self.live("SparseKvCache::sequence_len", seq)?;
         Ok(self.lens[&id])

@@ -330,8 +330,11 @@ impl SpinCache {
         let mut slots = Vec::new();
         for (&seq, &len) in &self.lens {
             let pages = self.tables.num_pages(seq)?;
-            if pages != len.div_ceil(self.cfg.page_size) {
-                return bad(format!("sequence {seq}: {len} tokens but {pages} pages"));
+            if pages < len.div_ceil(self.cfg.page_size) || pages > self.cfg.max_seq_len.div_ceil(self.cfg.page_size) {
+                return bad(format!(
+                    "sequence {seq}: {len} tokens but {pages} pages (max_seq_len {})",
+                    self.cfg.max_seq_len
+                ));
             }
             for dir in 0..self.dirs() {
                 slots.clear();

@@ -213,7 +213,8 @@ impl SpinCache {
     }
 
     /// `[D, Hkv, Nmax]` u32 host slots of every page of each decode entry in `layer`
-    /// (`NONE` past an entry's pages), looked up in the device page tables on the device.
+    /// (`NONE` past an entry's pages, held past its length ones included), looked up in
+    /// the device page tables on the device.
     pub(super) fn decode_candidates(&self, step: &StepState, layer: usize) -> Result<Tensor> {
         let plan = &step.plan;
         let hkv = self.cfg.num_kv_heads;
@@ -222,14 +223,22 @@ impl SpinCache {
         };
         let nmax = pages.dims1()?;
         let mut rows = plan.table_rows.get(layer)?;
+        // Each decode entry's tokens (its key limit): pages from there on are reserved.
+        let mut tokens = step.kv_limit.clone();
         if let Some(idx) = &plan.decode_entries {
             rows = rows.index_select(idx, 0)?;
+            tokens = tokens.index_select(idx, 0)?;
         }
         // Pages 0..Nmax of every (entry, head) row: one grid lookup.
         let rows = rows.flatten_all()?;
+        let limit = ops::GridLimit {
+            tokens: &tokens,
+            group: hkv,
+            page_size: self.cfg.page_size,
+        };
         Ok(self
             .device_tables
-            .lookup_grid(&rows, None, nmax)?
+            .lookup_grid_limited(&rows, None, nmax, limit)?
             .reshape((d, hkv, nmax))?)
     }
 }
@@ -316,7 +325,8 @@ impl SpinCache {
                     self.cfg.max_seq_len
                 );
             };
-            let new_pages = total.div_ceil(p) - len.div_ceil(p);
+            // Pages the sequence holds past its length (`reserve`) take the tokens first.
+            let new_pages = total.div_ceil(p).saturating_sub(self.tables.num_pages(seq)?);
             needed = needed.saturating_add(new_pages.saturating_mul(self.dirs()));
             entries.push(StepEntry {
                 seq,

@@ -177,6 +177,20 @@ pub trait SparseKvCache: Send {
     fn remove_sequence(&mut self, seq: SeqId) -> Result<()>;
     /// Tokens stored for `seq`.
     fn sequence_len(&self, seq: SeqId) -> Result<usize>;
+    /// Gives `seq` pages for `tokens` tokens now (its length stays): steps that grow it
+    /// within them allocate no page, so its decode steps never start one on the host (a
+    /// step in which many sequences start pages together costs the most host time). The
+    /// pages are freed with the sequence; holding pages for more tokens than `tokens`
+    /// already is a no-op. All or nothing:
+    /// [`Error::PoolExhausted`](crate::Error::PoolExhausted) (back-pressure) when the
+    /// pool lacks them, [`Error::Invalid`](crate::Error::Invalid) past
+    /// [`CacheConfig::max_seq_len`], [`Error::StepMisuse`](crate::Error::StepMisuse)
+    /// inside a step; nothing changes then. The default (a cache that allocates on demand
+    /// only) does nothing.
+    fn reserve(&mut self, seq: SeqId, tokens: usize) -> Result<()> {
+        let _ = (seq, tokens);
+        Ok(())
+    }
     /// Starts a step: reserves pages for every sequence's new tokens (all or nothing;
     /// [`Error::PoolExhausted`](crate::Error::PoolExhausted) is back-pressure) and fixes their positions.
     fn begin_step(&mut self, inputs: &[StepInput]) -> Result<()>;

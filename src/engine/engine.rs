@@ -34,6 +34,13 @@ pub struct EngineConfig {
     /// How decode-only steps run (default [`DecodeMode::Auto`]: CUDA graphs where the
     /// device and the cache allow them).
     pub decode_mode: DecodeMode,
+    /// Give each admitted request its pages for prompt + `max_new_tokens` at once
+    /// ([`SparseKvCache::reserve`]; default on). Admission already counts those pages, so
+    /// this holds no more than the scheduler promised; it moves the page allocation and
+    /// page-table writes of decode steps (a step where a whole batch starts pages
+    /// together is the costliest on the host) to admission. A cache that refuses (full)
+    /// allocates on demand instead.
+    pub reserve_pages: bool,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +50,7 @@ impl Default for EngineConfig {
             max_prefill_tokens: 512,
             eos_token_ids: Vec::new(),
             decode_mode: DecodeMode::Auto,
+            reserve_pages: true,
         }
     }
 }
@@ -269,6 +277,14 @@ impl Engine {
                 Ok(seq) => {
                     a.seq = Some(seq);
                     report.admitted += 1;
+                    if self.cfg.reserve_pages {
+                        let tokens = (a.req.prompt.len() + a.req.max_new_tokens).min(self.limits.max_seq_len);
+                        match self.cache.reserve(seq, tokens) {
+                            // Full: the pages come on demand, as without reserving.
+                            Ok(()) | Err(Error::PoolExhausted { .. }) => {}
+                            Err(e) => self.finish(id, FinishReason::Error(format!("reserve: {e}")), &mut report)?,
+                        }
+                    }
                 }
                 Err(e) => self.finish(id, FinishReason::Error(format!("add_sequence: {e}")), &mut report)?,
             }

@@ -401,6 +401,18 @@ impl DeviceTables {
     pub fn lookup_grid(&self, rows: &Tensor, pages: Option<&Tensor>, k: usize) -> Result<Tensor> {
         crate::ops::page_slots_grid(&self.directory, &self.leaves, rows, pages, k)
     }
+
+    /// [`lookup_grid`](Self::lookup_grid) with each row's pages cut at a token limit:
+    /// see [`page_slots_grid_limited`](crate::ops::page_slots_grid_limited).
+    pub fn lookup_grid_limited(
+        &self,
+        rows: &Tensor,
+        pages: Option<&Tensor>,
+        k: usize,
+        limit: crate::ops::GridLimit<'_>,
+    ) -> Result<Tensor> {
+        crate::ops::page_slots_grid_limited(&self.directory, &self.leaves, rows, pages, k, Some(limit))
+    }
 }
 
 /// What one [`DeviceTables::apply`] writes besides the pending directory rows.

@@ -47,7 +47,7 @@ pub use infllm::{
 };
 pub use merge::merge_partials;
 pub use model_ops::{add_rms_norm, logits_f32, rms_norm, silu_mul};
-pub use page_table::{page_slots, page_slots_grid};
+pub use page_table::{page_slots, page_slots_grid, page_slots_grid_limited, GridLimit};
 pub use prefill::{prefill_attention, prefill_attention_supported, PrefillChunk, PrefillTiles};
 pub use quest_q8::{dequantize_quest_q8, quest_q8_bounds, quest_q8_row_bytes};
 pub use quest_score::quest_page_scores;

@@ -242,7 +242,55 @@ pub fn page_slots_grid(
     pages: Option<&Tensor>,
     k: usize,
 ) -> Result<Tensor> {
+    page_slots_grid_limited(directory, leaves, rows, pages, k, None)
+}
+
+/// A grid row's page limit for [`page_slots_grid_limited`]: `tokens` `[G / group]` u32
+/// token counts, shared by `group` consecutive grid rows (e.g. the KV heads of one
+/// sequence), in pages of `page_size` tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct GridLimit<'a> {
+    /// `[G / group]` u32 tokens.
+    pub tokens: &'a Tensor,
+    /// Grid rows per entry of `tokens` (`>= 1`).
+    pub group: usize,
+    /// Tokens per page (`>= 1`).
+    pub page_size: usize,
+}
+
+/// [`page_slots_grid`], where grid row `g` also gives `NONE` for every page at or past
+/// `⌈limit.tokens[g / group] / page_size⌉` (a sequence's pages held past its length, as
+/// [`SparseKvCache::reserve`](crate::SparseKvCache::reserve) leaves them). The limit is
+/// read on the device (a captured graph reads each replay's).
+pub fn page_slots_grid_limited(
+    directory: &Tensor,
+    leaves: &Tensor,
+    rows: &Tensor,
+    pages: Option<&Tensor>,
+    k: usize,
+    limit: Option<GridLimit<'_>>,
+) -> Result<Tensor> {
     const GOP: &str = "page_slots_grid";
+    if let Some(l) = limit {
+        let g = rows.dims1().unwrap_or(0);
+        let ok = l.group >= 1
+            && l.page_size >= 1
+            && l.tokens.dtype() == DType::U32
+            && l.tokens.dims1().is_ok_and(|n| n * l.group == g)
+            && l.tokens.device().same_device(directory.device());
+        if !ok {
+            crate::invalid!(
+                GOP,
+                "limit tokens {:?} {:?} (group {}, page size {}) for rows {:?}: expected u32 [G / group] on the \
+                 tables' device, group and page size >= 1",
+                l.tokens.dims(),
+                l.tokens.dtype(),
+                l.group,
+                l.page_size,
+                rows.dims()
+            );
+        }
+    }
     let g = rows.dims1().unwrap_or(usize::MAX);
     let tables_ok = directory.rank() == 2
         && leaves.rank() == 2
@@ -275,6 +323,10 @@ pub fn page_slots_grid(
     let op = PageSlotsGrid {
         pages: pages.map(Tensor::contiguous).transpose()?,
         k,
+        limit: match limit {
+            Some(l) => Some((l.tokens.contiguous()?, l.group, l.page_size)),
+            None => None,
+        },
     };
     let (d, l, r) = (directory.contiguous()?, leaves.contiguous()?, rows.contiguous()?);
     Ok(d.apply_op3_no_bwd(&l, &r, &op)?.reshape((g, k))?)
@@ -284,6 +336,8 @@ struct PageSlotsGrid {
     /// `[G, K]` u32 logical pages (`None`: page k in column k).
     pages: Option<Tensor>,
     k: usize,
+    /// (`[G / group]` u32 tokens, group, page size): see [`GridLimit`].
+    limit: Option<(Tensor, usize, usize)>,
 }
 
 impl CustomOp3 for PageSlotsGrid {
@@ -316,7 +370,15 @@ impl CustomOp3 for PageSlotsGrid {
             .enumerate()
             .flat_map(|(i, &p)| [rows[i / self.k], p])
             .collect();
-        let out = lookup_cpu(&slice(d, dl)?, dl.dims()[1], &slice(l, ll)?, &q);
+        let mut out = lookup_cpu(&slice(d, dl)?, dl.dims()[1], &slice(l, ll)?, &q);
+        if let Some((tokens, group, p)) = &self.limit {
+            let tokens = tokens.to_vec1::<u32>()?;
+            for (i, o) in out.iter_mut().enumerate() {
+                if pages[i] as u64 * *p as u64 >= tokens[i / self.k / group] as u64 {
+                    *o = NONE;
+                }
+            }
+        }
         let n = out.len();
         Ok((CpuStorage::U32(out), Shape::from_dims(&[n])))
     }
@@ -331,6 +393,16 @@ impl CustomOp3 for PageSlotsGrid {
         r: &candle_core::CudaStorage,
         rl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::ops::cuda::page_table::page_slots_grid(d, dl, l, ll, r, rl, self.pages.as_ref(), self.k)
+        crate::ops::cuda::page_table::page_slots_grid(
+            d,
+            dl,
+            l,
+            ll,
+            r,
+            rl,
+            self.pages.as_ref(),
+            self.k,
+            self.limit.as_ref(),
+        )
     }
 }

@@ -51,6 +51,7 @@ pub(crate) fn page_slots_grid(
     rl: &Layout,
     pages: Option<&candle_core::Tensor>,
     k: usize,
+    limit: Option<&(candle_core::Tensor, usize, usize)>,
 ) -> Result<(CudaStorage, Shape)> {
     const G: &str = "page_slots_grid";
     let (rows, max_leaves) = dl.shape().dims2()?;
@@ -66,6 +67,10 @@ pub(crate) fn page_slots_grid(
             Some(p) => super::field_ptr(G, "pages", p)?,
             None => 0u64,
         };
+        let (lp, group, page_size) = match limit {
+            Some((t, g, p)) => (super::field_ptr(G, "limit", t)?, *g as i32, *p as u32),
+            None => (0u64, 1, 1),
+        };
         let f = func(&dev, &PAGE_TABLE, "page_slots_grid")?;
         let blocks = n.div_ceil(256).min(65535) as u32;
         launch!(
@@ -80,7 +85,10 @@ pub(crate) fn page_slots_grid(
             k as i32,
             rows as u32,
             max_leaves as u32,
-            n_leaves as u32
+            n_leaves as u32,
+            lp,
+            group,
+            page_size
         )?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from_dims(&[n])))
