@@ -3,7 +3,9 @@
 //! cache shape (30 layers, 9 query heads, 3 KV heads; D = 8 here: the host work does not
 //! depend on it), B sequences of `CTX` tokens, dense and Quest. This is the host part a
 //! replayed CUDA graph of the decode step leaves (issue 12's target: ≤ 100 µs at B = 64);
-//! on CUDA the same code also pays the driver calls of its uploads.
+//! on CUDA the same code also pays the driver calls of its uploads. The `_crossing` cases
+//! are steps where all 64 sequences start a page; `_reserved`, the same with the pages
+//! held ahead (`SparseKvCache::reserve`, the engine's default).
 //!
 //! `cargo bench --bench padded_begin`
 
@@ -21,13 +23,20 @@ const D: usize = 8;
 const CTX: usize = 250;
 const CROSSING: usize = 256;
 
-fn prefilled(b: usize, ctx: usize, algo: Box<dyn SparseAlgorithm>) -> (SpinCache, Vec<SeqId>) {
+/// A cache of `b` sequences of `ctx` tokens; with `reserve`, each holds the pages of 64
+/// more tokens (`SparseKvCache::reserve`, as the engine does at admission).
+fn prefilled(b: usize, ctx: usize, algo: Box<dyn SparseAlgorithm>, reserve: bool) -> (SpinCache, Vec<SeqId>) {
     let mut cfg = CacheConfig::new(LAYERS, HQ, HKV, D);
     cfg.max_seq_len = ctx + 64;
     cfg.max_sequences = b;
     let cfg = cfg.with_page_size(16).with_token_capacity(b * (ctx + 64), 1.0);
     let mut cache = SpinCache::new_boxed(cfg, algo).expect("cache");
     let seqs: Vec<SeqId> = (0..b).map(|_| cache.add_sequence().expect("seq")).collect();
+    if reserve {
+        for &s in &seqs {
+            cache.reserve(s, ctx + 64).expect("reserve");
+        }
+    }
     let dev = Device::Cpu;
     let inputs: Vec<StepInput> = seqs.iter().map(|&seq| StepInput { seq, new_tokens: ctx }).collect();
     let t = b * ctx;
@@ -47,10 +56,16 @@ fn padded_begin(c: &mut Criterion) {
     let points = [1usize, 16, 64]
         .into_iter()
         .flat_map(|b| [(b, CTX, "dense"), (b, CTX, "quest")]);
-    let crossing = [(64, CROSSING, "dense_crossing"), (64, CROSSING, "quest_crossing")];
+    let crossing = [
+        (64, CROSSING, "dense_crossing"),
+        (64, CROSSING, "quest_crossing"),
+        (64, CROSSING, "dense_crossing_reserved"),
+        (64, CROSSING, "quest_crossing_reserved"),
+    ];
     for (b, ctx, id) in points.chain(crossing) {
-        let name = id.trim_end_matches("_crossing");
-        let (mut cache, seqs) = prefilled(b, ctx, by_name(name, 1024).expect("algo"));
+        let name = id.split('_').next().expect("name");
+        let reserve = id.ends_with("_reserved");
+        let (mut cache, seqs) = prefilled(b, ctx, by_name(name, 1024).expect("algo"), reserve);
         let inputs: Vec<StepInput> = seqs.iter().map(|&seq| StepInput { seq, new_tokens: 1 }).collect();
         let shape = cache.padded_shape(&inputs).expect("padded shape");
         group.bench_with_input(BenchmarkId::new(id, b), &b, |bch, _| {
