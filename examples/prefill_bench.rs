@@ -58,6 +58,11 @@ mod bench {
         /// consecutive pages are N slots apart, in a pool N / KV heads times larger.
         #[arg(long, default_value_t = 0)]
         dirs: usize,
+        /// With `--dirs N`: lay the pages out as `PageLayout::ByDirectory` does instead,
+        /// each head's pages one run of slots in logical order (slot = head · pages +
+        /// page), in the same pool of N directories.
+        #[arg(long, requires = "dirs")]
+        by_directory: bool,
     }
 
     const P: usize = 16;
@@ -102,7 +107,7 @@ mod bench {
                 let v = Tensor::randn(0f32, 1.0, (l, hkv, d), &dev)?.to_dtype(DType::BF16)?;
                 // The prompt's K/V also in pages, where the chunked runs read their
                 // earlier tokens: (head, page) in a shuffled slot, or page-major over
-                // `--dirs` directories as the cache allocates them.
+                // `--dirs` directories as the cache allocates them (or by directory).
                 let np = l.div_ceil(P);
                 let dirs = args.dirs.max(hkv);
                 let mut shuffled: Vec<u32> = (0..(hkv * np) as u32).collect();
@@ -110,6 +115,8 @@ mod bench {
                 let slot = |h: usize, lp: usize| -> u32 {
                     if args.dirs == 0 {
                         shuffled[h * np + lp]
+                    } else if args.by_directory {
+                        (h * np + lp) as u32
                     } else {
                         (lp * dirs + h) as u32
                     }

@@ -4,7 +4,8 @@
 #   bash .device/gpu-layout.sh        (results: $OUT/layout.tgz; ~8 minutes)
 # In one call, next to the anchor:
 #   1. prefill_bench's chunked prefill over the pages interleaved as the cache lays them out
-#      (--dirs 256, Llama-3-8B: 32 layers × 8 KV heads) and over one run per head (--dirs 0);
+#      (--dirs 256, Llama-3-8B: 32 layers × 8 KV heads), by directory in the same pool
+#      (--dirs 256 --by-directory), and shuffled over a pool of one layer (--dirs 0);
 #   2. gpu_bench's decode kernels at 32K/128K, B = 8, over shuffled pages and over one run
 #      per (sequence, KV head) (--page-order by-head);
 #   3. TTFT through the engine at the 8B shape, Quest, 8K chunks, 32K and 128K prompts, with
@@ -31,9 +32,10 @@ run() { # name timeout command...
 # Warm-up: kernel modules load on the first CUDA process.
 run warm-up 120 $bin/serve_bench offline --cuda --shape smollm2-135m --random-weights --context 1024 \
   --batch 4 --budget 256 --algo quest --new-tokens 8
-for d in 256 0; do
-  run "prefill_dirs$d" 150 $bin/prefill_bench --no-factor --lengths 32768,131072 --dirs $d --csv "$R/prefill_dirs$d.csv"
-  grep -E "chunk|TFLOP" "$R/prefill_dirs$d.txt" | head -12
+for lay in "256" "256 --by-directory" "0"; do
+  tag=$(echo "dirs$lay" | tr -d ' -')
+  run "prefill_$tag" 150 $bin/prefill_bench --no-factor --lengths 32768,131072 --dirs $lay --csv "$R/prefill_$tag.csv"
+  grep -E "chunk|TFLOP" "$R/prefill_$tag.txt" | head -12
 done
 for o in random by-head; do
   run "gpu_bench_$o" 150 $bin/gpu_bench --contexts 32768,131072 --batches 8 --page-order $o --csv "$R/gpu_bench_$o.csv"

@@ -231,6 +231,14 @@ impl CacheConfig {
                 u32::MAX as usize / self.page_size
             ));
         }
+        let dirs = self.num_layers * self.num_kv_heads;
+        if self.page_layout == PageLayout::ByDirectory && self.host_pages < dirs {
+            return bad(format!(
+                "host_pages ({}) must be >= layers × KV heads ({dirs}) with PageLayout::ByDirectory: each \
+                 directory needs a page of the host tier's",
+                self.host_pages
+            ));
+        }
         if self.total_pages() >= u32::MAX as usize / self.page_size
             || self.fast_pages + self.fast_home_pages >= u32::MAX as usize / self.page_size
         {

@@ -192,4 +192,9 @@ fn page_slots_names_bad_arguments() {
     );
     cache.remove_sequence(s).unwrap();
     assert!(matches!(cache.page_slots(s, 0, 0), Err(Error::UnknownSequence(_))));
+    // By directory, a host tier of fewer pages than directories holds no page group.
+    let mut tiny = config(PageLayout::ByDirectory, 1.0);
+    tiny.host_pages = DIRS - 1;
+    let err = SpinCache::new_boxed(tiny, algo("dense")).unwrap_err().to_string();
+    assert!(err.contains("host_pages (5)") && err.contains("ByDirectory"), "{err}");
 }

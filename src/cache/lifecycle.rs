@@ -171,10 +171,6 @@ impl SparseKvCache for SpinCache {
         self.padded_shape_of(inputs)
     }
 
-    fn begin_padded_decode(&mut self, inputs: &[StepInput], shape: PaddedShape) -> Result<()> {
-        self.begin_padded(inputs, shape, &[]).map(|_| ())
-    }
-
     fn begin_padded_decode_with(&mut self, inputs: &[StepInput], shape: PaddedShape, extra: &[u32]) -> Result<Tensor> {
         self.begin_padded(inputs, shape, extra)
     }

@@ -138,8 +138,8 @@ pub struct SpinCache {
     total: StepStats,
     scale: f32,
     trace: Option<Vec<SelectionRecord>>,
-    /// Device inputs of padded decode steps, per shape (see [`padded`]).
-    padded: HashMap<PaddedShape, padded::PaddedBuffers>,
+    /// Device inputs of padded decode steps, per shape, and their upload (see [`padded`]).
+    padded: padded::Padded,
     /// `[layers]` f32 pages rebuilt on the device per layer in the open step (added to
     /// in place, so that captured steps count too; read and zeroed by `end_step`), and
     /// whether any step rebuilt on the device yet.
@@ -259,7 +259,7 @@ impl SpinCache {
             step: None,
             total: StepStats::default(),
             trace: None,
-            padded: HashMap::new(),
+            padded: padded::Padded::default(),
             rebuilt_counts: Tensor::zeros(cfg_layers, DType::F32, &cfg_device)?,
             device_rebuilds: false,
         };

@@ -20,13 +20,19 @@ pub const PADDED_BATCHES: [usize; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
 /// `NONE` candidates per row).
 pub const PADDED_PAGE_QUANTUM: usize = 64;
 
+/// The padded steps' device inputs: buffers per shape, and the one staged upload that
+/// writes any shape's host words (created by the first padded step).
+#[derive(Debug, Default)]
+pub(super) struct Padded {
+    shapes: HashMap<PaddedShape, PaddedBuffers>,
+    upload: Option<StagedUpload>,
+}
+
 /// Device inputs of the padded steps of one shape, written in place every step.
 #[derive(Debug)]
 pub(super) struct PaddedBuffers {
     /// Every u32 input; the step plan's tensors are views of it.
     words: Tensor,
-    /// The host words' upload (the caller's extra words included).
-    upload: StagedUpload,
     /// Extra words per step of this shape (fixed by its first step).
     extra_len: usize,
     /// `[2, B, D/2]` RoPE tables (cosines, sines) in the cache's dtype, written on the
@@ -71,7 +77,7 @@ impl SpinCache {
 
     /// The buffers of `shape` (created by the first padded step of that shape).
     pub(super) fn padded_buffers(&self, shape: PaddedShape) -> Result<&PaddedBuffers> {
-        self.padded.get(&shape).ok_or(Error::Invalid {
+        self.padded.shapes.get(&shape).ok_or(Error::Invalid {
             op: "SparseKvCache::begin_padded_decode",
             msg: format!("no buffers for padded shape {shape:?} (internal error)"),
         })
@@ -114,7 +120,7 @@ impl SpinCache {
                 "shape {shape:?} is smaller than the step needs: {rows} rows and {pages} pages"
             );
         }
-        if let Some(bufs) = self.padded.get(&shape).filter(|b| b.extra_len != extra.len()) {
+        if let Some(bufs) = self.padded.shapes.get(&shape).filter(|b| b.extra_len != extra.len()) {
             crate::invalid!(
                 OP,
                 "{} extra words for shape {shape:?}, whose steps carry {} (the count is fixed by a shape's \
@@ -132,7 +138,7 @@ impl SpinCache {
         );
         let (b, dev) = (shape.batch, self.cfg.device.clone());
         let lay = PlanWords::with_extra(b, layers, hkv, shape.pages, extra.len());
-        if !self.padded.contains_key(&shape) {
+        if !self.padded.shapes.contains_key(&shape) {
             // The constant words: the NONE plane and the logical pages 0..pages.
             let mut init = vec![0u32; lay.total];
             init[lay.none..lay.none + b * hkv].fill(NONE);
@@ -141,13 +147,12 @@ impl SpinCache {
             }
             let bufs = PaddedBuffers {
                 words: Tensor::from_vec(init, lay.total, &dev)?,
-                upload: StagedUpload::new(OP, lay.host_words(), &dev)?,
                 extra_len: extra.len(),
                 rope: Tensor::zeros((2, b, half), self.cfg.dtype, &dev)?,
                 rounds: 0,
                 requests: 0,
             };
-            self.padded.insert(shape, bufs);
+            self.padded.shapes.insert(shape, bufs);
         }
         // The host words: queries, limits, directory rows and owners (padding rows: row
         // r at position 0, limit 0, no directory row, owner 0).
@@ -243,11 +248,19 @@ impl SpinCache {
     /// on the device the plan expanded from them ([`expand_decode_plan`]) and the RoPE
     /// tables of their positions ([`rope_tables_into`](crate::ops::rope_tables_into)).
     fn write_padded(&mut self, shape: PaddedShape, lay: &PlanWords, words: &[u32]) -> Result<()> {
-        let bufs = self.padded.get_mut(&shape).ok_or(Error::Invalid {
-            op: "SparseKvCache::begin_padded_decode",
+        const OP: &str = "SparseKvCache::begin_padded_decode";
+        let upload = match self.padded.upload.as_mut() {
+            Some(u) => u,
+            None => self
+                .padded
+                .upload
+                .insert(StagedUpload::new(OP, words.len(), &self.cfg.device)?),
+        };
+        let bufs = self.padded.shapes.get(&shape).ok_or(Error::Invalid {
+            op: OP,
             msg: format!("no buffers for padded shape {shape:?} (internal error)"),
         })?;
-        bufs.upload.write(&bufs.words, words)?;
+        upload.write(&bufs.words, words)?;
         let t = &self.device_tables;
         expand_decode_plan(&bufs.words, &t.directory, &t.leaves, lay, self.cfg.page_size)?;
         let positions = bufs.words.narrow(0, lay.positions, lay.b)?;
@@ -310,7 +323,7 @@ impl SpinCache {
 
     /// After a padded step that ran through `attend`: what a replay of it runs.
     pub(super) fn record_padded_rounds(&mut self, step: &StepState) {
-        if let Some(bufs) = step.padded.and_then(|s| self.padded.get_mut(&s)) {
+        if let Some(bufs) = step.padded.and_then(|s| self.padded.shapes.get_mut(&s)) {
             if step.rounds > 0 {
                 bufs.rounds = step.rounds;
                 bufs.requests = step.requests;

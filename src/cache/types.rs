@@ -230,11 +230,8 @@ pub trait SparseKvCache: Send {
     /// input brings more than one token, `shape` is smaller than
     /// [`padded_shape`](Self::padded_shape), or this cache has no padded steps (the
     /// default).
-    fn begin_padded_decode(&mut self, _inputs: &[StepInput], _shape: PaddedShape) -> Result<()> {
-        Err(crate::Error::Invalid {
-            op: "SparseKvCache::begin_padded_decode",
-            msg: format!("{} has no padded decode steps", self.algorithm_name()),
-        })
+    fn begin_padded_decode(&mut self, inputs: &[StepInput], shape: PaddedShape) -> Result<()> {
+        self.begin_padded_decode_with(inputs, shape, &[]).map(|_| ())
     }
 
     /// [`begin_padded_decode`](Self::begin_padded_decode), with `extra` words of the
@@ -243,7 +240,8 @@ pub trait SparseKvCache: Send {
     /// (`n = extra.len()`), in a buffer of `shape`'s: the same address at every step of
     /// that shape, so a graph captured from one step reads the next step's words. `n` is
     /// fixed by a shape's first step; a different `n` later is
-    /// [`Error::Invalid`](crate::Error::Invalid) (nothing is changed).
+    /// [`Error::Invalid`](crate::Error::Invalid) (nothing is changed). A cache with padded
+    /// steps implements this (`begin_padded_decode` calls it); the engine uses it.
     fn begin_padded_decode_with(
         &mut self,
         _inputs: &[StepInput],

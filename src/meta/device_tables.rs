@@ -11,7 +11,8 @@
 //! of (flat index, value) pairs for both tables, from pinned staging into a device buffer
 //! the tables keep ([`StagedUpload`]), and one scatter launch per table, after one fill
 //! launch per table for whole rows emptied (a removed sequence's directory rows and
-//! leaves), no host synchronization. Sequences get directory rows by [`DeviceTables::add_sequence`] (freed
+//! leaves). The host waits for the device only when it runs more applies ahead of it
+//! than the staging ring holds ([`RING`](crate::ops::upload::RING)). Sequences get directory rows by [`DeviceTables::add_sequence`] (freed
 //! rows are reused).
 
 use super::page_table::{LeafChange, PageTables, LEAF_PAGES};
@@ -181,7 +182,8 @@ impl DeviceTables {
     /// by row and set to `NONE` by one fill kernel per table; the other writes of both
     /// tables go to the device as (flat index, value) pairs in one copy from pinned
     /// staging ([`StagedUpload`]) and are applied after the fills by a scatter kernel per
-    /// table on the tables' stream: no host synchronization.
+    /// table on the tables' stream (the host waits only when it runs more applies ahead of
+    /// the device than the staging ring holds).
     pub fn apply(&mut self, tables: &mut PageTables) -> Result<()> {
         if tables.dirs_per_seq() != self.dirs_per_seq {
             crate::invalid!(

@@ -1,14 +1,19 @@
 //! [`StagedUpload`]: host words written into a persistent device buffer with one
-//! host-to-device copy. On CUDA the words go through a pinned staging buffer of the
-//! upload's own (write-combined page-locked memory, grown when a write needs more): one
-//! `cuMemcpyHtoDAsync` on the device's stream, no device allocation, no copy kernel, and
-//! never the stream synchronization a copy from pageable memory may cost. Before the host
-//! writes the staging buffer again it waits for the copy that read it (an event recorded
-//! after each copy), so words still in flight are never overwritten. On the CPU the words
-//! are copied in place. `cpu_fwd` is the reference; `cuda_fwd` is the copy.
+//! host-to-device copy. On CUDA the words go through pinned staging buffers of the
+//! upload's own (write-combined page-locked memory, a ring of [`RING`], each grown when a
+//! write needs more): one `cuMemcpyHtoDAsync` on the device's stream, no device
+//! allocation, no copy kernel, and never the stream synchronization a copy from pageable
+//! memory may cost. Before the host writes a staging buffer again it waits for the copy
+//! that read it (an event recorded after each copy), so words still in flight are never
+//! overwritten; with the ring, the host may run [`RING`] − 1 uploads ahead of the device
+//! before it waits. On the CPU the words are copied in place. `cpu_fwd` is the reference;
+//! `cuda_fwd` is the copy.
 
 use crate::Result;
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
+
+/// Staging buffers per upload on CUDA.
+pub const RING: usize = 3;
 
 /// Uploads of up to a growing number of u32 words (see the module docs). Errors name the
 /// op given to [`new`](Self::new) (the owner's), with the shapes.
@@ -20,8 +25,9 @@ pub struct StagedUpload {
 }
 
 impl StagedUpload {
-    /// Uploads for `op` (named by its errors) to buffers on `device`; on CUDA, `capacity`
-    /// words of pinned staging memory are allocated now (more when a write needs it).
+    /// Uploads for `op` (named by its errors) to buffers on `device`; on CUDA, [`RING`]
+    /// staging buffers of `capacity` words of pinned memory are allocated now (more when
+    /// a write needs it).
     pub fn new(op: &'static str, capacity: usize, device: &Device) -> Result<Self> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = device {
@@ -39,10 +45,10 @@ impl StagedUpload {
     }
 
     /// Writes `words` into the first `words.len()` elements of `dst` (u32 `[n]`,
-    /// contiguous, `n >= words.len()`), in place on `dst`'s device: one host-to-device
-    /// copy, enqueued on CUDA (the host waits only for this upload's previous copy to have
-    /// read its staging words, and on a first write larger than the staging buffer, for
-    /// that buffer to be replaced).
+    /// contiguous, `n >= words.len()`, on this upload's device), in place: one
+    /// host-to-device copy, enqueued on CUDA (the host waits only for the copy of this
+    /// upload [`RING`] writes ago to have read its staging words, and on a write larger
+    /// than that buffer, for it to be replaced).
     pub fn write(&mut self, dst: &Tensor, words: &[u32]) -> Result<()> {
         let op = self.op;
         let ok = dst.dtype() == DType::U32 && dst.rank() == 1 && dst.dims()[0] >= words.len() && dst.is_contiguous();
@@ -61,8 +67,12 @@ impl StagedUpload {
         }
         #[cfg(feature = "cuda")]
         if let Some(staging) = self.staging.as_mut() {
-            if !dst.device().is_cuda() {
-                crate::invalid!(op, "this upload stages for a CUDA device; dst is on {:?}", dst.device());
+            if !staging.serves(dst.device()) {
+                crate::invalid!(
+                    op,
+                    "this upload stages for another device than dst's ({:?})",
+                    dst.device().location()
+                );
             }
             crate::fault::device_call(op)?;
             let host = staging.stage(words)?;
@@ -89,21 +99,31 @@ impl StagedUpload {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::RING;
     use crate::Result;
     use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::Device;
     use std::sync::Arc;
 
-    /// Pinned staging words and the event recorded after the copy that last read them.
+    /// One staging buffer and the event recorded after the copy that last read it.
     #[derive(Debug)]
-    pub(super) struct Staging {
+    struct Slot {
         pinned: PinnedHostSlice<u32>,
         event: CudaEvent,
+    }
+
+    /// The ring of staging buffers of one upload, on one device's stream.
+    #[derive(Debug)]
+    pub(super) struct Staging {
+        slots: Vec<Slot>,
+        next: usize,
+        device: CudaDevice,
         stream: Arc<CudaStream>,
     }
 
     /// The staged words of one write, for the copy: valid until the copy is enqueued (the
-    /// copy records the event that the next [`Staging::stage`] waits for).
+    /// copy records the event that the slot's next use waits for).
     pub(super) struct Staged<'a> {
         pub(super) words: &'a [u32],
         pub(super) event: &'a CudaEvent,
@@ -114,28 +134,47 @@ mod cuda {
         pub(super) fn new(dev: &CudaDevice, capacity: usize) -> Result<Self> {
             let stream = dev.cuda_stream();
             let ctx = stream.context().clone();
-            // SAFETY: staging words are written before any copy reads them.
-            let pinned = unsafe { ctx.alloc_pinned::<u32>(capacity.max(1)) }.w()?;
-            let event = ctx.new_event(None).w()?;
-            Ok(Self { pinned, event, stream })
+            let slots = (0..RING)
+                .map(|_| {
+                    Ok(Slot {
+                        // SAFETY: staging words are written before any copy reads them.
+                        pinned: unsafe { ctx.alloc_pinned::<u32>(capacity.max(1)) }.w()?,
+                        event: ctx.new_event(None).w()?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Self {
+                slots,
+                next: 0,
+                device: dev.clone(),
+                stream,
+            })
         }
 
-        /// Waits for the previous copy, grows the buffer if `words` do not fit, and
-        /// copies them in.
+        /// Whether `device` is the one these buffers stage for (the same stream).
+        pub(super) fn serves(&self, device: &Device) -> bool {
+            use candle_core::backend::BackendDevice;
+            matches!(device, Device::Cuda(d) if d.same_device(&self.device))
+        }
+
+        /// Takes the next slot: waits for its previous copy, grows it if `words` do not
+        /// fit, and copies them in.
         pub(super) fn stage(&mut self, words: &[u32]) -> Result<Staged<'_>> {
-            self.event.synchronize().w()?;
-            if words.len() > self.pinned.len() {
+            let i = self.next;
+            self.next = (i + 1) % RING;
+            let slot = &mut self.slots[i];
+            slot.event.synchronize().w()?;
+            if words.len() > slot.pinned.len() {
                 let ctx = self.stream.context().clone();
                 // SAFETY: as in `new`; the old buffer's last copy is done (waited above).
-                self.pinned = unsafe { ctx.alloc_pinned::<u32>(words.len().max(2 * self.pinned.len())) }.w()?;
+                slot.pinned = unsafe { ctx.alloc_pinned::<u32>(words.len().max(2 * slot.pinned.len())) }.w()?;
             }
             // No copy through cudarc reads `pinned`, so its own event is never recorded
             // and this does not wait.
-            let host = &mut self.pinned.as_mut_slice().w()?[..words.len()];
-            host.copy_from_slice(words);
+            slot.pinned.as_mut_slice().w()?[..words.len()].copy_from_slice(words);
             Ok(Staged {
-                words: &self.pinned.as_slice().w()?[..words.len()],
-                event: &self.event,
+                words: &slot.pinned.as_slice().w()?[..words.len()],
+                event: &slot.event,
                 stream: &self.stream,
             })
         }
@@ -143,9 +182,11 @@ mod cuda {
 
     impl Drop for Staging {
         fn drop(&mut self) {
-            // The pinned words must outlive the copy that reads them.
+            // The pinned words must outlive the copies that read them.
             let ctx = self.stream.context().clone();
-            ctx.record_err(self.event.synchronize());
+            for slot in &self.slots {
+                ctx.record_err(slot.event.synchronize());
+            }
         }
     }
 }
@@ -188,7 +229,12 @@ impl InplaceOp1 for Copy<'_> {
         // in pinned memory that is not written again before `st.event`, recorded right
         // after the copy on the same stream, has completed.
         unsafe { result::memcpy_htod_async(at, st.words, st.stream.cu_stream()) }.w()?;
-        st.event.record(st.stream).w()?;
+        if let Err(e) = st.event.record(st.stream) {
+            // Without the event the next use of these staging words would not wait for
+            // this copy: wait for it here instead.
+            st.stream.synchronize().w()?;
+            return Err(e).w();
+        }
         Ok(())
     }
 }
