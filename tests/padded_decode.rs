@@ -43,16 +43,7 @@ fn cfg_for(name: &str) -> CacheConfig {
 
 fn algo(name: &str) -> Box<dyn SparseAlgorithm> {
     match name {
-        "shadowkv" => Box::new(
-            ShadowKv::new(ShadowKvConfig {
-                rank: 16,
-                sparse_budget_tokens: 32,
-                outlier_chunks: 2,
-                window_tokens: 16,
-                ..Default::default()
-            })
-            .unwrap(),
-        ),
+        "shadowkv" => Box::new(common::algo::small_shadowkv()),
         "dense" => Box::new(Dense::new()),
         "streaming" => Box::new(Streaming::new(StreamingConfig {
             sink_tokens: 8,

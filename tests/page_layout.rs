@@ -7,7 +7,7 @@ mod common;
 
 use common::harness::*;
 use common::*;
-use spinkv::partition::{by_name, ShadowKv, ShadowKvConfig, SparseAlgorithm, ALGORITHMS};
+use spinkv::partition::{SparseAlgorithm, ALGORITHMS};
 use spinkv::{CacheConfig, Error, PageLayout, SeqId, SparseKvCache, SpinCache, StepInput, Tier};
 
 const LAYERS: usize = 3;
@@ -23,22 +23,8 @@ fn config(layout: PageLayout, fast_fraction: f64) -> CacheConfig {
     cfg
 }
 
-/// `name` with a 64-token budget; ShadowKV at rank 16 (its default rank exceeds this
-/// shape's Hkv·D = 32).
 fn algo(name: &str) -> Box<dyn SparseAlgorithm> {
-    if name == "shadowkv" {
-        return Box::new(
-            ShadowKv::new(ShadowKvConfig {
-                rank: 16,
-                sparse_budget_tokens: 32,
-                outlier_chunks: 2,
-                window_tokens: 16,
-                ..Default::default()
-            })
-            .unwrap(),
-        );
-    }
-    by_name(name, 64).unwrap()
+    common::algo::small_algo(name, 64)
 }
 
 fn decode_inputs(seqs: &[SeqId]) -> Vec<StepInput> {

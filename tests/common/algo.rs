@@ -134,3 +134,26 @@ pub fn select_pages(
         })
         .collect()
 }
+
+/// ShadowKV as the small cache shapes of the tests can hold it (their Hkv·D is 32, below
+/// the default rank): rank 16, a 32-token sparse budget, two outlier chunks, a 16-token
+/// window.
+pub fn small_shadowkv() -> spinkv::partition::ShadowKv {
+    spinkv::partition::ShadowKv::new(spinkv::partition::ShadowKvConfig {
+        rank: 16,
+        sparse_budget_tokens: 32,
+        outlier_chunks: 2,
+        window_tokens: 16,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// Algorithm `name` (`partition::ALGORITHMS`) with a token budget of `budget`, ShadowKV
+/// as [`small_shadowkv`].
+pub fn small_algo(name: &str, budget: usize) -> Box<dyn SparseAlgorithm> {
+    if name == "shadowkv" {
+        return Box::new(small_shadowkv());
+    }
+    spinkv::partition::by_name(name, budget).unwrap()
+}
