@@ -7,11 +7,11 @@
 //! Two ways to fill it: [`DeviceTables::upload`] copies a snapshot sized to the tables;
 //! [`DeviceTables::with_capacity`] preallocates fixed-size tables that
 //! [`DeviceTables::apply`] keeps in step with a [`PageTables`] by writing only the entries
-//! that changed (its change log, [`PageTables::take_changes`]): one host-to-device copy
-//! of (flat index, value) pairs for both tables, from pinned staging into a device buffer
-//! the tables keep ([`StagedUpload`]), and one scatter launch per table, after one fill
-//! launch per table for whole rows emptied (a removed sequence's directory rows and
-//! leaves). The host waits for the device only when it runs more applies ahead of it
+//! that changed (its change log, [`PageTables::take_changes`]): one host-to-device copy,
+//! from pinned staging into a device buffer the tables keep ([`StagedUpload`]), of the
+//! (flat index, value) pairs of both tables and the lists of whole rows to empty (a
+//! removed sequence's directory rows and leaves); then one fill launch per table for the
+//! emptied rows and one scatter launch per table. The host waits for the device only when it runs more applies ahead of it
 //! than the staging ring holds ([`RING`](crate::ops::upload::RING)). Sequences get directory rows by [`DeviceTables::add_sequence`] (freed
 //! rows are reused).
 
@@ -180,9 +180,9 @@ impl DeviceTables {
     ///
     /// Whole rows emptied (freed directory rows, leaves of removed sequences) are listed
     /// by row and set to `NONE` by one fill kernel per table; the other writes of both
-    /// tables go to the device as (flat index, value) pairs in one copy from pinned
-    /// staging ([`StagedUpload`]) and are applied after the fills by a scatter kernel per
-    /// table on the tables' stream (the host waits only when it runs more applies ahead of
+    /// tables are (flat index, value) pairs applied after the fills by a scatter kernel
+    /// per table on the tables' stream. Pairs and row lists go to the device in one copy
+    /// from pinned staging ([`StagedUpload`]) (the host waits only when it runs more applies ahead of
     /// the device than the staging ring holds).
     pub fn apply(&mut self, tables: &mut PageTables) -> Result<()> {
         if tables.dirs_per_seq() != self.dirs_per_seq {
@@ -202,17 +202,24 @@ impl DeviceTables {
         drop(span);
         let _span = crate::host_timing::span("tables.scatter");
         let applied = writes.and_then(|w| {
-            fill_rows(&self.directory, &self.pending_rows, NONE)?;
-            fill_rows(&self.leaves, &w.emptied_leaves, NONE)?;
+            // One copy: both tables' (index, value) pairs, then the directory rows and the
+            // leaves to empty; the fills run before the scatters.
             let (nd, nl) = (w.dir.len(), w.leaves.len());
-            if nd + nl == 0 {
+            let (nr, ne) = (self.pending_rows.len(), w.emptied_leaves.len());
+            if nd + nl + nr + ne == 0 {
                 return Ok(());
             }
-            let flat: Vec<u32> = w.dir.iter().chain(&w.leaves).flat_map(|&(i, v)| [i, v]).collect();
-            let pairs = self.stage.write(&flat, self.directory.device())?;
-            let part = |at: usize, n: usize| -> Result<Tensor> { Ok(pairs.narrow(0, 2 * at, 2 * n)?.reshape((n, 2))?) };
-            scatter(&self.directory, &part(0, nd)?)?;
-            scatter(&self.leaves, &part(nd, nl)?)
+            let mut words: Vec<u32> = w.dir.iter().chain(&w.leaves).flat_map(|&(i, v)| [i, v]).collect();
+            words.extend_from_slice(&self.pending_rows);
+            words.extend_from_slice(&w.emptied_leaves);
+            let buf = self.stage.write(&words, self.directory.device())?;
+            let pairs = |at: usize, n: usize| -> Result<Tensor> { Ok(buf.narrow(0, 2 * at, 2 * n)?.reshape((n, 2))?) };
+            let list = |at: usize, n: usize| buf.narrow(0, at, n);
+            let lists = 2 * (nd + nl);
+            fill_rows(&self.directory, &list(lists, nr)?, NONE)?;
+            fill_rows(&self.leaves, &list(lists + nr, ne)?, NONE)?;
+            scatter(&self.directory, &pairs(0, nd)?)?;
+            scatter(&self.leaves, &pairs(nd, nl)?)
         });
         match applied {
             Ok(()) => {

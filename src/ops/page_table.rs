@@ -75,24 +75,33 @@ impl InplaceOp2 for ScatterU32 {
     }
 }
 
-/// Sets every entry of rows `rows` of `table` `[R, C]` u32 to `value`, in place on the
-/// table's device (rows `>= R` are skipped). One kernel: this is how whole directory
-/// rows and leaves are emptied without a write per entry.
-pub(crate) fn fill_rows(table: &Tensor, rows: &[u32], value: u32) -> Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    if table.rank() != 2 || table.dtype() != DType::U32 {
+/// Sets every entry of rows `rows` (u32 `[n]`, contiguous, on the table's device) of
+/// `table` `[R, C]` u32 to `value`, in place on the table's device (rows `>= R` are
+/// skipped). One kernel: this is how whole directory rows and leaves are emptied without
+/// a write per entry.
+pub(crate) fn fill_rows(table: &Tensor, rows: &Tensor, value: u32) -> Result<()> {
+    let ok = table.rank() == 2
+        && table.dtype() == DType::U32
+        && rows.rank() == 1
+        && rows.dtype() == DType::U32
+        && rows.is_contiguous()
+        && rows.device().same_device(table.device());
+    if !ok {
         crate::invalid!(
             "fill_rows",
-            "table must be u32 [R, C], got {:?} {:?}",
+            "rows {:?} {:?} into table {:?} {:?}: expected contiguous u32 [n] on the table's device and a u32 \
+             [R, C] table",
+            rows.dims(),
+            rows.dtype(),
             table.dims(),
             table.dtype()
         );
     }
+    if rows.dims()[0] == 0 {
+        return Ok(());
+    }
     crate::fault::device_call("DeviceTables::apply")?;
-    let r = Tensor::from_slice(rows, rows.len(), table.device())?;
-    table.inplace_op2(&r, &FillRowsU32 { value })?;
+    table.inplace_op2(rows, &FillRowsU32 { value })?;
     Ok(())
 }
 
