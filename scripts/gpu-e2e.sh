@@ -9,6 +9,7 @@
 # cache GPU tests first.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
+source "$here/device-env.sh"
 export OUT=${OUT:-./gpu-out}
 R=$OUT/r5; mkdir -p $R
 bin=/tmp/spinkv-bin; mkdir -p $bin

@@ -15,6 +15,7 @@
 # LAYOUT_SKIP_128K=1 leaves out the 128K engine runs and anchor (the longest parts).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
+source "$here/device-env.sh"
 export OUT=${OUT:-./gpu-out}
 R=$OUT/layout; mkdir -p "$R"
 bin=/tmp/spinkv-bin; mkdir -p $bin
