@@ -86,23 +86,11 @@ impl SparseKvCache for SpinCache {
                 self.cfg.max_seq_len
             );
         }
-        let want = tokens.div_ceil(self.cfg.page_size);
-        let have = self.tables.num_pages(id)?;
-        let new = want.saturating_sub(have);
-        let needed = new * self.dirs();
-        if needed > self.host_alloc.free_count() {
-            return Err(Error::PoolExhausted {
-                tier: Tier::Host,
-                needed,
-                free: self.host_alloc.free_count(),
-            });
-        }
-        // The device page tables take the pages at the next step's apply.
-        for _ in 0..new {
-            let slots = self.host_alloc.alloc_group()?;
-            self.tables.push_page(id, &slots)?;
-        }
-        Ok(())
+        let new = tokens
+            .div_ceil(self.cfg.page_size)
+            .saturating_sub(self.tables.num_pages(id)?);
+        self.check_room(new * self.dirs())?;
+        self.push_pages(id, new)
     }
 
     fn sequence_len(&self, seq: SeqId) -> Result<usize> {

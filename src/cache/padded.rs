@@ -210,6 +210,7 @@ impl SpinCache {
             prefill_pages: None,
             decode_rows: None,
             decode_entries: None,
+            decode_limit: None,
             memo: Default::default(),
             num_tokens,
             num_pages,
@@ -248,23 +249,24 @@ impl SpinCache {
     /// on the device the plan expanded from them ([`expand_decode_plan`]) and the RoPE
     /// tables of their positions ([`rope_tables_into`](crate::ops::rope_tables_into)).
     fn write_padded(&mut self, shape: PaddedShape, lay: &PlanWords, words: &[u32]) -> Result<()> {
-        const OP: &str = "SparseKvCache::begin_padded_decode";
+        // (Handles on the shape's buffers, so that the upload below can borrow `padded`.)
+        let (buf, rope) = {
+            let b = self.padded_buffers(shape)?;
+            (b.words.clone(), b.rope.clone())
+        };
         let upload = match self.padded.upload.as_mut() {
             Some(u) => u,
-            None => self
-                .padded
-                .upload
-                .insert(StagedUpload::new(OP, words.len(), &self.cfg.device)?),
+            None => self.padded.upload.insert(StagedUpload::new(
+                "SparseKvCache::begin_padded_decode",
+                words.len(),
+                &self.cfg.device,
+            )?),
         };
-        let bufs = self.padded.shapes.get(&shape).ok_or(Error::Invalid {
-            op: OP,
-            msg: format!("no buffers for padded shape {shape:?} (internal error)"),
-        })?;
-        upload.write(&bufs.words, words)?;
+        upload.write(&buf, words)?;
         let t = &self.device_tables;
-        expand_decode_plan(&bufs.words, &t.directory, &t.leaves, lay, self.cfg.page_size)?;
-        let positions = bufs.words.narrow(0, lay.positions, lay.b)?;
-        crate::ops::rope_tables_into(&bufs.rope, &positions, self.cfg.rope_theta)?;
+        expand_decode_plan(&buf, &t.directory, &t.leaves, lay, self.cfg.page_size)?;
+        let positions = buf.narrow(0, lay.positions, lay.b)?;
+        crate::ops::rope_tables_into(&rope, &positions, self.cfg.rope_theta)?;
         Ok(())
     }
 

@@ -48,6 +48,9 @@ pub(super) struct StepPlan {
     pub decode_rows: Option<Tensor>,
     /// `[D]` u32 entry indices of the decode entries, when the step mixes decode and prefill.
     pub decode_entries: Option<Tensor>,
+    /// `[D]` u32 tokens each decode entry attends (its key limit), when the step mixes
+    /// decode and prefill; otherwise the step's `kv_limit` is that already.
+    pub decode_limit: Option<Tensor>,
     /// Broadcasts every layer would otherwise copy again (made by the first that needs
     /// them).
     pub memo: PlanMemo,
@@ -179,14 +182,16 @@ impl SpinCache {
         } else {
             Some(Tensor::from_vec((0..nmax as u32).collect::<Vec<u32>>(), nmax, dev)?)
         };
-        let (decode_rows, decode_entries) = if decode.is_empty() || decode.len() == s {
-            (None, None)
+        let (decode_rows, decode_entries, decode_limit) = if decode.is_empty() || decode.len() == s {
+            (None, None, None)
         } else {
             let r: Vec<u32> = decode.iter().map(|&ei| entries[ei].row as u32).collect();
             let e: Vec<u32> = decode.iter().map(|&ei| ei as u32).collect();
+            let t: Vec<u32> = num_tokens.iter().map(|&t| t as u32).collect();
             (
                 Some(Tensor::from_vec(r, decode.len(), dev)?),
                 Some(Tensor::from_vec(e, decode.len(), dev)?),
+                Some(Tensor::from_vec(t, decode.len(), dev)?),
             )
         };
         let token_runs = token_runs(entries, &v.owners);
@@ -205,6 +210,7 @@ impl SpinCache {
             prefill_pages,
             decode_rows,
             decode_entries,
+            decode_limit,
             memo: PlanMemo::default(),
             decode,
             num_tokens,
@@ -223,16 +229,15 @@ impl SpinCache {
         };
         let nmax = pages.dims1()?;
         let mut rows = plan.table_rows.get(layer)?;
-        // Each decode entry's tokens (its key limit): pages from there on are reserved.
-        let mut tokens = step.kv_limit.clone();
         if let Some(idx) = &plan.decode_entries {
             rows = rows.index_select(idx, 0)?;
-            tokens = tokens.index_select(idx, 0)?;
         }
+        // Each decode entry's tokens (its key limit): pages from there on are reserved.
+        let tokens = plan.decode_limit.as_ref().unwrap_or(&step.kv_limit);
         // Pages 0..Nmax of every (entry, head) row: one grid lookup.
         let rows = rows.flatten_all()?;
         let limit = ops::GridLimit {
-            tokens: &tokens,
+            tokens,
             group: hkv,
             page_size: self.cfg.page_size,
         };
@@ -339,14 +344,31 @@ impl SpinCache {
             // most max_sequences (< 2^32) sequences are live.
             row += inp.new_tokens;
         }
-        if needed > self.host_alloc.free_count() {
+        self.check_room(needed)?;
+        Ok((entries, row))
+    }
+
+    /// [`Error::PoolExhausted`] (back-pressure) unless `needed` host slots are free.
+    pub(super) fn check_room(&self, needed: usize) -> Result<()> {
+        let free = self.host_alloc.free_count();
+        if needed > free {
             return Err(Error::PoolExhausted {
                 tier: Tier::Host,
                 needed,
-                free: self.host_alloc.free_count(),
+                free,
             });
         }
-        Ok((entries, row))
+        Ok(())
+    }
+
+    /// Appends `n` new logical pages (a page group each) to `seq`'s tables; the device
+    /// tables take them at the next apply. The room was checked ([`check_room`](Self::check_room)).
+    pub(super) fn push_pages(&mut self, seq: u64, n: usize) -> Result<()> {
+        for _ in 0..n {
+            let slots = self.host_alloc.alloc_group()?;
+            self.tables.push_page(seq, &slots)?;
+        }
+        Ok(())
     }
 
     /// Reserves the entries' pages, mirrors them on the device and plans the step with
@@ -366,10 +388,7 @@ impl SpinCache {
         };
         let span = crate::host_timing::span(names[0]);
         for e in entries {
-            for _ in 0..e.new_pages {
-                let slots = self.host_alloc.alloc_group()?;
-                self.tables.push_page(e.seq, &slots)?;
-            }
+            self.push_pages(e.seq, e.new_pages)?;
             *self.lens.get_mut(&e.seq).ok_or(Error::UnknownSequence(e.seq))? += e.n;
         }
         drop(span);
