@@ -128,11 +128,9 @@ mod bench {
                     .map(|(h, t)| slot(h, t / P) * P as u32 + (t % P) as u32)
                     .collect();
                 ops::paged_append(&pool, &k, &v, &Tensor::from_vec(dst, (l, hkv), &dev)?)?;
+                let slot = &slot;
                 let list: Vec<u32> = (0..hkv)
-                    .flat_map(|h| (0..np).flat_map(move |lp| [h, lp]))
-                    .collect::<Vec<usize>>()
-                    .chunks(2)
-                    .flat_map(|w| [slot(w[0], w[1]), w[1] as u32])
+                    .flat_map(|h| (0..np).flat_map(move |lp| [slot(h, lp), lp as u32]))
                     .collect();
                 let pages = Tensor::from_vec(list, (1, hkv, np, 2), &dev)?;
                 let group = hq / hkv;
