@@ -262,9 +262,14 @@ impl SpinCache {
                 &self.cfg.device,
             )?),
         };
+        let span = crate::host_timing::span("padded.write.upload");
         upload.write(&buf, words)?;
+        drop(span);
+        let span = crate::host_timing::span("padded.write.expand");
         let t = &self.device_tables;
         expand_decode_plan(&buf, &t.directory, &t.leaves, lay, self.cfg.page_size)?;
+        drop(span);
+        let _span = crate::host_timing::span("padded.write.rope");
         let positions = buf.narrow(0, lay.positions, lay.b)?;
         crate::ops::rope_tables_into(&rope, &positions, self.cfg.rope_theta)?;
         Ok(())

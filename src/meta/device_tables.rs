@@ -196,6 +196,8 @@ impl DeviceTables {
         let span = crate::host_timing::span("tables.changes");
         tables.track_changes();
         let changes = tables.take_changes();
+        drop(span);
+        let span = crate::host_timing::span("tables.writes");
         let mut taken = std::mem::take(&mut self.taken);
         let writes = self.writes(tables, &changes, &mut taken);
         self.taken = taken;
@@ -212,7 +214,9 @@ impl DeviceTables {
             let mut words: Vec<u32> = w.dir.iter().chain(&w.leaves).flat_map(|&(i, v)| [i, v]).collect();
             words.extend_from_slice(&self.pending_rows);
             words.extend_from_slice(&w.emptied_leaves);
+            let span = crate::host_timing::span("tables.upload");
             let buf = self.stage.write(&words, self.directory.device())?;
+            drop(span);
             let pairs = |at: usize, n: usize| -> Result<Tensor> { Ok(buf.narrow(0, 2 * at, 2 * n)?.reshape((n, 2))?) };
             let list = |at: usize, n: usize| buf.narrow(0, at, n);
             let lists = 2 * (nd + nl);
