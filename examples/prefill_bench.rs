@@ -140,8 +140,14 @@ mod bench {
                     rows.push(format!("{shape},{l},\"{mode}\",{ms:.4},{tf:.2}"));
                 };
                 // Each kernel: wgmma (Hopper) where it runs, and mma.sync.
-                for (kname, on) in [("wgmma", true), ("mma.sync", false)] {
+                use ops::PrefillPingPong::{Always, Never};
+                for (kname, on, pp) in [
+                    ("wgmma", true, Never),
+                    ("wgmma ping-pong", true, Always),
+                    ("mma.sync", false, Never),
+                ] {
                     ops::set_prefill_wgmma(on);
+                    ops::set_prefill_pingpong(pp);
                     // One chunk: the whole prompt, causal over itself.
                     let one = PrefillTiles::new(
                         &[PrefillChunk {
@@ -209,6 +215,7 @@ mod bench {
                     }
                 }
                 ops::set_prefill_wgmma(true);
+                ops::set_prefill_pingpong(ops::PrefillPingPong::Auto);
                 if l <= 8192 {
                     let ms = time(&dev, &mut || {
                         ops::causal_self_attention(&q, &k, &v, scale)?;

@@ -17,6 +17,12 @@
 // Dynamic shared memory: (128 + 4 · 64) · D elements + 1 KB of alignment slack (97 KB
 // at D = 128; two blocks fit an SM).
 //
+// The `_pp` entries ping-pong the two warpgroups (as FlashAttention-3 does): warpgroup 1
+// issues a tile's S = Q·Kᵀ only once warpgroup 0's has finished (named barrier 1), so one
+// warpgroup's softmax runs while the other's product holds the tensor cores. Without it
+// both warpgroups, and the block sharing the SM when its tiles are as long (chunks over
+// earlier pages), reach their softmax together and the tensor cores wait.
+//
 // Without sm_90a (CUDA_COMPUTE_CAP other than 90) the module defines no kernel.
 #include "wgmma.cuh"
 
@@ -42,7 +48,7 @@ __device__ __forceinline__ void pw_load_part(T* blk, int row, const T* src, int 
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PP>
 __device__ __forceinline__ void pw_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                         const T* __restrict__ pool, const u32* __restrict__ pages,
                                         const u32* __restrict__ kv_limit, const u32* __restrict__ tiles,
@@ -120,12 +126,14 @@ __device__ __forceinline__ void pw_impl(const T* __restrict__ q, const T* __rest
 
     // S = Q·Kᵀ over this tile's 64 keys.
     float s[32];
+    if (PP && wg == 1) named_bar_sync(1, PW_THREADS);
     reg_fence<32>(s);
     wg_fence();
     pw_qk<T, D>(s, qaddr, SPIN_PREFILL_ROWS, smem_addr(ks + st * KE));
     wg_commit();
     wg_wait0();
     reg_fence<32>(s);
+    if (PP && wg == 0) named_bar_arrive(1, PW_THREADS);
     float corr[2];
     pw_softmax(s, masked, kpos[st], qpos, tig, scale_log2, m, l, corr);
     pw_rescale<CB>(o, corr);
@@ -147,18 +155,22 @@ __device__ __forceinline__ void pw_impl(const T* __restrict__ q, const T* __rest
   pw_store<D>(o, m, l, live, row_base, tig, g, h, hq, (size_t)tv.row0 + tv.tok0, out, lse_off);
 }
 
-#define PREFILL_WGMMA_KERNEL(NAME, T, D)                                                                    \
+#define PREFILL_WGMMA_KERNEL(NAME, T, D, PP)                                                                  \
   extern "C" __global__ void __launch_bounds__(PW_THREADS, 2) NAME(                                            \
       const T* q, const T* k, const T* v, const T* pool, const u32* pages, const u32* kv_limit,             \
       const u32* tiles, float* out, int hq, int hkv, int s_count, int n, int p, u32 slots, float scale_log2, \
       u64 lse_off) {                                                                                        \
-    pw_impl<T, D>(q, k, v, pool, pages, kv_limit, tiles, out, hq, hkv, s_count, n, p, slots, scale_log2,     \
-                  lse_off);                                                                                 \
+    pw_impl<T, D, PP>(q, k, v, pool, pages, kv_limit, tiles, out, hq, hkv, s_count, n, p, slots, scale_log2, \
+                      lse_off);                                                                              \
   }
 
-PREFILL_WGMMA_KERNEL(prefill_wgmma_bf16_d64, __nv_bfloat16, 64)
-PREFILL_WGMMA_KERNEL(prefill_wgmma_bf16_d128, __nv_bfloat16, 128)
-PREFILL_WGMMA_KERNEL(prefill_wgmma_f16_d64, __half, 64)
-PREFILL_WGMMA_KERNEL(prefill_wgmma_f16_d128, __half, 128)
+PREFILL_WGMMA_KERNEL(prefill_wgmma_bf16_d64, __nv_bfloat16, 64, false)
+PREFILL_WGMMA_KERNEL(prefill_wgmma_bf16_d128, __nv_bfloat16, 128, false)
+PREFILL_WGMMA_KERNEL(prefill_wgmma_f16_d64, __half, 64, false)
+PREFILL_WGMMA_KERNEL(prefill_wgmma_f16_d128, __half, 128, false)
+PREFILL_WGMMA_KERNEL(prefill_wgmma_pp_bf16_d64, __nv_bfloat16, 64, true)
+PREFILL_WGMMA_KERNEL(prefill_wgmma_pp_bf16_d128, __nv_bfloat16, 128, true)
+PREFILL_WGMMA_KERNEL(prefill_wgmma_pp_f16_d64, __half, 64, true)
+PREFILL_WGMMA_KERNEL(prefill_wgmma_pp_f16_d128, __half, 128, true)
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -4,7 +4,8 @@
 //!   over the page list merged with `causal_self_attention` over the chunk — on random
 //!   inputs: ragged chunks starting off page boundaries, shuffled lists with NONE
 //!   entries, GQA groups 1/3/4, page sizes 1/8/16 (f32, within 1e-4 absolute);
-//! - each CUDA kernel (wgmma on a compute capability 9.0 device, and mma.sync) against
+//! - each CUDA kernel (wgmma on a compute capability 9.0 device, with and without its
+//!   warpgroup ping-pong, and mma.sync) against
 //!   the CPU reference on poisoned outputs: bf16 and f16, head dims 64/96/128, groups
 //!   1–8, page sizes 8–128, long prefixes, many tiles per chunk (out within 2e-2
 //!   absolute for bf16 and 4e-3 for f16 — the kernel rounds the softmax weights to the
@@ -185,19 +186,25 @@ fn cuda_kernel_matches_reference() {
         (&[(1000, 129)], 1, 2, 64, 16),
         (&[(0, 250), (17, 3)], 2, 5, 128, 8),
     ];
-    let kernels: &[bool] = if cfg!(feature = "cuda") {
-        &[true, false]
+    // (wgmma, ping-pong): the Hopper kernel both ways where it runs, and mma.sync.
+    let kernels: &[(bool, bool)] = if cfg!(feature = "cuda") {
+        &[(true, false), (true, true), (false, false)]
     } else {
-        &[true]
+        &[(true, false)]
     };
+    #[cfg(feature = "cuda")]
+    use ops::PrefillPingPong::{Always, Never};
     for (i, (chunks, hkv, g, d, p)) in shapes.into_iter().enumerate() {
         let c = case(200 + i as u64, chunks, 2, hkv, g, d, p);
-        for (&wgmma, (dt, tol)) in kernels
+        for (&(wgmma, pingpong), (dt, tol)) in kernels
             .iter()
             .flat_map(|w| [(w, (DType::BF16, 2e-2)), (w, (DType::F16, 4e-3))])
         {
             #[cfg(feature = "cuda")]
-            ops::set_prefill_wgmma(wgmma);
+            {
+                ops::set_prefill_wgmma(wgmma);
+                ops::set_prefill_pingpong(if pingpong { Always } else { Never });
+            }
             // The reference sees the same rounded inputs.
             let rounded = Case {
                 q: c.q.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap(),
@@ -220,7 +227,7 @@ fn cuda_kernel_matches_reference() {
             let lse = max_abs_diff(&got.lse, &want.lse);
             assert!(
                 out < tol && lse < 2e-3,
-                "case {i} {dt:?} wgmma {wgmma} (chunks {chunks:?}, hkv {hkv}, g {g}, d {d}, p {p}): out {out:e}, lse {lse:e}"
+                "case {i} {dt:?} wgmma {wgmma} ping-pong {pingpong} (chunks {chunks:?}, hkv {hkv}, g {g}, d {d}, p {p}): out {out:e}, lse {lse:e}"
             );
             assert_uncovered_empty(&c, &got);
         }
@@ -255,4 +262,26 @@ fn bad_inputs_name_the_op() {
     // A u32 tensor as queries.
     let q_u32 = Tensor::zeros((12, 6, 16), DType::U32, &cpu).unwrap();
     assert!(call(&q_u32, &c.k, &tiles).contains("prefill_attention"));
+}
+
+#[test]
+fn tiles_say_where_most_keys_are_earlier_pages() {
+    let cpu = Device::Cpu;
+    let chunk = |start: u32, n: u32, list_len: u32| PrefillChunk {
+        seq: 0,
+        row: 0,
+        start,
+        n,
+        list_len,
+    };
+    let mostly = |chunks: &[PrefillChunk]| PrefillTiles::new(chunks, 4, 16, &cpu).unwrap().mostly_earlier_pages();
+    // A prompt's first chunk walks only its own tokens.
+    assert!(!mostly(&[chunk(0, 8192, 0)]));
+    // Its second 8K chunk: 8K earlier keys per tile against 16 to 8K own ones.
+    assert!(mostly(&[chunk(8192, 8192, 512)]));
+    // A short prefix under a long chunk: own keys dominate (tiles of 32 tokens, own
+    // keys 32 + 64 + … + 8192 = 1,052,672 against 256 × 256 = 65,536 earlier ones).
+    assert!(!mostly(&[chunk(256, 8192, 16)]));
+    // Summed over a launch's chunks.
+    assert!(mostly(&[chunk(0, 64, 0), chunk(65536, 64, 4096)]));
 }

@@ -86,9 +86,11 @@ pub(crate) struct Cli {
     #[arg(long, global = true)]
     pub(crate) no_graphs: bool,
     /// The prefill attention kernel on CUDA: `auto` (wgmma on a compute capability 9.0
-    /// device for head dims 64/128, else mma.sync) or `mma` (mma.sync always), for
-    /// comparison (`spinkv::ops::set_prefill_wgmma`).
-    #[arg(long, global = true, default_value = "auto", value_parser = ["auto", "mma"])]
+    /// device for head dims 64/128, its warpgroups in ping-pong where most keys are earlier
+    /// pages; else mma.sync), `pingpong` / `plain` (wgmma with / without the ping-pong
+    /// always) or `mma` (mma.sync always), for comparison (`spinkv::ops::set_prefill_wgmma`,
+    /// `set_prefill_pingpong`).
+    #[arg(long, global = true, default_value = "auto", value_parser = ["auto", "pingpong", "plain", "mma"])]
     pub(crate) prefill_kernel: String,
     /// Profile this many decode-only steps, after the first four (past warm-up and
     /// capture): the CUDA profiler's collection is on only around them, for

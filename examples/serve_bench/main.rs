@@ -194,7 +194,13 @@ fn main() -> Result<()> {
     );
     spinkv::host_timing::enable(c.host_timing);
     #[cfg(feature = "cuda")]
-    spinkv::ops::set_prefill_wgmma(c.prefill_kernel == "auto");
+    spinkv::ops::set_prefill_wgmma(c.prefill_kernel != "mma");
+    #[cfg(feature = "cuda")]
+    spinkv::ops::set_prefill_pingpong(match c.prefill_kernel.as_str() {
+        "pingpong" => spinkv::ops::PrefillPingPong::Always,
+        "plain" => spinkv::ops::PrefillPingPong::Never,
+        _ => spinkv::ops::PrefillPingPong::Auto,
+    });
     let b = load(&c)?;
     eprintln!(
         "model: {} on {:?}: {:?}",

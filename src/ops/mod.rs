@@ -67,8 +67,8 @@ pub use upload::StagedUpload;
 /// helper that turns a top-k selection into page pairs.
 #[cfg(feature = "cuda")]
 pub use cuda::{
-    selection_to_pages, set_attention_g8, set_attention_waves, set_poison_outputs, set_prefill_wgmma,
-    set_side_copy_blocks,
+    selection_to_pages, set_attention_g8, set_attention_waves, set_poison_outputs, set_prefill_pingpong,
+    set_prefill_wgmma, set_side_copy_blocks, PrefillPingPong,
 };
 
 /// Loads every spinkv kernel on `device` (a CUDA device; on others nothing is done),

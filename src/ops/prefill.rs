@@ -41,6 +41,10 @@ pub struct PrefillTiles {
     rows_end: usize,
     /// One past the largest `seq`.
     seqs_end: usize,
+    /// Keys the tiles walk over earlier pages, summed over tiles (a tile's rows share them).
+    prefix_keys: u64,
+    /// Keys the tiles walk over their chunks' own tokens, summed over tiles.
+    own_keys: u64,
 }
 
 impl PrefillTiles {
@@ -56,6 +60,7 @@ impl PrefillTiles {
         let per_tile = (PREFILL_ROWS / group) as u32;
         let mut rows: Vec<(u64, [u32; PREFILL_TILE_WORDS])> = Vec::new();
         let (mut rows_end, mut seqs_end) = (0usize, 0usize);
+        let (mut prefix_keys, mut own_keys) = (0u64, 0u64);
         for c in chunks {
             let end = c.row as u64 + c.n as u64;
             if c.n == 0 || c.start.checked_add(c.n).is_none() || end > u32::MAX as u64 {
@@ -69,7 +74,10 @@ impl PrefillTiles {
             let mut tok0 = 0;
             while tok0 < c.n {
                 let ntok = per_tile.min(c.n - tok0);
-                let work = c.list_len as u64 * page_size as u64 + (tok0 + ntok) as u64;
+                let (prefix, own) = (c.list_len as u64 * page_size as u64, (tok0 + ntok) as u64);
+                prefix_keys += prefix;
+                own_keys += own;
+                let work = prefix + own;
                 rows.push((work, [c.seq, c.row, c.start, tok0, ntok, c.list_len]));
                 tok0 += ntok;
             }
@@ -82,6 +90,8 @@ impl PrefillTiles {
             group,
             rows_end,
             seqs_end,
+            prefix_keys,
+            own_keys,
         })
     }
 
@@ -98,6 +108,14 @@ impl PrefillTiles {
     /// Whether there is no tile (no chunk).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether most of the keys the tiles walk are earlier pages rather than the chunks'
+    /// own tokens (later chunks of a long prompt). There, every tile of a launch is about
+    /// as long, and the CUDA kernel's warpgroup ping-pong pays; over own tokens alone
+    /// (tiles of uneven length) it costs.
+    pub fn mostly_earlier_pages(&self) -> bool {
+        self.prefix_keys > self.own_keys
     }
 }
 
@@ -116,6 +134,9 @@ struct PrefillAttention {
     pages: Tensor,
     kv_limit: Tensor,
     tiles: Tensor,
+    /// [`PrefillTiles::mostly_earlier_pages`], for the CUDA kernel's choice.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    mostly_earlier_pages: bool,
     scale: f32,
 }
 
@@ -253,6 +274,7 @@ impl CustomOp3 for PrefillAttention {
                 pages: &self.pages,
                 kv_limit: &self.kv_limit,
                 tiles: &self.tiles,
+                mostly_earlier_pages: self.mostly_earlier_pages,
             },
             self.scale,
         )
@@ -369,6 +391,7 @@ pub fn prefill_attention(
         pages: pages.clone(),
         kv_limit: kv_limit.clone(),
         tiles: tiles.tiles.clone(),
+        mostly_earlier_pages: tiles.mostly_earlier_pages(),
         scale,
     };
     let packed = q.apply_op3_no_bwd(k, v, &op)?;

@@ -104,6 +104,40 @@ pub(crate) fn prefill_wgmma() -> bool {
     PREFILL_WGMMA_ON.load(Ordering::Relaxed)
 }
 
+static PREFILL_PINGPONG: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// When [`prefill_attention`](crate::ops::prefill_attention)'s Hopper kernel runs its
+/// two warpgroups in ping-pong (they take turns on the tensor cores, so that one's softmax
+/// runs while the other's Q·Kᵀ does: the `prefill_wgmma_pp_*` entries of
+/// `kernels/prefill_wgmma.cu`). Same results either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefillPingPong {
+    /// Where most keys a launch walks are earlier pages
+    /// ([`PrefillTiles::mostly_earlier_pages`](crate::ops::PrefillTiles::mostly_earlier_pages)):
+    /// measured on the H200 (docs/BENCHMARKS.md, 2026-12-05), ping-pong is 3% faster over
+    /// a 128K prompt's 8K chunks and 10% slower over one 128K chunk.
+    #[default]
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
+}
+
+/// Sets [`PrefillPingPong`] for the process (a tuning knob; [`PrefillPingPong::Auto`] by
+/// default).
+pub fn set_prefill_pingpong(mode: PrefillPingPong) {
+    PREFILL_PINGPONG.store(mode as u8, Ordering::Relaxed);
+}
+
+pub(crate) fn prefill_pingpong() -> PrefillPingPong {
+    match PREFILL_PINGPONG.load(Ordering::Relaxed) {
+        1 => PrefillPingPong::Always,
+        2 => PrefillPingPong::Never,
+        _ => PrefillPingPong::Auto,
+    }
+}
+
 /// Compute capability `(major, minor)` of `dev` (cached: one device kind per process).
 pub(crate) fn compute_cap(dev: &CudaDevice) -> Result<(i32, i32)> {
     static CAP: OnceLock<(i32, i32)> = OnceLock::new();

@@ -4,7 +4,9 @@
 //! (tile, KV head) overwrites the rows of its tile:
 //! - on a compute capability 9.0 device, for head dims 64 and 128, the wgmma kernel
 //!   (2 warpgroups, (128 + 4 · 64) · D · 2 bytes + 1 KB of dynamic shared memory), unless
-//!   [`set_prefill_wgmma`](super::set_prefill_wgmma) turned it off;
+//!   [`set_prefill_wgmma`](super::set_prefill_wgmma) turned it off; its ping-pong
+//!   variant where most keys are earlier pages (see
+//!   [`set_prefill_pingpong`](super::set_prefill_pingpong));
 //! - otherwise the mma.sync kernel (4 warps, (128 + 4 · 64) · (D + 8) · 2 bytes).
 
 use super::{alloc, func, launch, ptr, PREFILL, PREFILL_WGMMA};
@@ -28,6 +30,8 @@ pub(crate) struct Fields<'a> {
     pub pages: &'a Tensor,
     pub kv_limit: &'a Tensor,
     pub tiles: &'a Tensor,
+    /// [`PrefillTiles::mostly_earlier_pages`](crate::ops::PrefillTiles::mostly_earlier_pages).
+    pub mostly_earlier_pages: bool,
 }
 
 /// Flat `[T·Hq·D + T·Hq]` f32: the output `[T, Hq, D]`, then the lse `[T, Hq]`.
@@ -79,7 +83,12 @@ pub(crate) fn prefill_attention(
     if blocks > i32::MAX as usize || f.tiles.dims2()?.1 != PREFILL_TILE_WORDS {
         candle_core::bail!("{OP}: {nt} tiles × {hkv} KV heads exceed the launch limit");
     }
-    let wgmma = dt.map(|dt| format!("prefill_wgmma_{dt}_d{d}"));
+    let ping = match super::prefill_pingpong() {
+        super::PrefillPingPong::Auto if f.mostly_earlier_pages => "pp_",
+        super::PrefillPingPong::Always => "pp_",
+        _ => "",
+    };
+    let wgmma = dt.map(|dt| format!("prefill_wgmma_{ping}{dt}_d{d}"));
     let wgmma = match wgmma {
         Some(w)
             if super::prefill_wgmma()
