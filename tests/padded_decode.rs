@@ -243,9 +243,10 @@ fn padded_steps_carry_the_callers_words() {
 }
 
 /// With the `fault-injection` feature: a padded step whose N-th device call fails (for
-/// every N it makes: begin, each layer's store / resolve / fetch, end) is aborted, leaves
-/// lengths, pool usage and accounting as they were, and the step run again gives exactly
-/// the outputs of a twin cache where nothing failed.
+/// every N it makes: begin, the plan expansion in the first attend, each layer's store /
+/// resolve / fetch, end) is aborted, leaves lengths, pool usage and accounting as they
+/// were, and the step run again gives exactly the outputs of a twin cache where nothing
+/// failed.
 #[cfg(feature = "fault-injection")]
 #[test]
 fn a_padded_step_that_fails_on_any_device_call_aborts_cleanly() {

@@ -260,6 +260,11 @@ impl SpinCache {
         v: &Tensor,
     ) -> Result<Tensor> {
         let (p, hkv) = (self.cfg.page_size, self.cfg.num_kv_heads);
+        if let (Some(lay), Some(shape)) = (step.padded_prep, step.padded) {
+            // A padded step's first attend: its plan and RoPE tables, on the device.
+            self.prepare_padded(shape, &lay)?;
+            step.padded_prep = None;
+        }
         let span = crate::host_timing::span("attend.rope");
         let (q_rot, k_rot, v) = ops::rope_qkv(q, k, v, &step.cos, &step.sin)?;
         drop(span);

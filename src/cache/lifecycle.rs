@@ -151,6 +151,7 @@ impl SparseKvCache for SpinCache {
             rounds: 0,
             requests: 0,
             prefill,
+            padded_prep: None,
         });
         Ok(())
     }

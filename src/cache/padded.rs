@@ -1,10 +1,11 @@
 //! Padded decode steps: decode-only steps of a fixed [`PaddedShape`] whose device inputs
 //! live in buffers kept per shape and written in place (one staged upload per step of ten
 //! words per row plus the caller's own words, e.g. the engine's token ids; the per-layer
-//! destinations, table rows and RoPE tables are computed from them on the device), so
-//! that two steps of one shape run the same device work on the same addresses. That is
-//! the form a CUDA graph of the whole model's decode step is captured in and replayed
-//! with (`spinkv::engine` does). Rows past the real sequences are padding: `NONE`
+//! destinations, table rows and RoPE tables are computed from them on the device, by two
+//! launches in the step's first `attend`), so that two steps of one shape run the same
+//! device work on the same addresses. That is the form a CUDA graph of the whole model's
+//! decode step is captured in and replayed with (`spinkv::engine` does): the graph then
+//! holds those two launches, and the host's part of a replayed step is the upload. Rows past the real sequences are padding: `NONE`
 //! destinations and page-table rows, `kv_limit` 0, so they store nothing and attend
 //! nothing (their outputs are zeros).
 
@@ -182,7 +183,7 @@ impl SpinCache {
             words[lay.runs + 4 * ei..][..4].copy_from_slice(&run);
         }
         let span = crate::host_timing::span("padded.begin.write");
-        let written = self.write_padded(shape, &lay, &words);
+        let written = self.write_padded(shape, &words);
         drop(span);
         if let Err(e) = written {
             for en in &entries {
@@ -241,19 +242,17 @@ impl SpinCache {
             rounds: 0,
             requests: 0,
             prefill: None,
+            padded_prep: Some(lay),
         });
         Ok(extra_view)
     }
 
-    /// Writes a padded step's inputs in place: one staged upload of the host words, then
-    /// on the device the plan expanded from them ([`expand_decode_plan`]) and the RoPE
-    /// tables of their positions ([`rope_tables_into`](crate::ops::rope_tables_into)).
-    fn write_padded(&mut self, shape: PaddedShape, lay: &PlanWords, words: &[u32]) -> Result<()> {
-        // (Handles on the shape's buffers, so that the upload below can borrow `padded`.)
-        let (buf, rope) = {
-            let b = self.padded_buffers(shape)?;
-            (b.words.clone(), b.rope.clone())
-        };
+    /// Writes a padded step's host words in place: one staged upload. The plan they
+    /// expand to and the RoPE tables of their positions follow on the device in the
+    /// step's first `attend` ([`prepare_padded`](Self::prepare_padded)).
+    fn write_padded(&mut self, shape: PaddedShape, words: &[u32]) -> Result<()> {
+        // (A handle on the shape's words, so that the upload below can borrow `padded`.)
+        let buf = self.padded_buffers(shape)?.words.clone();
         let upload = match self.padded.upload.as_mut() {
             Some(u) => u,
             None => self.padded.upload.insert(StagedUpload::new(
@@ -262,16 +261,22 @@ impl SpinCache {
                 &self.cfg.device,
             )?),
         };
-        let span = crate::host_timing::span("padded.write.upload");
-        upload.write(&buf, words)?;
-        drop(span);
-        let span = crate::host_timing::span("padded.write.expand");
+        upload.write(&buf, words)
+    }
+
+    /// A padded step's device work before its first layer: the plan expanded from its
+    /// uploaded words ([`expand_decode_plan`]) and the RoPE tables of their positions
+    /// ([`rope_tables_into`](crate::ops::rope_tables_into)), into the shape's buffers.
+    pub(super) fn prepare_padded(&self, shape: PaddedShape, lay: &PlanWords) -> Result<()> {
+        crate::fault::device_call("SparseKvCache::attend (a padded step's plan and RoPE tables)")?;
+        let bufs = self.padded_buffers(shape)?;
+        let span = crate::host_timing::span("attend.padded_prep.expand");
         let t = &self.device_tables;
-        expand_decode_plan(&buf, &t.directory, &t.leaves, lay, self.cfg.page_size)?;
+        expand_decode_plan(&bufs.words, &t.directory, &t.leaves, lay, self.cfg.page_size)?;
         drop(span);
-        let _span = crate::host_timing::span("padded.write.rope");
-        let positions = buf.narrow(0, lay.positions, lay.b)?;
-        crate::ops::rope_tables_into(&rope, &positions, self.cfg.rope_theta)?;
+        let _span = crate::host_timing::span("attend.padded_prep.rope");
+        let positions = bufs.words.narrow(0, lay.positions, lay.b)?;
+        crate::ops::rope_tables_into(&bufs.rope, &positions, self.cfg.rope_theta)?;
         Ok(())
     }
 
@@ -323,6 +328,8 @@ impl SpinCache {
         };
         self.lru.count_replayed_rounds(rounds, requests);
         if let Some(step) = self.step.as_mut() {
+            // The graph ran the step's preparation and every layer.
+            step.padded_prep = None;
             step.attended.fill(true);
         }
         Ok(())
