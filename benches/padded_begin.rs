@@ -5,7 +5,10 @@
 //! replayed CUDA graph of the decode step leaves (issue 12's target: ≤ 100 µs at B = 64);
 //! on CUDA the same code also pays the driver calls of its uploads. The `_crossing` cases
 //! are steps where all 64 sequences start a page; `_reserved`, the same with the pages
-//! held ahead (`SparseKvCache::reserve`, the engine's default).
+//! held ahead (`SparseKvCache::reserve`, the engine's default). Since commit 236dbcf the
+//! plan's expansion and the RoPE tables run in the step's first `attend`, not here: on
+//! the CPU they were ~45 µs of this bench's time before, so its figures are not
+//! comparable across that commit.
 //!
 //! `cargo bench --bench padded_begin`
 

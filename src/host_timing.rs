@@ -8,7 +8,11 @@
 //! sequence and layer in device mode). An eager step's layers are marked too:
 //! `model.begin_step`, `model.layers`, `model.end_step`, per layer `layer.qkv` and
 //! `layer.mlp`, and within the cache's attend `attend.rope`, `attend.store`,
-//! `attend.index`, `attend.requests`, `attend.paged` and `attend.prefill`. Device work is
+//! `attend.index`, `attend.requests`, `attend.paged` and `attend.prefill` (and in a
+//! padded step's first attend `attend.padded_prep.expand` and `attend.padded_prep.rope`).
+//! A padded step's begin is `padded.begin.*` (`padded.begin.write`: its one upload) and
+//! `padded.plan.*`; `DeviceTables::apply` is `tables.changes`, `tables.writes`,
+//! `tables.upload` and `tables.scatter`. Device work is
 //! asynchronous, so a span's time is the host's, except where the host waits for the
 //! device inside it (a read back): there the device's queued time shows. Spans nest: each
 //! label sums its own time.

@@ -68,7 +68,8 @@ pub struct DecodeCounters {
     /// end, which waits for the device to read its counters, is not included).
     pub replay_host_us: u64,
     /// The part of `replay_host_us` spent in the cache's `begin_padded_decode` (the
-    /// step's plan, written into the shape's input buffers), microseconds, summed.
+    /// step's host bookkeeping and the one upload of its words into the shape's input
+    /// buffers; their expansion on the device runs in the graph), microseconds, summed.
     pub replay_begin_us: u64,
     /// The part of `replay_host_us` spent writing the token ids and launching the graph,
     /// microseconds, summed.
