@@ -127,3 +127,8 @@ if [ "$what" = trace ]; then
     --trace-dir "$OUT/traces" 2>&1 | grep -vE "prompt \+ .* output" | tee "$OUT/trace.txt"
   xz -T0 "$OUT"/traces/*.csv
 fi
+# A device call brings back only a handful of files: pack this run's output into one.
+if [ "${GPU_RUN_NO_TAR:-0}" != 1 ]; then
+  t=/tmp/gpu-run-$what-$$.tgz
+  tar czf "$t" -C "$OUT" --exclude='*.tgz' . && find "$OUT" -mindepth 1 -not -name '*.tgz' -delete && mv "$t" "$OUT/gpu-run-$what.tgz"
+fi
