@@ -6,7 +6,9 @@
 //!   evictions); padding rows (garbage inputs at scale 1000) come out finite and change
 //!   nothing; the counters and the pool accounting agree;
 //! - misuse and bad input are clear errors; an aborted padded step frees its pages; the
-//!   caller's words (`begin_padded_decode_with`) come back on the device;
+//!   caller's words (`begin_padded_decode_with`) come back on the device; invalid input
+//!   before the first layer does not use up the step's plan expansion (done in its first
+//!   `attend`);
 //! - (feature `fault-injection`) a padded step failing on any of its device calls aborts
 //!   cleanly and the rerun equals a twin cache where nothing failed (also ShadowKV in its
 //!   device mode; its other padded tests are in `tests/shadowkv_device.rs`).
@@ -213,6 +215,38 @@ fn padded_misuse_and_bad_input_are_clear_errors() {
     assert!(inf.padded_shape(&decode_inputs(&[t])).is_none());
     let e = msg(inf.begin_padded_decode(&decode_inputs(&[t]), shape).unwrap_err());
     assert!(e.contains("cannot run padded decode steps"), "{e}");
+}
+
+/// A padded step's plan and RoPE tables are built in its first `attend`: an invalid first
+/// call (refused, the step still usable) must not use that up, so the step run after it
+/// equals a twin's that never saw it.
+#[test]
+fn invalid_input_before_a_padded_steps_first_layer_changes_nothing() {
+    use common::harness::try_padded_step_with;
+    for name in ["dense", "quest"] {
+        let mut caches = twins(name);
+        let mut seqs = [Vec::new(), Vec::new()];
+        for &len in &[29usize, 8, 61] {
+            add_both(&mut caches, &mut seqs, len);
+        }
+        for step in 0..2u64 {
+            let ia = decode_inputs(&seqs[0]);
+            let ib = decode_inputs(&seqs[1]);
+            let shape = caches[1].padded_shape(&ib).unwrap();
+            let a = padded_step(&mut caches[0], &ia, shape, &mut rng(20 + step), &mut rng(5));
+            let b = try_padded_step_with(&mut caches[1], &ib, shape, &mut rng(20 + step), &mut rng(5), |c| {
+                let cfg = c.config().clone();
+                let bad = candle_core::Tensor::zeros((1, 1, 1), cfg.dtype, &cfg.device).unwrap();
+                let e = c.attend(0, &bad, &bad, &bad).unwrap_err().to_string();
+                assert!(e.contains("attend"), "{e}");
+            })
+            .unwrap();
+            for (layer, (x, y)) in a.iter().zip(&b).enumerate() {
+                let err = max_abs_diff(&x.out, &y.out);
+                assert!(err <= 1e-6, "{name} step {step} layer {layer}: outputs differ by {err}");
+            }
+        }
+    }
 }
 
 /// `begin_padded_decode_with` hands the caller's words back on the device, replaced each
