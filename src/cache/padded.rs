@@ -5,9 +5,9 @@
 //! launches in the step's first `attend`), so that two steps of one shape run the same
 //! device work on the same addresses. That is the form a CUDA graph of the whole model's
 //! decode step is captured in and replayed with (`spinkv::engine` does): the graph then
-//! holds those two launches too, and the host launches neither. Rows past the real sequences are padding: `NONE`
-//! destinations and page-table rows, `kv_limit` 0, so they store nothing and attend
-//! nothing (their outputs are zeros).
+//! holds those two launches too, and the host launches neither. Rows past the real
+//! sequences are padding: `NONE` destinations and page-table rows, `kv_limit` 0, so they
+//! store nothing and attend nothing (their outputs are zeros).
 
 use super::plan::StepPlan;
 use super::*;

@@ -11,9 +11,10 @@
 //! from pinned staging into a device buffer the tables keep ([`StagedUpload`]), of the
 //! (flat index, value) pairs of both tables and the lists of whole rows to empty (a
 //! removed sequence's directory rows and leaves); then one fill launch per table for the
-//! emptied rows and one scatter launch per table. The host waits for the device only when it runs more applies ahead of it
-//! than the staging ring holds ([`RING`](crate::ops::upload::RING)). Sequences get directory rows by [`DeviceTables::add_sequence`] (freed
-//! rows are reused).
+//! emptied rows and one scatter launch per table. The host waits for the device only
+//! when it runs more applies ahead of it than the staging ring holds
+//! ([`RING`](crate::ops::upload::RING)). Sequences get directory rows by
+//! [`DeviceTables::add_sequence`] (freed rows are reused).
 
 use super::page_table::{LeafChange, PageTables, LEAF_PAGES};
 use crate::ops::page_table::{fill_rows, scatter};
@@ -182,8 +183,8 @@ impl DeviceTables {
     /// by row and set to `NONE` by one fill kernel per table; the other writes of both
     /// tables are (flat index, value) pairs applied after the fills by a scatter kernel
     /// per table on the tables' stream. Pairs and row lists go to the device in one copy
-    /// from pinned staging ([`StagedUpload`]) (the host waits only when it runs more applies ahead of
-    /// the device than the staging ring holds).
+    /// from pinned staging ([`StagedUpload`]; the host waits only when it runs more
+    /// applies ahead of the device than the staging ring holds).
     pub fn apply(&mut self, tables: &mut PageTables) -> Result<()> {
         if tables.dirs_per_seq() != self.dirs_per_seq {
             crate::invalid!(
