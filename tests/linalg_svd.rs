@@ -249,7 +249,7 @@ fn the_factorization_marks_its_host_parts() {
     randomized_low_rank(&x, 8, LowRankOptions::default()).unwrap();
     let labels: Vec<(&str, u64)> = spinkv::host_timing::report()
         .into_iter()
-        .map(|(l, _, n)| (l, n))
+        .map(|s| (s.label, s.count))
         .collect();
     for want in ["low_rank.read", "low_rank.cholesky", "low_rank.eigen"] {
         assert!(

@@ -125,10 +125,19 @@ pub(crate) fn run_batch(
         );
     }
     if c.host_timing {
-        eprintln!("  host time by part (µs total, spans, µs per span):");
-        for (label, d, n) in spinkv::host_timing::report() {
-            let us = d.as_secs_f64() * 1e6;
-            eprintln!("    {label:<28} {us:>12.0} {n:>8} {:>10.1}", us / n.max(1) as f64);
+        eprintln!("  host time by part (µs: total, spans, per span, median, p99, max):");
+        let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
+        for s in spinkv::host_timing::report() {
+            eprintln!(
+                "    {:<28} {:>12.0} {:>8} {:>10.1} {:>8.1} {:>8.1} {:>9.1}",
+                s.label,
+                us(s.total),
+                s.count,
+                us(s.total) / s.count.max(1) as f64,
+                us(s.p50),
+                us(s.p99),
+                us(s.max)
+            );
         }
         spinkv::host_timing::reset();
     }

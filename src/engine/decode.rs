@@ -180,10 +180,11 @@ impl DecodeRunner {
         let (replays, t1) = (self.counters.replays, std::time::Instant::now());
         let ran = self.run(model, cache, shape, &inputs_dev);
         if self.counters.replays > replays {
-            let c = &mut self.counters;
-            c.replay_host_us += t0.elapsed().as_micros() as u64;
+            let (c, host) = (&mut self.counters, t0.elapsed());
+            c.replay_host_us += host.as_micros() as u64;
             c.replay_begin_us += (t1 - t0).as_micros() as u64;
             c.replay_launch_us += t1.elapsed().as_micros() as u64;
+            crate::host_timing::record("decode.replay_host", host);
         }
         let span = crate::host_timing::span("decode.end_step");
         let done = ran
