@@ -88,8 +88,8 @@ fn prompt(i: usize, len: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Runs `b` requests (request 0 stops after 9 tokens; the last joins after 5 steps) and
-/// returns each request's tokens and the engine's decode counters.
+/// Runs `b` requests of [`NEW`] tokens (request 0 stops after 9 tokens; the last joins
+/// after 5 steps) and returns each request's tokens and the engine's decode counters.
 fn run(
     model: &Llama,
     algo_name: &str,
@@ -98,7 +98,20 @@ fn run(
     mode: DecodeMode,
     fetch: FetchMode,
 ) -> (Vec<Vec<u32>>, spinkv::engine::DecodeCounters) {
-    let mut cc = model.cache_config_for(b, 700 + NEW, 16, fraction).unwrap();
+    run_new(model, algo_name, fraction, b, mode, fetch, NEW)
+}
+
+/// [`run`] with `new` tokens per request (request 0: at most 9).
+fn run_new(
+    model: &Llama,
+    algo_name: &str,
+    fraction: f64,
+    b: usize,
+    mode: DecodeMode,
+    fetch: FetchMode,
+    new: usize,
+) -> (Vec<Vec<u32>>, spinkv::engine::DecodeCounters) {
+    let mut cc = model.cache_config_for(b, 700 + new, 16, fraction).unwrap();
     let fused = cc.dtype != DType::F32;
     cc.fetch_mode = fetch;
     let cache = SpinCache::new_boxed(cc, algo(algo_name)).unwrap();
@@ -119,7 +132,7 @@ fn run(
     let mut e = Engine::new(model.clone(), Box::new(cache), None, cfg).unwrap();
     assert_eq!(e.decode_mode(), mode);
     let req = |i: usize| {
-        let n = if i == 0 && b > 1 { 9 } else { NEW };
+        let n = if i == 0 && b > 1 { 9.min(new) } else { new };
         let r = Request::tokens(prompt(i, 300 + 23 * i), n).with_ignore_eos(true);
         if i % 2 == 1 && !std::env::var("SPINKV_GRAPH_TEST_GREEDY").is_ok_and(|v| v == "1") {
             r.with_sampling(SamplingParams {
@@ -283,4 +296,28 @@ fn bf16_graphs_give_the_padded_tokens() {
         }
     }
     assert!(differ.is_empty(), "graphs vs padded differ in: {differ:?}");
+}
+
+/// For `compute-sanitizer --tool memcheck` (ignored: run it with `--ignored`): the
+/// whole-model decode step captured and replayed, and nothing else (no eager or padded
+/// runs to compare with, which the other tests do), at B = 3 with 24 new tokens per
+/// request: f32 dense over a direct-mapped fast tier, and bf16 Quest with int8 bounds
+/// over the LRU with the fused tiered kernel (misses fetched inside the replayed graph).
+/// Checks that graphs were captured and replayed with no fallback and that every page
+/// was freed.
+#[test]
+#[ignore = "for compute-sanitizer; the other tests check the replayed tokens"]
+fn replayed_steps_for_memcheck() {
+    let dev = spinkv::ops::cuda_device(0).expect("a CUDA device");
+    for (dtype, algo_name, fraction, fetch) in [
+        (DType::F32, "dense", 1.0, FetchMode::SideStream),
+        (DType::BF16, "quest-q8", 0.5, FetchMode::InKernel),
+    ] {
+        let model = random_llama(shape_config("smollm2-135m").unwrap(), dtype, &dev, 7).unwrap();
+        let (tokens, gc) = run_new(&model, algo_name, fraction, 3, DecodeMode::Graphs, fetch, 24);
+        eprintln!("{dtype:?} {algo_name} (fast fraction {fraction}) B=3: graphs {gc:?}");
+        assert!(gc.captures >= 1 && gc.replays >= 5, "{algo_name}: {gc:?}");
+        assert_eq!((gc.fallbacks, gc.errors), (0, 0), "{algo_name}: {gc:?}");
+        assert_eq!(tokens.iter().map(Vec::len).collect::<Vec<_>>(), [9, 24, 24]);
+    }
 }
