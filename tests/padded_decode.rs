@@ -239,6 +239,7 @@ fn invalid_input_before_a_padded_steps_first_layer_changes_nothing() {
                 let bad = candle_core::Tensor::zeros((1, 1, 1), cfg.dtype, &cfg.device).unwrap();
                 let e = c.attend(0, &bad, &bad, &bad).unwrap_err().to_string();
                 assert!(e.contains("attend"), "{e}");
+                Ok(())
             })
             .unwrap();
             for (layer, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -250,7 +251,9 @@ fn invalid_input_before_a_padded_steps_first_layer_changes_nothing() {
 }
 
 /// `begin_padded_decode_with` hands the caller's words back on the device, replaced each
-/// step; their count is fixed per shape (another count is refused, changing nothing).
+/// step once the step is prepared (`prepare_padded_step`: again is a no-op; without an
+/// open padded step, an error); their count is fixed per shape (another count is
+/// refused, changing nothing).
 #[test]
 fn padded_steps_carry_the_callers_words() {
     let mut c = SpinCache::new_boxed(cfg(), algo("dense")).unwrap();
@@ -261,9 +264,16 @@ fn padded_steps_carry_the_callers_words() {
     let words = |k: u32| -> Vec<u32> { (0..7).map(|i| 1000 * k + i).collect() };
     for k in 1..4u32 {
         let got = c.begin_padded_decode_with(&one, shape, &words(k)).unwrap();
+        c.prepare_padded_step().unwrap();
+        c.prepare_padded_step().unwrap();
         assert_eq!(got.to_vec1::<u32>().unwrap(), words(k), "step {k}");
         c.abort_step().unwrap();
     }
+    let e = c.prepare_padded_step().unwrap_err().to_string();
+    assert!(
+        e.contains("prepare_padded_step") && e.contains("no padded decode step"),
+        "{e}"
+    );
     let before = (c.pool_usage(), c.sequence_len(s).unwrap());
     let e = c
         .begin_padded_decode_with(&one, shape, &[1, 2, 3])
@@ -277,14 +287,15 @@ fn padded_steps_carry_the_callers_words() {
 }
 
 /// With the `fault-injection` feature: a padded step whose N-th device call fails (for
-/// every N it makes: begin, the plan expansion in the first attend, each layer's store /
+/// every N it makes: begin, the preparation — the staged words' copy and the plan
+/// expansion, in `prepare_padded_step` or the first attend —, each layer's store /
 /// resolve / fetch, end) is aborted, leaves lengths, pool usage and accounting as they
 /// were, and the step run again gives exactly the outputs of a twin cache where nothing
 /// failed.
 #[cfg(feature = "fault-injection")]
 #[test]
 fn a_padded_step_that_fails_on_any_device_call_aborts_cleanly() {
-    use common::harness::try_padded_step;
+    use common::harness::try_padded_step_with;
     use spinkv::fault;
     for name in ["dense", "quest", "streaming", "infllm", "shadowkv"] {
         let mut caches = twins(name);
@@ -314,7 +325,16 @@ fn a_padded_step_that_fails_on_any_device_call_aborts_cleanly() {
             loop {
                 fault::fail_nth_device_call(n);
                 let c = &mut caches[1];
-                let failed = match try_padded_step(c, &ib, shape, &mut rng(50 + step), &mut rng(7)) {
+                // Odd steps prepare the step before its first layer, as the engine does;
+                // even ones leave it to the first attend.
+                let prepare = |c: &mut dyn SparseKvCache| {
+                    if step % 2 == 1 {
+                        c.prepare_padded_step()
+                    } else {
+                        Ok(())
+                    }
+                };
+                let failed = match try_padded_step_with(c, &ib, shape, &mut rng(50 + step), &mut rng(7), prepare) {
                     Ok(_) => false,
                     Err(_) => {
                         // Abort the step if one is open (`StepMisuse`: the begin failed,

@@ -164,6 +164,10 @@ impl SparseKvCache for SpinCache {
         self.begin_padded(inputs, shape, extra)
     }
 
+    fn prepare_padded_step(&mut self) -> Result<()> {
+        self.prepare_open_padded()
+    }
+
     fn padded_step_replayed(&mut self) -> Result<()> {
         self.mark_replayed()
     }

@@ -80,9 +80,10 @@ struct StepState {
     requests: u64,
     /// Set when the step's prefill chunks take the tensor-core prefill attention.
     prefill: Option<PrefillPlan>,
-    /// A padded step whose plan and RoPE tables are still to be expanded on the device
-    /// from its uploaded words: the step's first `attend` does it, so that a graph
-    /// captured over the layers holds those launches too (see [`padded`]).
+    /// A padded step whose staged words are still to be copied to the device and
+    /// expanded into its plan and RoPE tables: `prepare_padded_step` or the step's first
+    /// `attend` does it, so that a graph captured over the step holds that work too (see
+    /// [`padded`]).
     padded_prep: Option<crate::ops::decode_plan::PlanWords>,
 }
 

@@ -1,18 +1,19 @@
 //! Padded decode steps: decode-only steps of a fixed [`PaddedShape`] whose device inputs
-//! live in buffers kept per shape and written in place (one staged upload per step of ten
-//! words per row plus the caller's own words, e.g. the engine's token ids; the per-layer
-//! destinations, table rows and RoPE tables are computed from them on the device, by two
-//! launches in the step's first `attend`), so that two steps of one shape run the same
-//! device work on the same addresses. That is the form a CUDA graph of the whole model's
-//! decode step is captured in and replayed with (`spinkv::engine` does): the graph then
-//! holds those two launches too, and the host launches neither. Rows past the real
+//! live in buffers kept per shape and written in place (ten words per row plus the
+//! caller's own words, e.g. the engine's token ids, staged by `begin` in the shape's
+//! [`Mailbox`]; the step's preparation — `prepare_padded_step` or its first `attend` —
+//! copies them in and computes the per-layer destinations, table rows and RoPE tables
+//! from them on the device), so that two steps of one shape run the same device work on
+//! the same addresses. That is the form a CUDA graph of the whole model's decode step is
+//! captured in and replayed with (`spinkv::engine` does): the graph then holds the copy
+//! and those launches too, and the host makes none of them. Rows past the real
 //! sequences are padding: `NONE` destinations and page-table rows, `kv_limit` 0, so they
 //! store nothing and attend nothing (their outputs are zeros).
 
 use super::plan::StepPlan;
 use super::*;
 use crate::ops::decode_plan::{expand_decode_plan, PlanWords};
-use crate::ops::StagedUpload;
+use crate::ops::Mailbox;
 
 /// Batch sizes padded steps round up to (each is one captured graph per page bucket).
 pub const PADDED_BATCHES: [usize; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
@@ -21,12 +22,10 @@ pub const PADDED_BATCHES: [usize; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
 /// `NONE` candidates per row).
 pub const PADDED_PAGE_QUANTUM: usize = 64;
 
-/// The padded steps' device inputs: buffers per shape, and the one staged upload that
-/// writes any shape's host words (created by the first padded step).
+/// The padded steps' device inputs: buffers per shape.
 #[derive(Debug, Default)]
 pub(super) struct Padded {
     shapes: HashMap<PaddedShape, PaddedBuffers>,
-    upload: Option<StagedUpload>,
 }
 
 /// Device inputs of the padded steps of one shape, written in place every step.
@@ -34,6 +33,9 @@ pub(super) struct Padded {
 pub(super) struct PaddedBuffers {
     /// Every u32 input; the step plan's tensors are views of it.
     words: Tensor,
+    /// The host words of the shape's next step (begin stages them; the step's
+    /// preparation copies them into `words`, inside a captured graph at a replay).
+    mailbox: Mailbox,
     /// Extra words per step of this shape (fixed by its first step).
     extra_len: usize,
     /// `[2, B, D/2]` RoPE tables (cosines, sines) in the cache's dtype, written on the
@@ -148,6 +150,7 @@ impl SpinCache {
             }
             let bufs = PaddedBuffers {
                 words: Tensor::from_vec(init, lay.total, &dev)?,
+                mailbox: Mailbox::new(OP, lay.host_words(), &dev)?,
                 extra_len: extra.len(),
                 rope: Tensor::zeros((2, b, half), self.cfg.dtype, &dev)?,
                 rounds: 0,
@@ -183,7 +186,10 @@ impl SpinCache {
             words[lay.runs + 4 * ei..][..4].copy_from_slice(&run);
         }
         let span = crate::host_timing::span("padded.begin.write");
-        let written = self.write_padded(shape, &words);
+        let written = match self.padded.shapes.get_mut(&shape) {
+            Some(bufs) => bufs.mailbox.stage(&words),
+            None => self.padded_buffers(shape).map(|_| ()),
+        };
         drop(span);
         if let Err(e) = written {
             for en in &entries {
@@ -247,29 +253,16 @@ impl SpinCache {
         Ok(extra_view)
     }
 
-    /// Writes a padded step's host words in place: one staged upload. The plan they
-    /// expand to and the RoPE tables of their positions follow on the device in the
-    /// step's first `attend` ([`prepare_padded`](Self::prepare_padded)).
-    fn write_padded(&mut self, shape: PaddedShape, words: &[u32]) -> Result<()> {
-        // (A handle on the shape's words, so that the upload below can borrow `padded`.)
-        let buf = self.padded_buffers(shape)?.words.clone();
-        let upload = match self.padded.upload.as_mut() {
-            Some(u) => u,
-            None => self.padded.upload.insert(StagedUpload::new(
-                "SparseKvCache::begin_padded_decode",
-                words.len(),
-                &self.cfg.device,
-            )?),
-        };
-        upload.write(&buf, words)
-    }
-
-    /// A padded step's device work before its first layer: the plan expanded from its
-    /// uploaded words ([`expand_decode_plan`]) and the RoPE tables of their positions
-    /// ([`rope_tables_into`](crate::ops::rope_tables_into)), into the shape's buffers.
+    /// A padded step's device work before its first layer: its staged host words copied
+    /// in, the plan expanded from them ([`expand_decode_plan`]) and the RoPE tables of
+    /// their positions ([`rope_tables_into`](crate::ops::rope_tables_into)), into the
+    /// shape's buffers.
     pub(super) fn prepare_padded(&self, shape: PaddedShape, lay: &PlanWords) -> Result<()> {
         crate::fault::device_call("SparseKvCache::attend (a padded step's plan and RoPE tables)")?;
         let bufs = self.padded_buffers(shape)?;
+        let span = crate::host_timing::span("attend.padded_prep.load");
+        bufs.mailbox.load(&bufs.words)?;
+        drop(span);
         let span = crate::host_timing::span("attend.padded_prep.expand");
         let t = &self.device_tables;
         expand_decode_plan(&bufs.words, &t.directory, &t.leaves, lay, self.cfg.page_size)?;
@@ -302,6 +295,42 @@ impl SpinCache {
             .map(|e| (e.start + e.n).div_ceil(self.cfg.page_size))
             .max()
             .unwrap_or(0)
+    }
+
+    /// See [`SparseKvCache::prepare_padded_step`].
+    pub(super) fn prepare_open_padded(&mut self) -> Result<()> {
+        const OP: &str = "SparseKvCache::prepare_padded_step";
+        let (shape, prep) = match &self.step {
+            Some(StepState {
+                padded: Some(shape),
+                failed: None,
+                padded_prep,
+                ..
+            }) => (*shape, *padded_prep),
+            Some(StepState { failed: Some(why), .. }) => {
+                return Err(Error::StepMisuse {
+                    op: OP,
+                    msg: format!("the step is poisoned ({why}): call abort_step, then run the step again"),
+                })
+            }
+            _ => {
+                return Err(Error::StepMisuse {
+                    op: OP,
+                    msg: "no padded decode step is open".into(),
+                })
+            }
+        };
+        let Some(lay) = prep else {
+            return Ok(());
+        };
+        let done = self.prepare_padded(shape, &lay);
+        if let Some(step) = self.step.as_mut() {
+            match &done {
+                Ok(()) => step.padded_prep = None,
+                Err(e) => step.failed = Some(format!("the padded step's preparation failed: {e}")),
+            }
+        }
+        done
     }
 
     /// See [`SparseKvCache::padded_step_replayed`].

@@ -235,10 +235,12 @@ pub trait SparseKvCache: Send {
     }
 
     /// [`begin_padded_decode`](Self::begin_padded_decode), with `extra` words of the
-    /// caller's (e.g. the step's token ids and sampling rows) uploaded in the same
-    /// host-to-device copy as the step's own inputs. Returns them on the device, `[n]` u32
-    /// (`n = extra.len()`), in a buffer of `shape`'s: the same address at every step of
-    /// that shape, so a graph captured from one step reads the next step's words. `n` is
+    /// caller's (e.g. the step's token ids and sampling rows) staged with the step's own
+    /// inputs and copied to the device in the same host-to-device copy, at the step's
+    /// preparation ([`prepare_padded_step`](Self::prepare_padded_step), or its first
+    /// `attend`). Returns their device buffer, `[n]` u32 (`n = extra.len()`), one of
+    /// `shape`'s: the same address at every step of that shape, so a graph captured from
+    /// one step reads the next step's words. `n` is
     /// fixed by a shape's first step; a different `n` later is
     /// [`Error::Invalid`](crate::Error::Invalid) (nothing is changed). A cache with padded
     /// steps implements this (`begin_padded_decode` calls it); the engine uses it.
@@ -250,6 +252,22 @@ pub trait SparseKvCache: Send {
     ) -> Result<Tensor> {
         Err(crate::Error::Invalid {
             op: "SparseKvCache::begin_padded_decode",
+            msg: format!("{} has no padded decode steps", self.algorithm_name()),
+        })
+    }
+
+    /// Runs the open padded step's device preparation now, unless it ran: the copy of the
+    /// words [`begin_padded_decode_with`](Self::begin_padded_decode_with) staged (the
+    /// step's own and the caller's `extra`), and the plan and RoPE tables computed from
+    /// them. The step's first `attend` runs it otherwise. A caller that reads its `extra`
+    /// words on the device before the first `attend` (the engine's token ids, for its
+    /// embedding) calls this first; inside a captured step the graph holds it.
+    ///
+    /// [`Error::StepMisuse`](crate::Error::StepMisuse) when no padded step is open or the
+    /// open one is poisoned; a failure poisons the step (abort it).
+    fn prepare_padded_step(&mut self) -> Result<()> {
+        Err(crate::Error::Invalid {
+            op: "SparseKvCache::prepare_padded_step",
             msg: format!("{} has no padded decode steps", self.algorithm_name()),
         })
     }

@@ -1,7 +1,9 @@
 //! Decode-only steps without per-step host work on the device path: [`DecodeMode`] and
 //! the runner that pads a decode batch to a [`PaddedShape`], hands its token ids and
-//! sampling rows to the cache's padded step (uploaded with the step's own inputs, one
-//! host-to-device copy: [`SparseKvCache::begin_padded_decode_with`]), and runs the whole
+//! sampling rows to the cache's padded step (staged with the step's own inputs and copied
+//! in one host-to-device copy at the step's preparation, the first device work of the
+//! step and so part of a captured graph: [`SparseKvCache::begin_padded_decode_with`],
+//! [`SparseKvCache::prepare_padded_step`]), and runs the whole
 //! model's step ([`Llama::forward_padded`]) and the sampling of every row
 //! ([`sample_rows_into`]) eagerly, or on CUDA as a captured graph: only the `[B]` sampled ids
 //! come back to the host. The first step
@@ -68,8 +70,8 @@ pub struct DecodeCounters {
     /// end, which waits for the device to read its counters, is not included).
     pub replay_host_us: u64,
     /// The part of `replay_host_us` spent in the cache's `begin_padded_decode` (the
-    /// step's host bookkeeping and the one upload of its words into the shape's input
-    /// buffers; their expansion on the device runs in the graph), microseconds, summed.
+    /// step's host bookkeeping and the staging of its words; their copy to the device and
+    /// expansion run in the graph), microseconds, summed.
     pub replay_begin_us: u64,
     /// The part of `replay_host_us` spent writing the token ids and launching the graph,
     /// microseconds, summed.
@@ -259,6 +261,9 @@ impl DecodeRunner {
             .narrow(0, b, b * SAMPLE_PARAM_WORDS)?
             .reshape((b, SAMPLE_PARAM_WORDS))?;
         let step = |cache: &mut dyn SparseKvCache| -> Result<Tensor> {
+            // The staged words (the token ids among them) reach the device first: the
+            // embedding reads them before the first attend would copy them.
+            cache.prepare_padded_step()?;
             let logits = model.forward_padded(cache, &ids)?;
             sample_rows_into(&logits, &params, &out)?;
             Ok(out.clone())

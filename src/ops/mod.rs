@@ -61,7 +61,7 @@ pub use side_stream::SideStream;
 pub use tier_copy::copy_pages;
 pub use tiered_attention::{tiered_attention_fused, tiered_paged_attention};
 pub use topk::topk_indices;
-pub use upload::StagedUpload;
+pub use upload::{Mailbox, StagedUpload};
 
 /// Tuning and test knobs of the CUDA backend (feature `cuda`), and the device-only
 /// helper that turns a top-k selection into page pairs.

@@ -1,13 +1,18 @@
 //! [`StagedUpload`]: host words written into a persistent device buffer with one
-//! host-to-device copy. On CUDA the words go through pinned staging buffers of the
+//! host-to-device copy; [`Mailbox`]: host words staged now and copied by device work
+//! enqueued later (a CUDA graph can hold that copy: each replay reads the words staged
+//! before it, and the host makes no driver call to upload them). On CUDA the words go through pinned staging buffers of the
 //! upload's own (write-combined page-locked memory, a ring of [`RING`], each grown when a
 //! write needs more): one `cuMemcpyHtoDAsync` on the device's stream, no device
 //! allocation, no copy kernel, and never the stream synchronization a copy from pageable
 //! memory may cost. Before the host writes a staging buffer again it waits for the copy
 //! that read it (an event recorded after each copy), so words still in flight are never
 //! overwritten; with the ring, the host may run [`RING`] − 1 uploads ahead of the device
-//! before it waits. On the CPU the words are copied in place. `cpu_fwd` is the reference;
-//! `cuda_fwd` is the copy.
+//! before it waits. A [`Mailbox`] has one staging buffer that never moves (a captured copy
+//! reads it at its address): staging waits for the copy that last read it, whether an
+//! eager one or one inside a replayed graph (the event after the copy is recorded as an
+//! external graph node when captured). On the CPU the words are copied in place.
+//! `cpu_fwd` is the reference; `cuda_fwd` is the copy.
 
 use crate::Result;
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
@@ -97,6 +102,118 @@ impl StagedUpload {
     }
 }
 
+/// Host words staged by [`stage`](Self::stage) and copied into a device buffer by
+/// [`load`](Self::load), which may be enqueued later or captured into a CUDA graph (see
+/// the module docs). At most `capacity` words (fixed: the staging buffer never moves).
+#[derive(Debug)]
+pub struct Mailbox {
+    op: &'static str,
+    capacity: usize,
+    /// Words staged by the last `stage`.
+    len: usize,
+    /// The staged words on the CPU.
+    cpu: Vec<u32>,
+    #[cfg(feature = "cuda")]
+    staging: Option<cuda::Staging>,
+}
+
+impl Mailbox {
+    /// A mailbox of `capacity` words for `op` (named by its errors) on `device`; on CUDA
+    /// its pinned staging buffer is allocated now.
+    pub fn new(op: &'static str, capacity: usize, device: &Device) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = device {
+            return Ok(Self {
+                op,
+                capacity,
+                len: 0,
+                cpu: Vec::new(),
+                staging: Some(cuda::Staging::with_slots(dev, capacity, 1)?),
+            });
+        }
+        let _ = device;
+        Ok(Self {
+            op,
+            capacity,
+            len: 0,
+            cpu: vec![0; capacity],
+            #[cfg(feature = "cuda")]
+            staging: None,
+        })
+    }
+
+    /// Stages `words` (at most the capacity) for the next [`load`](Self::load)s; on CUDA
+    /// waits first for the copy that last read the staging buffer.
+    pub fn stage(&mut self, words: &[u32]) -> Result<()> {
+        if words.len() > self.capacity {
+            crate::invalid!(
+                self.op,
+                "{} words staged in a mailbox of {}",
+                words.len(),
+                self.capacity
+            );
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(staging) = self.staging.as_mut() {
+            crate::fault::device_call(self.op)?;
+            staging.stage(words)?;
+            self.len = words.len();
+            return Ok(());
+        }
+        self.cpu[..words.len()].copy_from_slice(words);
+        self.len = words.len();
+        Ok(())
+    }
+
+    /// Copies the staged words into the first of `dst` (u32 `[n]`, contiguous, `n` at
+    /// least the staged count, on this mailbox's device), in place: one host-to-device
+    /// copy enqueued on CUDA, which a graph captured around it holds.
+    pub fn load(&self, dst: &Tensor) -> Result<()> {
+        let (op, n) = (self.op, self.len);
+        let ok = dst.dtype() == DType::U32 && dst.rank() == 1 && dst.dims()[0] >= n && dst.is_contiguous();
+        if !ok {
+            crate::invalid!(
+                op,
+                "a mailbox of {n} words into {:?} {:?}: expected a contiguous u32 [n] with n >= {n}",
+                dst.dims(),
+                dst.dtype()
+            );
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(staging) = self.staging.as_ref() {
+            if !staging.serves(dst.device()) {
+                crate::invalid!(
+                    op,
+                    "this mailbox stages for another device than dst's ({:?})",
+                    dst.device().location()
+                );
+            }
+            crate::fault::device_call(op)?;
+            let staged = staging.last(n)?;
+            dst.inplace_op1(&Copy {
+                op,
+                words: staged.words,
+                staging: Some(staged),
+            })?;
+            return Ok(());
+        }
+        if dst.device().is_cuda() {
+            crate::invalid!(op, "this mailbox was made for the CPU; dst is on {:?}", dst.device());
+        }
+        crate::fault::device_call(op)?;
+        dst.inplace_op1(&Copy {
+            op,
+            words: &self.cpu[..n],
+            #[cfg(feature = "cuda")]
+            staging: None,
+        })?;
+        Ok(())
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::RING;
@@ -132,9 +249,14 @@ mod cuda {
 
     impl Staging {
         pub(super) fn new(dev: &CudaDevice, capacity: usize) -> Result<Self> {
+            Self::with_slots(dev, capacity, RING)
+        }
+
+        /// `n` staging buffers of `capacity` words.
+        pub(super) fn with_slots(dev: &CudaDevice, capacity: usize, n: usize) -> Result<Self> {
             let stream = dev.cuda_stream();
             let ctx = stream.context().clone();
-            let slots = (0..RING)
+            let slots = (0..n.max(1))
                 .map(|_| {
                     Ok(Slot {
                         // SAFETY: staging words are written before any copy reads them.
@@ -161,7 +283,7 @@ mod cuda {
         /// fit, and copies them in.
         pub(super) fn stage(&mut self, words: &[u32]) -> Result<Staged<'_>> {
             let i = self.next;
-            self.next = (i + 1) % RING;
+            self.next = (i + 1) % self.slots.len();
             let slot = &mut self.slots[i];
             slot.event.synchronize().w()?;
             if words.len() > slot.pinned.len() {
@@ -174,6 +296,18 @@ mod cuda {
             slot.pinned.as_mut_slice().w()?[..words.len()].copy_from_slice(words);
             Ok(Staged {
                 words: &slot.pinned.as_slice().w()?[..words.len()],
+                event: &slot.event,
+                stream: &self.stream,
+            })
+        }
+
+        /// The first `len` words of the slot staged last (for a copy enqueued after
+        /// [`stage`](Self::stage); `len` at most what it holds).
+        pub(super) fn last(&self, len: usize) -> Result<Staged<'_>> {
+            let n = self.slots.len();
+            let slot = &self.slots[(self.next + n - 1) % n];
+            Ok(Staged {
+                words: &slot.pinned.as_slice().w()?[..len],
                 event: &slot.event,
                 stream: &self.stream,
             })
@@ -229,7 +363,7 @@ impl InplaceOp1 for Copy<'_> {
         // in pinned memory that is not written again before `st.event`, recorded right
         // after the copy on the same stream, has completed.
         unsafe { result::memcpy_htod_async(at, st.words, st.stream.cu_stream()) }.w()?;
-        if let Err(e) = st.event.record(st.stream) {
+        if let Err(e) = record_after(st.event, st.stream) {
             // Without the event the next use of these staging words would not wait for
             // this copy: wait for it here instead.
             st.stream.synchronize().w()?;
@@ -237,6 +371,25 @@ impl InplaceOp1 for Copy<'_> {
         }
         Ok(())
     }
+}
+
+/// Records `event` on `stream`; while `stream` is being captured, as an external event
+/// node, so that each replay of the graph records it (a plain record inside a capture
+/// only orders the captured work).
+#[cfg(feature = "cuda")]
+fn record_after(
+    event: &candle_core::cuda_backend::cudarc::driver::CudaEvent,
+    stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
+) -> std::result::Result<(), candle_core::cuda_backend::cudarc::driver::DriverError> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let capturing = stream.capture_status()? == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    if !capturing {
+        return event.record(stream);
+    }
+    let flags = sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as std::ffi::c_uint;
+    // SAFETY: the event and the stream are live and belong to one context (the stream's,
+    // whose event this is: both come from `Staging`).
+    unsafe { sys::cuEventRecordWithFlags(event.cu_event(), stream.cu_stream(), flags) }.result()
 }
 
 #[cfg(test)]

@@ -74,23 +74,24 @@ pub fn try_padded_step(
     r: &mut StdRng,
     pad: &mut StdRng,
 ) -> spinkv::Result<Vec<LayerIo>> {
-    try_padded_step_with(cache, inputs, shape, r, pad, |_| {})
+    try_padded_step_with(cache, inputs, shape, r, pad, |_| Ok(()))
 }
 
 /// [`try_padded_step`] with `between` called once the step has begun, before its first
-/// layer (e.g. to try invalid input first).
+/// layer (e.g. to try invalid input first, or to prepare the step); its error is
+/// returned (the step is then still open).
 pub fn try_padded_step_with(
     cache: &mut dyn SparseKvCache,
     inputs: &[StepInput],
     shape: PaddedShape,
     r: &mut StdRng,
     pad: &mut StdRng,
-    between: impl FnOnce(&mut dyn SparseKvCache),
+    between: impl FnOnce(&mut dyn SparseKvCache) -> spinkv::Result<()>,
 ) -> spinkv::Result<Vec<LayerIo>> {
     let c = cache.config().clone();
     let (t, extra) = (inputs.len(), shape.batch - inputs.len());
     cache.begin_padded_decode(inputs, shape)?;
-    between(&mut *cache);
+    between(&mut *cache)?;
     let mut layers = Vec::with_capacity(c.num_layers);
     for layer in 0..c.num_layers {
         let q = randn(r, &[t, c.num_q_heads, c.head_dim], 1.0);
