@@ -10,7 +10,7 @@
 //! layer `layer.qkv` and `layer.mlp`, and within the cache's attend `attend.rope`,
 //! `attend.store`, `attend.index`, `attend.requests`, `attend.paged` and `attend.prefill`
 //! (and in a padded step's preparation `attend.padded_prep.load`, `.expand` and
-//! `.rope`). A padded step's begin is `padded.begin.*`
+//! `.rope`). A padded step's begin is `padded.begin`, within it `padded.begin.*`
 //! (`padded.begin.write`: the staging of its words) and `padded.plan.*`, and a replayed step's whole
 //! host part, begin through the graph's launch, is `decode.replay_host`; `DeviceTables::apply` is
 //! `tables.changes`, `tables.writes`, `tables.upload` and `tables.scatter`. Device work is

@@ -161,6 +161,7 @@ impl SparseKvCache for SpinCache {
     }
 
     fn begin_padded_decode_with(&mut self, inputs: &[StepInput], shape: PaddedShape, extra: &[u32]) -> Result<Tensor> {
+        let _span = crate::host_timing::span("padded.begin");
         self.begin_padded(inputs, shape, extra)
     }
 
@@ -178,7 +179,7 @@ impl SparseKvCache for SpinCache {
 
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         const OP: &str = "SparseKvCache::attend";
-        let mut step = self.step.take().ok_or(Error::StepMisuse {
+        let mut step = self.step.take().ok_or_else(|| Error::StepMisuse {
             op: OP,
             msg: "no open step: call begin_step first".into(),
         })?;
@@ -204,7 +205,7 @@ impl SparseKvCache for SpinCache {
     }
 
     fn end_step(&mut self) -> Result<StepStats> {
-        let step = self.step.as_ref().ok_or(Error::StepMisuse {
+        let step = self.step.as_ref().ok_or_else(|| Error::StepMisuse {
             op: "SparseKvCache::end_step",
             msg: "no open step".into(),
         })?;
@@ -262,7 +263,7 @@ impl SparseKvCache for SpinCache {
     }
 
     fn abort_step(&mut self) -> Result<()> {
-        let step = self.step.as_ref().ok_or(Error::StepMisuse {
+        let step = self.step.as_ref().ok_or_else(|| Error::StepMisuse {
             op: "SparseKvCache::abort_step",
             msg: "no open step".into(),
         })?;

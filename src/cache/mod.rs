@@ -34,7 +34,7 @@ use crate::rope::rope_tables;
 use crate::tiered::{DeviceLru, HostTier, ResolveRequest};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 #[derive(Debug, Clone)]
 struct StepEntry {

@@ -44,6 +44,68 @@ pub(super) struct PaddedBuffers {
     /// LRU rounds and requests of the last step of this shape run through `attend`.
     rounds: u32,
     requests: u64,
+    /// The views of `words` and `rope` a step's plan and state hold (made once: a step
+    /// only clones them).
+    views: PaddedViews,
+}
+
+/// Views of one shape's buffers, `B` its batch, `L` layers, `Hkv` KV heads.
+#[derive(Debug)]
+struct PaddedViews {
+    /// `[L, B, Hkv]` destinations, their slots and rows.
+    dst: Tensor,
+    dst_slots: Tensor,
+    dst_rows: Tensor,
+    /// `[B, Hkv]` of `NONE`.
+    none: Tensor,
+    /// `[L, B, Hkv, 1]` page-table rows.
+    table_rows: Tensor,
+    /// `[B, 1, 1]` owners.
+    owners: Tensor,
+    /// `[B, 4]` token runs.
+    runs: Tensor,
+    /// `[pages]` logical page ids.
+    page_ids: Tensor,
+    /// `[B, 2]` query table.
+    queries: Tensor,
+    /// `[B]` key limits.
+    kv_limit: Tensor,
+    /// `[B, D/2]` RoPE cosines and sines.
+    cos: Tensor,
+    sin: Tensor,
+    /// `[extra]` the caller's words.
+    extra: Tensor,
+}
+
+impl PaddedViews {
+    fn new(
+        words: &Tensor,
+        rope: &Tensor,
+        lay: &PlanWords,
+        layers: usize,
+        hkv: usize,
+        pages: usize,
+        extra: usize,
+    ) -> Result<Self> {
+        let b = lay.b;
+        let view = |at: usize, n: usize| words.narrow(0, at, n);
+        let plane = layers * b * hkv;
+        Ok(Self {
+            dst: view(lay.dst, plane)?.reshape((layers, b, hkv))?,
+            dst_slots: view(lay.dst_slots, plane)?.reshape((layers, b, hkv))?,
+            dst_rows: view(lay.dst_rows, plane)?.reshape((layers, b, hkv))?,
+            none: view(lay.none, b * hkv)?.reshape((b, hkv))?,
+            table_rows: view(lay.table_rows, plane)?.reshape((layers, b, hkv, 1))?,
+            owners: view(lay.owners, b)?.reshape((b, 1, 1))?,
+            runs: view(lay.runs, 4 * b)?.reshape((b, 4))?,
+            page_ids: view(lay.page_ids, pages)?,
+            queries: view(lay.queries, 2 * b)?.reshape((b, 2))?,
+            kv_limit: view(lay.kv_limit, b)?,
+            cos: rope.get(0)?,
+            sin: rope.get(1)?,
+            extra: view(lay.extra, extra)?,
+        })
+    }
 }
 
 impl SpinCache {
@@ -80,7 +142,7 @@ impl SpinCache {
 
     /// The buffers of `shape` (created by the first padded step of that shape).
     pub(super) fn padded_buffers(&self, shape: PaddedShape) -> Result<&PaddedBuffers> {
-        self.padded.shapes.get(&shape).ok_or(Error::Invalid {
+        self.padded.shapes.get(&shape).ok_or_else(|| Error::Invalid {
             op: "SparseKvCache::begin_padded_decode",
             msg: format!("no buffers for padded shape {shape:?} (internal error)"),
         })
@@ -148,13 +210,17 @@ impl SpinCache {
             for (i, w) in init[lay.page_ids..].iter_mut().enumerate() {
                 *w = i as u32;
             }
+            let words = Tensor::from_vec(init, lay.total, &dev)?;
+            let rope = Tensor::zeros((2, b, half), self.cfg.dtype, &dev)?;
+            let views = PaddedViews::new(&words, &rope, &lay, layers, hkv, shape.pages, extra.len())?;
             let bufs = PaddedBuffers {
-                words: Tensor::from_vec(init, lay.total, &dev)?,
+                words,
                 mailbox: Mailbox::new(OP, lay.host_words(), &dev)?,
                 extra_len: extra.len(),
-                rope: Tensor::zeros((2, b, half), self.cfg.dtype, &dev)?,
+                rope,
                 rounds: 0,
                 requests: 0,
+                views,
             };
             self.padded.shapes.insert(shape, bufs);
         }
@@ -197,23 +263,21 @@ impl SpinCache {
             }
             return Err(e);
         }
-        let bufs = self.padded_buffers(shape)?;
-        let view = |at: usize, n: usize| bufs.words.narrow(0, at, n);
-        let plane = layers * b * hkv;
+        let v = &self.padded_buffers(shape)?.views;
         let num_tokens: Vec<usize> = (0..b).map(|r| entries.get(r).map_or(0, |e| e.start + 1)).collect();
         let num_pages: Vec<usize> = num_tokens.iter().map(|t| t.div_ceil(p)).collect();
         let plan = StepPlan {
             decode: (0..b).collect(),
-            dst: view(lay.dst, plane)?.reshape((layers, b, hkv))?,
-            dst_slots: view(lay.dst_slots, plane)?.reshape((layers, b, hkv))?,
-            dst_rows: view(lay.dst_rows, plane)?.reshape((layers, b, hkv))?,
-            none: view(lay.none, b * hkv)?.reshape((b, hkv))?,
-            table_rows: view(lay.table_rows, plane)?.reshape((layers, b, hkv, 1))?,
-            owners: view(lay.owners, b)?.reshape((b, 1, 1))?,
+            dst: v.dst.clone(),
+            dst_slots: v.dst_slots.clone(),
+            dst_rows: v.dst_rows.clone(),
+            none: v.none.clone(),
+            table_rows: v.table_rows.clone(),
+            owners: v.owners.clone(),
             token_runs: super::plan::token_runs(&entries, &owner_ids),
             owner_ids,
-            runs: view(lay.runs, 4 * b)?.reshape((b, 4))?,
-            page_ids: Some(view(lay.page_ids, shape.pages)?),
+            runs: v.runs.clone(),
+            page_ids: Some(v.page_ids.clone()),
             prefill_pages: None,
             decode_rows: None,
             decode_entries: None,
@@ -230,14 +294,14 @@ impl SpinCache {
             ..Default::default()
         };
         let n_entries = entries.len();
-        let extra_view = view(lay.extra, extra.len())?;
+        let extra_view = v.extra.clone();
         self.step = Some(StepState {
             entries,
             total: b,
-            cos: bufs.rope.get(0)?,
-            sin: bufs.rope.get(1)?,
-            queries: view(lay.queries, 2 * b)?.reshape((b, 2))?,
-            kv_limit: view(lay.kv_limit, b)?,
+            cos: v.cos.clone(),
+            sin: v.sin.clone(),
+            queries: v.queries.clone(),
+            kv_limit: v.kv_limit.clone(),
             attended: vec![false; layers],
             attended_pages: None,
             plan,
@@ -279,7 +343,7 @@ impl SpinCache {
         entries
             .iter()
             .map(|e| {
-                let row0 = self.device_tables.row(e.seq, 0).ok_or(Error::Invalid {
+                let row0 = self.device_tables.row(e.seq, 0).ok_or_else(|| Error::Invalid {
                     op: "SparseKvCache::begin_padded_decode",
                     msg: format!("sequence {} has no device page-table row (internal error)", e.seq),
                 })?;

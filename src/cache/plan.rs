@@ -137,7 +137,7 @@ impl SpinCache {
         // One table-row lookup per entry (a sequence's directories own consecutive rows);
         // the destinations are looked up on the device.
         for (ei, e) in entries.iter().enumerate() {
-            let row0 = self.device_tables.row(e.seq, 0).ok_or(Error::Invalid {
+            let row0 = self.device_tables.row(e.seq, 0).ok_or_else(|| Error::Invalid {
                 op: "SparseKvCache::begin_step",
                 msg: format!("sequence {} has no device page-table row (internal error)", e.seq),
             })?;

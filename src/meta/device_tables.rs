@@ -21,8 +21,7 @@ use crate::ops::page_table::{fill_rows, scatter};
 use crate::ops::{page_slots, StagedUpload, NONE};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
-use foldhash::{HashSet, HashSetExt};
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 const APPLY: &str = "DeviceTables::apply";
 const ROWS: &str = "DeviceTables::add_sequence";

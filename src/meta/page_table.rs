@@ -5,7 +5,7 @@
 //! `max_batch × max_context/page × layers × heads` entries.
 
 use crate::{Error, Result};
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 pub use crate::ops::LEAF_PAGES;
 
