@@ -9,7 +9,8 @@
 //! attention over host pages; equal to the same op over the pool as a GPU tensor, and
 //! within the tolerances of tests/cuda_ops.rs of the CPU op; an all-NONE list gives
 //! `EMPTY_LSE` and merges away). The tests written for them skip when no GPU is present.
-//! And `ops::StagedUpload`: back-to-back writes through its pinned staging land in order.
+//! And `ops::StagedUpload`: back-to-back writes through its pinned staging land in order;
+//! `ops::Mailbox`: staged words loaded eagerly and by a replayed graph land in order.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -417,4 +418,49 @@ fn staged_uploads_back_to_back_land_in_order() {
     assert!(e.contains("test upload") && e.contains("n >= 4100"), "{e}");
     let cpu = Tensor::zeros(n, DType::U32, &Device::Cpu).unwrap();
     assert!(up.write(&cpu, &words(0)).is_err(), "a CUDA upload refuses a CPU buffer");
+}
+
+/// `ops::Mailbox` on CUDA: words staged on the host and copied by a load enqueued later,
+/// eagerly and inside a captured graph replayed with no host synchronization between
+/// steps. Each load reads the words staged before it: staging again waits for the last
+/// copy, through the event recorded after it (by the graph itself at a replay). Into a
+/// view at an offset of a poisoned buffer; bad input is an error naming the mailbox.
+#[test]
+fn mailbox_loads_land_in_order_eager_and_replayed() {
+    let Some(dev) = gpu_or_skip() else { return };
+    let n = 3001;
+    let dst = Tensor::full(NONE, n + 5, &dev).unwrap();
+    let view = dst.narrow(0, 3, n).unwrap();
+    let mut mb = ops::Mailbox::new("test mailbox", n, &dev).unwrap();
+    let words = |k: u32| -> Vec<u32> { (0..n as u32).map(|i| i.wrapping_mul(2654435761) ^ k).collect() };
+    // Each load is followed by a device copy of the view, enqueued before the next stage.
+    let mut seen = Vec::new();
+    for k in 0..8 {
+        mb.stage(&words(k)).unwrap();
+        mb.load(&view).unwrap();
+        seen.push((k, view.copy().unwrap()));
+    }
+    mb.stage(&words(100)).unwrap();
+    ops::StepGraph::warm_up(&dev, || mb.load(&view)).unwrap();
+    let (graph, ()) = ops::StepGraph::capture(&dev, || mb.load(&view)).unwrap();
+    for k in 200..232 {
+        mb.stage(&words(k)).unwrap();
+        graph.launch().unwrap();
+        seen.push((k, view.copy().unwrap()));
+    }
+    for (k, t) in &seen {
+        assert_eq!(t.to_vec1::<u32>().unwrap(), words(*k), "load {k}");
+    }
+    let all = dst.to_vec1::<u32>().unwrap();
+    assert!(
+        all[..3].iter().chain(&all[3 + n..]).all(|&x| x == NONE),
+        "outside the view untouched"
+    );
+    let e = mb.stage(&vec![1; n + 1]).unwrap_err().to_string();
+    assert!(e.contains("test mailbox") && e.contains("mailbox of 3001"), "{e}");
+    let short = dst.narrow(0, 0, n - 1).unwrap();
+    let e = mb.load(&short).unwrap_err().to_string();
+    assert!(e.contains("test mailbox") && e.contains("[3000]"), "{e}");
+    let cpu = Tensor::zeros(n, DType::U32, &Device::Cpu).unwrap();
+    assert!(mb.load(&cpu).is_err(), "a CUDA mailbox refuses a CPU buffer");
 }

@@ -431,4 +431,36 @@ mod tests {
             "nothing written on errors"
         );
     }
+
+    #[test]
+    fn a_mailbox_loads_what_was_staged_last_and_names_bad_input() {
+        let dev = Device::Cpu;
+        let dst = Tensor::full(7u32, 6, &dev).unwrap();
+        let mut mb = Mailbox::new("test mailbox", 4, &dev).unwrap();
+        mb.load(&dst).unwrap();
+        assert_eq!(dst.to_vec1::<u32>().unwrap(), [7; 6], "nothing staged: nothing loaded");
+        mb.stage(&[1, 2, 3]).unwrap();
+        mb.stage(&[4, 5]).unwrap();
+        let tail = dst.narrow(0, 1, 5).unwrap();
+        mb.load(&tail).unwrap();
+        assert_eq!(dst.to_vec1::<u32>().unwrap(), [7, 4, 5, 7, 7, 7]);
+        let e = mb.stage(&[1; 5]).unwrap_err().to_string();
+        assert!(
+            e.contains("test mailbox") && e.contains("5 words staged in a mailbox of 4"),
+            "{e}"
+        );
+        for t in [
+            Tensor::zeros(1, DType::U32, &dev).unwrap(),
+            Tensor::zeros(6, DType::F32, &dev).unwrap(),
+            Tensor::zeros((2, 4), DType::U32, &dev).unwrap(),
+        ] {
+            let e = mb.load(&t).unwrap_err().to_string();
+            assert!(e.contains("test mailbox") && e.contains("n >= 2"), "{e}");
+        }
+        assert_eq!(
+            dst.to_vec1::<u32>().unwrap(),
+            [7, 4, 5, 7, 7, 7],
+            "nothing written on errors"
+        );
+    }
 }
