@@ -9,14 +9,15 @@
 //! step's layers are marked too: `model.begin_step`, `model.layers`, `model.end_step`, per
 //! layer `layer.qkv` and `layer.mlp`, and within the cache's attend `attend.rope`,
 //! `attend.store`, `attend.index`, `attend.requests`, `attend.paged` and `attend.prefill`
-//! (and in a padded step's preparation `attend.padded_prep.load`, `.expand` and
-//! `.rope`). A padded step's begin is `padded.begin`, within it `padded.begin.*`
-//! (`padded.begin.write`: the staging of its words) and `padded.plan.*`, and a replayed step's whole
-//! host part, begin through the graph's launch, is `decode.replay_host`; `DeviceTables::apply` is
-//! `tables.changes`, `tables.writes`, `tables.upload` and `tables.scatter`. Device work is
-//! asynchronous, so a span's time is the host's, except where the host waits for the device
-//! inside it (a read back): there the device's queued time shows. Spans nest: each label
-//! sums its own time.
+//! (and in a padded step's preparation `attend.padded_prep.load`, `.expand` and `.rope`). A
+//! padded step's begin is `padded.begin`, within it `padded.begin.*` (`padded.begin.write`:
+//! the staging of its words) and `padded.plan.*`, and a replayed step's whole host part,
+//! begin through the graph's launch, is `decode.replay_host`; `DeviceTables::apply` is
+//! `tables.changes`, `tables.writes`, `tables.upload` and `tables.scatter`. A step's end is
+//! `end_step.counters` (the device counters read back: it waits for the step's device
+//! work), `end_step.budgets` and `end_step.commit`. Device work is asynchronous, so a
+//! span's time is the host's, except where the host waits for the device inside it (a read
+//! back): there the device's queued time shows. Spans nest: each label sums its own time.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -222,6 +222,7 @@ impl SparseKvCache for SpinCache {
             });
         }
         let mut stats = step.stats;
+        let span = crate::host_timing::span("end_step.counters");
         if let Some(n) = &step.attended_pages {
             stats.pages_attended += n.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as u64;
         }
@@ -233,6 +234,8 @@ impl SparseKvCache for SpinCache {
             stats.pages_attended += n as u64;
         }
         let (reuse, [hits, misses, spilled]) = self.lru.take_step_counters()?;
+        drop(span);
+        let span = crate::host_timing::span("end_step.budgets");
         if step.padded.is_some() {
             // Every request of a padded step's rounds is a decode page it attends, and
             // the LRU resolves each one exactly once: a hit, a miss or a spill.
@@ -254,6 +257,8 @@ impl SparseKvCache for SpinCache {
         let b = self.budget_vector(&budgets);
         self.lru.set_budgets(&b)?;
         self.budgets = budgets;
+        drop(span);
+        let _span = crate::host_timing::span("end_step.commit");
         if let Some(step) = self.step.take() {
             self.record_padded_rounds(&step);
         }
