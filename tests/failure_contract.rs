@@ -11,7 +11,8 @@
 //!   `sequence_len`, `pool_usage` and `verify_accounting` as they were, and the retry
 //!   succeeds; `SpinCache::new` whose N-th allocation stage fails returns `Error::Alloc`
 //!   naming the part and its size, for every stage; a random walk over the public API with injected failures (10k operations
-//!   over several seeds) keeps the accounting and never panics.
+//!   over several seeds) keeps the accounting and never panics; `DeviceLru::set_budgets`
+//!   skips budgets equal to the last ones it set, and retries after a failed upload.
 
 mod common;
 
@@ -759,5 +760,28 @@ mod injected {
         for seed in 0..5 {
             random_walk(seed, 2000);
         }
+    }
+
+    /// `DeviceLru::set_budgets` uploads only budgets that changed (a step's end sets them
+    /// every step); a failed upload leaves the old ones, so setting them again retries.
+    #[test]
+    fn setting_the_same_budgets_again_makes_no_device_call() {
+        let mut lru = spinkv::tiered::DeviceLru::new(4, 2, 3, 64, &Device::Cpu).unwrap();
+        let calls = || fault::device_calls();
+        let n0 = calls();
+        lru.set_budgets(&[u32::MAX; 3]).unwrap();
+        assert_eq!(calls(), n0, "the initial budgets again");
+        lru.set_budgets(&[5, 6, 7]).unwrap();
+        assert_eq!(calls(), n0 + 1);
+        lru.set_budgets(&[5, 6, 7]).unwrap();
+        assert_eq!(calls(), n0 + 1, "the same budgets again");
+        fault::fail_nth_device_call(1);
+        assert!(lru.set_budgets(&[1, 2, 3]).is_err());
+        fault::clear();
+        let n1 = calls();
+        lru.set_budgets(&[1, 2, 3]).unwrap();
+        assert_eq!(calls(), n1 + 1, "after a failed upload the same budgets are uploaded");
+        let e = lru.set_budgets(&[1, 2]).unwrap_err().to_string();
+        assert!(e.contains("set_budgets") && e.contains("max_owners = 3"), "{e}");
     }
 }

@@ -247,16 +247,19 @@ impl SparseKvCache for SpinCache {
         stats.bytes_moved += (misses + spilled) * self.cfg.page_bytes() as u64;
         // The next budgets are computed aside and committed once uploaded: on an error
         // the step stays open (end_step or abort_step may follow; the counters of the
-        // failed attempt are lost to the statistics, nothing else).
-        let mut budgets = self.budgets.clone();
-        for (e, _) in step.entries.iter().zip(&step.requested).filter(|(_, &r)| r) {
-            let owner = self.owners.get(&e.seq).copied().unwrap_or(0) as usize;
-            budgets.observe_count(e.seq, reuse.get(owner).copied().unwrap_or(0) as usize);
+        // failed attempt are lost to the statistics, nothing else). A direct-mapped fast
+        // tier has no replacement for budgets to steer: none are kept.
+        if !self.lru.is_direct() {
+            let mut budgets = self.budgets.clone();
+            for (e, _) in step.entries.iter().zip(&step.requested).filter(|(_, &r)| r) {
+                let owner = self.owners.get(&e.seq).copied().unwrap_or(0) as usize;
+                budgets.observe_count(e.seq, reuse.get(owner).copied().unwrap_or(0) as usize);
+            }
+            budgets.end_step();
+            let b = self.budget_vector(&budgets);
+            self.lru.set_budgets(&b)?;
+            self.budgets = budgets;
         }
-        budgets.end_step();
-        let b = self.budget_vector(&budgets);
-        self.lru.set_budgets(&b)?;
-        self.budgets = budgets;
         drop(span);
         let _span = crate::host_timing::span("end_step.commit");
         if let Some(step) = self.step.take() {

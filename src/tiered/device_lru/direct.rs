@@ -45,6 +45,7 @@ impl DeviceLru {
             resident: u32s(max_owners, 0, device)?,
             resident_snapshot: u32s(1, 0, device)?,
             budgets: u32s(max_owners, u32::MAX, device)?,
+            budgets_host: vec![u32::MAX; max_owners],
             last_seen: u32s(1, 0, device)?,
             reuse: u32s(max_owners, 0, device)?,
             counters: Tensor::zeros(3, DType::I64, device)?,

@@ -72,6 +72,8 @@ pub struct DeviceLru {
     resident_snapshot: Tensor,
     /// `[max_owners]` u32 budgets, u32::MAX = unlimited.
     budgets: Tensor,
+    /// What `budgets` holds, on the host (a write of the same budgets is skipped).
+    budgets_host: Vec<u32>,
     /// `[host_slots]` u32 step of each host slot's last request (0 = never).
     last_seen: Tensor,
     /// `[max_owners]` u32 reused pages per owner this step.
@@ -141,6 +143,7 @@ impl DeviceLru {
             resident: u32s(max_owners, 0, device)?,
             resident_snapshot: u32s(max_owners, 0, device)?,
             budgets: u32s(max_owners, u32::MAX, device)?,
+            budgets_host: vec![u32::MAX; max_owners],
             last_seen: u32s(host_slots, 0, device)?,
             reuse: u32s(max_owners, 0, device)?,
             counters: Tensor::zeros(3, DType::I64, device)?,
@@ -175,7 +178,8 @@ impl DeviceLru {
     }
 
     /// Sets the per-owner budgets (`[max_owners]`, `u32::MAX` = unlimited): one H2D upload
-    /// and a device copy into the existing buffer (in place).
+    /// and a device copy into the existing buffer (in place), none when they equal the
+    /// budgets set last.
     /// They apply from the next [`resolve`](Self::resolve).
     pub fn set_budgets(&mut self, budgets: &[u32]) -> Result<()> {
         if budgets.len() != self.max_owners {
@@ -186,10 +190,15 @@ impl DeviceLru {
                 self.max_owners
             );
         }
+        if budgets == self.budgets_host.as_slice() {
+            // Unchanged (a batch whose budgets settled, or a direct-mapped tier's): no upload.
+            return Ok(());
+        }
         crate::fault::device_call("DeviceLru::set_budgets")?;
         // In place: captured rounds keep reading the same buffer.
         self.budgets
             .slice_set(&Tensor::from_slice(budgets, budgets.len(), &self.device)?, 0, 0)?;
+        self.budgets_host.copy_from_slice(budgets);
         Ok(())
     }
 
