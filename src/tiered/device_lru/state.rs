@@ -12,13 +12,20 @@ use candle_core::Tensor;
 impl DeviceLru {
     /// Per-owner reuse counts of the step (`[max_owners]`) and the `[hits, misses,
     /// deferred]` counters since the last call; both are reset to 0. A device-to-host copy
-    /// (meant for the end of a step).
+    /// (meant for the end of a step); direct-mapped, one (the reuse counts are zeros).
     pub fn take_step_counters(&mut self) -> Result<(Vec<u32>, [u64; 3])> {
         crate::fault::device_call("DeviceLru::take_step_counters")?;
-        let reuse = self.reuse.to_vec1::<u32>()?;
+        // A direct-mapped round tracks no reuse: `reuse` stays zeros, not read.
+        let reuse = if self.direct {
+            vec![0; self.max_owners]
+        } else {
+            self.reuse.to_vec1::<u32>()?
+        };
         let c = self.counters.to_vec1::<i64>()?;
         // In place: captured rounds keep counting into the same buffers.
-        self.reuse.zero_set()?;
+        if !self.direct {
+            self.reuse.zero_set()?;
+        }
         self.counters.zero_set()?;
         Ok((reuse, [c[0] as u64, c[1] as u64, c[2] as u64]))
     }
