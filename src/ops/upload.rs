@@ -192,7 +192,7 @@ impl Mailbox {
                 );
             }
             crate::fault::device_call(op)?;
-            let staged = staging.last(n)?;
+            let staged = staging.last();
             dst.inplace_op1(&Copy {
                 op,
                 words: staged.words,
@@ -235,6 +235,10 @@ mod cuda {
     pub(super) struct Staging {
         slots: Vec<Slot>,
         next: usize,
+        /// Address and length of the words [`stage`](Self::stage) wrote last (for
+        /// [`last`](Self::last), which must make no driver call: it may run inside a
+        /// stream capture, where an event wait is not allowed).
+        staged: (usize, usize),
         device: CudaDevice,
         stream: Arc<CudaStream>,
     }
@@ -268,6 +272,7 @@ mod cuda {
             Ok(Self {
                 slots,
                 next: 0,
+                staged: (0, 0),
                 device: dev.clone(),
                 stream,
             })
@@ -294,23 +299,34 @@ mod cuda {
             // No copy through cudarc reads `pinned`, so its own event is never recorded
             // and this does not wait.
             slot.pinned.as_mut_slice().w()?[..words.len()].copy_from_slice(words);
+            let staged = &slot.pinned.as_slice().w()?[..words.len()];
+            self.staged = (staged.as_ptr() as usize, staged.len());
             Ok(Staged {
-                words: &slot.pinned.as_slice().w()?[..words.len()],
+                words: staged,
                 event: &slot.event,
                 stream: &self.stream,
             })
         }
 
-        /// The first `len` words of the slot staged last (for a copy enqueued after
-        /// [`stage`](Self::stage); `len` at most what it holds).
-        pub(super) fn last(&self, len: usize) -> Result<Staged<'_>> {
+        /// The words [`stage`](Self::stage) wrote last, for a copy enqueued later. No
+        /// driver call (capturable).
+        pub(super) fn last(&self) -> Staged<'_> {
             let n = self.slots.len();
             let slot = &self.slots[(self.next + n - 1) % n];
-            Ok(Staged {
-                words: &slot.pinned.as_slice().w()?[..len],
+            let (addr, len) = self.staged;
+            let words: &[u32] = if len == 0 {
+                &[]
+            } else {
+                // SAFETY: `addr` points at `len` initialized words of `slot`'s pinned
+                // buffer (written by the last `stage`), which lives as long as `self` and
+                // is only replaced by `stage`, which needs `&mut self`.
+                unsafe { std::slice::from_raw_parts(addr as *const u32, len) }
+            };
+            Staged {
+                words,
                 event: &slot.event,
                 stream: &self.stream,
-            })
+            }
         }
     }
 
