@@ -379,10 +379,15 @@ impl InplaceOp1 for Copy<'_> {
         // in pinned memory that is not written again before `st.event`, recorded right
         // after the copy on the same stream, has completed.
         unsafe { result::memcpy_htod_async(at, st.words, st.stream.cu_stream()) }.w()?;
-        if let Err(e) = record_after(st.event, st.stream) {
+        let (capturing, recorded) = record_after(st.event, st.stream);
+        if let Err(e) = recorded {
             // Without the event the next use of these staging words would not wait for
-            // this copy: wait for it here instead.
-            st.stream.synchronize().w()?;
+            // this copy: wait for it here instead (not while capturing: nothing runs
+            // before a launch, and a synchronization would break the capture). The
+            // record's error is the one reported.
+            if !capturing {
+                let _ = st.stream.synchronize();
+            }
             return Err(e).w();
         }
         Ok(())
@@ -391,21 +396,31 @@ impl InplaceOp1 for Copy<'_> {
 
 /// Records `event` on `stream`; while `stream` is being captured, as an external event
 /// node, so that each replay of the graph records it (a plain record inside a capture
-/// only orders the captured work).
+/// only orders the captured work). Returns whether the stream was capturing (`false`
+/// when that could not be asked) with the record's result.
 #[cfg(feature = "cuda")]
 fn record_after(
     event: &candle_core::cuda_backend::cudarc::driver::CudaEvent,
     stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
-) -> std::result::Result<(), candle_core::cuda_backend::cudarc::driver::DriverError> {
+) -> (
+    bool,
+    std::result::Result<(), candle_core::cuda_backend::cudarc::driver::DriverError>,
+) {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    let capturing = stream.capture_status()? == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    let capturing = match stream.capture_status() {
+        Ok(status) => status == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE,
+        Err(e) => return (false, Err(e)),
+    };
     if !capturing {
-        return event.record(stream);
+        return (false, event.record(stream));
     }
     let flags = sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as std::ffi::c_uint;
     // SAFETY: the event and the stream are live and belong to one context (the stream's,
     // whose event this is: both come from `Staging`).
-    unsafe { sys::cuEventRecordWithFlags(event.cu_event(), stream.cu_stream(), flags) }.result()
+    (
+        true,
+        unsafe { sys::cuEventRecordWithFlags(event.cu_event(), stream.cu_stream(), flags) }.result(),
+    )
 }
 
 #[cfg(test)]
