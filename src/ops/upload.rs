@@ -1,18 +1,18 @@
 //! [`StagedUpload`]: host words written into a persistent device buffer with one
 //! host-to-device copy; [`Mailbox`]: host words staged now and copied by device work
 //! enqueued later (a CUDA graph can hold that copy: each replay reads the words staged
-//! before it, and the host makes no driver call to upload them). On CUDA the words go through pinned staging buffers of the
-//! upload's own (write-combined page-locked memory, a ring of [`RING`], each grown when a
-//! write needs more): one `cuMemcpyHtoDAsync` on the device's stream, no device
-//! allocation, no copy kernel, and never the stream synchronization a copy from pageable
-//! memory may cost. Before the host writes a staging buffer again it waits for the copy
-//! that read it (an event recorded after each copy), so words still in flight are never
-//! overwritten; with the ring, the host may run [`RING`] − 1 uploads ahead of the device
-//! before it waits. A [`Mailbox`] has one staging buffer that never moves (a captured copy
-//! reads it at its address): staging waits for the copy that last read it, whether an
-//! eager one or one inside a replayed graph (the event after the copy is recorded as an
-//! external graph node when captured). On the CPU the words are copied in place.
-//! `cpu_fwd` is the reference; `cuda_fwd` is the copy.
+//! before it, and the host makes no driver call to upload them). On CUDA the words go
+//! through pinned staging buffers of the upload's own (write-combined page-locked memory, a
+//! ring of [`RING`], each grown when a write needs more): one `cuMemcpyHtoDAsync` on the
+//! device's stream, no device allocation, no copy kernel, and never the stream
+//! synchronization a copy from pageable memory may cost. Before the host writes a staging
+//! buffer again it waits for the copy that read it (an event recorded after each copy), so
+//! words still in flight are never overwritten; with the ring, the host may run
+//! [`RING`] − 1 uploads ahead of the device before it waits. A [`Mailbox`] has one staging
+//! buffer that never moves (a captured copy reads it at its address): staging waits for the
+//! copy that last read it, whether an eager one or one inside a replayed graph (the event
+//! after the copy is recorded as an external graph node when captured). On the CPU the
+//! words are copied in place. `cpu_fwd` is the reference; `cuda_fwd` is the copy.
 
 use crate::Result;
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
@@ -56,29 +56,13 @@ impl StagedUpload {
     /// than that buffer, for it to be replaced).
     pub fn write(&mut self, dst: &Tensor, words: &[u32]) -> Result<()> {
         let op = self.op;
-        let ok = dst.dtype() == DType::U32 && dst.rank() == 1 && dst.dims()[0] >= words.len() && dst.is_contiguous();
-        if !ok {
-            crate::invalid!(
-                op,
-                "{} words into {:?} {:?}: expected a contiguous u32 [n] with n >= {}",
-                words.len(),
-                dst.dims(),
-                dst.dtype(),
-                words.len()
-            );
-        }
+        check_dst(op, dst, words.len())?;
         if words.is_empty() {
             return Ok(());
         }
         #[cfg(feature = "cuda")]
         if let Some(staging) = self.staging.as_mut() {
-            if !staging.serves(dst.device()) {
-                crate::invalid!(
-                    op,
-                    "this upload stages for another device than dst's ({:?})",
-                    dst.device().location()
-                );
-            }
+            check_device(op, "upload", Some(staging.serves(dst.device())), dst)?;
             crate::fault::device_call(op)?;
             let host = staging.stage(words)?;
             dst.inplace_op1(&Copy {
@@ -88,9 +72,7 @@ impl StagedUpload {
             })?;
             return Ok(());
         }
-        if dst.device().is_cuda() {
-            crate::invalid!(op, "this upload was made for the CPU; dst is on {:?}", dst.device());
-        }
+        check_device(op, "upload", None, dst)?;
         crate::fault::device_call(op)?;
         dst.inplace_op1(&Copy {
             op,
@@ -170,27 +152,13 @@ impl Mailbox {
     /// copy enqueued on CUDA, which a graph captured around it holds.
     pub fn load(&self, dst: &Tensor) -> Result<()> {
         let (op, n) = (self.op, self.len);
-        let ok = dst.dtype() == DType::U32 && dst.rank() == 1 && dst.dims()[0] >= n && dst.is_contiguous();
-        if !ok {
-            crate::invalid!(
-                op,
-                "a mailbox of {n} words into {:?} {:?}: expected a contiguous u32 [n] with n >= {n}",
-                dst.dims(),
-                dst.dtype()
-            );
-        }
+        check_dst(op, dst, n)?;
         if n == 0 {
             return Ok(());
         }
         #[cfg(feature = "cuda")]
         if let Some(staging) = self.staging.as_ref() {
-            if !staging.serves(dst.device()) {
-                crate::invalid!(
-                    op,
-                    "this mailbox stages for another device than dst's ({:?})",
-                    dst.device().location()
-                );
-            }
+            check_device(op, "mailbox", Some(staging.serves(dst.device())), dst)?;
             crate::fault::device_call(op)?;
             let staged = staging.last();
             dst.inplace_op1(&Copy {
@@ -200,9 +168,7 @@ impl Mailbox {
             })?;
             return Ok(());
         }
-        if dst.device().is_cuda() {
-            crate::invalid!(op, "this mailbox was made for the CPU; dst is on {:?}", dst.device());
-        }
+        check_device(op, "mailbox", None, dst)?;
         crate::fault::device_call(op)?;
         dst.inplace_op1(&Copy {
             op,
@@ -211,6 +177,37 @@ impl Mailbox {
             staging: None,
         })?;
         Ok(())
+    }
+}
+
+/// For `op`: `dst` is a contiguous u32 `[m]` with `m >= n`.
+fn check_dst(op: &'static str, dst: &Tensor, n: usize) -> Result<()> {
+    let ok = dst.dtype() == DType::U32 && dst.rank() == 1 && dst.dims()[0] >= n && dst.is_contiguous();
+    if !ok {
+        crate::invalid!(
+            op,
+            "{n} words into {:?} {:?}: expected a contiguous u32 [n] with n >= {n}",
+            dst.dims(),
+            dst.dtype()
+        );
+    }
+    Ok(())
+}
+
+/// For `op`: `dst` is on the device this `what` (an upload, a mailbox) stages for:
+/// `serves` is whether its CUDA staging serves `dst`'s device, `None` when it was made
+/// for the CPU.
+fn check_device(op: &'static str, what: &str, serves: Option<bool>, dst: &Tensor) -> Result<()> {
+    match serves {
+        Some(false) => crate::invalid!(
+            op,
+            "this {what} stages for another device than dst's ({:?})",
+            dst.device().location()
+        ),
+        None if dst.device().is_cuda() => {
+            crate::invalid!(op, "this {what} was made for the CPU; dst is on {:?}", dst.device())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -298,14 +295,10 @@ mod cuda {
             }
             // No copy through cudarc reads `pinned`, so its own event is never recorded
             // and this does not wait.
-            slot.pinned.as_mut_slice().w()?[..words.len()].copy_from_slice(words);
-            let staged = &slot.pinned.as_slice().w()?[..words.len()];
+            let staged = &mut slot.pinned.as_mut_slice().w()?[..words.len()];
+            staged.copy_from_slice(words);
             self.staged = (staged.as_ptr() as usize, staged.len());
-            Ok(Staged {
-                words: staged,
-                event: &slot.event,
-                stream: &self.stream,
-            })
+            Ok(self.last())
         }
 
         /// The words [`stage`](Self::stage) wrote last, for a copy enqueued later. No
